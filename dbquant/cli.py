@@ -1,0 +1,218 @@
+"""The ``dbquant`` command line: quantize, eval, generate, inspect.
+
+Every user error is a :class:`DbquantError` printed as one line (exit code 2); anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import DbquantError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _load_any(model_or_dir: str, backend: str = "auto"):
+    """(model, tokenizer, bpw) for a dbquant checkpoint, a builtin name or a local HF folder."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint import is_dbquant_dir, load
+    from .models import load_fp_model
+
+    if is_dbquant_dir(model_or_dir):
+        model = load(model_or_dir, backend=backend)
+        tok = AutoTokenizer.from_pretrained(model_or_dir)
+        return model, tok, (model.config.quantization_config.bpw or {}).get("bpw")
+    model, tok = load_fp_model(model_or_dir)
+    return model.eval(), tok, None
+
+
+def _print_plan(plan, bits, out=sys.stdout) -> None:
+    print(f"{'module':<48} {'shape':>12} {'group':>6} {'bpw':>6}", file=out)
+    for p in plan:
+        lay = p.layout
+        print(f"{p.name:<48} {f'{lay.out_features}x{lay.in_features}':>12} {lay.group_size:>6} "
+              f"{lay.bits_per_weight():>6.3f}", file=out)
+    print(f"{len(plan)} linears, {bits['quantized_weights']:,} weights: {bits['bpw']:.4f} bits/weight; "
+          f"whole checkpoint {bits['checkpoint_bpw']:.3f} bits/weight, "
+          f"{bits['checkpoint_bytes'] / 2**20:.1f} MiB", file=out)
+
+
+def cmd_quantize(a) -> int:
+    from .checkpoint import save
+    from .models import load_fp_model
+    from .quantize import QuantizeOptions, make_plan, quantize
+    from . import plan as planlib
+
+    opts = QuantizeOptions(method=a.method, group_size=a.group_size, offset=a.offset,
+                           modules=tuple(a.modules.split(",")), calib=None if a.calib == "none" else a.calib,
+                           calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len, iters=a.iters,
+                           seed=a.seed).check()
+    if not a.dry_run:
+        if not a.output:
+            raise DbquantError("quantize needs --output DIR (or --dry-run to only print the plan)")
+        if Path(a.output).exists() and not a.overwrite:  # refuse before minutes of work, not after
+            raise DbquantError(f"output directory {a.output} already exists; pass --overwrite to replace it")
+    model, tok = load_fp_model(a.model)
+    plan = make_plan(model, opts)
+    _print_plan(plan, planlib.bits_summary(plan, model), out=sys.stderr if a.json else sys.stdout)
+    if a.dry_run:
+        return 0
+    report = quantize(model, tok, opts)
+    save(model, a.output, tok, a.overwrite,
+         extra_files={"dbquant-report.json": json.dumps({"model": a.model, **report}, indent=1)})
+    summary = {"output": str(a.output), "bpw": report["bpw"], "checkpoint_bpw": report["checkpoint_bpw"],
+               "seconds": round(report["times"]["total_s"], 1)}
+    print(json.dumps(summary) if a.json else
+          f"wrote {a.output}: {report['bpw']:.4f} bits/weight over {report['layers']} linears "
+          f"in {summary['seconds']} s")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .evaluate import evaluate
+
+    model, tok, bpw = _load_any(a.model, a.backend)
+    res = evaluate(model, tok, a.protocol, n_windows=a.windows, seq_len=a.seq_len)
+    res = {"model": a.model, "bpw": bpw, **res}
+    if a.json:
+        print(json.dumps(res))
+    else:
+        bits = "fp" if bpw is None else f"{bpw:.3f} bpw"
+        print(f"{a.model}: {a.protocol} PPL {res['ppl']:.3f} over {res['tokens']} tokens ({bits})")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    import torch
+
+    model, tok, _ = _load_any(a.model, a.backend)
+    if a.max_new_tokens < 1:
+        raise DbquantError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    if not a.raw and tok.chat_template:
+        ids = tok.apply_chat_template([{"role": "user", "content": a.prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(a.prompt, return_tensors="pt").input_ids
+    torch.manual_seed(a.seed)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=a.sample,
+                             pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    dt = time.perf_counter() - t
+    new = out[0, ids.shape[1]:]
+    print(tok.decode(new, skip_special_tokens=True).strip())
+    print(f"[{len(new)} tokens in {dt:.2f} s: {len(new) / dt:.1f} tokens/s, prompt {ids.shape[1]} tokens]",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from .checkpoint import load
+    from .formats import unpack_bits
+    from .nn import PackedLinear
+    from .plan import LinearPlan, bits_summary
+
+    model = load(a.dir, backend="ref")
+    source = None
+    if a.source:
+        from .models import load_fp_model
+
+        source = load_fp_model(a.source)[0]
+    rows = []
+    for name, m in model.named_modules():
+        if not isinstance(m, PackedLinear):
+            continue
+        # padded channels hold 0 bits, so ones per real weight = total ones / (N * K)
+        ones = unpack_bits(m.qweight).sum(dim=(1, 2)).double() / (m.out_features * m.in_features)
+        row = {"module": name, "shape": [m.out_features, m.in_features], "group": m.group_size,
+               "bpw": m.layout.bits_per_weight(), "density_b1": ones[0].item(), "density_b2": ones[1].item()}
+        if source is not None:
+            w = source.get_submodule(name).weight.float()
+            row["rel_error"] = ((w - m.dequantize()).square().sum() / w.square().sum()).item()
+        rows.append(row)
+    plan = [LinearPlan(r["module"], model.get_submodule(r["module"]).layout, False) for r in rows]
+    summary = bits_summary(plan, model)
+    if a.json:
+        print(json.dumps({"layers": rows, **summary}))
+        return 0
+    hdr = f"{'module':<48} {'shape':>10} {'g':>4} {'bpw':>6} {'ones b1':>8} {'ones b2':>8}"
+    print(hdr + (f" {'rel err':>9}" if source is not None else ""))
+    for r in rows:
+        line = (f"{r['module']:<48} {'x'.join(map(str, r['shape'])):>10} {r['group']:>4} {r['bpw']:>6.3f} "
+                f"{r['density_b1']:>8.3f} {r['density_b2']:>8.3f}")
+        print(line + (f" {r['rel_error']:>9.4f}" if source is not None else ""))
+    print(f"{len(rows)} packed linears: {summary['bpw']:.4f} bits/weight; whole checkpoint "
+          f"{summary['checkpoint_bpw']:.3f} bits/weight ({summary['checkpoint_bytes'] / 2**20:.1f} MiB)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .quantize import QuantizeOptions
+
+    d = QuantizeOptions()
+    p = argparse.ArgumentParser(prog="dbquant", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model to dual-binary ~2-bit weights")
+    q.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"builtin name or local HF folder (default {DEFAULT_MODEL})")
+    q.add_argument("--output", "-o", help="output folder (written atomically)")
+    q.add_argument("--method", default=d.method, help="fdb (default) or rtn")
+    q.add_argument("--group-size", type=int, default=d.group_size, help="input channels per scale group")
+    q.add_argument("--offset", action="store_true", help="store a per-group offset beta (+16 bits/group)")
+    q.add_argument("--modules", default=",".join(d.modules), help="comma list of: decoder, lm_head")
+    q.add_argument("--calib", default=d.calib,
+                   help="text for activation statistics: wiki, a text file/folder, hf:NAME[:CONFIG]:SPLIT, or none")
+    q.add_argument("--calib-samples", type=int, default=d.calib_samples)
+    q.add_argument("--calib-seq-len", type=int, default=d.calib_seq_len)
+    q.add_argument("--iters", type=int, default=d.iters, help="FDB least-squares refinement iterations")
+    q.add_argument("--seed", type=int, default=d.seed)
+    q.add_argument("--dry-run", action="store_true", help="print the per-layer plan and bits, then stop")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    q.set_defaults(fn=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a model or dbquant checkpoint")
+    e.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    e.add_argument("--protocol", default="wiki")
+    e.add_argument("--windows", type=int, default=32)
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--backend", default="auto")
+    e.add_argument("--json", action="store_true", help="print one JSON object (ppl, tokens, protocol, bpw, ...)")
+    e.set_defaults(fn=cmd_eval)
+
+    g = sub.add_parser("generate", help="generate text and print tokens/s")
+    g.add_argument("model")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
+    g.add_argument("--backend", default="auto")
+    g.set_defaults(fn=cmd_generate)
+
+    i = sub.add_parser("inspect", help="per-layer table of a dbquant checkpoint")
+    i.add_argument("dir")
+    i.add_argument("--source", help="the full-precision model, to report reconstruction error")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except DbquantError as e:
+        print(f"dbquant: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Checkpoints: save/load both ways, save_pretrained round trip, every bad input gets a clear error."""
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import dbquant
+from dbquant.checkpoint import atomic_dir, read_header
+from dbquant.errors import DbquantError
+from dbquant.nn import PackedLinear
+from dbquant.quantize import QuantizeOptions, quantize
+from tests.conftest import make_tiny_model
+
+IDS = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _quantized_dir(tmp_path, name="q", model_type="llama", **opts):
+    model = make_tiny_model(model_type)
+    quantize(model, None, QuantizeOptions(calib=None, group_size=32, **opts), progress=False)
+    out = tmp_path / name
+    dbquant.save(model, out)
+    return model, out
+
+
+@pytest.mark.parametrize("modules,offset,method", [(("decoder",), False, "fdb"),
+                                                   (("decoder", "lm_head"), True, "fdb"),
+                                                   (("decoder",), True, "rtn")])
+def test_from_pretrained_equals_dbquant_load(tmp_path, modules, offset, method):
+    model, out = _quantized_dir(tmp_path, modules=modules, offset=offset, method=method)
+    expect = model(IDS).logits
+    a = dbquant.load(out)
+    b = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(b.model.layers[0].mlp.down_proj, PackedLinear)
+    assert b.model.layers[0].mlp.down_proj.scales.dtype == torch.float16
+    assert torch.equal(a(IDS).logits, expect) and torch.equal(b(IDS).logits, expect)
+    # save_pretrained of a loaded model round-trips, metadata included
+    b.save_pretrained(tmp_path / "again")
+    meta = json.loads(read_header(tmp_path / "again" / "model.safetensors")["__metadata__"]["dbquant"])
+    assert meta["format_version"] == 1 and meta["group_size"] == 32
+    assert torch.equal(dbquant.load(tmp_path / "again")(IDS).logits, expect)
+
+
+def test_quantized_model_is_close_to_the_original(tmp_path):
+    fp = make_tiny_model()
+    ref = fp(IDS).logits
+    model, _ = _quantized_dir(tmp_path)
+    rel = ((model(IDS).logits - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.5
+
+
+def test_other_families(tmp_path):
+    for mt in ("qwen2", "mistral", "qwen3"):
+        model, out = _quantized_dir(tmp_path, name=mt, model_type=mt)
+        assert torch.equal(dbquant.load(out)(IDS).logits, model(IDS).logits)
+
+
+def test_unsupported_architecture():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(DbquantError, match="unsupported architecture 'gpt2'.*DECODER_BLOCKS"):
+        quantize(m, None, QuantizeOptions(calib=None), progress=False)
+
+
+def test_missing_and_plain_dirs(tmp_path, tiny_model_dir):
+    with pytest.raises(DbquantError, match="not a directory"):
+        dbquant.load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DbquantError, match="no config.json"):
+        dbquant.load(tmp_path / "empty")
+    with pytest.raises(DbquantError, match="not a dbquant checkpoint"):
+        dbquant.load(tiny_model_dir)
+
+
+def test_truncated_and_corrupt_weights(tmp_path):
+    _, out = _quantized_dir(tmp_path)
+    st = out / "model.safetensors"
+    data = st.read_bytes()
+    st.write_bytes(data[: len(data) - 100])
+    with pytest.raises(DbquantError, match="truncated"):
+        dbquant.load(out)
+    with pytest.raises(DbquantError, match="truncated"):  # plain transformers refuses too
+        AutoModelForCausalLM.from_pretrained(out)
+    st.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + data[30:])
+    with pytest.raises(DbquantError, match="corrupt"):
+        dbquant.load(out)
+    st.write_bytes(b"abc")
+    with pytest.raises(DbquantError, match="truncated or not a safetensors"):
+        dbquant.load(out)
+    st.unlink()
+    with pytest.raises(DbquantError, match="no .safetensors"):
+        dbquant.load(out)
+
+
+def test_missing_tensor_and_wrong_shape(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, out = _quantized_dir(tmp_path)
+    st = out / "model.safetensors"
+    tensors = load_file(st)
+    meta = read_header(st)["__metadata__"]
+    name = "model.layers.1.mlp.up_proj.scales"
+    save_file({k: v for k, v in tensors.items() if k != name}, st, metadata=meta)
+    with pytest.raises(DbquantError, match=f"missing tensor {name}"):
+        dbquant.load(out)
+    save_file({**tensors, name: tensors[name][:, :1].contiguous()}, st, metadata=meta)
+    with pytest.raises(DbquantError, match=f"{name} is F16"):
+        AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_wrong_format_version(tmp_path):
+    _, out = _quantized_dir(tmp_path)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["format_version"] = 99
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DbquantError, match="format version 99"):
+        dbquant.load(out)
+    with pytest.raises(DbquantError, match="format version 99"):
+        AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_atomic_dir_refuses_existing_and_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(DbquantError, match="already exists"):
+        with atomic_dir(out):
+            pass
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "half.bin").write_text("x")
+            raise RuntimeError("killed mid-write")
+    assert (out / "keep.txt").read_text() == "precious"
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no temp folder left behind
+    with atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(os.listdir(out)) == ["new.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_save_refuses_unpacked_model(tmp_path):
+    with pytest.raises(DbquantError, match="needs a dbquant-packed model"):
+        dbquant.save(make_tiny_model(), tmp_path / "x")

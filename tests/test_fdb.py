@@ -1,0 +1,116 @@
+"""FDB math: nearest-level assignment, the paper's init, refinement, quality floors."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dbquant import fdb
+
+finite = st.floats(-10, 10, allow_nan=False, width=32)
+
+
+def sqnr_db(w, w_hat):
+    return 10 * torch.log10(w.square().sum() / (w - w_hat).square().sum()).item()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(finite, min_size=1, max_size=16), finite, finite, st.one_of(st.none(), finite))
+def test_assign_bits_is_nearest_level(ws, a1, a2, beta):
+    wg = torch.tensor(ws).view(1, 1, -1)
+    alpha = torch.tensor([[[a1, a2]]])
+    off = None if beta is None else torch.tensor([[beta]])
+    b1, b2 = fdb.assign_bits(wg, alpha, off)
+    q = fdb.reconstruct(b1, b2, alpha, off)
+    lv = fdb.levels(alpha, off).view(1, 1, 1, 4)
+    best = (wg.unsqueeze(-1) - lv).abs().amin(-1)
+    assert torch.allclose((wg - q).abs(), best, atol=1e-5)
+    assert set(b1.unique().tolist()) <= {0, 1} and set(b2.unique().tolist()) <= {0, 1}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(finite, min_size=1, max_size=16), st.floats(0.01, 5))
+def test_paper_formula_matches_general_assignment(ws, s):
+    """With alpha1 = 2s, alpha2 = -s (alpha1 > -alpha2 > 0) the paper's H-formula is nearest-level."""
+    wg = torch.tensor(ws).view(1, 1, -1)
+    alpha = fdb.paper_init(torch.tensor([[s]]))
+    pb1, pb2 = fdb.paper_bits(wg, alpha)
+    b1, b2 = fdb.assign_bits(wg, alpha)
+    q_paper, q = fdb.reconstruct(pb1, pb2, alpha), fdb.reconstruct(b1, b2, alpha)
+    assert torch.allclose((wg - q_paper).abs(), (wg - q).abs(), atol=1e-5)
+
+
+def test_paper_init_levels():
+    alpha = fdb.paper_init(torch.tensor([[0.5]]))
+    assert sorted(fdb.levels(alpha).flatten().tolist()) == [-0.5, 0.0, 0.5, 1.0]
+
+
+def test_rtn_is_asymmetric_minmax_grid():
+    w = torch.tensor([[-1.0, -0.2, 0.4, 2.0, 0.9, 1.3, -0.7, 0.1]])
+    q = fdb.quantize_rtn(w, 8)
+    step = 3.0 / 3
+    expect = -1.0 + step * torch.round((w + 1.0) / step)
+    assert torch.allclose(q.dequantize(), expect, atol=2e-3)
+    assert q.offset is not None
+
+
+@pytest.mark.parametrize("offset", [False, True])
+def test_refine_never_increases_error(offset):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 256, generator=gen) * 0.02
+    h = torch.rand(256, generator=gen) + 0.1
+    wg, hg = fdb.to_groups(w, 64), fdb.group_importance(h, 256, 64)
+    if offset:
+        alpha, beta = fdb.rtn_init(wg, hg > 0)
+    else:
+        alpha, beta = fdb.search_scales(wg, hg)[0], None
+    b1, b2 = fdb.assign_bits(wg, alpha, beta)
+    before = fdb.group_error(wg, b1, b2, alpha, beta, hg)
+    *_, after = fdb.refine(wg, hg, alpha, beta, iters=10)
+    assert (after <= before + 1e-12).all()
+    assert after.sum() < 0.99 * before.sum()
+
+
+def test_quality_floors_on_gaussian_weights():
+    """SQNR floors (dB) per method at g64: a 2-bit Lloyd-Max quantizer of a Gaussian is ~9.3 dB."""
+    w = torch.randn(512, 576, generator=torch.Generator().manual_seed(0)) * 0.02
+    rtn = sqnr_db(w, fdb.quantize_rtn(w, 64).dequantize())
+    searched = sqnr_db(w, fdb.quantize_fdb(w, 64, iters=0).dequantize())
+    refined = sqnr_db(w, fdb.quantize_fdb(w, 64).dequantize())
+    with_offset = sqnr_db(w, fdb.quantize_fdb(w, 64, offset=True).dequantize())
+    assert rtn > 6.5
+    assert searched > 8.8 and searched > rtn + 1.5
+    assert refined > 9.2 and refined > searched
+    assert with_offset > refined
+
+
+def test_importance_weighting_lowers_weighted_error():
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(128, 192, generator=gen)
+    h = torch.ones(192)
+    h[:16] = 100.0  # a few hot input channels, as in real activations
+    plain = fdb.quantize_fdb(w, 64).dequantize()
+    weighted = fdb.quantize_fdb(w, 64, importance=h).dequantize()
+    werr = lambda wh: ((w - wh).square() * h).sum()  # noqa: E731
+    assert werr(weighted) < 0.9 * werr(plain)
+
+
+def test_sparsity_and_padding():
+    w = torch.randn(16, 100, generator=torch.Generator().manual_seed(3))
+    q = fdb.quantize_fdb(w, 64)
+    assert q.b1.shape == (16, 128) and q.layout.groups == 2
+    assert q.b1[:, 100:].sum() == 0 and q.b2[:, 100:].sum() == 0
+    density = (q.b1[:, :100].float().mean() + q.b2[:, :100].float().mean()).item()
+    assert 0.5 < density < 1.1  # a zero level keeps the planes sparse (~0.75-0.9 ones per weight)
+    # scales are exactly representable in the stored float16
+    assert torch.equal(q.alpha, q.alpha.half().float())
+
+
+def test_degenerate_groups_stay_finite():
+    w = torch.zeros(4, 64)
+    w[1] = 1.0  # constant group
+    w[2, 0] = 5.0  # a single outlier
+    for q in (fdb.quantize_fdb(w, 64), fdb.quantize_fdb(w, 64, offset=True), fdb.quantize_rtn(w, 64)):
+        wh = q.dequantize()
+        assert torch.isfinite(wh).all()
+        assert torch.allclose(wh[0], torch.zeros(64)) and torch.allclose(wh[1], torch.ones(64), atol=1e-3)

@@ -1,0 +1,95 @@
+"""Packed format: exact round trips, the golden vector of docs/FORMAT.md, bit accounting, bad input."""
+
+import pytest
+import torch
+
+from dbquant import formats
+from dbquant.errors import DbquantError
+from dbquant.formats import LinearLayout
+
+# The worked example of docs/FORMAT.md: N=2, K=10, g=8 -> Kp=16, G=2.
+GOLDEN_B1 = torch.tensor([[1, 0, 1, 1, 0, 0, 0, 1, 0, 1], [0, 0, 0, 0, 0, 0, 0, 0, 1, 1]], dtype=torch.uint8)
+GOLDEN_B2 = torch.tensor([[0, 1, 1, 0, 0, 1, 0, 0, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1, 0, 1]], dtype=torch.uint8)
+GOLDEN_ALPHA = torch.tensor([[[0.5, -0.25], [1.0, 0.125]], [[2.0, -1.0], [0.5, 0.5]]])
+GOLDEN_QWEIGHT = [[[0x8D, 0x02], [0x00, 0x03]], [[0x26, 0x03], [0xFF, 0x02]]]
+GOLDEN_SCALE_BITS = [[[0x3800, 0xB400], [0x3C00, 0x3000]], [[0x4000, 0xBC00], [0x3800, 0x3800]]]
+GOLDEN_W = [[0.5, -0.25, 0.25, 0.5, 0.0, -0.25, 0.0, 0.5, 0.125, 1.125],
+            [-1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0, 0.5, 1.0]]
+
+
+def _pad(b, kp):
+    out = torch.zeros(b.shape[0], kp, dtype=torch.uint8)
+    out[:, : b.shape[1]] = b
+    return out
+
+
+def test_golden_vector():
+    lay = LinearLayout(2, 10, 8)
+    packed = formats.pack(_pad(GOLDEN_B1, 16), _pad(GOLDEN_B2, 16), GOLDEN_ALPHA, None, lay)
+    assert packed["qweight"].tolist() == GOLDEN_QWEIGHT
+    assert packed["scales"].view(torch.int16).to(torch.int32).bitwise_and(0xFFFF).tolist() == GOLDEN_SCALE_BITS
+    b1, b2, alpha, offset = formats.unpack(packed, lay)
+    w = formats.dequantize(b1, b2, alpha, offset, 10)
+    assert w.tolist() == GOLDEN_W
+    assert lay.storage_bits() == 2 * 2 * 16 + 2 * 2 * 2 * 16
+    assert lay.bits_per_weight() == pytest.approx(192 / 20)
+
+
+@pytest.mark.parametrize("n,k,g,offset", [(1, 8, 8, False), (3, 13, 8, True), (7, 100, 64, False),
+                                          (5, 576, 64, True), (2, 577, 128, False), (33, 1000, 24, True)])
+def test_pack_unpack_exact(n, k, g, offset):
+    gen = torch.Generator().manual_seed(n * 1000 + k)
+    lay = LinearLayout(n, k, g, offset)
+    kp, groups = lay.padded_in_features, lay.groups
+    b1 = torch.randint(0, 2, (n, kp), generator=gen, dtype=torch.uint8)
+    b2 = torch.randint(0, 2, (n, kp), generator=gen, dtype=torch.uint8)
+    b1[:, k:] = 0
+    b2[:, k:] = 0
+    alpha = torch.randn(n, groups, 2, generator=gen).half().float()
+    beta = torch.randn(n, groups, generator=gen).half().float() if offset else None
+    packed = formats.pack(b1, b2, alpha, beta, lay)
+    for name, (shape, dtype) in lay.tensor_specs().items():
+        assert tuple(packed[name].shape) == shape and packed[name].dtype == dtype
+    u1, u2, ua, ub = formats.unpack(packed, lay)
+    assert torch.equal(u1, b1) and torch.equal(u2, b2) and torch.equal(ua, alpha)
+    assert (ub is None) == (beta is None) and (beta is None or torch.equal(ub, beta))
+
+
+def test_pack_bits_order_and_inverse():
+    bits = torch.zeros(1, 16, dtype=torch.uint8)
+    bits[0, 0] = 1   # LSB of byte 0
+    bits[0, 15] = 1  # MSB of byte 1
+    assert formats.pack_bits(bits).tolist() == [[0x01, 0x80]]
+    allbytes = torch.arange(256, dtype=torch.uint8).view(4, 64)
+    assert torch.equal(formats.pack_bits(formats.unpack_bits(allbytes)), allbytes)
+
+
+def test_bpw_accounting():
+    assert LinearLayout(1536, 576, 64).bits_per_weight() == 2.5
+    assert LinearLayout(1536, 576, 64, offset=True).bits_per_weight() == 2.75
+    # 576 is not a multiple of 128: the padding is paid for
+    assert LinearLayout(10, 576, 128).bits_per_weight() == pytest.approx((2 * 640 + 5 * 32) / 576)
+
+
+@pytest.mark.parametrize("g", [0, 4, 12, 65, 8192, 64.0, "64"])
+def test_bad_group_size(g):
+    with pytest.raises(DbquantError, match="group size"):
+        formats.check_group_size(g)
+
+
+@pytest.mark.parametrize("v", [0, 2, "x", None])
+def test_bad_version(v):
+    with pytest.raises(DbquantError, match="format version"):
+        formats.check_version(v)
+
+
+def test_check_tensors_names_the_problem():
+    lay = LinearLayout(4, 16, 8)
+    good = formats.pack(torch.zeros(4, 16, dtype=torch.uint8), torch.zeros(4, 16, dtype=torch.uint8),
+                        torch.ones(4, 2, 2), None, lay)
+    with pytest.raises(DbquantError, match="scales is missing"):
+        formats.check_tensors({"qweight": good["qweight"]}, lay)
+    with pytest.raises(DbquantError, match=r"qweight has shape \(2, 4, 1\)"):
+        formats.check_tensors({**good, "qweight": good["qweight"][..., :1]}, lay)
+    with pytest.raises(DbquantError, match="torch.float32"):
+        formats.check_tensors({**good, "scales": good["scales"].float()}, lay)
