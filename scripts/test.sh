@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up, then run the whole test suite (the C++ extension is required here: a broken build fails).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+DBQUANT_REQUIRE_NATIVE=1 .venv/bin/python -m pytest -q "$@"
