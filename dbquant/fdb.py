@@ -142,24 +142,26 @@ def search_scales(wg: torch.Tensor, h: torch.Tensor, grid: int = 20):
 
     Candidate steps are ``c * max|w|`` for ``grid`` values of c in [0.15, 1.0]; the mirror
     (alpha1 = -2s, alpha2 = s: levels {-2s, -s, 0, s}) serves groups whose mass leans
-    negative. Keeps the candidate with the lowest importance-weighted error.
+    negative. Keeps the candidate with the lowest importance-weighted error. On these
+    uniform grids nearest-level rounding is ``s * clamp(floor(w / s + 1/2), lo, hi)``,
+    which is what makes the search cheap (the general :func:`assign_bits` is not needed).
 
     Args:
         wg: float32 [N, G, g]; h: float32 [G, g] importance.
     Returns:
         alpha float32 [N, G, 2], err float32 [N, G].
     """
-    amax = wg.abs().amax(-1)  # [N, G]
-    best_alpha = paper_init(amax * 0.5)
-    best_err = torch.full_like(amax, float("inf"))
+    amax = wg.abs().amax(-1, keepdim=True).clamp_min(1e-30)  # [N, G, 1]
+    best_alpha = paper_init(amax[..., 0] * 0.5)
+    best_err = torch.full_like(amax[..., 0], float("inf"))
     for c in torch.linspace(0.15, 1.0, grid).tolist():
-        for sign in (1.0, -1.0):
-            alpha = paper_init(amax * c) * sign
-            b1, b2 = assign_bits(wg, alpha)
-            err = group_error(wg, b1, b2, alpha, None, h)
+        step = amax * c
+        r = torch.floor(wg / step + 0.5)
+        for sign, lo, hi in ((1.0, -1.0, 2.0), (-1.0, -2.0, 1.0)):
+            err = ((wg - step * r.clamp(lo, hi)).square() * h).sum(-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_alpha = torch.where(better.unsqueeze(-1), alpha, best_alpha)
+            best_alpha = torch.where(better.unsqueeze(-1), paper_init(step[..., 0]) * sign, best_alpha)
     return best_alpha, best_err
 
 
