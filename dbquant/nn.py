@@ -110,7 +110,7 @@ class PackedLinear(nn.Module):
         return dequantize_ref(self.qweight, self.scales, self.offset, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = ops.get("dbgemm", self.backend, x.device)
+        kernel = ops.get("dbgemm", self.backend, x.device, x.numel() // x.shape[-1])
         return kernel(x, self.qweight, self.scales, self.offset, self.bias, self.in_features, self.group_size)
 
     def extra_repr(self) -> str:
