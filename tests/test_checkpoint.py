@@ -19,7 +19,8 @@ IDS = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
 
 def _quantized_dir(tmp_path, name="q", model_type="llama", **opts):
     model = make_tiny_model(model_type)
-    quantize(model, None, QuantizeOptions(calib=None, group_size=32, **opts), progress=False)
+    quantize(model, None, QuantizeOptions(**{"method": "fdb", "calib": None, "group_size": 32, **opts}),
+             progress=False)
     out = tmp_path / name
     dbquant.save(model, out)
     return model, out
