@@ -124,17 +124,20 @@ def load_text(source: str, split: str) -> list[str]:
     raise DbquantError(f"unknown text source {source!r}. Accepted: {'; '.join(SOURCE_FORMS)}.")
 
 
-def calibration_batches(tokenizer, texts: list[str], n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """Random token windows of the calibration text.
+def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """The texts joined with blank lines, tokenized once without special tokens: int64 [T]."""
+    # verbose=False: the text is far longer than model_max_length on purpose.
+    return tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False, return_tensors="pt").input_ids[0]
 
-    The texts are joined with blank lines and tokenized once without special tokens;
-    window starts are drawn uniformly (windows may overlap) from a generator seeded
-    with ``seed``, so the same arguments always give the same batch.
+
+def sample_windows(ids: torch.Tensor, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``n_samples`` windows of ``seq_len`` tokens from the stream ``ids`` (int64 [T]).
+
+    Window starts are drawn uniformly (windows may overlap) from a generator seeded with
+    ``seed``, so the same arguments always give the same batch.
 
     Returns: torch.int64 tensor [n_samples, seq_len].
     """
-    # verbose=False: the text is far longer than model_max_length on purpose.
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False, return_tensors="pt").input_ids[0]
     if ids.numel() < seq_len:
         raise DbquantError(
             f"calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}; "
@@ -143,3 +146,8 @@ def calibration_batches(tokenizer, texts: list[str], n_samples: int, seq_len: in
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=gen)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def calibration_batches(tokenizer, texts: list[str], n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Random token windows of the calibration text: int64 [n_samples, seq_len] (see :func:`sample_windows`)."""
+    return sample_windows(token_stream(tokenizer, texts), n_samples, seq_len, seed)
