@@ -15,6 +15,10 @@ from pathlib import Path
 from .errors import DbquantError
 
 DEFAULT_MODEL = "smollm2-135m"
+# fdb-dad stage flags mapped 1:1 onto QuantizeOptions fields (None = the preset's value).
+STAGE_FLAGS = ("bw_samples", "bw_seq_len", "bw_steps", "bw_batch", "bw_lr", "bw_lr_weight", "bw_inputs",
+               "dad_samples", "dad_seq_len", "dad_steps", "dad_batch", "dad_lr", "dad_lr_weight", "dad_train",
+               "dad_weighting", "dad_temperature", "dad_ce_weight", "dad_topk", "grad_clip")
 
 
 def _load_any(model_or_dir: str, backend: str = "auto"):
@@ -49,10 +53,18 @@ def cmd_quantize(a) -> int:
     from .quantize import QuantizeOptions, make_plan, quantize
     from . import plan as planlib
 
+    stage_opts = {k: getattr(a, k) for k in STAGE_FLAGS if getattr(a, k) is not None}
+    if a.no_blockwise:
+        stage_opts["blockwise"] = False
+    if a.no_dad:
+        stage_opts["dad"] = False
+    work_dir = a.work_dir or (str(Path(a.output).with_name(Path(a.output).name + ".work")) if a.output else None)
     opts = QuantizeOptions(method=a.method, group_size=a.group_size, offset=a.offset,
                            modules=tuple(a.modules.split(",")), calib=None if a.calib == "none" else a.calib,
                            calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len, iters=a.iters,
-                           seed=a.seed).check()
+                           seed=a.seed, preset=a.preset, device=a.device, resume=a.resume,
+                           checkpoint_every=a.checkpoint_every, overwrite=a.overwrite,
+                           work_dir=work_dir if a.method == "fdb-dad" else None, **stage_opts).check()
     if not a.dry_run:
         if not a.output:
             raise DbquantError("quantize needs --output DIR (or --dry-run to only print the plan)")
@@ -63,9 +75,17 @@ def cmd_quantize(a) -> int:
     _print_plan(plan, planlib.bits_summary(plan, model), out=sys.stderr if a.json else sys.stdout)
     if a.dry_run:
         return 0
-    report = quantize(model, tok, opts)
+    report = quantize(model, tok, opts, model_id=a.model)
+    extra = {}
+    log = report.get("calibration", {}).pop("log", "")
+    if log:
+        extra["dbquant-log.jsonl"] = log
     save(model, a.output, tok, a.overwrite,
-         extra_files={"dbquant-report.json": json.dumps({"model": a.model, **report}, indent=1)})
+         extra_files={"dbquant-report.json": json.dumps({"model": a.model, **report}, indent=1), **extra})
+    if opts.work_dir and not a.work_dir and Path(opts.work_dir).is_dir():  # the default work dir: log copied
+        import shutil
+
+        shutil.rmtree(opts.work_dir, ignore_errors=True)
     summary = {"output": str(a.output), "bpw": report["bpw"], "checkpoint_bpw": report["checkpoint_bpw"],
                "seconds": round(report["times"]["total_s"], 1)}
     print(json.dumps(summary) if a.json else
@@ -163,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"builtin name or local HF folder (default {DEFAULT_MODEL})")
     q.add_argument("--output", "-o", help="output folder (written atomically)")
-    q.add_argument("--method", default=d.method, help="fdb (default) or rtn")
+    q.add_argument("--method", default=d.method,
+                   help="fdb-dad (default: FDB init, block-wise reconstruction, distillation), fdb (init only), rtn")
     q.add_argument("--group-size", type=int, default=d.group_size, help="input channels per scale group")
     q.add_argument("--offset", action="store_true", help="store a per-group offset beta (+16 bits/group)")
     q.add_argument("--modules", default=",".join(d.modules), help="comma list of: decoder, lm_head")
@@ -173,6 +194,36 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-seq-len", type=int, default=d.calib_seq_len)
     q.add_argument("--iters", type=int, default=d.iters, help="FDB least-squares refinement iterations")
     q.add_argument("--seed", type=int, default=d.seed)
+    c = q.add_argument_group("fdb-dad calibration (unset options come from --preset)")
+    c.add_argument("--preset", default=d.preset, help="fast (<5 min on a 2-core CPU for SmolLM2), default "
+                   "(~20 min), best (hours on CPU)")
+    c.add_argument("--no-blockwise", action="store_true", help="skip block-wise reconstruction")
+    c.add_argument("--no-dad", action="store_true", help="skip deviation-aware distillation")
+    for flag, typ, hlp in (("bw-samples", int, "calibration windows for block-wise"),
+                           ("bw-seq-len", int, "tokens per block-wise window"),
+                           ("bw-steps", int, "optimizer steps per block"),
+                           ("bw-batch", int, "windows per block-wise step"),
+                           ("bw-lr", float, "block-wise Adam LR of the scales"),
+                           ("bw-lr-weight", float, "block-wise Adam LR of the latent weights (0: scales only)"),
+                           ("bw-inputs", str, "quant (train on the quantized chain's activations) or fp"),
+                           ("dad-samples", int, "calibration windows for DAD"),
+                           ("dad-seq-len", int, "tokens per DAD window"),
+                           ("dad-steps", int, "DAD optimizer steps"),
+                           ("dad-batch", int, "windows per DAD step"),
+                           ("dad-lr", float, "DAD Adam LR of the scales"),
+                           ("dad-lr-weight", float, "DAD Adam LR of the latent weights"),
+                           ("dad-train", str, "scales or scales+weights"),
+                           ("dad-weighting", str, "uniform, teacher-entropy or deviation"),
+                           ("dad-temperature", float, "distillation temperature"),
+                           ("dad-ce-weight", float, "weight of an added ground-truth cross-entropy term"),
+                           ("dad-topk", int, "teacher logits cached per token"),
+                           ("grad-clip", float, "max gradient norm (0: off)")):
+        c.add_argument("--" + flag, type=typ, default=None, help=hlp)
+    c.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda, cuda:N")
+    c.add_argument("--work-dir", help="checkpoints and log (default: OUTPUT.work, removed after success)")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted run from its work dir")
+    c.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="optimizer steps between checkpoints (stage and block ends always checkpoint)")
     q.add_argument("--dry-run", action="store_true", help="print the per-layer plan and bits, then stop")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--json", action="store_true", help="print a JSON summary on stdout")

@@ -1,0 +1,390 @@
+"""Block-wise reconstruction: train each decoder block's FDB scales (and latent weights) in turn.
+
+For block i: its full-precision output on full-precision inputs is the target; its
+quantized copy (every planned linear swapped for a :class:`~dbquant.nn.FakeQuantLinear`)
+is trained to reproduce it by MSE. The trained block's own outputs (on the quantized
+chain's inputs) become the next block's inputs, so later blocks learn to absorb the error
+of earlier ones (``inputs="quant"``, the default); ``inputs="fp"`` trains every block on
+full-precision inputs instead. Only one block sits on the compute device at a time;
+activations of all calibration samples live on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from dbquant import fdb
+from dbquant.errors import DbquantError
+from dbquant.nn import FakeQuantLinear
+from dbquant.plan import DECODER_BLOCKS, LinearPlan, decoder_blocks
+
+from .runstate import RunState, check_finite
+
+INPUT_MODES = ("quant", "fp")
+
+
+@dataclass
+class BlockwiseConfig:
+    """steps: optimizer steps per block; batch_size: sequences per step; lr: Adam LR of the
+    scales (alpha, offset); lr_weight: Adam LR of the latent weights (0 = scales only);
+    (both relative to each tensor's mean |value|, see :func:`param_groups`);
+    inputs: ``quant`` or ``fp`` (see module doc); grad_clip: max grad norm (0 = off);
+    seed: for the batch order."""
+
+    steps: int = 100
+    batch_size: int = 4
+    lr: float = 1e-2
+    lr_weight: float = 5e-3
+    inputs: str = "quant"
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- module swapping
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def to_fakequant(model: nn.Module, names: list[str], init: dict[str, fdb.DualBinaryWeight]) -> None:
+    """Swap the named nn.Linear layers for FakeQuantLinear started from ``init`` (no-op if swapped)."""
+    for n in names:
+        m = model.get_submodule(n)
+        if isinstance(m, FakeQuantLinear):
+            continue
+        fq = FakeQuantLinear.from_linear(m, init[n]).to(m.weight.device)
+        _replace(model, n, fq)
+
+
+def placeholder(linear: nn.Module, group_size: int, offset: bool) -> fdb.DualBinaryWeight:
+    """A zero-scale DualBinaryWeight of the right shapes (its values are overwritten by a load)."""
+    w = linear.weight.detach().float()
+    g = fdb.to_groups(w, group_size)
+    return fdb.finalize(g, torch.zeros(*g.shape[:2], 2), torch.zeros(g.shape[:2]) if offset else None, w.shape[1])
+
+
+@torch.no_grad()
+def run_block_with_stats(block: nn.Module, x: torch.Tensor, kwargs: dict, device, names: list[str],
+                         prefix: str, batch_size: int = 8) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Like :func:`run_block`, also returning E[x_k^2] of every named linear's input."""
+    sums: dict[str, torch.Tensor] = {}
+    hooks = []
+    for n in names:
+        def fn(_m, inp, _out, n=n):
+            a = inp[0].detach().float().reshape(-1, inp[0].shape[-1])
+            sums[n] = sums.get(n, 0) + a.square().sum(0).cpu()
+        hooks.append(block.get_submodule(n[len(prefix):]).register_forward_hook(fn))
+    try:
+        y = run_block(block, x, kwargs, device, batch_size)
+    finally:
+        for h in hooks:
+            h.remove()
+    count = x.shape[0] * x.shape[1]
+    return y, {n: sums[n] / count for n in names}
+
+
+def export_weights(model: nn.Module, names: list[str]) -> dict[str, fdb.DualBinaryWeight]:
+    out = {}
+    for n in names:
+        m = model.get_submodule(n)
+        if not isinstance(m, FakeQuantLinear):
+            raise DbquantError(f"{n} was not calibrated (it is a {type(m).__name__})")
+        out[n] = m.export()
+    return out
+
+
+def fq_modules(module: nn.Module, prefix: str = ""):
+    return [(prefix + n, m) for n, m in module.named_modules() if isinstance(m, FakeQuantLinear)]
+
+
+def param_groups(module: nn.Module, lr: float, lr_weight: float) -> list[dict]:
+    """Adam groups, one per tensor, with *relative* learning rates.
+
+    Adam's step is absolute, while scales and weights differ in size from layer to layer
+    (and from model to model), so each tensor's LR is ``lr`` (scales, offsets) or
+    ``lr_weight`` (latent weights; skipped when 0) times that tensor's mean absolute value
+    at the start: an LR of 1e-2 moves every scale by about 1% per step.
+    """
+    groups = []
+    for _, m in fq_modules(module):
+        ref = m.alpha.detach().abs().mean().clamp_min(1e-12)
+        groups.append({"params": [m.alpha], "lr": lr * float(ref)})
+        if m.offset is not None:
+            groups.append({"params": [m.offset], "lr": lr * float(ref)})
+        if lr_weight > 0:
+            groups.append({"params": [m.weight], "lr": lr_weight * float(m.weight.detach().abs().mean())})
+    return groups
+
+
+def set_trainable(module: nn.Module, groups: list[dict]) -> None:
+    module.requires_grad_(False)
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+
+
+def cosine_factor(step: int, total: int, warmup: int = 0, floor: float = 0.05) -> float:
+    """LR multiplier: linear warmup, then cosine from 1 down to ``floor``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int, salt: int) -> torch.Tensor:
+    """Deterministic sample indices of one step: epochs are seeded permutations of range(n).
+
+    A pure function of (n, batch_size, step, seed, salt), so a resumed run draws exactly the
+    batches an uninterrupted one would, with no generator state to checkpoint.
+    """
+    pos = torch.arange(step * batch_size, (step + 1) * batch_size)
+    out = torch.empty(batch_size, dtype=torch.long)
+    for e in pos.div(n, rounding_mode="floor").unique().tolist():
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + salt * 7919 + e) % (2**63))
+        perm = torch.randperm(n, generator=gen)
+        sel = pos.div(n, rounding_mode="floor") == e
+        out[sel] = perm[pos[sel] % n]
+    return out
+
+
+# ---------------------------------------------------------------- capture
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, batches: torch.Tensor, batch_size: int = 8):
+    """The first decoder block's inputs on every calibration sample, and its call kwargs.
+
+    The kwargs (``position_embeddings``, ``position_ids``, attention mask, ...) are
+    captured from a 1-sample call, so their batch dimension broadcasts to any batch.
+
+    Returns: (hidden float32 [S, T, H] on the CPU, kwargs dict on the CPU).
+    """
+    first = decoder_blocks(model)[0]
+    seen: dict = {}
+
+    def pre_hook(_mod, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+        seen["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Stop
+
+    device = next(model.parameters()).device
+    base = model.get_submodule(DECODER_BLOCKS[model.config.model_type].rsplit(".", 1)[0])
+    handle = first.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    xs = []
+    try:
+        for i in range(0, len(batches), batch_size):
+            try:
+                base(input_ids=batches[i:i + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+            xs.append(seen["x"].detach().float().cpu())
+        try:
+            base(input_ids=batches[:1].to(device), use_cache=False)
+        except _Stop:
+            pass
+    finally:
+        handle.remove()
+    kwargs = {k: v for k, v in seen["kwargs"].items() if k not in ("past_key_values", "past_key_value",
+                                                                    "use_cache", "output_attentions")}
+    kwargs = _to(kwargs, "cpu")
+    kwargs["use_cache"] = False
+    return torch.cat(xs), kwargs
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict, device, batch_size: int = 8) -> torch.Tensor:
+    """Block outputs for all samples, in chunks; float32 on the CPU."""
+    return torch.cat([call_block(block, x[i:i + batch_size].to(device), kwargs).float().cpu()
+                      for i in range(0, len(x), batch_size)])
+
+
+# ---------------------------------------------------------------- the stage
+
+def block_names(model: nn.Module, plan: list[LinearPlan]) -> list[list[str]]:
+    """Planned linear names per decoder block (blocks with none get [])."""
+    path = DECODER_BLOCKS[model.config.model_type]
+    n_blocks = len(decoder_blocks(model))
+    out = [[] for _ in range(n_blocks)]
+    for p in plan:
+        if p.name.startswith(path + "."):
+            out[int(p.name[len(path) + 1:].split(".")[0])].append(p.name)
+    return out
+
+
+def _block_state(block: nn.Module) -> dict:
+    return {n: p.detach().clone() for n, p in block.named_parameters()}
+
+
+def blockwise_reconstruct(model: nn.Module, plan: list[LinearPlan], init: dict[str, fdb.DualBinaryWeight],
+                          batches: torch.Tensor, cfg: BlockwiseConfig, run: RunState,
+                          device: str | torch.device = "cpu", progress: bool = True, iters: int = 8) -> dict:
+    """Run (or resume) the stage. Leaves every planned decoder linear as a trained FakeQuantLinear.
+
+    Args:
+        init: FDB initialisation of the planned linears. A decoder linear missing from it is
+            initialised here, activation-weighted by E[x^2] of its input gathered while the
+            full-precision block computes its targets (no separate statistics pass).
+        batches: int64 [S, T] calibration token windows.
+        iters: FDB refinement iterations of that in-block init.
+    Returns:
+        a report: per block, the relative MSE before and after training (on the training
+        inputs), and the stage's wall time.
+    """
+    if cfg.inputs not in INPUT_MODES:
+        raise DbquantError(f"unknown block-wise input mode {cfg.inputs!r}; choose from {INPUT_MODES}")
+    t0 = time.perf_counter()
+    blocks = decoder_blocks(model)
+    names = block_names(model, plan)
+    path = DECODER_BLOCKS[model.config.model_type]
+    state = run.resumed if (run.resumed and run.resumed.get("stage") == "blockwise") else None
+    start_block, start_step = (state["position"]["block"], state["position"]["step"]) if state else (0, 0)
+
+    plan_by_name = {p.name: p for p in plan}
+    init = dict(init)
+
+    def ensure_init(names_i):
+        for n in names_i:
+            if n not in init:
+                p = plan_by_name[n]
+                init[n] = placeholder(model.get_submodule(n), p.layout.group_size, p.layout.offset)
+
+    # Finished blocks come back from their files; the quantized chain's activations from acts-NNN.pt.
+    for i in range(start_block):
+        ensure_init(names[i])
+        to_fakequant(model, names[i], init)
+        saved = run.load(f"block-{i:03d}.pt")
+        if saved is None:
+            raise DbquantError(f"resume: {run.dir}/block-{i:03d}.pt is missing; start over with --overwrite")
+        blocks[i].load_state_dict(saved["params"], strict=False)
+    acts = run.load(f"acts-{start_block:03d}.pt") if start_block else None
+    kwargs_cpu = None
+    if acts is not None:
+        x_fp, x_q, kwargs_cpu = acts["x_fp"], acts["x_q"], acts["kwargs"]
+    elif start_block:
+        raise DbquantError(f"resume: {run.dir}/acts-{start_block:03d}.pt is missing; start over with --overwrite")
+    else:
+        x_fp, kwargs_cpu = capture_block_inputs(model, batches)
+        x_q = x_fp
+    kwargs = _to(kwargs_cpu, device)
+
+    report = {"blocks": [], "stats_s": 0.0}
+    total = len(blocks) * cfg.steps
+    bar = tqdm(total=total, initial=start_block * cfg.steps + start_step, desc="block-wise", unit="step",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        for i in range(start_block, len(blocks)):
+            block = blocks[i]
+            orig_device = next(block.parameters()).device
+            block.to(device)
+            missing = [n for n in names[i] if n not in init]
+            if missing:  # target and statistics in one pass: fp block on fp inputs
+                ts = time.perf_counter()
+                y_fp, imp = run_block_with_stats(block, x_fp, kwargs, device, missing, f"{path}.{i}.")
+                report["stats_s"] += time.perf_counter() - ts
+                for n in missing:
+                    p = plan_by_name[n]
+                    w = model.get_submodule(n).weight.detach().float()
+                    init[n] = fdb.quantize_fdb(w, p.layout.group_size, imp[n].to(w.device), p.layout.offset, iters,
+                                               grid=10)  # training follows: a coarser search suffices
+            else:
+                y_fp = run_block(block, x_fp, kwargs, device)  # target: fp block on fp inputs
+            to_fakequant(model, names[i], init)
+            block.to(device)
+            x_in = x_q if cfg.inputs == "quant" else x_fp
+            denom = y_fp.square().mean().clamp_min(1e-30)
+            groups = param_groups(block, cfg.lr, cfg.lr_weight)
+            set_trainable(block, groups)
+            base_lrs = [g["lr"] for g in groups]
+            opt = torch.optim.Adam(groups, betas=(0.9, 0.95))
+            step0 = 0
+            if state is not None and i == start_block and start_step:
+                block.load_state_dict(_to(state["params"], device), strict=False)
+                opt.load_state_dict(state["optimizer"])
+                step0 = start_step
+            mods = fq_modules(block, f"{path}.{i}.")
+            first_loss = last_loss = None
+            for step in range(step0, cfg.steps):
+                f = cosine_factor(step, cfg.steps)
+                for g, base_lr in zip(opt.param_groups, base_lrs):
+                    g["lr"] = base_lr * f
+                idx = batch_indices(len(x_in), cfg.batch_size, step, cfg.seed, salt=i)
+                out = call_block(block, x_in[idx].to(device), kwargs)
+                loss = F.mse_loss(out.float(), y_fp[idx].to(device)) / denom
+                check_finite(loss, "block-wise", f"block {i} ({path}.{i})", step, mods)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                lv = float(loss.detach())
+                first_loss = lv if first_loss is None else first_loss
+                last_loss = lv
+                bar.update(1)
+                bar.set_postfix(block=i, loss=f"{lv:.4g}")
+                run.log({"stage": "block-wise", "block": i, "step": step, "loss": lv,
+                         "lr": opt.param_groups[0]["lr"]})
+                if run.step_done() and step + 1 < cfg.steps:
+                    run.save("state.pt", {"stage": "blockwise", "position": {"block": i, "step": step + 1},
+                                          "params": _to(_block_state(block), "cpu"),
+                                          "optimizer": opt.state_dict()})
+            block.requires_grad_(False)
+            with torch.no_grad():
+                x_q = run_block(block, x_q, kwargs, device)
+            x_fp = y_fp
+            block.to(orig_device)
+            report["blocks"].append({"block": i, "first_loss": first_loss, "last_loss": last_loss})
+            run.log({"stage": "block-wise", "block": i, "event": "block done", "first_loss": first_loss,
+                     "last_loss": last_loss})
+            run.save(f"block-{i:03d}.pt", {"params": _to(_block_state(block), "cpu")})
+            if i + 1 < len(blocks):
+                run.save(f"acts-{i + 1:03d}.pt", {"x_fp": x_fp, "x_q": x_q, "kwargs": kwargs_cpu})
+            run.save("state.pt", {"stage": "blockwise" if i + 1 < len(blocks) else "blockwise-done",
+                                  "position": {"block": i + 1, "step": 0}})
+            run.remove(f"acts-{i:03d}.pt")
+            state = None
+    finally:
+        bar.close()
+    report["seconds"] = time.perf_counter() - t0
+    return report
+
+
+def load_finished_blocks(model: nn.Module, plan: list[LinearPlan], run: RunState) -> None:
+    """After a completed block-wise stage (resumed later): swap in and load every block's parameters."""
+    blocks = decoder_blocks(model)
+    names = block_names(model, plan)
+    plan_by_name = {p.name: p for p in plan}
+    for i, block in enumerate(blocks):
+        to_fakequant(model, names[i], {n: placeholder(model.get_submodule(n), plan_by_name[n].layout.group_size,
+                                                      plan_by_name[n].layout.offset) for n in names[i]})
+        saved = run.load(f"block-{i:03d}.pt")
+        if saved is None:
+            raise DbquantError(f"resume: {run.dir}/block-{i:03d}.pt is missing; start over with --overwrite")
+        block.load_state_dict(saved["params"], strict=False)

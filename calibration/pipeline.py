@@ -1,0 +1,169 @@
+"""The ``fdb-dad`` calibration: FDB init -> block-wise reconstruction -> DAD -> weights for export.
+
+Order of work (each step is skipped on ``--resume`` when its result is already in the work dir):
+
+1. calibration windows (stats, block-wise, DAD) from the calibration text;
+2. activation-weighted FDB init (``init.pt``: scales only); with block-wise on, decoder
+   linears are initialised inside the block loop from the block's own fp activations;
+3. teacher top-k logits for DAD, from the untouched full-precision model (``teacher.pt``);
+4. block-wise reconstruction (``block-NNN.pt``, ``acts-NNN.pt``, ``state.pt``);
+5. DAD (``state.pt``);
+6. export: each FakeQuantLinear's planes and stored-precision scales.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import torch
+
+from dbquant import fdb
+from dbquant.plan import LinearPlan
+
+from .blockwise import (BlockwiseConfig, block_names, blockwise_reconstruct, export_weights, load_finished_blocks,
+                        to_fakequant)
+from .dad import DADConfig, distill, teacher_cache
+from .init import init_weights
+from .runstate import RunState, make_fingerprint, model_digest, tensor_digest
+from .stats import input_second_moments
+
+# Options that do not change the result (excluded from the fingerprint).
+NON_SEMANTIC = ("device", "work_dir", "resume", "checkpoint_every", "overwrite")
+
+
+def pick_device(name: str | None) -> torch.device:
+    from dbquant.errors import DbquantError
+
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DbquantError(f"--device {name}: CUDA is not available in this torch build / machine")
+    return dev
+
+
+def _init_from_scales(model, plan: list[LinearPlan], saved: dict) -> dict[str, fdb.DualBinaryWeight]:
+    out = {}
+    for p in plan:
+        w = model.get_submodule(p.name).weight.detach().float()
+        alpha, offset = saved[p.name]
+        out[p.name] = fdb.finalize(fdb.to_groups(w, p.layout.group_size), alpha, offset, p.layout.in_features)
+    return out
+
+
+def _window_sampler(tokenizer, texts: list[str]):
+    """``calibration_batches`` with the text tokenized once for all stages (same windows for the same seed)."""
+    from dbquant.data import calibration_batches
+
+    class _Pre:  # hands calibration_batches the cached ids instead of tokenizing again
+        def __init__(self, ids):
+            self.ids = ids
+
+        def __call__(self, *_a, **_k):
+            return type("T", (), {"input_ids": self.ids.unsqueeze(0)})()
+
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False, return_tensors="pt").input_ids[0]
+    return lambda n, t, seed: calibration_batches(_Pre(ids), texts, n, t, seed)
+
+
+def run_fdb_dad(model, tokenizer, plan: list[LinearPlan], opts, model_id: str = "",
+                progress: bool = True) -> tuple[dict[str, fdb.DualBinaryWeight], dict]:
+    """Calibrate ``model``'s planned linears; returns (weights to pack, report).
+
+    ``opts`` is a resolved :class:`dbquant.quantize.QuantizeOptions` (preset values filled in).
+    The model is left with FakeQuantLinear modules in place of the planned linears
+    (the caller packs the returned weights over them).
+    """
+    from dbquant.data import load_text
+
+    times: dict[str, float] = {}
+    device = pick_device(opts.device)
+    t = time.perf_counter()
+    texts = load_text(opts.calib, "calibration")
+    windows = _window_sampler(tokenizer, texts)
+    stats_b = None if opts.blockwise else windows(opts.calib_samples, opts.calib_seq_len, opts.seed)
+    bw_b = windows(opts.bw_samples, opts.bw_seq_len, opts.seed + 1) if opts.blockwise else None
+    dad_b = windows(opts.dad_samples, opts.dad_seq_len, opts.seed + 2) if opts.dad and opts.dad_steps else None
+    times["data_s"] = time.perf_counter() - t
+
+    o = {k: v for k, v in asdict(opts).items() if k not in NON_SEMANTIC}
+    fingerprint = make_fingerprint(
+        model={"id": model_id, "digest": model_digest(model)}, options=o,
+        data={"stats": None if stats_b is None else tensor_digest(stats_b),
+              "blockwise": None if bw_b is None else tensor_digest(bw_b),
+              "dad": None if dad_b is None else tensor_digest(dad_b)})
+    run = RunState(opts.work_dir, fingerprint, resume=opts.resume, checkpoint_every=opts.checkpoint_every,
+                   overwrite=opts.overwrite)
+    torch.manual_seed(opts.seed)
+    report: dict = {"fingerprint": fingerprint["hash"], "device": str(device)}
+
+    # 1-2: init (scales only on disk: the bits follow from the fp weights). With block-wise on,
+    # decoder linears are initialised inside the block loop from that stage's own activations
+    # (no separate statistics pass); only other planned linears (lm_head) are initialised here, data-free.
+    decoder = set(n for names in block_names(model, plan) for n in names) if opts.blockwise else set()
+    todo = [p for p in plan if p.name not in decoder]
+    saved = run.load("init.pt") if opts.resume else None
+    if saved is not None:
+        init = _init_from_scales(model, todo, saved["scales"])
+    else:
+        importance = None
+        if not opts.blockwise:
+            t = time.perf_counter()
+            model.to(device)
+            importance = input_second_moments(model, [p.name for p in todo], stats_b, progress=progress)
+            model.to("cpu")
+            importance = {k: v.cpu() for k, v in importance.items()}
+            times["stats_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        init = init_weights(model, todo, "fdb", importance, opts.iters, progress=progress) if todo else {}
+        times["init_s"] = time.perf_counter() - t
+        run.save("init.pt", {"scales": {n: (q.alpha, q.offset) for n, q in init.items()}})
+        run.save("state.pt", {"stage": "init-done", "position": {}})
+    run.log({"stage": "init", "event": "done"})
+
+    # 3: teacher cache, while the model is still full precision
+    teacher = None
+    if dad_b is not None:
+        teacher = run.load("teacher.pt") if opts.resume else None
+        if teacher is None:
+            t = time.perf_counter()
+            model.to(device)
+            teacher = teacher_cache(model, dad_b, opts.dad_topk, device, progress=progress,
+                                    temperature=opts.dad_temperature)
+            model.to("cpu")
+            times["teacher_s"] = time.perf_counter() - t
+            run.save("teacher.pt", teacher)
+
+    stage = (run.resumed or {}).get("stage")
+    # 4: block-wise
+    if opts.blockwise:
+        if stage in ("blockwise-done", "dad"):
+            load_finished_blocks(model, plan, run)
+        else:
+            cfg = BlockwiseConfig(steps=opts.bw_steps, batch_size=opts.bw_batch, lr=opts.bw_lr,
+                                  lr_weight=opts.bw_lr_weight, inputs=opts.bw_inputs,
+                                  grad_clip=opts.grad_clip, seed=opts.seed)
+            report["blockwise"] = blockwise_reconstruct(model, plan, init, bw_b, cfg, run, device, progress,
+                                                       opts.iters)
+            times["blockwise_s"] = report["blockwise"]["seconds"]
+            times["stats_s"] = report["blockwise"]["stats_s"]  # in-block statistics (fused with the targets)
+    to_fakequant(model, [p.name for p in plan], init)  # planned linears outside decoder blocks (lm_head)
+
+    # 5: DAD
+    if dad_b is not None:
+        if stage != "dad":  # stage boundary: a kill from here on resumes at DAD
+            run.save("state.pt", {"stage": "dad", "position": {"step": 0}})
+        cfg = DADConfig(steps=opts.dad_steps, batch_size=opts.dad_batch, lr=opts.dad_lr,
+                        lr_weight=opts.dad_lr_weight, train=opts.dad_train, weighting=opts.dad_weighting,
+                        temperature=opts.dad_temperature, ce_weight=opts.dad_ce_weight, topk=opts.dad_topk,
+                        grad_clip=opts.grad_clip, seed=opts.seed)
+        report["dad"] = distill(model, dad_b, teacher, cfg, run, device, progress)
+        times["dad_s"] = report["dad"]["seconds"]
+
+    # 6: export
+    weights = export_weights(model, [p.name for p in plan])
+    report["times"] = times
+    report["log"] = run.log_text()
+    run.finish()
+    return weights, report

@@ -1,0 +1,35 @@
+"""Presets for ``--method fdb-dad``: how much data and how many steps each stage gets.
+
+Budgets are wall times for SmolLM2-135M on the 2-core development CPU (see docs/CALIBRATION.md
+for the measurements behind them). Any option given explicitly overrides its preset value.
+"""
+
+from __future__ import annotations
+
+PRESETS: dict[str, dict] = {
+    # < 5 min: block-wise only, short windows, few steps.
+    "fast": dict(blockwise=True, bw_samples=32, bw_seq_len=256, bw_steps=16, bw_batch=2,
+                 bw_lr=1e-2, bw_lr_weight=5e-3, bw_inputs="quant",
+                 dad=False, dad_samples=32, dad_seq_len=128, dad_steps=0, dad_batch=2),
+    # ~20 min: block-wise with more data and steps, then a short DAD.
+    "default": dict(blockwise=True, bw_samples=64, bw_seq_len=256, bw_steps=40, bw_batch=2,
+                    bw_lr=1e-2, bw_lr_weight=5e-3, bw_inputs="quant",
+                    dad=True, dad_samples=32, dad_seq_len=256, dad_steps=16, dad_batch=2),
+    # hours on this CPU (minutes on a GPU): more data, more steps, longer DAD training weights too.
+    "best": dict(blockwise=True, bw_samples=128, bw_seq_len=512, bw_steps=300, bw_batch=4,
+                 bw_lr=1e-2, bw_lr_weight=5e-3, bw_inputs="quant",
+                 dad=True, dad_samples=256, dad_seq_len=512, dad_steps=500, dad_batch=4,
+                 dad_train="scales+weights"),
+}
+
+# Values shared by every preset (an explicit option still wins).
+COMMON = dict(dad_lr=5e-3, dad_lr_weight=2e-3, dad_train="scales", dad_weighting="uniform",
+              dad_temperature=1.0, dad_ce_weight=0.0, dad_topk=64, grad_clip=1.0)
+
+
+def preset_values(name: str) -> dict:
+    from dbquant.errors import DbquantError
+
+    if name not in PRESETS:
+        raise DbquantError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return {**COMMON, **PRESETS[name]}
