@@ -53,18 +53,11 @@ def _init_from_scales(model, plan: list[LinearPlan], saved: dict) -> dict[str, f
 
 
 def _window_sampler(tokenizer, texts: list[str]):
-    """``calibration_batches`` with the text tokenized once for all stages (same windows for the same seed)."""
-    from dbquant.data import calibration_batches
+    """``(n, seq_len, seed) -> int64 [n, seq_len]`` windows, tokenizing the text once for all stages."""
+    from dbquant.data import sample_windows, token_stream
 
-    class _Pre:  # hands calibration_batches the cached ids instead of tokenizing again
-        def __init__(self, ids):
-            self.ids = ids
-
-        def __call__(self, *_a, **_k):
-            return type("T", (), {"input_ids": self.ids.unsqueeze(0)})()
-
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False, return_tensors="pt").input_ids[0]
-    return lambda n, t, seed: calibration_batches(_Pre(ids), texts, n, t, seed)
+    ids = token_stream(tokenizer, texts)
+    return lambda n, t, seed: sample_windows(ids, n, t, seed)
 
 
 def run_fdb_dad(model, tokenizer, plan: list[LinearPlan], opts, model_id: str = "",

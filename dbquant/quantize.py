@@ -9,8 +9,6 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, fields, replace
 
-import torch
-
 from . import plan as planlib
 from .convert import pack_into
 from .errors import DbquantError
@@ -113,6 +111,26 @@ def make_plan(model, opts: QuantizeOptions) -> list[planlib.LinearPlan]:
     return planlib.make_plan(model, opts.group_size, opts.uses_offset, tuple(opts.modules))
 
 
+def _init_only(model, tokenizer, plan, opts: QuantizeOptions, times: dict, progress: bool):
+    """The FDB/RTN init stage alone (activation-weighted when calibration text is given)."""
+    from .calibration import init_weights, input_second_moments
+
+    importance = None
+    if opts.method != "rtn" and opts.calib:
+        from .data import calibration_batches, load_text
+
+        batches = calibration_batches(tokenizer, load_text(opts.calib, "calibration"), opts.calib_samples,
+                                      opts.calib_seq_len, opts.seed)
+        t = time.perf_counter()
+        importance = input_second_moments(model, [p.name for p in plan], batches, progress=progress)
+        times["stats_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    weights = init_weights(model, plan, "rtn" if opts.method == "rtn" else "fdb", importance, opts.iters,
+                           progress=progress)
+    times["init_s"] = time.perf_counter() - t
+    return weights
+
+
 def quantize(model, tokenizer, opts: QuantizeOptions, progress: bool = True, model_id: str = "") -> dict:
     """Quantize ``model`` in place (its planned linears become packed) and return a report.
 
@@ -120,51 +138,29 @@ def quantize(model, tokenizer, opts: QuantizeOptions, progress: bool = True, mod
     errors, and the wall time of each stage. ``fdb-dad`` without calibration text
     (``calib=None``) is the data-free FDB init.
     """
-    from .calibration import init_weights, input_second_moments
-
     opts.check()
     if opts.method == "fdb-dad":
         opts = opts.resolved()
     t0 = time.perf_counter()
     plan = make_plan(model, opts)
     bits = planlib.bits_summary(plan, model)
-    times = {}
-    importance = None
-    extra = {}
+    # kept before calibration: fdb-dad trains the latent weights in place
+    fp_weights = {p.name: model.get_submodule(p.name).weight.detach().float().clone() for p in plan}
+    times, report = {}, {}
     if opts.method == "fdb-dad" and opts.calib:
         from .calibration.pipeline import run_fdb_dad
 
-        fp_weights = {p.name: model.get_submodule(p.name).weight.detach().float().clone() for p in plan}
-        weights, extra = run_fdb_dad(model, tokenizer, plan, opts, model_id=model_id, progress=progress)
-        times.update(extra.pop("times"))
-        errors = {name: float((fp_weights[name] - q.dequantize()).square().sum()
-                              / fp_weights[name].square().sum().clamp_min(1e-30)) for name, q in weights.items()}
-        del fp_weights
-        pack_into(model, weights)
-        attach(model, DbquantConfig(modules=[p.name for p in plan], group_size=opts.group_size,
-                                    offset=opts.uses_offset, method=opts.method, bpw=bits))
-        times["total_s"] = time.perf_counter() - t0
-        return {"options": asdict(opts), **bits, "layers": len(plan), "rel_weight_error": errors,
-                "times": times, "calibration": extra}
-    if opts.method in ("fdb", "fdb-dad") and opts.calib:
-        from .data import calibration_batches, load_text
-
-        texts = load_text(opts.calib, "calibration")
-        batches = calibration_batches(tokenizer, texts, opts.calib_samples, opts.calib_seq_len, opts.seed)
-        t = time.perf_counter()
-        importance = input_second_moments(model, [p.name for p in plan], batches, progress=progress)
-        times["stats_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    weights = init_weights(model, plan, "fdb" if opts.method == "fdb-dad" else opts.method, importance,
-                           opts.iters, progress=progress)
-    times["init_s"] = time.perf_counter() - t
-    errors = {}
-    with torch.no_grad():
-        for name, q in weights.items():
-            w = model.get_submodule(name).weight.float()
-            errors[name] = float((w - q.dequantize()).square().sum() / w.square().sum().clamp_min(1e-30))
+        weights, calib_report = run_fdb_dad(model, tokenizer, plan, opts, model_id=model_id, progress=progress)
+        times.update(calib_report.pop("times"))
+        report["calibration"] = calib_report
+    else:
+        weights = _init_only(model, tokenizer, plan, opts, times, progress)
+    errors = {name: float((fp_weights[name] - q.dequantize()).square().sum()
+                          / fp_weights[name].square().sum().clamp_min(1e-30)) for name, q in weights.items()}
+    del fp_weights
     pack_into(model, weights)
     attach(model, DbquantConfig(modules=[p.name for p in plan], group_size=opts.group_size,
                                 offset=opts.uses_offset, method=opts.method, bpw=bits))
     times["total_s"] = time.perf_counter() - t0
-    return {"options": asdict(opts), **bits, "layers": len(plan), "rel_weight_error": errors, "times": times}
+    return {"options": asdict(opts), **bits, "layers": len(plan), "rel_weight_error": errors, "times": times,
+            **report}
