@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=d.seed)
     c = q.add_argument_group("fdb-dad calibration (unset options come from --preset)")
     c.add_argument("--preset", default=d.preset, help="fast (<5 min on a 2-core CPU for SmolLM2), default "
-                   "(~20 min), best (hours on CPU)")
+                   "(~6 min), best (hours on CPU)")
     c.add_argument("--no-blockwise", action="store_true", help="skip block-wise reconstruction")
     c.add_argument("--no-dad", action="store_true", help="skip deviation-aware distillation")
     for flag, typ, hlp in (("bw-samples", int, "calibration windows for block-wise"),

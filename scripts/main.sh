@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: quantize SmolLM2-135M to dual-binary 2.5 bits/weight
 # (FDB init + block-wise reconstruction, the `fast` preset: ~3 min), evaluate it (wiki
-# perplexity, fp32 alongside), and generate a sentence. PRESET=default adds DAD (~22 min).
+# perplexity, fp32 alongside), and generate a sentence. PRESET=default adds DAD (~6 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
