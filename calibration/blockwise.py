@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dbquant import fdb
+from dbquant.convert import replace_module
 from dbquant.errors import DbquantError
 from dbquant.nn import FakeQuantLinear
 from dbquant.plan import DECODER_BLOCKS, LinearPlan, decoder_blocks
@@ -49,11 +50,6 @@ class BlockwiseConfig:
 
 # ---------------------------------------------------------------- module swapping
 
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
 def to_fakequant(model: nn.Module, names: list[str], init: dict[str, fdb.DualBinaryWeight]) -> None:
     """Swap the named nn.Linear layers for FakeQuantLinear started from ``init`` (no-op if swapped)."""
     for n in names:
@@ -61,7 +57,7 @@ def to_fakequant(model: nn.Module, names: list[str], init: dict[str, fdb.DualBin
         if isinstance(m, FakeQuantLinear):
             continue
         fq = FakeQuantLinear.from_linear(m, init[n]).to(m.weight.device)
-        _replace(model, n, fq)
+        replace_module(model, n, fq)
 
 
 def placeholder(linear: nn.Module, group_size: int, offset: bool) -> fdb.DualBinaryWeight:

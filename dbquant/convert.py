@@ -11,7 +11,8 @@ from .nn import PackedLinear
 from .plan import LinearPlan
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted path ``name`` inside ``model``."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
@@ -36,7 +37,7 @@ def empty_packed_modules(model: nn.Module, plan: list[LinearPlan], backend: str 
             raise DbquantError(f"{p.name}: model has {old.out_features}x{old.in_features}, plan says "
                                f"{p.layout.out_features}x{p.layout.in_features}")
         dev = old.weight.device if device is None else device
-        _replace(model, p.name, PackedLinear(p.layout.in_features, p.layout.out_features, p.layout.group_size,
+        replace_module(model, p.name, PackedLinear(p.layout.in_features, p.layout.out_features, p.layout.group_size,
                                              bias=p.bias, offset=p.layout.offset, device=dev,
                                              dtype=old.weight.dtype, backend=backend))
 
@@ -46,4 +47,4 @@ def pack_into(model: nn.Module, weights: dict[str, DualBinaryWeight], backend: s
     _untie_if_needed(model, set(weights))
     for name, q in weights.items():
         old = model.get_submodule(name)
-        _replace(model, name, PackedLinear.from_weight(q, old.bias, backend=backend).to(old.weight.device))
+        replace_module(model, name, PackedLinear.from_weight(q, old.bias, backend=backend).to(old.weight.device))
