@@ -9,15 +9,15 @@ uses the pure-PyTorch reference kernel.
 from __future__ import annotations
 
 import warnings
-import weakref
+from dataclasses import dataclass
 
 import torch
 
 BUILD_HINT = "pip install --no-build-isolation -e ."
-# Above this many activation rows the scalar lookup-table kernel loses to the reference's
-# dequantize + BLAS (measured: 1 row 0.10 vs 3.8 ms, 16 rows 3.3 vs 4.7 ms on a
-# 1536x576 g64 weight, 1 thread), so ``auto`` hands larger inputs to ``ref``.
-CPU_MAX_ROWS = 16
+# Above this many activation rows ``auto`` hands inputs to ``ref`` (dequantize + BLAS),
+# which wins on long prefills (see docs/RESULTS.md, `dbquant bench`).
+CPU_MAX_ROWS = 64
+TILE = 16  # output rows per tile of the t16 layout (csrc/cpu/dbgemm_t16.h: kTile)
 
 _cpu_state: bool | None = None  # None: not tried yet
 _cpu_error: str | None = None
@@ -49,54 +49,86 @@ def load_cpu() -> bool:
     return _cpu_state
 
 
-# float32 copies of float16 scales/offsets/biases, so a PackedLinear that keeps its
-# buffers in float16 pays the conversion once, not per call. Keyed by id() with a
-# weakref to the source (tensors compare elementwise, so they cannot be dict keys); an
-# entry is dropped when its source dies and ignored when the source was modified in place.
-_f32_cache: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+@dataclass(frozen=True)
+class CpuWeight:
+    """A packed linear in the CPU kernel's "t16" layout (docs/FORMAT.md, Kernel layouts).
+
+    With T = ceil(N / 16) tiles of 16 output rows (rows past N are zero), C8 = Kp / 8:
+        planes: uint8 [T, C8, 2, 16]; planes[t, c, p, r] = qweight[p, 16t + r, c]
+        scales: float16 [T, G, 2, 16]; offset: float16 [T, G, 16] or None
+    The bytes are the canonical ones, only regrouped so that one SIMD register holds one
+    byte of each of 16 rows.
+    """
+
+    planes: torch.Tensor
+    scales: torch.Tensor
+    offset: torch.Tensor | None
+    out_features: int
+    in_features: int
+    group_size: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.planes, self.scales, self.offset) if t is not None)
 
 
-def _as_f32(t: torch.Tensor | None) -> torch.Tensor | None:
-    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
-        return t
-    if t.requires_grad or t.is_inference():
-        return t.detach().float().contiguous()  # _version is unavailable: no caching
-    key = id(t)
-    hit = _f32_cache.get(key)
-    if hit is not None and hit[0]() is t and hit[1] == t._version:
-        return hit[2]
-    out = t.float().contiguous()
-    _f32_cache[key] = (weakref.ref(t, lambda _r, k=key: _f32_cache.pop(k, None)), t._version, out)
-    return out
+def _tile_rows(t: torch.Tensor, tiles: int) -> torch.Tensor:
+    """[N, ...] -> [T, 16, ...], zero rows appended up to 16 * T."""
+    pad = tiles * TILE - t.shape[0]
+    if pad:
+        t = torch.cat([t, t.new_zeros((pad,) + tuple(t.shape[1:]))])
+    return t.reshape(tiles, TILE, *t.shape[1:])
+
+
+def prepare_cpu(qweight: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor | None,
+                in_features: int, group_size: int) -> CpuWeight:
+    """Repack a canonical packed linear into the CPU kernel layout (done once per weight).
+
+    Args: the canonical tensors (qweight uint8 [2, N, Kp/8], scales [N, G, 2], offset
+    [N, G] or None; float16 or float32 — the kernel reads them at the format's float16).
+    """
+    n = qweight.shape[1]
+    tiles = -(-n // TILE)
+    planes = _tile_rows(qweight.detach().permute(1, 2, 0), tiles)  # [T, 16, C8, 2]
+    sc = _tile_rows(scales.detach().to(torch.float16), tiles)  # [T, 16, G, 2]
+    off = None if offset is None else _tile_rows(offset.detach().to(torch.float16), tiles)  # [T, 16, G]
+    return CpuWeight(
+        planes=planes.permute(0, 2, 3, 1).contiguous(),
+        scales=sc.permute(0, 2, 3, 1).contiguous(),
+        offset=None if off is None else off.permute(0, 2, 1).contiguous(),
+        out_features=n, in_features=int(in_features), group_size=int(group_size),
+    )
+
+
+def run_cpu(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None, isa: str = "auto") -> torch.Tensor:
+    """``y = x @ W.T (+ bias)`` with the prepared weight ``w``.
+
+    Args:
+        x: float [..., K] on CPU (computed in float32; the result is cast back to x's dtype).
+        bias: float [N] or None.
+        isa: "auto" (fastest this CPU supports), "avx512", "avx2" or "scalar".
+    Returns: [..., N] in x's dtype.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+    b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    y = torch.ops.dbquant.dbgemm_cpu(x2, w.planes, w.scales, w.offset, b, w.out_features,
+                                     w.in_features, w.group_size, isa)
+    return y.reshape(*lead, w.out_features).to(x.dtype)
 
 
 def dbgemm_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                offset: torch.Tensor | None, bias: torch.Tensor | None, in_features: int,
                group_size: int) -> torch.Tensor:
-    """``y = x @ W.T (+ bias)`` on CPU with the C++ lookup-table kernel.
-
-    Same contract as :func:`dbquant.reference.dbgemm_ref`. With N = out_features,
-    K = in_features, g = group_size, Kp = ceil(K / g) * g and G = Kp / g:
-
-    Args:
-        x: float [..., K] on CPU (float32 ideally; other float dtypes are computed in
-            float32 and the result cast back). Leading dims are flattened; any strides.
-        qweight: uint8 [2, N, Kp/8], contiguous; plane 0 = b1, plane 1 = b2, bit j of
-            byte i = input channel 8*i + j (LSB first); padded channels 0.
-        scales: float16 or float32 [N, G, 2]: alpha1, alpha2 per group.
-        offset: float16 or float32 [N, G] (beta per group) or None.
-        bias: float [N] or None.
-        in_features: K; group_size: g (a multiple of 8).
-    Returns:
-        [..., N] in x's dtype.
-    Raises:
-        RuntimeError: from the op, naming the offending tensor, on a wrong device,
-            dtype or shape.
+    """The registry's canonical-signature entry (see :func:`dbquant.reference.dbgemm_ref`):
+    repacks on every call. :class:`dbquant.nn.PackedLinear` instead calls
+    :func:`prepare_cpu` once and :func:`run_cpu` per forward.
     """
     if not load_cpu():
         raise RuntimeError(f"dbquant._C is not available; build it with `{BUILD_HINT}`")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
-    y = torch.ops.dbquant.dbgemm_cpu(x2, qweight.contiguous(), _as_f32(scales), _as_f32(offset),
-                                     _as_f32(bias), int(in_features), int(group_size))
-    return y.reshape(*lead, y.shape[-1]).to(x.dtype)
+    return run_cpu(x, prepare_cpu(qweight, scales, offset, in_features, group_size), bias)
+
+
+# The registry finds the load-time repack through these attributes.
+dbgemm_cpu.prepare = prepare_cpu
+dbgemm_cpu.run = run_cpu

@@ -111,9 +111,33 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = ops.get("dbgemm", self.backend, x.device, x.numel() // x.shape[-1])
-        return kernel(x, self.qweight, self.scales, self.offset, self.bias, self.in_features, self.group_size)
+        if getattr(kernel, "prepare", None) is None:
+            return kernel(x, self.qweight, self.scales, self.offset, self.bias, self.in_features,
+                          self.group_size)
+        return kernel.run(x, self._prepared(kernel), self.bias)
+
+    def _prepared(self, kernel):
+        """The weight in ``kernel``'s own layout, built on first use and rebuilt only when
+        the buffers change (moved, reloaded or modified in place)."""
+        key = (kernel, *(_identity(t) for t in (self.qweight, self.scales, self.offset)))
+        cached = self.__dict__.get("_prepared_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, kernel.prepare(self.qweight, self.scales, self.offset, self.in_features,
+                                          self.group_size))
+            self.__dict__["_prepared_cache"] = cached  # a plain attribute: not in the state dict
+        return cached[1]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"group_size={self.group_size}, offset={self.offset is not None}, "
                 f"bias={self.bias is not None}, backend={self.backend}")
+
+
+def _identity(t: torch.Tensor | None) -> tuple:
+    """What tells a buffer apart from its earlier self: storage address and version counter."""
+    if t is None:
+        return ()
+    try:
+        return (t.data_ptr(), t._version)
+    except RuntimeError:  # inference tensors keep no version counter (and cannot change outside it)
+        return (t.data_ptr(),)

@@ -1,4 +1,5 @@
-"""Parity of the C++ CPU kernel (torch.ops.dbquant.dbgemm_cpu) with the reference.
+"""Parity of the C++ CPU kernel (torch.ops.dbquant.dbgemm_cpu) with the reference, on every
+ISA path this CPU supports, and of the ISA paths with each other.
 
 Needs the extension ``dbquant._C``: built by ``pip install --no-build-isolation -e .``.
 Without it these tests skip, or FAIL when DBQUANT_REQUIRE_NATIVE=1 (CI sets it).
@@ -58,21 +59,71 @@ def make_layer(n, k, g, offset, bias, seed=0, pad_garbage=False):
     return qweight, scales, off, b
 
 
+ISAS = torch.ops.dbquant.cpu_isas() if HAVE_NATIVE else []
+
+
+def prepared(n, k, g, offset, bias, seed=0, pad_garbage=False):
+    """(CpuWeight, bias, canonical tensors) of a random layer with float16 scales (the format's)."""
+    qweight, scales, off, b = make_layer(n, k, g, offset, bias, seed, pad_garbage)
+    scales = scales.half()
+    off = None if off is None else off.half()
+    return _native.prepare_cpu(qweight, scales, off, k, g), b, (qweight, scales, off)
+
+
 def assert_matches(y, ref):
     scale = ref.abs().max().clamp_min(1.0).item()
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * scale)
 
 
-@pytest.mark.parametrize("m", [1, 2, 5, 16, 64])
+@pytest.mark.parametrize("m", [1, 3, 17, 64])
 @pytest.mark.parametrize("g", [8, 32, 64, 128])
 @pytest.mark.parametrize("k", [8, 24, 100, 576, 1000])
-def test_parity_shapes(k, g, m):
+def test_parity_shapes_all_isas(k, g, m):
+    """Every ISA path matches the reference, and all paths agree bit for bit (they perform
+    the same float operations in the same order, lane by lane: csrc/cpu/dbgemm_t16.h)."""
+    assert "scalar" in ISAS
     for n, offset, bias in itertools.product([1, 7, 33], [False, True], [False, True]):
-        qweight, scales, off, b = make_layer(n, k, g, offset, bias, seed=k * 7 + g + n)
+        w, b, canon = prepared(n, k, g, offset, bias, seed=k * 7 + g + n)
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k))
-        y = torch.ops.dbquant.dbgemm_cpu(x, qweight, scales, off, b, k, g)
-        assert y.shape == (m, n) and y.dtype == torch.float32
-        assert_matches(y, dbgemm_ref(x, qweight, scales, off, b, k, g))
+        ref = dbgemm_ref(x, *canon[:2], canon[2], b, k, g)
+        ys = {isa: _native.run_cpu(x, w, b, isa) for isa in ISAS}
+        for isa, y in ys.items():
+            assert y.shape == (m, n) and y.dtype == torch.float32, isa
+            assert_matches(y, ref)
+            assert torch.equal(y, ys["scalar"]), f"{isa} differs from scalar"
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_simd_path_available_or_reported(isa):
+    """The SIMD paths run where the CPU has them; elsewhere the op names the reason."""
+    if isa in ISAS:
+        w, b, _ = prepared(16, 64, 64, False, False)
+        assert _native.run_cpu(torch.randn(1, 64), w, b, isa).shape == (1, 16)
+    else:
+        w, b, _ = prepared(16, 64, 64, False, False)
+        with pytest.raises(RuntimeError, match=f"isa='{isa}' is not supported by this CPU"):
+            _native.run_cpu(torch.randn(1, 64), w, b, isa)
+
+
+def test_unknown_isa():
+    w, b, _ = prepared(16, 64, 64, False, False)
+    with pytest.raises(RuntimeError, match="unknown isa 'sse9'; use auto, avx512, avx2 or scalar"):
+        _native.run_cpu(torch.randn(1, 64), w, b, "sse9")
+
+
+def test_t16_layout_golden():
+    """The repack regroups whole bytes: planes[t, c, p, r] = qweight[p, 16t + r, c], etc."""
+    n, k, g = 21, 100, 32  # 2 tiles (the second has 5 real rows), Kp = 128, C8 = 16, G = 4
+    w, _, (qweight, scales, off) = prepared(n, k, g, True, False)
+    assert w.planes.shape == (2, 16, 2, 16) and w.planes.dtype == torch.uint8
+    assert w.scales.shape == (2, 4, 2, 16) and w.scales.dtype == torch.float16
+    assert w.offset.shape == (2, 4, 16)
+    for t, c, p, r in [(0, 0, 0, 0), (0, 15, 1, 15), (1, 3, 0, 4), (1, 7, 1, 2)]:
+        assert w.planes[t, c, p, r] == qweight[p, 16 * t + r, c]
+        assert w.scales[t, c % 4, p, r] == scales[16 * t + r, c % 4, p]
+        assert w.offset[t, c % 4, r] == off[16 * t + r, c % 4]
+    assert not w.planes[1, :, :, 5:].any() and not w.scales[1, :, :, 5:].any()  # padding rows: zero
+    assert w.nbytes == 2 * 16 * 2 * 16 + 2 * (2 * 4 * 2 * 16 + 2 * 4 * 16)
 
 
 @pytest.mark.parametrize("lead", [(), (3,), (2, 3), (1, 1, 1)])
@@ -94,40 +145,48 @@ def test_wrapper_noncontiguous_x_and_float16_inputs():
     y = _native.dbgemm_cpu(x, qweight, scales.half(), off.half(), b.half(), k, g)
     assert_matches(y, ref)
     # A non-float32 x is computed in float32 and returned in its dtype (the reference's contract).
-    yb = _native.dbgemm_cpu(x.bfloat16(), qweight, scales, off, b, k, g)
+    yb = _native.dbgemm_cpu(x.bfloat16(), qweight, scales.half(), off.half(), b, k, g)
     assert yb.dtype == torch.bfloat16
-    torch.testing.assert_close(yb, dbgemm_ref(x.bfloat16(), qweight, scales, off, b, k, g))
+    torch.testing.assert_close(yb, dbgemm_ref(x.bfloat16(), qweight, scales.half(), off.half(), b, k, g))
 
 
-def test_wrapper_scale_cache_sees_inplace_updates():
-    n, k, g = 8, 64, 64
+def test_packed_linear_prepares_once_and_sees_updates():
+    from dbquant.nn import PackedLinear
+
+    n, k, g = 24, 64, 64
     qweight, scales, _, _ = make_layer(n, k, g, False, False)
-    s16 = scales.half()
+    mod = PackedLinear(k, n, g, backend="cpu")
+    mod.qweight.copy_(qweight)
+    mod.scales.copy_(scales.half())
     x = torch.randn(2, k)
-    y1 = _native.dbgemm_cpu(x, qweight, s16, None, None, k, g)
-    s16.mul_(2)  # bumps the version counter: the cached float32 copy must not be reused
-    y2 = _native.dbgemm_cpu(x, qweight, s16, None, None, k, g)
+    y1 = mod(x)
+    first = mod._prepared_cache[1]
+    mod(x)
+    assert mod._prepared_cache[1] is first  # reused, not rebuilt per call
+    mod.scales.mul_(2)  # bumps the version counter: the prepared copy must be rebuilt
+    y2 = mod(x)
+    assert mod._prepared_cache[1] is not first
     assert_matches(y2, 2 * y1)
+    assert "_prepared_cache" not in str(mod.state_dict().keys())
 
 
 def test_padding_bits_are_ignored():
     # Channels >= K count as zero activations, so stray bits in the padding change nothing.
     n, k, g = 9, 100, 64
-    clean = make_layer(n, k, g, True, False, seed=3)
-    dirty = make_layer(n, k, g, True, False, seed=3, pad_garbage=True)
-    assert not torch.equal(clean[0], dirty[0])
+    clean, _, canon = prepared(n, k, g, True, False, seed=3)
+    dirty, _, canon_dirty = prepared(n, k, g, True, False, seed=3, pad_garbage=True)
+    assert not torch.equal(canon[0], canon_dirty[0])
     x = torch.randn(4, k)
-    torch.testing.assert_close(torch.ops.dbquant.dbgemm_cpu(x, *dirty, k, g),
-                               torch.ops.dbquant.dbgemm_cpu(x, *clean, k, g), rtol=0, atol=0)
+    for isa in ISAS:
+        assert torch.equal(_native.run_cpu(x, dirty, None, isa), _native.run_cpu(x, clean, None, isa))
 
 
-def test_many_rows_uses_several_table_tiles():
-    # K=1000 needs 125 KiB of tables per row: M=300 exceeds the 16 MiB cap, so rows are tiled.
+def test_many_rows_uses_several_table_slices():
+    # K=1000 needs 64 KiB of tables per row: M=300 exceeds the 16 MiB cap, so rows are sliced.
     n, k, g = 17, 1000, 128
-    qweight, scales, off, b = make_layer(n, k, g, True, True)
+    w, b, canon = prepared(n, k, g, True, True)
     x = torch.randn(300, k)
-    assert_matches(torch.ops.dbquant.dbgemm_cpu(x, qweight, scales, off, b, k, g),
-                   dbgemm_ref(x, qweight, scales, off, b, k, g))
+    assert_matches(_native.run_cpu(x, w, b), dbgemm_ref(x, *canon, b, k, g))
 
 
 def test_empty_batch():
@@ -138,60 +197,60 @@ def test_empty_batch():
 
 def test_thread_count_does_not_change_result():
     n, k, g = 1536, 576, 64
-    qweight, scales, off, b = make_layer(n, k, g, True, True)
+    w, b, canon = prepared(n, k, g, True, True)
     x = torch.randn(3, k)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        y1 = torch.ops.dbquant.dbgemm_cpu(x, qweight, scales, off, b, k, g)
+        y1 = _native.run_cpu(x, w, b)
         torch.set_num_threads(max(2, old))
-        y2 = torch.ops.dbquant.dbgemm_cpu(x, qweight, scales, off, b, k, g)
+        y2 = _native.run_cpu(x, w, b)
     finally:
         torch.set_num_threads(old)
     assert torch.equal(y1, y2)  # each output is computed by one thread, in one order
-    assert_matches(y1, dbgemm_ref(x, qweight, scales, off, b, k, g))
+    assert_matches(y1, dbgemm_ref(x, *canon, b, k, g))
 
 
 # ---- the binding's input validation -------------------------------------------------
 
-K, G_SIZE, N = 300, 64, 6  # G = 5 groups, Kp = 320, 40 bytes per row
+K, G_SIZE, N = 300, 64, 6  # G = 5 groups, Kp = 320, C8 = 40 bytes per row, T = 1 tile
 
 
 @pytest.fixture
 def args():
-    qweight, scales, off, b = make_layer(N, K, G_SIZE, True, True)
-    return dict(x=torch.randn(2, K), qweight=qweight, scales=scales, offset=off, bias=b)
+    w, b, _ = prepared(N, K, G_SIZE, True, True)
+    return dict(x=torch.randn(2, K), planes=w.planes, scales=w.scales, offset=w.offset, bias=b)
 
 
-def call(a, in_features=K, group_size=G_SIZE):
-    return torch.ops.dbquant.dbgemm_cpu(a["x"], a["qweight"], a["scales"], a["offset"], a["bias"],
-                                        in_features, group_size)
+def call(a, out_features=N, in_features=K, group_size=G_SIZE):
+    return torch.ops.dbquant.dbgemm_cpu(a["x"], a["planes"], a["scales"], a["offset"], a["bias"],
+                                        out_features, in_features, group_size)
 
 
 @pytest.mark.parametrize("name,bad,match", [
     ("x", lambda a: a["x"].double(), r"x must be Float, got Double"),
     ("x", lambda a: a["x"].half(), r"x must be Float, got Half"),
-    ("qweight", lambda a: a["qweight"].to(torch.int8), r"qweight must be Byte, got Char"),
-    ("scales", lambda a: a["scales"].half(), r"scales must be Float, got Half"),
-    ("offset", lambda a: a["offset"].double(), r"offset must be Float, got Double"),
+    ("planes", lambda a: a["planes"].to(torch.int8), r"planes must be Byte, got Char"),
+    ("scales", lambda a: a["scales"].float(), r"scales must be Half, got Float"),
+    ("offset", lambda a: a["offset"].double(), r"offset must be Half, got Double"),
     ("bias", lambda a: a["bias"].half(), r"bias must be Float, got Half"),
+    ("x", lambda a: torch.randn(K, 2).t(), r"x must be contiguous"),
 ])
-def test_error_dtype(args, name, bad, match):
+def test_error_dtype_and_layout(args, name, bad, match):
     args[name] = bad(args)
     with pytest.raises(RuntimeError, match=match):
         call(args)
 
 
 @pytest.mark.parametrize("name,bad,match", [
-    ("qweight", lambda a: a["qweight"][:, :, :36].contiguous(),
-     r"qweight has 36 bytes per row but in_features=300, group_size=64 needs 40"),
-    ("qweight", lambda a: a["qweight"][0].contiguous(), r"qweight must be \[2, N, Kp/8\], got shape \[6, 40\]"),
-    ("x", lambda a: a["x"][:, :299].contiguous(), r"x has 299 channels .* but in_features=300"),
-    ("x", lambda a: a["x"].reshape(1, 2, K), r"x must be 2-D \[M, K\], got shape \[1, 2, 300\]"),
+    ("planes", lambda a: a["planes"][:, :36].contiguous(),
+     r"planes must have shape \[1, 40, 2, 16\] .* got \[1, 36, 2, 16\]"),
+    ("x", lambda a: a["x"][:, :299].contiguous(), r"x must be \[M, 300\] \(in_features\), got shape \[2, 299\]"),
+    ("x", lambda a: a["x"].reshape(1, 2, K), r"x must be \[M, 300\] \(in_features\), got shape \[1, 2, 300\]"),
     ("scales", lambda a: a["scales"][:, :4].contiguous(),
-     r"scales must be \[N, G, 2\] = \[6, 5, 2\] .* got shape \[6, 4, 2\]"),
-    ("offset", lambda a: a["offset"][:5].contiguous(), r"offset must be \[N, G\] = \[6, 5\], got shape \[5, 5\]"),
-    ("bias", lambda a: a["bias"][:3].contiguous(), r"bias must be \[N\] = \[6\], got shape \[3\]"),
+     r"scales must have shape \[1, 5, 2, 16\] .* got \[1, 4, 2, 16\]"),
+    ("offset", lambda a: a["offset"][:, :3].contiguous(), r"offset must have shape \[1, 5, 16\] .* got \[1, 3, 16\]"),
+    ("bias", lambda a: a["bias"][:3].contiguous(), r"bias must have shape \[6\] .* got \[3\]"),
 ])
 def test_error_shape(args, name, bad, match):
     args[name] = bad(args)
@@ -199,21 +258,8 @@ def test_error_shape(args, name, bad, match):
         call(args)
 
 
-def test_error_group_size_and_in_features(args):
-    with pytest.raises(RuntimeError, match=r"group_size must be a positive multiple of 8, got 12"):
+def test_error_group_size_and_features(args):
+    with pytest.raises(RuntimeError, match="group_size must be a positive multiple of 8, got 12"):
         call(args, group_size=12)
-    with pytest.raises(RuntimeError, match=r"in_features must be >= 1, got 0"):
-        call(args, in_features=0)
-
-
-@pytest.mark.parametrize("name,bad", [
-    ("x", lambda a: torch.randn(K, 2).t()),
-    ("qweight", lambda a: a["qweight"].transpose(0, 1).contiguous().transpose(0, 1)),
-    ("scales", lambda a: a["scales"].transpose(0, 1).contiguous().transpose(0, 1)),
-    ("offset", lambda a: a["offset"].t().contiguous().t()),
-])
-def test_error_noncontiguous(args, name, bad):
-    args[name] = bad(args)
-    assert not args[name].is_contiguous()
-    with pytest.raises(RuntimeError, match=rf"{name} must be contiguous"):
-        call(args)
+    with pytest.raises(RuntimeError, match="planes must have shape \\[2, 40, 2, 16\\]"):
+        call(args, out_features=17)  # 17 rows need 2 tiles

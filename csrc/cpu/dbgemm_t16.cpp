@@ -1,0 +1,60 @@
+// Run-time ISA dispatch of the t16 kernel. The build uses no -march flag: each ISA path
+// lives in its own translation unit compiled for that ISA, and this file picks one
+// after asking the CPU what it supports.
+
+#include "dbgemm_t16.h"
+
+namespace dbquant {
+namespace cpu {
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+bool isa_supported(Isa isa) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  switch (isa) {
+    case Isa::Avx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+    case Isa::Avx2:
+      // Every AVX2 CPU also has F16C (vcvtph2ps), which the path needs.
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    default: return true;
+  }
+#else
+  return isa == Isa::Scalar;
+#endif
+}
+
+Isa best_isa() {
+  static const Isa best = isa_supported(Isa::Avx512) ? Isa::Avx512
+                          : isa_supported(Isa::Avx2) ? Isa::Avx2
+                                                     : Isa::Scalar;
+  return best;
+}
+
+void build_luts(Isa isa, const T16Weight& w, const float* x, float* lut, float* gsum, int64_t m0,
+                int64_t m1) {
+  switch (isa) {
+    case Isa::Avx512: return build_luts_avx512(w, x, lut, gsum, m0, m1);
+    case Isa::Avx2: return build_luts_avx2(w, x, lut, gsum, m0, m1);
+    default: return build_luts_scalar(w, x, lut, gsum, m0, m1);
+  }
+}
+
+void gemm_tiles(Isa isa, const T16Weight& w, const float* lut, const float* gsum, int64_t M,
+                float* y, int64_t t0, int64_t t1) {
+  switch (isa) {
+    case Isa::Avx512: return gemm_tiles_avx512(w, lut, gsum, M, y, t0, t1);
+    case Isa::Avx2: return gemm_tiles_avx2(w, lut, gsum, M, y, t0, t1);
+    default: return gemm_tiles_scalar(w, lut, gsum, M, y, t0, t1);
+  }
+}
+
+}  // namespace cpu
+}  // namespace dbquant

@@ -1,0 +1,92 @@
+// Torch-free CPU kernels for the dual-binary GEMM  y[M, N] = x[M, K] @ W^T (+ bias),
+// reading the CPU kernel layout "t16" (docs/FORMAT.md, "Kernel layouts").
+//
+// The t16 layout is the canonical format v1 regrouped into tiles of 16 output rows, so
+// that one SIMD register holds one value for each of 16 rows (dbquant/_native.py
+// builds it once per weight at load time; no bit is moved, only whole bytes):
+//   planes  uint8   [T, C8, 2, 16]  planes[t, c, p, r] = qweight[p, 16t + r, c]
+//   scales  float16 [T, G, 2, 16]   scales[t, j, p, r] = alpha_{p+1}[16t + r, j]
+//   offset  float16 [T, G, 16]      beta[16t + r, j], or absent
+// with T = ceil(N / 16) (rows past N are zero), C8 = Kp / 8 bytes per row and plane,
+// Kp = ceil(K / g) * g, G = Kp / g. Byte c of a row holds input channels 8c..8c+7,
+// LSB first, as in the canonical format.
+//
+// Algorithm (T-MAC style lookup tables with 4-bit indices). The planes hold {0, 1}, so
+// the dot product of 4 bits of a plane with 4 activations is one of 16 partial sums.
+// Per activation row and 4-channel chunk q we tabulate
+//   lut[q][i] = (((0 + [i&1] x[4q]) + [i&2] x[4q+1]) + [i&4] x[4q+2]) + [i&8] x[4q+3]
+// (16 floats: exactly one AVX-512 register). A byte of a plane is two indices (low
+// nibble: chunk 2c, high nibble: chunk 2c+1); for 16 rows at once, the 16 bytes
+// planes[t, c, p, :] widened to 16 int32 lanes are a vector of table indices, and one
+// vpermps looks up all 16 partial sums. Per group j and row:
+//   acc_p = sum over the group's bytes c, in order, of (lut[2c][lo] then lut[2c+1][hi])
+//   y = fma(alpha_1, acc_1, y); y = fma(alpha_2, acc_2, y); y = fma(beta, gsum_j, y)
+// where gsum_j = sum over the group's chunks q, in order, of lut[q][15].
+// Every ISA path performs exactly these float operations in this order, lane by lane,
+// so the scalar, AVX2 and AVX-512 paths agree bit for bit (tests check it).
+// Padded channels (k >= K) have x = 0, so their tables are all zero and add nothing
+// whatever their bits are.
+
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace dbquant {
+namespace cpu {
+
+constexpr int kTile = 16;  // output rows per tile
+
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+
+// Name of an ISA path ("scalar", "avx2", "avx512").
+const char* isa_name(Isa isa);
+// Whether this CPU can run `isa` (checked at run time: the build has no -march).
+bool isa_supported(Isa isa);
+// The fastest supported path.
+Isa best_isa();
+
+// A t16 weight (pointers into caller-owned memory; see the layout above).
+struct T16Weight {
+  const uint8_t* planes;    // [T, C8, 2, 16]
+  const uint16_t* scales;   // [T, G, 2, 16] IEEE float16 bits
+  const uint16_t* offset;   // [T, G, 16] or nullptr
+  const float* bias;        // [N] float32 or nullptr
+  int64_t N, K, group_size; // K = in_features (unpadded); group_size a multiple of 8
+  int64_t kp() const { return (K + group_size - 1) / group_size * group_size; }
+  int64_t groups() const { return kp() / group_size; }
+  int64_t tiles() const { return (N + kTile - 1) / kTile; }
+};
+
+// Floats of lookup table per activation row: 16 per 4-channel chunk of Kp.
+inline int64_t lut_floats(const T16Weight& w) { return w.kp() / 4 * 16; }
+
+// Tables of activation rows [m0, m1) of x (float32 [M, K], row stride K):
+// lut float32 [M, Kp/4, 16]; and, when gsum is not null, gsum float32 [M, G].
+void build_luts(Isa isa, const T16Weight& w, const float* x, float* lut, float* gsum, int64_t m0,
+                int64_t m1);
+
+// y[m, n] for all M rows and the output rows of tiles [t0, t1) (y: float32 [M, N],
+// row-major). Tiles are independent: callers run disjoint ranges in parallel.
+void gemm_tiles(Isa isa, const T16Weight& w, const float* lut, const float* gsum, int64_t M,
+                float* y, int64_t t0, int64_t t1);
+
+// Per-ISA entry points (one translation unit each, compiled for that ISA only).
+void build_luts_scalar(const T16Weight& w, const float* x, float* lut, float* gsum, int64_t m0,
+                       int64_t m1);
+void gemm_tiles_scalar(const T16Weight& w, const float* lut, const float* gsum, int64_t M,
+                       float* y, int64_t t0, int64_t t1);
+void build_luts_avx2(const T16Weight& w, const float* x, float* lut, float* gsum, int64_t m0,
+                     int64_t m1);
+void gemm_tiles_avx2(const T16Weight& w, const float* lut, const float* gsum, int64_t M,
+                     float* y, int64_t t0, int64_t t1);
+void build_luts_avx512(const T16Weight& w, const float* x, float* lut, float* gsum, int64_t m0,
+                       int64_t m1);
+void gemm_tiles_avx512(const T16Weight& w, const float* lut, const float* gsum, int64_t M,
+                       float* y, int64_t t0, int64_t t1);
+
+// Exact IEEE float16 -> float32 (scalar path; the SIMD paths use vcvtph2ps).
+float half_to_float(uint16_t h);
+
+}  // namespace cpu
+}  // namespace dbquant

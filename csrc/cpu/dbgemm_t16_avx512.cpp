@@ -1,0 +1,121 @@
+// AVX-512 path of the t16 lookup-table kernel (see dbgemm_t16.h for layout and math).
+// Compiled for AVX-512F/BW + F16C + FMA by the pragma below, whatever the build flags;
+// only called after a run-time CPU check, so the package still runs on older CPUs.
+
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+// GCC 12's own intrinsic headers trip -Wmaybe-uninitialized (their `__Y = __Y` idiom).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "dbgemm_t16.h"
+
+namespace dbquant {
+namespace cpu {
+
+namespace {
+
+// Activation rows handled together: each tile's weight bytes are turned into index
+// vectors once and reused for MB rows. 3 accumulators per row + 4 index vectors +
+// 2 tables stay well inside the 32 zmm registers for MB <= 6.
+constexpr int kRowsPerPass = 4;
+
+template <int MB>
+inline void tile_rows(const T16Weight& w, const float* lut, const float* gsum, int64_t m0,
+                      float* y, int64_t t) {
+  const int64_t G = w.groups(), C8 = w.kp() / 8, cpg = w.group_size / 8, lf = lut_floats(w);
+  const uint8_t* tp = w.planes + t * C8 * 2 * kTile;
+  const uint16_t* ts = w.scales + t * G * 2 * kTile;
+  const uint16_t* to = w.offset ? w.offset + t * G * kTile : nullptr;
+  const float* L[MB];
+  for (int i = 0; i < MB; ++i) L[i] = lut + (m0 + i) * lf;
+
+  __m512 acc_y[MB];
+  for (int i = 0; i < MB; ++i) acc_y[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 acc1[MB], acc2[MB];
+    for (int i = 0; i < MB; ++i) acc1[i] = acc2[i] = _mm512_setzero_ps();
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      // 16 bytes (one per row) of each plane -> 16 int32 lanes; vpermps reads only the
+      // low 4 bits of each lane, so the low nibble needs no masking.
+      const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(tp + (c * 2 + 0) * kTile)));
+      const __m512i b2 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(tp + (c * 2 + 1) * kTile)));
+      const __m512i b1h = _mm512_srli_epi32(b1, 4);
+      const __m512i b2h = _mm512_srli_epi32(b2, 4);
+      for (int i = 0; i < MB; ++i) {
+        const __m512 lo = _mm512_loadu_ps(L[i] + 16 * (2 * c));
+        const __m512 hi = _mm512_loadu_ps(L[i] + 16 * (2 * c + 1));
+        acc1[i] = _mm512_add_ps(acc1[i], _mm512_permutexvar_ps(b1, lo));
+        acc1[i] = _mm512_add_ps(acc1[i], _mm512_permutexvar_ps(b1h, hi));
+        acc2[i] = _mm512_add_ps(acc2[i], _mm512_permutexvar_ps(b2, lo));
+        acc2[i] = _mm512_add_ps(acc2[i], _mm512_permutexvar_ps(b2h, hi));
+      }
+    }
+    const __m512 a1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ts + g * 2 * kTile)));
+    const __m512 a2 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ts + g * 2 * kTile + kTile)));
+    for (int i = 0; i < MB; ++i) {
+      acc_y[i] = _mm512_fmadd_ps(a1, acc1[i], acc_y[i]);
+      acc_y[i] = _mm512_fmadd_ps(a2, acc2[i], acc_y[i]);
+    }
+    if (to) {
+      const __m512 beta = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(to + g * kTile)));
+      for (int i = 0; i < MB; ++i)
+        acc_y[i] = _mm512_fmadd_ps(beta, _mm512_set1_ps(gsum[(m0 + i) * G + g]), acc_y[i]);
+    }
+  }
+  const int64_t n0 = t * kTile;
+  const int rows = int(std::min<int64_t>(kTile, w.N - n0));
+  const __mmask16 keep = rows == kTile ? __mmask16(0xffff) : __mmask16((1u << rows) - 1);
+  for (int i = 0; i < MB; ++i) {
+    __m512 v = acc_y[i];
+    if (w.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(keep, w.bias + n0));
+    _mm512_mask_storeu_ps(y + (m0 + i) * w.N + n0, keep, v);
+  }
+}
+
+}  // namespace
+
+void build_luts_avx512(const T16Weight& w, const float* x, float* lut, float* gsum, int64_t m0,
+                       int64_t m1) {
+  const int64_t K = w.K, q_count = w.kp() / 4, lf = lut_floats(w), qpg = w.group_size / 4;
+  // Lane i of the table adds x[j] when bit j of i is set.
+  const __mmask16 bit[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = x + m * K;
+    float* lr = lut + m * lf;
+    for (int64_t q = 0; q < q_count; ++q) {
+      __m512 t = _mm512_setzero_ps();
+      for (int j = 0; j < 4; ++j) {
+        const float v = 4 * q + j < K ? xr[4 * q + j] : 0.0f;
+        t = _mm512_mask_add_ps(t, bit[j], t, _mm512_set1_ps(v));
+      }
+      _mm512_storeu_ps(lr + 16 * q, t);
+    }
+    if (gsum) {
+      for (int64_t g = 0; g < w.groups(); ++g) {
+        float s = 0.0f;
+        for (int64_t q = g * qpg; q < (g + 1) * qpg; ++q) s += lr[16 * q + 15];
+        gsum[m * w.groups() + g] = s;
+      }
+    }
+  }
+}
+
+void gemm_tiles_avx512(const T16Weight& w, const float* lut, const float* gsum, int64_t M,
+                       float* y, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    int64_t m = 0;
+    for (; m + kRowsPerPass <= M; m += kRowsPerPass) tile_rows<kRowsPerPass>(w, lut, gsum, m, y, t);
+    switch (M - m) {
+      case 3: tile_rows<3>(w, lut, gsum, m, y, t); break;
+      case 2: tile_rows<2>(w, lut, gsum, m, y, t); break;
+      case 1: tile_rows<1>(w, lut, gsum, m, y, t); break;
+      default: break;
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace dbquant

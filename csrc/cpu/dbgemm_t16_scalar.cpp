@@ -1,0 +1,105 @@
+// Portable scalar path of the t16 lookup-table kernel (see dbgemm_t16.h). It is the
+// fallback on CPUs without AVX2 and the readable statement of the exact float
+// operations every SIMD path reproduces lane by lane.
+
+#include <cmath>
+#include <cstring>
+
+#include "dbgemm_t16.h"
+
+namespace dbquant {
+namespace cpu {
+
+float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16;
+  const uint32_t exp = (h >> 10) & 0x1f;
+  const uint32_t man = h & 0x3ff;
+  float f;
+  if (exp == 0) {
+    // Zero or subnormal: man * 2^-24 is exact in float32.
+    f = std::ldexp(float(man), -24);
+    if (sign) f = -f;
+    return f;
+  }
+  uint32_t bits;
+  if (exp == 31) {
+    bits = sign | 0x7f800000u | (man << 13);  // inf / nan
+  } else {
+    bits = sign | ((exp + 112) << 23) | (man << 13);  // rebias 15 -> 127
+  }
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+void build_luts_scalar(const T16Weight& w, const float* x, float* lut, float* gsum, int64_t m0,
+                       int64_t m1) {
+  const int64_t K = w.K, q_count = w.kp() / 4, lf = lut_floats(w);
+  const int64_t qpg = w.group_size / 4;  // chunks per group
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = x + m * K;
+    float* lr = lut + m * lf;
+    for (int64_t q = 0; q < q_count; ++q) {
+      float xs[4];
+      for (int j = 0; j < 4; ++j) xs[j] = 4 * q + j < K ? xr[4 * q + j] : 0.0f;
+      float* t = lr + 16 * q;
+      for (int i = 0; i < 16; ++i) {
+        float v = 0.0f;
+        for (int j = 0; j < 4; ++j)
+          if (i >> j & 1) v += xs[j];
+        t[i] = v;
+      }
+    }
+    if (gsum) {
+      for (int64_t g = 0; g < w.groups(); ++g) {
+        float s = 0.0f;
+        for (int64_t q = g * qpg; q < (g + 1) * qpg; ++q) s += lr[16 * q + 15];
+        gsum[m * w.groups() + g] = s;
+      }
+    }
+  }
+}
+
+void gemm_tiles_scalar(const T16Weight& w, const float* lut, const float* gsum, int64_t M,
+                       float* y, int64_t t0, int64_t t1) {
+  const int64_t G = w.groups(), C8 = w.kp() / 8, cpg = w.group_size / 8, lf = lut_floats(w);
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* tp = w.planes + t * C8 * 2 * kTile;
+    const uint16_t* ts = w.scales + t * G * 2 * kTile;
+    const uint16_t* to = w.offset ? w.offset + t * G * kTile : nullptr;
+    const int64_t n0 = t * kTile;
+    const int rows = int(w.N - n0 < kTile ? w.N - n0 : kTile);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* L = lut + m * lf;
+      float acc_y[kTile] = {};
+      for (int64_t g = 0; g < G; ++g) {
+        float acc1[kTile] = {}, acc2[kTile] = {};
+        for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+          const uint8_t* b1 = tp + (c * 2 + 0) * kTile;
+          const uint8_t* b2 = tp + (c * 2 + 1) * kTile;
+          const float* lo = L + 16 * (2 * c);
+          const float* hi = L + 16 * (2 * c + 1);
+          for (int r = 0; r < kTile; ++r) {
+            acc1[r] += lo[b1[r] & 15];
+            acc1[r] += hi[b1[r] >> 4];
+            acc2[r] += lo[b2[r] & 15];
+            acc2[r] += hi[b2[r] >> 4];
+          }
+        }
+        const uint16_t* a = ts + g * 2 * kTile;
+        for (int r = 0; r < kTile; ++r) {
+          acc_y[r] = std::fma(half_to_float(a[r]), acc1[r], acc_y[r]);
+          acc_y[r] = std::fma(half_to_float(a[kTile + r]), acc2[r], acc_y[r]);
+        }
+        if (to) {
+          const float s = gsum[m * G + g];
+          for (int r = 0; r < kTile; ++r) acc_y[r] = std::fma(half_to_float(to[g * kTile + r]), s, acc_y[r]);
+        }
+      }
+      float* yr = y + m * w.N + n0;
+      for (int r = 0; r < rows; ++r) yr[r] = w.bias ? acc_y[r] + w.bias[n0 + r] : acc_y[r];
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace dbquant
