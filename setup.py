@@ -47,11 +47,17 @@ def _native_build():
     )]
     cu = sorted(glob.glob("csrc/cuda/*.cu"))
     if torch.version.cuda is not None and CUDA_HOME and cu and os.path.exists("csrc/cuda/binding_cuda.cpp"):
+        # The .cu files are torch-free (checked alone by `nvcc -c` in tests/test_gpu_compile.py);
+        # only binding_cuda.cpp includes torch.
         exts.append(CUDAExtension(
             "dbquant._C_cuda",
             cu + ["csrc/cuda/binding_cuda.cpp"],
+            include_dirs=[os.path.join(HERE, "csrc", "cuda")],
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
         ))
+    elif cu:
+        _say(f"torch {torch.__version__} has no CUDA (or CUDA_HOME is unset); skipping the CUDA "
+             "kernels (dbquant._C_cuda); the triton backend still serves GPUs")
 
     class TolerantBuild(BuildExtension):
         """A failed kernel compile warns instead of failing the install."""

@@ -1,4 +1,4 @@
-"""The ``dbquant`` command line: quantize, eval, generate, inspect.
+"""The ``dbquant`` command line: quantize, eval, generate, bench, inspect.
 
 Every user error is a :class:`DbquantError` printed as one line (exit code 2); anything
 else is a bug and keeps its traceback.
@@ -120,16 +120,125 @@ def cmd_generate(a) -> int:
     else:
         ids = tok(a.prompt, return_tensors="pt").input_ids
     torch.manual_seed(a.seed)
+    engine = _pick_engine(a, model)
     t = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=a.sample,
-                             pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    if engine == "dbquant":
+        out, st = _fast_generate(a, model, tok, ids)
+        speed = f"prefill {st.prefill_tok_s:.1f} tokens/s, decode {st.decode_tok_s:.1f} tokens/s"
+    else:
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=a.sample,
+                                 pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        speed = "Hugging Face generate()"
     dt = time.perf_counter() - t
     new = out[0, ids.shape[1]:]
     print(tok.decode(new, skip_special_tokens=True).strip())
-    print(f"[{len(new)} tokens in {dt:.2f} s: {len(new) / dt:.1f} tokens/s, prompt {ids.shape[1]} tokens]",
-          file=sys.stderr)
+    print(f"[{len(new)} tokens in {dt:.2f} s: {len(new) / dt:.1f} tokens/s overall ({speed}), "
+          f"prompt {ids.shape[1]} tokens, engine {engine}]", file=sys.stderr)
     return 0
+
+
+def _pick_engine(a, model) -> str:
+    """``dbquant`` (the lean decoder of dbquant.decode) or ``hf`` (model.generate)."""
+    from .decode import check_supported
+
+    if a.engine == "hf":
+        return "hf"
+    reason = None
+    if getattr(a, "kv", None):
+        reason = "--kv needs the Hugging Face generate() path (its cache plugs into it)"
+    else:
+        try:
+            check_supported(model)
+        except DbquantError as e:
+            reason = str(e)
+    if reason is None:
+        return "dbquant"
+    if a.engine == "dbquant":
+        raise DbquantError(f"--engine dbquant cannot run this: {reason}")
+    return "hf"
+
+
+def _fast_generate(a, model, tok, ids):
+    import torch
+
+    from .decode import FastDecoder
+
+    gc = model.generation_config
+    dec = FastDecoder(model, max_len=ids.shape[1] + a.max_new_tokens, backend=a.backend,
+                      lm_head_dtype=getattr(torch, a.lm_head_dtype))
+    return dec.generate(ids, a.max_new_tokens, do_sample=a.sample, temperature=gc.temperature or 1.0,
+                        top_k=gc.top_k or 0, top_p=gc.top_p or 1.0, eos_token_id=gc.eos_token_id or tok.eos_token_id,
+                        generator=torch.Generator().manual_seed(a.seed))
+
+
+def cmd_bench(a) -> int:
+    from . import bench
+
+    if a.backend in ("triton", "cuda"):
+        from .bench_gpu import format_table, run_gpu_bench
+
+        shapes = None if a.smoke and a.shapes == "all" else _shapes(a.shapes)
+        rows = run_gpu_bench(a.backend, shapes=shapes, ms=_ints(a.m, "--m") if a.m else None,
+                             group_size=a.group_size, smoke=a.smoke)
+        print(format_table(rows))
+    elif a.e2e:
+        rows = bench.e2e_bench(a.e2e, fp_model=a.fp_model, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens,
+                               threads=max(_ints(a.threads, "--threads")), repeats=a.repeats)
+        for r in rows:
+            print(json.dumps(r))
+    else:
+        rows = bench.kernel_bench(_shapes(a.shapes), _ints(a.m or "1,16", "--m"), _ints(a.threads, "--threads"),
+                                  _choices(a.mode, ("cache", "stream"), "--mode"),
+                                  _choices(a.backends, bench.BACKENDS, "--backends"), a.group_size,
+                                  progress=print)
+    if a.json:
+        bench.write_json(a.json, rows)
+        print(f"wrote {a.json}", file=sys.stderr)
+    if a.plot:
+        if a.e2e or a.backend in ("triton", "cuda"):
+            raise DbquantError("--plot draws kernel rows; run it without --e2e/--backend")
+        bench.plot(rows, a.plot)
+        print(f"wrote {a.plot}", file=sys.stderr)
+    return 0
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DbquantError(f"{flag} takes a comma list of integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise DbquantError(f"{flag} values must be >= 1, got {text!r}")
+    return vals
+
+
+def _choices(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
+    vals = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in vals if v not in allowed]
+    if bad or not vals:
+        raise DbquantError(f"{flag}: unknown value(s) {bad or text!r}; choose from {list(allowed)}")
+    return vals
+
+
+def _shapes(text: str) -> list[tuple[int, int]]:
+    """``smollm2``, ``llama7b``, ``all`` or a comma list of NxK (out x in)."""
+    from . import bench
+
+    named = {"smollm2": bench.SMOLLM2_SHAPES, "llama7b": bench.LLAMA7B_SHAPES,
+             "all": bench.SMOLLM2_SHAPES + bench.LLAMA7B_SHAPES}
+    if text in named:
+        return named[text]
+    out = []
+    for item in text.split(","):
+        try:
+            n, k = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise DbquantError(f"--shapes: {item!r} is not NxK (e.g. 4096x4096) nor one of {list(named)}") from None
+        if n < 1 or k < 1:
+            raise DbquantError(f"--shapes: {item!r} must have positive sizes")
+        out.append((n, k))
+    return out
 
 
 def cmd_inspect(a) -> int:
@@ -246,7 +355,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
     g.add_argument("--backend", default="auto")
+    g.add_argument("--engine", default="auto", choices=("auto", "dbquant", "hf"),
+                   help="dbquant: the lean decoder (dbquant.decode; Llama-family); hf: model.generate(); "
+                        "auto: dbquant when it supports the model")
+    g.add_argument("--lm-head-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype of a dense output projection in the dbquant engine")
     g.set_defaults(fn=cmd_generate)
+
+    b = sub.add_parser("bench", help="kernel microbenchmarks (CPU; --backend triton|cuda for GPUs) or --e2e decode speed")
+    b.add_argument("--shapes", default="all", help="smollm2, llama7b, all, or NxK list (out x in), e.g. 4096x4096")
+    b.add_argument("--m", help="activation rows, comma list (default 1,16)")
+    b.add_argument("--threads", default="1,2", help="comma list of thread counts")
+    b.add_argument("--mode", default="cache,stream", help="cache, stream or both")
+    b.add_argument("--backends", default=",".join(("fp32", "bf16", "ref", "cpu")), help="fp32, bf16, ref, cpu")
+    b.add_argument("--group-size", type=int, default=64)
+    b.add_argument("--backend", default="cpu", choices=("cpu", "triton", "cuda"),
+                   help="cpu: the CPU kernel rows above; triton/cuda: the GPU benchmark vs torch fp16/bf16")
+    b.add_argument("--smoke", action="store_true", help="GPU benchmark at a tiny shape (runs under TRITON_INTERPRET=1)")
+    b.add_argument("--e2e", metavar="DIR", help="end-to-end prefill/decode tokens/s of checkpoint DIR vs the fp32 model")
+    b.add_argument("--fp-model", default=DEFAULT_MODEL, help="the fp32 model --e2e compares against")
+    b.add_argument("--prompt-tokens", type=int, default=128)
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--json", metavar="PATH", help="write the rows (and the environment) as JSON")
+    b.add_argument("--plot", metavar="PATH", help="write a PNG of the kernel rows")
+    b.set_defaults(fn=cmd_bench)
 
     i = sub.add_parser("inspect", help="per-layer table of a dbquant checkpoint")
     i.add_argument("dir")

@@ -1,11 +1,17 @@
 """One explicit kernel registry: ``(op, backend) -> function``.
 
 Backends: ``ref`` (pure PyTorch, the oracle; always present), ``cpu`` (the C++
-extension ``dbquant._C``), ``triton`` and ``cuda`` (GPU; later). ``auto`` picks the
-first available backend for the input's device in :data:`PREFERENCE`.
+extension ``dbquant._C``), ``triton`` (``dbquant._triton``: GEMV + GEMM; on the CPU only
+under ``TRITON_INTERPRET=1``, for tests) and ``cuda`` (the decode GEMV of the extension
+``dbquant._C_cuda``, built only with a CUDA torch). ``auto`` picks the first available
+backend for the input's device in :data:`PREFERENCE`.
 
 Every function registered for op ``dbgemm`` has the signature of
-:func:`dbquant.reference.dbgemm_ref`. A backend may declare ``max_rows``: the largest
+:func:`dbquant.reference.dbgemm_ref`. A kernel with a layout of its own (the ``cpu``
+kernel's "t16", docs/FORMAT.md) also carries ``fn.prepare(qweight, scales, offset,
+in_features, group_size) -> prepared`` and ``fn.run(x, prepared, bias)``:
+:class:`dbquant.nn.PackedLinear` repacks once and calls ``run``; calling ``fn`` itself
+repacks every time (fine for tests, slow for inference). A backend may declare ``max_rows``: the largest
 number of activation rows M it is the right choice for; ``auto`` skips it above that
 (a bit-serial GEMV kernel loses to dequantize + BLAS on a long prefill).
 """
@@ -28,6 +34,8 @@ _REGISTRY: dict[tuple[str, str], Callable] = {}
 _MAX_ROWS: dict[tuple[str, str], int] = {}
 # Backends whose registration is deferred until first use (an import may compile or warn).
 _LOADERS: dict[str, Callable[[], None]] = {}
+# Why a backend whose loader ran is not available (for the error message).
+_UNAVAILABLE: dict[str, str] = {}
 
 
 def register(op: str, backend: str, max_rows: int | None = None):
@@ -51,10 +59,30 @@ def _load_cpu() -> None:
     from . import _native
 
     if _native.load_cpu():
-        register("dbgemm", "cpu", max_rows=_native.CPU_MAX_ROWS)(_native.dbgemm_cpu)
+        register("dbgemm", "cpu")(_native.dbgemm_cpu)
+
+
+def _load_triton() -> None:
+    from . import _triton
+
+    if _triton.load_triton():
+        register("dbgemm", "triton")(_triton.dbgemm_triton)
+    else:
+        _UNAVAILABLE["triton"] = _triton.unavailable_reason()
+
+
+def _load_cuda() -> None:
+    from . import _native
+
+    if _native.load_cuda():
+        register("dbgemm", "cuda", max_rows=_native.CUDA_MAX_ROWS)(_native.dbgemm_cuda)
+    else:
+        _UNAVAILABLE["cuda"] = _native._cuda_error
 
 
 _LOADERS["cpu"] = _load_cpu
+_LOADERS["triton"] = _load_triton
+_LOADERS["cuda"] = _load_cuda
 register("dbgemm", "ref")(reference.dbgemm_ref)
 
 
@@ -78,8 +106,9 @@ def resolve(backend: str, device: torch.device | str = "cpu", rows: int | None =
     if backend not in BACKENDS:
         raise DbquantError(f"unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
     if not available(backend):
+        why = f" ({_UNAVAILABLE[backend]})" if backend in _UNAVAILABLE else ""
         raise DbquantError(
-            f"backend {backend!r} is not available in this installation (built backends: "
+            f"backend {backend!r} is not available in this installation{why} (built backends: "
             f"{[b for b in BACKENDS if available(b)]}); use --backend auto or build the extension "
             "with `pip install --no-build-isolation -e .`"
         )

@@ -1,6 +1,7 @@
 """Triton kernels (installed as ``dbquant.kernels``): kernels only.
 
-Wrappers that check inputs, allocate and launch live in the ``dbquant`` package and
-register with ``dbquant.ops``. No Triton kernel has landed yet; the ``ref`` and ``cpu``
-backends serve every call until one does.
+``dbgemm_triton``: the dual-binary prefill GEMM, the split-K decode GEMV and its
+reduction, plus autotune configuration lists. The wrappers that check inputs, allocate
+and launch live in ``dbquant/_triton.py`` and register the ``triton`` backend with
+``dbquant.ops``.
 """

@@ -30,9 +30,9 @@ def make_tiny_model(model_type: str = "llama", vocab_size: int = 300, seed: int 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = AutoConfig.for_model(model_type, vocab_size=vocab_size, hidden_size=64, intermediate_size=96,
-                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                               max_position_embeddings=256, tie_word_embeddings=True, **overrides)
+    sizes = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    cfg = AutoConfig.for_model(model_type, vocab_size=vocab_size, **{**sizes, **overrides})
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
 
 

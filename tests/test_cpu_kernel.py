@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dbquant import _native
-from dbquant.reference import dbgemm_ref
+from dbquant.reference import dbgemm_ref, dequantize_ref
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # the skip/fail reason below says it instead
@@ -186,7 +186,24 @@ def test_many_rows_uses_several_table_slices():
     n, k, g = 17, 1000, 128
     w, b, canon = prepared(n, k, g, True, True)
     x = torch.randn(300, k)
-    assert_matches(_native.run_cpu(x, w, b), dbgemm_ref(x, *canon, b, k, g))
+    assert_matches(_native.run_cpu(x, w, b, ISAS[0]), dbgemm_ref(x, *canon, b, k, g))
+
+
+@pytest.mark.parametrize("n,k,g,offset", [(37, 200, 64, True), (1536, 576, 64, False), (5, 24, 8, True)])
+def test_dequantize_equals_reference(n, k, g, offset):
+    w, _, canon = prepared(n, k, g, offset, False, pad_garbage=True)
+    dense = _native.dequantize_cpu(w)
+    assert dense.shape == (n, k) and dense.dtype == torch.float32
+    assert torch.equal(dense, dequantize_ref(*canon, k))
+
+
+def test_long_inputs_use_dequantize_and_blas():
+    n, k, g = 40, 200, 64
+    w, b, canon = prepared(n, k, g, True, True)
+    x = torch.randn(_native.LUT_MAX_ROWS + 7, k)
+    y = _native.run_cpu(x, w, b)  # auto: above LUT_MAX_ROWS rows
+    assert torch.equal(y, torch.nn.functional.linear(x, dequantize_ref(*canon, k), b))
+    assert_matches(y, _native.run_cpu(x, w, b, ISAS[0]))
 
 
 def test_empty_batch():

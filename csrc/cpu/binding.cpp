@@ -2,6 +2,9 @@
 //   torch.ops.dbquant.dbgemm_cpu(Tensor x, Tensor planes, Tensor scales, Tensor? offset,
 //                                Tensor? bias, int out_features, int in_features,
 //                                int group_size, str isa="auto") -> Tensor
+//   torch.ops.dbquant.dequantize_cpu(Tensor planes, Tensor scales, Tensor? offset,
+//                                    int out_features, int in_features, int group_size)
+//                                    -> Tensor (float32 [N, K])
 //   torch.ops.dbquant.cpu_isas() -> str[]       (supported ISA paths, fastest first)
 // The weight arguments are in the t16 kernel layout (dbgemm_t16.h, docs/FORMAT.md);
 // dbquant/_native.py builds it from the canonical format. This is the only file that
@@ -117,6 +120,36 @@ at::Tensor dbgemm_cpu(const at::Tensor& x, const at::Tensor& planes, const at::T
   return y;
 }
 
+// Dense float32 [N, K] weight from the t16 layout (for long prefills: one BLAS GEMM).
+at::Tensor dequantize_cpu(const at::Tensor& planes, const at::Tensor& scales,
+                          const std::optional<at::Tensor>& offset, int64_t out_features,
+                          int64_t in_features, int64_t group_size) {
+  check_input(planes, "planes", at::kByte);
+  check_input(scales, "scales", at::kHalf);
+  if (offset) check_input(*offset, "offset", at::kHalf);
+  TORCH_CHECK(group_size >= 8 && group_size % 8 == 0,
+              "dequantize_cpu: group_size must be a positive multiple of 8, got ", group_size);
+  TORCH_CHECK(in_features >= 1 && out_features >= 1,
+              "dequantize_cpu: in_features and out_features must be >= 1, got ", in_features, ", ",
+              out_features);
+  dbquant::cpu::T16Weight w{};
+  w.N = out_features;
+  w.K = in_features;
+  w.group_size = group_size;
+  const int64_t T = w.tiles(), G = w.groups(), C8 = w.kp() / 8, tile = dbquant::cpu::kTile;
+  check_shape(planes, "planes", {T, C8, 2, tile});
+  check_shape(scales, "scales", {T, G, 2, tile});
+  if (offset) check_shape(*offset, "offset", {T, G, tile});
+  w.planes = planes.data_ptr<uint8_t>();
+  w.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  w.offset = offset ? reinterpret_cast<const uint16_t*>(offset->data_ptr<at::Half>()) : nullptr;
+  at::Tensor out = at::empty({out_features, in_features}, planes.options().dtype(at::kFloat));
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T, std::max<int64_t>(1, (int64_t(1) << 14) / (tile * w.kp())),
+                   [&](int64_t t0, int64_t t1) { dbquant::cpu::dequantize_tiles(w, op, t0, t1); });
+  return out;
+}
+
 std::vector<std::string> cpu_isas() {
   std::vector<std::string> out;
   for (Isa i : {Isa::Avx512, Isa::Avx2, Isa::Scalar})
@@ -132,12 +165,18 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
   m.def(
       "dbgemm_cpu(Tensor x, Tensor planes, Tensor scales, Tensor? offset, Tensor? bias, "
       "int out_features, int in_features, int group_size, str isa=\"auto\") -> Tensor");
+  m.def(
+      "dequantize_cpu(Tensor planes, Tensor scales, Tensor? offset, int out_features, "
+      "int in_features, int group_size) -> Tensor");
   m.def("cpu_isas() -> str[]", &cpu_isas);  // no tensor arguments: a catch-all kernel
 }
 
-TORCH_LIBRARY_IMPL(dbquant, CPU, m) { m.impl("dbgemm_cpu", &dbgemm_cpu); }
+TORCH_LIBRARY_IMPL(dbquant, CPU, m) {
+  m.impl("dbgemm_cpu", &dbgemm_cpu);
+  m.impl("dequantize_cpu", &dequantize_cpu);
+}
 
 // No Python functions: `import dbquant._C` exists only to load this library.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "dbquant CPU kernels; registers torch.ops.dbquant.dbgemm_cpu and cpu_isas on import";
+  m.doc() = "dbquant CPU kernels; registers torch.ops.dbquant.{dbgemm_cpu, dequantize_cpu, cpu_isas} on import";
 }

@@ -71,6 +71,11 @@ void build_luts(Isa isa, const T16Weight& w, const float* x, float* lut, float* 
 void gemm_tiles(Isa isa, const T16Weight& w, const float* lut, const float* gsum, int64_t M,
                 float* y, int64_t t0, int64_t t1);
 
+// Dense weight rows of tiles [t0, t1): out float32 [N, K] row-major (only rows < N and
+// columns < K are written). For long prefills: dequantize once, then one BLAS GEMM.
+// w = ((b1 ? alpha1 : 0) + (b2 ? alpha2 : 0)) + beta, as the reference computes it.
+void dequantize_tiles(const T16Weight& w, float* out, int64_t t0, int64_t t1);
+
 // Per-ISA entry points (one translation unit each, compiled for that ISA only).
 void build_luts_scalar(const T16Weight& w, const float* x, float* lut, float* gsum, int64_t m0,
                        int64_t m1);

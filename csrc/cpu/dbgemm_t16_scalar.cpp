@@ -101,5 +101,29 @@ void gemm_tiles_scalar(const T16Weight& w, const float* lut, const float* gsum, 
   }
 }
 
+void dequantize_tiles(const T16Weight& w, float* out, int64_t t0, int64_t t1) {
+  const int64_t G = w.groups(), C8 = w.kp() / 8, cpg = w.group_size / 8;
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* tp = w.planes + t * C8 * 2 * kTile;
+    const uint16_t* ts = w.scales + t * G * 2 * kTile;
+    const uint16_t* to = w.offset ? w.offset + t * G * kTile : nullptr;
+    for (int r = 0; r < kTile && t * kTile + r < w.N; ++r) {
+      float* row = out + (t * kTile + r) * w.K;
+      for (int64_t g = 0; g < G; ++g) {
+        // The four levels of this row and group, indexed by b1 | b2 << 1.
+        const float a1 = half_to_float(ts[g * 2 * kTile + r]);
+        const float a2 = half_to_float(ts[g * 2 * kTile + kTile + r]);
+        const float beta = to ? half_to_float(to[g * kTile + r]) : 0.0f;
+        const float level[4] = {0.0f + beta, a1 + beta, a2 + beta, (a1 + a2) + beta};
+        for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+          const unsigned b1 = tp[(c * 2 + 0) * kTile + r], b2 = tp[(c * 2 + 1) * kTile + r];
+          for (int j = 0; j < 8 && 8 * c + j < w.K; ++j)
+            row[8 * c + j] = level[(b1 >> j & 1) | (b2 >> j & 1) << 1];
+        }
+      }
+    }
+  }
+}
+
 }  // namespace cpu
 }  // namespace dbquant

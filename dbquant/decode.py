@@ -1,0 +1,304 @@
+"""A lean decoder for Llama-family models: what `dbquant generate` and `bench --e2e` run.
+
+Hugging Face's ``generate()`` spends most of a small model's decode step in Python and
+framework code (cache objects, masks, hooks, ~40 module calls per layer). For decoding,
+this module rebuilds the same network from the loaded model's own tensors as a short
+straight-line step (gpt-fast style): a preallocated KV cache, q/k/v and gate/up fused
+into one kernel call each, ``F.rms_norm`` and ``F.scaled_dot_product_attention``. Packed
+layers call the C++ kernel directly on their load-time repacked weights.
+
+Supported: ``llama``, ``mistral``, ``qwen2``, ``qwen3`` decoders (dense or with dbquant
+``PackedLinear`` layers) without sliding-window attention, SiLU MLPs, any RoPE scaling
+the model's own ``rotary_emb`` implements. Anything else raises a clear error and callers
+fall back to ``model.generate``. Logits match the HF forward to float32 rounding
+(``tests/test_decode.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DbquantError
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class DecodeStats:
+    """Timings of one :meth:`FastDecoder.generate` call (seconds, tokens)."""
+
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float
+    decode_s: float
+    batch: int = 1
+    per_step_s: list[float] = field(default_factory=list)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.batch * self.prompt_tokens / self.prefill_s
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Decode throughput: tokens after the first new one (which prefill produces)."""
+        return self.batch * max(self.new_tokens - 1, 0) / self.decode_s if self.decode_s else float("nan")
+
+
+class _Proj:
+    """One or more linears of the same input, run as one kernel call when possible.
+
+    ``parts``: nn.Linear or PackedLinear modules (same in_features). Dense parts are
+    concatenated into one float32 weight; packed parts using the CPU kernel are concatenated
+    tile-wise (every part's out_features a multiple of 16, same group size and offset use);
+    anything else is called module by module.
+    """
+
+    def __init__(self, parts: list[nn.Module], backend: str = "auto"):
+        from .nn import PackedLinear
+
+        self.sizes = [m.out_features for m in parts]
+        self.dense = None
+        self.packed = None
+        self.modules = None
+        if all(isinstance(m, nn.Linear) for m in parts):
+            self.dense = torch.cat([m.weight.detach().float() for m in parts])  # [sum N, K]
+            biases = [m.bias for m in parts]
+            self.bias = None if all(b is None for b in biases) else torch.cat(
+                [b.detach().float() if b is not None else torch.zeros(n) for b, n in zip(biases, self.sizes)])
+            return
+        if all(isinstance(m, PackedLinear) for m in parts) and self._cpu_fusable(parts, backend):
+            from . import _native
+
+            ws = [_native.prepare_cpu(m.qweight, m.scales, m.offset, m.in_features, m.group_size) for m in parts]
+            offs = [w.offset for w in ws]
+            self.packed = _native.CpuWeight(
+                planes=torch.cat([w.planes for w in ws]), scales=torch.cat([w.scales for w in ws]),
+                offset=None if offs[0] is None else torch.cat(offs), out_features=sum(self.sizes),
+                in_features=ws[0].in_features, group_size=ws[0].group_size)
+            biases = [m.bias for m in parts]
+            self.bias = None if all(b is None for b in biases) else torch.cat(
+                [b.detach().float() if b is not None else torch.zeros(n) for b, n in zip(biases, self.sizes)])
+            return
+        self.modules = parts
+
+    @staticmethod
+    def _cpu_fusable(parts, backend: str) -> bool:
+        from . import ops
+
+        if backend not in ("auto", "cpu") or not ops.available("cpu"):
+            return False
+        if any(p.qweight.device.type != "cpu" for p in parts):
+            return False
+        first = parts[0]
+        return all(p.out_features % 16 == 0 and p.group_size == first.group_size
+                   and (p.offset is None) == (first.offset is None) for p in parts)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x: float32 [M, K] -> one [M, N_i] tensor per part."""
+        if self.dense is not None:
+            y = F.linear(x, self.dense, self.bias)
+        elif self.packed is not None:
+            from . import _native
+
+            y = _native.run_cpu(x, self.packed, self.bias)
+        else:
+            return [m(x) for m in self.modules]
+        return list(y.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]
+
+
+class FastDecoder:
+    """Greedy/sampled decoding of a loaded HF causal LM with a static KV cache.
+
+    Args:
+        model: a ``LlamaForCausalLM``-style model (see :data:`SUPPORTED`), float32, on CPU or
+            one device; dense or with dbquant ``PackedLinear`` layers.
+        max_len: cache capacity in tokens (prompt + new tokens).
+        lm_head_dtype: ``float32`` (default) or ``bfloat16``: the dense output projection is
+            the largest weight of a small model (SmolLM2: 113 MB in float32); bfloat16 halves
+            the bytes read per token at a small accuracy cost.
+        backend: dbquant kernel backend for packed layers (``auto``/``cpu`` fuse and call the
+            C++ kernel directly).
+    """
+
+    def __init__(self, model, max_len: int = 2048, lm_head_dtype: torch.dtype = torch.float32,
+                 backend: str = "auto"):
+        cfg = model.config
+        check_supported(model)
+        self.model = model
+        inner = model.model
+        self.device = next(model.parameters()).device
+        self.embed = inner.embed_tokens
+        self.layers = []
+        for layer in inner.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            self.layers.append(dict(
+                ln1=(layer.input_layernorm.weight.detach(), layer.input_layernorm.variance_epsilon),
+                ln2=(layer.post_attention_layernorm.weight.detach(), layer.post_attention_layernorm.variance_epsilon),
+                qkv=_Proj([att.q_proj, att.k_proj, att.v_proj], backend),
+                o=_Proj([att.o_proj], backend),
+                gate_up=_Proj([mlp.gate_proj, mlp.up_proj], backend),
+                down=_Proj([mlp.down_proj], backend),
+                q_norm=_norm(getattr(att, "q_norm", None)),
+                k_norm=_norm(getattr(att, "k_norm", None)),
+            ))
+        self.norm = (inner.norm.weight.detach(), inner.norm.variance_epsilon)
+        head = model.lm_head
+        if isinstance(head, nn.Linear):
+            self.lm_head = head.weight.detach().to(lm_head_dtype)
+            self.lm_head_bias = None if head.bias is None else head.bias.detach().to(lm_head_dtype)
+            self.lm_head_proj = None
+        else:
+            self.lm_head, self.lm_head_bias, self.lm_head_proj = None, None, _Proj([head], backend)
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.scaling = self.head_dim ** -0.5
+        self.max_len = max_len
+        # RoPE tables from the model's own rotary module (covers every rope_scaling it knows).
+        pos = torch.arange(max_len, device=self.device)[None]
+        probe = torch.zeros(1, device=self.device, dtype=torch.float32)
+        with torch.no_grad():
+            cos, sin = inner.rotary_emb(probe, pos)
+        self.cos, self.sin = cos[0].float(), sin[0].float()  # [max_len, head_dim]
+        self.k_cache = self.v_cache = None
+
+    # -- the network -----------------------------------------------------------------
+
+    def _alloc(self, batch: int) -> None:
+        shape = (len(self.layers), batch, self.n_kv, self.max_len, self.head_dim)
+        if self.k_cache is None or self.k_cache.shape != shape:
+            self.k_cache = torch.zeros(shape, device=self.device)
+            self.v_cache = torch.zeros(shape, device=self.device)
+
+    def _rope(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        """x: [B, H, T, D] at positions pos..pos+T-1."""
+        t = x.shape[2]
+        cos, sin = self.cos[pos:pos + t], self.sin[pos:pos + t]
+        half = x.shape[-1] // 2
+        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rot * sin
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """Run ``tokens`` (int64 [B, T]) at positions pos..pos+T-1 through the model,
+        appending their keys/values to the cache. Returns float32 logits [B, vocab] of the
+        last position."""
+        b, t = tokens.shape
+        if pos + t > self.max_len:
+            raise DbquantError(f"sequence of {pos + t} tokens exceeds the decoder's max_len={self.max_len}")
+        x = self.embed(tokens).float().reshape(b * t, -1)  # [B*T, hidden]
+        hq, hk, d = self.n_heads, self.n_kv, self.head_dim
+        end = pos + t
+        # A causal mask is needed only when a multi-token chunk is appended after earlier tokens.
+        mask = None
+        if t > 1 and pos > 0:
+            mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        for i, L in enumerate(self.layers):
+            h = F.rms_norm(x, (x.shape[-1],), L["ln1"][0], L["ln1"][1])
+            q, k, v = L["qkv"](h)
+            q = q.view(b, t, hq, d)
+            k = k.view(b, t, hk, d)
+            if L["q_norm"] is not None:
+                q = F.rms_norm(q, (d,), *L["q_norm"])
+                k = F.rms_norm(k, (d,), *L["k_norm"])
+            q = self._rope(q.transpose(1, 2), pos)
+            k = self._rope(k.transpose(1, 2), pos)
+            self.k_cache[i, :, :, pos:end] = k
+            self.v_cache[i, :, :, pos:end] = v.view(b, t, hk, d).transpose(1, 2)
+            att = F.scaled_dot_product_attention(
+                q, self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end], attn_mask=mask,
+                is_causal=t > 1 and pos == 0, scale=self.scaling, enable_gqa=hq != hk)
+            x = x + L["o"](att.transpose(1, 2).reshape(b * t, hq * d))[0]
+            h = F.rms_norm(x, (x.shape[-1],), L["ln2"][0], L["ln2"][1])
+            gate, up = L["gate_up"](h)
+            x = x + L["down"](F.silu(gate) * up)[0]
+        last = x.view(b, t, -1)[:, -1]
+        last = F.rms_norm(last, (last.shape[-1],), *self.norm)
+        if self.lm_head_proj is not None:
+            return self.lm_head_proj(last)[0]
+        return F.linear(last.to(self.lm_head.dtype), self.lm_head, self.lm_head_bias).float()
+
+    # -- generation ------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 eos_token_id: int | list[int] | None = None, min_new_tokens: int = 0,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, DecodeStats]:
+        """Prefill ``input_ids`` (int64 [B, T]) and decode up to ``max_new_tokens``.
+
+        Returns (int64 [B, T + n] sequences, :class:`DecodeStats`). Stops early when every
+        row has produced an EOS (after ``min_new_tokens``).
+        """
+        if max_new_tokens < 1:
+            raise DbquantError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        b, t = input_ids.shape
+        if t + max_new_tokens > self.max_len:
+            raise DbquantError(f"prompt {t} + {max_new_tokens} new tokens exceed max_len={self.max_len}")
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        self._alloc(b)
+        ids = input_ids.to(self.device)
+        t0 = time.perf_counter()
+        logits = self.forward(ids, 0)
+        nxt = self._pick(logits, do_sample, temperature, top_k, top_p, generator)
+        prefill_s = time.perf_counter() - t0
+        out = [nxt]
+        done = torch.tensor([int(v) in eos for v in nxt.tolist()])
+        steps = []
+        t1 = time.perf_counter()
+        for i in range(1, max_new_tokens):
+            if i >= min_new_tokens and bool(done.all()):
+                break
+            s = time.perf_counter()
+            logits = self.forward(nxt[:, None], t + i - 1)
+            nxt = self._pick(logits, do_sample, temperature, top_k, top_p, generator)
+            steps.append(time.perf_counter() - s)
+            out.append(nxt)
+            done |= torch.tensor([int(v) in eos for v in nxt.tolist()])
+        decode_s = time.perf_counter() - t1
+        seq = torch.cat([ids, torch.stack(out, dim=1)], dim=1)
+        return seq, DecodeStats(t, len(out), prefill_s, decode_s, b, steps)
+
+    @staticmethod
+    def _pick(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
+        """Next token per row from float32 logits [B, vocab]."""
+        if not do_sample:
+            return logits.argmax(-1)
+        logits = logits / max(temperature, 1e-5)
+        if top_k and top_k < logits.shape[-1]:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def _norm(mod):
+    return None if mod is None else (mod.weight.detach(), mod.variance_epsilon)
+
+
+def check_supported(model) -> None:
+    """Raise DbquantError naming the reason when :class:`FastDecoder` cannot run ``model``."""
+    cfg = model.config
+    mt = getattr(cfg, "model_type", None)
+    if mt not in SUPPORTED:
+        raise DbquantError(f"the fast decoder supports {SUPPORTED}, not model_type={mt!r}; "
+                           "use the Hugging Face generate() path (--engine hf)")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise DbquantError(f"the fast decoder needs a SiLU MLP, got hidden_act={cfg.hidden_act!r}")
+    sliding = getattr(cfg, "sliding_window", None)
+    if sliding is not None and (mt != "qwen2" or getattr(cfg, "use_sliding_window", False)) and \
+            sliding < getattr(cfg, "max_position_embeddings", sliding + 1):
+        raise DbquantError(f"the fast decoder has no sliding-window attention (sliding_window={sliding})")
+    if any(getattr(layer.self_attn, "sliding_window", None) for layer in model.model.layers):
+        raise DbquantError("the fast decoder has no sliding-window attention (a layer uses one)")
+    if next(model.parameters()).dtype != torch.float32:
+        raise DbquantError(f"the fast decoder runs float32 models, got {next(model.parameters()).dtype}")

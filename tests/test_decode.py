@@ -1,0 +1,126 @@
+"""The lean decoder (dbquant.decode) against the Hugging Face forward and generate()."""
+
+import pytest
+import torch
+
+import dbquant
+from dbquant.decode import FastDecoder
+from dbquant.errors import DbquantError
+from dbquant.quantize import QuantizeOptions, quantize
+from tests.conftest import make_tiny_model
+
+IDS = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+def _packed(model_type="llama", tmp_path=None, **cfg):
+    model = make_tiny_model(model_type, **cfg)
+    quantize(model, None, QuantizeOptions(method="fdb", calib=None, group_size=32), progress=False)
+    if tmp_path is not None:  # through a checkpoint, as users load it
+        dbquant.save(model, tmp_path / model_type)
+        model = dbquant.load(tmp_path / model_type)
+    return model
+
+
+def _assert_chunked_logits_match(model):
+    """Prefill 5 tokens, append a 3-token chunk, then single tokens: every step's last-position
+    logits equal the full forward's at that position (float32 rounding)."""
+    with torch.no_grad():
+        ref = model(IDS).logits
+    dec = FastDecoder(model, max_len=32)
+    dec._alloc(IDS.shape[0])
+    scale = ref.abs().max().item()
+    for start, end in [(0, 5), (5, 8), (8, 9), (9, 10), (10, 11)]:
+        got = dec.forward(IDS[:, start:end], start)
+        torch.testing.assert_close(got, ref[:, end - 1], rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+def test_dense_matches_hf_forward(model_type):
+    _assert_chunked_logits_match(make_tiny_model(model_type))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_packed_fused_matches_hf_forward(model_type, tmp_path):
+    model = _packed(model_type, tmp_path)
+    dec = FastDecoder(model)
+    assert dec.layers[0]["qkv"].packed is not None  # q, k, v fused into one kernel call
+    _assert_chunked_logits_match(model)
+
+
+def test_packed_unfusable_shapes_fall_back_to_modules():
+    # hidden 72 / 4 heads -> k, v have 36 rows: not a multiple of the 16-row tile
+    model = _packed("llama", hidden_size=72)
+    assert FastDecoder(model).layers[0]["qkv"].modules is not None
+    _assert_chunked_logits_match(model)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_greedy_generation_equals_hf(packed):
+    model = _packed() if packed else make_tiny_model()
+    prompt = IDS[:1, :6]
+    with torch.inference_mode():
+        hf = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    seq, stats = FastDecoder(model, max_len=64).generate(prompt, 12)
+    assert torch.equal(seq, hf)
+    assert stats.prompt_tokens == 6 and stats.new_tokens == 12 and len(stats.per_step_s) == 11
+    assert stats.prefill_tok_s > 0 and stats.decode_tok_s > 0
+
+
+def test_batch_rows_are_independent():
+    model = make_tiny_model()
+    dec = FastDecoder(model, max_len=64)
+    both, _ = dec.generate(IDS[:, :6], 5)
+    for i in range(2):
+        one, _ = dec.generate(IDS[i:i + 1, :6], 5)
+        assert torch.equal(both[i:i + 1], one)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    dec = FastDecoder(make_tiny_model(), max_len=64)
+    prompt = IDS[:1, :6]
+    a, _ = dec.generate(prompt, 8, do_sample=True, generator=torch.Generator().manual_seed(3))
+    b, _ = dec.generate(prompt, 8, do_sample=True, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    greedy, _ = dec.generate(prompt, 8)
+    k1, _ = dec.generate(prompt, 8, do_sample=True, top_k=1, generator=torch.Generator().manual_seed(5))
+    p0, _ = dec.generate(prompt, 8, do_sample=True, top_p=1e-6, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(k1, greedy) and torch.equal(p0, greedy)
+
+
+def test_stops_at_eos_after_min_new_tokens():
+    dec = FastDecoder(make_tiny_model(), max_len=64)
+    greedy, _ = dec.generate(IDS[:1, :6], 8)
+    new = greedy[0, 6:].tolist()
+    eos = new[-1]
+    stop = new.index(eos) + 1  # generation ends at the first occurrence
+    seq, stats = dec.generate(IDS[:1, :6], 8, eos_token_id=eos)
+    assert seq.shape[1] == 6 + stop and stats.new_tokens == stop and torch.equal(seq, greedy[:, :6 + stop])
+    seq, _ = dec.generate(IDS[:1, :6], 8, eos_token_id=eos, min_new_tokens=8)
+    assert torch.equal(seq, greedy)
+
+
+def test_bfloat16_lm_head_is_close():
+    model = make_tiny_model()
+    ref = FastDecoder(model, max_len=16)
+    bf = FastDecoder(model, max_len=16, lm_head_dtype=torch.bfloat16)
+    ref._alloc(2)
+    bf._alloc(2)
+    a, b = ref.forward(IDS[:, :8], 0), bf.forward(IDS[:, :8], 0)
+    assert bf.lm_head.dtype == torch.bfloat16 and not torch.equal(a, b)
+    torch.testing.assert_close(b, a, rtol=0.05, atol=0.05 * a.abs().max().item())
+
+
+def test_unsupported_models_and_lengths():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2,
+                                                                 vocab_size=100))
+    with pytest.raises(DbquantError, match="supports .* not model_type='gpt2'"):
+        FastDecoder(gpt2)
+    with pytest.raises(DbquantError, match="sliding-window"):
+        FastDecoder(make_tiny_model("mistral", sliding_window=16))
+    dec = FastDecoder(make_tiny_model(), max_len=10)
+    with pytest.raises(DbquantError, match=r"prompt 6 \+ 5 new tokens exceed max_len=10"):
+        dec.generate(IDS[:1, :6], 5)
+    with pytest.raises(DbquantError, match="max_new_tokens must be >= 1"):
+        dec.generate(IDS[:1, :6], 0)
