@@ -98,17 +98,19 @@ class _Proj:
         return all(p.out_features % 16 == 0 and p.group_size == first.group_size
                    and (p.offset is None) == (first.offset is None) for p in parts)
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x: float32 [M, K] -> one [M, N_i] tensor per part."""
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: float32 [M, K] contiguous -> float32 [M, sum N_i] (the parts side by side)."""
         if self.dense is not None:
-            y = F.linear(x, self.dense, self.bias)
-        elif self.packed is not None:
+            return F.linear(x, self.dense, self.bias)
+        if self.packed is not None:
             from . import _native
 
-            y = _native.run_cpu(x, self.packed, self.bias)
-        else:
-            return [m(x) for m in self.modules]
-        return list(y.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]
+            w = self.packed
+            if x.shape[0] <= _native.LUT_MAX_ROWS:  # decode: straight to the op, no wrapper work
+                return torch.ops.dbquant.dbgemm_cpu(x, w.planes, w.scales, w.offset, self.bias,
+                                                    w.out_features, w.in_features, w.group_size, "auto")
+            return _native.run_cpu(x, w, self.bias)
+        return torch.cat([m(x) for m in self.modules], dim=-1)
 
 
 class FastDecoder:
@@ -198,29 +200,28 @@ class FastDecoder:
         mask = None
         if t > 1 and pos > 0:
             mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        inter = self.layers[0]["gate_up"].sizes[0]
         for i, L in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), L["ln1"][0], L["ln1"][1])
-            q, k, v = L["qkv"](h)
-            q = q.view(b, t, hq, d)
-            k = k.view(b, t, hk, d)
+            qkv = L["qkv"](h).view(b, t, hq + 2 * hk, d)
+            qk, v = qkv[:, :, :hq + hk], qkv[:, :, hq + hk:]
             if L["q_norm"] is not None:
-                q = F.rms_norm(q, (d,), *L["q_norm"])
-                k = F.rms_norm(k, (d,), *L["k_norm"])
-            q = self._rope(q.transpose(1, 2), pos)
-            k = self._rope(k.transpose(1, 2), pos)
-            self.k_cache[i, :, :, pos:end] = k
-            self.v_cache[i, :, :, pos:end] = v.view(b, t, hk, d).transpose(1, 2)
+                qk = torch.cat([F.rms_norm(qk[:, :, :hq], (d,), *L["q_norm"]),
+                                F.rms_norm(qk[:, :, hq:], (d,), *L["k_norm"])], dim=2)
+            qk = self._rope(qk.transpose(1, 2), pos)  # q and k heads rotated together: [B, Hq+Hk, T, D]
+            self.k_cache[i, :, :, pos:end] = qk[:, hq:]
+            self.v_cache[i, :, :, pos:end] = v.transpose(1, 2)
             att = F.scaled_dot_product_attention(
-                q, self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end], attn_mask=mask,
+                qk[:, :hq], self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end], attn_mask=mask,
                 is_causal=t > 1 and pos == 0, scale=self.scaling, enable_gqa=hq != hk)
-            x = x + L["o"](att.transpose(1, 2).reshape(b * t, hq * d))[0]
+            x = x + L["o"](att.transpose(1, 2).reshape(b * t, hq * d))
             h = F.rms_norm(x, (x.shape[-1],), L["ln2"][0], L["ln2"][1])
-            gate, up = L["gate_up"](h)
-            x = x + L["down"](F.silu(gate) * up)[0]
+            gate_up = L["gate_up"](h)
+            x = x + L["down"](F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
         last = x.view(b, t, -1)[:, -1]
         last = F.rms_norm(last, (last.shape[-1],), *self.norm)
         if self.lm_head_proj is not None:
-            return self.lm_head_proj(last)[0]
+            return self.lm_head_proj(last)
         return F.linear(last.to(self.lm_head.dtype), self.lm_head, self.lm_head_bias).float()
 
     # -- generation ------------------------------------------------------------------
