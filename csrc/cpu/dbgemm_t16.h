@@ -19,8 +19,10 @@
 // nibble: chunk 2c, high nibble: chunk 2c+1); for 16 rows at once, the 16 bytes
 // planes[t, c, p, :] widened to 16 int32 lanes are a vector of table indices, and one
 // vpermps looks up all 16 partial sums. Per group j and row:
-//   acc_p = sum over the group's bytes c, in order, of (lut[2c][lo] then lut[2c+1][hi])
-//   y = fma(alpha_1, acc_1, y); y = fma(alpha_2, acc_2, y); y = fma(beta, gsum_j, y)
+//   lo_p = sum over the group's bytes c, in order, of lut[2c][low nibble of byte c of plane p]
+//   hi_p = sum over the group's bytes c, in order, of lut[2c+1][high nibble]
+//   y = fma(alpha_1, lo_1 + hi_1, y); y = fma(alpha_2, lo_2 + hi_2, y); y = fma(beta, gsum_j, y)
+// (four independent sums, so the adds are not one long latency chain)
 // where gsum_j = sum over the group's chunks q, in order, of lut[q][15].
 // Every ISA path performs exactly these float operations in this order, lane by lane,
 // so the scalar, AVX2 and AVX-512 paths agree bit for bit (tests check it).

@@ -18,7 +18,7 @@ namespace cpu {
 namespace {
 
 constexpr int kHalf = 8;
-constexpr int kRowsPerPass = 2;  // 16 ymm registers: 2 rows x 3 accumulators + 8 inputs
+constexpr int kRowsPerPass = 1;  // 16 ymm registers: 5 accumulators + 4 indices + 4 table halves
 
 // Table lookup: lane r gets T[idx[r] & 15] where T = (t0: entries 0-7, t1: entries 8-15).
 inline __m256 lookup(__m256 t0, __m256 t1, __m256i idx) {
@@ -40,8 +40,8 @@ inline void half_rows(const T16Weight& w, const float* lut, const float* gsum, i
   __m256 acc_y[MB];
   for (int i = 0; i < MB; ++i) acc_y[i] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m256 acc1[MB], acc2[MB];
-    for (int i = 0; i < MB; ++i) acc1[i] = acc2[i] = _mm256_setzero_ps();
+    __m256 lo1[MB], hi1[MB], lo2[MB], hi2[MB];
+    for (int i = 0; i < MB; ++i) lo1[i] = hi1[i] = lo2[i] = hi2[i] = _mm256_setzero_ps();
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
       const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(tp + (c * 2 + 0) * kTile)));
       const __m256i b2 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(tp + (c * 2 + 1) * kTile)));
@@ -50,19 +50,19 @@ inline void half_rows(const T16Weight& w, const float* lut, const float* gsum, i
       for (int i = 0; i < MB; ++i) {
         const float* lo = L[i] + 16 * (2 * c);
         const float* hi = L[i] + 16 * (2 * c + 1);
-        const __m256 lo0 = _mm256_loadu_ps(lo), lo1 = _mm256_loadu_ps(lo + 8);
-        const __m256 hi0 = _mm256_loadu_ps(hi), hi1 = _mm256_loadu_ps(hi + 8);
-        acc1[i] = _mm256_add_ps(acc1[i], lookup(lo0, lo1, b1l));
-        acc1[i] = _mm256_add_ps(acc1[i], lookup(hi0, hi1, b1h));
-        acc2[i] = _mm256_add_ps(acc2[i], lookup(lo0, lo1, b2l));
-        acc2[i] = _mm256_add_ps(acc2[i], lookup(hi0, hi1, b2h));
+        const __m256 tl0 = _mm256_loadu_ps(lo), tl1 = _mm256_loadu_ps(lo + 8);
+        const __m256 th0 = _mm256_loadu_ps(hi), th1 = _mm256_loadu_ps(hi + 8);
+        lo1[i] = _mm256_add_ps(lo1[i], lookup(tl0, tl1, b1l));
+        hi1[i] = _mm256_add_ps(hi1[i], lookup(th0, th1, b1h));
+        lo2[i] = _mm256_add_ps(lo2[i], lookup(tl0, tl1, b2l));
+        hi2[i] = _mm256_add_ps(hi2[i], lookup(th0, th1, b2h));
       }
     }
     const __m256 a1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(ts + g * 2 * kTile)));
     const __m256 a2 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(ts + g * 2 * kTile + kTile)));
     for (int i = 0; i < MB; ++i) {
-      acc_y[i] = _mm256_fmadd_ps(a1, acc1[i], acc_y[i]);
-      acc_y[i] = _mm256_fmadd_ps(a2, acc2[i], acc_y[i]);
+      acc_y[i] = _mm256_fmadd_ps(a1, _mm256_add_ps(lo1[i], hi1[i]), acc_y[i]);
+      acc_y[i] = _mm256_fmadd_ps(a2, _mm256_add_ps(lo2[i], hi2[i]), acc_y[i]);
     }
     if (to) {
       const __m256 beta = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(to + g * kTile)));
@@ -118,9 +118,7 @@ void gemm_tiles_avx2(const T16Weight& w, const float* lut, const float* gsum, in
                      float* y, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
     for (int h = 0; h < 2; ++h) {
-      int64_t m = 0;
-      for (; m + kRowsPerPass <= M; m += kRowsPerPass) half_rows<kRowsPerPass>(w, lut, gsum, m, y, t, h);
-      if (m < M) half_rows<1>(w, lut, gsum, m, y, t, h);
+      for (int64_t m = 0; m < M; m += kRowsPerPass) half_rows<kRowsPerPass>(w, lut, gsum, m, y, t, h);
     }
   }
 }

@@ -18,8 +18,8 @@ namespace cpu {
 namespace {
 
 // Activation rows handled together: each tile's weight bytes are turned into index
-// vectors once and reused for MB rows. 3 accumulators per row + 4 index vectors +
-// 2 tables stay well inside the 32 zmm registers for MB <= 6.
+// vectors once and reused for MB rows. 5 accumulators per row + 4 index vectors +
+// 2 tables stay inside the 32 zmm registers for MB <= 5.
 constexpr int kRowsPerPass = 4;
 
 template <int MB>
@@ -35,8 +35,8 @@ inline void tile_rows(const T16Weight& w, const float* lut, const float* gsum, i
   __m512 acc_y[MB];
   for (int i = 0; i < MB; ++i) acc_y[i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m512 acc1[MB], acc2[MB];
-    for (int i = 0; i < MB; ++i) acc1[i] = acc2[i] = _mm512_setzero_ps();
+    __m512 lo1[MB], hi1[MB], lo2[MB], hi2[MB];
+    for (int i = 0; i < MB; ++i) lo1[i] = hi1[i] = lo2[i] = hi2[i] = _mm512_setzero_ps();
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
       // 16 bytes (one per row) of each plane -> 16 int32 lanes; vpermps reads only the
       // low 4 bits of each lane, so the low nibble needs no masking.
@@ -47,17 +47,17 @@ inline void tile_rows(const T16Weight& w, const float* lut, const float* gsum, i
       for (int i = 0; i < MB; ++i) {
         const __m512 lo = _mm512_loadu_ps(L[i] + 16 * (2 * c));
         const __m512 hi = _mm512_loadu_ps(L[i] + 16 * (2 * c + 1));
-        acc1[i] = _mm512_add_ps(acc1[i], _mm512_permutexvar_ps(b1, lo));
-        acc1[i] = _mm512_add_ps(acc1[i], _mm512_permutexvar_ps(b1h, hi));
-        acc2[i] = _mm512_add_ps(acc2[i], _mm512_permutexvar_ps(b2, lo));
-        acc2[i] = _mm512_add_ps(acc2[i], _mm512_permutexvar_ps(b2h, hi));
+        lo1[i] = _mm512_add_ps(lo1[i], _mm512_permutexvar_ps(b1, lo));
+        hi1[i] = _mm512_add_ps(hi1[i], _mm512_permutexvar_ps(b1h, hi));
+        lo2[i] = _mm512_add_ps(lo2[i], _mm512_permutexvar_ps(b2, lo));
+        hi2[i] = _mm512_add_ps(hi2[i], _mm512_permutexvar_ps(b2h, hi));
       }
     }
     const __m512 a1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ts + g * 2 * kTile)));
     const __m512 a2 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ts + g * 2 * kTile + kTile)));
     for (int i = 0; i < MB; ++i) {
-      acc_y[i] = _mm512_fmadd_ps(a1, acc1[i], acc_y[i]);
-      acc_y[i] = _mm512_fmadd_ps(a2, acc2[i], acc_y[i]);
+      acc_y[i] = _mm512_fmadd_ps(a1, _mm512_add_ps(lo1[i], hi1[i]), acc_y[i]);
+      acc_y[i] = _mm512_fmadd_ps(a2, _mm512_add_ps(lo2[i], hi2[i]), acc_y[i]);
     }
     if (to) {
       const __m512 beta = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(to + g * kTile)));

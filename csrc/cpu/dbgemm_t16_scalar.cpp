@@ -72,23 +72,23 @@ void gemm_tiles_scalar(const T16Weight& w, const float* lut, const float* gsum, 
       const float* L = lut + m * lf;
       float acc_y[kTile] = {};
       for (int64_t g = 0; g < G; ++g) {
-        float acc1[kTile] = {}, acc2[kTile] = {};
+        float lo1[kTile] = {}, hi1[kTile] = {}, lo2[kTile] = {}, hi2[kTile] = {};
         for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
           const uint8_t* b1 = tp + (c * 2 + 0) * kTile;
           const uint8_t* b2 = tp + (c * 2 + 1) * kTile;
           const float* lo = L + 16 * (2 * c);
           const float* hi = L + 16 * (2 * c + 1);
           for (int r = 0; r < kTile; ++r) {
-            acc1[r] += lo[b1[r] & 15];
-            acc1[r] += hi[b1[r] >> 4];
-            acc2[r] += lo[b2[r] & 15];
-            acc2[r] += hi[b2[r] >> 4];
+            lo1[r] += lo[b1[r] & 15];
+            hi1[r] += hi[b1[r] >> 4];
+            lo2[r] += lo[b2[r] & 15];
+            hi2[r] += hi[b2[r] >> 4];
           }
         }
         const uint16_t* a = ts + g * 2 * kTile;
         for (int r = 0; r < kTile; ++r) {
-          acc_y[r] = std::fma(half_to_float(a[r]), acc1[r], acc_y[r]);
-          acc_y[r] = std::fma(half_to_float(a[kTile + r]), acc2[r], acc_y[r]);
+          acc_y[r] = std::fma(half_to_float(a[r]), lo1[r] + hi1[r], acc_y[r]);
+          acc_y[r] = std::fma(half_to_float(a[kTile + r]), lo2[r] + hi2[r], acc_y[r]);
         }
         if (to) {
           const float s = gsum[m * G + g];
