@@ -220,7 +220,13 @@ def environment() -> dict:
             isas = list(torch.ops.dbquant.cpu_isas())
     except Exception:  # noqa: BLE001 - informational only
         pass
-    return dict(torch=torch.__version__, cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux: the model name says more than the architecture
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return dict(torch=torch.__version__, cpu=cpu, cores=os.cpu_count(),
                 isas=isas, loadavg=os.getloadavg() if hasattr(os, "getloadavg") else None,
                 time=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
