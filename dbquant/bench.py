@@ -148,7 +148,7 @@ def format_row(r: dict) -> str:
 
 
 def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int = 128, new_tokens: int = 64,
-              threads: int = 2, lm_head_dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+              threads: int = 2, lm_head_dtypes: tuple[str, ...] = ("float32", "bfloat16", "int8"),
               repeats: int = 3) -> list[dict]:
     """Prefill/decode tokens/s of the fp32 model and the quantized checkpoint, same run.
 
@@ -190,10 +190,14 @@ def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int
                 _, st = dec.generate(ids, new_tokens, min_new_tokens=new_tokens)
                 stats.append((st.prefill_tok_s, st.decode_tok_s, statistics.median(st.per_step_s) * 1e3))
             head_ms = None
-            if dec.lm_head is not None:
-                xh = torch.randn(1, dec.lm_head.shape[1]).to(dec.lm_head.dtype)
+            if dec.lm_head is not None:  # the dense output projection alone, one token
+                xh = torch.randn(1, dec.lm_head.shape[1])
                 with torch.inference_mode():
-                    head_ms = _median_ms(lambda: F.linear(xh, dec.lm_head))
+                    if dec.lm_head_scale is not None:
+                        head_ms = _median_ms(lambda: torch.ops.dbquant.linear_int8_cpu(xh, dec.lm_head, dec.lm_head_scale))
+                    else:
+                        xh = xh.to(dec.lm_head.dtype)
+                        head_ms = _median_ms(lambda: F.linear(xh, dec.lm_head))
         stats = stats[1:]
         row = dict(engine=name if "hf" in name else "dbquant.decode", model=name.split("-")[0],
                    lm_head=head, threads=threads, prompt_tokens=prompt_tokens, new_tokens=new_tokens,

@@ -358,8 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--engine", default="auto", choices=("auto", "dbquant", "hf"),
                    help="dbquant: the lean decoder (dbquant.decode; Llama-family); hf: model.generate(); "
                         "auto: dbquant when it supports the model")
-    g.add_argument("--lm-head-dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="compute dtype of a dense output projection in the dbquant engine")
+    g.add_argument("--lm-head-dtype", default="float32", choices=("float32", "bfloat16", "int8"),
+                   help="how the dbquant engine computes a dense output projection (int8: per-row "
+                        "int8 copy made at load, a quarter of the bytes; see docs/RESULTS.md for its PPL cost)")
     g.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser("bench", help="kernel microbenchmarks (CPU; --backend triton|cuda for GPUs) or --e2e decode speed")

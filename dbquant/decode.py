@@ -120,9 +120,12 @@ class FastDecoder:
         model: a ``LlamaForCausalLM``-style model (see :data:`SUPPORTED`), float32, on CPU or
             one device; dense or with dbquant ``PackedLinear`` layers.
         max_len: cache capacity in tokens (prompt + new tokens).
-        lm_head_dtype: ``float32`` (default) or ``bfloat16``: the dense output projection is
-            the largest weight of a small model (SmolLM2: 113 MB in float32); bfloat16 halves
-            the bytes read per token at a small accuracy cost.
+        lm_head_dtype: how a dense output projection is computed. It is the largest weight
+            of a small model (SmolLM2: 113 MB in float32, most of a 2-bit model's decode
+            step). ``torch.float32`` (default, exact), ``torch.bfloat16`` (half the bytes) or
+            ``torch.int8`` (per-row symmetric int8 codes + float32 scales, a quarter of the
+            bytes, float32 activations; the C++ kernel ``linear_int8_cpu``). The
+            checkpoint is not changed: the copy is made here.
         backend: dbquant kernel backend for packed layers (``auto``/``cpu`` fuse and call the
             C++ kernel directly).
     """
@@ -150,12 +153,19 @@ class FastDecoder:
             ))
         self.norm = (inner.norm.weight.detach(), inner.norm.variance_epsilon)
         head = model.lm_head
-        if isinstance(head, nn.Linear):
+        self.lm_head = self.lm_head_scale = self.lm_head_bias = self.lm_head_proj = None
+        if not isinstance(head, nn.Linear):  # a packed lm_head
+            self.lm_head_proj = _Proj([head], backend)
+        elif lm_head_dtype == torch.int8:
+            from . import _native
+
+            if not (_native.load_cpu() and self.device.type == "cpu"):
+                raise DbquantError("lm_head_dtype=int8 needs the C++ CPU extension and a CPU model")
+            self.lm_head, self.lm_head_scale = quantize_rows_int8(head.weight.detach())
+            self.lm_head_bias = None if head.bias is None else head.bias.detach().float()
+        else:
             self.lm_head = head.weight.detach().to(lm_head_dtype)
             self.lm_head_bias = None if head.bias is None else head.bias.detach().to(lm_head_dtype)
-            self.lm_head_proj = None
-        else:
-            self.lm_head, self.lm_head_bias, self.lm_head_proj = None, None, _Proj([head], backend)
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
@@ -222,6 +232,9 @@ class FastDecoder:
         last = F.rms_norm(last, (last.shape[-1],), *self.norm)
         if self.lm_head_proj is not None:
             return self.lm_head_proj(last)
+        if self.lm_head_scale is not None:
+            y = torch.ops.dbquant.linear_int8_cpu(last.contiguous(), self.lm_head, self.lm_head_scale)
+            return y if self.lm_head_bias is None else y + self.lm_head_bias
         return F.linear(last.to(self.lm_head.dtype), self.lm_head, self.lm_head_bias).float()
 
     # -- generation ------------------------------------------------------------------
@@ -280,6 +293,14 @@ class FastDecoder:
             drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
             logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
         return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8: float [N, K] -> (int8 [N, K] codes in [-127, 127], float32 [N] scales)."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    codes = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return codes.contiguous(), scale.contiguous()
 
 
 def _norm(mod):

@@ -124,3 +124,35 @@ def test_unsupported_models_and_lengths():
         dec.generate(IDS[:1, :6], 5)
     with pytest.raises(DbquantError, match="max_new_tokens must be >= 1"):
         dec.generate(IDS[:1, :6], 0)
+
+
+def test_int8_lm_head_matches_its_dequantized_weight():
+    from dbquant.decode import quantize_rows_int8
+
+    model = make_tiny_model()
+    codes, scale = quantize_rows_int8(model.lm_head.weight)
+    assert codes.dtype == torch.int8 and codes.abs().max() == 127 and scale.shape == (model.config.vocab_size,)
+    dec = FastDecoder(model, max_len=16, lm_head_dtype=torch.int8)
+    ref = FastDecoder(model, max_len=16)
+    ref.lm_head = (codes.float() * scale[:, None])  # the same rounded weight, dense
+    dec._alloc(2)
+    ref._alloc(2)
+    a, b = dec.forward(IDS[:, :8], 0), ref.forward(IDS[:, :8], 0)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("n,k,m", [(37, 200, 3), (3, 17, 2), (1001, 576, 1), (8, 16, 4)])
+def test_linear_int8_kernel_parity(n, k, m):
+    from dbquant import _native
+    from dbquant.decode import quantize_rows_int8
+
+    assert _native.load_cpu()
+    codes, scale = quantize_rows_int8(torch.randn(n, k))
+    x = torch.randn(m, k)
+    y = torch.ops.dbquant.linear_int8_cpu(x, codes, scale)
+    ref = x @ (codes.float() * scale[:, None]).T
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    with pytest.raises(RuntimeError, match="x has K=5 but wq is"):
+        torch.ops.dbquant.linear_int8_cpu(torch.randn(1, 5), codes, scale)
+    with pytest.raises(RuntimeError, match="wq must be a contiguous int8"):
+        torch.ops.dbquant.linear_int8_cpu(x, codes.float(), scale)

@@ -5,6 +5,8 @@
 //   torch.ops.dbquant.dequantize_cpu(Tensor planes, Tensor scales, Tensor? offset,
 //                                    int out_features, int in_features, int group_size)
 //                                    -> Tensor (float32 [N, K])
+//   torch.ops.dbquant.linear_int8_cpu(Tensor x, Tensor wq, Tensor s) -> Tensor
+//                                    (dense int8-weight projection, gemv_int8.h)
 //   torch.ops.dbquant.cpu_isas() -> str[]       (supported ISA paths, fastest first)
 // The weight arguments are in the t16 kernel layout (dbgemm_t16.h, docs/FORMAT.md);
 // dbquant/_native.py builds it from the canonical format. This is the only file that
@@ -22,6 +24,7 @@
 #include <vector>
 
 #include "dbgemm_t16.h"
+#include "gemv_int8.h"
 
 namespace {
 
@@ -150,6 +153,39 @@ at::Tensor dequantize_cpu(const at::Tensor& planes, const at::Tensor& scales,
   return out;
 }
 
+// y = x @ (s * wq)^T for a dense int8-weight projection (gemv_int8.h).
+at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& s) {
+  TORCH_CHECK(x.device().is_cpu() && wq.device().is_cpu() && s.device().is_cpu(),
+              "linear_int8_cpu: all tensors must be on the CPU");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2,
+              "linear_int8_cpu: x must be a contiguous float32 [M, K] tensor, got ", x.scalar_type(),
+              " ", x.sizes());
+  TORCH_CHECK(wq.scalar_type() == at::kChar && wq.is_contiguous() && wq.dim() == 2,
+              "linear_int8_cpu: wq must be a contiguous int8 [N, K] tensor, got ", wq.scalar_type(),
+              " ", wq.sizes());
+  TORCH_CHECK(wq.size(1) == x.size(1), "linear_int8_cpu: x has K=", x.size(1), " but wq is ",
+              wq.sizes());
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.dim() == 1 &&
+                  s.size(0) == wq.size(0),
+              "linear_int8_cpu: s must be a contiguous float32 [N] = [", wq.size(0), "], got ",
+              s.scalar_type(), " ", s.sizes());
+  const int64_t M = x.size(0), K = x.size(1), N = wq.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  const int8_t* wp = wq.data_ptr<int8_t>();
+  const float* sp = s.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const bool simd = dbquant::cpu::isa_supported(Isa::Avx512);
+  at::parallel_for(0, N / 4, std::max<int64_t>(1, (int64_t(1) << 14) / (M * K)), [&](int64_t b, int64_t e) {
+    const int64_t n0 = 4 * b, n1 = e == N / 4 ? N : 4 * e;  // the last task takes the N % 4 rows
+    if (simd) dbquant::cpu::gemv_int8_rows_avx512(xp, wp, sp, M, N, K, yp, n0, n1);
+    else dbquant::cpu::gemv_int8_rows_scalar(xp, wp, sp, M, N, K, yp, n0, n1);
+  });
+  if (N < 4) dbquant::cpu::gemv_int8_rows_scalar(xp, wp, sp, M, N, K, yp, 0, N);
+  return y;
+}
+
 std::vector<std::string> cpu_isas() {
   std::vector<std::string> out;
   for (Isa i : {Isa::Avx512, Isa::Avx2, Isa::Scalar})
@@ -168,15 +204,17 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
   m.def(
       "dequantize_cpu(Tensor planes, Tensor scales, Tensor? offset, int out_features, "
       "int in_features, int group_size) -> Tensor");
+  m.def("linear_int8_cpu(Tensor x, Tensor wq, Tensor s) -> Tensor");
   m.def("cpu_isas() -> str[]", &cpu_isas);  // no tensor arguments: a catch-all kernel
 }
 
 TORCH_LIBRARY_IMPL(dbquant, CPU, m) {
   m.impl("dbgemm_cpu", &dbgemm_cpu);
   m.impl("dequantize_cpu", &dequantize_cpu);
+  m.impl("linear_int8_cpu", &linear_int8_cpu);
 }
 
 // No Python functions: `import dbquant._C` exists only to load this library.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "dbquant CPU kernels; registers torch.ops.dbquant.{dbgemm_cpu, dequantize_cpu, cpu_isas} on import";
+  m.doc() = "dbquant CPU kernels; registers torch.ops.dbquant.{dbgemm_cpu, dequantize_cpu, linear_int8_cpu, cpu_isas} on import";
 }
