@@ -4,7 +4,7 @@ Hugging Face's ``generate()`` spends most of a small model's decode step in Pyth
 framework code (cache objects, masks, hooks, ~40 module calls per layer). For decoding,
 this module rebuilds the same network from the loaded model's own tensors as a short
 straight-line step (gpt-fast style): a preallocated KV cache, q/k/v and gate/up fused
-into one kernel call each, ``F.rms_norm`` and ``F.scaled_dot_product_attention``. Packed
+into one kernel call each, a fused C++ RMSNorm and ``F.scaled_dot_product_attention``. Packed
 layers call the C++ kernel directly on their load-time repacked weights.
 
 Supported: ``llama``, ``mistral``, ``qwen2``, ``qwen3`` decoders (dense or with dbquant
@@ -142,8 +142,8 @@ class FastDecoder:
         for layer in inner.layers:
             att, mlp = layer.self_attn, layer.mlp
             self.layers.append(dict(
-                ln1=(layer.input_layernorm.weight.detach(), layer.input_layernorm.variance_epsilon),
-                ln2=(layer.post_attention_layernorm.weight.detach(), layer.post_attention_layernorm.variance_epsilon),
+                ln1=_norm(layer.input_layernorm),
+                ln2=_norm(layer.post_attention_layernorm),
                 qkv=_Proj([att.q_proj, att.k_proj, att.v_proj], backend),
                 o=_Proj([att.o_proj], backend),
                 gate_up=_Proj([mlp.gate_proj, mlp.up_proj], backend),
@@ -151,7 +151,7 @@ class FastDecoder:
                 q_norm=_norm(getattr(att, "q_norm", None)),
                 k_norm=_norm(getattr(att, "k_norm", None)),
             ))
-        self.norm = (inner.norm.weight.detach(), inner.norm.variance_epsilon)
+        self.norm = _norm(inner.norm)
         head = model.lm_head
         self.lm_head = self.lm_head_scale = self.lm_head_bias = self.lm_head_proj = None
         if not isinstance(head, nn.Linear):  # a packed lm_head
@@ -178,6 +178,10 @@ class FastDecoder:
             cos, sin = inner.rotary_emb(probe, pos)
         self.cos, self.sin = cos[0].float(), sin[0].float()  # [max_len, head_dim]
         self.k_cache = self.v_cache = None
+        from . import _native
+
+        # float32 weights for the fused norm (the model's norms may be stored in another dtype)
+        self.fused_norm = self.device.type == "cpu" and _native.load_cpu()
 
     # -- the network -----------------------------------------------------------------
 
@@ -186,6 +190,13 @@ class FastDecoder:
         if self.k_cache is None or self.k_cache.shape != shape:
             self.k_cache = torch.zeros(shape, device=self.device)
             self.v_cache = torch.zeros(shape, device=self.device)
+
+    def _rms(self, x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+        """RMSNorm of x (float32 [..., D]) with (weight [D], eps): the fused C++ op on CPU
+        (one call instead of ~8 framework ops per norm), else torch's rms_norm."""
+        if self.fused_norm:
+            return torch.ops.dbquant.rms_norm_cpu(x.contiguous(), norm[0], norm[1])
+        return F.rms_norm(x, (x.shape[-1],), norm[0], norm[1])
 
     def _rope(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         """x: [B, H, T, D] at positions pos..pos+T-1."""
@@ -212,12 +223,11 @@ class FastDecoder:
             mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(diagonal=pos)
         inter = self.layers[0]["gate_up"].sizes[0]
         for i, L in enumerate(self.layers):
-            h = F.rms_norm(x, (x.shape[-1],), L["ln1"][0], L["ln1"][1])
+            h = self._rms(x, L["ln1"])
             qkv = L["qkv"](h).view(b, t, hq + 2 * hk, d)
             qk, v = qkv[:, :, :hq + hk], qkv[:, :, hq + hk:]
             if L["q_norm"] is not None:
-                qk = torch.cat([F.rms_norm(qk[:, :, :hq], (d,), *L["q_norm"]),
-                                F.rms_norm(qk[:, :, hq:], (d,), *L["k_norm"])], dim=2)
+                qk = torch.cat([self._rms(qk[:, :, :hq], L["q_norm"]), self._rms(qk[:, :, hq:], L["k_norm"])], dim=2)
             qk = self._rope(qk.transpose(1, 2), pos)  # q and k heads rotated together: [B, Hq+Hk, T, D]
             self.k_cache[i, :, :, pos:end] = qk[:, hq:]
             self.v_cache[i, :, :, pos:end] = v.transpose(1, 2)
@@ -225,11 +235,11 @@ class FastDecoder:
                 qk[:, :hq], self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end], attn_mask=mask,
                 is_causal=t > 1 and pos == 0, scale=self.scaling, enable_gqa=hq != hk)
             x = x + L["o"](att.transpose(1, 2).reshape(b * t, hq * d))
-            h = F.rms_norm(x, (x.shape[-1],), L["ln2"][0], L["ln2"][1])
+            h = self._rms(x, L["ln2"])
             gate_up = L["gate_up"](h)
             x = x + L["down"](F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
         last = x.view(b, t, -1)[:, -1]
-        last = F.rms_norm(last, (last.shape[-1],), *self.norm)
+        last = self._rms(last, self.norm)
         if self.lm_head_proj is not None:
             return self.lm_head_proj(last)
         if self.lm_head_scale is not None:
@@ -304,7 +314,7 @@ def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _norm(mod):
-    return None if mod is None else (mod.weight.detach(), mod.variance_epsilon)
+    return None if mod is None else (mod.weight.detach().float().contiguous(), float(mod.variance_epsilon))
 
 
 def check_supported(model) -> None:

@@ -156,3 +156,15 @@ def test_linear_int8_kernel_parity(n, k, m):
         torch.ops.dbquant.linear_int8_cpu(torch.randn(1, 5), codes, scale)
     with pytest.raises(RuntimeError, match="wq must be a contiguous int8"):
         torch.ops.dbquant.linear_int8_cpu(x, codes.float(), scale)
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (3, 7, 64), (2, 17)])
+def test_fused_rms_norm_matches_torch(shape):
+    from dbquant import _native
+
+    assert _native.load_cpu()
+    x, w = torch.randn(*shape), torch.randn(shape[-1])
+    y = torch.ops.dbquant.rms_norm_cpu(x, w, 1e-5)
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (shape[-1],), w, 1e-5), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match=r"w must be a contiguous float32 \[" + str(shape[-1])):
+        torch.ops.dbquant.rms_norm_cpu(x, torch.randn(shape[-1] + 1), 1e-5)

@@ -7,6 +7,8 @@
 //                                    -> Tensor (float32 [N, K])
 //   torch.ops.dbquant.linear_int8_cpu(Tensor x, Tensor wq, Tensor s) -> Tensor
 //                                    (dense int8-weight projection, gemv_int8.h)
+//   torch.ops.dbquant.rms_norm_cpu(Tensor x, Tensor w, float eps) -> Tensor
+//                                    (fused RMSNorm over the last dim, decode_ops.h)
 //   torch.ops.dbquant.cpu_isas() -> str[]       (supported ISA paths, fastest first)
 // The weight arguments are in the t16 kernel layout (dbgemm_t16.h, docs/FORMAT.md);
 // dbquant/_native.py builds it from the canonical format. This is the only file that
@@ -25,6 +27,7 @@
 
 #include "dbgemm_t16.h"
 #include "gemv_int8.h"
+#include "decode_ops.h"
 
 namespace {
 
@@ -186,6 +189,25 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& wq, const at::
   return y;
 }
 
+// Fused RMSNorm over the last dim of a contiguous float32 tensor (decode_ops.h).
+at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1,
+              "rms_norm_cpu: x must be a contiguous float32 CPU tensor, got ", x.scalar_type(), " ",
+              x.sizes());
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 1 && w.size(0) == D,
+              "rms_norm_cpu: w must be a contiguous float32 [", D, "], got ", w.scalar_type(), " ",
+              w.sizes());
+  at::Tensor y = at::empty_like(x);
+  const int64_t R = D ? x.numel() / D : 0;
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
+    dbquant::cpu::rms_norm_rows(xp, w.data_ptr<float>(), float(eps), D, yp, b, e);
+  });
+  return y;
+}
+
 std::vector<std::string> cpu_isas() {
   std::vector<std::string> out;
   for (Isa i : {Isa::Avx512, Isa::Avx2, Isa::Scalar})
@@ -205,6 +227,7 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
       "dequantize_cpu(Tensor planes, Tensor scales, Tensor? offset, int out_features, "
       "int in_features, int group_size) -> Tensor");
   m.def("linear_int8_cpu(Tensor x, Tensor wq, Tensor s) -> Tensor");
+  m.def("rms_norm_cpu(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("cpu_isas() -> str[]", &cpu_isas);  // no tensor arguments: a catch-all kernel
 }
 
@@ -212,9 +235,10 @@ TORCH_LIBRARY_IMPL(dbquant, CPU, m) {
   m.impl("dbgemm_cpu", &dbgemm_cpu);
   m.impl("dequantize_cpu", &dequantize_cpu);
   m.impl("linear_int8_cpu", &linear_int8_cpu);
+  m.impl("rms_norm_cpu", &rms_norm_cpu);
 }
 
 // No Python functions: `import dbquant._C` exists only to load this library.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "dbquant CPU kernels; registers torch.ops.dbquant.{dbgemm_cpu, dequantize_cpu, linear_int8_cpu, cpu_isas} on import";
+  m.doc() = "dbquant CPU kernels; registers the torch.ops.dbquant.* ops listed at the top on import";
 }
