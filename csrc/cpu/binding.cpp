@@ -52,6 +52,32 @@ void check_shape(const at::Tensor& t, const char* name, std::vector<int64_t> wan
               t.sizes());
 }
 
+// The t16 weight view of (planes, scales, offset) after checking dtypes and shapes
+// (`op` names the calling op in messages).
+dbquant::cpu::T16Weight t16_weight(const char* op, const at::Tensor& planes, const at::Tensor& scales,
+                                   const std::optional<at::Tensor>& offset, int64_t out_features,
+                                   int64_t in_features, int64_t group_size) {
+  check_input(planes, "planes", at::kByte);
+  check_input(scales, "scales", at::kHalf);
+  if (offset) check_input(*offset, "offset", at::kHalf);
+  TORCH_CHECK(group_size >= 8 && group_size % 8 == 0, op,
+              ": group_size must be a positive multiple of 8, got ", group_size);
+  TORCH_CHECK(in_features >= 1 && out_features >= 1, op,
+              ": in_features and out_features must be >= 1, got ", in_features, ", ", out_features);
+  dbquant::cpu::T16Weight w{};
+  w.N = out_features;
+  w.K = in_features;
+  w.group_size = group_size;
+  const int64_t T = w.tiles(), G = w.groups(), C8 = w.kp() / 8, tile = dbquant::cpu::kTile;
+  check_shape(planes, "planes", {T, C8, 2, tile});
+  check_shape(scales, "scales", {T, G, 2, tile});
+  if (offset) check_shape(*offset, "offset", {T, G, tile});
+  w.planes = planes.data_ptr<uint8_t>();
+  w.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  w.offset = offset ? reinterpret_cast<const uint16_t*>(offset->data_ptr<at::Half>()) : nullptr;
+  return w;
+}
+
 Isa parse_isa(const std::string& isa) {
   if (isa == "auto") return dbquant::cpu::best_isa();
   for (Isa i : {Isa::Avx512, Isa::Avx2, Isa::Scalar}) {
@@ -70,33 +96,15 @@ at::Tensor dbgemm_cpu(const at::Tensor& x, const at::Tensor& planes, const at::T
                       const std::optional<at::Tensor>& bias, int64_t out_features,
                       int64_t in_features, int64_t group_size, const std::string& isa_arg) {
   check_input(x, "x", at::kFloat);
-  check_input(planes, "planes", at::kByte);
-  check_input(scales, "scales", at::kHalf);
-  if (offset) check_input(*offset, "offset", at::kHalf);
   if (bias) check_input(*bias, "bias", at::kFloat);
-  TORCH_CHECK(group_size >= 8 && group_size % 8 == 0,
-              "dbgemm_cpu: group_size must be a positive multiple of 8, got ", group_size);
-  TORCH_CHECK(in_features >= 1 && out_features >= 1,
-              "dbgemm_cpu: in_features and out_features must be >= 1, got ", in_features, ", ",
-              out_features);
+  dbquant::cpu::T16Weight w =
+      t16_weight("dbgemm_cpu", planes, scales, offset, out_features, in_features, group_size);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "dbgemm_cpu: x must be [M, ",
               in_features, "] (in_features), got shape ", x.sizes());
-
-  dbquant::cpu::T16Weight w{};
-  w.N = out_features;
-  w.K = in_features;
-  w.group_size = group_size;
-  const int64_t T = w.tiles(), G = w.groups(), C8 = w.kp() / 8, tile = dbquant::cpu::kTile;
-  check_shape(planes, "planes", {T, C8, 2, tile});
-  check_shape(scales, "scales", {T, G, 2, tile});
-  if (offset) check_shape(*offset, "offset", {T, G, tile});
   if (bias) check_shape(*bias, "bias", {out_features});
   const Isa isa = parse_isa(isa_arg);
-
-  w.planes = planes.data_ptr<uint8_t>();
-  w.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  w.offset = offset ? reinterpret_cast<const uint16_t*>(offset->data_ptr<at::Half>()) : nullptr;
   w.bias = bias ? bias->data_ptr<float>() : nullptr;
+  const int64_t T = w.tiles(), G = w.groups(), C8 = w.kp() / 8;
 
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, out_features}, x.options());
@@ -130,25 +138,9 @@ at::Tensor dbgemm_cpu(const at::Tensor& x, const at::Tensor& planes, const at::T
 at::Tensor dequantize_cpu(const at::Tensor& planes, const at::Tensor& scales,
                           const std::optional<at::Tensor>& offset, int64_t out_features,
                           int64_t in_features, int64_t group_size) {
-  check_input(planes, "planes", at::kByte);
-  check_input(scales, "scales", at::kHalf);
-  if (offset) check_input(*offset, "offset", at::kHalf);
-  TORCH_CHECK(group_size >= 8 && group_size % 8 == 0,
-              "dequantize_cpu: group_size must be a positive multiple of 8, got ", group_size);
-  TORCH_CHECK(in_features >= 1 && out_features >= 1,
-              "dequantize_cpu: in_features and out_features must be >= 1, got ", in_features, ", ",
-              out_features);
-  dbquant::cpu::T16Weight w{};
-  w.N = out_features;
-  w.K = in_features;
-  w.group_size = group_size;
-  const int64_t T = w.tiles(), G = w.groups(), C8 = w.kp() / 8, tile = dbquant::cpu::kTile;
-  check_shape(planes, "planes", {T, C8, 2, tile});
-  check_shape(scales, "scales", {T, G, 2, tile});
-  if (offset) check_shape(*offset, "offset", {T, G, tile});
-  w.planes = planes.data_ptr<uint8_t>();
-  w.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  w.offset = offset ? reinterpret_cast<const uint16_t*>(offset->data_ptr<at::Half>()) : nullptr;
+  const dbquant::cpu::T16Weight w =
+      t16_weight("dequantize_cpu", planes, scales, offset, out_features, in_features, group_size);
+  const int64_t T = w.tiles(), tile = dbquant::cpu::kTile;
   at::Tensor out = at::empty({out_features, in_features}, planes.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
   at::parallel_for(0, T, std::max<int64_t>(1, (int64_t(1) << 14) / (tile * w.kp())),

@@ -78,6 +78,10 @@ void gemm_tiles(Isa isa, const T16Weight& w, const float* lut, const float* gsum
 // w = ((b1 ? alpha1 : 0) + (b2 ? alpha2 : 0)) + beta, as the reference computes it.
 void dequantize_tiles(const T16Weight& w, float* out, int64_t t0, int64_t t1);
 
+// gsum_row[j] = sum over group j's 4-channel chunks q, in order, of lut_row[q][15] (the
+// chunk's activation sum): what an offset multiplies. Shared by every ISA path.
+void group_sums(const T16Weight& w, const float* lut_row, float* gsum_row);
+
 // Per-ISA entry points (one translation unit each, compiled for that ISA only).
 void build_luts_scalar(const T16Weight& w, const float* x, float* lut, float* gsum, int64_t m0,
                        int64_t m1);

@@ -85,7 +85,7 @@ inline void half_rows(const T16Weight& w, const float* lut, const float* gsum, i
 
 void build_luts_avx2(const T16Weight& w, const float* x, float* lut, float* gsum, int64_t m0,
                      int64_t m1) {
-  const int64_t K = w.K, q_count = w.kp() / 4, lf = lut_floats(w), qpg = w.group_size / 4;
+  const int64_t K = w.K, q_count = w.kp() / 4, lf = lut_floats(w);
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * K;
     float* lr = lut + m * lf;
@@ -104,13 +104,7 @@ void build_luts_avx2(const T16Weight& w, const float* x, float* lut, float* gsum
       _mm256_storeu_ps(lr + 16 * q, t0);
       _mm256_storeu_ps(lr + 16 * q + 8, t1);
     }
-    if (gsum) {
-      for (int64_t g = 0; g < w.groups(); ++g) {
-        float s = 0.0f;
-        for (int64_t q = g * qpg; q < (g + 1) * qpg; ++q) s += lr[16 * q + 15];
-        gsum[m * w.groups() + g] = s;
-      }
-    }
+    if (gsum) group_sums(w, lr, gsum + m * w.groups());
   }
 }
 

@@ -79,7 +79,7 @@ inline void tile_rows(const T16Weight& w, const float* lut, const float* gsum, i
 
 void build_luts_avx512(const T16Weight& w, const float* x, float* lut, float* gsum, int64_t m0,
                        int64_t m1) {
-  const int64_t K = w.K, q_count = w.kp() / 4, lf = lut_floats(w), qpg = w.group_size / 4;
+  const int64_t K = w.K, q_count = w.kp() / 4, lf = lut_floats(w);
   // Lane i of the table adds x[j] when bit j of i is set.
   const __mmask16 bit[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};
   for (int64_t m = m0; m < m1; ++m) {
@@ -93,13 +93,7 @@ void build_luts_avx512(const T16Weight& w, const float* x, float* lut, float* gs
       }
       _mm512_storeu_ps(lr + 16 * q, t);
     }
-    if (gsum) {
-      for (int64_t g = 0; g < w.groups(); ++g) {
-        float s = 0.0f;
-        for (int64_t q = g * qpg; q < (g + 1) * qpg; ++q) s += lr[16 * q + 15];
-        gsum[m * w.groups() + g] = s;
-      }
-    }
+    if (gsum) group_sums(w, lr, gsum + m * w.groups());
   }
 }
 

@@ -31,10 +31,18 @@ float half_to_float(uint16_t h) {
   return f;
 }
 
+void group_sums(const T16Weight& w, const float* lut_row, float* gsum_row) {
+  const int64_t qpg = w.group_size / 4;  // chunks per group
+  for (int64_t g = 0; g < w.groups(); ++g) {
+    float s = 0.0f;
+    for (int64_t q = g * qpg; q < (g + 1) * qpg; ++q) s += lut_row[16 * q + 15];
+    gsum_row[g] = s;
+  }
+}
+
 void build_luts_scalar(const T16Weight& w, const float* x, float* lut, float* gsum, int64_t m0,
                        int64_t m1) {
   const int64_t K = w.K, q_count = w.kp() / 4, lf = lut_floats(w);
-  const int64_t qpg = w.group_size / 4;  // chunks per group
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * K;
     float* lr = lut + m * lf;
@@ -49,13 +57,7 @@ void build_luts_scalar(const T16Weight& w, const float* x, float* lut, float* gs
         t[i] = v;
       }
     }
-    if (gsum) {
-      for (int64_t g = 0; g < w.groups(); ++g) {
-        float s = 0.0f;
-        for (int64_t q = g * qpg; q < (g + 1) * qpg; ++q) s += lr[16 * q + 15];
-        gsum[m * w.groups() + g] = s;
-      }
-    }
+    if (gsum) group_sums(w, lr, gsum + m * w.groups());
   }
 }
 
