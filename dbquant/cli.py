@@ -98,7 +98,11 @@ def cmd_eval(a) -> int:
     from .evaluate import evaluate
 
     model, tok, bpw = _load_any(a.model, a.backend)
-    res = evaluate(model, tok, a.protocol, n_windows=a.windows, seq_len=a.seq_len)
+    kv = None
+    if a.protocol == "kv-ppl" or a.kv:  # options of dbquant.kv.protocol.evaluate_kv
+        kv = {"kv": a.kv, "n_windows": a.windows, "seq_len": a.seq_len, "residual": a.kv_residual,
+              "group": a.kv_group, "fft": False if a.kv_no_fft else None, "scale_dtype": a.kv_scales}
+    res = evaluate(model, tok, a.protocol, n_windows=a.windows or 32, seq_len=a.seq_len or 512, kv=kv)
     res = {"model": a.model, "bpw": bpw, **res}
     if a.json:
         print(json.dumps(res))
@@ -126,10 +130,20 @@ def cmd_generate(a) -> int:
         out, st = _fast_generate(a, model, tok, ids)
         speed = f"prefill {st.prefill_tok_s:.1f} tokens/s, decode {st.decode_tok_s:.1f} tokens/s"
     else:
+        cache = None
+        if a.kv:
+            from .kv import make_cache, parse_kv
+
+            cache = make_cache(model, parse_kv(a.kv, residual=a.kv_residual))
         with torch.inference_mode():
             out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=a.sample,
-                                 pad_token_id=tok.pad_token_id or tok.eos_token_id)
+                                 pad_token_id=tok.pad_token_id or tok.eos_token_id, past_key_values=cache)
         speed = "Hugging Face generate()"
+        if cache is not None:
+            from .kv import cache_nbytes
+
+            nb = cache_nbytes(cache)
+            speed += f"; KV cache {a.kv}: {nb['total'] / max(nb['tokens'], 1):.0f} bytes/token held"
     dt = time.perf_counter() - t
     new = out[0, ids.shape[1]:]
     print(tok.decode(new, skip_special_tokens=True).strip())
@@ -183,8 +197,9 @@ def cmd_bench(a) -> int:
                              group_size=a.group_size, smoke=a.smoke)
         print(format_table(rows))
     elif a.e2e:
-        rows = bench.e2e_bench(a.e2e, fp_model=a.fp_model, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens,
-                               threads=max(_ints(a.threads, "--threads")), repeats=a.repeats)
+        rows = [r for t in _ints(a.threads, "--threads")
+                for r in bench.e2e_bench(a.e2e, fp_model=a.fp_model, prompt_tokens=a.prompt_tokens,
+                                         new_tokens=a.new_tokens, threads=t, repeats=a.repeats)]
         for r in rows:
             print(json.dumps(r))
     else:
@@ -341,8 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of a model or dbquant checkpoint")
     e.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     e.add_argument("--protocol", default="wiki")
-    e.add_argument("--windows", type=int, default=32)
-    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--windows", type=int, default=None, help="windows (default: wiki 32, kv-ppl 16)")
+    e.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: wiki 512, kv-ppl 1024)")
+    e.add_argument("--kv", help="KV cache for --protocol kv-ppl: fp, K/V (e.g. 1.5/1.58, 2/2), kivi2, hqq2, hqq1")
+    e.add_argument("--kv-residual", type=int, help="full-precision recent tokens (default 128; 0: whole prefix)")
+    e.add_argument("--kv-group", type=int, help="tokens per quantization group (default 32)")
+    e.add_argument("--kv-no-fft", action="store_true", help="VidKV keys without the FFT (ablation)")
+    e.add_argument("--kv-scales", choices=("fp16", "fp8"), help="stored scale width (default fp16)")
     e.add_argument("--backend", default="auto")
     e.add_argument("--json", action="store_true", help="print one JSON object (ppl, tokens, protocol, bpw, ...)")
     e.set_defaults(fn=cmd_eval)
@@ -355,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
     g.add_argument("--backend", default="auto")
+    g.add_argument("--kv", help="quantized KV cache (hf engine): K/V such as 1.5/1.58, kivi2, hqq2, hqq1, fp")
+    g.add_argument("--kv-residual", type=int, help="full-precision recent tokens of the KV cache (default 128)")
     g.add_argument("--engine", default="auto", choices=("auto", "dbquant", "hf"),
                    help="dbquant: the lean decoder (dbquant.decode; Llama-family); hf: model.generate(); "
                         "auto: dbquant when it supports the model")

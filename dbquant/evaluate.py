@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .data import load_text
 from .errors import DbquantError
 
-PROTOCOLS = ("wiki",)
+PROTOCOLS = ("wiki", "kv-ppl")  # kv-ppl: perplexity through a quantized KV cache (dbquant/kv/protocol.py)
 
 
 def adds_bos(tokenizer) -> bool:
@@ -76,14 +76,21 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
 
 
 def evaluate(model, tokenizer, protocol: str = "wiki", n_windows: int = 32, seq_len: int = 512,
-             batch_size: int = 4, progress: bool = True) -> dict:
+             batch_size: int = 4, progress: bool = True, kv: dict | None = None) -> dict:
     """Run a named protocol.
 
     Returns: {"protocol", "ppl", "nll", "tokens", "n_windows" (actually used),
-    "seq_len", "seconds"}.
+    "seq_len", "seconds"}. ``kv`` (kv-ppl only): keyword arguments of
+    :func:`dbquant.kv.protocol.evaluate_kv` (kv, n_windows, seq_len, residual, ...).
     """
     if protocol not in PROTOCOLS:
         raise DbquantError(f"unknown eval protocol {protocol!r}; available: {', '.join(PROTOCOLS)}.")
+    if protocol == "kv-ppl":  # its own windows (16 x 1024) and a cache spec: see dbquant.kv.protocol
+        from .kv.protocol import evaluate_kv
+
+        return evaluate_kv(model, tokenizer, progress=progress, **(kv or {}))
+    if kv:
+        raise DbquantError("--kv applies to --protocol kv-ppl only (the wiki protocol runs without a cache)")
     t0 = time.perf_counter()
     windows = wiki_windows(tokenizer, load_text("wiki", "eval"), seq_len=seq_len, n_windows=n_windows)
     result = perplexity(model, windows, batch_size=batch_size, progress=progress)

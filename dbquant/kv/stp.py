@@ -1,0 +1,47 @@
+"""Semantic token protection (VidKV's STP): which visual tokens keep 2-bit values.
+
+The visual tokens most related to the text keep 2-bit values in a VidKV cache with
+1.58-bit values; the rest stay ternary. Relevance of a visual token = the cosine
+similarity of its embedding to the mean text-token embedding of the same sequence
+(our reading of "similarity of visual-token embeddings to the text-token embeddings").
+Pass the result to ``make_cache(model, "1.5/1.58", protected=mask)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import DbquantError
+
+
+def protected_tokens(visual_mask: torch.Tensor, embeddings: torch.Tensor, ratio: float = 0.2,
+                     text_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The top ``ratio`` of each row's visual tokens by similarity to its text tokens.
+
+    visual_mask: bool [B, T], True at visual tokens. embeddings: float [B, T, E] (the
+    input embeddings of every token). text_mask: bool [B, T] (default: every non-visual
+    token). Returns bool [B, T]: True at protected tokens (ceil(ratio * n_visual) per row;
+    none in a row without visual or without text tokens).
+    """
+    if visual_mask.dtype != torch.bool or visual_mask.dim() != 2:
+        raise DbquantError(f"visual_mask must be bool [batch, tokens], got {visual_mask.dtype} "
+                           f"{tuple(visual_mask.shape)}")
+    if embeddings.shape[:2] != visual_mask.shape:
+        raise DbquantError(f"embeddings {tuple(embeddings.shape)} do not match visual_mask "
+                           f"{tuple(visual_mask.shape)} in [batch, tokens]")
+    if not 0 <= ratio <= 1:
+        raise DbquantError(f"STP ratio must be in [0, 1], got {ratio}")
+    text = ~visual_mask if text_mask is None else text_mask & ~visual_mask
+    e = torch.nn.functional.normalize(embeddings.float(), dim=-1)
+    out = torch.zeros_like(visual_mask)
+    for b in range(visual_mask.shape[0]):
+        vis = visual_mask[b].nonzero(as_tuple=True)[0]
+        k = math.ceil(ratio * vis.numel())
+        if k == 0 or not text[b].any():
+            continue
+        anchor = torch.nn.functional.normalize(e[b, text[b]].mean(0), dim=0)
+        sim = e[b, vis] @ anchor
+        out[b, vis[sim.topk(k).indices]] = True
+    return out
