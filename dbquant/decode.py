@@ -65,11 +65,14 @@ class _Proj:
         self.dense = None
         self.packed = None
         self.modules = None
+        # The fused call's bias: float32 [sum N], zeros for parts without one (None if none has one).
+        biases = [m.bias for m in parts]
+        known = next((b for b in biases if b is not None), None)
+        self.bias = None if known is None else torch.cat(
+            [b.detach().float() if b is not None else known.new_zeros(n, dtype=torch.float32)
+             for b, n in zip(biases, self.sizes)])
         if all(isinstance(m, nn.Linear) for m in parts):
             self.dense = torch.cat([m.weight.detach().float() for m in parts])  # [sum N, K]
-            biases = [m.bias for m in parts]
-            self.bias = None if all(b is None for b in biases) else torch.cat(
-                [b.detach().float() if b is not None else torch.zeros(n) for b, n in zip(biases, self.sizes)])
             return
         if all(isinstance(m, PackedLinear) for m in parts) and self._cpu_fusable(parts, backend):
             from . import _native
@@ -80,22 +83,19 @@ class _Proj:
                 planes=torch.cat([w.planes for w in ws]), scales=torch.cat([w.scales for w in ws]),
                 offset=None if offs[0] is None else torch.cat(offs), out_features=sum(self.sizes),
                 in_features=ws[0].in_features, group_size=ws[0].group_size)
-            biases = [m.bias for m in parts]
-            self.bias = None if all(b is None for b in biases) else torch.cat(
-                [b.detach().float() if b is not None else torch.zeros(n) for b, n in zip(biases, self.sizes)])
             return
         self.modules = parts
 
     @staticmethod
     def _cpu_fusable(parts, backend: str) -> bool:
-        from . import ops
+        from . import _native, ops
 
         if backend not in ("auto", "cpu") or not ops.available("cpu"):
             return False
         if any(p.qweight.device.type != "cpu" for p in parts):
             return False
-        first = parts[0]
-        return all(p.out_features % 16 == 0 and p.group_size == first.group_size
+        first = parts[0]  # tiles concatenate only when no part ends in a partial tile
+        return all(p.out_features % _native.TILE == 0 and p.group_size == first.group_size
                    and (p.offset is None) == (first.offset is None) for p in parts)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
