@@ -24,7 +24,7 @@ from dbquant import fdb
 from dbquant.convert import replace_module
 from dbquant.errors import DbquantError
 from dbquant.nn import FakeQuantLinear
-from dbquant.plan import DECODER_BLOCKS, LinearPlan, decoder_blocks
+from dbquant.plan import LinearPlan, block_path, decoder_blocks
 
 from .runstate import RunState, check_finite
 
@@ -175,7 +175,7 @@ def capture_block_inputs(model: nn.Module, batches: torch.Tensor, batch_size: in
         raise _Stop
 
     device = next(model.parameters()).device
-    base = model.get_submodule(DECODER_BLOCKS[model.config.model_type].rsplit(".", 1)[0])
+    base = model.get_submodule(block_path(model).rsplit(".", 1)[0])
     handle = first.register_forward_pre_hook(pre_hook, with_kwargs=True)
     xs = []
     try:
@@ -226,7 +226,7 @@ def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict, device, batch_siz
 
 def block_names(model: nn.Module, plan: list[LinearPlan]) -> list[list[str]]:
     """Planned linear names per decoder block (blocks with none get [])."""
-    path = DECODER_BLOCKS[model.config.model_type]
+    path = block_path(model)
     n_blocks = len(decoder_blocks(model))
     out = [[] for _ in range(n_blocks)]
     for p in plan:
@@ -259,7 +259,7 @@ def blockwise_reconstruct(model: nn.Module, plan: list[LinearPlan], init: dict[s
     t0 = time.perf_counter()
     blocks = decoder_blocks(model)
     names = block_names(model, plan)
-    path = DECODER_BLOCKS[model.config.model_type]
+    path = block_path(model)
     state = run.resumed if (run.resumed and run.resumed.get("stage") == "blockwise") else None
     start_block, start_step = (state["position"]["block"], state["position"]["step"]) if state else (0, 0)
 

@@ -23,7 +23,7 @@ DECODER_BLOCKS = {
     "qwen2": "model.layers",
     "qwen3": "model.layers",
 }
-MODULE_SETS = ("decoder", "lm_head")
+MODULE_SETS = ("decoder", "lm_head", "vision")
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,17 @@ class LinearPlan:
     bias: bool
 
 
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The model's list of decoder blocks; ``DbquantError`` for an unknown architecture."""
+def block_path(model: nn.Module) -> str:
+    """Dotted path of the decoder block list; for a VLM, its language model's (dbquant.vlm)."""
+    from .vlm import vlm_family
+
+    row = vlm_family(model)  # raises for an unknown VLM family
+    if row is not None:
+        path = row.language_model + ".layers"
+        if not isinstance(getattr(model.get_submodule(row.language_model), "layers", None), nn.ModuleList):
+            raise DbquantError(f"{type(model).__name__}: {row.language_model} has no `layers` list; fix its "
+                               "row in dbquant/vlm.py VLM_FAMILIES")
+        return path
     model_type = getattr(model.config, "model_type", None)
     path = DECODER_BLOCKS.get(model_type)
     if path is None:
@@ -45,7 +54,12 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
             f"{sorted(DECODER_BLOCKS)}. To add a family whose decoder blocks are built of "
             "nn.Linear layers, add its model_type and block path to DECODER_BLOCKS in dbquant/plan.py"
         )
-    return model.get_submodule(path)
+    return path
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder blocks; ``DbquantError`` for an unknown architecture."""
+    return model.get_submodule(block_path(model))
 
 
 def make_plan(model: nn.Module, group_size: int = 64, offset: bool = False,
@@ -53,15 +67,15 @@ def make_plan(model: nn.Module, group_size: int = 64, offset: bool = False,
     """List the linears to quantize, in model order.
 
     Args:
-        modules: any of ``decoder`` (every nn.Linear in the decoder blocks) and ``lm_head``
-            (the output projection; unties it from the input embeddings if tied).
+        modules: any of ``decoder`` (every nn.Linear in the decoder blocks; a VLM's language
+            model's), ``lm_head`` (the output projection; unties it from the input embeddings
+            if tied) and ``vision`` (a VLM's vision tower and projector linears).
     """
     check_group_size(group_size)
     unknown = set(modules) - set(MODULE_SETS)
     if unknown or not modules:
         raise DbquantError(f"unknown module set(s) {sorted(unknown) or modules}; choose from {MODULE_SETS}")
-    blocks_path = DECODER_BLOCKS.get(getattr(model.config, "model_type", None))
-    decoder_blocks(model)  # raises for unknown architectures
+    blocks_path = block_path(model)  # raises for unknown architectures
     wanted: set[str] = set()
     if "decoder" in modules:
         wanted |= {n for n, m in model.named_modules()
@@ -69,6 +83,10 @@ def make_plan(model: nn.Module, group_size: int = 64, offset: bool = False,
     if "lm_head" in modules:
         head = model.get_output_embeddings()
         wanted |= {n for n, m in model.named_modules() if m is head}
+    if "vision" in modules:
+        from .vlm import vision_linears
+
+        wanted |= set(vision_linears(model))
     plan = []
     for name, mod in model.named_modules():
         if name in wanted:

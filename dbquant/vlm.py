@@ -1,0 +1,103 @@
+"""Vision-language models: where the language model, vision tower and projector live.
+
+The table is data, one row per family (a ``model_type`` of transformers 5.x), checked
+against each class built from a tiny random config (tests/test_vlm.py). dbquant quantizes
+the language model's decoder linears; the vision tower and projector stay in full
+precision unless asked (``--quantize-vision``: plan module set ``vision``), because they
+are a small share of the weights and errors there reach every visual token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import DbquantError
+
+
+@dataclass(frozen=True)
+class VLMFamily:
+    """Module paths (dotted, from the ``...ForConditionalGeneration`` model) of one VLM family.
+
+    language_model: the text decoder stack (its ``.layers`` are the decoder blocks).
+    vision: the vision tower. projector: the vision->text projector (may lie inside
+    ``vision``, as Qwen2-VL's merger does). image_token: the config attribute holding the
+    image placeholder token id (the positions visual features are scattered into).
+    """
+
+    classes: str  # the transformers classes this row was checked against (documentation)
+    language_model: str
+    vision: str
+    projector: str
+    image_token: str = "image_token_id"
+
+
+# To add a family: build it from a tiny random config, print its named_children, add a
+# row, and add the config to tests/test_vlm.py's FAMILIES.
+VLM_FAMILIES: dict[str, VLMFamily] = {
+    "llava": VLMFamily("LlavaForConditionalGeneration", "model.language_model", "model.vision_tower",
+                       "model.multi_modal_projector"),
+    "llava_next": VLMFamily("LlavaNextForConditionalGeneration", "model.language_model", "model.vision_tower",
+                            "model.multi_modal_projector"),
+    "llava_onevision": VLMFamily("LlavaOnevisionForConditionalGeneration", "model.language_model",
+                                 "model.vision_tower", "model.multi_modal_projector"),
+    "qwen2_vl": VLMFamily("Qwen2VLForConditionalGeneration", "model.language_model", "model.visual",
+                          "model.visual.merger"),
+    "qwen2_5_vl": VLMFamily("Qwen2_5_VLForConditionalGeneration", "model.language_model", "model.visual",
+                            "model.visual.merger"),
+    "smolvlm": VLMFamily("SmolVLMForConditionalGeneration", "model.text_model", "model.vision_model",
+                         "model.connector"),
+    "idefics3": VLMFamily("Idefics3ForConditionalGeneration", "model.text_model", "model.vision_model",
+                          "model.connector"),
+}
+
+
+def is_vlm(config) -> bool:
+    """Whether a model config (or model) describes a vision-language model (it has a vision sub-config)."""
+    config = getattr(config, "config", config)
+    return getattr(config, "vision_config", None) is not None or "vision_config" in (
+        getattr(config, "sub_configs", None) or {})
+
+
+def vlm_family(model_or_config) -> VLMFamily | None:
+    """The family row of a VLM; None for a text-only model; ``DbquantError`` for an unknown VLM."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if not is_vlm(config):
+        return None
+    row = VLM_FAMILIES.get(getattr(config, "model_type", None))
+    if row is None:
+        name = type(model_or_config).__name__ if hasattr(model_or_config, "config") else config.model_type
+        raise DbquantError(
+            f"unsupported vision-language model {name} (model_type {config.model_type!r}); dbquant knows "
+            f"{sorted(VLM_FAMILIES)}. To add it, build it from a tiny config, find the paths of its language "
+            "model (the module holding `.layers`), vision tower and projector, and add a VLMFamily row to "
+            "VLM_FAMILIES in dbquant/vlm.py (and its config to tests/test_vlm.py)")
+    return row
+
+
+def image_token_id(model_or_config) -> int:
+    """The image placeholder token id of a VLM (``DbquantError`` if the config has none)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    row = vlm_family(config)
+    tid = None if row is None else getattr(config, row.image_token, None)
+    if tid is None:
+        raise DbquantError(f"{type(model_or_config).__name__} has no image token id "
+                           f"(config.{row.image_token if row else 'image_token_id'}); is it a VLM?")
+    return int(tid)
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The module whose ``.layers`` are the decoder blocks (the model itself's ``model`` for LLMs)."""
+    row = vlm_family(model)
+    return model.get_submodule(row.language_model) if row else model.get_submodule("model")
+
+
+def vision_linears(model: nn.Module) -> list[str]:
+    """Names of every nn.Linear in the vision tower and projector, in model order."""
+    row = vlm_family(model)
+    if row is None:
+        raise DbquantError(f"module set 'vision' (--quantize-vision) needs a vision-language model; "
+                           f"{type(model).__name__} has no vision tower")
+    roots = (row.vision + ".", row.projector + ".")
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(roots)]
