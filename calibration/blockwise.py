@@ -297,79 +297,114 @@ def blockwise_reconstruct(model: nn.Module, plan: list[LinearPlan], init: dict[s
                disable=not progress, dynamic_ncols=True)
     try:
         for i in range(start_block, len(blocks)):
-            block = blocks[i]
-            orig_device = next(block.parameters()).device
-            block.to(device)
-            missing = [n for n in names[i] if n not in init]
-            if missing:  # target and statistics in one pass: fp block on fp inputs
-                ts = time.perf_counter()
-                y_fp, imp = run_block_with_stats(block, x_fp, kwargs, device, missing, f"{path}.{i}.")
-                report["stats_s"] += time.perf_counter() - ts
-                for n in missing:
-                    p = plan_by_name[n]
-                    w = model.get_submodule(n).weight.detach().float()
-                    init[n] = fdb.quantize_fdb(w, p.layout.group_size, imp[n].to(w.device), p.layout.offset, iters,
-                                               grid=10)  # training follows: a coarser search suffices
-            else:
-                y_fp = run_block(block, x_fp, kwargs, device)  # target: fp block on fp inputs
-            to_fakequant(model, names[i], init)
-            block.to(device)
-            x_in = x_q if cfg.inputs == "quant" else x_fp
-            denom = y_fp.square().mean().clamp_min(1e-30)
-            groups = param_groups(block, cfg.lr, cfg.lr_weight)
-            set_trainable(block, groups)
-            base_lrs = [g["lr"] for g in groups]
-            opt = torch.optim.Adam(groups, betas=(0.9, 0.95))
-            step0 = 0
-            if state is not None and i == start_block and start_step:
-                block.load_state_dict(_to(state["params"], device), strict=False)
-                opt.load_state_dict(state["optimizer"])
-                step0 = start_step
-            mods = fq_modules(block, f"{path}.{i}.")
-            first_loss = last_loss = None
-            for step in range(step0, cfg.steps):
-                f = cosine_factor(step, cfg.steps)
-                for g, base_lr in zip(opt.param_groups, base_lrs):
-                    g["lr"] = base_lr * f
-                idx = batch_indices(len(x_in), cfg.batch_size, step, cfg.seed, salt=i)
-                out = call_block(block, x_in[idx].to(device), kwargs)
-                loss = F.mse_loss(out.float(), y_fp[idx].to(device)) / denom
-                check_finite(loss, "block-wise", f"block {i} ({path}.{i})", step, mods)
-                loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                lv = float(loss.detach())
-                first_loss = lv if first_loss is None else first_loss
-                last_loss = lv
-                bar.update(1)
-                bar.set_postfix(block=i, loss=f"{lv:.4g}")
-                run.log({"stage": "block-wise", "block": i, "step": step, "loss": lv,
-                         "lr": opt.param_groups[0]["lr"]})
-                if run.step_done() and step + 1 < cfg.steps:
-                    run.save("state.pt", {"stage": "blockwise", "position": {"block": i, "step": step + 1},
-                                          "params": _to(_block_state(block), "cpu"),
-                                          "optimizer": opt.state_dict()})
-            block.requires_grad_(False)
-            with torch.no_grad():
-                x_q = run_block(block, x_q, kwargs, device)
-            x_fp = y_fp
-            block.to(orig_device)
-            report["blocks"].append({"block": i, "first_loss": first_loss, "last_loss": last_loss})
-            run.log({"stage": "block-wise", "block": i, "event": "block done", "first_loss": first_loss,
-                     "last_loss": last_loss})
-            run.save(f"block-{i:03d}.pt", {"params": _to(_block_state(block), "cpu")})
-            if i + 1 < len(blocks):
-                run.save(f"acts-{i + 1:03d}.pt", {"x_fp": x_fp, "x_q": x_q, "kwargs": kwargs_cpu})
-            run.save("state.pt", {"stage": "blockwise" if i + 1 < len(blocks) else "blockwise-done",
-                                  "position": {"block": i + 1, "step": 0}})
-            run.remove(f"acts-{i:03d}.pt")
+            x_fp, x_q, rep = calibrate_block(model, i, names[i], x_fp, x_q, kwargs, kwargs_cpu, init, plan_by_name,
+                                             cfg, run, device, bar, state if i == start_block else None, iters)
+            report["stats_s"] += rep.pop("stats_s")
+            report["blocks"].append(rep)
             state = None
     finally:
         bar.close()
     report["seconds"] = time.perf_counter() - t0
     return report
+
+
+def calibrate_block(model: nn.Module, i: int, names_i: list[str], x_fp: torch.Tensor, x_q: torch.Tensor,
+                    kwargs: dict, kwargs_cpu: dict, init: dict, plan_by_name: dict[str, LinearPlan],
+                    cfg: BlockwiseConfig, run: RunState, device, bar, state: dict | None = None,
+                    iters: int = 8, finish=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Calibrate decoder block ``i`` of ``model`` and return the next block's inputs.
+
+    The one code path of the stage, shared by the in-memory loop above and by layer
+    streaming (``calibration/streaming.py``), which materialises only this block.
+
+    Args:
+        names_i: the block's planned linears (full module paths); initialised here from the
+            fp block's own input statistics unless already in ``init`` (updated in place).
+        x_fp / x_q: float32 [S, T, H] on the CPU: the block's inputs on the fp chain and on the
+            quantized chain; kwargs: the block's call kwargs on ``device`` (``kwargs_cpu``: the
+            same on the CPU, for the activation checkpoint).
+        state: a mid-block checkpoint of this block to continue from (``state.pt``), or None.
+        finish: ``finish(block)`` persists the trained block (streaming packs and writes it);
+            by default its parameters go to ``block-NNN.pt``. Called before the position
+            checkpoint, so a run killed in between redoes the block instead of losing it.
+    Returns:
+        (x_fp of block i + 1, x_q of block i + 1, {"block", "first_loss", "last_loss", "stats_s"}).
+        The block's planned linears are left as trained FakeQuantLinears, back on their device.
+    """
+    path = block_path(model)
+    block = decoder_blocks(model)[i]
+    stats_s = 0.0
+    orig_device = next(block.parameters()).device
+    block.to(device)
+    missing = [n for n in names_i if n not in init]
+    if missing:  # target and statistics in one pass: fp block on fp inputs
+        ts = time.perf_counter()
+        y_fp, imp = run_block_with_stats(block, x_fp, kwargs, device, missing, f"{path}.{i}.")
+        stats_s += time.perf_counter() - ts
+        for n in missing:
+            p = plan_by_name[n]
+            w = model.get_submodule(n).weight.detach().float()
+            init[n] = fdb.quantize_fdb(w, p.layout.group_size, imp[n].to(w.device), p.layout.offset, iters,
+                                       grid=10)  # training follows: a coarser search suffices
+    else:
+        y_fp = run_block(block, x_fp, kwargs, device)  # target: fp block on fp inputs
+    to_fakequant(model, names_i, init)
+    block.to(device)
+    x_in = x_q if cfg.inputs == "quant" else x_fp
+    denom = y_fp.square().mean().clamp_min(1e-30)
+    groups = param_groups(block, cfg.lr, cfg.lr_weight)
+    set_trainable(block, groups)
+    base_lrs = [g["lr"] for g in groups]
+    opt = torch.optim.Adam(groups, betas=(0.9, 0.95))
+    step0 = 0
+    if state is not None and state["position"]["step"]:
+        block.load_state_dict(_to(state["params"], device), strict=False)
+        opt.load_state_dict(state["optimizer"])
+        step0 = state["position"]["step"]
+    mods = fq_modules(block, f"{path}.{i}.")
+    first_loss = last_loss = None
+    for step in range(step0, cfg.steps):
+        f = cosine_factor(step, cfg.steps)
+        for g, base_lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = base_lr * f
+        idx = batch_indices(len(x_in), cfg.batch_size, step, cfg.seed, salt=i)
+        out = call_block(block, x_in[idx].to(device), kwargs)
+        loss = F.mse_loss(out.float(), y_fp[idx].to(device)) / denom
+        check_finite(loss, "block-wise", f"block {i} ({path}.{i})", step, mods)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        lv = float(loss.detach())
+        first_loss = lv if first_loss is None else first_loss
+        last_loss = lv
+        bar.update(1)
+        bar.set_postfix(block=i, loss=f"{lv:.4g}")
+        run.log({"stage": "block-wise", "block": i, "step": step, "loss": lv,
+                 "lr": opt.param_groups[0]["lr"]})
+        if run.step_done() and step + 1 < cfg.steps:
+            run.save("state.pt", {"stage": "blockwise", "position": {"block": i, "step": step + 1},
+                                  "params": _to(_block_state(block), "cpu"),
+                                  "optimizer": opt.state_dict()})
+    block.requires_grad_(False)
+    with torch.no_grad():
+        x_q = run_block(block, x_q, kwargs, device)
+    x_fp = y_fp
+    block.to(orig_device)
+    run.log({"stage": "block-wise", "block": i, "event": "block done", "first_loss": first_loss,
+             "last_loss": last_loss})
+    if finish is None:
+        run.save(f"block-{i:03d}.pt", {"params": _to(_block_state(block), "cpu")})
+    else:
+        finish(block)
+    n_blocks = len(decoder_blocks(model))
+    if i + 1 < n_blocks:
+        run.save(f"acts-{i + 1:03d}.pt", {"x_fp": x_fp, "x_q": x_q, "kwargs": kwargs_cpu})
+    run.save("state.pt", {"stage": "blockwise" if i + 1 < n_blocks else "blockwise-done",
+                          "position": {"block": i + 1, "step": 0}})
+    run.remove(f"acts-{i:03d}.pt")
+    return x_fp, x_q, {"block": i, "first_loss": first_loss, "last_loss": last_loss, "stats_s": stats_s}
 
 
 def load_finished_blocks(model: nn.Module, plan: list[LinearPlan], run: RunState) -> None:
