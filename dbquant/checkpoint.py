@@ -70,8 +70,12 @@ def read_header(path: str | os.PathLike) -> dict:
     return header
 
 
-def validate_files(files: list[str], plan: list[LinearPlan]) -> None:
-    """Check that the checkpoint files hold every packed tensor the plan needs, whole and well-shaped."""
+def validate_files(files: list[str], plan: list[LinearPlan], disk_names: dict[str, str] | None = None) -> None:
+    """Check that the checkpoint files hold every packed tensor the plan needs, whole and well-shaped.
+
+    disk_names: module path -> its prefix in the files, where transformers saves under
+    other (legacy) names than the module tree's (LLaVA: ``language_model.model.layers...``).
+    """
     entries: dict[str, dict] = {}
     for f in files:
         if not str(f).endswith(".safetensors"):
@@ -83,7 +87,7 @@ def validate_files(files: list[str], plan: list[LinearPlan]) -> None:
         entries.update({k: v for k, v in header.items() if k != "__metadata__"})
     for p in plan:
         for name, (shape, dtype) in p.layout.tensor_specs().items():
-            key = f"{p.name}.{name}"
+            key = f"{(disk_names or {}).get(p.name, p.name)}.{name}"
             e = entries.get(key)
             if e is None:
                 raise DbquantError(f"checkpoint is missing tensor {key} (needed by the packed layout "
@@ -141,18 +145,19 @@ def load(path: str | os.PathLike, backend: str = "auto", dtype: torch.dtype = to
     """Load a dbquant checkpoint as a transformers model with packed linears.
 
     Same result as ``AutoModelForCausalLM.from_pretrained(path)`` after ``import dbquant``
-    (it *is* that call, after the checks that give clear errors).
+    (it *is* that call, after the checks that give clear errors; for a VLM it is
+    ``AutoModelForImageTextToText``, i.e. the VLM class's ``from_pretrained``).
 
     Args:
         backend: kernel backend of every packed linear (``auto``, ``ref``, ``cpu``, ...).
         dtype: dtype of the dense parts (embeddings, norms); float32 on CPU.
     """
-    from transformers import AutoModelForCausalLM
-
     from . import ops
+    from .vlm import auto_model_class
 
     path = Path(path)
-    qc = read_config(path).get("quantization_config")
+    config = read_config(path)
+    qc = config.get("quantization_config")
     if not qc or qc.get("quant_method") != "dbquant":
         raise DbquantError(f"{path} is not a dbquant checkpoint (config.json has no quantization_config "
                            "with quant_method 'dbquant'); quantize it with `dbquant quantize`")
@@ -160,7 +165,7 @@ def load(path: str | os.PathLike, backend: str = "auto", dtype: torch.dtype = to
     if not list(path.glob("*.safetensors")):
         raise DbquantError(f"{path} has no .safetensors weights; the checkpoint is incomplete")
     ops.resolve(backend)  # fail early on an unavailable backend
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = auto_model_class(config).from_pretrained(path, dtype=dtype)
     if backend != "auto":
         set_backend(model, backend)
     return model.eval()

@@ -97,7 +97,8 @@ class DbquantHfQuantizer(HfQuantizer):
 
         plan = self.quantization_config.plan(model)
         if checkpoint_files:
-            validate_files(checkpoint_files, plan)  # refuse missing/truncated/mis-shaped tensors up front
+            # refuse missing/truncated/mis-shaped tensors up front
+            validate_files(checkpoint_files, plan, disk_names(model, [p.name for p in plan]))
         empty_packed_modules(model, plan, backend=self.quantization_config.backend)
         return model
 
@@ -110,6 +111,25 @@ class DbquantHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def disk_names(model: PreTrainedModel, names: list[str]) -> dict[str, str]:
+    """Module path -> the name prefix ``save_pretrained`` writes its tensors under.
+
+    transformers 5 renames some families' keys on save back to their legacy layout (and
+    forward again on load); only VLMs are affected among the families dbquant supports.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from .vlm import is_vlm
+
+    if not is_vlm(model.config):
+        return {}
+    out = {}
+    for n in names:  # one key at a time: the reverted dict does not keep key order
+        (saved,) = revert_weight_conversion(model, {n + ".weight": torch.empty(0, device="meta")})
+        out[n] = saved.removesuffix(".weight")
+    return out
 
 
 def format_metadata(cfg: DbquantConfig) -> dict:

@@ -101,3 +101,14 @@ def vision_linears(model: nn.Module) -> list[str]:
                            f"{type(model).__name__} has no vision tower")
     roots = (row.vision + ".", row.projector + ".")
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(roots)]
+
+
+def auto_model_class(config: dict):
+    """The transformers Auto class that loads a model folder, from its config.json (as a dict).
+
+    VLMs load as ``AutoModelForImageTextToText`` (their ``...ForConditionalGeneration``),
+    text-only models as ``AutoModelForCausalLM``.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if "vision_config" in config else AutoModelForCausalLM
