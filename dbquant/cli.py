@@ -70,6 +70,8 @@ def cmd_quantize(a) -> int:
             raise DbquantError("quantize needs --output DIR (or --dry-run to only print the plan)")
         if Path(a.output).exists() and not a.overwrite:  # refuse before minutes of work, not after
             raise DbquantError(f"output directory {a.output} already exists; pass --overwrite to replace it")
+    if a.streaming and not a.dry_run:
+        return _quantize_streaming(a, opts)
     model, tok = load_fp_model(a.model)
     plan = make_plan(model, opts)
     _print_plan(plan, planlib.bits_summary(plan, model), out=sys.stderr if a.json else sys.stdout)
@@ -90,6 +92,28 @@ def cmd_quantize(a) -> int:
                "seconds": round(report["times"]["total_s"], 1)}
     print(json.dumps(summary) if a.json else
           f"wrote {a.output}: {report['bpw']:.4f} bits/weight over {report['layers']} linears "
+          f"in {summary['seconds']} s")
+    return 0
+
+
+def _quantize_streaming(a, opts) -> int:
+    """``quantize --streaming``: one decoder block in memory at a time (dbquant.calibration.streaming)."""
+    from transformers import AutoTokenizer
+
+    from .calibration.streaming import quantize_streaming
+    from .models import resolve_model
+
+    folder = resolve_model(a.model)
+    report = quantize_streaming(folder, AutoTokenizer.from_pretrained(folder), opts, a.output, model_id=a.model,
+                                overwrite=a.overwrite)
+    if opts.work_dir and not a.work_dir and Path(opts.work_dir).is_dir():  # the default work dir: log copied
+        import shutil
+
+        shutil.rmtree(opts.work_dir, ignore_errors=True)
+    summary = {"output": str(a.output), "bpw": report["bpw"], "checkpoint_bpw": report["checkpoint_bpw"],
+               "seconds": round(report["times"]["total_s"], 1), "streaming": True}
+    print(json.dumps(summary) if a.json else
+          f"wrote {a.output} (streaming): {report['bpw']:.4f} bits/weight over {report['layers']} linears "
           f"in {summary['seconds']} s")
     return 0
 
@@ -348,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true", help="continue an interrupted run from its work dir")
     c.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="optimizer steps between checkpoints (stage and block ends always checkpoint)")
+    c.add_argument("--streaming", action="store_true",
+                   help="layer streaming: read, calibrate, pack and write one decoder block at a time (models "
+                        "larger than memory; FDB init + block-wise only, needs --no-dad)")
     q.add_argument("--dry-run", action="store_true", help="print the per-layer plan and bits, then stop")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--json", action="store_true", help="print a JSON summary on stdout")

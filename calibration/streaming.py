@@ -1,0 +1,324 @@
+"""Layer streaming: FDB init + block-wise reconstruction of a model larger than memory.
+
+The model is built as a skeleton on the ``meta`` device (no storage). Only the input
+embedding and one decoder block at a time are materialised, read straight from the
+source safetensors shards (memory-mapped by ``safetensors.safe_open``; a shard is
+unmapped once its tensors of the block are copied out). Each block goes through the same
+:func:`~dbquant.calibration.blockwise.calibrate_block` as the in-memory path, is packed,
+written as a safetensors shard of its own and freed (back to ``meta``). Peak resident
+memory is therefore about one block (plus its optimizer state) and the calibration
+activations, not the model.
+
+Where things are while a run is going:
+
+- ``WORK/shards/block-NNNNN.safetensors``: finished blocks (each written temp-then-rename),
+- ``WORK/state.pt`` + ``WORK/acts-NNN.pt``: position and the next block's inputs (resume),
+- ``OUTPUT`` appears only at the end, in one rename: shards + the non-block tensors +
+  ``config.json`` + tokenizer, with ``model.safetensors.index.json`` written last.
+
+``--resume`` skips every block whose shard is done. DAD is not part of streaming: it runs
+the whole model end to end (``--no-dad`` is required; see docs/SCALING.md for FSDP).
+The output loads with :func:`dbquant.load` exactly like the in-memory one, and holds the
+same tensors bit for bit (``tests/test_streaming.py``).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dbquant import plan as planlib
+from dbquant.convert import pack_into
+from dbquant.errors import DbquantError
+from dbquant.plan import DECODER_BLOCKS, block_path, decoder_blocks
+
+from .blockwise import (BlockwiseConfig, INPUT_MODES, _to, block_names, calibrate_block, capture_block_inputs,
+                        export_weights)
+from .pipeline import NON_SEMANTIC, _window_sampler, pick_device
+from .runstate import RunState, make_fingerprint, tensor_digest
+
+INDEX = "model.safetensors.index.json"
+
+
+# ---------------------------------------------------------------- reading the source
+
+class ShardReader:
+    """Tensor name -> safetensors file of a HF model folder (one file or an index of shards)."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.dir = Path(model_dir)
+        index = self.dir / INDEX
+        if index.is_file():
+            wm = json.loads(index.read_text())["weight_map"]
+            self.where = {k: self.dir / f for k, f in wm.items()}
+        elif (self.dir / "model.safetensors").is_file():
+            with safe_open(self.dir / "model.safetensors", "pt") as f:
+                self.where = {k: self.dir / "model.safetensors" for k in f.keys()}
+        else:
+            raise DbquantError(f"{self.dir} has no model.safetensors nor {INDEX}; streaming reads safetensors "
+                               "weights only (re-save the model with save_pretrained(safe_serialization=True))")
+
+    def names(self, prefix: str = "") -> list[str]:
+        return [k for k in self.where if k.startswith(prefix)]
+
+    def read(self, names: list[str], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Copy the named tensors out of their (memory-mapped) files, cast to ``dtype``."""
+        from safetensors import safe_open
+
+        out = {}
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.where[n], []).append(n)
+        for path, keys in by_file.items():
+            with safe_open(path, "pt") as f:  # closed (unmapped) before the next file
+                for k in keys:
+                    out[k] = f.get_tensor(k).to(dtype)
+        return out
+
+    def digest(self) -> str:
+        """Identity of the weights without reading them all: every file's header, size and
+        three 64 KiB samples (start, middle, end). Cheap on a model of any size."""
+        h = hashlib.sha256()
+        for path in sorted(set(self.where.values())):
+            size = path.stat().st_size
+            h.update(f"{path.name}:{size}".encode())
+            with open(path, "rb") as f:
+                for off in (0, size // 2, max(0, size - 65536)):
+                    f.seek(off)
+                    h.update(f.read(65536))
+        return h.hexdigest()[:16]
+
+
+def skeleton(model_dir: str | os.PathLike) -> nn.Module:
+    """The model with every parameter on ``meta`` (no memory), float32, eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.model_type not in DECODER_BLOCKS:
+        raise DbquantError(f"streaming supports {sorted(DECODER_BLOCKS)} models, not {config.model_type!r}")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def materialize(model: nn.Module, prefix: str, reader: ShardReader) -> nn.Module:
+    """Give the submodule ``prefix`` real CPU storage and fill it from the source files (strict)."""
+    mod = model.get_submodule(prefix)
+    mod.to_empty(device="cpu")
+    names = reader.names(prefix + ".")
+    state = {k[len(prefix) + 1:]: v for k, v in reader.read(names).items()}
+    missing, unexpected = mod.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise DbquantError(f"{prefix}: the source files do not match the model config (missing {missing[:4]}, "
+                           f"unexpected {unexpected[:4]})")
+    return mod
+
+
+def free(module: nn.Module) -> None:
+    """Drop a submodule's storage (back to ``meta``)."""
+    module.to("meta")
+    gc.collect()
+
+
+def _fix_rotary(model: nn.Module) -> None:
+    """Rotary tables are computed buffers (not in the files): rebuild them on the CPU."""
+    base = model.get_submodule(block_path(model).rsplit(".", 1)[0])
+    rot = getattr(base, "rotary_emb", None)
+    if rot is not None:
+        base.rotary_emb = type(rot)(config=model.config)
+
+
+# ---------------------------------------------------------------- writing the output
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """safetensors file written to a temporary name, then renamed into place."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _shard_index(files: list[Path]) -> dict:
+    from safetensors import safe_open
+
+    weight_map, total = {}, 0
+    for path in files:
+        with safe_open(path, "pt") as f:
+            for k in f.keys():
+                weight_map[k] = path.name
+                sl = f.get_slice(k)
+                shape = sl.get_shape()
+                n = 1
+                for s in shape:
+                    n *= s
+                total += n * {"U8": 1, "F16": 2, "BF16": 2, "F32": 4, "I64": 8}.get(sl.get_dtype(), 4)
+    return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+
+
+# ---------------------------------------------------------------- the run
+
+def check_streaming(opts) -> None:
+    """Streaming covers FDB init + block-wise on the decoder; refuse what it cannot do."""
+    if opts.method != "fdb-dad" or not opts.calib:
+        raise DbquantError("--streaming needs --method fdb-dad with calibration text (it streams the block-wise "
+                           "stage); --method fdb/rtn fit in memory one linear at a time already")
+    if not opts.blockwise:
+        raise DbquantError("--streaming calibrates block by block: it cannot run with --no-blockwise")
+    if opts.dad and opts.dad_steps:
+        raise DbquantError("--streaming runs FDB init + block-wise only; DAD needs the whole model at once "
+                           "(pass --no-dad; for DAD on large models see docs/SCALING.md)")
+    if tuple(opts.modules) != ("decoder",):
+        raise DbquantError(f"--streaming quantizes the decoder blocks only (--modules decoder), not {opts.modules}")
+    if opts.bw_inputs not in INPUT_MODES:
+        raise DbquantError(f"unknown block-wise input mode {opts.bw_inputs!r}; choose from {INPUT_MODES}")
+
+
+def quantize_streaming(model_dir: str | os.PathLike, tokenizer, opts, output: str | os.PathLike,
+                       model_id: str = "", progress: bool = True, overwrite: bool = False) -> dict:
+    """Calibrate, pack and write the model in ``model_dir`` block by block into ``output``.
+
+    ``opts`` is a :class:`dbquant.quantize.QuantizeOptions` (resolved here); its ``work_dir``
+    holds the finished shards until the end. Returns the report written as
+    ``dbquant-report.json`` (options, bits, per-layer weight errors, times).
+    """
+    from dbquant.checkpoint import atomic_dir
+    from dbquant.data import load_text
+    from dbquant.hf import DbquantConfig, attach, format_metadata
+
+    opts = opts.check().resolved()
+    check_streaming(opts)
+    if opts.work_dir is None:
+        raise DbquantError("--streaming needs a work dir (it keeps the finished blocks there)")
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise DbquantError(f"output directory {out} already exists; pass --overwrite to replace it")
+    t0 = time.perf_counter()
+    times: dict[str, float] = {}
+    device = pick_device(opts.device)
+    reader = ShardReader(model_dir)
+    model = skeleton(model_dir)
+    plan = planlib.make_plan(model, opts.group_size, opts.uses_offset, tuple(opts.modules))
+    bits = planlib.bits_summary(plan, model)
+    names = block_names(model, plan)
+    plan_by_name = {p.name: p for p in plan}
+    path = block_path(model)
+    n_blocks = len(decoder_blocks(model))
+
+    t = time.perf_counter()
+    bw_b = _window_sampler(tokenizer, load_text(opts.calib, "calibration"))(opts.bw_samples, opts.bw_seq_len,
+                                                                          opts.seed + 1)
+    times["data_s"] = time.perf_counter() - t
+    o = {k: v for k, v in asdict(opts).items() if k not in NON_SEMANTIC}
+    fingerprint = make_fingerprint(model={"id": model_id, "files": reader.digest()}, options=o,
+                                   data={"blockwise": tensor_digest(bw_b)}, streaming=True)
+    run = RunState(opts.work_dir, fingerprint, resume=opts.resume, checkpoint_every=opts.checkpoint_every,
+                   overwrite=opts.overwrite)
+    shards = Path(opts.work_dir) / "shards"
+    if not opts.resume and shards.exists():
+        shutil.rmtree(shards)
+    shards.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(opts.seed)
+
+    qcfg = DbquantConfig(modules=[p.name for p in plan], group_size=opts.group_size, offset=opts.uses_offset,
+                         method=opts.method, bpw=bits)
+    meta = {"format": "pt", "dbquant": json.dumps(format_metadata(qcfg))}
+
+    state = run.resumed if (run.resumed and run.resumed.get("stage") == "blockwise") else None
+    done = run.resumed is not None and run.resumed.get("stage") == "blockwise-done"
+    start = n_blocks if done else (state["position"]["block"] if state else 0)
+    for i in range(start):
+        if not (shards / f"block-{i:05d}.safetensors").is_file():
+            raise DbquantError(f"resume: {shards}/block-{i:05d}.safetensors is missing; start over with --overwrite")
+    report: dict = {"blocks": [], "rel_weight_error": {}}
+    if start < n_blocks:
+        # Inputs of the first block to do: captured through the embedding (block 0) or from acts-NNN.pt.
+        if start == 0:
+            t = time.perf_counter()
+            embed = model.get_input_embeddings()
+            embed_name = next(n for n, m in model.named_modules() if m is embed)
+            materialize(model, embed_name, reader)
+            _fix_rotary(model)
+            x_fp, kwargs_cpu = capture_block_inputs(model, bw_b)
+            x_q = x_fp
+            free(embed)
+            times["capture_s"] = time.perf_counter() - t
+        else:
+            acts = run.load(f"acts-{start:03d}.pt")
+            if acts is None:
+                raise DbquantError(f"resume: {run.dir}/acts-{start:03d}.pt is missing; start over with --overwrite")
+            x_fp, x_q, kwargs_cpu = acts["x_fp"], acts["x_q"], acts["kwargs"]
+        kwargs = _to(kwargs_cpu, device)
+        cfg = BlockwiseConfig(steps=opts.bw_steps, batch_size=opts.bw_batch, lr=opts.bw_lr,
+                              lr_weight=opts.bw_lr_weight, inputs=opts.bw_inputs, grad_clip=opts.grad_clip,
+                              seed=opts.seed)
+        bar = tqdm(total=n_blocks * cfg.steps, initial=start * cfg.steps + (state["position"]["step"] if state else 0),
+                   desc="block-wise (streaming)", unit="step", disable=not progress, dynamic_ncols=True)
+        t = time.perf_counter()
+        try:
+            for i in range(start, n_blocks):
+                block = materialize(model, f"{path}.{i}", reader)
+                fp_w = {n: model.get_submodule(n).weight.detach().float().clone() for n in names[i]}
+                init: dict = {}
+
+                def finish(_block, i=i, init=init, fp_w=fp_w):
+                    weights = export_weights(model, names[i])
+                    for n, q in weights.items():
+                        report["rel_weight_error"][n] = float((fp_w[n] - q.dequantize()).square().sum()
+                                                              / fp_w[n].square().sum().clamp_min(1e-30))
+                    pack_into(model, weights)
+                    sd = {f"{path}.{i}.{k}": v for k, v in model.get_submodule(f"{path}.{i}").state_dict().items()}
+                    write_shard(shards / f"block-{i:05d}.safetensors", sd, meta)
+
+                x_fp, x_q, rep = calibrate_block(model, i, names[i], x_fp, x_q, kwargs, kwargs_cpu, init,
+                                                 plan_by_name, cfg, run, device, bar,
+                                                 state if i == start else None, opts.iters, finish=finish)
+                report["blocks"].append(rep)
+                del init, fp_w
+                free(model.get_submodule(f"{path}.{i}"))
+        finally:
+            bar.close()
+        times["blockwise_s"] = time.perf_counter() - t
+
+    # Everything outside the blocks (embedding, final norm, untied lm_head) is copied as float32.
+    rest_names = [n for n in reader.names() if not n.startswith(path + ".")]
+    if model.config.get_text_config().tie_word_embeddings:
+        head = model.get_output_embeddings()
+        head_name = next((n for n, m in model.named_modules() if m is head), None)
+        rest_names = [n for n in rest_names if n != f"{head_name}.weight"]
+    write_shard(shards / "rest.safetensors", reader.read(rest_names), meta)
+
+    attach(model, qcfg)
+    times["total_s"] = time.perf_counter() - t0
+    report = {"options": asdict(opts), "streaming": True, **bits, "layers": len(plan), **report, "times": times,
+              "calibration": {"fingerprint": fingerprint["hash"], "device": str(device)}}
+    files = [shards / f"block-{i:05d}.safetensors" for i in range(n_blocks)] + [shards / "rest.safetensors"]
+    with atomic_dir(out, overwrite) as tmp:
+        for f in files:  # same file system as the work dir in the usual layout; copy otherwise
+            shutil.copyfile(f, tmp / f.name)
+        model.config.save_pretrained(tmp)
+        gen = Path(model_dir) / "generation_config.json"
+        if gen.is_file():
+            shutil.copyfile(gen, tmp / gen.name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "dbquant-report.json").write_text(json.dumps({"model": model_id, **report}, indent=1))
+        log = run.log_text()
+        if log:
+            (tmp / "dbquant-log.jsonl").write_text(log)
+        (tmp / INDEX).write_text(json.dumps(_shard_index([tmp / f.name for f in files]), indent=1))  # last
+    run.finish()
+    shutil.rmtree(shards, ignore_errors=True)
+    return report
