@@ -60,7 +60,8 @@ def cmd_quantize(a) -> int:
         stage_opts["dad"] = False
     work_dir = a.work_dir or (str(Path(a.output).with_name(Path(a.output).name + ".work")) if a.output else None)
     opts = QuantizeOptions(method=a.method, group_size=a.group_size, offset=a.offset,
-                           modules=tuple(a.modules.split(",")), calib=None if a.calib == "none" else a.calib,
+                           modules=tuple(a.modules.split(",")) + (("vision",) if a.quantize_vision else ()),
+                           calib=None if a.calib == "none" else a.calib,
                            calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len, iters=a.iters,
                            seed=a.seed, preset=a.preset, device=a.device, resume=a.resume,
                            checkpoint_every=a.checkpoint_every, overwrite=a.overwrite,
@@ -82,6 +83,10 @@ def cmd_quantize(a) -> int:
     log = report.get("calibration", {}).pop("log", "")
     if log:
         extra["dbquant-log.jsonl"] = log
+    from .models import resolve_model
+    from .vlm import processor_files
+
+    extra.update(processor_files(resolve_model(a.model)))  # a VLM's image preprocessing travels with it
     save(model, a.output, tok, a.overwrite,
          extra_files={"dbquant-report.json": json.dumps({"model": a.model, **report}, indent=1), **extra})
     if opts.work_dir and not a.work_dir and Path(opts.work_dir).is_dir():  # the default work dir: log copied
@@ -142,7 +147,18 @@ def cmd_generate(a) -> int:
     model, tok, _ = _load_any(a.model, a.backend)
     if a.max_new_tokens < 1:
         raise DbquantError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
-    if not a.raw and tok.chat_template:
+    extra = {}  # pixel tensors of --image
+    if a.image:
+        from .checkpoint import is_dbquant_dir
+        from .models import resolve_model
+        from .vlm import image_prompt_inputs, vlm_family
+
+        if vlm_family(model) is None:
+            raise DbquantError(f"--image needs a vision-language model; {a.model} is a {type(model).__name__}")
+        folder = a.model if is_dbquant_dir(a.model) else resolve_model(a.model)
+        extra = image_prompt_inputs(folder, model, tok, a.image, a.prompt, chat=not a.raw)
+        ids = extra.pop("input_ids")
+    elif not a.raw and tok.chat_template:
         ids = tok.apply_chat_template([{"role": "user", "content": a.prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]
     else:
@@ -161,7 +177,7 @@ def cmd_generate(a) -> int:
             cache = make_cache(model, parse_kv(a.kv, residual=a.kv_residual))
         with torch.inference_mode():
             out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=a.sample,
-                                 pad_token_id=tok.pad_token_id or tok.eos_token_id, past_key_values=cache)
+                                 pad_token_id=tok.pad_token_id or tok.eos_token_id, past_key_values=cache, **extra)
         speed = "Hugging Face generate()"
         if cache is not None:
             from .kv import cache_nbytes
@@ -185,6 +201,8 @@ def _pick_engine(a, model) -> str:
     reason = None
     if getattr(a, "kv", None):
         reason = "--kv needs the Hugging Face generate() path (its cache plugs into it)"
+    elif getattr(a, "image", None):
+        reason = "--image needs the Hugging Face generate() path (the VLM class merges the image features)"
     else:
         try:
             check_supported(model)
@@ -335,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fdb-dad (default: FDB init, block-wise reconstruction, distillation), fdb (init only), rtn")
     q.add_argument("--group-size", type=int, default=d.group_size, help="input channels per scale group")
     q.add_argument("--offset", action="store_true", help="store a per-group offset beta (+16 bits/group)")
-    q.add_argument("--modules", default=",".join(d.modules), help="comma list of: decoder, lm_head")
+    q.add_argument("--modules", default=",".join(d.modules), help="comma list of: decoder, lm_head, vision")
+    q.add_argument("--quantize-vision", action="store_true",
+                   help="VLMs: also quantize the vision tower and projector (kept full precision by default)")
     q.add_argument("--calib", default=d.calib,
                    help="text for activation statistics: wiki, a text file/folder, hf:NAME[:CONFIG]:SPLIT, or none")
     q.add_argument("--calib-samples", type=int, default=d.calib_samples)
@@ -401,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
+    g.add_argument("--image", help="VLMs: an image file the prompt refers to (hf engine)")
     g.add_argument("--backend", default="auto")
     g.add_argument("--kv", help="quantized KV cache (hf engine): K/V such as 1.5/1.58, kivi2, hqq2, hqq1, fp")
     g.add_argument("--kv-residual", type=int, help="full-precision recent tokens of the KV cache (default 128)")

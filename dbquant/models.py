@@ -146,8 +146,34 @@ def _convert(name: str, spec: BuiltinModel, target: Path) -> None:
     log.warning("converted %s in %.0f s", name, time.perf_counter() - t0)
 
 
+def _build_testbed(target: Path) -> None:
+    """The SmolVLM test bed (dbquant.testbed) from the cached SmolLM2, atomically, with a manifest."""
+    from . import testbed
+
+    source = resolve_model("smollm2-135m")
+    log.warning("building %s from %s (once)", testbed.NAME, source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        testbed.build(source, tmp)
+        write_manifest(tmp, source={"text": "smollm2-135m", "vision_seed": testbed.SEED})
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / MANIFEST).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def resolve_model(name_or_path: str) -> Path:
     """A built-in model name or a local HF model folder -> a local folder with config.json."""
+    if name_or_path == "smolvlm-testbed":
+        target = cache_dir() / "models" / name_or_path
+        if not target.exists():
+            _build_testbed(target)
+        verify_manifest(target)
+        return target
     spec = BUILTIN_MODELS.get(name_or_path)
     if spec is not None:
         target = cache_dir() / "models" / name_or_path
@@ -164,7 +190,7 @@ def resolve_model(name_or_path: str) -> Path:
     else:
         problem = f"{name_or_path!r} is neither a built-in model nor a local model folder"
     raise DbquantError(
-        f"{problem}. Use one of the built-in models ({', '.join(sorted(BUILTIN_MODELS))}) "
+        f"{problem}. Use one of the built-in models ({', '.join(sorted(BUILTIN_MODELS) + ['smolvlm-testbed'])}) "
         "or a folder holding config.json and the weights (hub access is not assumed; download first)."
     )
 
@@ -173,11 +199,13 @@ def load_fp_model(name_or_path: str, dtype: torch.dtype = torch.float32):
     """Resolve and load a full-precision model in eval mode.
 
     Returns ``(model, tokenizer)``. Keep ``dtype=torch.float32`` on CPU: fp16 matmul is
-    ~100x slower there.
+    ~100x slower there. A VLM folder loads as its ``...ForConditionalGeneration`` class.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from .vlm import auto_model_class
 
     path = resolve_model(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = auto_model_class(json.loads((path / "config.json").read_text())).from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer

@@ -112,3 +112,61 @@ def auto_model_class(config: dict):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     return AutoModelForImageTextToText if "vision_config" in config else AutoModelForCausalLM
+
+
+# Files of a model folder that describe its image preprocessing; copied into quantized checkpoints.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def processor_files(folder) -> dict[str, str]:
+    """``{file name: text}`` of the image-processor files present in a model folder."""
+    from pathlib import Path
+
+    return {n: (Path(folder) / n).read_text() for n in PROCESSOR_FILES if (Path(folder) / n).is_file()}
+
+
+def image_prompt_inputs(folder, model, tokenizer, image_path: str, prompt: str, chat: bool = True) -> dict:
+    """Inputs for ``model.generate(**inputs)``: one image, then ``prompt``.
+
+    Uses the folder's full processor when it loads (real checkpoints: it knows the
+    family's image tokens and layout); otherwise its image processor alone, with the
+    image's placeholder tokens (as many as the vision tower yields features) put before
+    the prompt (the test bed, whose tokenizer has no image markup).
+    Returns ``input_ids`` int64 [1, T] and the processor's pixel tensors (float32).
+    """
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    try:
+        image = Image.open(image_path).convert("RGB")
+    except OSError as e:
+        raise DbquantError(f"--image {image_path}: cannot read it as an image ({e})") from None
+    try:
+        processor = AutoProcessor.from_pretrained(folder)
+        if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
+            raise TypeError("not a multimodal processor")
+    except (ImportError, OSError, TypeError, ValueError, KeyError):
+        processor = None
+    if processor is not None:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True) if chat else prompt
+        return dict(processor(images=[image], text=text, return_tensors="pt"))
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise DbquantError(f"{folder} has no image processor (preprocessor_config.json) to prepare --image ({e}); "
+                           "quantize from a folder that has one, or copy it into the checkpoint") from None
+    pixels = dict(image_processor(images=[image], return_tensors="pt"))
+    with torch.no_grad():
+        feats = model.model.get_image_features(**pixels)
+    feats = getattr(feats, "pooler_output", feats)
+    n = sum(f.shape[:-1].numel() for f in feats) if isinstance(feats, (list, tuple)) else feats.shape[:-1].numel()
+    if chat and tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    # the image first, then the (templated) prompt: the text attends to the image
+    placeholder = torch.full((1, n), image_token_id(model), dtype=ids.dtype)
+    return {"input_ids": torch.cat([placeholder, ids], dim=1), **pixels}
