@@ -290,6 +290,7 @@ def blockwise_reconstruct(model: nn.Module, plan: list[LinearPlan], init: dict[s
         x_fp, kwargs_cpu = capture_block_inputs(model, batches)
         x_q = x_fp
     kwargs = _to(kwargs_cpu, device)
+    run.sync()  # distributed: every rank has read acts-NNN.pt before rank 0 removes it
 
     report = {"blocks": [], "stats_s": 0.0}
     total = len(blocks) * cfg.steps

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from dbquant.errors import DbquantError
 
+from . import distributed
 from .blockwise import batch_indices, cosine_factor, fq_modules, param_groups, set_trainable
 from .runstate import RunState, check_finite
 
@@ -158,6 +159,12 @@ def distill(model: nn.Module, batches: torch.Tensor, teacher: dict, cfg: DADConf
     Trains the scales of every FakeQuantLinear (and their latent weights with
     ``train="scales+weights"``); everything else stays frozen. Resumes from ``run.resumed``
     when it is a DAD checkpoint.
+
+    Under torch.distributed (``calibration/distributed.py``) each rank computes the loss on
+    its equal slice of the step's global batch and DDP averages the gradients: the update is
+    the single-process one (up to float summation order). The ``teacher-entropy`` and
+    ``deviation`` weights are normalised over each rank's slice rather than the global
+    batch (``uniform``, the default, has nothing to normalise).
     """
     cfg.check()
     t0 = time.perf_counter()
@@ -171,6 +178,7 @@ def distill(model: nn.Module, batches: torch.Tensor, teacher: dict, cfg: DADConf
     base_lrs = [g["lr"] for g in groups]
     opt = torch.optim.Adam(groups, betas=(0.9, 0.95))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    net = distributed.wrap(model)  # the model itself in a single process
     state = run.resumed if (run.resumed and run.resumed.get("stage") == "dad") else None
     step0 = 0
     if state is not None and state["position"]["step"]:
@@ -189,12 +197,14 @@ def distill(model: nn.Module, batches: torch.Tensor, teacher: dict, cfg: DADConf
             f = cosine_factor(step, cfg.steps, cfg.warmup)
             for g, base in zip(opt.param_groups, base_lrs):
                 g["lr"] = base * f
-            idx = batch_indices(len(batches), cfg.batch_size, step, cfg.seed, salt=100_003)
+            idx = distributed.local_slice(batch_indices(len(batches), cfg.batch_size, step, cfg.seed, salt=100_003))
             ids = batches[idx].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits
+            logits = net(input_ids=ids, use_cache=False).logits
             loss, info = dad_loss(logits, teacher["values"][idx].to(device), teacher["indices"][idx].to(device),
                                   teacher["entropy"][idx].to(device), cfg, ids)
-            check_finite(loss, "DAD", "end-to-end", step, mods)
+            # every rank sees (and logs, and stops on) the global batch's numbers
+            loss_value, info["kl"] = distributed.mean_over_ranks([float(loss.detach()), info["kl"]])
+            check_finite(torch.tensor(loss_value), "DAD", "end-to-end", step, mods)
             loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.grad_clip)
@@ -204,7 +214,7 @@ def distill(model: nn.Module, batches: torch.Tensor, teacher: dict, cfg: DADConf
             report["last_kl"] = info["kl"]
             bar.update(1)
             bar.set_postfix(kl=f"{info['kl']:.4g}")
-            run.log({"stage": "dad", "step": step, "loss": float(loss.detach()), **info, "lr": opt.param_groups[0]["lr"]})
+            run.log({"stage": "dad", "step": step, "loss": loss_value, **info, "lr": opt.param_groups[0]["lr"]})
             if run.step_done() and step + 1 < cfg.steps:
                 run.save("state.pt", {"stage": "dad", "position": {"step": step + 1},
                                       "params": {n: p.detach().cpu().clone() for n, p in trainable.items()},

@@ -88,6 +88,7 @@ def run_fdb_dad(model, tokenizer, plan: list[LinearPlan], opts, model_id: str = 
               "dad": None if dad_b is None else tensor_digest(dad_b)})
     run = RunState(opts.work_dir, fingerprint, resume=opts.resume, checkpoint_every=opts.checkpoint_every,
                    overwrite=opts.overwrite)
+    run.sync()  # distributed: every rank has read state.pt before rank 0 may replace it
     torch.manual_seed(opts.seed)
     report: dict = {"fingerprint": fingerprint["hash"], "device": str(device)}
 

@@ -91,8 +91,12 @@ class RunState:
     """The work dir of one calibration run: checkpoints, log, fingerprint, step counter."""
 
     def __init__(self, work_dir: str | os.PathLike | None, fingerprint: dict, resume: bool = False,
-                 checkpoint_every: int = 0, overwrite: bool = False):
+                 checkpoint_every: int = 0, overwrite: bool = False, writer: bool | None = None):
+        from .distributed import is_writer
+
         self.dir = None if work_dir is None else Path(work_dir)
+        # Under torch.distributed only rank 0 writes; the other ranks read the same files on resume.
+        self.writer = is_writer() if writer is None else writer
         self.fingerprint = fingerprint
         self.checkpoint_every = checkpoint_every
         self.steps_this_process = 0
@@ -104,7 +108,8 @@ class RunState:
         if state_path.exists() and not resume and not overwrite:
             raise DbquantError(f"work dir {self.dir} holds a checkpoint of an earlier run; pass --resume to "
                                "continue it or --overwrite to start over")
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.writer:
+            self.dir.mkdir(parents=True, exist_ok=True)
         if resume:
             if not state_path.exists():
                 raise DbquantError(f"--resume: no checkpoint in {self.dir} (state.pt is missing); "
@@ -112,7 +117,7 @@ class RunState:
             state = self._load_file(state_path)
             self.resumed = state
             self.log({"event": "resume", "stage": state.get("stage"), "position": state.get("position")})
-        else:
+        elif self.writer:
             for f in self.dir.glob("*.pt"):
                 f.unlink()
             self.log({"event": "start", "fingerprint": fingerprint["hash"]})
@@ -135,7 +140,7 @@ class RunState:
         return self._check(obj, path)
 
     def save(self, name: str, payload: dict) -> None:
-        if self.dir is None:
+        if self.dir is None or not self.writer:
             return
         atomic_save({"version": STATE_VERSION, "fingerprint": self.fingerprint, **payload}, self.dir / name)
 
@@ -145,12 +150,12 @@ class RunState:
         return self._load_file(self.dir / name)
 
     def remove(self, name: str) -> None:
-        if self.dir is not None and (self.dir / name).exists():
+        if self.writer and self.dir is not None and (self.dir / name).exists():
             (self.dir / name).unlink()
 
     def finish(self) -> None:
         """Drop the checkpoints of a completed run (the log stays)."""
-        if self.dir is None:
+        if self.dir is None or not self.writer:
             return
         self.log({"event": "done", "seconds": round(time.perf_counter() - self.t0, 2)})
         for f in self.dir.glob("*.pt"):
@@ -158,7 +163,7 @@ class RunState:
 
     # ---------------------------------------------------------------- log & steps
     def log(self, record: dict) -> None:
-        if self.dir is None:
+        if self.dir is None or not self.writer:
             return
         record = {"t": round(time.perf_counter() - self.t0, 3), **record}
         with open(self.dir / "log.jsonl", "a") as f:
@@ -168,6 +173,13 @@ class RunState:
         if self.dir is None or not (self.dir / "log.jsonl").exists():
             return ""
         return (self.dir / "log.jsonl").read_text()
+
+    def sync(self) -> None:
+        """Wait for every rank (distributed runs): called after resume reads, before rank 0
+        may replace or remove the files just read."""
+        from .distributed import barrier
+
+        barrier()
 
     def step_done(self) -> bool:
         """Count an optimizer step; True when a periodic checkpoint is due. Fires the test hook."""

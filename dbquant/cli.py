@@ -48,10 +48,7 @@ def _print_plan(plan, bits, out=sys.stdout) -> None:
 
 
 def cmd_quantize(a) -> int:
-    from .checkpoint import save
-    from .models import load_fp_model
-    from .quantize import QuantizeOptions, make_plan, quantize
-    from . import plan as planlib
+    from .quantize import QuantizeOptions
 
     stage_opts = {k: getattr(a, k) for k in STAGE_FLAGS if getattr(a, k) is not None}
     if a.no_blockwise:
@@ -71,14 +68,37 @@ def cmd_quantize(a) -> int:
             raise DbquantError("quantize needs --output DIR (or --dry-run to only print the plan)")
         if Path(a.output).exists() and not a.overwrite:  # refuse before minutes of work, not after
             raise DbquantError(f"output directory {a.output} already exists; pass --overwrite to replace it")
-    if a.streaming and not a.dry_run:
-        return _quantize_streaming(a, opts)
+    from .calibration import distributed
+
+    # torchrun sets WORLD_SIZE: DAD then runs data parallel over the ranks (rank 0 writes)
+    started = distributed.init_from_env(opts.device) if not a.dry_run else False
+    try:
+        if a.streaming and not a.dry_run:
+            if distributed.world_size() > 1:
+                raise DbquantError("--streaming runs in one process (it has no DAD to spread); "
+                                   "launch it without torchrun")
+            return _quantize_streaming(a, opts)
+        return _quantize_in_memory(a, opts)
+    finally:
+        if started:
+            distributed.close()
+
+
+def _quantize_in_memory(a, opts) -> int:
+    from . import plan as planlib
+    from .calibration.distributed import is_writer
+    from .checkpoint import save
+    from .models import load_fp_model
+    from .quantize import make_plan, quantize
+
     model, tok = load_fp_model(a.model)
     plan = make_plan(model, opts)
     _print_plan(plan, planlib.bits_summary(plan, model), out=sys.stderr if a.json else sys.stdout)
     if a.dry_run:
         return 0
     report = quantize(model, tok, opts, model_id=a.model)
+    if not is_writer():  # distributed: every rank holds the same result; rank 0 writes it
+        return 0
     extra = {}
     log = report.get("calibration", {}).pop("log", "")
     if log:
