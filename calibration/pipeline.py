@@ -91,6 +91,11 @@ def run_fdb_dad(model, tokenizer, plan: list[LinearPlan], opts, model_id: str = 
     run.sync()  # distributed: every rank has read state.pt before rank 0 may replace it
     torch.manual_seed(opts.seed)
     report: dict = {"fingerprint": fingerprint["hash"], "device": str(device)}
+    # a VLM without --calib-images is calibrated on text through its language model alone: say so
+    from dbquant.vlm import calibration_inputs
+
+    report["inputs"] = calibration_inputs(model)
+    run.log({"stage": "data", "inputs": report["inputs"]})
 
     # 1-2: init (scales only on disk: the bits follow from the fp weights). With block-wise on,
     # decoder linears are initialised inside the block loop from that stage's own activations

@@ -170,3 +170,8 @@ def image_prompt_inputs(folder, model, tokenizer, image_path: str, prompt: str, 
     # the image first, then the (templated) prompt: the text attends to the image
     placeholder = torch.full((1, n), image_token_id(model), dtype=ids.dtype)
     return {"input_ids": torch.cat([placeholder, ids], dim=1), **pixels}
+
+
+def calibration_inputs(model: nn.Module) -> str:
+    """What the calibration stages feed (recorded in the run log and report)."""
+    return "text-only (language model)" if vlm_family(model) is not None else "text"

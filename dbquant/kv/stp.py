@@ -45,3 +45,52 @@ def protected_tokens(visual_mask: torch.Tensor, embeddings: torch.Tensor, ratio:
         sim = e[b, vis] @ anchor
         out[b, vis[sim.topk(k).indices]] = True
     return out
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def vlm_input_embeddings(model, inputs: dict) -> torch.Tensor:
+    """The language model's input embeddings of a VLM's multimodal inputs (image features merged in).
+
+    inputs: what ``model(**inputs)`` takes (``input_ids`` int64 [B, T], pixel tensors).
+    Returns float [B, T, hidden]: captured at the language model's entry, so the vision tower
+    and projector run and the decoder does not.
+    """
+    from ..vlm import vlm_family
+
+    row = vlm_family(model)
+    if row is None:
+        raise DbquantError(f"STP for images needs a vision-language model, not a {type(model).__name__}")
+    seen = {}
+
+    def pre_hook(_mod, args, kwargs):
+        seen["e"] = kwargs.get("inputs_embeds")
+        raise _Stop
+
+    handle = model.get_submodule(row.language_model).register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        model(**inputs, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if seen.get("e") is None:
+        raise DbquantError(f"{type(model).__name__} did not pass inputs_embeds to its language model; "
+                           "STP cannot see the merged image features")
+    return seen["e"]
+
+
+def vlm_protected_tokens(model, inputs: dict, ratio: float = 0.2) -> torch.Tensor:
+    """STP mask of a VLM prompt: visual tokens are those holding the model's image token id.
+
+    Returns bool [B, T] for ``make_cache(model, "1.5/1.58", protected=...)``: the top
+    ``ratio`` of each row's visual tokens by similarity of their merged embeddings (the
+    projected image features) to the mean text-token embedding.
+    """
+    from ..vlm import image_token_id
+
+    visual = inputs["input_ids"] == image_token_id(model)
+    return protected_tokens(visual, vlm_input_embeddings(model, inputs), ratio)

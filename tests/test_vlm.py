@@ -1,0 +1,191 @@
+"""VLMs (issue 7): part finding per family, language-model-only quantization, checkpoints, STP.
+
+Every family of dbquant.vlm.VLM_FAMILIES is built from a tiny random config offline
+(tests/tiny_vlms.py). The real-backbone test bed (smolvlm-testbed) is tested in
+test_vlm_testbed.py.
+"""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import dbquant
+from dbquant.errors import DbquantError
+from dbquant.nn import PackedLinear
+from dbquant.plan import make_plan
+from dbquant.quantize import QuantizeOptions, quantize
+from dbquant.vlm import VLM_FAMILIES, image_token_id, vision_linears, vlm_family
+
+from .conftest import TINY_TEXT, make_tiny_model
+from .tiny_vlms import IMAGE_TOKEN, image_inputs, make_tiny_vlm
+
+FAMILIES = sorted(VLM_FAMILIES)
+
+
+def _vision_state(model) -> dict[str, torch.Tensor]:
+    row = vlm_family(model)
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if k.startswith((row.vision + ".", row.projector + "."))}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plan_selects_the_language_model_only(family):
+    model = make_tiny_vlm(family)
+    row = vlm_family(model)
+    plan = make_plan(model, 32)
+    lm_linears = [n for n, m in model.get_submodule(row.language_model).named_modules() if isinstance(m, nn.Linear)]
+    assert [p.name for p in plan] == [f"{row.language_model}.{n}" for n in lm_linears]
+    assert len(plan) == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    vis = vision_linears(model)
+    assert vis and all(n.startswith((row.vision + ".", row.projector + ".")) for n in vis)
+    with_vision = [p.name for p in make_plan(model, 32, modules=("decoder", "vision"))]
+    assert sorted(with_vision) == sorted([p.name for p in plan] + vis)
+    assert image_token_id(model) == IMAGE_TOKEN
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantize_save_load_generate(tmp_path, family):
+    model = make_tiny_vlm(family)
+    vision_before = _vision_state(model)
+    inputs = image_inputs(model)
+    quantize(model, None, QuantizeOptions(method="fdb", calib=None, group_size=32), progress=False)
+    after = _vision_state(model)
+    assert after.keys() == vision_before.keys()
+    assert all(torch.equal(after[k], v) for k, v in vision_before.items())  # vision tower untouched
+    assert not any(isinstance(m, PackedLinear) for m in model.get_submodule(vlm_family(model).vision).modules())
+    with torch.no_grad():
+        expect = model(**inputs).logits
+    dbquant.save(model, tmp_path / "q")
+    a = dbquant.load(tmp_path / "q")
+    b = type(model).from_pretrained(tmp_path / "q")
+    assert type(a) is type(model)
+    with torch.no_grad():
+        assert torch.equal(a(**inputs).logits, expect)
+        assert torch.equal(b(**inputs).logits, expect)
+    out = a.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 3)
+
+
+@pytest.mark.parametrize("family", ["smolvlm", "qwen2_vl"])
+def test_quantize_vision_packs_the_tower(tmp_path, family):
+    model = make_tiny_vlm(family)
+    inputs = image_inputs(model)
+    quantize(model, None, QuantizeOptions(method="fdb", calib=None, group_size=32, modules=("decoder", "vision")),
+             progress=False)
+    row = vlm_family(model)
+    packed = [n for n, m in model.named_modules() if isinstance(m, PackedLinear)]
+    assert any(n.startswith(row.vision + ".") for n in packed) and any(n.startswith(row.projector + ".")
+                                                                        for n in packed)
+    dbquant.save(model, tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(dbquant.load(tmp_path / "q")(**inputs).logits, model(**inputs).logits)
+
+
+@pytest.mark.parametrize("family", ["smolvlm", "llava", "qwen2_vl"])
+def test_fdb_dad_calibrates_text_only_through_the_language_model(tmp_path, tiny_tokenizer, family):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TINY_TEXT)
+    model = make_tiny_vlm(family)
+    vision_before = _vision_state(model)
+    report = quantize(model, tiny_tokenizer, QuantizeOptions(
+        preset="fast", calib=str(calib), group_size=32, bw_samples=4, bw_seq_len=32, bw_steps=3, dad_samples=4,
+        dad_seq_len=32, dad_steps=2, work_dir=str(tmp_path / "work")), progress=False)
+    assert report["calibration"]["inputs"] == "text-only (language model)"
+    assert len(report["calibration"]["blockwise"]["blocks"]) == 2
+    assert all(b["last_loss"] is not None for b in report["calibration"]["blockwise"]["blocks"])
+    assert all(torch.equal(_vision_state(model)[k], v) for k, v in vision_before.items())
+    with torch.no_grad():
+        assert torch.isfinite(model(**image_inputs(model)).logits).all()
+
+
+def test_unknown_vlm_family_is_refused():
+    import transformers as T
+
+    from .tiny_vlms import CLIP_LIKE, TEXT
+
+    cfg = T.LlavaNextVideoConfig(text_config=T.LlamaConfig(**TEXT), vision_config=T.CLIPVisionConfig(**CLIP_LIKE),
+                                 image_token_id=IMAGE_TOKEN, video_token_id=291, image_grid_pinpoints=[[32, 32]])
+    model = T.LlavaNextVideoForConditionalGeneration(cfg)
+    with pytest.raises(DbquantError, match="LlavaNextVideoForConditionalGeneration.*VLM_FAMILIES in dbquant/vlm.py"):
+        make_plan(model, 32)
+    with pytest.raises(DbquantError, match="unsupported vision-language model"):
+        quantize(model, None, QuantizeOptions(method="fdb", calib=None), progress=False)
+
+
+def test_vision_module_set_needs_a_vlm():
+    with pytest.raises(DbquantError, match="needs a vision-language model"):
+        make_plan(make_tiny_model(), 32, modules=("decoder", "vision"))
+
+
+def test_saved_tensor_names_follow_transformers_legacy_layout(tmp_path):
+    """LLaVA saves its language model as language_model.model.*; the loader's checks must find it."""
+    model = make_tiny_vlm("llava")
+    quantize(model, None, QuantizeOptions(method="fdb", calib=None, group_size=32), progress=False)
+    dbquant.save(model, tmp_path / "q")
+    from dbquant.checkpoint import read_header
+
+    keys = set(read_header(tmp_path / "q" / "model.safetensors"))
+    assert "language_model.model.layers.0.self_attn.q_proj.qweight" in keys
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["quantization_config"]["modules"][0] == "model.language_model.layers.0.self_attn.q_proj"
+    # a truly missing tensor is still caught under the legacy name
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(tmp_path / "q" / "model.safetensors")
+    del sd["language_model.model.layers.1.mlp.down_proj.scales"]
+    save_file(sd, tmp_path / "q" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(DbquantError, match="missing tensor language_model.model.layers.1.mlp.down_proj.scales"):
+        dbquant.load(tmp_path / "q")
+
+
+# ------------------------------------------------------------------ STP
+
+
+@pytest.mark.parametrize("family", ["smolvlm", "llava_next", "qwen2_vl"])
+def test_stp_positions_come_from_the_image_token(family):
+    from dbquant.kv.stp import vlm_input_embeddings, vlm_protected_tokens
+
+    model = make_tiny_vlm(family)
+    inputs = image_inputs(model, text_ids=[5, 6, 7, 8, 9, 10, 11, 12])
+    visual = inputs["input_ids"] == IMAGE_TOKEN
+    mask = vlm_protected_tokens(model, inputs, ratio=0.5)
+    assert mask.shape == visual.shape and mask.dtype == torch.bool
+    assert not (mask & ~visual).any()  # only visual tokens are protected
+    assert int(mask.sum()) == -(-int(visual.sum()) // 2)  # ceil(0.5 * n_visual)
+    # the merged embeddings differ from the token embeddings exactly at the image positions
+    emb = vlm_input_embeddings(model, inputs)
+    plain = model.get_input_embeddings()(inputs["input_ids"])
+    assert torch.equal(emb[~visual], plain[~visual]) and not torch.allclose(emb[visual], plain[visual])
+    # the chosen tokens are the visual ones most similar to the mean text embedding
+    e = torch.nn.functional.normalize(emb[0], dim=-1)
+    anchor = torch.nn.functional.normalize(e[~visual[0]].mean(0), dim=0)
+    sim = (e @ anchor)[visual[0]]
+    assert sim[mask[0][visual[0]]].min() >= sim[~mask[0][visual[0]]].max()
+
+
+def test_stp_cache_keeps_protected_values_at_two_bits():
+    """Protected visual tokens in a VidKV cache decode closer to the truth than unprotected ones."""
+    from dbquant.kv import make_cache, parse_kv
+    from dbquant.kv.stp import vlm_protected_tokens
+
+    model = make_tiny_vlm("smolvlm")
+    inputs = image_inputs(model, text_ids=list(range(5, 65)))  # 4 visual + 60 text tokens
+    mask = vlm_protected_tokens(model, inputs, ratio=0.5)
+    fp = make_cache(model, "fp")
+    from dbquant.kv.spec import KVSpec
+
+    # everything packed: no full-precision tail, and no attention-sink tokens where the spec has them
+    overrides = {"residual": 0, **({"sink": 0} if "sink" in KVSpec.__dataclass_fields__ else {})}
+    q = make_cache(model, parse_kv("1.5/1.58", **overrides), protected=mask)
+    with torch.no_grad():
+        model(**inputs, past_key_values=fp)
+        model(**inputs, past_key_values=q)
+    layer = q.layers[0]
+    assert layer.n_packed == 64
+    _, v = layer.dequantized()
+    err = (v - fp.layers[0].values[..., :64, :]).square().mean(dim=(0, 1, 3))
+    pos = mask[0].nonzero(as_tuple=True)[0]
+    unprot_visual = ((inputs["input_ids"][0] == IMAGE_TOKEN) & ~mask[0]).nonzero(as_tuple=True)[0]
+    assert err[pos].mean() < err[unprot_visual].mean()
