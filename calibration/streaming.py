@@ -2,8 +2,10 @@
 
 The model is built as a skeleton on the ``meta`` device (no storage). Only the input
 embedding and one decoder block at a time are materialised, read straight from the
-source safetensors shards (memory-mapped by ``safetensors.safe_open``; a shard is
-unmapped once its tensors of the block are copied out). Each block goes through the same
+source safetensors shards into the block's own storage (:class:`ShardReader`: plain reads
+at the offsets of the safetensors header, no memory map, no intermediate copy; the
+embedding, final norm and untied head are copied to the output piecewise, never whole).
+Each block goes through the same
 :func:`~dbquant.calibration.blockwise.calibrate_block` as the in-memory path, is packed,
 written as a safetensors shard of its own and freed (back to ``meta``). Peak resident
 memory is therefore about one block (plus its optimizer state) and the calibration
@@ -52,46 +54,122 @@ INDEX = "model.safetensors.index.json"
 
 # ---------------------------------------------------------------- reading the source
 
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64}
+_CHUNK = 16 << 20  # bytes per read when a tensor is converted or copied piecewise
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    """(offset of the data section, header dict) of a safetensors file."""
+    from dbquant.checkpoint import read_header
+
+    header = read_header(path)  # checks the file is whole
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+    return 8 + n, header
+
+
 class ShardReader:
-    """Tensor name -> safetensors file of a HF model folder (one file or an index of shards)."""
+    """The tensors of a HF model folder (one safetensors file or an index of shards), read on demand.
+
+    Reads are plain ``readinto`` calls straight into the destination tensor's storage, not
+    memory maps: a mapped file's touched pages count as resident memory while it stays
+    mapped, and a copy out of the map doubles the block for a moment. Converting dtypes
+    (e.g. bf16 sources into the float32 model) goes through 16 MiB pieces.
+    """
 
     def __init__(self, model_dir: str | os.PathLike):
-        from safetensors import safe_open
-
         self.dir = Path(model_dir)
         index = self.dir / INDEX
         if index.is_file():
-            wm = json.loads(index.read_text())["weight_map"]
-            self.where = {k: self.dir / f for k, f in wm.items()}
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         elif (self.dir / "model.safetensors").is_file():
-            with safe_open(self.dir / "model.safetensors", "pt") as f:
-                self.where = {k: self.dir / "model.safetensors" for k in f.keys()}
+            files = ["model.safetensors"]
         else:
             raise DbquantError(f"{self.dir} has no model.safetensors nor {INDEX}; streaming reads safetensors "
                                "weights only (re-save the model with save_pretrained(safe_serialization=True))")
+        self.entries: dict[str, tuple[Path, int, dict]] = {}  # name -> (file, data offset, header entry)
+        for name in files:
+            path = self.dir / name
+            base, header = _header(path)
+            for k, v in header.items():
+                if k != "__metadata__":
+                    if v["dtype"] not in _DTYPES:
+                        raise DbquantError(f"{path}: tensor {k} has dtype {v['dtype']}, which streaming cannot read")
+                    self.entries[k] = (path, base, v)
 
     def names(self, prefix: str = "") -> list[str]:
-        return [k for k in self.where if k.startswith(prefix)]
+        return [k for k in self.entries if k.startswith(prefix)]
 
-    def read(self, names: list[str], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """Copy the named tensors out of their (memory-mapped) files, cast to ``dtype``."""
-        from safetensors import safe_open
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name][2]["shape"])
 
-        out = {}
-        by_file: dict[Path, list[str]] = {}
-        for n in names:
-            by_file.setdefault(self.where[n], []).append(n)
-        for path, keys in by_file.items():
-            with safe_open(path, "pt") as f:  # closed (unmapped) before the next file
-                for k in keys:
-                    out[k] = f.get_tensor(k).to(dtype)
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Fill the contiguous CPU tensor ``out`` with tensor ``name`` (converted to ``out.dtype``)."""
+        path, base, e = self.entries[name]
+        if tuple(out.shape) != tuple(e["shape"]):
+            raise DbquantError(f"{path}: {name} is {e['shape']} in the file but {list(out.shape)} in the model config")
+        src = _DTYPES[e["dtype"]]
+        start, end = e["data_offsets"]
+        flat = out.view(-1)
+        with open(path, "rb", buffering=0) as f:
+            f.seek(base + start)
+            if src == out.dtype:
+                view = memoryview(flat.view(torch.uint8).numpy())
+                got = 0
+                while got < len(view):  # readinto may return short counts
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise DbquantError(f"{path} is truncated while reading {name}")
+                    got += n
+            else:
+                per = max(1, _CHUNK // src.itemsize)
+                for i in range(0, flat.numel(), per):
+                    n = min(per, flat.numel() - i)
+                    raw = f.read(n * src.itemsize)
+                    flat[i:i + n] = torch.frombuffer(bytearray(raw), dtype=src)
         return out
+
+    def read(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.read_into(name, torch.empty(self.shape(name), dtype=dtype))
+
+    def copy_to_shard(self, names: list[str], dest: Path, metadata: dict[str, str]) -> None:
+        """Write the named tensors as float32 into a new safetensors file, piece by piece
+        (an embedding never sits in memory whole); temp file, then rename."""
+        header: dict = {"__metadata__": metadata}
+        off = 0
+        for n in names:
+            numel = 1
+            for d in self.shape(n):
+                numel *= d
+            header[n] = {"dtype": "F32", "shape": list(self.shape(n)), "data_offsets": [off, off + 4 * numel]}
+            off += 4 * numel
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data section 8-byte aligned, as safetensors writes it
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as out:
+            out.write(len(raw).to_bytes(8, "little"))
+            out.write(raw)
+            for n in names:
+                path, base, e = self.entries[n]
+                src = _DTYPES[e["dtype"]]
+                start, end = e["data_offsets"]
+                with open(path, "rb") as f:
+                    f.seek(base + start)
+                    left = end - start
+                    while left:
+                        raw = f.read(min(_CHUNK - _CHUNK % src.itemsize, left))
+                        left -= len(raw)
+                        if src != torch.float32:
+                            raw = torch.frombuffer(bytearray(raw), dtype=src).float().numpy().tobytes()
+                        out.write(raw)
+        os.replace(tmp, dest)
 
     def digest(self) -> str:
         """Identity of the weights without reading them all: every file's header, size and
         three 64 KiB samples (start, middle, end). Cheap on a model of any size."""
         h = hashlib.sha256()
-        for path in sorted(set(self.where.values())):
+        for path in sorted({p for p, _, _ in self.entries.values()}):
             size = path.stat().st_size
             h.update(f"{path.name}:{size}".encode())
             with open(path, "rb") as f:
@@ -114,15 +192,20 @@ def skeleton(model_dir: str | os.PathLike) -> nn.Module:
 
 
 def materialize(model: nn.Module, prefix: str, reader: ShardReader) -> nn.Module:
-    """Give the submodule ``prefix`` real CPU storage and fill it from the source files (strict)."""
+    """Give the submodule ``prefix`` real CPU storage and read its tensors into it (all must be there)."""
     mod = model.get_submodule(prefix)
-    mod.to_empty(device="cpu")
-    names = reader.names(prefix + ".")
-    state = {k[len(prefix) + 1:]: v for k, v in reader.read(names).items()}
-    missing, unexpected = mod.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    expected = list(mod.state_dict().keys())  # persistent tensors only (rotary tables are computed)
+    have = set(reader.names(prefix + "."))
+    missing = [k for k in expected if f"{prefix}.{k}" not in have]
+    extra = sorted(have - {f"{prefix}.{k}" for k in expected})
+    if missing or extra:
         raise DbquantError(f"{prefix}: the source files do not match the model config (missing {missing[:4]}, "
-                           f"unexpected {unexpected[:4]})")
+                           f"unexpected {extra[:4]})")
+    mod.to_empty(device="cpu")
+    tensors = {**dict(mod.named_parameters()), **dict(mod.named_buffers())}
+    with torch.no_grad():
+        for k in expected:
+            reader.read_into(f"{prefix}.{k}", tensors[k].data)
     return mod
 
 
@@ -269,15 +352,15 @@ def quantize_streaming(model_dir: str | os.PathLike, tokenizer, opts, output: st
         t = time.perf_counter()
         try:
             for i in range(start, n_blocks):
-                block = materialize(model, f"{path}.{i}", reader)
-                fp_w = {n: model.get_submodule(n).weight.detach().float().clone() for n in names[i]}
+                materialize(model, f"{path}.{i}", reader)
                 init: dict = {}
 
-                def finish(_block, i=i, init=init, fp_w=fp_w):
+                def finish(_block, i=i):
                     weights = export_weights(model, names[i])
-                    for n, q in weights.items():
-                        report["rel_weight_error"][n] = float((fp_w[n] - q.dequantize()).square().sum()
-                                                              / fp_w[n].square().sum().clamp_min(1e-30))
+                    for n, q in weights.items():  # the fp weight read again, one linear at a time
+                        w = reader.read(f"{n}.weight")
+                        report["rel_weight_error"][n] = float((w - q.dequantize()).square().sum()
+                                                              / w.square().sum().clamp_min(1e-30))
                     pack_into(model, weights)
                     sd = {f"{path}.{i}.{k}": v for k, v in model.get_submodule(f"{path}.{i}").state_dict().items()}
                     write_shard(shards / f"block-{i:05d}.safetensors", sd, meta)
@@ -286,7 +369,7 @@ def quantize_streaming(model_dir: str | os.PathLike, tokenizer, opts, output: st
                                                  plan_by_name, cfg, run, device, bar,
                                                  state if i == start else None, opts.iters, finish=finish)
                 report["blocks"].append(rep)
-                del init, fp_w
+                del init
                 free(model.get_submodule(f"{path}.{i}"))
         finally:
             bar.close()
@@ -298,7 +381,7 @@ def quantize_streaming(model_dir: str | os.PathLike, tokenizer, opts, output: st
         head = model.get_output_embeddings()
         head_name = next((n for n, m in model.named_modules() if m is head), None)
         rest_names = [n for n in rest_names if n != f"{head_name}.weight"]
-    write_shard(shards / "rest.safetensors", reader.read(rest_names), meta)
+    reader.copy_to_shard(rest_names, shards / "rest.safetensors", meta)
 
     attach(model, qcfg)
     times["total_s"] = time.perf_counter() - t0

@@ -31,6 +31,15 @@ def sharded_dir(tmp_path_factory, tiny_tokenizer):
     return d
 
 
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory, tiny_tokenizer):
+    """bf16 weights on disk: streaming converts them to float32 piecewise, as from_pretrained does whole."""
+    d = tmp_path_factory.mktemp("tiny-bf16")
+    make_tiny_model(vocab_size=len(tiny_tokenizer), seed=2).to(torch.bfloat16).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
 @pytest.fixture
 def text_file(tmp_path):
     f = tmp_path / "calib.txt"
@@ -59,9 +68,10 @@ def _in_memory(model_dir, opts, out):
     return _tensors(out)
 
 
-@pytest.mark.parametrize("source", ["single", "sharded"])
-def test_streaming_output_is_identical_to_in_memory(tmp_path, tiny_model_dir, sharded_dir, text_file, source):
-    src = tiny_model_dir if source == "single" else sharded_dir
+@pytest.mark.parametrize("source", ["single", "sharded", "bf16"])
+def test_streaming_output_is_identical_to_in_memory(tmp_path, tiny_model_dir, sharded_dir, bf16_dir, text_file,
+                                                    source):
+    src = {"single": tiny_model_dir, "sharded": sharded_dir, "bf16": bf16_dir}[source]
     tok = load_fp_model(str(src))[1]
     ref = _in_memory(src, _opts(text_file, tmp_path / "w1"), tmp_path / "mem")
     rep = quantize_streaming(src, tok, _opts(text_file, tmp_path / "w2"), tmp_path / "stream", progress=False)
