@@ -150,7 +150,8 @@ def cmd_eval(a) -> int:
     kv = None
     if a.protocol == "kv-ppl" or a.kv:  # options of dbquant.kv.protocol.evaluate_kv
         kv = {"kv": a.kv, "n_windows": a.windows, "seq_len": a.seq_len, "residual": a.kv_residual,
-              "group": a.kv_group, "fft": False if a.kv_no_fft else None, "scale_dtype": a.kv_scales}
+              "sink": a.kv_sink, "group": a.kv_group, "fft": False if a.kv_no_fft else None,
+              "scale_dtype": a.kv_scales}
     res = evaluate(model, tok, a.protocol, n_windows=a.windows or 32, seq_len=a.seq_len or 512, kv=kv)
     res = {"model": a.model, "bpw": bpw, **res}
     if a.json:
@@ -194,7 +195,7 @@ def cmd_generate(a) -> int:
         if a.kv:
             from .kv import make_cache, parse_kv
 
-            cache = make_cache(model, parse_kv(a.kv, residual=a.kv_residual))
+            cache = make_cache(model, parse_kv(a.kv, residual=a.kv_residual, sink=a.kv_sink))
         with torch.inference_mode():
             out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=a.sample,
                                  pad_token_id=tok.pad_token_id or tok.eos_token_id, past_key_values=cache, **extra)
@@ -427,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: wiki 512, kv-ppl 1024)")
     e.add_argument("--kv", help="KV cache for --protocol kv-ppl: fp, K/V (e.g. 1.5/1.58, 2/2), kivi2, hqq2, hqq1")
     e.add_argument("--kv-residual", type=int, help="full-precision recent tokens (default 128; 0: whole prefix)")
+    e.add_argument("--kv-sink", type=int, help="first tokens kept in full precision (attention sinks; default 1)")
     e.add_argument("--kv-group", type=int, help="tokens per quantization group (default 32)")
     e.add_argument("--kv-no-fft", action="store_true", help="VidKV keys without the FFT (ablation)")
     e.add_argument("--kv-scales", choices=("fp16", "fp8"), help="stored scale width (default fp16)")
@@ -445,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="auto")
     g.add_argument("--kv", help="quantized KV cache (hf engine): K/V such as 1.5/1.58, kivi2, hqq2, hqq1, fp")
     g.add_argument("--kv-residual", type=int, help="full-precision recent tokens of the KV cache (default 128)")
+    g.add_argument("--kv-sink", type=int, help="first tokens kept in full precision (attention sinks; default 1)")
     g.add_argument("--engine", default="auto", choices=("auto", "dbquant", "hf"),
                    help="dbquant: the lean decoder (dbquant.decode; Llama-family); hf: model.generate(); "
                         "auto: dbquant when it supports the model")

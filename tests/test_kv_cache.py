@@ -48,30 +48,37 @@ def test_sampling_equals_fp_cache_inside_the_residual_window(tiny):
     assert torch.equal(generate(tiny, make_cache(tiny, "1.5/1.58"), 16, do_sample=True, top_k=50), ref)
 
 
-def test_layer_returns_dequantized_groups_plus_exact_tail():
-    """Feed states chunk by chunk: what the layer returns is the loop oracle of every packed group
-    followed by the exact full-precision tail; the prompt is not quantized wholesale."""
-    spec = parse_kv("1.5/1.58", residual=40, group=16)
+@pytest.mark.parametrize("sink", [0, 1, 3])
+def test_layer_returns_dequantized_groups_plus_exact_tail(sink):
+    """Feed states chunk by chunk: what the layer returns is the loop oracle of every packed group (group 0's
+    sink rows replaced by the group's other tokens' mean, then restored exactly) followed by the exact
+    full-precision tail; the prompt is not quantized wholesale."""
+    spec = parse_kv("1.5/1.58", residual=40, group=16, sink=sink)
     layer = QuantKVLayer(spec, head_dim=16)
     g = torch.Generator().manual_seed(1)
     k_all = torch.randn(1, 2, 100, 16, generator=g) * torch.linspace(0.2, 4, 16)
     v_all = torch.randn(1, 2, 100, 16, generator=g)
     t = 0
-    for chunk in (70, 1, 5, 24):  # a 70-token "prompt", then decode-like steps
+    for chunk in (1, 69, 1, 5, 24):  # the sink arrives alone, then a prompt, then decode-like steps
         k, v = layer.update(k_all[:, :, t:t + chunk], v_all[:, :, t:t + chunk])
         t += chunk
         assert layer.get_seq_length() == t and k.shape[-2] == t
-    # after the prompt (70 tokens, residual 40): only 16 tokens were packed, 54 stayed exact
     n_packed = layer.n_packed
     assert n_packed == (100 - 40) // 16 * 16 == 48 and layer.keys.shape[-2] == 52
+    assert layer.nbytes()["tokens_sink"] == sink
     k, v = layer.update(k_all[:, :, :0], v_all[:, :, :0])  # a no-op step returns the current view
     for h in range(2):
         for grp in range(n_packed // 16):
             sl = slice(16 * grp, 16 * grp + 16)
-            assert torch.allclose(k[0, h, sl], R.keys_mixed_ref(k_all[0, h, sl], 8), atol=1e-4)
-            assert torch.allclose(v[0, h, sl], R.ternary_ref(v_all[0, h, sl]), atol=1e-5)
-    assert torch.equal(k[..., n_packed:, :], k_all[..., n_packed:, :])
-    assert torch.equal(v[..., n_packed:, :], v_all[..., n_packed:, :])
+            kg, vg = k_all[0, h, sl].clone(), v_all[0, h, sl].clone()
+            if grp == 0 and sink:
+                kg[:sink], vg[:sink] = kg[sink:].mean(0), vg[sink:].mean(0)
+            rows = slice(sink if grp == 0 else 0, 16)
+            assert torch.allclose(k[0, h, sl][rows], R.keys_mixed_ref(kg, 8)[rows], atol=1e-4)
+            assert torch.allclose(v[0, h, sl][rows], R.ternary_ref(vg)[rows], atol=1e-5)
+    exact = torch.cat([torch.arange(sink), torch.arange(n_packed, 100)])
+    assert torch.equal(k[..., exact, :], k_all[..., exact, :])
+    assert torch.equal(v[..., exact, :], v_all[..., exact, :])
 
 
 def test_long_generation_holds_quantized_groups_and_measures_bytes(tiny):
@@ -91,7 +98,8 @@ def test_long_generation_holds_quantized_groups_and_measures_bytes(tiny):
     v_block = math.ceil(16 * 16 / 5) + 16 * 2  # trits + scales
     nb = cache_nbytes(cache)
     assert nb["quantized"] == 2 * 2 * 2 * ng * (k_block + v_block)  # layers x B x H x groups
-    assert nb["full_precision"] == 2 * 2 * 2 * 2 * (total - n_packed) * 16 * 4  # layers, K+V, B, H, fp32
+    # full precision: the tail and the default sink token (layers, K+V, B, H, fp32)
+    assert nb["full_precision"] == 2 * 2 * 2 * 2 * (total - n_packed + 1) * 16 * 4
     assert nb["tokens_quantized"] == n_packed
     # quantization changes the run somewhere, but the first tokens (all inside the window) agree
     assert torch.equal(out[:, :20 + 12], ref[:, :20 + 12]) and out.shape == ref.shape
@@ -151,8 +159,19 @@ def test_protected_tokens_picks_the_text_like_visual_tokens():
         protected_tokens(vis.long(), e)
 
 
+def test_stp_positions_count_the_sink_tokens():
+    """Protected positions are token positions; the sink's slot in group 0 does not shift them."""
+    g = torch.Generator().manual_seed(2)
+    k, v = torch.randn(1, 2, 33, 16, generator=g), torch.randn(1, 2, 33, 16, generator=g)
+    prot = torch.zeros(1, 33, dtype=torch.bool)
+    prot[0, 5] = True
+    layer = QuantKVLayer(parse_kv("1.5/1.58", residual=0, group=16, sink=1), 16, protected=prot)
+    layer.update(k, v)
+    assert layer.n_packed == 32 and layer.packed_values["stp"]["pos"].tolist() == [[0], [5]]
+
+
 def test_stp_keeps_protected_values_at_two_bits():
-    spec = parse_kv("1.5/1.58", residual=0, group=16)
+    spec = parse_kv("1.5/1.58", residual=0, group=16, sink=0)
     g = torch.Generator().manual_seed(2)
     k, v = torch.randn(2, 2, 32, 16, generator=g), torch.randn(2, 2, 32, 16, generator=g)
     prot = torch.zeros(2, 32, dtype=torch.bool)
@@ -222,10 +241,17 @@ def test_cli_eval_kv_ppl_and_generate(tiny_model_dir, capsys):
     code, out, _ = run(capsys, *args, "--kv", "fp")
     fp = json.loads(out)
     assert code == 0 and fp["kv_bits"] == "fp" and fp["tokens"] == 2 * 23 and fp["prefix"] == 72
-    code, out, _ = run(capsys, *args, "--kv", "1.5/1.58", "--kv-residual", 0)
+    code, out, _ = run(capsys, *args, "--kv", "1.5/1.58", "--kv-residual", 0, "--kv-sink", 0)
     q = json.loads(out)
     assert code == 0 and q["protocol"] == "kv-ppl" and q["kv_bits"] == "1.5/1.58" and q["residual"] == 0
     assert q["kv_bytes_per_token"] < fp["kv_bytes_per_token"] / 8 and q["ppl"] != fp["ppl"]
+    # the default sink keeps token 0 exact inside group 0: the same groups, one token's fp copy more
+    code, out, _ = run(capsys, *args, "--kv", "1.5/1.58", "--kv-residual", 0)
+    q1 = json.loads(out)
+    assert code == 0 and q1["kv_tokens_quantized"] == q["kv_tokens_quantized"] == 96
+    assert q1["kv_bytes_per_token"] * 96 == pytest.approx(q["kv_bytes_per_token"] * 96 + 2 * 2 * 2 * 16 * 4)
+    code, _, err = run(capsys, *args, "--kv", "1.5/1.58", "--kv-sink", -1)
+    assert code == 2 and "sink" in err
     code, out, _ = run(capsys, *args, "--kv", "1.5/1.58")  # residual 128 > the window: nothing quantized
     assert json.loads(out)["ppl"] == pytest.approx(fp["ppl"], rel=1e-6)
 

@@ -7,7 +7,13 @@ one per decoder layer; pass it as ``past_key_values=`` to ``model(...)`` or
 * ``packed_keys`` / ``packed_values``: the quantized past, packed dicts (codecs.py) with
   leading dims [B, H, n_groups], appended one whole group of ``spec.group`` tokens at a time;
 * ``keys`` / ``values``: full-precision states [B, H, t, D] in the model's dtype: the
-  most recent ``spec.residual`` tokens plus any incomplete group.
+  most recent ``spec.residual`` tokens plus any incomplete group;
+* ``sink_keys`` / ``sink_values``: exact copies [B, H, s, D] of the first ``spec.sink``
+  tokens once their group is packed (attention sinks; see ``spec.DEFAULT_SINK``). Groups
+  stay aligned to multiples of ``spec.group`` tokens: the sink tokens sit in group 0, where
+  their rows are replaced by the group's other tokens' mean before quantizing (an outlier
+  sink would otherwise stretch every channel's range) and overwritten with the exact copy
+  when dequantized.
 
 After every ``update`` the layer moves the oldest complete groups beyond the residual
 window into the packed part. The prompt is treated like any other tokens: it is never
@@ -109,6 +115,7 @@ class QuantKVLayer(DynamicLayer):
         self.packed_keys = self.packed_values = None
         self.n_packed = 0  # tokens held in packed groups
         self.cumulative_length = 0
+        self.sink_keys = self.sink_values = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if key_states.shape[-1] != self.head_dim:
@@ -125,6 +132,9 @@ class QuantKVLayer(DynamicLayer):
             return None, None
         k = self.codec.dequantize_keys(self.packed_keys).to(self.dtype)
         v = self.codec.dequantize_values(self.packed_values).to(self.dtype)
+        if self.sink_keys is not None:
+            s = self.sink_keys.shape[-2]
+            k[..., :s, :], v[..., :s, :] = self.sink_keys, self.sink_values
         return k, v
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -151,8 +161,13 @@ class QuantKVLayer(DynamicLayer):
             prot = self.protected[:, start:start + n].to(self.keys.device)
             if prot.shape[1] < n:  # tokens beyond the mask are not protected
                 prot = torch.nn.functional.pad(prot, (0, n - prot.shape[1]), value=False)
-        qk = self.codec.quantize_keys(self.keys[..., :n, :])
-        qv = self.codec.quantize_values(self.values[..., :n, :], prot)
+        k, v = self.keys[..., :n, :], self.values[..., :n, :]
+        if start == 0 and self.spec.sink:
+            s = self.spec.sink
+            self.sink_keys, self.sink_values = k[..., :s, :].clone(), v[..., :s, :].clone()
+            k, v = _neutralise(k, s, self.spec.group), _neutralise(v, s, self.spec.group)
+        qk = self.codec.quantize_keys(k)
+        qv = self.codec.quantize_values(v, prot)
         self.packed_keys = _cat(self.packed_keys, qk, start)
         self.packed_values = _cat(self.packed_values, qv, start)
         self.n_packed += n
@@ -164,17 +179,20 @@ class QuantKVLayer(DynamicLayer):
         return self.cumulative_length
 
     def nbytes(self) -> dict:
-        """Bytes held: {"packed", "residual", "tokens_packed", "tokens_residual"}."""
-        res = 0 if not self.is_initialized else (self.keys.numel() * self.keys.element_size()
-                                                 + self.values.numel() * self.values.element_size())
-        return {"packed": _nbytes(self.packed_keys) + _nbytes(self.packed_values), "residual": res,
+        """Bytes held: {"packed", "residual" (full-precision tail and sink), "tokens_packed",
+        "tokens_residual", "tokens_sink", "packed_keys", "packed_values"}."""
+        fp = [t for t in (self.keys, self.values, self.sink_keys, self.sink_values) if t is not None]
+        return {"packed": _nbytes(self.packed_keys) + _nbytes(self.packed_values),
+                "residual": sum(t.numel() * t.element_size() for t in fp),
                 "packed_keys": _nbytes(self.packed_keys), "packed_values": _nbytes(self.packed_values),
                 "tokens_packed": self.n_packed,
-                "tokens_residual": 0 if not self.is_initialized else self.keys.shape[-2]}
+                "tokens_residual": 0 if not self.is_initialized else self.keys.shape[-2],
+                "tokens_sink": 0 if self.sink_keys is None else self.sink_keys.shape[-2]}
 
     def reset(self) -> None:
         super().reset()
         self.packed_keys = self.packed_values = None
+        self.sink_keys = self.sink_values = None
         self.n_packed = 0
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -193,6 +211,9 @@ class QuantKVLayer(DynamicLayer):
         index = index.to(self.keys.device)
         self.keys = self.keys.index_select(0, index)
         self.values = self.values.index_select(0, index)
+        if self.sink_keys is not None:
+            self.sink_keys = self.sink_keys.index_select(0, index)
+            self.sink_values = self.sink_values.index_select(0, index)
         self.packed_keys = _select_batch(self.packed_keys, index)
         self.packed_values = _select_batch(self.packed_values, index)
         if self.protected is not None:
@@ -214,18 +235,29 @@ class QuantKVLayer(DynamicLayer):
 
     def offload(self):
         super().offload()
+        self.sink_keys, self.sink_values = _to(self.sink_keys, "cpu"), _to(self.sink_values, "cpu")
         self.packed_keys = _to(self.packed_keys, "cpu")
         self.packed_values = _to(self.packed_values, "cpu")
 
     def prefetch(self):
         super().prefetch()
+        self.sink_keys, self.sink_values = _to(self.sink_keys, self.device), _to(self.sink_values, self.device)
         self.packed_keys = _to(self.packed_keys, self.device)
         self.packed_values = _to(self.packed_values, self.device)
+
+
+def _neutralise(x: torch.Tensor, s: int, g: int) -> torch.Tensor:
+    """x [B, H, n, D] with the first ``s`` rows replaced by the mean of rows s..g-1 (group 0's others)."""
+    x = x.clone()
+    x[..., :s, :] = x[..., s:g, :].mean(-2, keepdim=True)
+    return x
 
 
 def _to(q, device):
     if q is None:
         return None
+    if torch.is_tensor(q):
+        return q.to(device, non_blocking=True)
     return {k: _to(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True) for k, v in q.items()}
 
 

@@ -25,6 +25,11 @@ VALUE_BITS = (1.58, 2.0)
 METHODS = ("fp", "vidkv", "kivi", "hqq")
 DEFAULT_RESIDUAL = 128
 DEFAULT_GROUP = 32
+# Tokens at the start of the sequence kept in full precision. Position 0 is an attention
+# sink (it draws a large share of every head's attention), so its quantization error is
+# multiplied into every output: keeping one token exact takes K1.5/V1.58's kv-ppl from
+# +20% to +4% over the fp cache on SmolLM2 (docs/RESULTS.md) for 1/T of the fp bytes.
+DEFAULT_SINK = 1
 SPELLINGS = "fp, K/V (K in 1,1.25,1.5,1.75,2; V in 1.58,2; e.g. 1.5/1.58), kivi2, hqq2, hqq1"
 
 
@@ -33,7 +38,8 @@ class KVSpec:
     """A KV-cache configuration.
 
     method: fp | vidkv | kivi | hqq. key_bits/value_bits: VidKV's nominal bits (kivi: 2/2;
-    hqq: both = nbits). residual: most recent tokens kept in full precision. group: tokens
+    hqq: both = nbits). residual: most recent tokens kept in full precision. sink: first
+    tokens kept in full precision (attention sinks; vidkv/kivi only). group: tokens
     per quantization group. fft: VidKV's FFT on normal key channels (the ablation switch).
     scale_dtype: fp16 or fp8 (e4m3 + an fp16 factor per block). fit: ternary values use
     the least-squares scale of their codes instead of mean |x|.
@@ -43,6 +49,7 @@ class KVSpec:
     key_bits: float = 1.5
     value_bits: float = 1.58
     residual: int = DEFAULT_RESIDUAL
+    sink: int = DEFAULT_SINK
     group: int = DEFAULT_GROUP
     fft: bool = True
     scale_dtype: str = "fp16"
@@ -65,6 +72,9 @@ class KVSpec:
         if not isinstance(self.group, int) or self.group < 8 or self.group % 8:
             raise DbquantError(f"KV group size must be a multiple of 8 (1-bit codes are byte-packed "
                                f"along tokens), got {self.group!r}")
+        if not isinstance(self.sink, int) or not 0 <= self.sink < self.group:
+            raise DbquantError(f"KV sink (first tokens kept in full precision, inside group 0) must be an integer "
+                               f"in [0, group {self.group}), got {self.sink!r}")
         check_scale_dtype(self.scale_dtype)
         return self
 
@@ -74,12 +84,17 @@ class KVSpec:
             s = f"K{self.key_bits:g}/V{self.value_bits:g}"
             if not self.fft and self.key_bits < 2:
                 s += " no-FFT"
-            return s + (" fp8-scales" if self.scale_dtype == "fp8" else "")
+            return s + self._suffix
         if self.method == "kivi":
-            return "KIVI-2" + (" fp8-scales" if self.scale_dtype == "fp8" else "")
+            return "KIVI-2" + self._suffix
         if self.method == "hqq":
             return f"HQQ-cache {int(self.key_bits)}-bit"
         return "fp"
+
+    @property
+    def _suffix(self) -> str:
+        return ((" fp8-scales" if self.scale_dtype == "fp8" else "")
+                + (f" sink{self.sink}" if self.sink != DEFAULT_SINK else ""))
 
     @property
     def bits_label(self) -> str:
@@ -92,7 +107,7 @@ class KVSpec:
 def parse_kv(text: str, **overrides) -> KVSpec:
     """A ``--kv`` spelling (see the module docstring) -> a checked :class:`KVSpec`.
 
-    ``overrides`` (residual, group, fft, scale_dtype, fit) replace the defaults; ``None``
+    ``overrides`` (residual, sink, group, fft, scale_dtype, fit) replace the defaults; ``None``
     values are ignored.
     """
     t = text.strip().lower()
