@@ -26,6 +26,7 @@ same tensors bit for bit (``tests/test_streaming.py``).
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import hashlib
 import json
@@ -209,10 +210,19 @@ def materialize(model: nn.Module, prefix: str, reader: ShardReader) -> nn.Module
     return mod
 
 
-def free(module: nn.Module) -> None:
-    """Drop a submodule's storage (back to ``meta``)."""
-    module.to("meta")
+def free(module: nn.Module | None = None) -> None:
+    """Drop a submodule's storage (back to ``meta``) and hand freed heap back to the OS.
+
+    glibc keeps freed small-object heap (e.g. ~160 MB after tokenizing the wiki text)
+    resident until ``malloc_trim``; without it that memory stacks under the next block.
+    """
+    if module is not None:
+        module.to("meta")
     gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def _fix_rotary(model: nn.Module) -> None:
@@ -304,6 +314,7 @@ def quantize_streaming(model_dir: str | os.PathLike, tokenizer, opts, output: st
     bw_b = _window_sampler(tokenizer, load_text(opts.calib, "calibration"))(opts.bw_samples, opts.bw_seq_len,
                                                                           opts.seed + 1)
     times["data_s"] = time.perf_counter() - t
+    free()  # the tokenizer's working memory
     o = {k: v for k, v in asdict(opts).items() if k not in NON_SEMANTIC}
     fingerprint = make_fingerprint(model={"id": model_id, "files": reader.digest()}, options=o,
                                    data={"blockwise": tensor_digest(bw_b)}, streaming=True)
