@@ -83,7 +83,7 @@ def test_quantize_vision_packs_the_tower(tmp_path, family):
         assert torch.equal(dbquant.load(tmp_path / "q")(**inputs).logits, model(**inputs).logits)
 
 
-@pytest.mark.parametrize("family", ["smolvlm", "llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["smolvlm", "qwen2_vl"])  # a Llama and an M-RoPE language model
 def test_fdb_dad_calibrates_text_only_through_the_language_model(tmp_path, tiny_tokenizer, family):
     calib = tmp_path / "calib.txt"
     calib.write_text(TINY_TEXT)
@@ -189,3 +189,35 @@ def test_stp_cache_keeps_protected_values_at_two_bits():
     pos = mask[0].nonzero(as_tuple=True)[0]
     unprot_visual = ((inputs["input_ids"][0] == IMAGE_TOKEN) & ~mask[0]).nonzero(as_tuple=True)[0]
     assert err[pos].mean() < err[unprot_visual].mean()
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_cli_quantize_vision_and_generate_with_image(tmp_path, capsys, tiny_tokenizer):
+    from PIL import Image
+    from transformers import SmolVLMImageProcessor
+
+    from dbquant.cli import main
+
+    src = tmp_path / "vlm"
+    make_tiny_vlm("smolvlm").save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    SmolVLMImageProcessor(do_image_splitting=False, size={"longest_edge": 32},
+                          max_image_size={"longest_edge": 32}).save_pretrained(src)
+    out = tmp_path / "q"
+    assert main(["quantize", str(src), "--method", "fdb", "--calib", "none", "--group-size", "32",
+                 "--quantize-vision", "-o", str(out)]) == 0
+    assert (out / "preprocessor_config.json").is_file()  # the image preprocessing travels with the checkpoint
+    modules = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
+    assert any(m.startswith("model.vision_model.") for m in modules)
+    assert any(m.startswith("model.connector.") for m in modules)
+    img = tmp_path / "img.png"
+    Image.new("RGB", (40, 30), (200, 30, 90)).save(img)
+    capsys.readouterr()
+    assert main(["generate", str(out), "--image", str(img), "--prompt", "fox", "--raw", "--max-new-tokens", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "engine hf" in err and "[3 tokens" in err
+    # an unreadable image is a user error: one message, exit 2
+    assert main(["generate", str(src), "--image", str(tmp_path / "missing.png"), "--prompt", "x"]) == 2
+    assert "cannot read it as an image" in capsys.readouterr().err
