@@ -158,11 +158,14 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, batches: torch.Tensor, batch_size: int = 8):
+def capture_block_inputs(model: nn.Module, batches, batch_size: int = 8):
     """The first decoder block's inputs on every calibration sample, and its call kwargs.
 
     The kwargs (``position_embeddings``, ``position_ids``, attention mask, ...) are
     captured from a 1-sample call, so their batch dimension broadcasts to any batch.
+    ``batches``: int64 [S, T] token windows (run through the language model), or a VLM's
+    :class:`~dbquant.calibration.images.MultimodalSamples` (run one by one through the
+    whole VLM, so image features are merged in).
 
     Returns: (hidden float32 [S, T, H] on the CPU, kwargs dict on the CPU).
     """
@@ -178,6 +181,18 @@ def capture_block_inputs(model: nn.Module, batches: torch.Tensor, batch_size: in
     base = model.get_submodule(block_path(model).rsplit(".", 1)[0])
     handle = first.register_forward_pre_hook(pre_hook, with_kwargs=True)
     xs = []
+    if not isinstance(batches, torch.Tensor):
+        try:
+            for i in range(len(batches)):
+                try:
+                    model(input_ids=batches.input_ids[i:i + 1].to(device), use_cache=False,
+                          **_to(batches.pixels[i], device))
+                except _Stop:
+                    pass
+                xs.append(seen["x"].detach().float().cpu())
+        finally:
+            handle.remove()
+        return torch.cat(xs), _block_kwargs(seen["kwargs"])
     try:
         for i in range(0, len(batches), batch_size):
             try:
@@ -191,11 +206,15 @@ def capture_block_inputs(model: nn.Module, batches: torch.Tensor, batch_size: in
             pass
     finally:
         handle.remove()
-    kwargs = {k: v for k, v in seen["kwargs"].items() if k not in ("past_key_values", "past_key_value",
-                                                                    "use_cache", "output_attentions")}
+    return torch.cat(xs), _block_kwargs(seen["kwargs"])
+
+
+def _block_kwargs(seen: dict) -> dict:
+    kwargs = {k: v for k, v in seen.items() if k not in ("past_key_values", "past_key_value",
+                                                          "use_cache", "output_attentions")}
     kwargs = _to(kwargs, "cpu")
     kwargs["use_cache"] = False
-    return torch.cat(xs), kwargs
+    return kwargs
 
 
 def _to(obj, device):

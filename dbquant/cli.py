@@ -58,7 +58,7 @@ def cmd_quantize(a) -> int:
     work_dir = a.work_dir or (str(Path(a.output).with_name(Path(a.output).name + ".work")) if a.output else None)
     opts = QuantizeOptions(method=a.method, group_size=a.group_size, offset=a.offset,
                            modules=tuple(a.modules.split(",")) + (("vision",) if a.quantize_vision else ()),
-                           calib=None if a.calib == "none" else a.calib,
+                           calib=None if a.calib == "none" else a.calib, calib_images=a.calib_images,
                            calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len, iters=a.iters,
                            seed=a.seed, preset=a.preset, device=a.device, resume=a.resume,
                            checkpoint_every=a.checkpoint_every, overwrite=a.overwrite,
@@ -377,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--modules", default=",".join(d.modules), help="comma list of: decoder, lm_head, vision")
     q.add_argument("--quantize-vision", action="store_true",
                    help="VLMs: also quantize the vision tower and projector (kept full precision by default)")
+    q.add_argument("--calib-images", metavar="DIR",
+                   help="VLMs: images with a same-name .txt caption; block-wise reconstruction then runs on "
+                        "image+text samples through the whole VLM (DAD stays on text)")
     q.add_argument("--calib", default=d.calib,
                    help="text for activation statistics: wiki, a text file/folder, hf:NAME[:CONFIG]:SPLIT, or none")
     q.add_argument("--calib-samples", type=int, default=d.calib_samples)

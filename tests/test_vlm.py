@@ -221,3 +221,60 @@ def test_cli_quantize_vision_and_generate_with_image(tmp_path, capsys, tiny_toke
     # an unreadable image is a user error: one message, exit 2
     assert main(["generate", str(src), "--image", str(tmp_path / "missing.png"), "--prompt", "x"]) == 2
     assert "cannot read it as an image" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ calibration with images
+
+
+def _vlm_folder_with_images(tmp_path, tokenizer, family="smolvlm", n_images=3):
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, SmolVLMImageProcessor
+
+    src = tmp_path / "vlm"
+    make_tiny_vlm(family).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    SmolVLMImageProcessor(do_image_splitting=False, size={"longest_edge": 32},
+                          max_image_size={"longest_edge": 32}).save_pretrained(src)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(n_images):
+        Image.new("RGB", (40, 30), (60 * i, 30, 90)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text("the quick brown fox")
+    return AutoModelForImageTextToText.from_pretrained(src).eval(), src, images
+
+
+def test_calib_images_feed_blockwise_through_the_vlm(tmp_path, tiny_tokenizer):
+    from dbquant.calibration.blockwise import capture_block_inputs
+    from dbquant.calibration.images import multimodal_samples
+
+    model, src, images = _vlm_folder_with_images(tmp_path, tiny_tokenizer)
+    text = torch.randint(0, 280, (4, 32), generator=torch.Generator().manual_seed(0))
+    samples = multimodal_samples(model, tiny_tokenizer, src, images, text)
+    assert samples.n_images == 3 and samples.input_ids.shape == (4, 32)
+    assert torch.equal(samples.input_ids[3], text[3])  # beyond the images: text windows unchanged
+    visual = samples.input_ids == IMAGE_TOKEN
+    assert visual[:3].sum(1).tolist() == [4, 4, 4] and not visual[3].any()
+    x, _ = capture_block_inputs(model, samples)
+    plain = model.get_input_embeddings()(samples.input_ids)
+    with torch.no_grad():
+        assert torch.equal(x[~visual], plain[~visual])  # text positions: token embeddings
+        assert not torch.allclose(x[visual], plain[visual])  # image positions: projected image features
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TINY_TEXT)
+    report = quantize(model, tiny_tokenizer, QuantizeOptions(
+        preset="fast", calib=str(calib), calib_images=str(images), group_size=32, bw_samples=4, bw_seq_len=32,
+        bw_steps=2, dad_steps=0, work_dir=str(tmp_path / "work")), progress=False)
+    assert report["calibration"]["inputs"].startswith("block-wise: 3 image+text samples and 1 text windows")
+
+
+def test_calib_images_errors(tmp_path, tiny_tokenizer):
+    from dbquant.calibration.images import image_caption_pairs, multimodal_samples
+
+    model, src, images = _vlm_folder_with_images(tmp_path, tiny_tokenizer, n_images=1)
+    (images / "0.txt").unlink()
+    with pytest.raises(DbquantError, match="no caption for 0.png"):
+        image_caption_pairs(images)
+    with pytest.raises(DbquantError, match="not implemented for qwen2_vl"):
+        multimodal_samples(make_tiny_vlm("qwen2_vl"), tiny_tokenizer, src, images, torch.zeros(2, 32, dtype=torch.long))
+    with pytest.raises(DbquantError, match="needs --method fdb-dad with block-wise on"):
+        QuantizeOptions(method="fdb", calib_images=str(images)).check()
