@@ -150,7 +150,9 @@ def image_prompt_inputs(folder, model, tokenizer, image_path: str, prompt: str, 
         processor = None
     if processor is not None:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True) if chat else prompt
+        # raw: the processor's own image marker (e.g. "<image>") first, which it expands to placeholders
+        text = (processor.apply_chat_template(messages, add_generation_prompt=True) if chat
+                else getattr(processor, "image_token", "") + prompt)
         return dict(processor(images=[image], text=text, return_tensors="pt"))
     try:
         image_processor = AutoImageProcessor.from_pretrained(folder)
