@@ -142,7 +142,7 @@ def main() -> None:
                  config={"layers": a.layers, "hidden": a.hidden, "intermediate": a.intermediate})
         r["model_gib"] = round(r["model_bytes"] / 2**30, 3)
         r["rss_over_model"] = round(r["peak_rss_mib"] * 2**20 / r["model_bytes"], 3)
-        out["runs"][f"synthetic_lrw{a.lr_weight}"] = r
+        out["runs"][f"synthetic_{a.layers}l_lrw{a.lr_weight}"] = r
         print(json.dumps(r), flush=True)
     if "smollm2" in runs:
         from dbquant.models import resolve_model

@@ -15,7 +15,8 @@ from dbquant.errors import DbquantError
 from dbquant.models import load_fp_model
 from dbquant.quantize import QuantizeOptions, quantize
 
-from .conftest import TINY_TEXT, make_tiny_model
+from .conftest import make_tiny_model
+from .test_calibration import text_file  # noqa: F401  (the calibration text fixture)
 
 torch.set_num_threads(1)
 
@@ -40,18 +41,10 @@ def bf16_dir(tmp_path_factory, tiny_tokenizer):
     return d
 
 
-@pytest.fixture
-def text_file(tmp_path):
-    f = tmp_path / "calib.txt"
-    f.write_text(TINY_TEXT * 3)
-    return str(f)
-
-
 def _opts(text_file, work_dir, **kw):
-    base = dict(group_size=32, calib=text_file, preset="fast", bw_samples=4, bw_seq_len=16, bw_steps=4,
-                bw_batch=2, dad=False, checkpoint_every=2, work_dir=str(work_dir))
-    base.update(kw)
-    return QuantizeOptions(**base)
+    return QuantizeOptions(**{**dict(group_size=32, calib=text_file, preset="fast", bw_samples=4, bw_seq_len=16,
+                                     bw_steps=4, bw_batch=2, dad=False, checkpoint_every=2,
+                                     work_dir=str(work_dir)), **kw})
 
 
 def _tensors(folder):
