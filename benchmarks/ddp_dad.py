@@ -5,7 +5,7 @@ Same options and the same global batch in both runs; compares the exported check
 ``dbquant-log.jsonl``. On a machine with fewer cores than processes x threads the N-process
 run cannot be faster: this measures equivalence first, speed second.
 
-Usage: python benchmarks/ddp_dad.py [--nproc 2] [--steps 8] [--batch 4] [--windows 32]
+Usage: python benchmarks/ddp_dad.py [--nproc 2] [--steps 4] [--batch 4] [--seq-len 128] [--windows 32]
            [--json docs/bench/ddp_dad.json]
 The JSON is written atomically (temp file, then rename).
 """
@@ -45,15 +45,17 @@ def ppl(folder: Path, windows: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--windows", type=int, default=32, help="wiki PPL windows (0: skip the evaluation)")
     ap.add_argument("--json", default="docs/bench/ddp_dad.json")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dbquant-ddp-"))
-    opts = ["smollm2-135m", "--no-blockwise", "--calib", "wiki", "--calib-samples", "8", "--calib-seq-len", "256",
-            "--dad-samples", "16", "--dad-seq-len", "256", "--dad-steps", str(a.steps), "--dad-batch", str(a.batch),
-            "--device", "cpu", "--json"]
+    # a cheap FDB init (it runs replicated on every rank): the comparison is about DAD
+    opts = ["smollm2-135m", "--no-blockwise", "--calib", "wiki", "--calib-samples", "4", "--calib-seq-len", "128",
+            "--iters", "1", "--dad-samples", "16", "--dad-seq-len", str(a.seq_len), "--dad-steps", str(a.steps),
+            "--dad-batch", str(a.batch), "--device", "cpu", "--json"]
     runs = {}
     cmds = {1: [sys.executable, "-m", "dbquant", "quantize", *opts[:1], "--output", str(work / "p1"), *opts[1:]],
             a.nproc: [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc), "-m", "dbquant",
