@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kv-sink", type=int, help="first tokens kept in full precision (attention sinks; default 1)")
     e.add_argument("--kv-group", type=int, help="tokens per quantization group (default 32)")
     e.add_argument("--kv-no-fft", action="store_true", help="VidKV keys without the FFT (ablation)")
-    e.add_argument("--kv-scales", choices=("fp16", "fp8"), help="stored scale width (default fp16)")
+    e.add_argument("--kv-scales", choices=("fp16", "fp8"), help="stored scale width (default: fp8 for K/V, fp16 for kivi2)")
     e.add_argument("--backend", default="auto")
     e.add_argument("--json", action="store_true", help="print one JSON object (ppl, tokens, protocol, bpw, ...)")
     e.set_defaults(fn=cmd_eval)
