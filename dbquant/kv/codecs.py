@@ -35,6 +35,9 @@ class VidKVCodec:
             raise DbquantError(f"head_dim {head_dim} cannot be packed by the VidKV cache: it must be a multiple "
                                f"of 8 (channel masks are byte-packed, the rfft needs an even channel count)")
         self.ternary = spec.value_bits < 2
+        # STP's per-token 2-bit side codes see the head dim Hadamard-rotated: a token's few outlier
+        # channels would otherwise set its whole min/max range (no rotation when D is not 2^k)
+        self.rot = Q.hadamard(head_dim)
 
     def quantize_keys(self, x: torch.Tensor) -> dict:
         return Q.quantize_keys_mixed(_groups(x, self.g), self.n_anom, self.spec.fft, self.spec.scale_dtype)
@@ -49,11 +52,13 @@ class VidKVCodec:
         if protected is None or not protected.any():
             return Q.quantize_ternary(_groups(x, self.g), self.spec.scale_dtype, self.spec.fit)
         # STP: protected tokens leave the ternary statistics (zeroed there) and are stored
-        # per token at 2 bits in a side part: positions + asym2 codes over the head dim
+        # per token at 2 bits in a side part: positions + asym2 codes over the (Hadamard-rotated) head dim
         keep = (~protected)[:, None, :, None].to(x.dtype)
         q = Q.quantize_ternary(_groups(x * keep, self.g), self.spec.scale_dtype, self.spec.fit)
         b_idx, t_idx = protected.nonzero(as_tuple=True)
-        side = x[b_idx, :, t_idx, :]  # [P, H, D]
+        side = x[b_idx, :, t_idx, :].float()  # [P, H, D]
+        if self.rot is not None:
+            side = side @ self.rot.to(side.device)
         q2 = Q.quantize_asym2(side.transpose(-1, -2).unsqueeze(-3), self.spec.scale_dtype)  # per token over D
         return {**q, "stp": {"pos": torch.stack([b_idx, t_idx]).to(torch.int32), **q2}}
 
@@ -64,8 +69,11 @@ class VidKVCodec:
         side = q.get("stp")
         if side is not None:
             pos = side["pos"].long()
-            v2 = Q.dequantize_asym2({k: v for k, v in side.items() if k != "pos"})  # [P, 1, D, H]
-            x[pos[0], :, pos[1], :] = v2.squeeze(-3).transpose(-1, -2)
+            v2 = Q.dequantize_asym2({k: v for k, v in side.items() if k != "pos"}).squeeze(-3)  # [P, D, H]
+            v2 = v2.transpose(-1, -2)  # [P, H, D]
+            if self.rot is not None:
+                v2 = v2 @ self.rot.to(v2.device)
+            x[pos[0], :, pos[1], :] = v2
         return x
 
 

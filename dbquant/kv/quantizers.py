@@ -215,6 +215,19 @@ def irfft_real(y: torch.Tensor) -> torch.Tensor:
     return torch.fft.irfft(torch.complex(y[..., :h], imag), n=n, dim=-1, norm="ortho")
 
 
+# ---------------------------------------------------------------- rotation
+
+def hadamard(n: int, device=None) -> torch.Tensor | None:
+    """The orthonormal Sylvester Hadamard matrix fp32 [n, n] (symmetric, its own inverse), or None
+    when n is not a power of two."""
+    if n < 1 or n & (n - 1):
+        return None
+    h = torch.ones(1, 1, device=device)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / n ** 0.5
+
+
 # ---------------------------------------------------------------- VidKV keys
 
 def n_anomalous(key_bits: float, channels: int) -> int:
