@@ -78,8 +78,9 @@ def cache_values(cache) -> list[torch.Tensor]:
     """Per layer, the values float32 [B, H, T, D] that the cache serves attention (dequantized past included)."""
     out = []
     for layer in cache.layers:
+        # the dequantized past already holds the exact sink token(s) in their own positions
         _, dv = layer.dequantized() if hasattr(layer, "dequantized") else (None, None)
-        parts = [getattr(layer, "sink_values", None), dv, layer.values]
+        parts = [dv, layer.values]
         out.append(torch.cat([t.float() for t in parts if t is not None], dim=-2))
     return out
 
