@@ -157,6 +157,34 @@ class _Stop(Exception):
     pass
 
 
+@dataclass
+class PerSample:
+    """A block call kwarg that differs between calibration samples, stacked over them.
+
+    M-RoPE families (Qwen2-VL, Qwen2.5-VL) give each image+text sample its own position
+    embeddings (the image's tokens take 2-D positions), so one captured set cannot serve
+    every sample. value: a tensor or tuple of tensors whose dim 0 indexes the S samples
+    (e.g. (cos, sin), each float32 [S, T, D]); :func:`call_block` takes the batch's rows.
+    """
+
+    value: object
+
+    def take(self, idx):
+        return _map(self.value, lambda t: t[idx])
+
+
+def _map(obj, fn):
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, PerSample):
+        return PerSample(_map(obj.value, fn))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _map(v, fn) for k, v in obj.items()}
+    return obj
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, batches, batch_size: int = 8):
     """The first decoder block's inputs on every calibration sample, and its call kwargs.
@@ -165,7 +193,8 @@ def capture_block_inputs(model: nn.Module, batches, batch_size: int = 8):
     captured from a 1-sample call, so their batch dimension broadcasts to any batch.
     ``batches``: int64 [S, T] token windows (run through the language model), or a VLM's
     :class:`~dbquant.calibration.images.MultimodalSamples` (run one by one through the
-    whole VLM, so image features are merged in).
+    whole VLM, so image features are merged in); a kwarg that then differs between
+    samples (M-RoPE position embeddings) is kept for all of them as a :class:`PerSample`.
 
     Returns: (hidden float32 [S, T, H] on the CPU, kwargs dict on the CPU).
     """
@@ -182,17 +211,18 @@ def capture_block_inputs(model: nn.Module, batches, batch_size: int = 8):
     handle = first.register_forward_pre_hook(pre_hook, with_kwargs=True)
     xs = []
     if not isinstance(batches, torch.Tensor):
+        per_sample = []
         try:
             for i in range(len(batches)):
                 try:
-                    model(input_ids=batches.input_ids[i:i + 1].to(device), use_cache=False,
-                          **_to(batches.pixels[i], device))
+                    model(**_to(batches.inputs(i), device), use_cache=False)
                 except _Stop:
                     pass
                 xs.append(seen["x"].detach().float().cpu())
+                per_sample.append(_block_kwargs(seen["kwargs"]))
         finally:
             handle.remove()
-        return torch.cat(xs), _block_kwargs(seen["kwargs"])
+        return torch.cat(xs), _merge_samples(per_sample)
     try:
         for i in range(0, len(batches), batch_size):
             try:
@@ -209,6 +239,37 @@ def capture_block_inputs(model: nn.Module, batches, batch_size: int = 8):
     return torch.cat(xs), _block_kwargs(seen["kwargs"])
 
 
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _merge_samples(kwargs: list[dict]) -> dict:
+    """One kwargs dict from per-sample (batch 1) ones: shared values as they are, others as PerSample."""
+    out = {}
+    for k, v in kwargs[0].items():
+        if all(_same(v, kw[k]) for kw in kwargs[1:]):
+            out[k] = v
+        else:
+            out[k] = PerSample(_stack([kw[k] for kw in kwargs]))
+    return out
+
+
+def _stack(parts: list):
+    """Concatenate per-sample values (tensors or tuples of tensors, dim 0 of size 1) over samples."""
+    if isinstance(parts[0], torch.Tensor):
+        if any(p.shape[0] != 1 for p in parts):
+            raise DbquantError("a per-sample block input has no batch dimension of 1; cannot stack it")
+        return torch.cat(parts)
+    if isinstance(parts[0], (tuple, list)):
+        return type(parts[0])(_stack([p[j] for p in parts]) for j in range(len(parts[0])))
+    raise DbquantError(f"calibration samples give the first decoder block different {type(parts[0]).__name__} "
+                       "inputs; dbquant can only stack tensors")
+
+
 def _block_kwargs(seen: dict) -> dict:
     kwargs = {k: v for k, v in seen.items() if k not in ("past_key_values", "past_key_value",
                                                           "use_cache", "output_attentions")}
@@ -218,18 +279,12 @@ def _block_kwargs(seen: dict) -> dict:
 
 
 def _to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
+    return _map(obj, lambda t: t.detach().to(device))
 
 
-def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict, idx) -> torch.Tensor:
+    """The block's output on ``x`` = samples ``idx`` (a slice or int64 index tensor) of the calibration set."""
+    kwargs = {k: v.take(idx) if isinstance(v, PerSample) else v for k, v in kwargs.items()}
     out = block(x, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
@@ -237,7 +292,7 @@ def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
 @torch.no_grad()
 def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict, device, batch_size: int = 8) -> torch.Tensor:
     """Block outputs for all samples, in chunks; float32 on the CPU."""
-    return torch.cat([call_block(block, x[i:i + batch_size].to(device), kwargs).float().cpu()
+    return torch.cat([call_block(block, x[i:i + batch_size].to(device), kwargs, slice(i, i + batch_size)).float().cpu()
                       for i in range(0, len(x), batch_size)])
 
 
@@ -388,7 +443,7 @@ def calibrate_block(model: nn.Module, i: int, names_i: list[str], x_fp: torch.Te
         for g, base_lr in zip(opt.param_groups, base_lrs):
             g["lr"] = base_lr * f
         idx = batch_indices(len(x_in), cfg.batch_size, step, cfg.seed, salt=i)
-        out = call_block(block, x_in[idx].to(device), kwargs)
+        out = call_block(block, x_in[idx].to(device), kwargs, idx.to(device))
         loss = F.mse_loss(out.float(), y_fp[idx].to(device)) / denom
         check_finite(loss, "block-wise", f"block {i} ({path}.{i})", step, mods)
         loss.backward()

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from dbquant.errors import DbquantError
 
 from . import distributed
-from .blockwise import batch_indices, cosine_factor, fq_modules, param_groups, set_trainable
+from .blockwise import _to, batch_indices, cosine_factor, fq_modules, param_groups, set_trainable
 from .runstate import RunState, check_finite
 
 
@@ -95,22 +95,38 @@ class DADConfig:
 
 # ---------------------------------------------------------------- teacher cache
 
+def micro_batches(batches, idx: torch.Tensor):
+    """``(rows of idx, model inputs)`` to run for the samples ``idx`` (int64 [B]).
+
+    batches: int64 [S, T] token windows (one micro-batch: all of idx), or a VLM's
+    :class:`~dbquant.calibration.images.MultimodalSamples` (one sample at a time: image
+    tensors of different samples do not batch in every family).
+    """
+    if isinstance(batches, torch.Tensor):
+        yield slice(None), {"input_ids": batches[idx]}
+        return
+    for j, i in enumerate(idx.tolist()):
+        yield slice(j, j + 1), batches.inputs(i)
+
+
 @torch.no_grad()
-def teacher_cache(model: nn.Module, batches: torch.Tensor, topk: int, device="cpu", batch_size: int = 4,
+def teacher_cache(model: nn.Module, batches, topk: int, device="cpu", batch_size: int = 4,
                   progress: bool = True, temperature: float = 1.0) -> dict:
     """Top-k log-probabilities (at ``temperature``) and exact entropy (at 1) of the teacher.
 
+    batches: int64 [S, T] token windows, or MultimodalSamples (see :func:`micro_batches`).
     Returns: {"values": float32 [S, T, k] log p_T, "indices": int32 [S, T, k],
     "entropy": float32 [S, T]}. The mass outside the top k is ``1 - sum(exp(values))``.
     """
     vals, idxs, ents = [], [], []
     for i in tqdm(range(0, len(batches), batch_size), desc="teacher top-k", disable=not progress):
-        logits = model(input_ids=batches[i:i + batch_size].to(device), use_cache=False).logits.float()
-        logp = logits.log_softmax(-1)
-        ents.append(-(logp.exp() * logp).sum(-1).cpu())
-        v, ix = (logits / temperature).log_softmax(-1).topk(topk, dim=-1)
-        vals.append(v.cpu())
-        idxs.append(ix.to(torch.int32).cpu())
+        for _, inputs in micro_batches(batches, torch.arange(i, min(i + batch_size, len(batches)))):
+            logits = model(**_to(inputs, device), use_cache=False).logits.float()
+            logp = logits.log_softmax(-1)
+            ents.append(-(logp.exp() * logp).sum(-1).cpu())
+            v, ix = (logits / temperature).log_softmax(-1).topk(topk, dim=-1)
+            vals.append(v.cpu())
+            idxs.append(ix.to(torch.int32).cpu())
     return {"values": torch.cat(vals), "indices": torch.cat(idxs), "entropy": torch.cat(ents)}
 
 
@@ -152,9 +168,13 @@ def dad_loss(student_logits: torch.Tensor, t_vals: torch.Tensor, t_idx: torch.Te
 
 # ---------------------------------------------------------------- the stage
 
-def distill(model: nn.Module, batches: torch.Tensor, teacher: dict, cfg: DADConfig, run: RunState,
+def distill(model: nn.Module, batches, teacher: dict, cfg: DADConfig, run: RunState,
             device="cpu", progress: bool = True) -> dict:
     """Train the FakeQuant student (all planned linears already swapped) against the cached teacher.
+
+    batches: int64 [S, T] token windows, or a VLM's MultimodalSamples, whose samples run
+    one at a time with gradients accumulated over the step's batch (:func:`micro_batches`;
+    the ``teacher-entropy`` / ``deviation`` weights are then normalised per sample).
 
     Trains the scales of every FakeQuantLinear (and their latent weights with
     ``train="scales+weights"``); everything else stays frozen. Resumes from ``run.resumed``
@@ -198,14 +218,21 @@ def distill(model: nn.Module, batches: torch.Tensor, teacher: dict, cfg: DADConf
             for g, base in zip(opt.param_groups, base_lrs):
                 g["lr"] = base * f
             idx = distributed.local_slice(batch_indices(len(batches), cfg.batch_size, step, cfg.seed, salt=100_003))
-            ids = batches[idx].to(device)
-            logits = net(input_ids=ids, use_cache=False).logits
-            loss, info = dad_loss(logits, teacher["values"][idx].to(device), teacher["indices"][idx].to(device),
-                                  teacher["entropy"][idx].to(device), cfg, ids)
+            loss_value, info = 0.0, {"kl": 0.0, "w_max": 0.0}
+            for rows, inputs in micro_batches(batches, idx):  # gradients accumulate over micro-batches
+                j = idx[rows]
+                inputs = _to(inputs, device)
+                logits = net(**inputs, use_cache=False).logits
+                loss, part = dad_loss(logits, teacher["values"][j].to(device), teacher["indices"][j].to(device),
+                                      teacher["entropy"][j].to(device), cfg, inputs["input_ids"])
+                share = len(j) / len(idx)
+                (loss * share).backward()
+                loss_value += float(loss.detach()) * share
+                info = {k: info.get(k, 0.0) + v * share for k, v in part.items()} | {
+                    "w_max": max(info["w_max"], part["w_max"])}
             # every rank sees (and logs, and stops on) the global batch's numbers
-            loss_value, info["kl"] = distributed.mean_over_ranks([float(loss.detach()), info["kl"]])
+            loss_value, info["kl"] = distributed.mean_over_ranks([loss_value, info["kl"]])
             check_finite(torch.tensor(loss_value), "DAD", "end-to-end", step, mods)
-            loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.grad_clip)
             opt.step()

@@ -78,10 +78,12 @@ def run_fdb_dad(model, tokenizer, plan: list[LinearPlan], opts, model_id: str = 
     stats_b = None if opts.blockwise else windows(opts.calib_samples, opts.calib_seq_len, opts.seed)
     bw_b = windows(opts.bw_samples, opts.bw_seq_len, opts.seed + 1) if opts.blockwise else None
     dad_b = windows(opts.dad_samples, opts.dad_seq_len, opts.seed + 2) if opts.dad and opts.dad_steps else None
-    if bw_b is not None and opts.calib_images:  # a VLM's block-wise samples with images (calibration/images.py)
+    if opts.calib_images:  # a VLM's block-wise and DAD samples with images (calibration/images.py)
         from .images import multimodal_samples
 
         bw_b = multimodal_samples(model, tokenizer, model.name_or_path, opts.calib_images, bw_b)
+        if dad_b is not None:
+            dad_b = multimodal_samples(model, tokenizer, model.name_or_path, opts.calib_images, dad_b)
     times["data_s"] = time.perf_counter() - t
 
     o = {k: v for k, v in asdict(opts).items() if k not in NON_SEMANTIC}
@@ -90,7 +92,8 @@ def run_fdb_dad(model, tokenizer, plan: list[LinearPlan], opts, model_id: str = 
         data={"stats": None if stats_b is None else tensor_digest(stats_b),
               "blockwise": None if bw_b is None else (bw_b.digest() if hasattr(bw_b, "digest")
                                                       else tensor_digest(bw_b)),
-              "dad": None if dad_b is None else tensor_digest(dad_b)})
+              "dad": None if dad_b is None else (dad_b.digest() if hasattr(dad_b, "digest")
+                                                 else tensor_digest(dad_b))})
     run = RunState(opts.work_dir, fingerprint, resume=opts.resume, checkpoint_every=opts.checkpoint_every,
                    overwrite=opts.overwrite)
     run.sync()  # distributed: every rank has read state.pt before rank 0 may replace it
@@ -100,9 +103,10 @@ def run_fdb_dad(model, tokenizer, plan: list[LinearPlan], opts, model_id: str = 
     from dbquant.vlm import calibration_inputs
 
     report["inputs"] = calibration_inputs(model)
-    if hasattr(bw_b, "n_images"):
-        report["inputs"] = (f"block-wise: {bw_b.n_images} image+text samples and {len(bw_b) - bw_b.n_images} "
-                            "text windows through the VLM; other stages: text through the language model")
+    if opts.calib_images:
+        report["inputs"] = "; ".join(
+            f"{stage}: {b.n_images} image+text samples and {len(b) - b.n_images} text windows through the VLM"
+            for stage, b in (("block-wise", bw_b), ("DAD", dad_b)) if b is not None)
     run.log({"stage": "data", "inputs": report["inputs"]})
 
     # 1-2: init (scales only on disk: the bits follow from the fp weights). With block-wise on,

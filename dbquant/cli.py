@@ -378,8 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quantize-vision", action="store_true",
                    help="VLMs: also quantize the vision tower and projector (kept full precision by default)")
     q.add_argument("--calib-images", metavar="DIR",
-                   help="VLMs: images with a same-name .txt caption; block-wise reconstruction then runs on "
-                        "image+text samples through the whole VLM (DAD stays on text)")
+                   help="VLMs: images with a same-name .txt caption; block-wise reconstruction and DAD then run "
+                        "on image+text samples through the whole VLM")
     q.add_argument("--calib", default=d.calib,
                    help="text for activation statistics: wiki, a text file/folder, hf:NAME[:CONFIG]:SPLIT, or none")
     q.add_argument("--calib-samples", type=int, default=d.calib_samples)

@@ -35,7 +35,7 @@ class QuantizeOptions:
     offset: bool = False
     modules: tuple[str, ...] = ("decoder",)
     calib: str | None = "wiki"
-    calib_images: str | None = None  # VLMs: images + captions for block-wise (calibration/images.py)
+    calib_images: str | None = None  # VLMs: images + captions for block-wise and DAD (calibration/images.py)
     calib_samples: int = 32
     calib_seq_len: int = 512
     iters: int = 8
@@ -78,9 +78,11 @@ class QuantizeOptions:
         if self.iters < 0 or self.calib_samples < 1 or self.calib_seq_len < 2:
             raise DbquantError(f"out-of-range option: iters={self.iters} (>= 0), calib_samples="
                                f"{self.calib_samples} (>= 1), calib_seq_len={self.calib_seq_len} (>= 2)")
-        if self.calib_images and (self.method != "fdb-dad" or not self.resolved().blockwise or not self.calib):
-            raise DbquantError("--calib-images feeds block-wise reconstruction: it needs --method fdb-dad with "
-                               "block-wise on and calibration text (images fill the start of each sample)")
+        if self.calib_images and (self.method != "fdb-dad" or not self.calib or not (
+                self.resolved().blockwise or (self.resolved().dad and self.resolved().dad_steps))):
+            raise DbquantError("--calib-images feeds block-wise reconstruction and DAD: it needs --method fdb-dad "
+                               "with block-wise or DAD on and calibration text (images fill the start of each "
+                               "sample)")
         if self.method == "fdb-dad":
             r = self.resolved()
             bad = [f"{k}={getattr(r, k)}" for k in ("bw_samples", "bw_steps", "bw_batch", "dad_samples",

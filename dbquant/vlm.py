@@ -24,6 +24,9 @@ class VLMFamily:
     vision: the vision tower. projector: the vision->text projector (may lie inside
     ``vision``, as Qwen2-VL's merger does). image_token: the config attribute holding the
     image placeholder token id (the positions visual features are scattered into).
+    mrope: the decoder's positions depend on where images sit (M-RoPE): its forward needs
+    ``mm_token_type_ids`` (1 at image tokens), and the image's placeholder run is wrapped in
+    the config's ``vision_start_token_id`` / ``vision_end_token_id`` tokens.
     """
 
     classes: str  # the transformers classes this row was checked against (documentation)
@@ -31,6 +34,7 @@ class VLMFamily:
     vision: str
     projector: str
     image_token: str = "image_token_id"
+    mrope: bool = False
 
 
 # To add a family: build it from a tiny random config, print its named_children, add a
@@ -43,9 +47,9 @@ VLM_FAMILIES: dict[str, VLMFamily] = {
     "llava_onevision": VLMFamily("LlavaOnevisionForConditionalGeneration", "model.language_model",
                                  "model.vision_tower", "model.multi_modal_projector"),
     "qwen2_vl": VLMFamily("Qwen2VLForConditionalGeneration", "model.language_model", "model.visual",
-                          "model.visual.merger"),
+                          "model.visual.merger", mrope=True),
     "qwen2_5_vl": VLMFamily("Qwen2_5_VLForConditionalGeneration", "model.language_model", "model.visual",
-                            "model.visual.merger"),
+                            "model.visual.merger", mrope=True),
     "smolvlm": VLMFamily("SmolVLMForConditionalGeneration", "model.text_model", "model.vision_model",
                          "model.connector"),
     "idefics3": VLMFamily("Idefics3ForConditionalGeneration", "model.text_model", "model.vision_model",
@@ -114,8 +118,9 @@ def auto_model_class(config: dict):
     return AutoModelForImageTextToText if "vision_config" in config else AutoModelForCausalLM
 
 
-# Files of a model folder that describe its image preprocessing; copied into quantized checkpoints.
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+# Files of a model folder that describe its image preprocessing (and a processor's own chat
+# template, in the older .json form); copied into quantized checkpoints.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json")
 
 
 def processor_files(folder) -> dict[str, str]:
@@ -170,8 +175,23 @@ def image_prompt_inputs(folder, model, tokenizer, image_path: str, prompt: str, 
     else:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
     # the image first, then the (templated) prompt: the text attends to the image
-    placeholder = torch.full((1, n), image_token_id(model), dtype=ids.dtype)
-    return {"input_ids": torch.cat([placeholder, ids], dim=1), **pixels}
+    tid = image_token_id(model)
+    placeholder = [tid] * n
+    if vlm_family(model).mrope:
+        placeholder = [model.config.vision_start_token_id, *placeholder, model.config.vision_end_token_id]
+    ids = torch.cat([torch.tensor([placeholder], dtype=ids.dtype), ids], dim=1)
+    return {"input_ids": ids, **pixels, **mm_token_types(model, ids)}
+
+
+def mm_token_types(model, input_ids):
+    """``{"mm_token_type_ids": int64 [B, T]}`` (1 at image tokens) for M-RoPE families, else ``{}``.
+
+    input_ids: int64 [B, T]. The processor of a Qwen2-VL-style model returns this tensor;
+    the model needs it to give image tokens their 2-D positions.
+    """
+    if not vlm_family(model).mrope:
+        return {}
+    return {"mm_token_type_ids": (input_ids == image_token_id(model)).long()}
 
 
 def calibration_inputs(model: nn.Module) -> str:

@@ -18,8 +18,8 @@ from dbquant.plan import make_plan
 from dbquant.quantize import QuantizeOptions, quantize
 from dbquant.vlm import VLM_FAMILIES, image_token_id, vision_linears, vlm_family
 
-from .conftest import TINY_TEXT, make_tiny_model
-from .tiny_vlms import IMAGE_TOKEN, image_inputs, make_tiny_vlm
+from .conftest import TINY_TEXT, make_tiny_model, make_tokenizer
+from .tiny_vlms import CLIP_LIKE, IMAGE_TOKEN, TEXT, image_inputs, make_tiny_vlm
 
 FAMILIES = sorted(VLM_FAMILIES)
 
@@ -102,8 +102,6 @@ def test_fdb_dad_calibrates_text_only_through_the_language_model(tmp_path, tiny_
 
 def test_unknown_vlm_family_is_refused():
     import transformers as T
-
-    from .tiny_vlms import CLIP_LIKE, TEXT
 
     cfg = T.LlavaNextVideoConfig(text_config=T.LlamaConfig(**TEXT), vision_config=T.CLIPVisionConfig(**CLIP_LIKE),
                                  image_token_id=IMAGE_TOKEN, video_token_id=291, image_grid_pinpoints=[[32, 32]])
@@ -223,22 +221,68 @@ def test_cli_quantize_vision_and_generate_with_image(tmp_path, capsys, tiny_toke
     assert "cannot read it as an image" in capsys.readouterr().err
 
 
+def test_generate_with_image_through_the_folders_full_processor(tmp_path, capsys):
+    """A folder with a full processor (LLaVA's: image processor, tokenizer with an <image> token, chat
+    template) prepares --image with it, in the source folder and in the quantized checkpoint."""
+    import transformers as T
+    from PIL import Image
+
+    from dbquant.cli import main
+    from dbquant.vlm import image_prompt_inputs
+
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    cfg = T.LlavaConfig(text_config=T.LlamaConfig(**dict(TEXT, vocab_size=len(tok))),
+                        vision_config=T.CLIPVisionConfig(**CLIP_LIKE), image_token_id=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(0)
+    model = T.LlavaForConditionalGeneration(cfg).eval()
+    template = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
+                "{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}ASSISTANT:")
+    proc = T.LlavaProcessor(image_processor=T.CLIPImageProcessorPil(size={"shortest_edge": 32},
+                                                                     crop_size={"height": 32, "width": 32}),
+                            tokenizer=tok, patch_size=8, num_additional_image_tokens=1, image_token="<image>",
+                            vision_feature_select_strategy=cfg.vision_feature_select_strategy, chat_template=template)
+    src = tmp_path / "llava"
+    model.save_pretrained(src)
+    proc.save_pretrained(src)
+    img = tmp_path / "img.png"
+    Image.new("RGB", (40, 30), (200, 30, 90)).save(img)
+    inputs = image_prompt_inputs(src, model, tok, str(img), "fox")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "fox"}]}]
+    expect = proc(images=[Image.open(img).convert("RGB")], text=proc.apply_chat_template(messages,
+                                                                                       add_generation_prompt=True),
+                  return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], expect["input_ids"])  # the processor's template and expansion
+    assert torch.equal(inputs["pixel_values"], expect["pixel_values"])
+    assert int((inputs["input_ids"] == cfg.image_token_id).sum()) == 16
+    out = tmp_path / "q"
+    assert main(["quantize", str(src), "--method", "fdb", "--calib", "none", "--group-size", "32", "-o", str(out)]) == 0
+    assert type(T.AutoProcessor.from_pretrained(out)) is T.LlavaProcessor  # the processor travels with it
+    capsys.readouterr()
+    assert main(["generate", str(out), "--image", str(img), "--prompt", "fox", "--max-new-tokens", "3"]) == 0
+    assert f"prompt {expect['input_ids'].shape[1]} tokens" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ calibration with images
 
 
 def _vlm_folder_with_images(tmp_path, tokenizer, family="smolvlm", n_images=3):
     from PIL import Image
-    from transformers import AutoModelForImageTextToText, SmolVLMImageProcessor
+    from transformers import AutoModelForImageTextToText, Qwen2VLImageProcessorPil, SmolVLMImageProcessor
 
     src = tmp_path / "vlm"
     make_tiny_vlm(family).save_pretrained(src)
     tokenizer.save_pretrained(src)
-    SmolVLMImageProcessor(do_image_splitting=False, size={"longest_edge": 32},
-                          max_image_size={"longest_edge": 32}).save_pretrained(src)
+    if vlm_family(make_tiny_vlm(family)).mrope:  # 4-pixel patches merged 2x2, as in tests/tiny_vlms.py
+        Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=16 * 16 * 4, patch_size=4, merge_size=2,
+                                 temporal_patch_size=2).save_pretrained(src)
+    else:
+        SmolVLMImageProcessor(do_image_splitting=False, size={"longest_edge": 32},
+                              max_image_size={"longest_edge": 32}).save_pretrained(src)
     images = tmp_path / "images"
     images.mkdir()
     for i in range(n_images):
-        Image.new("RGB", (40, 30), (60 * i, 30, 90)).save(images / f"{i}.png")
+        Image.new("RGB", (40 + 8 * i, 30), (60 * i, 30, 90)).save(images / f"{i}.png")
         (images / f"{i}.txt").write_text("the quick brown fox")
     return AutoModelForImageTextToText.from_pretrained(src).eval(), src, images
 
@@ -267,6 +311,85 @@ def test_calib_images_feed_blockwise_through_the_vlm(tmp_path, tiny_tokenizer):
     assert report["calibration"]["inputs"].startswith("block-wise: 3 image+text samples and 1 text windows")
 
 
+def test_calib_images_give_mrope_models_per_sample_positions(tmp_path, tiny_tokenizer):
+    """Qwen2-VL: each image+text sample's first-block inputs are exactly those of a whole-VLM forward."""
+    from dbquant.calibration.blockwise import PerSample, call_block, capture_block_inputs
+    from dbquant.calibration.images import multimodal_samples
+    from dbquant.plan import decoder_blocks
+
+    model, src, images = _vlm_folder_with_images(tmp_path, tiny_tokenizer, family="qwen2_vl")
+    text = torch.randint(0, 280, (4, 48), generator=torch.Generator().manual_seed(0))
+    samples = multimodal_samples(model, tiny_tokenizer, src, images, text)
+    assert samples.n_images == 3
+    for i in range(3):  # the image's run is wrapped in vision start/end; M-RoPE's token types travel along
+        ids = samples.input_ids[i]
+        n = int((ids == IMAGE_TOKEN).sum())
+        assert ids[0] == model.config.vision_start_token_id and ids[n + 1] == model.config.vision_end_token_id
+        assert torch.equal(samples.pixels[i]["mm_token_type_ids"][0], (ids == IMAGE_TOKEN).long())
+    x, kwargs = capture_block_inputs(model, samples)
+    assert isinstance(kwargs["position_embeddings"], PerSample)
+    cos, _ = kwargs["position_embeddings"].value
+    assert cos.shape == (4, 48, cos.shape[-1])
+    assert not torch.equal(cos[0], cos[3])  # image positions are 2-D; the text window's are 1-D
+    block, outs = decoder_blocks(model)[0], {}
+    handle = block.register_forward_hook(lambda _m, _a, out: outs.__setitem__("y", out[0] if isinstance(out, tuple)
+                                                                              else out))
+    with torch.no_grad():
+        for i in range(4):
+            model(**samples.inputs(i), use_cache=False)
+            mine = call_block(block, x[i:i + 1], kwargs, torch.tensor([i]))
+            torch.testing.assert_close(mine, outs["y"], rtol=1e-5, atol=1e-5)
+    handle.remove()
+
+
+def test_fdb_dad_with_images_runs_blockwise_and_dad_through_the_vlm(tmp_path, tiny_tokenizer):
+    model, src, images = _vlm_folder_with_images(tmp_path, tiny_tokenizer, family="qwen2_vl")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TINY_TEXT)
+    vision_before = _vision_state(model)
+    report = quantize(model, tiny_tokenizer, QuantizeOptions(
+        preset="default", calib=str(calib), calib_images=str(images), group_size=32, bw_samples=4, bw_seq_len=48,
+        bw_steps=2, dad_samples=4, dad_seq_len=48, dad_steps=3, dad_batch=2, work_dir=str(tmp_path / "work")),
+        progress=False)
+    cal = report["calibration"]
+    assert cal["inputs"] == ("block-wise: 3 image+text samples and 1 text windows through the VLM; "
+                             "DAD: 3 image+text samples and 1 text windows through the VLM")
+    assert cal["dad"]["first_kl"] is not None and cal["dad"]["last_kl"] is not None
+    assert all(torch.equal(_vision_state(model)[k], v) for k, v in vision_before.items())
+    dbquant.save(model, tmp_path / "q")
+    inputs = image_inputs(model)
+    with torch.no_grad():
+        assert torch.equal(dbquant.load(tmp_path / "q")(**inputs).logits, model(**inputs).logits)
+
+
+def test_dad_on_samples_one_at_a_time_equals_the_batched_step():
+    """Micro-batches (how image+text samples run) accumulate exactly the batched step's gradient."""
+    from dbquant import fdb
+    from dbquant.calibration.blockwise import to_fakequant
+    from dbquant.calibration.dad import DADConfig, distill, teacher_cache
+    from dbquant.calibration.images import MultimodalSamples
+    from dbquant.calibration.runstate import RunState, make_fingerprint
+
+    ids = torch.randint(0, 300, (4, 24), generator=torch.Generator().manual_seed(1))
+    samples = MultimodalSamples(ids, [{} for _ in range(4)])
+    trained = []
+    for data in (ids, samples):
+        model = make_tiny_model()
+        plan = make_plan(model, 32)
+        teacher = teacher_cache(model, data, topk=16, progress=False)
+        init = {p.name: fdb.quantize_fdb(model.get_submodule(p.name).weight.detach(), 32) for p in plan}
+        to_fakequant(model, [p.name for p in plan], init)
+        distill(model, data, teacher, DADConfig(steps=3, batch_size=4, lr=1e-2, warmup=0),
+                RunState(None, make_fingerprint(test=True)), progress=False)
+        trained.append((teacher, {n: t.clone() for n, t in model.state_dict().items()}))
+    (t_batched, batched), (t_single, single) = trained
+    for k in t_batched:
+        torch.testing.assert_close(t_single[k], t_batched[k], rtol=1e-5, atol=1e-5)
+    assert batched.keys() == single.keys()
+    for k in batched:
+        torch.testing.assert_close(single[k], batched[k], rtol=1e-4, atol=1e-6)
+
+
 def test_calib_images_errors(tmp_path, tiny_tokenizer):
     from dbquant.calibration.images import image_caption_pairs, multimodal_samples
 
@@ -274,7 +397,9 @@ def test_calib_images_errors(tmp_path, tiny_tokenizer):
     (images / "0.txt").unlink()
     with pytest.raises(DbquantError, match="no caption for 0.png"):
         image_caption_pairs(images)
-    with pytest.raises(DbquantError, match="not implemented for qwen2_vl"):
-        multimodal_samples(make_tiny_vlm("qwen2_vl"), tiny_tokenizer, src, images, torch.zeros(2, 32, dtype=torch.long))
-    with pytest.raises(DbquantError, match="needs --method fdb-dad with block-wise on"):
+    with pytest.raises(DbquantError, match="needs a vision-language model"):
+        multimodal_samples(make_tiny_model(), tiny_tokenizer, src, images, torch.zeros(2, 32, dtype=torch.long))
+    with pytest.raises(DbquantError, match="needs --method fdb-dad with block-wise or DAD on"):
         QuantizeOptions(method="fdb", calib_images=str(images)).check()
+    with pytest.raises(DbquantError, match="needs --method fdb-dad with block-wise or DAD on"):
+        QuantizeOptions(preset="fast", calib="wiki", calib_images=str(images), blockwise=False).check()
