@@ -10,8 +10,8 @@ relative MSE = sum (a - a_fp)^2 / sum a_fp^2, per layer. Also the suffix's NLL.
 
 Caches compared, all VidKV 1.5-bit keys / 1.58-bit values with the same residual:
 ``none`` (no protection), ``stp`` (dbquant.kv.stp.vlm_protected_tokens: the top ``ratio``
-visual tokens by similarity of their merged embeddings to the mean text embedding keep
-2-bit values), ``random`` (the same number of visual tokens per window, chosen uniformly;
+visual tokens by similarity of their merged embeddings to the mean text embedding get
+~2.85-bit values: their ternary code plus a sign bit per value, see VidKVCodec), ``random`` (the same number of visual tokens per window, chosen uniformly;
 several seeds). stp and random hold the same bytes (measured with cache_nbytes).
 
 The test bed's vision tower and connector are random (DESIGN §4): which visual tokens

@@ -171,7 +171,7 @@ def test_stp_positions_count_the_sink_tokens():
     assert layer.n_packed == 32 and layer.packed_values["stp"]["pos"].tolist() == [[0], [5]]
 
 
-def test_stp_keeps_protected_values_at_two_bits():
+def test_stp_refines_protected_values_with_a_sign_bit():
     spec = parse_kv("1.5/1.58", residual=0, group=16, sink=0, scale_dtype="fp16")  # the oracle uses fp16
     g = torch.Generator().manual_seed(2)
     k, v = torch.randn(2, 2, 32, 16, generator=g), torch.randn(2, 2, 32, 16, generator=g)
@@ -184,10 +184,15 @@ def test_stp_keeps_protected_values_at_two_bits():
     v_plain = plain.dequantized()[1]
     v_stp = stp.dequantized()[1]
     err = lambda a: (a - v).square().sum(-1).mean(1)  # [B, T] per-token error  # noqa: E731
-    assert (err(v_stp)[prot] < 0.8 * err(v_plain)[prot]).all()  # 2-bit per token beats ternary
+    assert (err(v_stp)[prot] < 0.8 * err(v_plain)[prot]).all()  # the refinement bit beats ternary alone
+    assert torch.equal(v_stp[~prot[:, None, :].expand(-1, 2, -1)], v_plain[~prot[:, None, :].expand(-1, 2, -1)])
     h = Q.hadamard(16)
-    for b, t in prot.nonzero().tolist():  # exactly the 2-bit per-token oracle over the rotated head dim
-        assert torch.allclose(v_stp[b, :, t, :], R.asym2_ref((v[b, :, t, :] @ h).T).T @ h, atol=1e-5)
+    for b, t in prot.nonzero().tolist():  # the oracle: ternary of its group + sign1 of the rotated residual
+        g0 = t // 16 * 16
+        for head in range(2):
+            tern = R.ternary_ref(v[b, head, g0:g0 + 16])[t - g0]
+            res = R.sign1_ref(((v[b, head, t] - tern) @ h)[:, None])[:, 0] @ h
+            assert torch.allclose(v_stp[b, head, t], tern + res, atol=1e-5)
     assert cache_nbytes(type("C", (), {"layers": [stp], "get_seq_length": lambda s: 32})())["quantized"] > \
         cache_nbytes(type("C", (), {"layers": [plain], "get_seq_length": lambda s: 32})())["quantized"]
     # beams: protected entries follow their rows

@@ -267,7 +267,7 @@ class QuantKVCache(Cache):
     Args:
         config: the model's config (or the model); only full-attention decoders are served.
         spec: a :class:`KVSpec` or a ``--kv`` spelling such as ``"1.5/1.58"``.
-        protected: optional bool [B, T] (STP): tokens whose values keep 2 bits (VidKV with
+        protected: optional bool [B, T] (STP): tokens whose values get a refinement bit (VidKV with
             1.58-bit values only). Positions count from the first token given to the cache.
     """
 

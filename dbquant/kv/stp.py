@@ -1,7 +1,8 @@
-"""Semantic token protection (VidKV's STP): which visual tokens keep 2-bit values.
+"""Semantic token protection (VidKV's STP): which visual tokens get finer values.
 
-The visual tokens most related to the text keep 2-bit values in a VidKV cache with
-1.58-bit values; the rest stay ternary. Relevance of a visual token = the cosine
+The visual tokens most related to the text get ~2.85-bit values in a VidKV cache with
+1.58-bit values (their ternary code plus a sign bit per value that refines it, see
+``codecs.VidKVCodec.quantize_values``); the rest stay ternary. Relevance of a visual token = the cosine
 similarity of its embedding to the mean text-token embedding of the same sequence
 (our reading of "similarity of visual-token embeddings to the text-token embeddings").
 Pass the result to ``make_cache(model, "1.5/1.58", protected=mask)``.
