@@ -184,7 +184,12 @@ def skeleton(model_dir: str | os.PathLike) -> nn.Module:
     """The model with every parameter on ``meta`` (no memory), float32, eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from dbquant.vlm import is_vlm
+
     config = AutoConfig.from_pretrained(model_dir)
+    if is_vlm(config):
+        raise DbquantError(f"--streaming does not take vision-language models ({config.model_type}); quantize "
+                           "it in memory (without --streaming)")
     if config.model_type not in DECODER_BLOCKS:
         raise DbquantError(f"streaming supports {sorted(DECODER_BLOCKS)} models, not {config.model_type!r}")
     with torch.device("meta"):

@@ -112,6 +112,11 @@ def test_streaming_refuses_what_it_cannot_do(tmp_path, tiny_model_dir, text_file
                                progress=False)
     with pytest.raises(DbquantError, match="no model.safetensors"):
         ShardReader(tmp_path)
+    from .tiny_vlms import make_tiny_vlm
+
+    make_tiny_vlm("smolvlm").save_pretrained(tmp_path / "vlm")
+    with pytest.raises(DbquantError, match="does not take vision-language models"):
+        quantize_streaming(tmp_path / "vlm", tok, _opts(text_file, tmp_path / "w2"), tmp_path / "o2", progress=False)
 
 
 def test_cli_streaming(tmp_path, tiny_model_dir, text_file, capsys):
