@@ -5,7 +5,11 @@ framework code (cache objects, masks, hooks, ~40 module calls per layer). For de
 this module rebuilds the same network from the loaded model's own tensors as a short
 straight-line step (gpt-fast style): a preallocated KV cache, q/k/v and gate/up fused
 into one kernel call each, a fused C++ RMSNorm and ``F.scaled_dot_product_attention``. Packed
-layers call the C++ kernel directly on their load-time repacked weights.
+layers call the C++ kernel directly on their load-time repacked weights. When every
+projection of every layer is such a fused packed weight (a dbquant checkpoint on the CPU),
+a one-token step runs each whole decoder layer as one C++ call
+(``torch.ops.dbquant.decode_layer_cpu``: norms, kernels, RoPE, cache append, attention and
+SiLU), since a small model's step is otherwise mostly framework overhead.
 
 Supported: ``llama``, ``mistral``, ``qwen2``, ``qwen3`` decoders (dense or with dbquant
 ``PackedLinear`` layers) without sliding-window attention, SiLU MLPs, any RoPE scaling
@@ -182,6 +186,23 @@ class FastDecoder:
 
         # float32 weights for the fused norm (the model's norms may be stored in another dtype)
         self.fused_norm = self.device.type == "cpu" and _native.load_cpu()
+        self.native = self._native_layers() if self.fused_norm else None
+
+    def _native_layers(self) -> list[list] | None:
+        """Per layer, the ``proj`` argument of ``decode_layer_cpu`` (16 entries: planes,
+        scales, offset, bias of qkv, o, gate_up, down), or None when some layer cannot run
+        natively (a dense or unfused projection, q/k norms, mixed group sizes or norm eps)."""
+        out, groups, eps = [], set(), set()
+        inter = self.layers[0]["gate_up"].sizes[0]
+        for L in self.layers:
+            projs = [L[k] for k in ("qkv", "o", "gate_up", "down")]
+            if any(p.packed is None for p in projs) or L["q_norm"] is not None or \
+                    L["gate_up"].sizes != [inter, inter]:
+                return None
+            groups |= {p.packed.group_size for p in projs}
+            eps |= {L["ln1"][1], L["ln2"][1]}
+            out.append([t for p in projs for t in (p.packed.planes, p.packed.scales, p.packed.offset, p.bias)])
+        return out if len(groups) == 1 and len(eps) == 1 else None
 
     # -- the network -----------------------------------------------------------------
 
@@ -222,7 +243,13 @@ class FastDecoder:
         if t > 1 and pos > 0:
             mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(diagonal=pos)
         inter = self.layers[0]["gate_up"].sizes[0]
+        native = self.native is not None and b == 1 and t == 1  # one token: one C++ call per layer
         for i, L in enumerate(self.layers):
+            if native:
+                torch.ops.dbquant.decode_layer_cpu(
+                    x, self.native[i], L["ln1"][0], L["ln2"][0], L["ln1"][1], L["qkv"].packed.group_size,
+                    self.cos[pos], self.sin[pos], self.k_cache[i], self.v_cache[i], pos, hq, self.scaling)
+                continue
             h = self._rms(x, L["ln1"])
             qkv = L["qkv"](h).view(b, t, hq + 2 * hk, d)
             qk, v = qkv[:, :, :hq + hk], qkv[:, :, hq + hk:]

@@ -47,6 +47,45 @@ def test_packed_fused_matches_hf_forward(model_type, tmp_path):
     _assert_chunked_logits_match(model)
 
 
+@pytest.mark.parametrize("model_type,cfg", [("llama", {}), ("qwen2", {}),  # qwen2: q/k/v biases
+                                             ("llama", {"num_key_value_heads": 4})])  # no GQA
+def test_native_layer_step_matches_the_python_step(model_type, cfg):
+    """A one-token step through decode_layer_cpu (one C++ call per layer) gives the Python step's
+    logits and cache contents, position after position, and HF's forward at every position."""
+    model = _packed(model_type, **cfg)
+    native, python = FastDecoder(model, max_len=32), FastDecoder(model, max_len=32)
+    assert native.native is not None and len(native.native) == model.config.num_hidden_layers
+    python.native = None
+    ids = IDS[:1]
+    with torch.no_grad():
+        ref = model(ids).logits[0]
+    for dec in (native, python):
+        dec._alloc(1)
+        dec.forward(ids[:, :4], 0)  # prefill: the same (Python) path in both
+    scale = ref.abs().max().item()
+    for p in range(4, ids.shape[1]):
+        a, b = native.forward(ids[:, p:p + 1], p), python.forward(ids[:, p:p + 1], p)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale)
+        torch.testing.assert_close(a[0], ref[p], rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(native.k_cache, python.k_cache, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(native.v_cache, python.v_cache, rtol=1e-5, atol=1e-6)
+    # bad input is refused by the op, not computed
+    L, x = native.layers[0], torch.zeros(1, model.config.hidden_size)
+    args = (L["ln1"][0], L["ln2"][0], 1e-5, 32, native.cos[0], native.sin[0])
+    with pytest.raises(RuntimeError, match="proj must hold 16 entries"):
+        torch.ops.dbquant.decode_layer_cpu(x, native.native[0][:12], *args, native.k_cache[0], native.v_cache[0],
+                                           0, 4, 0.125)
+    with pytest.raises(RuntimeError, match="inconsistent sizes"):
+        torch.ops.dbquant.decode_layer_cpu(x, native.native[0], *args, native.k_cache[0], native.v_cache[0],
+                                           32, 4, 0.125)  # pos beyond max_len
+
+
+def test_native_layer_step_needs_fused_packed_layers():
+    assert FastDecoder(make_tiny_model()).native is None  # dense
+    assert FastDecoder(_packed("qwen3")).native is None  # q/k norms
+    assert FastDecoder(_packed("llama", hidden_size=72)).native is None  # unfusable shapes
+
+
 def test_packed_unfusable_shapes_fall_back_to_modules():
     # hidden 72 / 4 heads -> k, v have 36 rows: not a multiple of the 16-row tile
     model = _packed("llama", hidden_size=72)
@@ -149,9 +188,10 @@ def test_linear_int8_kernel_parity(n, k, m):
     assert _native.load_cpu()
     codes, scale = quantize_rows_int8(torch.randn(n, k))
     x = torch.randn(m, k)
-    y = torch.ops.dbquant.linear_int8_cpu(x, codes, scale)
     ref = x @ (codes.float() * scale[:, None]).T
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    for isa in torch.ops.dbquant.cpu_isas():  # every ISA path this CPU can run (avx512, avx2, scalar)
+        y = torch.ops.dbquant.linear_int8_cpu(x, codes, scale, isa)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(), msg=isa)
     with pytest.raises(RuntimeError, match="x has K=5 but wq is"):
         torch.ops.dbquant.linear_int8_cpu(torch.randn(1, 5), codes, scale)
     with pytest.raises(RuntimeError, match="wq must be a contiguous int8"):

@@ -5,10 +5,15 @@
 //   torch.ops.dbquant.dequantize_cpu(Tensor planes, Tensor scales, Tensor? offset,
 //                                    int out_features, int in_features, int group_size)
 //                                    -> Tensor (float32 [N, K])
-//   torch.ops.dbquant.linear_int8_cpu(Tensor x, Tensor wq, Tensor s) -> Tensor
+//   torch.ops.dbquant.linear_int8_cpu(Tensor x, Tensor wq, Tensor s, str isa="auto") -> Tensor
 //                                    (dense int8-weight projection, gemv_int8.h)
 //   torch.ops.dbquant.rms_norm_cpu(Tensor x, Tensor w, float eps) -> Tensor
 //                                    (fused RMSNorm over the last dim, decode_ops.h)
+//   torch.ops.dbquant.decode_layer_cpu(Tensor(a!) x, Tensor?[] proj, Tensor ln1, Tensor ln2,
+//                                    float eps, int group_size, Tensor cos, Tensor sin,
+//                                    Tensor(b!) k_cache, Tensor(c!) v_cache, int pos,
+//                                    int n_heads, float scale) -> ()
+//                                    (one whole decoder layer for one token, in place)
 //   torch.ops.dbquant.cpu_isas() -> str[]       (supported ISA paths, fastest first)
 // The weight arguments are in the t16 kernel layout (dbgemm_t16.h, docs/FORMAT.md);
 // dbquant/_native.py builds it from the canonical format. This is the only file that
@@ -149,7 +154,8 @@ at::Tensor dequantize_cpu(const at::Tensor& planes, const at::Tensor& scales,
 }
 
 // y = x @ (s * wq)^T for a dense int8-weight projection (gemv_int8.h).
-at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& s) {
+at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& s,
+                           const std::string& isa_arg) {
   TORCH_CHECK(x.device().is_cpu() && wq.device().is_cpu() && s.device().is_cpu(),
               "linear_int8_cpu: all tensors must be on the CPU");
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2,
@@ -171,11 +177,14 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& wq, const at::
   const int8_t* wp = wq.data_ptr<int8_t>();
   const float* sp = s.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const bool simd = dbquant::cpu::isa_supported(Isa::Avx512);
+  const Isa isa = parse_isa(isa_arg);
   at::parallel_for(0, N / 4, std::max<int64_t>(1, (int64_t(1) << 14) / (M * K)), [&](int64_t b, int64_t e) {
     const int64_t n0 = 4 * b, n1 = e == N / 4 ? N : 4 * e;  // the last task takes the N % 4 rows
-    if (simd) dbquant::cpu::gemv_int8_rows_avx512(xp, wp, sp, M, N, K, yp, n0, n1);
-    else dbquant::cpu::gemv_int8_rows_scalar(xp, wp, sp, M, N, K, yp, n0, n1);
+    switch (isa) {
+      case Isa::Avx512: return dbquant::cpu::gemv_int8_rows_avx512(xp, wp, sp, M, N, K, yp, n0, n1);
+      case Isa::Avx2: return dbquant::cpu::gemv_int8_rows_avx2(xp, wp, sp, M, N, K, yp, n0, n1);
+      default: return dbquant::cpu::gemv_int8_rows_scalar(xp, wp, sp, M, N, K, yp, n0, n1);
+    }
   });
   if (N < 4) dbquant::cpu::gemv_int8_rows_scalar(xp, wp, sp, M, N, K, yp, 0, N);
   return y;
@@ -200,6 +209,109 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& w, double eps) {
   return y;
 }
 
+// y[N] = W x[K] for one activation row through the t16 kernel (W's bias included), with
+// caller-provided table scratch (lut: lut_floats(w) floats; gsum: groups() floats).
+void gemv_t16(Isa isa, const dbquant::cpu::T16Weight& w, const float* x, float* y, float* lut,
+              float* gsum) {
+  dbquant::cpu::build_luts(isa, w, x, lut, w.offset ? gsum : nullptr, 0, 1);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / (4 * (w.kp() / 8)));
+  at::parallel_for(0, w.tiles(), grain, [&](int64_t t0, int64_t t1) {
+    dbquant::cpu::gemm_tiles(isa, w, lut, w.offset ? gsum : nullptr, 1, y, t0, t1);
+  });
+}
+
+// One Llama-family decoder layer for one token (batch 1), in place on x float32 [1, H]:
+//   x += o(attn(rope(q), rope(k), v)) with q, k, v = qkv(rms(x, ln1)); k, v appended to the
+//   caches at `pos`; then x += down(silu(gate) * up) with gate, up = gate_up(rms(x, ln2)).
+// proj: 16 entries, four per projection in the order qkv, o, gate_up, down:
+//   planes, scales, offset (or None), bias (or None), in the t16 layout (dbgemm_t16.h);
+// out_features follow from the shapes: qkv (Hq + 2 Hk) D, o H, gate_up 2 I, down H.
+// k_cache, v_cache: float32 [1, Hk, L, D] (this layer's); cos, sin: float32 [D] at `pos`.
+// Every piece computes what dbquant/decode.py's Python step computes (up to float rounding
+// order); the gain is one call instead of ~20 framework ops (tests/test_decode.py).
+void decode_layer_cpu(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& proj,
+                      const at::Tensor& ln1, const at::Tensor& ln2, double eps, int64_t group_size,
+                      const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
+                      const at::Tensor& v_cache, int64_t pos, int64_t n_heads, double scale) {
+  using dbquant::cpu::T16Weight;
+  TORCH_CHECK(proj.size() == 16, "decode_layer_cpu: proj must hold 16 entries (4 per projection), got ",
+              proj.size());
+  check_input(x, "x", at::kFloat);
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "decode_layer_cpu: x must be [1, hidden], got ", x.sizes());
+  for (const at::Tensor* t : {&ln1, &ln2, &cos, &sin, &k_cache, &v_cache}) check_input(*t, "a norm/rope/cache tensor", at::kFloat);
+  const int64_t H = x.size(1), D = cos.size(0);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == 1 && k_cache.size(3) == D &&
+                  v_cache.sizes() == k_cache.sizes(),
+              "decode_layer_cpu: caches must be [1, n_kv, max_len, ", D, "], got ", k_cache.sizes(),
+              " and ", v_cache.sizes());
+  const int64_t Hk = k_cache.size(1), L = k_cache.size(2), Hq = n_heads;
+  TORCH_CHECK(Hq >= Hk && Hq % Hk == 0 && pos >= 0 && pos < L && sin.size(0) == D && ln1.size(0) == H &&
+                  ln2.size(0) == H,
+              "decode_layer_cpu: inconsistent sizes (n_heads ", Hq, ", n_kv ", Hk, ", pos ", pos,
+              ", max_len ", L, ", hidden ", H, ")");
+  auto weight = [&](int i, int64_t N, int64_t K, const char* name) {
+    const std::optional<at::Tensor> planes = proj.get(4 * i), scales = proj.get(4 * i + 1);
+    TORCH_CHECK(planes && scales, "decode_layer_cpu: ", name, " needs planes and scales");
+    T16Weight w = t16_weight("decode_layer_cpu", *planes, *scales, proj.get(4 * i + 2), N, K, group_size);
+    const std::optional<at::Tensor> bias = proj.get(4 * i + 3);
+    if (bias) {
+      check_input(*bias, "bias", at::kFloat);
+      check_shape(*bias, "bias", {N});
+    }
+    w.bias = bias ? bias->data_ptr<float>() : nullptr;
+    return w;
+  };
+  const int64_t qkv_n = (Hq + 2 * Hk) * D;
+  const std::optional<at::Tensor> gu_scales = proj.get(9);
+  TORCH_CHECK(gu_scales, "decode_layer_cpu: gate_up needs scales");
+  const int64_t I = gu_scales->size(0) * dbquant::cpu::kTile / 2;  // 2I rows, a whole number of tiles
+  const T16Weight wqkv = weight(0, qkv_n, H, "qkv"), wo = weight(1, H, Hq * D, "o"),
+                  wgu = weight(2, 2 * I, H, "gate_up"), wd = weight(3, H, I, "down");
+  const Isa isa = dbquant::cpu::best_isa();
+
+  const int64_t n = pos + 1;
+  const int64_t lf = std::max({dbquant::cpu::lut_floats(wqkv), dbquant::cpu::lut_floats(wo),
+                               dbquant::cpu::lut_floats(wgu), dbquant::cpu::lut_floats(wd)});
+  const int64_t G = std::max({wqkv.groups(), wo.groups(), wgu.groups(), wd.groups()});
+  at::Tensor scratch = at::empty({lf + G + H + qkv_n + Hq * D + Hq * n + 2 * I + I + H}, x.options());
+  float* lut = scratch.data_ptr<float>();
+  float* gsum = lut + lf;
+  float* h = gsum + G;
+  float* qkv = h + H;
+  float* att = qkv + qkv_n;
+  float* scores = att + Hq * D;
+  float* gu = scores + Hq * n;
+  float* act = gu + 2 * I;
+  float* tmp = act + I;
+  float* xp = x.data_ptr<float>();
+
+  // attention half
+  dbquant::cpu::rms_norm_rows(xp, ln1.data_ptr<float>(), float(eps), H, h, 0, 1);
+  gemv_t16(isa, wqkv, h, qkv, lut, gsum);
+  float* q = qkv;
+  float* k = qkv + Hq * D;
+  float* v = k + Hk * D;
+  dbquant::cpu::rope_rows(q, cos.data_ptr<float>(), sin.data_ptr<float>(), Hq, D);
+  dbquant::cpu::rope_rows(k, cos.data_ptr<float>(), sin.data_ptr<float>(), Hk, D);
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  for (int64_t j = 0; j < Hk; ++j) {
+    std::copy(k + j * D, k + (j + 1) * D, kc + (j * L + pos) * D);
+    std::copy(v + j * D, v + (j + 1) * D, vc + (j * L + pos) * D);
+  }
+  at::parallel_for(0, Hq, std::max<int64_t>(1, (int64_t(1) << 14) / (n * D)), [&](int64_t h0, int64_t h1) {
+    dbquant::cpu::attend_one_token(q, kc, vc, Hq, Hk, L, D, n, float(scale), scores, att, h0, h1);
+  });
+  gemv_t16(isa, wo, att, tmp, lut, gsum);
+  for (int64_t i = 0; i < H; ++i) xp[i] += tmp[i];
+  // MLP half
+  dbquant::cpu::rms_norm_rows(xp, ln2.data_ptr<float>(), float(eps), H, h, 0, 1);
+  gemv_t16(isa, wgu, h, gu, lut, gsum);
+  dbquant::cpu::silu_mul(gu, I, act);
+  gemv_t16(isa, wd, act, tmp, lut, gsum);
+  for (int64_t i = 0; i < H; ++i) xp[i] += tmp[i];
+}
+
 std::vector<std::string> cpu_isas() {
   std::vector<std::string> out;
   for (Isa i : {Isa::Avx512, Isa::Avx2, Isa::Scalar})
@@ -218,8 +330,11 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
   m.def(
       "dequantize_cpu(Tensor planes, Tensor scales, Tensor? offset, int out_features, "
       "int in_features, int group_size) -> Tensor");
-  m.def("linear_int8_cpu(Tensor x, Tensor wq, Tensor s) -> Tensor");
+  m.def("linear_int8_cpu(Tensor x, Tensor wq, Tensor s, str isa=\"auto\") -> Tensor");
   m.def("rms_norm_cpu(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def(
+      "decode_layer_cpu(Tensor(a!) x, Tensor?[] proj, Tensor ln1, Tensor ln2, float eps, int group_size, "
+      "Tensor cos, Tensor sin, Tensor(b!) k_cache, Tensor(c!) v_cache, int pos, int n_heads, float scale) -> ()");
   m.def("cpu_isas() -> str[]", &cpu_isas);  // no tensor arguments: a catch-all kernel
 }
 
@@ -228,6 +343,7 @@ TORCH_LIBRARY_IMPL(dbquant, CPU, m) {
   m.impl("dequantize_cpu", &dequantize_cpu);
   m.impl("linear_int8_cpu", &linear_int8_cpu);
   m.impl("rms_norm_cpu", &rms_norm_cpu);
+  m.impl("decode_layer_cpu", &decode_layer_cpu);
 }
 
 // No Python functions: `import dbquant._C` exists only to load this library.

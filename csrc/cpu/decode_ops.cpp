@@ -1,8 +1,9 @@
-// Plain C++; `omp simd` lets the compiler vectorise the sum of squares (built with
-// -fopenmp). See decode_ops.h.
+// Plain C++; `omp simd` lets the compiler vectorise the reductions (built with -fopenmp).
+// See decode_ops.h.
 
 #include "decode_ops.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace dbquant {
@@ -18,6 +19,60 @@ void rms_norm_rows(const float* x, const float* w, float eps, int64_t D, float* 
     for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
     const float inv = 1.0f / std::sqrt(ss / float(D) + eps);
     for (int64_t i = 0; i < D; ++i) yr[i] = xr[i] * inv * w[i];
+  }
+}
+
+void rope_rows(float* x, const float* cos, const float* sin, int64_t heads, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* xr = x + h * D;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = xr[i], b = xr[i + half];
+      xr[i] = a * cos[i] - b * sin[i];
+      xr[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+  }
+}
+
+void attend_one_token(const float* q, const float* k, const float* v, int64_t Hq, int64_t Hk,
+                      int64_t L, int64_t D, int64_t n, float scale, float* scores, float* out,
+                      int64_t h0, int64_t h1) {
+  const int64_t group = Hq / Hk;
+  for (int64_t h = h0; h < h1; ++h) {
+    const float* qh = q + h * D;
+    const float* kh = k + (h / group) * L * D;
+    const float* vh = v + (h / group) * L * D;
+    float* s = scores + h * n;
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < n; ++t) {
+      const float* kt = kh + t * D;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < D; ++i) dot += qh[i] * kt[i];
+      s[t] = dot * scale;
+      mx = std::max(mx, s[t]);
+    }
+    float sum = 0.0f;
+    for (int64_t t = 0; t < n; ++t) {
+      s[t] = std::exp(s[t] - mx);
+      sum += s[t];
+    }
+    float* o = out + h * D;
+    std::fill(o, o + D, 0.0f);
+    const float inv = 1.0f / sum;
+    for (int64_t t = 0; t < n; ++t) {
+      const float p = s[t] * inv;
+      const float* vt = vh + t * D;
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) o[i] += p * vt[i];
+    }
+  }
+}
+
+void silu_mul(const float* gu, int64_t I, float* y) {
+  for (int64_t i = 0; i < I; ++i) {
+    const float g = gu[i];
+    y[i] = g / (1.0f + std::exp(-g)) * gu[I + i];
   }
 }
 

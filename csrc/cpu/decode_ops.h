@@ -1,7 +1,8 @@
-// Torch-free fused CPU op for a decode step (dbquant/decode.py), where a small model's step
-// is dominated by per-op framework overhead rather than arithmetic: one call replaces the
-// ~8 ops of torch's composite rms_norm (measured 4.5 vs 16 us for a 576-vector).
-// (A fused one-token attention was tried and lost to torch's SDPA: 39 vs 31 us.)
+// Torch-free fused CPU ops for a decode step (dbquant/decode.py), where a small model's step
+// is dominated by per-op framework overhead rather than arithmetic. rms_norm_rows replaces
+// the ~8 ops of torch's composite rms_norm (measured 4.5 vs 16 us for a 576-vector); the
+// others are the pieces of one whole decoder layer for one token (binding.cpp's
+// decode_layer_cpu), which replaces ~20 torch ops per layer with one call.
 #pragma once
 
 #include <cstdint>
@@ -13,6 +14,22 @@ namespace cpu {
 // [R, D] row-major (may alias), w float32 [D]. Matches torch's rms_norm to rounding.
 void rms_norm_rows(const float* x, const float* w, float eps, int64_t D, float* y, int64_t r0,
                    int64_t r1);
+
+// Rotary embedding of `heads` rows of x float32 [heads, D] (in place) at one position, in
+// the rotate-half convention of Llama-family models (HF apply_rotary_pos_emb):
+// x = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[D/2:], x[:D/2]); cos, sin float32 [D].
+void rope_rows(float* x, const float* cos, const float* sin, int64_t heads, int64_t D);
+
+// Attention of one query token, query heads [h0, h1). q float32 [Hq, D] (rotated); the
+// caches k, v float32 [Hk, L, D] hold positions 0..n-1 (head stride L*D); query head h reads
+// kv head h / (Hq / Hk) (grouped-query attention). scores float32 [Hq, n] scratch;
+// out float32 [Hq, D] = softmax(q k^T * scale) v per head.
+void attend_one_token(const float* q, const float* k, const float* v, int64_t Hq, int64_t Hk,
+                      int64_t L, int64_t D, int64_t n, float scale, float* scores, float* out,
+                      int64_t h0, int64_t h1);
+
+// y[i] = silu(gu[i]) * gu[I + i] for i < I (a gate/up pair side by side: gu float32 [2I]).
+void silu_mul(const float* gu, int64_t I, float* y);
 
 }  // namespace cpu
 }  // namespace dbquant

@@ -16,6 +16,8 @@ namespace cpu {
 
 void gemv_int8_rows_scalar(const float* x, const int8_t* wq, const float* s, int64_t M, int64_t N,
                            int64_t K, float* y, int64_t n0, int64_t n1);
+void gemv_int8_rows_avx2(const float* x, const int8_t* wq, const float* s, int64_t M, int64_t N,
+                         int64_t K, float* y, int64_t n0, int64_t n1);
 void gemv_int8_rows_avx512(const float* x, const int8_t* wq, const float* s, int64_t M, int64_t N,
                            int64_t K, float* y, int64_t n0, int64_t n1);
 
