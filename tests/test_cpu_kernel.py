@@ -79,8 +79,9 @@ def assert_matches(y, ref):
 @pytest.mark.parametrize("g", [8, 32, 64, 128])
 @pytest.mark.parametrize("k", [8, 24, 100, 576, 1000])
 def test_parity_shapes_all_isas(k, g, m):
-    """Every ISA path matches the reference, and all paths agree bit for bit (they perform
-    the same float operations in the same order, lane by lane: csrc/cpu/dbgemm_t16.h)."""
+    """Every ISA path matches the reference; scalar and AVX-512 agree bit for bit (the same float
+    operations in the same order, lane by lane: csrc/cpu/dbgemm_t16.h). AVX2 tabulates 2-channel
+    chunks (csrc/cpu/dbgemm_t16_avx2.cpp), so it adds the same products in another order."""
     assert "scalar" in ISAS
     for n, offset, bias in itertools.product([1, 7, 33], [False, True], [False, True]):
         w, b, canon = prepared(n, k, g, offset, bias, seed=k * 7 + g + n)
@@ -90,7 +91,8 @@ def test_parity_shapes_all_isas(k, g, m):
         for isa, y in ys.items():
             assert y.shape == (m, n) and y.dtype == torch.float32, isa
             assert_matches(y, ref)
-            assert torch.equal(y, ys["scalar"]), f"{isa} differs from scalar"
+            if isa != "avx2":
+                assert torch.equal(y, ys["scalar"]), f"{isa} differs from scalar"
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])

@@ -128,9 +128,10 @@ at::Tensor dbgemm_cpu(const at::Tensor& x, const at::Tensor& planes, const at::T
     // Tables: ~5 vector ops per 4 channels; only worth threads for many long rows.
     at::parallel_for(0, mt, std::max<int64_t>(1, (int64_t(1) << 16) / w.kp()),
                      [&](int64_t b, int64_t e) { dbquant::cpu::build_luts(isa, w, xt, lp, gp, b, e); });
-    // Tiles: one unit is ~4 vpermps per byte of a row per activation row; hand out at
-    // least ~32k of them per task (a parallel region costs a few microseconds).
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / (4 * mt * C8));
+    // Tiles: one unit is a byte of a row per activation row (~1-4 ns); hand out at least
+    // ~8k of them per task (a parallel region costs a few microseconds): a decode GEMV of
+    // SmolLM2's shapes then splits over 2 threads.
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 13) / (4 * mt * C8));
     float* yt = y.data_ptr<float>() + m0 * out_features;
     at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
       dbquant::cpu::gemm_tiles(isa, w, lp, gp, mt, yt, t0, t1);
@@ -214,7 +215,7 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& w, double eps) {
 void gemv_t16(Isa isa, const dbquant::cpu::T16Weight& w, const float* x, float* y, float* lut,
               float* gsum) {
   dbquant::cpu::build_luts(isa, w, x, lut, w.offset ? gsum : nullptr, 0, 1);
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / (4 * (w.kp() / 8)));
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 13) / (4 * (w.kp() / 8)));
   at::parallel_for(0, w.tiles(), grain, [&](int64_t t0, int64_t t1) {
     dbquant::cpu::gemm_tiles(isa, w, lut, w.offset ? gsum : nullptr, 1, y, t0, t1);
   });
