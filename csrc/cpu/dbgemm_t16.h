@@ -24,8 +24,10 @@
 //   y = fma(alpha_1, lo_1 + hi_1, y); y = fma(alpha_2, lo_2 + hi_2, y); y = fma(beta, gsum_j, y)
 // (four independent sums, so the adds are not one long latency chain)
 // where gsum_j = sum over the group's chunks q, in order, of lut[q][15].
-// Every ISA path performs exactly these float operations in this order, lane by lane,
-// so the scalar, AVX2 and AVX-512 paths agree bit for bit (tests check it).
+// The scalar and AVX-512 paths perform exactly these float operations in this order, lane
+// by lane, so they agree bit for bit (tests check it). The AVX2 path tabulates 2-channel
+// chunks instead (a 16-entry lookup is slow without AVX-512; see dbgemm_t16_avx2.cpp), so it
+// adds the same products in another order and agrees with them to float rounding.
 // Padded channels (k >= K) have x = 0, so their tables are all zero and add nothing
 // whatever their bits are.
 
@@ -64,7 +66,9 @@ struct T16Weight {
 inline int64_t lut_floats(const T16Weight& w) { return w.kp() / 4 * 16; }
 
 // Tables of activation rows [m0, m1) of x (float32 [M, K], row stride K):
-// lut float32 [M, Kp/4, 16]; and, when gsum is not null, gsum float32 [M, G].
+// lut float32 [M, Kp/4, 16] (the AVX2 path fills the first 2 Kp floats of each row with its
+// own [Kp/2, 4] tables; only the same path's gemm_tiles reads them); and, when gsum is not
+// null, gsum float32 [M, G].
 void build_luts(Isa isa, const T16Weight& w, const float* x, float* lut, float* gsum, int64_t m0,
                 int64_t m1);
 
@@ -79,7 +83,7 @@ void gemm_tiles(Isa isa, const T16Weight& w, const float* lut, const float* gsum
 void dequantize_tiles(const T16Weight& w, float* out, int64_t t0, int64_t t1);
 
 // gsum_row[j] = sum over group j's 4-channel chunks q, in order, of lut_row[q][15] (the
-// chunk's activation sum): what an offset multiplies. Shared by every ISA path.
+// chunk's activation sum): what an offset multiplies. Shared by the scalar and AVX-512 paths.
 void group_sums(const T16Weight& w, const float* lut_row, float* gsum_row);
 
 // Per-ISA entry points (one translation unit each, compiled for that ISA only).
