@@ -151,7 +151,7 @@ def format_row(r: dict) -> str:
 
 
 def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int = 128, new_tokens: int = 64,
-              threads: int = 2, lm_head_dtypes: tuple[str, ...] = ("float32", "bfloat16", "int8"),
+              threads: int = 2, lm_head_dtypes: tuple[str, ...] = ("float32", "bfloat16", "int8", "w8a8"),
               repeats: int = 3) -> list[dict]:
     """Prefill/decode tokens/s of the fp32 model and the quantized checkpoint, same run.
 
@@ -160,7 +160,7 @@ def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int
     step it takes.
     """
     from .checkpoint import load
-    from .decode import FastDecoder
+    from .decode import LM_HEAD_DTYPES, FastDecoder
     from .models import load_fp_model
 
     torch.set_num_threads(threads)
@@ -188,7 +188,7 @@ def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int
                 stats.append((prompt_tokens / pre, (new_tokens - 1) / max(total - pre, 1e-9), None))
         else:
             dec = FastDecoder(model, max_len=prompt_tokens + new_tokens + 8,
-                              lm_head_dtype=getattr(torch, head))
+                              lm_head_dtype=LM_HEAD_DTYPES[head])
             for _ in range(1 + repeats):
                 _, st = dec.generate(ids, new_tokens, min_new_tokens=new_tokens)
                 stats.append((st.prefill_tok_s, st.decode_tok_s, statistics.median(st.per_step_s) * 1e3))
@@ -197,7 +197,7 @@ def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int
                 xh = torch.randn(1, dec.lm_head.shape[1])
                 with torch.inference_mode():
                     if dec.lm_head_scale is not None:
-                        head_ms = _median_ms(lambda: torch.ops.dbquant.linear_int8_cpu(xh, dec.lm_head, dec.lm_head_scale))
+                        head_ms = _median_ms(lambda: dec.lm_head_op(xh, dec.lm_head, dec.lm_head_scale))
                     else:
                         xh = xh.to(dec.lm_head.dtype)
                         head_ms = _median_ms(lambda: F.linear(xh, dec.lm_head))

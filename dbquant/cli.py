@@ -239,11 +239,11 @@ def _pick_engine(a, model) -> str:
 def _fast_generate(a, model, tok, ids):
     import torch
 
-    from .decode import FastDecoder
+    from .decode import LM_HEAD_DTYPES, FastDecoder
 
     gc = model.generation_config
     dec = FastDecoder(model, max_len=ids.shape[1] + a.max_new_tokens, backend=a.backend,
-                      lm_head_dtype=getattr(torch, a.lm_head_dtype))
+                      lm_head_dtype=LM_HEAD_DTYPES[a.lm_head_dtype])
     return dec.generate(ids, a.max_new_tokens, do_sample=a.sample, temperature=gc.temperature or 1.0,
                         top_k=gc.top_k or 0, top_p=gc.top_p or 1.0, eos_token_id=gc.eos_token_id or tok.eos_token_id,
                         generator=torch.Generator().manual_seed(a.seed))
@@ -454,9 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--engine", default="auto", choices=("auto", "dbquant", "hf"),
                    help="dbquant: the lean decoder (dbquant.decode; Llama-family); hf: model.generate(); "
                         "auto: dbquant when it supports the model")
-    g.add_argument("--lm-head-dtype", default="float32", choices=("float32", "bfloat16", "int8"),
+    g.add_argument("--lm-head-dtype", default="float32", choices=("float32", "bfloat16", "int8", "w8a8"),
                    help="how the dbquant engine computes a dense output projection (int8: per-row "
-                        "int8 copy made at load, a quarter of the bytes; see docs/RESULTS.md for its PPL cost)")
+                        "int8 copy made at load, a quarter of the bytes; w8a8: the same with int8 "
+                        "activations per block of 32, ~2x faster; see docs/RESULTS.md for their PPL cost)")
     g.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser("bench", help="kernel microbenchmarks (CPU; --backend triton|cuda for GPUs) or --e2e decode speed")

@@ -198,6 +198,52 @@ def test_linear_int8_kernel_parity(n, k, m):
         torch.ops.dbquant.linear_int8_cpu(x, codes.float(), scale)
 
 
+def _w8a8_ref(x, codes, scale):
+    """The W8A8 product from its definition: x rounded to int8 per block of 32 channels
+    (scale max|x| / 127), exact integer dots per block, then the two scales."""
+    xb = x.reshape(x.shape[0], -1, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(d > 0, torch.round(xb / d.clamp_min(1e-30)), torch.zeros_like(xb))
+    dots = torch.einsum("mbk,nbk->mnb", q.double(), codes.reshape(codes.shape[0], -1, 32).double())
+    return ((dots * d[..., 0].double()[:, None, :]).sum(-1) * scale.double()).float()
+
+
+@pytest.mark.parametrize("n,k,m", [(37, 64, 3), (1001, 576, 1), (5, 32, 4)])
+def test_linear_w8a8_kernel_parity(n, k, m):
+    from dbquant import _native
+    from dbquant.decode import quantize_rows_int8
+
+    assert _native.load_cpu()
+    codes, scale = quantize_rows_int8(torch.randn(n, k))
+    x = torch.randn(m, k)
+    x[0, :32] = 0  # an all-zero block (scale 0)
+    ref = _w8a8_ref(x, codes, scale)
+    exact = x @ (codes.float() * scale[:, None]).T
+    for isa in torch.ops.dbquant.cpu_isas():
+        y = torch.ops.dbquant.linear_w8a8_cpu(x, codes, scale, isa)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(), msg=isa)
+    # the activations' rounding costs well under 1% of the output
+    assert (ref - exact).norm() < 0.01 * exact.norm()
+    with pytest.raises(RuntimeError, match="must be a multiple of 32"):
+        torch.ops.dbquant.linear_w8a8_cpu(torch.randn(1, 40), torch.zeros(2, 40, dtype=torch.int8), torch.ones(2))
+
+
+def test_w8a8_lm_head_in_the_decoder():
+    from dbquant.decode import quantize_rows_int8
+
+    model = make_tiny_model()
+    dec = FastDecoder(model, max_len=16, lm_head_dtype="w8a8")
+    exact = FastDecoder(model, max_len=16)
+    dec._alloc(2)
+    exact._alloc(2)
+    a, b = dec.forward(IDS[:, :8], 0), exact.forward(IDS[:, :8], 0)
+    codes, scale = quantize_rows_int8(model.lm_head.weight)
+    assert torch.equal(dec.lm_head, codes)
+    torch.testing.assert_close(a, b, rtol=0.02, atol=0.02 * b.abs().max().item())
+    with pytest.raises(DbquantError, match="not a multiple of 32"):
+        FastDecoder(make_tiny_model(hidden_size=72), lm_head_dtype="w8a8")
+
+
 @pytest.mark.parametrize("shape", [(1, 576), (3, 7, 64), (2, 17)])
 def test_fused_rms_norm_matches_torch(shape):
     from dbquant import _native

@@ -18,6 +18,18 @@ void gemv_int8_rows_scalar(const float* x, const int8_t* wq, const float* s, int
                            int64_t K, float* y, int64_t n0, int64_t n1);
 void gemv_int8_rows_avx2(const float* x, const int8_t* wq, const float* s, int64_t M, int64_t N,
                          int64_t K, float* y, int64_t n0, int64_t n1);
+// W8A8 variant (what llama.cpp does for Q8_0 weights): the activations are quantized too,
+// per block of kQ8Block channels (K must be a multiple of it):
+//   xq int8 [M, K] and xs float32 [M, K / kQ8Block] from quantize_act_q8;
+//   y[m, n] = s[n] * sum over blocks b of xs[m, b] * (exact int32 dot of the block's codes).
+// Integer dot products (4 bytes per lane per instruction) make it ~2x faster than the
+// float-activation path; the cost is the activations' rounding (docs/RESULTS.md).
+constexpr int64_t kQ8Block = 32;
+void quantize_act_q8(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs);
+void gemv_w8a8_rows_scalar(const int8_t* xq, const float* xs, const int8_t* wq, const float* s, int64_t M,
+                           int64_t N, int64_t K, float* y, int64_t n0, int64_t n1);
+void gemv_w8a8_rows_avx2(const int8_t* xq, const float* xs, const int8_t* wq, const float* s, int64_t M,
+                         int64_t N, int64_t K, float* y, int64_t n0, int64_t n1);
 void gemv_int8_rows_avx512(const float* x, const int8_t* wq, const float* s, int64_t M, int64_t N,
                            int64_t K, float* y, int64_t n0, int64_t n1);
 

@@ -55,3 +55,33 @@ void gemv_int8_rows_avx2(const float* x, const int8_t* wq, const float* s, int64
 
 }  // namespace cpu
 }  // namespace dbquant
+
+namespace dbquant {
+namespace cpu {
+
+void gemv_w8a8_rows_avx2(const int8_t* xq, const float* xs, const int8_t* wq, const float* s, int64_t M,
+                         int64_t N, int64_t K, float* y, int64_t n0, int64_t n1) {
+  const int64_t B = K / kQ8Block;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* xr = xq + m * K;
+    const float* sr = xs + m * B;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* w = wq + n * K;
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t b = 0; b < B; ++b) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xr + b * kQ8Block));
+        const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + b * kQ8Block));
+        // |x| (unsigned) times w * sign(x) (signed) = x * w; pairs summed in int16 (at most
+        // 2 * 127 * 127: no saturation), then pairs of pairs in int32: the block's exact dot
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv),
+                                                                 _mm256_sign_epi8(wv, xv)), ones);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(sr + b), acc);
+      }
+      y[m * N + n] = s[n] * hsum(acc);
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace dbquant

@@ -1,0 +1,67 @@
+"""What the decoder's cheaper output projections cost in perplexity (``--lm-head-dtype``).
+
+The lean decoder can compute a dense output projection from an int8 copy of its weight
+(``int8``) and, in addition, from int8 activations per block of 32 channels (``w8a8``). The
+wiki protocol runs through the Hugging Face forward, so this script gives the checkpoint's
+``lm_head`` the same numerics there: the weight replaced by its per-row int8 rounding, and
+for ``w8a8`` a forward pre-hook rounding the head's input per block of 32 as the C++ kernel
+does (tests/test_decode.py pins the kernel to that definition).
+
+Usage: python benchmarks/lm_head_ppl.py CHECKPOINT [--windows 16] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def round_input_q8(_module, args):
+    """The head's input rounded to int8 per block of 32 channels (scale max|x| / 127)."""
+    x = args[0]
+    xb = x.reshape(*x.shape[:-1], -1, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(d > 0, torch.round(xb / d.clamp_min(1e-30)), torch.zeros_like(xb))
+    return ((q * d).reshape(x.shape),)
+
+
+def main(argv=None) -> int:
+    import dbquant
+    from dbquant.decode import quantize_rows_int8
+    from dbquant.evaluate import evaluate
+    from transformers import AutoTokenizer
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--json", help="write the results here (atomically)")
+    a = ap.parse_args(argv)
+    model, tok = dbquant.load(a.checkpoint), AutoTokenizer.from_pretrained(a.checkpoint)
+    head = model.lm_head
+    codes, scale = quantize_rows_int8(head.weight.detach())
+    rows = []
+    for mode in ("float32", "int8", "w8a8"):
+        if mode == "int8":  # (a tied head gets its own weight: the embedding stays exact)
+            head.weight = torch.nn.Parameter(codes.float() * scale[:, None], requires_grad=False)
+        hook = head.register_forward_pre_hook(round_input_q8) if mode == "w8a8" else None
+        rows.append({"lm_head_dtype": mode, "wiki_ppl": evaluate(model, tok, n_windows=a.windows, progress=False)["ppl"]})
+        print(json.dumps(rows[-1]), flush=True)
+        if hook is not None:
+            hook.remove()
+    if a.json:
+        path = Path(a.json)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+            json.dump({"benchmark": "lm_head_ppl", "checkpoint": a.checkpoint, "windows": a.windows, "rows": rows},
+                      f, indent=1)
+        os.replace(f.name, path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
