@@ -1,8 +1,8 @@
-// AVX2 path of the int8-weight projection (see gemv_int8.h), for CPUs without AVX-512
-// (e.g. the AMD EPYC VMs this project also runs on): widen 8 codes to float in registers
-// and FMA with the activations; four output rows share each activation load and keep
-// four independent accumulators. Compiled for AVX2 + FMA by the pragma; called only
-// after a run-time CPU check.
+// AVX2 paths of the int8-weight projection (see gemv_int8.h), for CPUs without AVX-512
+// (e.g. the AMD EPYC VMs this project also runs on). Float activations: widen 8 codes to
+// float in registers and FMA with the activations; four output rows share each activation
+// load and keep four independent accumulators. W8A8: integer products per block of 32.
+// Compiled for AVX2 + FMA by the pragma; called only after a run-time CPU check.
 
 #pragma GCC target("avx2,fma")
 
@@ -52,12 +52,6 @@ void gemv_int8_rows_avx2(const float* x, const int8_t* wq, const float* s, int64
   }
   if (n < n1) gemv_int8_rows_scalar(x, wq, s, M, N, K, y, n, n1);
 }
-
-}  // namespace cpu
-}  // namespace dbquant
-
-namespace dbquant {
-namespace cpu {
 
 void gemv_w8a8_rows_avx2(const int8_t* xq, const float* xs, const int8_t* wq, const float* s, int64_t M,
                          int64_t N, int64_t K, float* y, int64_t n0, int64_t n1) {
