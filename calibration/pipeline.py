@@ -52,6 +52,13 @@ def _init_from_scales(model, plan: list[LinearPlan], saved: dict) -> dict[str, f
     return out
 
 
+def _digest(samples) -> str | None:
+    """Digest of a stage's samples: token windows, a VLM's MultimodalSamples, or None (stage off)."""
+    if samples is None:
+        return None
+    return samples.digest() if hasattr(samples, "digest") else tensor_digest(samples)
+
+
 def _window_sampler(tokenizer, texts: list[str]):
     """``(n, seq_len, seed) -> int64 [n, seq_len]`` windows, tokenizing the text once for all stages."""
     from dbquant.data import sample_windows, token_stream
@@ -89,11 +96,7 @@ def run_fdb_dad(model, tokenizer, plan: list[LinearPlan], opts, model_id: str = 
     o = {k: v for k, v in asdict(opts).items() if k not in NON_SEMANTIC}
     fingerprint = make_fingerprint(
         model={"id": model_id, "digest": model_digest(model)}, options=o,
-        data={"stats": None if stats_b is None else tensor_digest(stats_b),
-              "blockwise": None if bw_b is None else (bw_b.digest() if hasattr(bw_b, "digest")
-                                                      else tensor_digest(bw_b)),
-              "dad": None if dad_b is None else (dad_b.digest() if hasattr(dad_b, "digest")
-                                                 else tensor_digest(dad_b))})
+        data={"stats": _digest(stats_b), "blockwise": _digest(bw_b), "dad": _digest(dad_b)})
     run = RunState(opts.work_dir, fingerprint, resume=opts.resume, checkpoint_every=opts.checkpoint_every,
                    overwrite=opts.overwrite)
     run.sync()  # distributed: every rank has read state.pt before rank 0 may replace it
