@@ -1,4 +1,4 @@
-"""The issue-6 KV table: kv-ppl (DESIGN §4) of every cache in one run, sharing each window's prefill.
+"""The issue-6 KV table: kv-ppl (docs/PROTOCOLS.md) of every cache in one run, sharing each window's prefill.
 
 Usage: python benchmarks/kv_table.py [--windows N] [--json docs/bench/kv_ppl.json] [--only NAME ...]
 Prints one markdown row per cache (kv-ppl at residual 128 and 0, quantized-part bits, bytes per
@@ -9,10 +9,10 @@ Every row can be re-run alone as ``dbquant eval --protocol kv-ppl --kv ... --jso
 import argparse
 import time
 
-from dbquant.bench import write_json
-from dbquant.kv import parse_kv
-from dbquant.kv.protocol import kv_perplexity, kv_windows
-from dbquant.models import load_fp_model
+from dbquant.bench.cpu import write_json
+from dbquant.eval.kv_ppl import kv_perplexity, kv_windows
+from dbquant.model.sources import load_fp_model
+from dbquant.runtime.kv import parse_kv
 
 # (row name, --kv spelling, spec overrides): each row is measured at residual 128 and 0.
 # Defaults (spec.py): sink 1; scales fp8 for K/V, fp16 for kivi2.

@@ -32,10 +32,11 @@ def round_input_q8(_module, args):
 
 
 def main(argv=None) -> int:
-    import dbquant
-    from dbquant.decode import quantize_rows_int8
-    from dbquant.evaluate import evaluate
     from transformers import AutoTokenizer
+
+    import dbquant
+    from dbquant.eval.protocols import evaluate
+    from dbquant.runtime.decode import quantize_rows_int8
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint")

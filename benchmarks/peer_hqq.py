@@ -13,8 +13,8 @@ import torch
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 from torch import nn
 
-from dbquant.evaluate import evaluate
-from dbquant.models import load_fp_model
+from dbquant.eval.protocols import evaluate
+from dbquant.model.sources import load_fp_model
 
 model, tok = load_fp_model("smollm2-135m")
 cfg = BaseQuantizeConfig(nbits=2, group_size=64)

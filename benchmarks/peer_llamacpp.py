@@ -81,7 +81,7 @@ runpy.run_path(script, run_name="__main__")
 
 
 def cache_root() -> Path:
-    """dbquant's cache: ``$DBQUANT_CACHE`` if set, else ``~/.cache/dbquant`` (same rule as dbquant.models)."""
+    """dbquant's cache: ``$DBQUANT_CACHE`` if set, else ``~/.cache/dbquant`` (same rule as dbquant.model.sources)."""
     return Path(os.environ.get("DBQUANT_CACHE") or "~/.cache/dbquant").expanduser()
 
 

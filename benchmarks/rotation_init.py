@@ -24,11 +24,11 @@ import torch
 
 
 def main(argv=None) -> int:
-    from dbquant import fdb
-    from dbquant.data import load_text, sample_windows, token_stream
-    from dbquant.evaluate import evaluate
-    from dbquant.kv.quantizers import hadamard
-    from dbquant.models import load_fp_model
+    from dbquant.eval.data import load_text, sample_windows, token_stream
+    from dbquant.eval.protocols import evaluate
+    from dbquant.model.sources import load_fp_model
+    from dbquant.quant import fdb
+    from dbquant.runtime.kv.quantizers import hadamard
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", help="write the results here (atomically)")

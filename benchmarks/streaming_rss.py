@@ -39,7 +39,7 @@ def child(argv: list[str]) -> None:
         from transformers import AutoTokenizer
 
         import dbquant.cli  # noqa: F401  (what every quantize run imports)
-        from dbquant.models import resolve_model
+        from dbquant.model.sources import resolve_model
 
         AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
         rc = 0
@@ -74,7 +74,7 @@ def build_synthetic(folder: Path, layers: int, hidden: int, intermediate: int) -
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from dbquant.models import resolve_model
+    from dbquant.model.sources import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
@@ -145,7 +145,7 @@ def main() -> None:
         out["runs"][f"synthetic_{a.layers}l_lrw{a.lr_weight}"] = r
         print(json.dumps(r), flush=True)
     if "smollm2" in runs:
-        from dbquant.models import resolve_model
+        from dbquant.model.sources import resolve_model
 
         src = resolve_model("smollm2-135m")
         for mode in ("streaming", "in-memory"):

@@ -35,7 +35,7 @@ def make_images(folder: Path, n: int, seed: int = 0) -> None:
     import torch
     from PIL import Image
 
-    from dbquant.data import load_text
+    from dbquant.eval.data import load_text
 
     docs = load_text("wiki", "calibration")
     folder.mkdir(parents=True, exist_ok=True)

@@ -9,12 +9,12 @@ o_proj) on those tokens is compared with the same forward through the full-preci
 relative MSE = sum (a - a_fp)^2 / sum a_fp^2, per layer. Also the suffix's NLL.
 
 Caches compared, all VidKV 1.5-bit keys / 1.58-bit values with the same residual:
-``none`` (no protection), ``stp`` (dbquant.kv.stp.vlm_protected_tokens: the top ``ratio``
+``none`` (no protection), ``stp`` (dbquant.runtime.kv.stp.vlm_protected_tokens: the top ``ratio``
 visual tokens by similarity of their merged embeddings to the mean text embedding get
 ~2.85-bit values: their ternary code plus a sign bit per value, see VidKVCodec), ``random`` (the same number of visual tokens per window, chosen uniformly;
 several seeds). stp and random hold the same bytes (measured with cache_nbytes).
 
-The test bed's vision tower and connector are random (DESIGN §4): which visual tokens
+The test bed's vision tower and connector are random (docs/PROTOCOLS.md): which visual tokens
 matter is decided by the real SmolLM2 backbone's attention, but the "semantics" of the
 relevance score are those of random features. Run:
 
@@ -40,7 +40,7 @@ N_IMAGES, TEXT_PER_IMAGE, SUFFIX = 4, 96, 128
 
 def make_window(model, tok, text_ids: torch.Tensor, seed: int) -> tuple[dict, torch.Tensor]:
     """(prefix inputs for model(**...), suffix ids int64 [1, SUFFIX]) of one window."""
-    from dbquant import testbed
+    from dbquant.model import testbed
 
     gen = torch.Generator().manual_seed(seed)
     # pixels as the image processor would give them: [-1, 1] after normalisation
@@ -57,7 +57,7 @@ def make_window(model, tok, text_ids: torch.Tensor, seed: int) -> tuple[dict, to
 @torch.no_grad()
 def run_cache(model, prefix: dict, suffix: torch.Tensor, cache) -> tuple[list[torch.Tensor], float]:
     """Attention outputs float32 [SUFFIX, hidden] per layer on the suffix, and the suffix's mean NLL."""
-    from dbquant.plan import decoder_blocks
+    from dbquant.model.plan import decoder_blocks
 
     outs = []
     hooks = [b.self_attn.register_forward_hook(lambda _m, _i, o: outs.append(o[0][0].float().clone()))
@@ -104,11 +104,11 @@ def main(argv=None) -> int:
 
     from dataclasses import asdict
 
-    from dbquant.data import load_text
-    from dbquant.evaluate import wiki_windows
-    from dbquant.kv import cache_nbytes, make_cache, parse_kv
-    from dbquant.kv.stp import vlm_protected_tokens
-    from dbquant.models import load_fp_model
+    from dbquant.eval.data import load_text
+    from dbquant.eval.wiki import wiki_windows
+    from dbquant.model.sources import load_fp_model
+    from dbquant.runtime.kv import cache_nbytes, make_cache, parse_kv
+    from dbquant.runtime.kv.stp import vlm_protected_tokens
 
     torch.manual_seed(0)
     t0 = time.perf_counter()

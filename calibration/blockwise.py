@@ -1,7 +1,7 @@
 """Block-wise reconstruction: train each decoder block's FDB scales (and latent weights) in turn.
 
 For block i: its full-precision output on full-precision inputs is the target; its
-quantized copy (every planned linear swapped for a :class:`~dbquant.nn.FakeQuantLinear`)
+quantized copy (every planned linear swapped for a :class:`~dbquant.model.modules.FakeQuantLinear`)
 is trained to reproduce it by MSE. The trained block's own outputs (on the quantized
 chain's inputs) become the next block's inputs, so later blocks learn to absorb the error
 of earlier ones (``inputs="quant"``, the default); ``inputs="fp"`` trains every block on
@@ -20,13 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from dbquant import fdb
-from dbquant.convert import replace_module
+from dbquant.calibration.runstate import RunState, check_finite
 from dbquant.errors import DbquantError
-from dbquant.nn import FakeQuantLinear
-from dbquant.plan import LinearPlan, block_path, decoder_blocks
-
-from .runstate import RunState, check_finite
+from dbquant.model.convert import replace_module
+from dbquant.model.modules import FakeQuantLinear
+from dbquant.model.plan import LinearPlan, block_path, decoder_blocks
+from dbquant.quant import fdb
 
 INPUT_MODES = ("quant", "fp")
 

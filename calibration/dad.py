@@ -30,12 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from dbquant.calibration import distributed
+from dbquant.calibration.blockwise import _to, batch_indices, cosine_factor, fq_modules, param_groups, set_trainable
+from dbquant.calibration.runstate import RunState, check_finite
 from dbquant.errors import DbquantError
-
-from . import distributed
-from .blockwise import _to, batch_indices, cosine_factor, fq_modules, param_groups, set_trainable
-from .runstate import RunState, check_finite
-
 
 # ---------------------------------------------------------------- weightings
 

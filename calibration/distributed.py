@@ -15,6 +15,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from dbquant.errors import DbquantError
 
@@ -92,7 +93,6 @@ def wrap(model: torch.nn.Module) -> torch.nn.Module:
     """``DistributedDataParallel`` around ``model`` (its trainable parameters are synchronised)."""
     if not active():
         return model
-    from torch.nn.parallel import DistributedDataParallel
 
     dev = next(model.parameters()).device
     # buffers (rotary tables) are identical on every rank: no need to broadcast them each step

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from dbquant.calibration.runstate import tensor_digest
 from dbquant.errors import DbquantError
-
-from .runstate import tensor_digest
+from dbquant.model.vlm import image_prompt_inputs, mm_token_types, vlm_family
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -75,8 +75,6 @@ def multimodal_samples(model, tokenizer, model_folder, images_dir, text_windows:
     text_windows: int64 [S, T] (a stage's text windows). Returns S samples: one per
     image (at most S), then the remaining text windows unchanged.
     """
-    from dbquant.vlm import image_prompt_inputs, mm_token_types, vlm_family
-
     if vlm_family(model) is None:
         raise DbquantError(f"--calib-images needs a vision-language model; {type(model).__name__} has no vision tower")
     s, t = text_windows.shape

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dbquant import fdb
-from dbquant.plan import LinearPlan
+from dbquant.model.plan import LinearPlan
+from dbquant.quant import fdb
 
 METHODS = ("fdb", "rtn")
 

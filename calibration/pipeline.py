@@ -18,23 +18,30 @@ from dataclasses import asdict
 
 import torch
 
-from dbquant import fdb
-from dbquant.plan import LinearPlan
-
-from .blockwise import (BlockwiseConfig, block_names, blockwise_reconstruct, export_weights, load_finished_blocks,
-                        to_fakequant)
-from .dad import DADConfig, distill, teacher_cache
-from .init import init_weights
-from .runstate import RunState, make_fingerprint, model_digest, tensor_digest
-from .stats import input_second_moments
+from dbquant.calibration.blockwise import (
+    BlockwiseConfig,
+    block_names,
+    blockwise_reconstruct,
+    export_weights,
+    load_finished_blocks,
+    to_fakequant,
+)
+from dbquant.calibration.dad import DADConfig, distill, teacher_cache
+from dbquant.calibration.images import multimodal_samples
+from dbquant.calibration.init import init_weights
+from dbquant.calibration.runstate import RunState, make_fingerprint, model_digest, tensor_digest
+from dbquant.calibration.stats import input_second_moments
+from dbquant.errors import DbquantError
+from dbquant.eval.data import load_text, sample_windows, token_stream
+from dbquant.model.plan import LinearPlan
+from dbquant.model.vlm import calibration_inputs
+from dbquant.quant import fdb
 
 # Options that do not change the result (excluded from the fingerprint).
 NON_SEMANTIC = ("device", "work_dir", "resume", "checkpoint_every", "overwrite")
 
 
 def pick_device(name: str | None) -> torch.device:
-    from dbquant.errors import DbquantError
-
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
@@ -61,8 +68,6 @@ def _digest(samples) -> str | None:
 
 def _window_sampler(tokenizer, texts: list[str]):
     """``(n, seq_len, seed) -> int64 [n, seq_len]`` windows, tokenizing the text once for all stages."""
-    from dbquant.data import sample_windows, token_stream
-
     ids = token_stream(tokenizer, texts)
     return lambda n, t, seed: sample_windows(ids, n, t, seed)
 
@@ -75,8 +80,6 @@ def run_fdb_dad(model, tokenizer, plan: list[LinearPlan], opts, model_id: str = 
     The model is left with FakeQuantLinear modules in place of the planned linears
     (the caller packs the returned weights over them).
     """
-    from dbquant.data import load_text
-
     times: dict[str, float] = {}
     device = pick_device(opts.device)
     t = time.perf_counter()
@@ -86,7 +89,6 @@ def run_fdb_dad(model, tokenizer, plan: list[LinearPlan], opts, model_id: str = 
     bw_b = windows(opts.bw_samples, opts.bw_seq_len, opts.seed + 1) if opts.blockwise else None
     dad_b = windows(opts.dad_samples, opts.dad_seq_len, opts.seed + 2) if opts.dad and opts.dad_steps else None
     if opts.calib_images:  # a VLM's block-wise and DAD samples with images (calibration/images.py)
-        from .images import multimodal_samples
 
         bw_b = multimodal_samples(model, tokenizer, model.name_or_path, opts.calib_images, bw_b)
         if dad_b is not None:
@@ -103,7 +105,6 @@ def run_fdb_dad(model, tokenizer, plan: list[LinearPlan], opts, model_id: str = 
     torch.manual_seed(opts.seed)
     report: dict = {"fingerprint": fingerprint["hash"], "device": str(device)}
     # a VLM without --calib-images is calibrated on text through its language model alone: say so
-    from dbquant.vlm import calibration_inputs
 
     report["inputs"] = calibration_inputs(model)
     if opts.calib_images:

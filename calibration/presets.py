@@ -6,6 +6,8 @@ for the measurements behind them). Any option given explicitly overrides its pre
 
 from __future__ import annotations
 
+from dbquant.errors import DbquantError
+
 PRESETS: dict[str, dict] = {
     # < 5 min: block-wise only, short windows, few steps.
     "fast": dict(blockwise=True, bw_samples=32, bw_seq_len=256, bw_steps=16, bw_batch=2,
@@ -29,8 +31,6 @@ COMMON = dict(dad_lr=5e-3, dad_lr_weight=2e-3, dad_train="scales", dad_weighting
 
 
 def preset_values(name: str) -> dict:
-    from dbquant.errors import DbquantError
-
     if name not in PRESETS:
         raise DbquantError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return {**COMMON, **PRESETS[name]}

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from dbquant.calibration.distributed import barrier, is_writer
 from dbquant.errors import DbquantError
 
 STATE_VERSION = 1
@@ -92,8 +93,6 @@ class RunState:
 
     def __init__(self, work_dir: str | os.PathLike | None, fingerprint: dict, resume: bool = False,
                  checkpoint_every: int = 0, overwrite: bool = False, writer: bool | None = None):
-        from .distributed import is_writer
-
         self.dir = None if work_dir is None else Path(work_dir)
         # Under torch.distributed only rank 0 writes; the other ranks read the same files on resume.
         self.writer = is_writer() if writer is None else writer
@@ -177,8 +176,6 @@ class RunState:
     def sync(self) -> None:
         """Wait for every rank (distributed runs): called after resume reads, before rank 0
         may replace or remove the files just read."""
-        from .distributed import barrier
-
         barrier()
 
     def step_done(self) -> bool:

@@ -37,18 +37,31 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from dbquant import plan as planlib
-from dbquant.convert import pack_into
+from dbquant.calibration.blockwise import (
+    INPUT_MODES,
+    BlockwiseConfig,
+    _to,
+    block_names,
+    calibrate_block,
+    capture_block_inputs,
+    export_weights,
+)
+from dbquant.calibration.pipeline import NON_SEMANTIC, _window_sampler, pick_device
+from dbquant.calibration.runstate import RunState, make_fingerprint, tensor_digest
 from dbquant.errors import DbquantError
-from dbquant.plan import DECODER_BLOCKS, block_path, decoder_blocks
-
-from .blockwise import (BlockwiseConfig, INPUT_MODES, _to, block_names, calibrate_block, capture_block_inputs,
-                        export_weights)
-from .pipeline import NON_SEMANTIC, _window_sampler, pick_device
-from .runstate import RunState, make_fingerprint, tensor_digest
+from dbquant.eval.data import load_text
+from dbquant.format.files import atomic_dir, read_header
+from dbquant.model import plan as planlib
+from dbquant.model.convert import pack_into
+from dbquant.model.hf import DbquantConfig, attach, format_metadata
+from dbquant.model.plan import DECODER_BLOCKS, block_path, decoder_blocks
+from dbquant.model.vlm import is_vlm
 
 INDEX = "model.safetensors.index.json"
 
@@ -62,8 +75,6 @@ _CHUNK = 16 << 20  # bytes per read when a tensor is converted or copied piecewi
 
 def _header(path: Path) -> tuple[int, dict]:
     """(offset of the data section, header dict) of a safetensors file."""
-    from dbquant.checkpoint import read_header
-
     header = read_header(path)  # checks the file is whole
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
@@ -182,9 +193,6 @@ class ShardReader:
 
 def skeleton(model_dir: str | os.PathLike) -> nn.Module:
     """The model with every parameter on ``meta`` (no memory), float32, eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from dbquant.vlm import is_vlm
 
     config = AutoConfig.from_pretrained(model_dir)
     if is_vlm(config):
@@ -242,16 +250,12 @@ def _fix_rotary(model: nn.Module) -> None:
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """safetensors file written to a temporary name, then renamed into place."""
-    from safetensors.torch import save_file
-
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
     os.replace(tmp, path)
 
 
 def _shard_index(files: list[Path]) -> dict:
-    from safetensors import safe_open
-
     weight_map, total = {}, 0
     for path in files:
         with safe_open(path, "pt") as f:
@@ -292,10 +296,6 @@ def quantize_streaming(model_dir: str | os.PathLike, tokenizer, opts, output: st
     holds the finished shards until the end. Returns the report written as
     ``dbquant-report.json`` (options, bits, per-layer weight errors, times).
     """
-    from dbquant.checkpoint import atomic_dir
-    from dbquant.data import load_text
-    from dbquant.hf import DbquantConfig, attach, format_metadata
-
     opts = opts.check().resolved()
     check_streaming(opts)
     if opts.work_dir is None:

@@ -3,15 +3,18 @@
 ``import dbquant`` registers ``quant_method: "dbquant"`` with transformers, so
 ``AutoModelForCausalLM.from_pretrained(dir)`` loads packed checkpoints; ``dbquant.load``
 does the same after friendlier checks.
+
+Layers, lowest first; a module imports only from its own layer or those below
+(``docs/ARCHITECTURE.md``; enforced by ``tests/test_layers.py``):
+``errors``/``_version`` -> ``format`` -> ``quant``, ``backends`` -> ``model`` -> ``runtime``
+-> ``eval`` -> ``calibration`` -> ``quantize``, ``bench`` -> ``cli``.
 """
 
-__version__ = "0.1.0"
-
-from .errors import DbquantError  # noqa: E402
-from .hf import register as _register  # noqa: E402
+from ._version import __version__
+from .errors import DbquantError
+from .model.checkpoint import load, save
+from .model.hf import register as _register
 
 _register()
-
-from .checkpoint import load, save  # noqa: E402
 
 __all__ = ["DbquantError", "load", "save", "__version__"]

@@ -8,11 +8,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
+import torch
+from transformers import AutoTokenizer
+
+from .bench import cpu as bench
+from .bench.gpu import format_table, run_gpu_bench
+from .calibration import distributed
+from .calibration.distributed import is_writer
+from .calibration.streaming import quantize_streaming
 from .errors import DbquantError
+from .eval.protocols import evaluate
+from .format.layout import unpack_bits
+from .model import plan as planlib
+from .model.checkpoint import is_dbquant_dir, load, save
+from .model.modules import PackedLinear
+from .model.plan import LinearPlan, bits_summary
+from .model.sources import load_fp_model, resolve_model
+from .model.vlm import image_prompt_inputs, processor_files, vlm_family
+from .quantize import QuantizeOptions, make_plan, quantize
+from .runtime.decode import LM_HEAD_DTYPES, FastDecoder, check_supported
+from .runtime.kv import cache_nbytes, make_cache, parse_kv
 
 DEFAULT_MODEL = "smollm2-135m"
 # fdb-dad stage flags mapped 1:1 onto QuantizeOptions fields (None = the preset's value).
@@ -23,10 +43,6 @@ STAGE_FLAGS = ("bw_samples", "bw_seq_len", "bw_steps", "bw_batch", "bw_lr", "bw_
 
 def _load_any(model_or_dir: str, backend: str = "auto"):
     """(model, tokenizer, bpw) for a dbquant checkpoint, a builtin name or a local HF folder."""
-    from transformers import AutoTokenizer
-
-    from .checkpoint import is_dbquant_dir, load
-    from .models import load_fp_model
 
     if is_dbquant_dir(model_or_dir):
         model = load(model_or_dir, backend=backend)
@@ -48,8 +64,6 @@ def _print_plan(plan, bits, out=sys.stdout) -> None:
 
 
 def cmd_quantize(a) -> int:
-    from .quantize import QuantizeOptions
-
     stage_opts = {k: getattr(a, k) for k in STAGE_FLAGS if getattr(a, k) is not None}
     if a.no_blockwise:
         stage_opts["blockwise"] = False
@@ -68,7 +82,6 @@ def cmd_quantize(a) -> int:
             raise DbquantError("quantize needs --output DIR (or --dry-run to only print the plan)")
         if Path(a.output).exists() and not a.overwrite:  # refuse before minutes of work, not after
             raise DbquantError(f"output directory {a.output} already exists; pass --overwrite to replace it")
-    from .calibration import distributed
 
     # torchrun sets WORLD_SIZE: DAD then runs data parallel over the ranks (rank 0 writes)
     started = distributed.init_from_env(opts.device) if not a.dry_run else False
@@ -85,12 +98,6 @@ def cmd_quantize(a) -> int:
 
 
 def _quantize_in_memory(a, opts) -> int:
-    from . import plan as planlib
-    from .calibration.distributed import is_writer
-    from .checkpoint import save
-    from .models import load_fp_model
-    from .quantize import make_plan, quantize
-
     model, tok = load_fp_model(a.model)
     plan = make_plan(model, opts)
     _print_plan(plan, planlib.bits_summary(plan, model), out=sys.stderr if a.json else sys.stdout)
@@ -103,14 +110,11 @@ def _quantize_in_memory(a, opts) -> int:
     log = report.get("calibration", {}).pop("log", "")
     if log:
         extra["dbquant-log.jsonl"] = log
-    from .models import resolve_model
-    from .vlm import processor_files
 
     extra.update(processor_files(resolve_model(a.model)))  # a VLM's image preprocessing travels with it
     save(model, a.output, tok, a.overwrite,
          extra_files={"dbquant-report.json": json.dumps({"model": a.model, **report}, indent=1), **extra})
     if opts.work_dir and not a.work_dir and Path(opts.work_dir).is_dir():  # the default work dir: log copied
-        import shutil
 
         shutil.rmtree(opts.work_dir, ignore_errors=True)
     summary = {"output": str(a.output), "bpw": report["bpw"], "checkpoint_bpw": report["checkpoint_bpw"],
@@ -123,16 +127,11 @@ def _quantize_in_memory(a, opts) -> int:
 
 def _quantize_streaming(a, opts) -> int:
     """``quantize --streaming``: one decoder block in memory at a time (dbquant.calibration.streaming)."""
-    from transformers import AutoTokenizer
-
-    from .calibration.streaming import quantize_streaming
-    from .models import resolve_model
 
     folder = resolve_model(a.model)
     report = quantize_streaming(folder, AutoTokenizer.from_pretrained(folder), opts, a.output, model_id=a.model,
                                 overwrite=a.overwrite)
     if opts.work_dir and not a.work_dir and Path(opts.work_dir).is_dir():  # the default work dir: log copied
-        import shutil
 
         shutil.rmtree(opts.work_dir, ignore_errors=True)
     summary = {"output": str(a.output), "bpw": report["bpw"], "checkpoint_bpw": report["checkpoint_bpw"],
@@ -144,11 +143,9 @@ def _quantize_streaming(a, opts) -> int:
 
 
 def cmd_eval(a) -> int:
-    from .evaluate import evaluate
-
     model, tok, bpw = _load_any(a.model, a.backend)
     kv = None
-    if a.protocol == "kv-ppl" or a.kv:  # options of dbquant.kv.protocol.evaluate_kv
+    if a.protocol == "kv-ppl" or a.kv:  # options of dbquant.eval.kv_ppl.evaluate_kv
         kv = {"kv": a.kv, "n_windows": a.windows, "seq_len": a.seq_len, "residual": a.kv_residual,
               "sink": a.kv_sink, "group": a.kv_group, "fft": False if a.kv_no_fft else None,
               "scale_dtype": a.kv_scales}
@@ -163,17 +160,11 @@ def cmd_eval(a) -> int:
 
 
 def cmd_generate(a) -> int:
-    import torch
-
     model, tok, _ = _load_any(a.model, a.backend)
     if a.max_new_tokens < 1:
         raise DbquantError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     extra = {}  # pixel tensors of --image
     if a.image:
-        from .checkpoint import is_dbquant_dir
-        from .models import resolve_model
-        from .vlm import image_prompt_inputs, vlm_family
-
         if vlm_family(model) is None:
             raise DbquantError(f"--image needs a vision-language model; {a.model} is a {type(model).__name__}")
         folder = a.model if is_dbquant_dir(a.model) else resolve_model(a.model)
@@ -193,16 +184,12 @@ def cmd_generate(a) -> int:
     else:
         cache = None
         if a.kv:
-            from .kv import make_cache, parse_kv
-
             cache = make_cache(model, parse_kv(a.kv, residual=a.kv_residual, sink=a.kv_sink))
         with torch.inference_mode():
             out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=a.sample,
                                  pad_token_id=tok.pad_token_id or tok.eos_token_id, past_key_values=cache, **extra)
         speed = "Hugging Face generate()"
         if cache is not None:
-            from .kv import cache_nbytes
-
             nb = cache_nbytes(cache)
             speed += f"; KV cache {a.kv}: {nb['total'] / max(nb['tokens'], 1):.0f} bytes/token held"
     dt = time.perf_counter() - t
@@ -214,9 +201,7 @@ def cmd_generate(a) -> int:
 
 
 def _pick_engine(a, model) -> str:
-    """``dbquant`` (the lean decoder of dbquant.decode) or ``hf`` (model.generate)."""
-    from .decode import check_supported
-
+    """``dbquant`` (the lean decoder of dbquant.runtime.decode) or ``hf`` (model.generate)."""
     if a.engine == "hf":
         return "hf"
     reason = None
@@ -237,9 +222,6 @@ def _pick_engine(a, model) -> str:
 
 
 def _fast_generate(a, model, tok, ids):
-    import torch
-
-    from .decode import LM_HEAD_DTYPES, FastDecoder
 
     gc = model.generation_config
     dec = FastDecoder(model, max_len=ids.shape[1] + a.max_new_tokens, backend=a.backend,
@@ -250,11 +232,7 @@ def _fast_generate(a, model, tok, ids):
 
 
 def cmd_bench(a) -> int:
-    from . import bench
-
     if a.backend in ("triton", "cuda"):
-        from .bench_gpu import format_table, run_gpu_bench
-
         shapes = None if a.smoke and a.shapes == "all" else _shapes(a.shapes)
         rows = run_gpu_bench(a.backend, shapes=shapes, ms=_ints(a.m, "--m") if a.m else None,
                              group_size=a.group_size, smoke=a.smoke)
@@ -301,8 +279,6 @@ def _choices(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
 
 def _shapes(text: str) -> list[tuple[int, int]]:
     """``smollm2``, ``llama7b``, ``all`` or a comma list of NxK (out x in)."""
-    from . import bench
-
     named = {"smollm2": bench.SMOLLM2_SHAPES, "llama7b": bench.LLAMA7B_SHAPES,
              "all": bench.SMOLLM2_SHAPES + bench.LLAMA7B_SHAPES}
     if text in named:
@@ -320,16 +296,9 @@ def _shapes(text: str) -> list[tuple[int, int]]:
 
 
 def cmd_inspect(a) -> int:
-    from .checkpoint import load
-    from .formats import unpack_bits
-    from .nn import PackedLinear
-    from .plan import LinearPlan, bits_summary
-
     model = load(a.dir, backend="ref")
     source = None
     if a.source:
-        from .models import load_fp_model
-
         source = load_fp_model(a.source)[0]
     rows = []
     for name, m in model.named_modules():
@@ -360,8 +329,6 @@ def cmd_inspect(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .quantize import QuantizeOptions
-
     d = QuantizeOptions()
     p = argparse.ArgumentParser(prog="dbquant", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -452,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-residual", type=int, help="full-precision recent tokens of the KV cache (default 128)")
     g.add_argument("--kv-sink", type=int, help="first tokens kept in full precision (attention sinks; default 1)")
     g.add_argument("--engine", default="auto", choices=("auto", "dbquant", "hf"),
-                   help="dbquant: the lean decoder (dbquant.decode; Llama-family); hf: model.generate(); "
+                   help="dbquant: the lean decoder (dbquant.runtime.decode; Llama-family); hf: model.generate(); "
                         "auto: dbquant when it supports the model")
     g.add_argument("--lm-head-dtype", default="float32", choices=("float32", "bfloat16", "int8", "w8a8"),
                    help="how the dbquant engine computes a dense output projection (int8: per-row "

@@ -9,10 +9,16 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, fields, replace
 
-from . import plan as planlib
-from .convert import pack_into
+from .calibration import METHODS, init_weights, input_second_moments
+from .calibration.blockwise import INPUT_MODES
+from .calibration.dad import DADConfig
+from .calibration.pipeline import run_fdb_dad
+from .calibration.presets import preset_values
 from .errors import DbquantError
-from .hf import DbquantConfig, attach
+from .eval.data import calibration_batches, load_text
+from .model import plan as planlib
+from .model.convert import pack_into
+from .model.hf import DbquantConfig, attach
 
 
 @dataclass
@@ -71,8 +77,6 @@ class QuantizeOptions:
     overwrite: bool = False
 
     def check(self) -> "QuantizeOptions":
-        from .calibration import METHODS
-
         if self.method not in METHODS:
             raise DbquantError(f"unknown method {self.method!r}; choose from {METHODS}")
         if self.iters < 0 or self.calib_samples < 1 or self.calib_seq_len < 2:
@@ -91,8 +95,6 @@ class QuantizeOptions:
             bad += [f"{k}={getattr(r, k)}" for k in ("bw_seq_len", "dad_seq_len") if getattr(r, k) < 2]
             if bad:
                 raise DbquantError(f"out-of-range option: {', '.join(bad)}")
-            from .calibration.blockwise import INPUT_MODES
-            from .calibration.dad import DADConfig
 
             if r.bw_inputs not in INPUT_MODES:
                 raise DbquantError(f"unknown block-wise input mode {r.bw_inputs!r}; choose from {INPUT_MODES}")
@@ -102,8 +104,6 @@ class QuantizeOptions:
 
     def resolved(self) -> "QuantizeOptions":
         """A copy with every stage option the user left unset taken from the preset."""
-        from .calibration.presets import preset_values
-
         values = preset_values(self.preset)
         names = {f.name for f in fields(self)}
         return replace(self, **{k: v for k, v in values.items() if k in names and getattr(self, k) is None})
@@ -119,12 +119,8 @@ def make_plan(model, opts: QuantizeOptions) -> list[planlib.LinearPlan]:
 
 def _init_only(model, tokenizer, plan, opts: QuantizeOptions, times: dict, progress: bool):
     """The FDB/RTN init stage alone (activation-weighted when calibration text is given)."""
-    from .calibration import init_weights, input_second_moments
-
     importance = None
     if opts.method != "rtn" and opts.calib:
-        from .data import calibration_batches, load_text
-
         batches = calibration_batches(tokenizer, load_text(opts.calib, "calibration"), opts.calib_samples,
                                       opts.calib_seq_len, opts.seed)
         t = time.perf_counter()
@@ -154,8 +150,6 @@ def quantize(model, tokenizer, opts: QuantizeOptions, progress: bool = True, mod
     fp_weights = {p.name: model.get_submodule(p.name).weight.detach().float().clone() for p in plan}
     times, report = {}, {}
     if opts.method == "fdb-dad" and opts.calib:
-        from .calibration.pipeline import run_fdb_dad
-
         weights, calib_report = run_fdb_dad(model, tokenizer, plan, opts, model_id=model_id, progress=progress)
         times.update(calib_report.pop("times"))
         report["calibration"] = calib_report

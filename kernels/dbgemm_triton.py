@@ -1,8 +1,8 @@
 """Triton kernels for the dual-binary GEMM ``y = x @ W.T (+ bias)``: kernels only.
 
 The wrappers that check inputs, allocate, pick a kernel and launch are in
-``dbquant/_triton.py``. Both kernels read the canonical packed format v1
-(``dbquant/formats.py``, ``docs/FORMAT.md``) as it is stored, with no repacking:
+``dbquant/backends/triton.py``. Both kernels read the canonical packed format v1
+(``dbquant/format/layout.py``, ``docs/FORMAT.md``) as it is stored, with no repacking:
 
     qweight  uint8    [2, N, Kp/8]  plane 0 = b1, plane 1 = b2; bit j (LSB = 0) of byte i
                                     of a row is input channel 8*i + j

@@ -1,5 +1,5 @@
-"""Triton kernels that dequantize the packed KV-cache formats of ``dbquant/kv/quantizers.py``:
-kernels only (the wrappers that check, allocate and launch are in ``dbquant/kv/triton_dequant.py``).
+"""Triton kernels that dequantize the packed KV-cache formats of ``dbquant/runtime/kv/quantizers.py``:
+kernels only (the wrappers that check, allocate and launch are in ``dbquant/runtime/kv/triton_dequant.py``).
 
 Every kernel gets one program per block ``r`` (a flattened (batch, head, group) index)
 and writes that block's fp32 values ``out[r, g, c]`` (G tokens x C channels, row-major):

@@ -1,4 +1,4 @@
-"""Smoke test of the GPU benchmark (``dbquant.bench_gpu``): it runs end to end at a tiny
+"""Smoke test of the GPU benchmark (``dbquant.bench.gpu``): it runs end to end at a tiny
 shape on the CPU through the Triton interpreter, and its rows are well formed. Speed is
 not checked: without a GPU there is none to check."""
 
@@ -11,7 +11,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from dbquant import _triton, bench_gpu  # noqa: E402
+from dbquant.backends import triton as _triton  # noqa: E402
+from dbquant.bench import gpu as bench_gpu  # noqa: E402
 from dbquant.errors import DbquantError  # noqa: E402
 
 

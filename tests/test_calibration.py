@@ -5,15 +5,20 @@ import json
 import pytest
 import torch
 
-from dbquant import fdb
 from dbquant.calibration import runstate
-from dbquant.calibration.blockwise import (BlockwiseConfig, batch_indices, blockwise_reconstruct, export_weights,
-                                           to_fakequant)
+from dbquant.calibration.blockwise import (
+    BlockwiseConfig,
+    batch_indices,
+    blockwise_reconstruct,
+    export_weights,
+    to_fakequant,
+)
 from dbquant.calibration.dad import WEIGHTINGS, DADConfig, distill, teacher_cache
 from dbquant.calibration.runstate import Interrupted, RunState, make_fingerprint
 from dbquant.cli import main
 from dbquant.errors import DbquantError
-from dbquant.nn import FakeQuantLinear
+from dbquant.model.modules import FakeQuantLinear
+from dbquant.quant import fdb
 from dbquant.quantize import QuantizeOptions, make_plan, quantize
 
 from .conftest import TINY_TEXT, make_tiny_model

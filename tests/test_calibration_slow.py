@@ -6,8 +6,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_smollm2_blockwise_beats_collapse(tmp_path):
-    from dbquant.evaluate import evaluate
-    from dbquant.models import load_fp_model
+    from dbquant.eval.protocols import evaluate
+    from dbquant.model.sources import load_fp_model
     from dbquant.quantize import QuantizeOptions, quantize
 
     try:

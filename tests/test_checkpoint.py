@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import dbquant
-from dbquant.checkpoint import atomic_dir, read_header
 from dbquant.errors import DbquantError
-from dbquant.nn import PackedLinear
+from dbquant.format.files import atomic_dir, read_header
+from dbquant.model.modules import PackedLinear
 from dbquant.quantize import QuantizeOptions, quantize
 from tests.conftest import make_tiny_model
 

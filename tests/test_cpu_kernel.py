@@ -14,20 +14,20 @@ import warnings
 import pytest
 import torch
 
-from dbquant import _native
-from dbquant.reference import dbgemm_ref, dequantize_ref
+from dbquant.backends import cpu as cpu_backend
+from dbquant.backends.reference import dbgemm_ref, dequantize_ref
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # the skip/fail reason below says it instead
-    HAVE_NATIVE = _native.load_cpu()
+    HAVE_NATIVE = cpu_backend.load_cpu()
 
 
 @pytest.fixture(autouse=True)
 def _need_native():
     if HAVE_NATIVE:
         return
-    reason = (f"dbquant._C (C++ CPU kernel) is not importable ({_native._cpu_error}); build it "
-              f"with `{_native.BUILD_HINT}`")
+    reason = (f"dbquant._C (C++ CPU kernel) is not importable ({cpu_backend._cpu_error}); build it "
+              f"with `{cpu_backend.BUILD_HINT}`")
     if os.environ.get("DBQUANT_REQUIRE_NATIVE") == "1":
         pytest.fail(f"DBQUANT_REQUIRE_NATIVE=1 but {reason}")
     pytest.skip(reason)
@@ -36,7 +36,7 @@ def _need_native():
 def pack_planes(bits: torch.Tensor) -> torch.Tensor:
     """{0,1} [2, N, Kp] -> uint8 [2, N, Kp/8], bit j of byte i = channel 8*i + j (LSB first).
 
-    Written out here rather than borrowed from dbquant.formats so the kernel's bit order
+    Written out here rather than borrowed from dbquant.format.layout so the kernel's bit order
     is pinned independently of the library's own packer.
     """
     p, n, kp = bits.shape
@@ -67,7 +67,7 @@ def prepared(n, k, g, offset, bias, seed=0, pad_garbage=False):
     qweight, scales, off, b = make_layer(n, k, g, offset, bias, seed, pad_garbage)
     scales = scales.half()
     off = None if off is None else off.half()
-    return _native.prepare_cpu(qweight, scales, off, k, g), b, (qweight, scales, off)
+    return cpu_backend.prepare_cpu(qweight, scales, off, k, g), b, (qweight, scales, off)
 
 
 def assert_matches(y, ref):
@@ -87,7 +87,7 @@ def test_parity_shapes_all_isas(k, g, m):
         w, b, canon = prepared(n, k, g, offset, bias, seed=k * 7 + g + n)
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k))
         ref = dbgemm_ref(x, *canon[:2], canon[2], b, k, g)
-        ys = {isa: _native.run_cpu(x, w, b, isa) for isa in ISAS}
+        ys = {isa: cpu_backend.run_cpu(x, w, b, isa) for isa in ISAS}
         for isa, y in ys.items():
             assert y.shape == (m, n) and y.dtype == torch.float32, isa
             assert_matches(y, ref)
@@ -100,17 +100,17 @@ def test_simd_path_available_or_reported(isa):
     """The SIMD paths run where the CPU has them; elsewhere the op names the reason."""
     if isa in ISAS:
         w, b, _ = prepared(16, 64, 64, False, False)
-        assert _native.run_cpu(torch.randn(1, 64), w, b, isa).shape == (1, 16)
+        assert cpu_backend.run_cpu(torch.randn(1, 64), w, b, isa).shape == (1, 16)
     else:
         w, b, _ = prepared(16, 64, 64, False, False)
         with pytest.raises(RuntimeError, match=f"isa='{isa}' is not supported by this CPU"):
-            _native.run_cpu(torch.randn(1, 64), w, b, isa)
+            cpu_backend.run_cpu(torch.randn(1, 64), w, b, isa)
 
 
 def test_unknown_isa():
     w, b, _ = prepared(16, 64, 64, False, False)
     with pytest.raises(RuntimeError, match="unknown isa 'sse9'; use auto, avx512, avx2 or scalar"):
-        _native.run_cpu(torch.randn(1, 64), w, b, "sse9")
+        cpu_backend.run_cpu(torch.randn(1, 64), w, b, "sse9")
 
 
 def test_t16_layout_golden():
@@ -133,7 +133,7 @@ def test_wrapper_leading_dims(lead):
     n, k, g = 19, 100, 32
     qweight, scales, off, b = make_layer(n, k, g, True, True)
     x = torch.randn(*lead, k)
-    y = _native.dbgemm_cpu(x, qweight, scales.half(), off.half(), b, k, g)
+    y = cpu_backend.dbgemm_cpu(x, qweight, scales.half(), off.half(), b, k, g)
     assert y.shape == (*lead, n)
     assert_matches(y, dbgemm_ref(x, qweight, scales.half(), off.half(), b, k, g))
 
@@ -144,16 +144,16 @@ def test_wrapper_noncontiguous_x_and_float16_inputs():
     x = torch.randn(k, 6).t()  # [6, K], non-contiguous
     assert not x.is_contiguous()
     ref = dbgemm_ref(x, qweight, scales.half(), off.half(), b.half(), k, g)
-    y = _native.dbgemm_cpu(x, qweight, scales.half(), off.half(), b.half(), k, g)
+    y = cpu_backend.dbgemm_cpu(x, qweight, scales.half(), off.half(), b.half(), k, g)
     assert_matches(y, ref)
     # A non-float32 x is computed in float32 and returned in its dtype (the reference's contract).
-    yb = _native.dbgemm_cpu(x.bfloat16(), qweight, scales.half(), off.half(), b, k, g)
+    yb = cpu_backend.dbgemm_cpu(x.bfloat16(), qweight, scales.half(), off.half(), b, k, g)
     assert yb.dtype == torch.bfloat16
     torch.testing.assert_close(yb, dbgemm_ref(x.bfloat16(), qweight, scales.half(), off.half(), b, k, g))
 
 
 def test_packed_linear_prepares_once_and_sees_updates():
-    from dbquant.nn import PackedLinear
+    from dbquant.model.modules import PackedLinear
 
     n, k, g = 24, 64, 64
     qweight, scales, _, _ = make_layer(n, k, g, False, False)
@@ -180,7 +180,7 @@ def test_padding_bits_are_ignored():
     assert not torch.equal(canon[0], canon_dirty[0])
     x = torch.randn(4, k)
     for isa in ISAS:
-        assert torch.equal(_native.run_cpu(x, dirty, None, isa), _native.run_cpu(x, clean, None, isa))
+        assert torch.equal(cpu_backend.run_cpu(x, dirty, None, isa), cpu_backend.run_cpu(x, clean, None, isa))
 
 
 def test_many_rows_uses_several_table_slices():
@@ -188,13 +188,13 @@ def test_many_rows_uses_several_table_slices():
     n, k, g = 17, 1000, 128
     w, b, canon = prepared(n, k, g, True, True)
     x = torch.randn(300, k)
-    assert_matches(_native.run_cpu(x, w, b, ISAS[0]), dbgemm_ref(x, *canon, b, k, g))
+    assert_matches(cpu_backend.run_cpu(x, w, b, ISAS[0]), dbgemm_ref(x, *canon, b, k, g))
 
 
 @pytest.mark.parametrize("n,k,g,offset", [(37, 200, 64, True), (1536, 576, 64, False), (5, 24, 8, True)])
 def test_dequantize_equals_reference(n, k, g, offset):
     w, _, canon = prepared(n, k, g, offset, False, pad_garbage=True)
-    dense = _native.dequantize_cpu(w)
+    dense = cpu_backend.dequantize_cpu(w)
     assert dense.shape == (n, k) and dense.dtype == torch.float32
     assert torch.equal(dense, dequantize_ref(*canon, k))
 
@@ -202,15 +202,15 @@ def test_dequantize_equals_reference(n, k, g, offset):
 def test_long_inputs_use_dequantize_and_blas():
     n, k, g = 40, 200, 64
     w, b, canon = prepared(n, k, g, True, True)
-    x = torch.randn(_native.LUT_MAX_ROWS + 7, k)
-    y = _native.run_cpu(x, w, b)  # auto: above LUT_MAX_ROWS rows
+    x = torch.randn(cpu_backend.LUT_MAX_ROWS + 7, k)
+    y = cpu_backend.run_cpu(x, w, b)  # auto: above LUT_MAX_ROWS rows
     assert torch.equal(y, torch.nn.functional.linear(x, dequantize_ref(*canon, k), b))
-    assert_matches(y, _native.run_cpu(x, w, b, ISAS[0]))
+    assert_matches(y, cpu_backend.run_cpu(x, w, b, ISAS[0]))
 
 
 def test_empty_batch():
     qweight, scales, _, _ = make_layer(5, 24, 8, False, False)
-    y = _native.dbgemm_cpu(torch.randn(0, 24), qweight, scales, None, None, 24, 8)
+    y = cpu_backend.dbgemm_cpu(torch.randn(0, 24), qweight, scales, None, None, 24, 8)
     assert y.shape == (0, 5)
 
 
@@ -221,9 +221,9 @@ def test_thread_count_does_not_change_result():
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        y1 = _native.run_cpu(x, w, b)
+        y1 = cpu_backend.run_cpu(x, w, b)
         torch.set_num_threads(max(2, old))
-        y2 = _native.run_cpu(x, w, b)
+        y2 = cpu_backend.run_cpu(x, w, b)
     finally:
         torch.set_num_threads(old)
     assert torch.equal(y1, y2)  # each output is computed by one thread, in one order

@@ -5,9 +5,9 @@ import importlib.util
 import pytest
 import torch
 
-from dbquant import data
-from dbquant.data import calibration_batches, load_text
 from dbquant.errors import DbquantError
+from dbquant.eval import data
+from dbquant.eval.data import calibration_batches, load_text
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +19,13 @@ def wiki():
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from dbquant.models import resolve_model
+    from dbquant.model.sources import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
 
 
 def test_wiki_split_sizes(wiki):
-    # DESIGN §4: 106 articles, ~3.1 MB; every 5th (i % 5 == 4) is eval.
+    # docs/PROTOCOLS.md: 106 articles, ~3.1 MB; every 5th (i % 5 == 4) is eval.
     assert len(wiki["calibration"]) == 85
     assert len(wiki["eval"]) == 21
     total = sum(len(a) for split in wiki.values() for a in split)

@@ -1,12 +1,13 @@
-"""The lean decoder (dbquant.decode) against the Hugging Face forward and generate()."""
+"""The lean decoder (dbquant.runtime.decode) against the Hugging Face forward and generate()."""
 
 import pytest
 import torch
 
 import dbquant
-from dbquant.decode import FastDecoder
+from dbquant.backends import cpu as cpu_backend
 from dbquant.errors import DbquantError
 from dbquant.quantize import QuantizeOptions, quantize
+from dbquant.runtime.decode import FastDecoder
 from tests.conftest import make_tiny_model
 
 IDS = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -166,7 +167,7 @@ def test_unsupported_models_and_lengths():
 
 
 def test_int8_lm_head_matches_its_dequantized_weight():
-    from dbquant.decode import quantize_rows_int8
+    from dbquant.runtime.decode import quantize_rows_int8
 
     model = make_tiny_model()
     codes, scale = quantize_rows_int8(model.lm_head.weight)
@@ -182,10 +183,9 @@ def test_int8_lm_head_matches_its_dequantized_weight():
 
 @pytest.mark.parametrize("n,k,m", [(37, 200, 3), (3, 17, 2), (1001, 576, 1), (8, 16, 4)])
 def test_linear_int8_kernel_parity(n, k, m):
-    from dbquant import _native
-    from dbquant.decode import quantize_rows_int8
+    from dbquant.runtime.decode import quantize_rows_int8
 
-    assert _native.load_cpu()
+    assert cpu_backend.load_cpu()
     codes, scale = quantize_rows_int8(torch.randn(n, k))
     x = torch.randn(m, k)
     ref = x @ (codes.float() * scale[:, None]).T
@@ -210,10 +210,9 @@ def _w8a8_ref(x, codes, scale):
 
 @pytest.mark.parametrize("n,k,m", [(37, 64, 3), (1001, 576, 1), (5, 32, 4)])
 def test_linear_w8a8_kernel_parity(n, k, m):
-    from dbquant import _native
-    from dbquant.decode import quantize_rows_int8
+    from dbquant.runtime.decode import quantize_rows_int8
 
-    assert _native.load_cpu()
+    assert cpu_backend.load_cpu()
     codes, scale = quantize_rows_int8(torch.randn(n, k))
     x = torch.randn(m, k)
     x[0, :32] = 0  # an all-zero block (scale 0)
@@ -229,7 +228,7 @@ def test_linear_w8a8_kernel_parity(n, k, m):
 
 
 def test_w8a8_lm_head_in_the_decoder():
-    from dbquant.decode import quantize_rows_int8
+    from dbquant.runtime.decode import quantize_rows_int8
 
     model = make_tiny_model()
     dec = FastDecoder(model, max_len=16, lm_head_dtype="w8a8")
@@ -246,9 +245,8 @@ def test_w8a8_lm_head_in_the_decoder():
 
 @pytest.mark.parametrize("shape", [(1, 576), (3, 7, 64), (2, 17)])
 def test_fused_rms_norm_matches_torch(shape):
-    from dbquant import _native
 
-    assert _native.load_cpu()
+    assert cpu_backend.load_cpu()
     x, w = torch.randn(*shape), torch.randn(shape[-1])
     y = torch.ops.dbquant.rms_norm_cpu(x, w, 1e-5)
     torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (shape[-1],), w, 1e-5), rtol=1e-5, atol=1e-5)

@@ -16,12 +16,12 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from dbquant import fdb
 from dbquant.calibration import distributed, runstate
 from dbquant.calibration.blockwise import export_weights, to_fakequant
 from dbquant.calibration.dad import DADConfig, distill, teacher_cache
 from dbquant.calibration.runstate import RunState, make_fingerprint
 from dbquant.cli import main
+from dbquant.quant import fdb
 from dbquant.quantize import QuantizeOptions, make_plan
 
 from .conftest import TINY_TEXT, make_tiny_model

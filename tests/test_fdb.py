@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbquant import fdb
+from dbquant.quant import fdb
 
 finite = st.floats(-10, 10, allow_nan=False, width=32)
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from dbquant import formats
 from dbquant.errors import DbquantError
-from dbquant.formats import LinearLayout
+from dbquant.format import layout
+from dbquant.format.layout import LinearLayout
 
 # The worked example of docs/FORMAT.md: N=2, K=10, g=8 -> Kp=16, G=2.
 GOLDEN_B1 = torch.tensor([[1, 0, 1, 1, 0, 0, 0, 1, 0, 1], [0, 0, 0, 0, 0, 0, 0, 0, 1, 1]], dtype=torch.uint8)
@@ -25,11 +25,11 @@ def _pad(b, kp):
 
 def test_golden_vector():
     lay = LinearLayout(2, 10, 8)
-    packed = formats.pack(_pad(GOLDEN_B1, 16), _pad(GOLDEN_B2, 16), GOLDEN_ALPHA, None, lay)
+    packed = layout.pack(_pad(GOLDEN_B1, 16), _pad(GOLDEN_B2, 16), GOLDEN_ALPHA, None, lay)
     assert packed["qweight"].tolist() == GOLDEN_QWEIGHT
     assert packed["scales"].view(torch.int16).to(torch.int32).bitwise_and(0xFFFF).tolist() == GOLDEN_SCALE_BITS
-    b1, b2, alpha, offset = formats.unpack(packed, lay)
-    w = formats.dequantize(b1, b2, alpha, offset, 10)
+    b1, b2, alpha, offset = layout.unpack(packed, lay)
+    w = layout.dequantize(b1, b2, alpha, offset, 10)
     assert w.tolist() == GOLDEN_W
     assert lay.storage_bits() == 2 * 2 * 16 + 2 * 2 * 2 * 16
     assert lay.bits_per_weight() == pytest.approx(192 / 20)
@@ -47,10 +47,10 @@ def test_pack_unpack_exact(n, k, g, offset):
     b2[:, k:] = 0
     alpha = torch.randn(n, groups, 2, generator=gen).half().float()
     beta = torch.randn(n, groups, generator=gen).half().float() if offset else None
-    packed = formats.pack(b1, b2, alpha, beta, lay)
+    packed = layout.pack(b1, b2, alpha, beta, lay)
     for name, (shape, dtype) in lay.tensor_specs().items():
         assert tuple(packed[name].shape) == shape and packed[name].dtype == dtype
-    u1, u2, ua, ub = formats.unpack(packed, lay)
+    u1, u2, ua, ub = layout.unpack(packed, lay)
     assert torch.equal(u1, b1) and torch.equal(u2, b2) and torch.equal(ua, alpha)
     assert (ub is None) == (beta is None) and (beta is None or torch.equal(ub, beta))
 
@@ -59,9 +59,9 @@ def test_pack_bits_order_and_inverse():
     bits = torch.zeros(1, 16, dtype=torch.uint8)
     bits[0, 0] = 1   # LSB of byte 0
     bits[0, 15] = 1  # MSB of byte 1
-    assert formats.pack_bits(bits).tolist() == [[0x01, 0x80]]
+    assert layout.pack_bits(bits).tolist() == [[0x01, 0x80]]
     allbytes = torch.arange(256, dtype=torch.uint8).view(4, 64)
-    assert torch.equal(formats.pack_bits(formats.unpack_bits(allbytes)), allbytes)
+    assert torch.equal(layout.pack_bits(layout.unpack_bits(allbytes)), allbytes)
 
 
 def test_bpw_accounting():
@@ -74,22 +74,22 @@ def test_bpw_accounting():
 @pytest.mark.parametrize("g", [0, 4, 12, 65, 8192, 64.0, "64"])
 def test_bad_group_size(g):
     with pytest.raises(DbquantError, match="group size"):
-        formats.check_group_size(g)
+        layout.check_group_size(g)
 
 
 @pytest.mark.parametrize("v", [0, 2, "x", None])
 def test_bad_version(v):
     with pytest.raises(DbquantError, match="format version"):
-        formats.check_version(v)
+        layout.check_version(v)
 
 
 def test_check_tensors_names_the_problem():
     lay = LinearLayout(4, 16, 8)
-    good = formats.pack(torch.zeros(4, 16, dtype=torch.uint8), torch.zeros(4, 16, dtype=torch.uint8),
+    good = layout.pack(torch.zeros(4, 16, dtype=torch.uint8), torch.zeros(4, 16, dtype=torch.uint8),
                         torch.ones(4, 2, 2), None, lay)
     with pytest.raises(DbquantError, match="scales is missing"):
-        formats.check_tensors({"qweight": good["qweight"]}, lay)
+        layout.check_tensors({"qweight": good["qweight"]}, lay)
     with pytest.raises(DbquantError, match=r"qweight has shape \(2, 4, 1\)"):
-        formats.check_tensors({**good, "qweight": good["qweight"][..., :1]}, lay)
+        layout.check_tensors({**good, "qweight": good["qweight"][..., :1]}, lay)
     with pytest.raises(DbquantError, match="torch.float32"):
-        formats.check_tensors({**good, "scales": good["scales"].float()}, lay)
+        layout.check_tensors({**good, "scales": good["scales"].float()}, lay)

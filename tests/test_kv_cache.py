@@ -1,4 +1,4 @@
-"""The quantized KV cache (dbquant/kv/cache.py) inside stock transformers generate(), its
+"""The quantized KV cache (dbquant/runtime/kv/cache.py) inside stock transformers generate(), its
 measured bytes, the kv-ppl protocol and the CLI, on tiny random models."""
 
 import json
@@ -10,11 +10,11 @@ import torch
 import dbquant
 from dbquant.cli import main
 from dbquant.errors import DbquantError
-from dbquant.kv import QuantKVCache, cache_nbytes, make_cache, parse_kv, protected_tokens
-from dbquant.kv import quantizers as Q
-from dbquant.kv import reference as R
-from dbquant.kv.cache import QuantKVLayer, fp16_bytes_per_token
 from dbquant.quantize import QuantizeOptions, quantize
+from dbquant.runtime.kv import QuantKVCache, cache_nbytes, make_cache, parse_kv, protected_tokens
+from dbquant.runtime.kv import quantizers as Q
+from dbquant.runtime.kv import reference as R
+from dbquant.runtime.kv.cache import QuantKVLayer, fp16_bytes_per_token
 from tests.conftest import make_tiny_model
 
 # tiny llama: 2 layers, 2 kv heads, head_dim 16
@@ -277,8 +277,8 @@ def test_cli_eval_kv_ppl_and_generate(tiny_model_dir, capsys):
 @pytest.mark.slow
 def test_real_smollm2_one_window_vidkv_beats_hqq2_at_fewer_bytes():
     """One kv-ppl window of the real SmolLM2, whole 768-token prefix quantized (residual 0)."""
-    from dbquant.kv.protocol import kv_perplexity, kv_windows
-    from dbquant.models import load_fp_model
+    from dbquant.eval.kv_ppl import kv_perplexity, kv_windows
+    from dbquant.model.sources import load_fp_model
 
     model, tok = load_fp_model("smollm2-135m")
     specs = [parse_kv("fp"), parse_kv("1.5/1.58", residual=0), parse_kv("hqq2", residual=0)]

@@ -1,5 +1,5 @@
-"""KV quantizers (dbquant/kv/quantizers.py): packing round trips, exact agreement with the loop
-oracles of dbquant/kv/reference.py, error bounds, and the bytes the packed dicts really hold."""
+"""KV quantizers (dbquant/runtime/kv/quantizers.py): packing round trips, exact agreement with the loop
+oracles of dbquant/runtime/kv/reference.py, error bounds, and the bytes the packed dicts really hold."""
 
 import math
 
@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dbquant.errors import DbquantError
-from dbquant.kv import quantizers as Q
-from dbquant.kv import reference as R
+from dbquant.runtime.kv import quantizers as Q
+from dbquant.runtime.kv import reference as R
 
 G = 32
 
@@ -187,7 +187,7 @@ def test_unknown_scale_dtype_is_refused():
 @pytest.mark.parametrize("scale_dtype", ["fp16", "fp8"])
 def test_triton_dequant_kernels_match_pytorch(scale_dtype):
     pytest.importorskip("triton")
-    from dbquant.kv import triton_dequant as T
+    from dbquant.runtime.kv import triton_dequant as T
 
     x = data(2, 3, 2, G, 24, seed=10)  # C = 24: not a power of two
     qt, qa, qs = (Q.quantize_ternary(x, scale_dtype), Q.quantize_asym2(x, scale_dtype),
@@ -202,8 +202,8 @@ def test_hadamard_is_orthonormal_and_stp_refinement_lowers_protected_error_only(
     the residual over the Hadamard-rotated head dim (one scale per token and head). Unprotected
     tokens decode bit for bit as without STP; protected ones lose well over half their error,
     also with an outlier channel 20x the others."""
-    from dbquant.kv.codecs import VidKVCodec
-    from dbquant.kv.spec import parse_kv
+    from dbquant.runtime.kv.codecs import VidKVCodec
+    from dbquant.runtime.kv.spec import parse_kv
 
     h = Q.hadamard(64)
     assert torch.allclose(h @ h, torch.eye(64), atol=1e-6) and Q.hadamard(48) is None

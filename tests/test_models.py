@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from dbquant import models
 from dbquant.errors import DbquantError
-from dbquant.evaluate import adds_bos, evaluate, perplexity, wiki_windows
-from dbquant.models import MANIFEST, cache_dir, resolve_model, verify_manifest, write_manifest
+from dbquant.eval.protocols import evaluate
+from dbquant.eval.wiki import adds_bos, perplexity, wiki_windows
+from dbquant.model import sources as models
+from dbquant.model.sources import MANIFEST, cache_dir, resolve_model, verify_manifest, write_manifest
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +167,7 @@ def test_evaluate_small(tokenizer):
 
 @pytest.mark.slow
 def test_fp32_smollm2_wiki_ppl():
-    # DESIGN §4: fp32 SmolLM2 scores 16.08 (llama.cpp F32 agrees). ~45 s on 2 cores.
+    # docs/PROTOCOLS.md: fp32 SmolLM2 scores 16.08 (llama.cpp F32 agrees). ~45 s on 2 cores.
     model, tok = models.load_fp_model("smollm2-135m")
     result = evaluate(model, tok, progress=False)
     assert result["tokens"] == 32 * 511

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from dbquant import fdb, ops, reference
+from dbquant.backends import reference, registry
 from dbquant.errors import DbquantError
-from dbquant.nn import FakeQuantLinear, PackedLinear
+from dbquant.model.modules import FakeQuantLinear, PackedLinear
+from dbquant.quant import fdb
 
 
 def _quantized(n, k, g, offset, seed=0):
@@ -37,15 +38,15 @@ def test_reference_rejects_inconsistent_shapes():
 
 
 def test_registry():
-    assert ops.resolve("ref") == "ref"
-    assert ops.resolve("auto", "cpu") in ("cpu", "ref")
-    assert ops.get("dbgemm", "ref") is reference.dbgemm_ref
+    assert registry.resolve("ref") == "ref"
+    assert registry.resolve("auto", "cpu") in ("cpu", "ref")
+    assert registry.get("dbgemm", "ref") is reference.dbgemm_ref
     with pytest.raises(DbquantError, match="unknown backend"):
-        ops.resolve("nope")
+        registry.resolve("nope")
     with pytest.raises(DbquantError, match="not available"):
-        ops.resolve("cuda")
+        registry.resolve("cuda")
     with pytest.raises(ValueError):
-        ops.register("dbgemm", "fpga")
+        registry.register("dbgemm", "fpga")
 
 
 @pytest.mark.parametrize("offset", [False, True])

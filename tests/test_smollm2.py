@@ -6,11 +6,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import dbquant
-from dbquant import fdb
 from dbquant.calibration import input_second_moments
-from dbquant.data import calibration_batches, load_text
-from dbquant.evaluate import perplexity, wiki_windows
-from dbquant.models import load_fp_model
+from dbquant.eval.data import calibration_batches, load_text
+from dbquant.eval.wiki import perplexity, wiki_windows
+from dbquant.model.sources import load_fp_model
+from dbquant.quant import fdb
 from dbquant.quantize import QuantizeOptions, quantize
 
 # Activation-weighted FDB (no training) scores ~206 on the full wiki protocol; data-free FDB

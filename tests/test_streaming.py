@@ -12,7 +12,7 @@ from dbquant.calibration.runstate import Interrupted
 from dbquant.calibration.streaming import ShardReader, quantize_streaming
 from dbquant.cli import main
 from dbquant.errors import DbquantError
-from dbquant.models import load_fp_model
+from dbquant.model.sources import load_fp_model
 from dbquant.quantize import QuantizeOptions, quantize
 
 from .conftest import make_tiny_model

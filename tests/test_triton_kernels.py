@@ -1,4 +1,4 @@
-"""Parity of the Triton kernels (``kernels/dbgemm_triton.py`` via ``dbquant._triton``) with
+"""Parity of the Triton kernels (``kernels/dbgemm_triton.py`` via ``dbquant.backends.triton``) with
 the reference ``dbgemm_ref``.
 
 Without a GPU the kernels run on the CPU through Triton's interpreter: ``conftest.py``
@@ -14,10 +14,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from dbquant import _triton, ops  # noqa: E402
-from dbquant.formats import pack_bits, unpack_bits  # noqa: E402
-from dbquant.nn import PackedLinear  # noqa: E402
-from dbquant.reference import dbgemm_ref  # noqa: E402
+from dbquant.backends import registry
+from dbquant.backends import triton as _triton  # noqa: E402
+from dbquant.backends.reference import dbgemm_ref  # noqa: E402
+from dbquant.format.layout import pack_bits, unpack_bits  # noqa: E402
+from dbquant.model.modules import PackedLinear  # noqa: E402
 
 if not _triton.load_triton():
     pytest.skip(f"the triton backend cannot run here: {_triton.unavailable_reason()}", allow_module_level=True)
@@ -154,9 +155,9 @@ def test_tolerances_catch_bugs():
 
 
 def test_registry_resolves_triton():
-    kernel = ops.get("dbgemm", "triton", DEVICE)
+    kernel = registry.get("dbgemm", "triton", DEVICE)
     assert kernel is _triton.dbgemm_triton
-    assert ops.resolve("auto", "cpu") != "triton"  # the CPU preference is unchanged
+    assert registry.resolve("auto", "cpu") != "triton"  # the CPU preference is unchanged
     n, k, g = 37, 72, 8
     layer = make_layer(n, k, g, offset=False, bias=True)
     x = torch.randn(2, 3, k).to(DEVICE)  # leading dims are flattened and restored

@@ -1,6 +1,6 @@
 """VLMs (issue 7): part finding per family, language-model-only quantization, checkpoints, STP.
 
-Every family of dbquant.vlm.VLM_FAMILIES is built from a tiny random config offline
+Every family of dbquant.model.vlm.VLM_FAMILIES is built from a tiny random config offline
 (tests/tiny_vlms.py). The real-backbone test bed (smolvlm-testbed) is tested in
 test_vlm_testbed.py.
 """
@@ -13,10 +13,10 @@ from torch import nn
 
 import dbquant
 from dbquant.errors import DbquantError
-from dbquant.nn import PackedLinear
-from dbquant.plan import make_plan
+from dbquant.model.modules import PackedLinear
+from dbquant.model.plan import make_plan
+from dbquant.model.vlm import VLM_FAMILIES, image_token_id, vision_linears, vlm_family
 from dbquant.quantize import QuantizeOptions, quantize
-from dbquant.vlm import VLM_FAMILIES, image_token_id, vision_linears, vlm_family
 
 from .conftest import TINY_TEXT, make_tiny_model, make_tokenizer
 from .tiny_vlms import CLIP_LIKE, IMAGE_TOKEN, TEXT, image_inputs, make_tiny_vlm
@@ -106,7 +106,7 @@ def test_unknown_vlm_family_is_refused():
     cfg = T.LlavaNextVideoConfig(text_config=T.LlamaConfig(**TEXT), vision_config=T.CLIPVisionConfig(**CLIP_LIKE),
                                  image_token_id=IMAGE_TOKEN, video_token_id=291, image_grid_pinpoints=[[32, 32]])
     model = T.LlavaNextVideoForConditionalGeneration(cfg)
-    with pytest.raises(DbquantError, match="LlavaNextVideoForConditionalGeneration.*VLM_FAMILIES in dbquant/vlm.py"):
+    with pytest.raises(DbquantError, match="LlavaNextVideoForConditionalGeneration.*VLM_FAMILIES in dbquant/model/vlm.py"):
         make_plan(model, 32)
     with pytest.raises(DbquantError, match="unsupported vision-language model"):
         quantize(model, None, QuantizeOptions(method="fdb", calib=None), progress=False)
@@ -122,7 +122,7 @@ def test_saved_tensor_names_follow_transformers_legacy_layout(tmp_path):
     model = make_tiny_vlm("llava")
     quantize(model, None, QuantizeOptions(method="fdb", calib=None, group_size=32), progress=False)
     dbquant.save(model, tmp_path / "q")
-    from dbquant.checkpoint import read_header
+    from dbquant.format.files import read_header
 
     keys = set(read_header(tmp_path / "q" / "model.safetensors"))
     assert "language_model.model.layers.0.self_attn.q_proj.qweight" in keys
@@ -143,7 +143,7 @@ def test_saved_tensor_names_follow_transformers_legacy_layout(tmp_path):
 
 @pytest.mark.parametrize("family", ["smolvlm", "llava_next", "qwen2_vl"])
 def test_stp_positions_come_from_the_image_token(family):
-    from dbquant.kv.stp import vlm_input_embeddings, vlm_protected_tokens
+    from dbquant.runtime.kv.stp import vlm_input_embeddings, vlm_protected_tokens
 
     model = make_tiny_vlm(family)
     inputs = image_inputs(model, text_ids=[5, 6, 7, 8, 9, 10, 11, 12])
@@ -165,14 +165,14 @@ def test_stp_positions_come_from_the_image_token(family):
 
 def test_stp_cache_keeps_protected_values_at_two_bits():
     """Protected visual tokens in a VidKV cache decode closer to the truth than unprotected ones."""
-    from dbquant.kv import make_cache, parse_kv
-    from dbquant.kv.stp import vlm_protected_tokens
+    from dbquant.runtime.kv import make_cache, parse_kv
+    from dbquant.runtime.kv.stp import vlm_protected_tokens
 
     model = make_tiny_vlm("smolvlm")
     inputs = image_inputs(model, text_ids=list(range(5, 65)))  # 4 visual + 60 text tokens
     mask = vlm_protected_tokens(model, inputs, ratio=0.5)
     fp = make_cache(model, "fp")
-    from dbquant.kv.spec import KVSpec
+    from dbquant.runtime.kv.spec import KVSpec
 
     # everything packed: no full-precision tail, and no attention-sink tokens where the spec has them
     overrides = {"residual": 0, **({"sink": 0} if "sink" in KVSpec.__dataclass_fields__ else {})}
@@ -228,7 +228,7 @@ def test_generate_with_image_through_the_folders_full_processor(tmp_path, capsys
     from PIL import Image
 
     from dbquant.cli import main
-    from dbquant.vlm import image_prompt_inputs
+    from dbquant.model.vlm import image_prompt_inputs
 
     tok = make_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
@@ -315,7 +315,7 @@ def test_calib_images_give_mrope_models_per_sample_positions(tmp_path, tiny_toke
     """Qwen2-VL: each image+text sample's first-block inputs are exactly those of a whole-VLM forward."""
     from dbquant.calibration.blockwise import PerSample, call_block, capture_block_inputs
     from dbquant.calibration.images import multimodal_samples
-    from dbquant.plan import decoder_blocks
+    from dbquant.model.plan import decoder_blocks
 
     model, src, images = _vlm_folder_with_images(tmp_path, tiny_tokenizer, family="qwen2_vl")
     text = torch.randint(0, 280, (4, 48), generator=torch.Generator().manual_seed(0))
@@ -364,11 +364,11 @@ def test_fdb_dad_with_images_runs_blockwise_and_dad_through_the_vlm(tmp_path, ti
 
 def test_dad_on_samples_one_at_a_time_equals_the_batched_step():
     """Micro-batches (how image+text samples run) accumulate exactly the batched step's gradient."""
-    from dbquant import fdb
     from dbquant.calibration.blockwise import to_fakequant
     from dbquant.calibration.dad import DADConfig, distill, teacher_cache
     from dbquant.calibration.images import MultimodalSamples
     from dbquant.calibration.runstate import RunState, make_fingerprint
+    from dbquant.quant import fdb
 
     ids = torch.randint(0, 300, (4, 24), generator=torch.Generator().manual_seed(1))
     samples = MultimodalSamples(ids, [{} for _ in range(4)])

@@ -1,12 +1,12 @@
-"""The SmolVLM test bed (DESIGN §4) on the real SmolLM2 backbone: built offline, same text model."""
+"""The SmolVLM test bed (docs/PROTOCOLS.md) on the real SmolLM2 backbone: built offline, same text model."""
 
 import pytest
 import torch
 
-from dbquant import testbed
-from dbquant.models import load_fp_model
-from dbquant.plan import make_plan
-from dbquant.vlm import image_token_id
+from dbquant.model import testbed
+from dbquant.model.plan import make_plan
+from dbquant.model.sources import load_fp_model
+from dbquant.model.vlm import image_token_id
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tiny random-config VLMs of every family in dbquant.vlm.VLM_FAMILIES, built offline.
+"""Tiny random-config VLMs of every family in dbquant.model.vlm.VLM_FAMILIES, built offline.
 
 Text sizes are those of tests/conftest.py's tiny Llama; vision towers have 2 layers of
 width 32 on 32x32 images. Image token id 290 lies inside the 300-token vocabulary.

@@ -18,7 +18,7 @@
 //                                    (one whole decoder layer for one token, in place)
 //   torch.ops.dbquant.cpu_isas() -> str[]       (supported ISA paths, fastest first)
 // The weight arguments are in the t16 kernel layout (dbgemm_t16.h, docs/FORMAT.md);
-// dbquant/_native.py builds it from the canonical format. This is the only file that
+// dbquant/backends/cpu.py builds it from the canonical format. This is the only file that
 // includes <torch/extension.h> (slow to compile); the arithmetic lives in the torch-free
 // dbgemm_t16*.cpp files. Built as the extension module dbquant._C: importing it loads
 // this library, whose static initialisers register the ops.
@@ -265,7 +265,7 @@ void gemv_t16(Isa isa, const dbquant::cpu::T16Weight& w, const float* x, float* 
 //   planes, scales, offset (or None), bias (or None), in the t16 layout (dbgemm_t16.h);
 // out_features follow from the shapes: qkv (Hq + 2 Hk) D, o H, gate_up 2 I, down H.
 // k_cache, v_cache: float32 [1, Hk, L, D] (this layer's); cos, sin: float32 [D] at `pos`.
-// Every piece computes what dbquant/decode.py's Python step computes (up to float rounding
+// Every piece computes what dbquant/runtime/decode.py's Python step computes (up to float rounding
 // order); the gain is one call instead of ~20 framework ops (tests/test_decode.py).
 void decode_layer_cpu(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& proj,
                       const at::Tensor& ln1, const at::Tensor& ln2, double eps, int64_t group_size,

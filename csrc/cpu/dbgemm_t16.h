@@ -2,7 +2,7 @@
 // reading the CPU kernel layout "t16" (docs/FORMAT.md, "Kernel layouts").
 //
 // The t16 layout is the canonical format v1 regrouped into tiles of 16 output rows, so
-// that one SIMD register holds one value for each of 16 rows (dbquant/_native.py
+// that one SIMD register holds one value for each of 16 rows (dbquant/backends/cpu.py
 // builds it once per weight at load time; no bit is moved, only whole bytes):
 //   planes  uint8   [T, C8, 2, 16]  planes[t, c, p, r] = qweight[p, 16t + r, c]
 //   scales  float16 [T, G, 2, 16]   scales[t, j, p, r] = alpha_{p+1}[16t + r, j]

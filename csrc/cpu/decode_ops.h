@@ -1,4 +1,4 @@
-// Torch-free fused CPU ops for a decode step (dbquant/decode.py), where a small model's step
+// Torch-free fused CPU ops for a decode step (dbquant/runtime/decode.py), where a small model's step
 // is dominated by per-op framework overhead rather than arithmetic. rms_norm_rows replaces
 // the ~8 ops of torch's composite rms_norm (measured 4.5 vs 16 us for a 576-vector); the
 // others are the pieces of one whole decoder layer for one token (binding.cpp's

@@ -1,7 +1,7 @@
 // Torch-free CUDA decode GEMV for the dual-binary weight format:
 //   y[M, N] = x[M, K] @ W^T (+ bias)   for small M (decode: one token per sequence).
 //
-// W in the canonical packed format v1 (docs/FORMAT.md, dbquant/formats.py), unchanged:
+// W in the canonical packed format v1 (docs/FORMAT.md, dbquant/format/layout.py), unchanged:
 //   qweight  uint8    [2, N, Kp/8]  plane 0 = b1, plane 1 = b2; bit j (LSB = 0) of byte i
 //                                   of a row is input channel 8*i + j
 //   scales   float16  [N, G, 2]     alpha1, alpha2 per group of g input channels

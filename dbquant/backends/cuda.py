@@ -1,0 +1,80 @@
+"""Loader and Python wrapper of the CUDA decode GEMV (extension module ``dbquant._C_cuda``).
+
+Built only when the installed torch has CUDA (setup.py); importing the extension registers
+``torch.ops.dbquant.dbgemm_cuda``. Without a GPU :func:`load_cuda` returns False with the
+reason and no warning (most installs have no GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cpu import BUILD_HINT
+
+# Activation rows the CUDA kernel is the right choice for (it streams the weights once for
+# up to 4 rows, csrc/cuda/dbgemv.h kMaxRows); ``auto`` hands larger M to the Triton GEMM.
+# Larger M still works when asked for explicitly (launches of 4 rows). Unmeasured on a GPU.
+CUDA_MAX_ROWS = 4
+
+_cuda_state: bool | None = None  # None: not tried yet
+_cuda_error: str | None = None
+
+
+def load_cuda() -> bool:
+    """Whether ``torch.ops.dbquant.dbgemm_cuda`` can run here; imports ``dbquant._C_cuda`` once.
+
+    False (with the reason in ``_cuda_error``, no warning: most installs have no GPU) when
+    torch has no CUDA device or the extension was not built (it is built only when the
+    installed torch has CUDA).
+    """
+    global _cuda_state, _cuda_error
+    if _cuda_state is None:
+        if not torch.cuda.is_available():
+            _cuda_state, _cuda_error = False, (
+                f"no CUDA device is visible to torch (torch.version.cuda={torch.version.cuda})")
+        else:
+            try:
+                from .. import _C_cuda  # noqa: F401 - loading the library registers the op
+
+                torch.ops.dbquant.dbgemm_cuda  # noqa: B018 - raises if registration failed
+                _cuda_state = True
+            except (ImportError, OSError, AttributeError, RuntimeError) as e:
+                _cuda_state, _cuda_error = False, (
+                    f"dbquant._C_cuda is not built or failed to load ({type(e).__name__}: {e}); "
+                    f"build it with `{BUILD_HINT}` under a CUDA build of torch")
+    return _cuda_state
+
+
+def dbgemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                offset: torch.Tensor | None, bias: torch.Tensor | None, in_features: int,
+                group_size: int) -> torch.Tensor:
+    """``y = x @ W.T (+ bias)`` with the CUDA decode GEMV (``csrc/cuda/dbgemv.cu``).
+
+    Same contract as :func:`dbquant.backends.reference.dbgemm_ref`. With N = out_features,
+    K = in_features, g = group_size, Kp = ceil(K / g) * g and G = Kp / g:
+
+    Args:
+        x: float16, bfloat16 or float32 [..., K] on a CUDA device. Leading dims are
+            flattened into M rows (copied only when a row's elements are not adjacent).
+        qweight: uint8 [2, N, Kp/8], contiguous, on x's device (canonical planes).
+        scales: float16 [N, G, 2] contiguous (float32 is converted per call).
+        offset: float16 [N, G] contiguous (float32 converted per call), or None.
+        bias: [N] or None (cast to x's dtype).
+        in_features: K; group_size: g (a multiple of 8). G <= 2048 with an offset,
+            <= 3072 without (the block stages its rows' scales in 48 KiB of shared memory).
+    Returns:
+        [..., N] in x's dtype (fp32 accumulation).
+    Raises:
+        RuntimeError: from the op, naming the offending tensor and its values.
+    """
+    if not load_cuda():
+        raise RuntimeError(f"the cuda backend is unavailable: {_cuda_error}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < x2.shape[1]):
+        x2 = x2.contiguous()  # the kernel reads rows with unit stride
+    half = lambda t: None if t is None else t.to(torch.float16)  # noqa: E731 - no-op when fp16
+    y = torch.ops.dbquant.dbgemm_cuda(x2, qweight, half(scales), half(offset),
+                                      None if bias is None else bias.to(x.dtype),
+                                      int(in_features), int(group_size))
+    return y.reshape(*lead, y.shape[-1])

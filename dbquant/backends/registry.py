@@ -1,0 +1,114 @@
+"""One explicit kernel registry: ``(op, backend) -> function``.
+
+Backends: ``ref`` (pure PyTorch, the oracle; always present), ``cpu`` (the C++
+extension ``dbquant._C``), ``triton`` (``dbquant.backends.triton``: GEMV + GEMM; on the CPU only
+under ``TRITON_INTERPRET=1``, for tests) and ``cuda`` (the decode GEMV of the extension
+``dbquant._C_cuda``, built only with a CUDA torch). ``auto`` picks the first available
+backend for the input's device in :data:`PREFERENCE`.
+
+Every function registered for op ``dbgemm`` has the signature of
+:func:`dbquant.backends.reference.dbgemm_ref`. A kernel with a layout of its own (the ``cpu``
+kernel's "t16", docs/FORMAT.md) also carries ``fn.prepare(qweight, scales, offset,
+in_features, group_size) -> prepared`` and ``fn.run(x, prepared, bias)``:
+:class:`dbquant.model.modules.PackedLinear` repacks once and calls ``run``; calling ``fn`` itself
+repacks every time (fine for tests, slow for inference). A backend may declare ``max_rows``: the largest
+number of activation rows M it is the right choice for; ``auto`` skips it above that
+(a bit-serial GEMV kernel loses to dequantize + BLAS on a long prefill).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..errors import DbquantError
+from . import cpu, cuda, reference, triton
+
+OPS = ("dbgemm",)
+BACKENDS = ("ref", "cpu", "triton", "cuda")
+# Best first, per device type. ``ref`` closes every list so ``auto`` always resolves.
+PREFERENCE = {"cpu": ("cpu", "ref"), "cuda": ("cuda", "triton", "ref")}
+
+_REGISTRY: dict[tuple[str, str], Callable] = {}
+_MAX_ROWS: dict[tuple[str, str], int] = {}
+# Backends whose registration is deferred until first use (an import may compile or warn).
+_LOADERS: dict[str, Callable[[], None]] = {}
+# Why a backend whose loader ran is not available (for the error message).
+_UNAVAILABLE: dict[str, str] = {}
+
+
+def register(op: str, backend: str, max_rows: int | None = None):
+    """Decorator: register ``fn`` as the implementation of ``op`` on ``backend``.
+
+    ``max_rows``: ``auto`` uses this backend only for inputs of at most that many rows.
+    """
+    if op not in OPS or backend not in BACKENDS:
+        raise ValueError(f"unknown op/backend {(op, backend)}; ops {OPS}, backends {BACKENDS}")
+
+    def deco(fn):
+        _REGISTRY[(op, backend)] = fn
+        if max_rows is not None:
+            _MAX_ROWS[(op, backend)] = max_rows
+        return fn
+
+    return deco
+
+
+def _load_cpu() -> None:
+    if cpu.load_cpu():
+        register("dbgemm", "cpu")(cpu.dbgemm_cpu)
+
+
+def _load_triton() -> None:
+    if triton.load_triton():
+        register("dbgemm", "triton")(triton.dbgemm_triton)
+    else:
+        _UNAVAILABLE["triton"] = triton.unavailable_reason()
+
+
+def _load_cuda() -> None:
+    if cuda.load_cuda():
+        register("dbgemm", "cuda", max_rows=cuda.CUDA_MAX_ROWS)(cuda.dbgemm_cuda)
+    else:
+        _UNAVAILABLE["cuda"] = cuda._cuda_error
+
+
+_LOADERS["cpu"] = _load_cpu
+_LOADERS["triton"] = _load_triton
+_LOADERS["cuda"] = _load_cuda
+register("dbgemm", "ref")(reference.dbgemm_ref)
+
+
+def available(backend: str) -> bool:
+    """Whether ``backend`` has a ``dbgemm`` kernel in this process (loads it on first ask)."""
+    loader = _LOADERS.pop(backend, None)
+    if loader is not None:
+        loader()
+    return ("dbgemm", backend) in _REGISTRY
+
+
+def resolve(backend: str, device: torch.device | str = "cpu", rows: int | None = None,
+            op: str = "dbgemm") -> str:
+    """Turn ``auto`` into a concrete backend for ``device`` (and ``rows`` activation rows);
+    check that an explicit one exists."""
+    dev = torch.device(device).type
+    if backend == "auto":
+        for b in PREFERENCE.get(dev, ("ref",)):
+            if available(b) and (rows is None or rows <= _MAX_ROWS.get((op, b), rows)):
+                return b
+    if backend not in BACKENDS:
+        raise DbquantError(f"unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
+    if not available(backend):
+        why = f" ({_UNAVAILABLE[backend]})" if backend in _UNAVAILABLE else ""
+        raise DbquantError(
+            f"backend {backend!r} is not available in this installation{why} (built backends: "
+            f"{[b for b in BACKENDS if available(b)]}); use --backend auto or build the extension "
+            "with `pip install --no-build-isolation -e .`"
+        )
+    return backend
+
+
+def get(op: str, backend: str = "auto", device: torch.device | str = "cpu", rows: int | None = None) -> Callable:
+    """The ``op`` implementation for ``backend`` (``auto``: best for ``device`` and ``rows``)."""
+    return _REGISTRY[(op, resolve(backend, device, rows, op))]

@@ -1,0 +1,157 @@
+"""transformers integration: ``quant_method: "dbquant"`` in a model's config.
+
+Registered on ``import dbquant``. Without the registration transformers would only log
+an unknown ``quant_method`` and load the model *unquantized* (random weights in place
+of the packed ones), so registration is not optional and happens at import.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+from transformers.core_model_loading import revert_weight_conversion
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .._version import __version__
+from ..errors import DbquantError
+from ..format import layout
+from ..format.files import validate_files
+from ..format.layout import LinearLayout
+from .convert import empty_packed_modules
+from .plan import LinearPlan
+from .vlm import is_vlm
+
+QUANT_METHOD = "dbquant"
+METADATA_KEY = "dbquant"  # safetensors header metadata key holding the format facts (JSON)
+
+
+class DbquantConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of a dbquant checkpoint (``config.json``).
+
+    Args:
+        modules: module paths of the packed linears.
+        group_size: g; offset: whether each group stores a beta.
+        method: how the weights were obtained (``fdb``, ``rtn``, ...); informational.
+        format / format_version: the packed format (``dbquant.format.layout``).
+        bpw: effective-bits summary recorded at quantize time; informational.
+        backend: kernel backend for the packed linears (``auto`` by default).
+    """
+
+    def __init__(self, modules: list[str] | None = None, group_size: int = 64, offset: bool = False,
+                 method: str = "fdb", format: str = layout.FORMAT_NAME,
+                 format_version: int = layout.FORMAT_VERSION, bpw: dict | None = None,
+                 dbquant_version: str = __version__, backend: str = "auto", **kwargs):
+        self.quant_method = QUANT_METHOD
+        self.modules = list(modules or [])
+        self.group_size = group_size
+        self.offset = bool(offset)
+        self.method = method
+        self.format = format
+        self.format_version = format_version
+        self.bpw = bpw
+        self.dbquant_version = dbquant_version
+        self.backend = backend
+        self.post_init()
+
+    def post_init(self):
+        if self.format != layout.FORMAT_NAME:
+            raise DbquantError(f"checkpoint format {self.format!r} is not {layout.FORMAT_NAME!r}")
+        layout.check_version(self.format_version)
+        layout.check_group_size(self.group_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["quant_method"] = QUANT_METHOD
+        return d
+
+    def plan(self, model: torch.nn.Module) -> list[LinearPlan]:
+        """Rebuild the quantization plan against a (meta) model skeleton."""
+        out = []
+        for name in self.modules:
+            try:
+                mod = model.get_submodule(name)
+            except AttributeError:
+                raise DbquantError(f"checkpoint lists module {name!r} that the model class "
+                                   f"{type(model).__name__} does not have") from None
+            if not isinstance(mod, torch.nn.Linear):
+                raise DbquantError(f"checkpoint lists {name!r} but it is a {type(mod).__name__}, not a linear")
+            lay = LinearLayout(mod.out_features, mod.in_features, self.group_size, self.offset)
+            out.append(LinearPlan(name, lay, mod.bias is not None))
+        return out
+
+
+class DbquantHfQuantizer(HfQuantizer):
+    """Builds :class:`dbquant.model.modules.PackedLinear` modules before transformers loads the weights."""
+
+    requires_calibration = True  # only pre-quantized checkpoints: quantizing is `dbquant quantize`
+    quantization_config: DbquantConfig
+
+    def update_dtype(self, dtype):
+        # fp32 by default: half-precision math is ~100x slower on CPUs without native fp16.
+        return torch.float32 if dtype is None else dtype
+
+    def _process_model_before_weight_loading(self, model: PreTrainedModel, checkpoint_files=None, **kwargs):
+        plan = self.quantization_config.plan(model)
+        if checkpoint_files:
+            # refuse missing/truncated/mis-shaped tensors up front
+            names = disk_names(model, [p.name for p in plan])
+            validate_files(checkpoint_files, {names.get(p.name, p.name): p.layout for p in plan})
+        empty_packed_modules(model, plan, backend=self.quantization_config.backend)
+        return model
+
+    def get_state_dict_and_metadata(self, model):
+        return None, {METADATA_KEY: json.dumps(format_metadata(self.quantization_config))}
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def disk_names(model: PreTrainedModel, names: list[str]) -> dict[str, str]:
+    """Module path -> the name prefix ``save_pretrained`` writes its tensors under.
+
+    transformers 5 renames some families' keys on save back to their legacy layout (and
+    forward again on load); only VLMs are affected among the families dbquant supports.
+    """
+    if not is_vlm(model.config):
+        return {}
+    out = {}
+    for n in names:  # one key at a time: the reverted dict does not keep key order
+        (saved,) = revert_weight_conversion(model, {n + ".weight": torch.empty(0, device="meta")})
+        out[n] = saved.removesuffix(".weight")
+    return out
+
+
+def format_metadata(cfg: DbquantConfig) -> dict:
+    """The facts written into every safetensors header (a file describes itself)."""
+    return {"format": cfg.format, "format_version": cfg.format_version, "group_size": cfg.group_size,
+            "offset": cfg.offset, "bit_order": layout.BIT_ORDER, "dbquant_version": __version__}
+
+
+def register() -> None:
+    """Register ``quant_method: "dbquant"`` with transformers (idempotent)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(DbquantConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(DbquantHfQuantizer)
+
+
+def attach(model: PreTrainedModel, cfg: DbquantConfig) -> None:
+    """Mark a freshly packed model as a dbquant model so ``save_pretrained`` writes our metadata."""
+    model.config.quantization_config = cfg
+    model.hf_quantizer = DbquantHfQuantizer(cfg, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD

@@ -1,0 +1,144 @@
+"""Modules: a trainable fake-quant linear (calibration) and a packed linear (inference).
+
+The two meet at :class:`dbquant.quant.fdb.DualBinaryWeight`: ``FakeQuantLinear.export()``
+produces one, :meth:`PackedLinear.from_weight` packs one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backends import registry
+from ..backends.reference import dequantize_ref
+from ..format import layout
+from ..format.layout import LinearLayout
+from ..quant import fdb
+
+
+class FakeQuantLinear(nn.Module):
+    """A linear whose forward uses the FDB-quantized weight, trainable by STE.
+
+    Parameters:
+        weight: float32 [N, K] latent full-precision weight.
+        alpha: float32 [N, G, 2] scales (alpha1, alpha2).
+        offset: float32 [N, G] or absent.
+        bias: float32 [N] or absent (kept frozen by convention, trainable if you wish).
+
+    Forward: bits are the nearest levels of the latent weight under the current
+    scales (no gradient); ``w_hat = alpha1 * b1 + alpha2 * b2 (+ beta)`` is exact in
+    the scales, and the latent weight gets the straight-through gradient of ``w_hat``.
+    """
+
+    def __init__(self, weight: torch.Tensor, q: fdb.DualBinaryWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        n, k = weight.shape
+        self.in_features, self.out_features = k, n
+        self.group_size = q.layout.group_size
+        self.weight = nn.Parameter(weight.detach().float().clone())
+        self.alpha = nn.Parameter(q.alpha.detach().clone())
+        self.offset = None if q.offset is None else nn.Parameter(q.offset.detach().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, q: fdb.DualBinaryWeight) -> "FakeQuantLinear":
+        return cls(linear.weight, q, linear.bias)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """float32 [N, K]: the fake-quantized weight (differentiable in scales and, by STE, weight)."""
+        wg = fdb.to_groups(self.weight, self.group_size)
+        with torch.no_grad():
+            b1, b2 = fdb.assign_bits(wg, self.alpha, self.offset)
+        w_hat = fdb.reconstruct(b1, b2, self.alpha, self.offset)
+        w_hat = w_hat + (wg - wg.detach())  # straight-through: d w_hat / d w = 1
+        return w_hat.reshape(self.out_features, -1)[:, : self.in_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def export(self) -> fdb.DualBinaryWeight:
+        """Planes and stored-precision scales of the current state (for packing)."""
+        wg = fdb.to_groups(self.weight, self.group_size)
+        return fdb.finalize(wg, self.alpha.detach().float(), None if self.offset is None
+                           else self.offset.detach().float(), self.in_features)
+
+
+class PackedLinear(nn.Module):
+    """Inference linear over the canonical packed format (``dbquant.format.layout``).
+
+    Buffers (the state-dict names are the on-disk names):
+        qweight: uint8 [2, N, Kp/8]; scales: float16 [N, G, 2]; offset: float16 [N, G] (optional).
+    Parameter:
+        bias: [N] (optional; same dtype as the model's dense params).
+
+    ``backend`` names a registry entry of ``dbquant.backends.registry`` (``auto`` by default).
+    """
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
+                 offset: bool = False, device=None, dtype=None, backend: str = "auto"):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.backend = backend
+        for name, (shape, dt) in self.layout_for(offset).tensor_specs().items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
+        if "offset" not in self._buffers:
+            self.offset = None
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    def layout_for(self, offset: bool) -> LinearLayout:
+        return LinearLayout(self.out_features, self.in_features, self.group_size, offset)
+
+    @property
+    def layout(self) -> LinearLayout:
+        return self.layout_for(self.offset is not None)
+
+    @classmethod
+    def from_weight(cls, q: fdb.DualBinaryWeight, bias: torch.Tensor | None = None,
+                    backend: str = "auto") -> "PackedLinear":
+        lay = q.layout
+        mod = cls(lay.in_features, lay.out_features, lay.group_size, bias is not None, lay.offset,
+                  dtype=None if bias is None else bias.dtype, backend=backend)
+        for name, t in layout.pack(q.b1, q.b2, q.alpha, q.offset, lay).items():
+            getattr(mod, name).copy_(t)
+        if bias is not None:
+            mod.bias.data.copy_(bias.detach())
+        return mod
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [N, K] weight this module computes with."""
+        return dequantize_ref(self.qweight, self.scales, self.offset, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = registry.get("dbgemm", self.backend, x.device, x.numel() // x.shape[-1])
+        if getattr(kernel, "prepare", None) is None:
+            return kernel(x, self.qweight, self.scales, self.offset, self.bias, self.in_features,
+                          self.group_size)
+        return kernel.run(x, self._prepared(kernel), self.bias)
+
+    def _prepared(self, kernel):
+        """The weight in ``kernel``'s own layout, built on first use and rebuilt only when
+        the buffers change (moved, reloaded or modified in place)."""
+        key = (kernel, *(_identity(t) for t in (self.qweight, self.scales, self.offset)))
+        cached = self.__dict__.get("_prepared_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, kernel.prepare(self.qweight, self.scales, self.offset, self.in_features,
+                                          self.group_size))
+            self.__dict__["_prepared_cache"] = cached  # a plain attribute: not in the state dict
+        return cached[1]
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, offset={self.offset is not None}, "
+                f"bias={self.bias is not None}, backend={self.backend}")
+
+
+def _identity(t: torch.Tensor | None) -> tuple:
+    """What tells a buffer apart from its earlier self: storage address and version counter."""
+    if t is None:
+        return ()
+    try:
+        return (t.data_ptr(), t._version)
+    except RuntimeError:  # inference tensors keep no version counter (and cannot change outside it)
+        return (t.data_ptr(),)

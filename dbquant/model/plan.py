@@ -1,0 +1,116 @@
+"""Which modules of a model get quantized, and what that costs in bits.
+
+A plan is decided from the model alone (no data): it is what ``--dry-run`` prints,
+what calibration fills in, and what the checkpoint's ``quantization_config.modules``
+records so a loader can rebuild the same packed modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import DbquantError
+from ..format.layout import LinearLayout, check_group_size
+from .vlm import vision_linears, vlm_family
+
+# model_type -> where its decoder blocks live. Every nn.Linear inside a block is a
+# "decoder linear". To support a new family whose blocks hold plain nn.Linear layers,
+# add its model_type here (and a tiny-config test in tests/test_arch.py).
+DECODER_BLOCKS = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+}
+MODULE_SETS = ("decoder", "lm_head", "vision")
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """One linear to quantize: its module path, its packed layout, whether it has a bias."""
+
+    name: str
+    layout: LinearLayout
+    bias: bool
+
+
+def block_path(model: nn.Module) -> str:
+    """Dotted path of the decoder block list; for a VLM, its language model's (dbquant.model.vlm)."""
+    row = vlm_family(model)  # raises for an unknown VLM family
+    if row is not None:
+        path = row.language_model + ".layers"
+        if not isinstance(getattr(model.get_submodule(row.language_model), "layers", None), nn.ModuleList):
+            raise DbquantError(f"{type(model).__name__}: {row.language_model} has no `layers` list; fix its "
+                               "row in dbquant/model/vlm.py VLM_FAMILIES")
+        return path
+    model_type = getattr(model.config, "model_type", None)
+    path = DECODER_BLOCKS.get(model_type)
+    if path is None:
+        raise DbquantError(
+            f"unsupported architecture {model_type!r} ({type(model).__name__}); dbquant knows "
+            f"{sorted(DECODER_BLOCKS)}. To add a family whose decoder blocks are built of "
+            "nn.Linear layers, add its model_type and block path to DECODER_BLOCKS in dbquant/model/plan.py"
+        )
+    return path
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder blocks; ``DbquantError`` for an unknown architecture."""
+    return model.get_submodule(block_path(model))
+
+
+def make_plan(model: nn.Module, group_size: int = 64, offset: bool = False,
+              modules: tuple[str, ...] = ("decoder",)) -> list[LinearPlan]:
+    """List the linears to quantize, in model order.
+
+    Args:
+        modules: any of ``decoder`` (every nn.Linear in the decoder blocks; a VLM's language
+            model's), ``lm_head`` (the output projection; unties it from the input embeddings
+            if tied) and ``vision`` (a VLM's vision tower and projector linears).
+    """
+    check_group_size(group_size)
+    unknown = set(modules) - set(MODULE_SETS)
+    if unknown or not modules:
+        raise DbquantError(f"unknown module set(s) {sorted(unknown) or modules}; choose from {MODULE_SETS}")
+    blocks_path = block_path(model)  # raises for unknown architectures
+    wanted: set[str] = set()
+    if "decoder" in modules:
+        wanted |= {n for n, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and n.startswith(blocks_path + ".")}
+    if "lm_head" in modules:
+        head = model.get_output_embeddings()
+        wanted |= {n for n, m in model.named_modules() if m is head}
+    if "vision" in modules:
+        wanted |= set(vision_linears(model))
+    plan = []
+    for name, mod in model.named_modules():
+        if name in wanted:
+            if not isinstance(mod, nn.Linear):
+                raise DbquantError(f"{name} is a {type(mod).__name__}, not an nn.Linear; it cannot be quantized")
+            lay = LinearLayout(mod.out_features, mod.in_features, group_size, offset)
+            plan.append(LinearPlan(name, lay, mod.bias is not None))
+    return plan
+
+
+def bits_summary(plan: list[LinearPlan], model: nn.Module) -> dict:
+    """Effective bits per weight over the quantized matrices and over the whole checkpoint.
+
+    ``bpw`` counts planes (padding included) and every scale/offset of the planned
+    linears over their weight count. ``checkpoint_bpw`` adds every other parameter at its
+    dtype's width (tied weights once) over all weights. Works on the full-precision model
+    (planned weights are skipped) and on the packed one (their buffers are not parameters).
+    """
+    qbits = sum(p.layout.storage_bits() for p in plan)
+    qweights = sum(p.layout.in_features * p.layout.out_features for p in plan)
+    planned = {p.name + ".weight" for p in plan}
+    dense = [t for n, t in model.named_parameters() if n not in planned]
+    dense_bits = sum(t.numel() * t.element_size() * 8 for t in dense)
+    all_weights = qweights + sum(t.numel() for t in dense)
+    return {
+        "bpw": qbits / qweights if qweights else None,
+        "quantized_weights": qweights,
+        "checkpoint_bpw": (qbits + dense_bits) / all_weights,
+        "checkpoint_bytes": (qbits + dense_bits) // 8,
+    }
