@@ -11,12 +11,15 @@ import torch
 
 pytest.importorskip("triton")
 
-from dbquant.backends import triton as _triton  # noqa: E402
-from dbquant.bench import gpu as bench_gpu  # noqa: E402
-from dbquant.errors import DbquantError  # noqa: E402
+from dbquant.backends import triton as _triton
+from dbquant.bench import gpu as bench_gpu
+from dbquant.errors import DbquantError
+from tests.tolerances import FLOAT64_RECOMPUTE
+
+needs_triton = pytest.mark.skipif(not _triton.load_triton(), reason="the triton backend cannot run here")
 
 
-@pytest.mark.skipif(not _triton.load_triton(), reason="the triton backend cannot run here")
+@needs_triton
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_smoke_rows(dtype):
     rows = bench_gpu.run_gpu_bench("triton", dtype=dtype, group_size=64, warmup=1, iters=1, smoke=True)
@@ -27,8 +30,9 @@ def test_smoke_rows(dtype):
         assert (r["op"], r["backend"], r["dtype"], r["group_size"]) == ("dbgemm", "triton", dtype, 64)
         for key in ("ms", "tflops", "gbps", "dense_ms", "dense_tflops", "speedup_vs_dense"):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r[key])
-        assert math.isclose(r["tflops"], 2 * r["m"] * r["n"] * r["k"] / (r["ms"] * 1e-3) / 1e12, rel_tol=1e-9)
-        assert math.isclose(r["speedup_vs_dense"], r["dense_ms"] / r["ms"], rel_tol=1e-9)
+        assert math.isclose(r["tflops"], 2 * r["m"] * r["n"] * r["k"] / (r["ms"] * 1e-3) / 1e12,
+                            rel_tol=FLOAT64_RECOMPUTE)
+        assert math.isclose(r["speedup_vs_dense"], r["dense_ms"] / r["ms"], rel_tol=FLOAT64_RECOMPUTE)
         assert r["measured"] is torch.cuda.is_available()
     table = bench_gpu.format_table(rows)
     unmeasured = not all(r["measured"] for r in rows)  # adds the warning line
@@ -38,10 +42,26 @@ def test_smoke_rows(dtype):
         assert "NOT MEASURED ON A GPU" in table
 
 
-def test_default_shapes_are_the_issue_s():
-    assert bench_gpu.DEFAULT_SHAPES == [(576, 576), (192, 576), (1536, 576), (576, 1536),
-                                        (4096, 4096), (11008, 4096), (4096, 11008)]
-    assert bench_gpu.DEFAULT_MS == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+def io_bytes(n, k, m, g, itemsize):
+    """Bytes one call must move: both bit planes of the K-padded weight, two fp16 scales per
+    group, the activations x [M, K] and the output y [M, N]."""
+    groups = math.ceil(k / g)
+    return 2 * n * groups * g // 8 + n * groups * 2 * 2 + (m * k + m * n) * itemsize
+
+
+@needs_triton
+def test_requested_shapes_and_ms_are_timed_in_order():
+    """Outside smoke mode, given shapes and Ms are what runs (one row each, shape-major), and
+    GB/s counts the packed bytes, not the dense ones."""
+    shapes, ms = [(40, 72), (24, 200)], [2, 5]
+    rows = bench_gpu.run_gpu_bench("triton", shapes=shapes, ms=ms, group_size=32, dtype="float32",
+                                   warmup=1, iters=1)
+    assert [(r["n"], r["k"], r["m"]) for r in rows] == [(n, k, m) for n, k in shapes for m in ms]
+    for r in rows:
+        assert (r["group_size"], r["dtype"]) == (32, "float32")
+        assert math.isfinite(r["ms"]) and r["ms"] > 0 and math.isfinite(r["dense_ms"]) and r["dense_ms"] > 0
+        expect = io_bytes(r["n"], r["k"], r["m"], 32, 4) / (r["ms"] * 1e-3) / 1e9
+        assert math.isclose(r["gbps"], expect, rel_tol=FLOAT64_RECOMPUTE), (r, expect)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")

@@ -15,15 +15,6 @@ def wiki():
     return {split: load_text("wiki", split) for split in ("calibration", "eval")}
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from dbquant.model.sources import resolve_model
-
-    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
-
-
 def test_wiki_split_sizes(wiki):
     # docs/PROTOCOLS.md: 106 articles, ~3.1 MB; every 5th (i % 5 == 4) is eval.
     assert len(wiki["calibration"]) == 85
@@ -77,7 +68,8 @@ def test_missing_gensim_is_a_user_error(monkeypatch):
         data._parse_wiki()
 
 
-def test_calibration_batches_shape_and_determinism(tokenizer, wiki):
+def test_calibration_batches_shape_and_determinism(tiny_tokenizer, wiki):
+    tokenizer = tiny_tokenizer  # windowing does not depend on the vocabulary: no real model needed
     texts = wiki["calibration"][:5]
     a = calibration_batches(tokenizer, texts, n_samples=8, seq_len=64, seed=0)
     b = calibration_batches(tokenizer, texts, n_samples=8, seq_len=64, seed=0)
@@ -91,6 +83,6 @@ def test_calibration_batches_shape_and_determinism(tokenizer, wiki):
     assert any(ids[s : s + 64] == row for s in range(len(ids) - 63))
 
 
-def test_calibration_batches_text_too_short(tokenizer):
+def test_calibration_batches_text_too_short(tiny_tokenizer):
     with pytest.raises(DbquantError, match="seq_len"):
-        calibration_batches(tokenizer, ["tiny"], n_samples=1, seq_len=64, seed=0)
+        calibration_batches(tiny_tokenizer, ["tiny"], n_samples=1, seq_len=64, seed=0)

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dbquant.quant import fdb
+from tests.tolerances import FP16_SCALE, FP32_REORDER
 
 finite = st.floats(-10, 10, allow_nan=False, width=32)
 
@@ -24,7 +25,7 @@ def test_assign_bits_is_nearest_level(ws, a1, a2, beta):
     q = fdb.reconstruct(b1, b2, alpha, off)
     lv = fdb.levels(alpha, off).view(1, 1, 1, 4)
     best = (wg.unsqueeze(-1) - lv).abs().amin(-1)
-    assert torch.allclose((wg - q).abs(), best, atol=1e-5)
+    assert torch.allclose((wg - q).abs(), best, atol=FP32_REORDER)
     assert set(b1.unique().tolist()) <= {0, 1} and set(b2.unique().tolist()) <= {0, 1}
 
 
@@ -37,7 +38,7 @@ def test_paper_formula_matches_general_assignment(ws, s):
     pb1, pb2 = fdb.paper_bits(wg, alpha)
     b1, b2 = fdb.assign_bits(wg, alpha)
     q_paper, q = fdb.reconstruct(pb1, pb2, alpha), fdb.reconstruct(b1, b2, alpha)
-    assert torch.allclose((wg - q_paper).abs(), (wg - q).abs(), atol=1e-5)
+    assert torch.allclose((wg - q_paper).abs(), (wg - q).abs(), atol=FP32_REORDER)
 
 
 def test_paper_init_levels():
@@ -50,8 +51,9 @@ def test_rtn_is_asymmetric_minmax_grid():
     q = fdb.quantize_rtn(w, 8)
     step = 3.0 / 3
     expect = -1.0 + step * torch.round((w + 1.0) / step)
-    assert torch.allclose(q.dequantize(), expect, atol=2e-3)
-    assert q.offset is not None
+    assert torch.allclose(q.dequantize(), expect, atol=FP16_SCALE * w.abs().max().item())
+    # stored as alpha1 = 2s, alpha2 = s, beta = the group's minimum
+    assert q.alpha.tolist() == [[[2 * step, step]]] and q.offset.tolist() == [[-1.0]]
 
 
 @pytest.mark.parametrize("offset", [False, True])
@@ -113,4 +115,6 @@ def test_degenerate_groups_stay_finite():
     for q in (fdb.quantize_fdb(w, 64), fdb.quantize_fdb(w, 64, offset=True), fdb.quantize_rtn(w, 64)):
         wh = q.dequantize()
         assert torch.isfinite(wh).all()
-        assert torch.allclose(wh[0], torch.zeros(64)) and torch.allclose(wh[1], torch.ones(64), atol=1e-3)
+        assert torch.equal(wh[0], torch.zeros(64))
+        # the constant and the lone outlier come back up to the fp16 rounding of their scales
+        assert torch.allclose(wh[1:3], w[1:3], rtol=FP16_SCALE, atol=FP32_REORDER)

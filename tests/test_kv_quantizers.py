@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from dbquant.errors import DbquantError
 from dbquant.runtime.kv import quantizers as Q
 from dbquant.runtime.kv import reference as R
+from tests.tolerances import FP32_REORDER, FP32_REORDER_LONG, FP32_ULP
 
 G = 32
 
@@ -66,13 +67,13 @@ def test_rfft_real_is_invertible_and_keeps_n_values():
     x = data(4, 7, 48)
     y = Q.rfft_real(x)
     assert y.shape == x.shape  # n real channels -> exactly n real coefficients (not 2n: the authors' bug)
-    assert torch.allclose(Q.irfft_real(y), x, atol=1e-5)
+    assert torch.allclose(Q.irfft_real(y), x, atol=FP32_REORDER)
     # orthonormal: the energy of the stored coefficients (non-edge ones counted twice) equals the input's
     n = x.shape[-1]
     w = torch.ones(n)
     w[1:n // 2] = 2
     w[n // 2 + 1:] = 2
-    assert torch.allclose((y.square() * w).sum(-1), x.square().sum(-1), rtol=1e-4)
+    assert torch.allclose((y.square() * w).sum(-1), x.square().sum(-1), rtol=FP32_REORDER_LONG)
 
 
 # ---------------------------------------------------------------- against the loop oracles
@@ -80,14 +81,14 @@ def test_rfft_real_is_invertible_and_keeps_n_values():
 def test_asym2_matches_reference():
     x = data(G, 16, seed=1)
     y = Q.dequantize_asym2(Q.quantize_asym2(x))
-    assert torch.allclose(y, R.asym2_ref(x), atol=1e-6)
+    assert torch.allclose(y, R.asym2_ref(x), atol=FP32_ULP)
 
 
 def test_sign1_is_signed_and_matches_reference():
     x = data(G, 16, seed=2)
     q = Q.quantize_sign1(x)
     y = Q.dequantize_sign1(q)
-    assert torch.allclose(y, R.sign1_ref(x), atol=1e-6)
+    assert torch.allclose(y, R.sign1_ref(x), atol=FP32_ULP)
     a = q["scale"].float()
     # levels are exactly {-a, +a} per channel, never {0, a}; the sign is the input's
     assert torch.equal(y.abs(), a.expand_as(y)) and torch.equal(y >= 0, x >= 0)
@@ -98,7 +99,7 @@ def test_ternary_is_scaled_and_matches_reference(fit):
     x = data(G, 16, seed=3)
     q = Q.quantize_ternary(x, fit=fit)
     y = Q.dequantize_ternary(q, G)
-    assert torch.allclose(y, R.ternary_ref(x, fit=fit), atol=1e-6)
+    assert torch.allclose(y, R.ternary_ref(x, fit=fit), atol=FP32_ULP)
     s = q["scale"].float()
     levels = torch.stack([-s, torch.zeros_like(s), s])  # [3, C]
     assert all(set(y[:, j].tolist()) <= set(levels[:, j].tolist()) for j in range(16))
@@ -119,7 +120,7 @@ def test_keys_mixed_matches_reference(key_bits, fft):
     x = data(G, c, seed=5)
     n = Q.n_anomalous(key_bits, c)
     y = Q.dequantize_keys_mixed(Q.quantize_keys_mixed(x, n, fft), G, c, n, fft)
-    assert torch.allclose(y, R.keys_mixed_ref(x, n, fft), atol=1e-4)
+    assert torch.allclose(y, R.keys_mixed_ref(x, n, fft), atol=FP32_REORDER_LONG)
 
 
 def test_keys_mixed_picks_the_widest_channels():
@@ -192,9 +193,9 @@ def test_triton_dequant_kernels_match_pytorch(scale_dtype):
     x = data(2, 3, 2, G, 24, seed=10)  # C = 24: not a power of two
     qt, qa, qs = (Q.quantize_ternary(x, scale_dtype), Q.quantize_asym2(x, scale_dtype),
                   Q.quantize_sign1(x, scale_dtype))
-    assert torch.allclose(T.dequantize_ternary(qt, G), Q.dequantize_ternary(qt, G), atol=1e-6, rtol=0)
-    assert torch.allclose(T.dequantize_asym2(qa), Q.dequantize_asym2(qa), atol=1e-5, rtol=1e-6)  # FMA on GPUs
-    assert torch.allclose(T.dequantize_sign1(qs), Q.dequantize_sign1(qs), atol=1e-6, rtol=0)
+    assert torch.allclose(T.dequantize_ternary(qt, G), Q.dequantize_ternary(qt, G), atol=FP32_ULP, rtol=0)
+    assert torch.allclose(T.dequantize_asym2(qa), Q.dequantize_asym2(qa), atol=FP32_REORDER, rtol=FP32_ULP)  # FMA on GPUs
+    assert torch.allclose(T.dequantize_sign1(qs), Q.dequantize_sign1(qs), atol=FP32_ULP, rtol=0)
 
 
 def test_hadamard_is_orthonormal_and_stp_refinement_lowers_protected_error_only():
@@ -206,7 +207,7 @@ def test_hadamard_is_orthonormal_and_stp_refinement_lowers_protected_error_only(
     from dbquant.runtime.kv.spec import parse_kv
 
     h = Q.hadamard(64)
-    assert torch.allclose(h @ h, torch.eye(64), atol=1e-6) and Q.hadamard(48) is None
+    assert torch.allclose(h @ h, torch.eye(64), atol=FP32_ULP) and Q.hadamard(48) is None
     codec = VidKVCodec(parse_kv("1.5/1.58"), 64)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 3, 64, 64, generator=g)

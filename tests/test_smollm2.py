@@ -13,6 +13,8 @@ from dbquant.model.sources import load_fp_model
 from dbquant.quant import fdb
 from dbquant.quantize import QuantizeOptions, quantize
 
+pytestmark = pytest.mark.slow  # loads the real SmolLM2 (minutes)
+
 # Activation-weighted FDB (no training) scores ~206 on the full wiki protocol; data-free FDB
 # ~2e4, RTN ~9e5, a uniform guess 49152. A ceiling of 1000 on this short run catches a
 # broken pipeline without flaking on its noise.
@@ -66,7 +68,8 @@ def test_real_checkpoint_loads_identically_both_ways(tmp_path):
     with torch.no_grad():
         la, lb, lm = a(windows[:1]).logits, b(windows[:1]).logits, model(windows[:1]).logits
     assert torch.equal(la, lb) and torch.equal(la, lm)
-    assert not torch.allclose(la, fp_logits, atol=1e-2)  # it really is the quantized model
+    # it really is the quantized model: 2-bit weights move the logits by far more than 1%
+    assert ((la - fp_logits).norm() / fp_logits.norm()).item() > 0.01
     # whole-pipeline sanity: 2-bit weights, no training; far from random (vocab 49152) and from RTN's collapse
     ppl = perplexity(a, windows, progress=False)["ppl"]
     assert ppl < PPL_CEILING_FDB_INIT, ppl

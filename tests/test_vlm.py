@@ -6,6 +6,7 @@ test_vlm_testbed.py.
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from dbquant.quantize import QuantizeOptions, quantize
 
 from .conftest import TINY_TEXT, make_tiny_model, make_tokenizer
 from .tiny_vlms import CLIP_LIKE, IMAGE_TOKEN, TEXT, image_inputs, make_tiny_vlm
+from .tolerances import ACCUMULATED_GRAD_ATOL, ACCUMULATED_GRAD_RTOL, FP32_REORDER
 
 FAMILIES = sorted(VLM_FAMILIES)
 
@@ -94,7 +96,8 @@ def test_fdb_dad_calibrates_text_only_through_the_language_model(tmp_path, tiny_
         dad_seq_len=32, dad_steps=2, work_dir=str(tmp_path / "work")), progress=False)
     assert report["calibration"]["inputs"] == "text-only (language model)"
     assert len(report["calibration"]["blockwise"]["blocks"]) == 2
-    assert all(b["last_loss"] is not None for b in report["calibration"]["blockwise"]["blocks"])
+    assert all(math.isfinite(b["last_loss"]) and b["last_loss"] >= 0  # a trained block reports its MSE
+               for b in report["calibration"]["blockwise"]["blocks"])
     assert all(torch.equal(_vision_state(model)[k], v) for k, v in vision_before.items())
     with torch.no_grad():
         assert torch.isfinite(model(**image_inputs(model)).logits).all()
@@ -338,7 +341,7 @@ def test_calib_images_give_mrope_models_per_sample_positions(tmp_path, tiny_toke
         for i in range(4):
             model(**samples.inputs(i), use_cache=False)
             mine = call_block(block, x[i:i + 1], kwargs, torch.tensor([i]))
-            torch.testing.assert_close(mine, outs["y"], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mine, outs["y"], rtol=FP32_REORDER, atol=FP32_REORDER)
     handle.remove()
 
 
@@ -354,7 +357,7 @@ def test_fdb_dad_with_images_runs_blockwise_and_dad_through_the_vlm(tmp_path, ti
     cal = report["calibration"]
     assert cal["inputs"] == ("block-wise: 3 image+text samples and 1 text windows through the VLM; "
                              "DAD: 3 image+text samples and 1 text windows through the VLM")
-    assert cal["dad"]["first_kl"] is not None and cal["dad"]["last_kl"] is not None
+    assert all(math.isfinite(cal["dad"][k]) and cal["dad"][k] >= 0 for k in ("first_kl", "last_kl"))  # KL >= 0
     assert all(torch.equal(_vision_state(model)[k], v) for k, v in vision_before.items())
     dbquant.save(model, tmp_path / "q")
     inputs = image_inputs(model)
@@ -384,10 +387,10 @@ def test_dad_on_samples_one_at_a_time_equals_the_batched_step():
         trained.append((teacher, {n: t.clone() for n, t in model.state_dict().items()}))
     (t_batched, batched), (t_single, single) = trained
     for k in t_batched:
-        torch.testing.assert_close(t_single[k], t_batched[k], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(t_single[k], t_batched[k], rtol=FP32_REORDER, atol=FP32_REORDER)
     assert batched.keys() == single.keys()
     for k in batched:
-        torch.testing.assert_close(single[k], batched[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(single[k], batched[k], rtol=ACCUMULATED_GRAD_RTOL, atol=ACCUMULATED_GRAD_ATOL)
 
 
 def test_calib_images_errors(tmp_path, tiny_tokenizer):

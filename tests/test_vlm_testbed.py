@@ -8,6 +8,8 @@ from dbquant.model.plan import make_plan
 from dbquant.model.sources import load_fp_model
 from dbquant.model.vlm import image_token_id
 
+pytestmark = pytest.mark.slow  # loads the real SmolLM2 and its SmolVLM test bed
+
 
 @pytest.fixture(scope="module")
 def both():
