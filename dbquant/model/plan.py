@@ -10,20 +10,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..errors import DbquantError
 from ..format.layout import LinearLayout, check_group_size
+from .modules import FakeQuantLinear, PackedLinear
 from .vlm import vision_linears, vlm_family
 
-# model_type -> where its decoder blocks live. Every nn.Linear inside a block is a
-# "decoder linear". To support a new family whose blocks hold plain nn.Linear layers,
-# add its model_type here (and a tiny-config test in tests/test_arch.py).
+# The decoder blocks are found from the model itself (find_block_list); this table is only
+# for families where that search would pick the wrong list. model_type -> dotted path.
+BLOCK_OVERRIDES: dict[str, str] = {}
+# Families the layer-streaming path has been checked on (it reads shards by these paths).
 DECODER_BLOCKS = {
     "llama": "model.layers",
     "mistral": "model.layers",
     "qwen2": "model.layers",
     "qwen3": "model.layers",
 }
+# What counts as a linear layer when looking for blocks: before, during and after calibration.
+LINEAR_TYPES = (nn.Linear, Conv1D, FakeQuantLinear, PackedLinear)
 MODULE_SETS = ("decoder", "lm_head", "vision")
 
 
@@ -46,14 +51,53 @@ def block_path(model: nn.Module) -> str:
                                "row in dbquant/model/vlm.py VLM_FAMILIES")
         return path
     model_type = getattr(model.config, "model_type", None)
-    path = DECODER_BLOCKS.get(model_type)
-    if path is None:
-        raise DbquantError(
-            f"unsupported architecture {model_type!r} ({type(model).__name__}); dbquant knows "
-            f"{sorted(DECODER_BLOCKS)}. To add a family whose decoder blocks are built of "
-            "nn.Linear layers, add its model_type and block path to DECODER_BLOCKS in dbquant/model/plan.py"
-        )
+    path = BLOCK_OVERRIDES.get(model_type) or find_block_list(model)
+    _refuse_unsupported_layers(model, path)
     return path
+
+
+def find_block_list(model: nn.Module) -> str:
+    """Dotted path of the model's repeated decoder-block ``nn.ModuleList``, found from the model.
+
+    Candidates are ModuleLists of one block class holding linear layers. Preferred, in order:
+    a list whose class transformers names in ``model._no_split_modules`` (its decoder layer) and
+    whose length is ``num_hidden_layers``; then any of that length; then the largest.
+    """
+    n_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    no_split = set(getattr(model, "_no_split_modules", None) or ())
+    found = []
+    for name, mod in model.named_modules():
+        if not (isinstance(mod, nn.ModuleList) and len(mod) and len({type(b) for b in mod}) == 1):
+            continue
+        if any(isinstance(m, LINEAR_TYPES) for m in mod[0].modules()):
+            rank = (type(mod[0]).__name__ in no_split and len(mod) == n_layers, len(mod) == n_layers,
+                    sum(p.numel() for p in mod.parameters()))
+            found.append((rank, name))
+    if not found:
+        raise DbquantError(
+            f"unsupported architecture {getattr(model.config, 'model_type', None)!r} ({type(model).__name__}): "
+            "no repeated list of decoder blocks holding linear layers was found; if its blocks live "
+            "elsewhere, add the path to BLOCK_OVERRIDES in dbquant/model/plan.py")
+    return max(found)[1]
+
+
+def _refuse_unsupported_layers(model: nn.Module, path: str) -> None:
+    """GPT-2-style ``Conv1D`` (a linear with a transposed weight) is not packed: refuse it by name."""
+    for name, mod in model.get_submodule(path).named_modules():
+        if isinstance(mod, Conv1D):
+            raise DbquantError(
+                f"unsupported layer type {type(mod).__module__}.{type(mod).__name__} at {path}.{name} "
+                f"({getattr(model.config, 'model_type', None)!r}): dbquant packs nn.Linear layers, and this "
+                "family (GPT-2 style) stores its projections as Conv1D with a transposed weight")
+
+
+def describe_blocks(model: nn.Module) -> str:
+    """One line for ``--dry-run``: where the decoder blocks are and what they hold."""
+    path = block_path(model)
+    blocks = model.get_submodule(path)
+    linears = [n for n, m in blocks[0].named_modules() if isinstance(m, nn.Linear)]
+    return (f"decoder blocks: {path} ({len(blocks)} x {type(blocks[0]).__name__}; linears per block: "
+            f"{', '.join(linears)})")
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
