@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -214,7 +215,7 @@ def capture_block_inputs(model: nn.Module, batches, batch_size: int = 8):
         try:
             for i in range(len(batches)):
                 try:
-                    model(**_to(batches.inputs(i), device), use_cache=False)
+                    model(**to_device(batches.inputs(i), device), use_cache=False)
                 except _Stop:
                     pass
                 xs.append(seen["x"].detach().float().cpu())
@@ -272,12 +273,14 @@ def _stack(parts: list):
 def _block_kwargs(seen: dict) -> dict:
     kwargs = {k: v for k, v in seen.items() if k not in ("past_key_values", "past_key_value",
                                                           "use_cache", "output_attentions")}
-    kwargs = _to(kwargs, "cpu")
+    kwargs = to_device(kwargs, "cpu")
     kwargs["use_cache"] = False
     return kwargs
 
 
-def _to(obj, device):
+def to_device(obj, device):
+    """``obj`` with every tensor in it (nested in tuples, lists, dicts, :class:`PerSample`)
+    detached and moved to ``device``; anything else is returned as it is."""
     return _map(obj, lambda t: t.detach().to(device))
 
 
@@ -332,7 +335,6 @@ def blockwise_reconstruct(model: nn.Module, plan: list[LinearPlan], init: dict[s
     t0 = time.perf_counter()
     blocks = decoder_blocks(model)
     names = block_names(model, plan)
-    path = block_path(model)
     state = run.resumed if (run.resumed and run.resumed.get("stage") == "blockwise") else None
     start_block, start_step = (state["position"]["block"], state["position"]["step"]) if state else (0, 0)
 
@@ -362,17 +364,17 @@ def blockwise_reconstruct(model: nn.Module, plan: list[LinearPlan], init: dict[s
     else:
         x_fp, kwargs_cpu = capture_block_inputs(model, batches)
         x_q = x_fp
-    kwargs = _to(kwargs_cpu, device)
+    inputs = BlockInputs(x_fp, x_q, to_device(kwargs_cpu, device), kwargs_cpu)
     run.sync()  # distributed: every rank has read acts-NNN.pt before rank 0 removes it
 
     report = {"blocks": [], "stats_s": 0.0}
     total = len(blocks) * cfg.steps
     bar = tqdm(total=total, initial=start_block * cfg.steps + start_step, desc="block-wise", unit="step",
                disable=not progress, dynamic_ncols=True)
+    job = BlockRun(model, plan_by_name, init, cfg, run, device, bar, iters)
     try:
         for i in range(start_block, len(blocks)):
-            x_fp, x_q, rep = calibrate_block(model, i, names[i], x_fp, x_q, kwargs, kwargs_cpu, init, plan_by_name,
-                                             cfg, run, device, bar, state if i == start_block else None, iters)
+            inputs, rep = calibrate_block(job, i, names[i], inputs, state if i == start_block else None)
             report["stats_s"] += rep.pop("stats_s")
             report["blocks"].append(rep)
             state = None
@@ -382,49 +384,112 @@ def blockwise_reconstruct(model: nn.Module, plan: list[LinearPlan], init: dict[s
     return report
 
 
-def calibrate_block(model: nn.Module, i: int, names_i: list[str], x_fp: torch.Tensor, x_q: torch.Tensor,
-                    kwargs: dict, kwargs_cpu: dict, init: dict, plan_by_name: dict[str, LinearPlan],
-                    cfg: BlockwiseConfig, run: RunState, device, bar, state: dict | None = None,
-                    iters: int = 8, finish=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Calibrate decoder block ``i`` of ``model`` and return the next block's inputs.
+@dataclass
+class BlockInputs:
+    """One decoder block's inputs on every calibration sample.
+
+    x_fp / x_q: float32 [S, T, H] on the CPU: the inputs on the full-precision chain and on
+    the quantized chain (the same tensor for block 0). kwargs: the block's call kwargs on the
+    compute device; kwargs_cpu: the same on the CPU (what the activation checkpoint
+    ``acts-NNN.pt`` holds).
+    """
+
+    x_fp: torch.Tensor
+    x_q: torch.Tensor
+    kwargs: dict
+    kwargs_cpu: dict
+
+
+@dataclass
+class BlockRun:
+    """What every block of one block-wise run shares (the setting of :func:`calibrate_block`).
+
+    plan_by_name: module path -> its LinearPlan. init: FDB initialisation of the planned
+    linears; a block fills in, in place, those it initialises from its own statistics.
+    bar: a tqdm bar advanced once per optimizer step. iters: FDB refinement iterations of
+    that in-block init. finish: ``finish(block, i)`` persists trained block ``i`` (streaming
+    packs and writes it); None: its parameters go to ``block-NNN.pt``.
+    """
+
+    model: nn.Module
+    plan_by_name: dict[str, LinearPlan]
+    init: dict[str, fdb.DualBinaryWeight]
+    cfg: BlockwiseConfig
+    run: RunState
+    device: str | torch.device
+    bar: object
+    iters: int = 8
+    finish: Callable[[nn.Module, int], None] | None = None
+
+
+def calibrate_block(job: BlockRun, i: int, names_i: list[str], inputs: BlockInputs,
+                    state: dict | None = None) -> tuple[BlockInputs, dict]:
+    """Calibrate decoder block ``i`` of ``job.model`` and return the next block's inputs.
 
     The one code path of the stage, shared by the in-memory loop above and by layer
     streaming (``calibration/streaming.py``), which materialises only this block.
 
     Args:
         names_i: the block's planned linears (full module paths); initialised here from the
-            fp block's own input statistics unless already in ``init`` (updated in place).
-        x_fp / x_q: float32 [S, T, H] on the CPU: the block's inputs on the fp chain and on the
-            quantized chain; kwargs: the block's call kwargs on ``device`` (``kwargs_cpu``: the
-            same on the CPU, for the activation checkpoint).
+            fp block's own input statistics unless already in ``job.init``.
+        inputs: the block's inputs (fp and quantized chains, call kwargs).
         state: a mid-block checkpoint of this block to continue from (``state.pt``), or None.
-        finish: ``finish(block)`` persists the trained block (streaming packs and writes it);
-            by default its parameters go to ``block-NNN.pt``. Called before the position
-            checkpoint, so a run killed in between redoes the block instead of losing it.
+    ``job.finish`` runs before the position checkpoint, so a run killed in between redoes
+    the block instead of losing it.
+
     Returns:
-        (x_fp of block i + 1, x_q of block i + 1, {"block", "first_loss", "last_loss", "stats_s"}).
-        The block's planned linears are left as trained FakeQuantLinears, back on their device.
+        (inputs of block i + 1, {"block", "first_loss", "last_loss", "stats_s"}). The block's
+        planned linears are left as trained FakeQuantLinears, back on their device.
     """
-    path = block_path(model)
-    block = decoder_blocks(model)[i]
-    stats_s = 0.0
+    path = block_path(job.model)
+    blocks = decoder_blocks(job.model)
+    block = blocks[i]
     orig_device = next(block.parameters()).device
-    block.to(device)
-    missing = [n for n in names_i if n not in init]
-    if missing:  # target and statistics in one pass: fp block on fp inputs
-        ts = time.perf_counter()
-        y_fp, imp = run_block_with_stats(block, x_fp, kwargs, device, missing, f"{path}.{i}.")
-        stats_s += time.perf_counter() - ts
-        for n in missing:
-            p = plan_by_name[n]
-            w = model.get_submodule(n).weight.detach().float()
-            init[n] = fdb.quantize_fdb(w, p.layout.group_size, imp[n].to(w.device), p.layout.offset, iters,
+    block.to(job.device)
+    y_fp, stats_s = _targets_and_init(job, f"{path}.{i}", block, names_i, inputs)
+    to_fakequant(job.model, names_i, job.init)
+    block.to(job.device)
+    x_in = inputs.x_q if job.cfg.inputs == "quant" else inputs.x_fp
+    first_loss, last_loss = _train_block(job, f"{path}.{i}", block, i, x_in, y_fp, inputs.kwargs, state)
+    block.requires_grad_(False)
+    with torch.no_grad():
+        x_q = run_block(block, inputs.x_q, inputs.kwargs, job.device)
+    block.to(orig_device)
+    nxt = BlockInputs(y_fp, x_q, inputs.kwargs, inputs.kwargs_cpu)  # the fp target is the next fp input
+    job.run.log({"stage": "block-wise", "block": i, "event": "block done", "first_loss": first_loss,
+                 "last_loss": last_loss})
+    _persist_block(job, block, i, len(blocks), nxt)
+    return nxt, {"block": i, "first_loss": first_loss, "last_loss": last_loss, "stats_s": stats_s}
+
+
+def _targets_and_init(job: BlockRun, prefix: str, block: nn.Module, names_i: list[str],
+                      inputs: BlockInputs) -> tuple[torch.Tensor, float]:
+    """(fp block output on fp inputs: float32 [S, T, H] on the CPU, seconds of statistics).
+
+    Linears missing from ``job.init`` get their FDB init here, weighted by E[x^2] of their
+    inputs gathered in the same pass that computes the target.
+    """
+    missing = [n for n in names_i if n not in job.init]
+    if not missing:
+        return run_block(block, inputs.x_fp, inputs.kwargs, job.device), 0.0
+    ts = time.perf_counter()
+    y_fp, imp = run_block_with_stats(block, inputs.x_fp, inputs.kwargs, job.device, missing, prefix + ".")
+    stats_s = time.perf_counter() - ts
+    for n in missing:
+        p = job.plan_by_name[n]
+        w = job.model.get_submodule(n).weight.detach().float()
+        job.init[n] = fdb.quantize_fdb(w, p.layout.group_size, imp[n].to(w.device), p.layout.offset, job.iters,
                                        grid=10)  # training follows: a coarser search suffices
-    else:
-        y_fp = run_block(block, x_fp, kwargs, device)  # target: fp block on fp inputs
-    to_fakequant(model, names_i, init)
-    block.to(device)
-    x_in = x_q if cfg.inputs == "quant" else x_fp
+    return y_fp, stats_s
+
+
+def _train_block(job: BlockRun, prefix: str, block: nn.Module, i: int, x_in: torch.Tensor, y_fp: torch.Tensor,
+                 kwargs: dict, state: dict | None) -> tuple[float | None, float | None]:
+    """Block ``i``'s (module path ``prefix``) optimizer loop, resumed from ``state`` when given;
+    returns its (first, last) loss. x_in / y_fp: float32 [S, T, H] on the CPU: training inputs
+    and fp targets.
+    """
+    cfg, run, device = job.cfg, job.run, job.device
     denom = y_fp.square().mean().clamp_min(1e-30)
     groups = param_groups(block, cfg.lr, cfg.lr_weight)
     set_trainable(block, groups)
@@ -432,10 +497,10 @@ def calibrate_block(model: nn.Module, i: int, names_i: list[str], x_fp: torch.Te
     opt = torch.optim.Adam(groups, betas=(0.9, 0.95))
     step0 = 0
     if state is not None and state["position"]["step"]:
-        block.load_state_dict(_to(state["params"], device), strict=False)
+        block.load_state_dict(to_device(state["params"], device), strict=False)
         opt.load_state_dict(state["optimizer"])
         step0 = state["position"]["step"]
-    mods = fq_modules(block, f"{path}.{i}.")
+    mods = fq_modules(block, prefix + ".")
     first_loss = last_loss = None
     for step in range(step0, cfg.steps):
         f = cosine_factor(step, cfg.steps)
@@ -444,7 +509,7 @@ def calibrate_block(model: nn.Module, i: int, names_i: list[str], x_fp: torch.Te
         idx = batch_indices(len(x_in), cfg.batch_size, step, cfg.seed, salt=i)
         out = call_block(block, x_in[idx].to(device), kwargs, idx.to(device))
         loss = F.mse_loss(out.float(), y_fp[idx].to(device)) / denom
-        check_finite(loss, "block-wise", f"block {i} ({path}.{i})", step, mods)
+        check_finite(loss, "block-wise", f"block {i} ({prefix})", step, mods)
         loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
@@ -453,32 +518,29 @@ def calibrate_block(model: nn.Module, i: int, names_i: list[str], x_fp: torch.Te
         lv = float(loss.detach())
         first_loss = lv if first_loss is None else first_loss
         last_loss = lv
-        bar.update(1)
-        bar.set_postfix(block=i, loss=f"{lv:.4g}")
+        job.bar.update(1)
+        job.bar.set_postfix(block=i, loss=f"{lv:.4g}")
         run.log({"stage": "block-wise", "block": i, "step": step, "loss": lv,
                  "lr": opt.param_groups[0]["lr"]})
         if run.step_done() and step + 1 < cfg.steps:
             run.save("state.pt", {"stage": "blockwise", "position": {"block": i, "step": step + 1},
-                                  "params": _to(_block_state(block), "cpu"),
+                                  "params": to_device(_block_state(block), "cpu"),
                                   "optimizer": opt.state_dict()})
-    block.requires_grad_(False)
-    with torch.no_grad():
-        x_q = run_block(block, x_q, kwargs, device)
-    x_fp = y_fp
-    block.to(orig_device)
-    run.log({"stage": "block-wise", "block": i, "event": "block done", "first_loss": first_loss,
-             "last_loss": last_loss})
-    if finish is None:
-        run.save(f"block-{i:03d}.pt", {"params": _to(_block_state(block), "cpu")})
+    return first_loss, last_loss
+
+
+def _persist_block(job: BlockRun, block: nn.Module, i: int, n_blocks: int, nxt: BlockInputs) -> None:
+    """Block ``i`` of ``n_blocks`` done: its parameters (or ``job.finish``), the next inputs, then the position."""
+    run = job.run
+    if job.finish is None:
+        run.save(f"block-{i:03d}.pt", {"params": to_device(_block_state(block), "cpu")})
     else:
-        finish(block)
-    n_blocks = len(decoder_blocks(model))
+        job.finish(block, i)
     if i + 1 < n_blocks:
-        run.save(f"acts-{i + 1:03d}.pt", {"x_fp": x_fp, "x_q": x_q, "kwargs": kwargs_cpu})
+        run.save(f"acts-{i + 1:03d}.pt", {"x_fp": nxt.x_fp, "x_q": nxt.x_q, "kwargs": nxt.kwargs_cpu})
     run.save("state.pt", {"stage": "blockwise" if i + 1 < n_blocks else "blockwise-done",
                           "position": {"block": i + 1, "step": 0}})
     run.remove(f"acts-{i:03d}.pt")
-    return x_fp, x_q, {"block": i, "first_loss": first_loss, "last_loss": last_loss, "stats_s": stats_s}
 
 
 def load_finished_blocks(model: nn.Module, plan: list[LinearPlan], run: RunState) -> None:

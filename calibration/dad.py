@@ -31,7 +31,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dbquant.calibration import distributed
-from dbquant.calibration.blockwise import _to, batch_indices, cosine_factor, fq_modules, param_groups, set_trainable
+from dbquant.calibration.blockwise import (
+    batch_indices,
+    cosine_factor,
+    fq_modules,
+    param_groups,
+    set_trainable,
+    to_device,
+)
 from dbquant.calibration.runstate import RunState, check_finite
 from dbquant.errors import DbquantError
 
@@ -80,7 +87,7 @@ class DADConfig:
     grad_clip: float = 1.0
     seed: int = 0
 
-    def check(self) -> "DADConfig":
+    def check(self) -> DADConfig:
         if self.weighting not in WEIGHTINGS:
             raise DbquantError(f"unknown DAD weighting {self.weighting!r}; choose from {sorted(WEIGHTINGS)}")
         if self.train not in TRAIN_SETS:
@@ -119,7 +126,7 @@ def teacher_cache(model: nn.Module, batches, topk: int, device="cpu", batch_size
     vals, idxs, ents = [], [], []
     for i in tqdm(range(0, len(batches), batch_size), desc="teacher top-k", disable=not progress):
         for _, inputs in micro_batches(batches, torch.arange(i, min(i + batch_size, len(batches)))):
-            logits = model(**_to(inputs, device), use_cache=False).logits.float()
+            logits = model(**to_device(inputs, device), use_cache=False).logits.float()
             logp = logits.log_softmax(-1)
             ents.append(-(logp.exp() * logp).sum(-1).cpu())
             v, ix = (logits / temperature).log_softmax(-1).topk(topk, dim=-1)
@@ -191,20 +198,9 @@ def distill(model: nn.Module, batches, teacher: dict, cfg: DADConfig, run: RunSt
         raise DbquantError("DAD needs a model whose planned linears are FakeQuantLinear modules")
     orig_device = next(model.parameters()).device
     model.to(device)
-    groups = param_groups(model, cfg.lr, cfg.lr_weight if cfg.train == "scales+weights" else 0.0)
-    set_trainable(model, groups)
-    base_lrs = [g["lr"] for g in groups]
-    opt = torch.optim.Adam(groups, betas=(0.9, 0.95))
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt, base_lrs, trainable = _optimizer(model, cfg)
     net = distributed.wrap(model)  # the model itself in a single process
-    state = run.resumed if (run.resumed and run.resumed.get("stage") == "dad") else None
-    step0 = 0
-    if state is not None and state["position"]["step"]:
-        with torch.no_grad():
-            for n, t in state["params"].items():
-                trainable[n].copy_(t.to(device))
-        opt.load_state_dict(state["optimizer"])
-        step0 = state["position"]["step"]
+    step0 = _resume(run, opt, trainable, device)
     report = {"steps": cfg.steps, "first_kl": None, "last_kl": None}
     bar = tqdm(total=cfg.steps, initial=step0, desc=f"DAD ({cfg.weighting})", unit="step",
                disable=not progress, dynamic_ncols=True)
@@ -216,18 +212,7 @@ def distill(model: nn.Module, batches, teacher: dict, cfg: DADConfig, run: RunSt
             for g, base in zip(opt.param_groups, base_lrs):
                 g["lr"] = base * f
             idx = distributed.local_slice(batch_indices(len(batches), cfg.batch_size, step, cfg.seed, salt=100_003))
-            loss_value, info = 0.0, {"kl": 0.0, "w_max": 0.0}
-            for rows, inputs in micro_batches(batches, idx):  # gradients accumulate over micro-batches
-                j = idx[rows]
-                inputs = _to(inputs, device)
-                logits = net(**inputs, use_cache=False).logits
-                loss, part = dad_loss(logits, teacher["values"][j].to(device), teacher["indices"][j].to(device),
-                                      teacher["entropy"][j].to(device), cfg, inputs["input_ids"])
-                share = len(j) / len(idx)
-                (loss * share).backward()
-                loss_value += float(loss.detach()) * share
-                info = {k: info.get(k, 0.0) + v * share for k, v in part.items()} | {
-                    "w_max": max(info["w_max"], part["w_max"])}
+            loss_value, info = _accumulate_step(net, batches, teacher, idx, cfg, device)
             # every rank sees (and logs, and stops on) the global batch's numbers
             loss_value, info["kl"] = distributed.mean_over_ranks([loss_value, info["kl"]])
             check_finite(torch.tensor(loss_value), "DAD", "end-to-end", step, mods)
@@ -251,3 +236,49 @@ def distill(model: nn.Module, batches, teacher: dict, cfg: DADConfig, run: RunSt
     model.to(orig_device)
     report["seconds"] = time.perf_counter() - t0
     return report
+
+
+def _optimizer(model: nn.Module, cfg: DADConfig):
+    """(Adam over the trainable scales / weights, their base LRs, {name: parameter}).
+
+    Marks exactly those parameters trainable (see :func:`param_groups`).
+    """
+    groups = param_groups(model, cfg.lr, cfg.lr_weight if cfg.train == "scales+weights" else 0.0)
+    set_trainable(model, groups)
+    base_lrs = [g["lr"] for g in groups]
+    opt = torch.optim.Adam(groups, betas=(0.9, 0.95))
+    return opt, base_lrs, {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _resume(run: RunState, opt, trainable: dict, device) -> int:
+    """Restore parameters and optimizer from a DAD checkpoint in ``run.resumed``; returns the first step."""
+    state = run.resumed if (run.resumed and run.resumed.get("stage") == "dad") else None
+    if state is None or not state["position"]["step"]:
+        return 0
+    with torch.no_grad():
+        for n, t in state["params"].items():
+            trainable[n].copy_(t.to(device))
+    opt.load_state_dict(state["optimizer"])
+    return state["position"]["step"]
+
+
+def _accumulate_step(net: nn.Module, batches, teacher: dict, idx: torch.Tensor, cfg: DADConfig,
+                     device) -> tuple[float, dict]:
+    """Forward and backward the samples ``idx`` (int64 [B]); gradients accumulate over micro-batches.
+
+    Returns (loss, {"kl", "w_max", ...}) of this rank's slice, each micro-batch weighted by
+    its share of the samples.
+    """
+    loss_value, info = 0.0, {"kl": 0.0, "w_max": 0.0}
+    for rows, inputs in micro_batches(batches, idx):
+        j = idx[rows]
+        inputs = to_device(inputs, device)
+        logits = net(**inputs, use_cache=False).logits
+        loss, part = dad_loss(logits, teacher["values"][j].to(device), teacher["indices"][j].to(device),
+                              teacher["entropy"][j].to(device), cfg, inputs["input_ids"])
+        share = len(j) / len(idx)
+        (loss * share).backward()
+        loss_value += float(loss.detach()) * share
+        info = {k: info.get(k, 0.0) + v * share for k, v in part.items()} | {
+            "w_max": max(info["w_max"], part["w_max"])}
+    return loss_value, info

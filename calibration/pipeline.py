@@ -66,10 +66,30 @@ def _digest(samples) -> str | None:
     return samples.digest() if hasattr(samples, "digest") else tensor_digest(samples)
 
 
-def _window_sampler(tokenizer, texts: list[str]):
+def window_sampler(tokenizer, texts: list[str]):
     """``(n, seq_len, seed) -> int64 [n, seq_len]`` windows, tokenizing the text once for all stages."""
     ids = token_stream(tokenizer, texts)
     return lambda n, t, seed: sample_windows(ids, n, t, seed)
+
+
+def semantic_options(opts) -> dict:
+    """The options that change the result (all but :data:`NON_SEMANTIC`): the fingerprint's part."""
+    return {k: v for k, v in asdict(opts).items() if k not in NON_SEMANTIC}
+
+
+def blockwise_config(opts) -> BlockwiseConfig:
+    """The block-wise stage's settings from resolved options (in-memory and streaming alike)."""
+    return BlockwiseConfig(steps=opts.bw_steps, batch_size=opts.bw_batch, lr=opts.bw_lr,
+                           lr_weight=opts.bw_lr_weight, inputs=opts.bw_inputs, grad_clip=opts.grad_clip,
+                           seed=opts.seed)
+
+
+def dad_config(opts) -> DADConfig:
+    """The DAD stage's settings from resolved options."""
+    return DADConfig(steps=opts.dad_steps, batch_size=opts.dad_batch, lr=opts.dad_lr,
+                     lr_weight=opts.dad_lr_weight, train=opts.dad_train, weighting=opts.dad_weighting,
+                     temperature=opts.dad_temperature, ce_weight=opts.dad_ce_weight, topk=opts.dad_topk,
+                     grad_clip=opts.grad_clip, seed=opts.seed)
 
 
 def run_fdb_dad(model, tokenizer, plan: list[LinearPlan], opts, model_id: str = "",
@@ -83,40 +103,82 @@ def run_fdb_dad(model, tokenizer, plan: list[LinearPlan], opts, model_id: str = 
     times: dict[str, float] = {}
     device = pick_device(opts.device)
     t = time.perf_counter()
-    texts = load_text(opts.calib, "calibration")
-    windows = _window_sampler(tokenizer, texts)
-    stats_b = None if opts.blockwise else windows(opts.calib_samples, opts.calib_seq_len, opts.seed)
-    bw_b = windows(opts.bw_samples, opts.bw_seq_len, opts.seed + 1) if opts.blockwise else None
-    dad_b = windows(opts.dad_samples, opts.dad_seq_len, opts.seed + 2) if opts.dad and opts.dad_steps else None
-    if opts.calib_images:  # a VLM's block-wise and DAD samples with images (calibration/images.py)
-
-        bw_b = multimodal_samples(model, tokenizer, model.name_or_path, opts.calib_images, bw_b)
-        if dad_b is not None:
-            dad_b = multimodal_samples(model, tokenizer, model.name_or_path, opts.calib_images, dad_b)
+    stats_b, bw_b, dad_b = _stage_samples(model, tokenizer, opts)
     times["data_s"] = time.perf_counter() - t
 
-    o = {k: v for k, v in asdict(opts).items() if k not in NON_SEMANTIC}
     fingerprint = make_fingerprint(
-        model={"id": model_id, "digest": model_digest(model)}, options=o,
+        model={"id": model_id, "digest": model_digest(model)}, options=semantic_options(opts),
         data={"stats": _digest(stats_b), "blockwise": _digest(bw_b), "dad": _digest(dad_b)})
     run = RunState(opts.work_dir, fingerprint, resume=opts.resume, checkpoint_every=opts.checkpoint_every,
                    overwrite=opts.overwrite)
     run.sync()  # distributed: every rank has read state.pt before rank 0 may replace it
     torch.manual_seed(opts.seed)
-    report: dict = {"fingerprint": fingerprint["hash"], "device": str(device)}
-    # a VLM without --calib-images is calibrated on text through its language model alone: say so
-
-    report["inputs"] = calibration_inputs(model)
-    if opts.calib_images:
-        report["inputs"] = "; ".join(
-            f"{stage}: {b.n_images} image+text samples and {len(b) - b.n_images} text windows through the VLM"
-            for stage, b in (("block-wise", bw_b), ("DAD", dad_b)) if b is not None)
+    report: dict = {"fingerprint": fingerprint["hash"], "device": str(device),
+                    "inputs": _inputs_note(model, opts, bw_b, dad_b)}
     run.log({"stage": "data", "inputs": report["inputs"]})
 
-    # 1-2: init (scales only on disk: the bits follow from the fp weights). With block-wise on,
-    # decoder linears are initialised inside the block loop from that stage's own activations
-    # (no separate statistics pass); only other planned linears (lm_head) are initialised here, data-free.
-    decoder = set(n for names in block_names(model, plan) for n in names) if opts.blockwise else set()
+    init = _init_stage(model, plan, opts, run, stats_b, device, times, progress)  # 1-2
+    teacher = _teacher_stage(model, opts, run, dad_b, device, times, progress)  # 3
+    stage = (run.resumed or {}).get("stage")
+    if opts.blockwise:  # 4
+        if stage in ("blockwise-done", "dad"):
+            load_finished_blocks(model, plan, run)
+        else:
+            report["blockwise"] = blockwise_reconstruct(model, plan, init, bw_b, blockwise_config(opts), run,
+                                                       device, progress, opts.iters)
+            times["blockwise_s"] = report["blockwise"]["seconds"]
+            times["stats_s"] = report["blockwise"]["stats_s"]  # in-block statistics (fused with the targets)
+    to_fakequant(model, [p.name for p in plan], init)  # planned linears outside decoder blocks (lm_head)
+    if dad_b is not None:  # 5
+        if stage != "dad":  # stage boundary: a kill from here on resumes at DAD
+            run.save("state.pt", {"stage": "dad", "position": {"step": 0}})
+        report["dad"] = distill(model, dad_b, teacher, dad_config(opts), run, device, progress)
+        times["dad_s"] = report["dad"]["seconds"]
+
+    weights = export_weights(model, [p.name for p in plan])  # 6
+    report["times"] = times
+    report["log"] = run.log_text()
+    run.finish()
+    return weights, report
+
+
+def _stage_samples(model, tokenizer, opts) -> tuple:
+    """(statistics, block-wise, DAD) samples; None for a stage that is off.
+
+    Each is int64 [n, seq_len] token windows, seeded seed, seed + 1, seed + 2; with
+    ``calib_images`` the block-wise and DAD ones become a VLM's image+text samples
+    (calibration/images.py).
+    """
+    windows = window_sampler(tokenizer, load_text(opts.calib, "calibration"))
+    stats_b = None if opts.blockwise else windows(opts.calib_samples, opts.calib_seq_len, opts.seed)
+    bw_b = windows(opts.bw_samples, opts.bw_seq_len, opts.seed + 1) if opts.blockwise else None
+    dad_b = windows(opts.dad_samples, opts.dad_seq_len, opts.seed + 2) if opts.dad and opts.dad_steps else None
+    if opts.calib_images:
+        bw_b = multimodal_samples(model, tokenizer, model.name_or_path, opts.calib_images, bw_b)
+        if dad_b is not None:
+            dad_b = multimodal_samples(model, tokenizer, model.name_or_path, opts.calib_images, dad_b)
+    return stats_b, bw_b, dad_b
+
+
+def _inputs_note(model, opts, bw_b, dad_b) -> str:
+    """What the stages run on, for the report: a VLM without ``--calib-images`` is calibrated
+    on text through its language model alone, and the report says so."""
+    if not opts.calib_images:
+        return calibration_inputs(model)
+    return "; ".join(
+        f"{stage}: {b.n_images} image+text samples and {len(b) - b.n_images} text windows through the VLM"
+        for stage, b in (("block-wise", bw_b), ("DAD", dad_b)) if b is not None)
+
+
+def _init_stage(model, plan: list[LinearPlan], opts, run: RunState, stats_b, device, times: dict,
+                progress: bool) -> dict[str, fdb.DualBinaryWeight]:
+    """Steps 1-2: the FDB init (``init.pt`` keeps the scales only: the bits follow from the fp weights).
+
+    With block-wise on, decoder linears are initialised inside the block loop from that
+    stage's own activations (no separate statistics pass); only the other planned linears
+    (lm_head) are initialised here, data-free.
+    """
+    decoder = {n for names in block_names(model, plan) for n in names} if opts.blockwise else set()
     todo = [p for p in plan if p.name not in decoder]
     saved = run.load("init.pt") if opts.resume else None
     if saved is not None:
@@ -136,49 +198,20 @@ def run_fdb_dad(model, tokenizer, plan: list[LinearPlan], opts, model_id: str = 
         run.save("init.pt", {"scales": {n: (q.alpha, q.offset) for n, q in init.items()}})
         run.save("state.pt", {"stage": "init-done", "position": {}})
     run.log({"stage": "init", "event": "done"})
+    return init
 
-    # 3: teacher cache, while the model is still full precision
-    teacher = None
-    if dad_b is not None:
-        teacher = run.load("teacher.pt") if opts.resume else None
-        if teacher is None:
-            t = time.perf_counter()
-            model.to(device)
-            teacher = teacher_cache(model, dad_b, opts.dad_topk, device, progress=progress,
-                                    temperature=opts.dad_temperature)
-            model.to("cpu")
-            times["teacher_s"] = time.perf_counter() - t
-            run.save("teacher.pt", teacher)
 
-    stage = (run.resumed or {}).get("stage")
-    # 4: block-wise
-    if opts.blockwise:
-        if stage in ("blockwise-done", "dad"):
-            load_finished_blocks(model, plan, run)
-        else:
-            cfg = BlockwiseConfig(steps=opts.bw_steps, batch_size=opts.bw_batch, lr=opts.bw_lr,
-                                  lr_weight=opts.bw_lr_weight, inputs=opts.bw_inputs,
-                                  grad_clip=opts.grad_clip, seed=opts.seed)
-            report["blockwise"] = blockwise_reconstruct(model, plan, init, bw_b, cfg, run, device, progress,
-                                                       opts.iters)
-            times["blockwise_s"] = report["blockwise"]["seconds"]
-            times["stats_s"] = report["blockwise"]["stats_s"]  # in-block statistics (fused with the targets)
-    to_fakequant(model, [p.name for p in plan], init)  # planned linears outside decoder blocks (lm_head)
-
-    # 5: DAD
-    if dad_b is not None:
-        if stage != "dad":  # stage boundary: a kill from here on resumes at DAD
-            run.save("state.pt", {"stage": "dad", "position": {"step": 0}})
-        cfg = DADConfig(steps=opts.dad_steps, batch_size=opts.dad_batch, lr=opts.dad_lr,
-                        lr_weight=opts.dad_lr_weight, train=opts.dad_train, weighting=opts.dad_weighting,
-                        temperature=opts.dad_temperature, ce_weight=opts.dad_ce_weight, topk=opts.dad_topk,
-                        grad_clip=opts.grad_clip, seed=opts.seed)
-        report["dad"] = distill(model, dad_b, teacher, cfg, run, device, progress)
-        times["dad_s"] = report["dad"]["seconds"]
-
-    # 6: export
-    weights = export_weights(model, [p.name for p in plan])
-    report["times"] = times
-    report["log"] = run.log_text()
-    run.finish()
-    return weights, report
+def _teacher_stage(model, opts, run: RunState, dad_b, device, times: dict, progress: bool) -> dict | None:
+    """Step 3: the teacher's top-k logits (``teacher.pt``), while the model is still full precision."""
+    if dad_b is None:
+        return None
+    teacher = run.load("teacher.pt") if opts.resume else None
+    if teacher is None:
+        t = time.perf_counter()
+        model.to(device)
+        teacher = teacher_cache(model, dad_b, opts.dad_topk, device, progress=progress,
+                                temperature=opts.dad_temperature)
+        model.to("cpu")
+        times["teacher_s"] = time.perf_counter() - t
+        run.save("teacher.pt", teacher)
+    return teacher

@@ -2,6 +2,11 @@
 
 Budgets are wall times for SmolLM2-135M on the 2-core development CPU (see docs/CALIBRATION.md
 for the measurements behind them). Any option given explicitly overrides its preset value.
+
+Keys are field names of ``dbquant.quantize.QuantizeOptions``; ``QuantizeOptions.resolved``
+refuses a key that is no field and a ``stage_option`` field that no preset value fills, so a
+new stage option is its field there plus its value here (in ``COMMON`` when every preset
+shares it).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ COMMON = dict(dad_lr=5e-3, dad_lr_weight=2e-3, dad_train="scales", dad_weighting
 
 
 def preset_values(name: str) -> dict:
+    """Every stage option's value under preset ``name`` (``COMMON`` overridden by the preset's own)."""
     if name not in PRESETS:
         raise DbquantError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return {**COMMON, **PRESETS[name]}

@@ -33,7 +33,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -45,14 +45,15 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from dbquant.calibration.blockwise import (
     INPUT_MODES,
-    BlockwiseConfig,
-    _to,
+    BlockInputs,
+    BlockRun,
     block_names,
     calibrate_block,
     capture_block_inputs,
     export_weights,
+    to_device,
 )
-from dbquant.calibration.pipeline import NON_SEMANTIC, _window_sampler, pick_device
+from dbquant.calibration.pipeline import blockwise_config, pick_device, semantic_options, window_sampler
 from dbquant.calibration.runstate import RunState, make_fingerprint, tensor_digest
 from dbquant.errors import DbquantError
 from dbquant.eval.data import load_text
@@ -288,6 +289,21 @@ def check_streaming(opts) -> None:
         raise DbquantError(f"unknown block-wise input mode {opts.bw_inputs!r}; choose from {INPUT_MODES}")
 
 
+@dataclass
+class _Stream:
+    """One streaming run's moving parts: the meta skeleton, the source reader, the run state,
+    the work dir's ``shards/`` folder, the safetensors metadata every shard carries, the
+    compute device, and the report being filled (``blocks``, ``rel_weight_error``)."""
+
+    model: nn.Module
+    reader: ShardReader
+    run: RunState
+    shards: Path
+    meta: dict[str, str]
+    device: torch.device
+    report: dict
+
+
 def quantize_streaming(model_dir: str | os.PathLike, tokenizer, opts, output: str | os.PathLike,
                        model_id: str = "", progress: bool = True, overwrite: bool = False) -> dict:
     """Calibrate, pack and write the model in ``model_dir`` block by block into ``output``.
@@ -310,18 +326,13 @@ def quantize_streaming(model_dir: str | os.PathLike, tokenizer, opts, output: st
     model = skeleton(model_dir)
     plan = planlib.make_plan(model, opts.group_size, opts.uses_offset, tuple(opts.modules))
     bits = planlib.bits_summary(plan, model)
-    names = block_names(model, plan)
-    plan_by_name = {p.name: p for p in plan}
-    path = block_path(model)
-    n_blocks = len(decoder_blocks(model))
 
     t = time.perf_counter()
-    bw_b = _window_sampler(tokenizer, load_text(opts.calib, "calibration"))(opts.bw_samples, opts.bw_seq_len,
-                                                                          opts.seed + 1)
+    bw_b = window_sampler(tokenizer, load_text(opts.calib, "calibration"))(opts.bw_samples, opts.bw_seq_len,
+                                                                         opts.seed + 1)
     times["data_s"] = time.perf_counter() - t
     free()  # the tokenizer's working memory
-    o = {k: v for k, v in asdict(opts).items() if k not in NON_SEMANTIC}
-    fingerprint = make_fingerprint(model={"id": model_id, "files": reader.digest()}, options=o,
+    fingerprint = make_fingerprint(model={"id": model_id, "files": reader.digest()}, options=semantic_options(opts),
                                    data={"blockwise": tensor_digest(bw_b)}, streaming=True)
     run = RunState(opts.work_dir, fingerprint, resume=opts.resume, checkpoint_every=opts.checkpoint_every,
                    overwrite=opts.overwrite)
@@ -334,90 +345,124 @@ def quantize_streaming(model_dir: str | os.PathLike, tokenizer, opts, output: st
     qcfg = DbquantConfig(modules=[p.name for p in plan], group_size=opts.group_size, offset=opts.uses_offset,
                          method=opts.method, bpw=bits)
     meta = {"format": "pt", "dbquant": json.dumps(format_metadata(qcfg))}
-
-    state = run.resumed if (run.resumed and run.resumed.get("stage") == "blockwise") else None
-    done = run.resumed is not None and run.resumed.get("stage") == "blockwise-done"
-    start = n_blocks if done else (state["position"]["block"] if state else 0)
-    for i in range(start):
-        if not (shards / f"block-{i:05d}.safetensors").is_file():
-            raise DbquantError(f"resume: {shards}/block-{i:05d}.safetensors is missing; start over with --overwrite")
-    report: dict = {"blocks": [], "rel_weight_error": {}}
-    if start < n_blocks:
-        # Inputs of the first block to do: captured through the embedding (block 0) or from acts-NNN.pt.
-        if start == 0:
-            t = time.perf_counter()
-            embed = model.get_input_embeddings()
-            embed_name = next(n for n, m in model.named_modules() if m is embed)
-            materialize(model, embed_name, reader)
-            _fix_rotary(model)
-            x_fp, kwargs_cpu = capture_block_inputs(model, bw_b)
-            x_q = x_fp
-            free(embed)
-            times["capture_s"] = time.perf_counter() - t
-        else:
-            acts = run.load(f"acts-{start:03d}.pt")
-            if acts is None:
-                raise DbquantError(f"resume: {run.dir}/acts-{start:03d}.pt is missing; start over with --overwrite")
-            x_fp, x_q, kwargs_cpu = acts["x_fp"], acts["x_q"], acts["kwargs"]
-        kwargs = _to(kwargs_cpu, device)
-        cfg = BlockwiseConfig(steps=opts.bw_steps, batch_size=opts.bw_batch, lr=opts.bw_lr,
-                              lr_weight=opts.bw_lr_weight, inputs=opts.bw_inputs, grad_clip=opts.grad_clip,
-                              seed=opts.seed)
-        bar = tqdm(total=n_blocks * cfg.steps, initial=start * cfg.steps + (state["position"]["step"] if state else 0),
-                   desc="block-wise (streaming)", unit="step", disable=not progress, dynamic_ncols=True)
-        t = time.perf_counter()
-        try:
-            for i in range(start, n_blocks):
-                materialize(model, f"{path}.{i}", reader)
-                init: dict = {}
-
-                def finish(_block, i=i):
-                    weights = export_weights(model, names[i])
-                    for n, q in weights.items():  # the fp weight read again, one linear at a time
-                        w = reader.read(f"{n}.weight")
-                        report["rel_weight_error"][n] = float((w - q.dequantize()).square().sum()
-                                                              / w.square().sum().clamp_min(1e-30))
-                    pack_into(model, weights)
-                    sd = {f"{path}.{i}.{k}": v for k, v in model.get_submodule(f"{path}.{i}").state_dict().items()}
-                    write_shard(shards / f"block-{i:05d}.safetensors", sd, meta)
-
-                x_fp, x_q, rep = calibrate_block(model, i, names[i], x_fp, x_q, kwargs, kwargs_cpu, init,
-                                                 plan_by_name, cfg, run, device, bar,
-                                                 state if i == start else None, opts.iters, finish=finish)
-                report["blocks"].append(rep)
-                del init
-                free(model.get_submodule(f"{path}.{i}"))
-        finally:
-            bar.close()
-        times["blockwise_s"] = time.perf_counter() - t
-
-    # Everything outside the blocks (embedding, final norm, untied lm_head) is copied as float32.
-    rest_names = [n for n in reader.names() if not n.startswith(path + ".")]
-    if model.config.get_text_config().tie_word_embeddings:
-        head = model.get_output_embeddings()
-        head_name = next((n for n, m in model.named_modules() if m is head), None)
-        rest_names = [n for n in rest_names if n != f"{head_name}.weight"]
-    reader.copy_to_shard(rest_names, shards / "rest.safetensors", meta)
+    s = _Stream(model, reader, run, shards, meta, device, {"blocks": [], "rel_weight_error": {}})
+    _stream_blocks(s, plan, opts, bw_b, times, progress)
+    _copy_rest(s)
 
     attach(model, qcfg)
     times["total_s"] = time.perf_counter() - t0
-    report = {"options": asdict(opts), "streaming": True, **bits, "layers": len(plan), **report, "times": times,
+    report = {"options": asdict(opts), "streaming": True, **bits, "layers": len(plan), **s.report, "times": times,
               "calibration": {"fingerprint": fingerprint["hash"], "device": str(device)}}
-    files = [shards / f"block-{i:05d}.safetensors" for i in range(n_blocks)] + [shards / "rest.safetensors"]
+    _write_output(s, Path(model_dir), out, overwrite, tokenizer, {"model": model_id, **report})
+    run.finish()
+    shutil.rmtree(shards, ignore_errors=True)
+    return report
+
+
+def _resume_position(s: _Stream, n_blocks: int) -> tuple[int, dict | None]:
+    """(first block to calibrate, its mid-block checkpoint or None); every earlier shard must exist."""
+    resumed = s.run.resumed
+    state = resumed if (resumed and resumed.get("stage") == "blockwise") else None
+    done = resumed is not None and resumed.get("stage") == "blockwise-done"
+    start = n_blocks if done else (state["position"]["block"] if state else 0)
+    for i in range(start):
+        if not (s.shards / f"block-{i:05d}.safetensors").is_file():
+            raise DbquantError(f"resume: {s.shards}/block-{i:05d}.safetensors is missing; start over with --overwrite")
+    return start, state
+
+
+def _first_inputs(s: _Stream, start: int, bw_b: torch.Tensor, times: dict) -> BlockInputs:
+    """Inputs of block ``start``: captured through the embedding (block 0) or read from acts-NNN.pt.
+
+    bw_b: int64 [S, T] block-wise token windows.
+    """
+    if start == 0:
+        t = time.perf_counter()
+        embed = s.model.get_input_embeddings()
+        embed_name = next(n for n, m in s.model.named_modules() if m is embed)
+        materialize(s.model, embed_name, s.reader)
+        _fix_rotary(s.model)
+        x_fp, kwargs_cpu = capture_block_inputs(s.model, bw_b)
+        x_q = x_fp
+        free(embed)
+        times["capture_s"] = time.perf_counter() - t
+    else:
+        acts = s.run.load(f"acts-{start:03d}.pt")
+        if acts is None:
+            raise DbquantError(f"resume: {s.run.dir}/acts-{start:03d}.pt is missing; start over with --overwrite")
+        x_fp, x_q, kwargs_cpu = acts["x_fp"], acts["x_q"], acts["kwargs"]
+    return BlockInputs(x_fp, x_q, to_device(kwargs_cpu, s.device), kwargs_cpu)
+
+
+def _stream_blocks(s: _Stream, plan: list, opts, bw_b: torch.Tensor, times: dict, progress: bool) -> None:
+    """Materialise, calibrate, pack, write and free each decoder block still to do."""
+    model = s.model
+    names = block_names(model, plan)
+    path = block_path(model)
+    n_blocks = len(decoder_blocks(model))
+    start, state = _resume_position(s, n_blocks)
+    if start >= n_blocks:
+        return
+    inputs = _first_inputs(s, start, bw_b, times)
+    cfg = blockwise_config(opts)
+    bar = tqdm(total=n_blocks * cfg.steps, initial=start * cfg.steps + (state["position"]["step"] if state else 0),
+               desc="block-wise (streaming)", unit="step", disable=not progress, dynamic_ncols=True)
+    job = BlockRun(model, {p.name: p for p in plan}, {}, cfg, s.run, s.device, bar, opts.iters,
+                   finish=lambda _block, i: _write_block(s, names[i], i))
+    t = time.perf_counter()
+    try:
+        for i in range(start, n_blocks):
+            materialize(model, f"{path}.{i}", s.reader)
+            inputs, rep = calibrate_block(job, i, names[i], inputs, state if i == start else None)
+            s.report["blocks"].append(rep)
+            job.init.clear()  # this block's init weights: not needed any more
+            free(model.get_submodule(f"{path}.{i}"))
+    finally:
+        bar.close()
+    times["blockwise_s"] = time.perf_counter() - t
+
+
+def _write_block(s: _Stream, names_i: list[str], i: int) -> None:
+    """Pack trained block ``i`` and write it as ``shards/block-NNNNN.safetensors``, recording
+    each linear's relative weight error against the fp weight (read again, one at a time)."""
+    weights = export_weights(s.model, names_i)
+    for n, q in weights.items():
+        w = s.reader.read(f"{n}.weight")
+        s.report["rel_weight_error"][n] = float((w - q.dequantize()).square().sum()
+                                                / w.square().sum().clamp_min(1e-30))
+    pack_into(s.model, weights)
+    path = block_path(s.model)
+    sd = {f"{path}.{i}.{k}": v for k, v in s.model.get_submodule(f"{path}.{i}").state_dict().items()}
+    write_shard(s.shards / f"block-{i:05d}.safetensors", sd, s.meta)
+
+
+def _copy_rest(s: _Stream) -> None:
+    """Everything outside the blocks (embedding, final norm, untied lm_head), copied as float32."""
+    path = block_path(s.model)
+    rest_names = [n for n in s.reader.names() if not n.startswith(path + ".")]
+    if s.model.config.get_text_config().tie_word_embeddings:
+        head = s.model.get_output_embeddings()
+        head_name = next((n for n, m in s.model.named_modules() if m is head), None)
+        rest_names = [n for n in rest_names if n != f"{head_name}.weight"]
+    s.reader.copy_to_shard(rest_names, s.shards / "rest.safetensors", s.meta)
+
+
+def _write_output(s: _Stream, model_dir: Path, out: Path, overwrite: bool, tokenizer, report: dict) -> None:
+    """Assemble ``out`` in one rename: shards, config, generation config, tokenizer, report, log,
+    and the safetensors index last."""
+    n_blocks = len(decoder_blocks(s.model))
+    files = [s.shards / f"block-{i:05d}.safetensors" for i in range(n_blocks)] + [s.shards / "rest.safetensors"]
     with atomic_dir(out, overwrite) as tmp:
         for f in files:  # same file system as the work dir in the usual layout; copy otherwise
             shutil.copyfile(f, tmp / f.name)
-        model.config.save_pretrained(tmp)
-        gen = Path(model_dir) / "generation_config.json"
+        s.model.config.save_pretrained(tmp)
+        gen = model_dir / "generation_config.json"
         if gen.is_file():
             shutil.copyfile(gen, tmp / gen.name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / "dbquant-report.json").write_text(json.dumps({"model": model_id, **report}, indent=1))
-        log = run.log_text()
+        (tmp / "dbquant-report.json").write_text(json.dumps(report, indent=1))
+        log = s.run.log_text()
         if log:
             (tmp / "dbquant-log.jsonl").write_text(log)
         (tmp / INDEX).write_text(json.dumps(_shard_index([tmp / f.name for f in files]), indent=1))  # last
-    run.finish()
-    shutil.rmtree(shards, ignore_errors=True)
-    return report

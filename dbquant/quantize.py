@@ -7,7 +7,8 @@ this file only wires them and keeps the report.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 from .calibration import METHODS, init_weights, input_second_moments
 from .calibration.blockwise import INPUT_MODES
@@ -21,9 +22,35 @@ from .model.convert import pack_into
 from .model.hf import DbquantConfig, attach
 
 
+def option(default: Any, help: str, *, section: str = "main", flag: str | None = None, **argparse_kw) -> Any:
+    """A :class:`QuantizeOptions` field together with its ``dbquant quantize`` flag.
+
+    ``flag`` defaults to ``--field-name``; ``section`` names the help group (``main`` or
+    ``fdb-dad``); further keywords go to ``argparse.add_argument`` as they are (``type``,
+    ``action``, ``metavar``). Without a ``type`` the CLI takes the field's annotation
+    (``int | None`` -> int; ``bool`` -> a store-true switch).
+    """
+    return field(default=default, metadata={"help": help, "section": section, "flag": flag, "argparse": argparse_kw})
+
+
+def stage_option(help: str, *, flag: str | None = None, **argparse_kw) -> Any:
+    """An ``fdb-dad`` stage option: None on the command line means "take the preset's value"
+    (``dbquant.calibration.presets`` must give it one; :meth:`QuantizeOptions.resolved` checks)."""
+    return field(default=None, metadata={"help": help, "section": "fdb-dad", "flag": flag, "argparse": argparse_kw,
+                                         "preset": True})
+
+
+def _comma_tuple(text: str) -> tuple[str, ...]:
+    return tuple(text.split(","))
+
+
+def _calib_source(text: str) -> str | None:
+    return None if text == "none" else text
+
+
 @dataclass
 class QuantizeOptions:
-    """Options of ``dbquant quantize`` (the CLI maps its flags 1:1 onto these).
+    """Options of ``dbquant quantize``: every field is one flag, generated from its metadata.
 
     method: ``fdb-dad`` (default: FDB init, block-wise reconstruction, DAD), ``fdb`` (init
     only) or ``rtn``. preset (``fast``/``default``/``best``) fills every stage option left
@@ -34,49 +61,60 @@ class QuantizeOptions:
     calib: text source whose activation statistics weight the FDB error (None: data-free).
     calib_samples / calib_seq_len: how much calibration text. iters: FDB refinement
     iterations. seed: for the calibration windows.
+
+    Adding an option: one field here (``option`` or, for a stage option with preset values,
+    ``stage_option`` plus its value in ``dbquant.calibration.presets``); the CLI flag, its help
+    and the preset check follow from it. Field order is the report's (and fingerprint's) order.
     """
 
-    method: str = "fdb-dad"
-    group_size: int = 64
-    offset: bool = False
-    modules: tuple[str, ...] = ("decoder",)
-    calib: str | None = "wiki"
-    calib_images: str | None = None  # VLMs: images + captions for block-wise and DAD (calibration/images.py)
-    calib_samples: int = 32
-    calib_seq_len: int = 512
-    iters: int = 8
-    seed: int = 0
+    method: str = option("fdb-dad", "fdb-dad (default: FDB init, block-wise reconstruction, distillation), "
+                                    "fdb (init only), rtn")
+    group_size: int = option(64, "input channels per scale group")
+    offset: bool = option(False, "store a per-group offset beta (+16 bits/group)")
+    modules: tuple[str, ...] = option(("decoder",), "comma list of: decoder, lm_head, vision", type=_comma_tuple)
+    calib: str | None = option("wiki", "text for activation statistics: wiki, a text file/folder, "
+                                       "hf:NAME[:CONFIG]:SPLIT, or none", type=_calib_source)
+    calib_images: str | None = option(None, "VLMs: images with a same-name .txt caption; block-wise reconstruction "
+                                            "and DAD then run on image+text samples through the whole VLM "
+                                            "(calibration/images.py)", metavar="DIR")
+    calib_samples: int = option(32, "calibration windows for the activation statistics")
+    calib_seq_len: int = option(512, "tokens per calibration window")
+    iters: int = option(8, "FDB least-squares refinement iterations")
+    seed: int = option(0, "seed of the calibration windows")
     # ---- fdb-dad stages (None = take the preset's value; see dbquant.calibration.presets)
-    preset: str = "default"
-    blockwise: bool | None = None
-    bw_samples: int | None = None
-    bw_seq_len: int | None = None
-    bw_steps: int | None = None
-    bw_batch: int | None = None
-    bw_lr: float | None = None
-    bw_lr_weight: float | None = None
-    bw_inputs: str | None = None
-    dad: bool | None = None
-    dad_samples: int | None = None
-    dad_seq_len: int | None = None
-    dad_steps: int | None = None
-    dad_batch: int | None = None
-    dad_lr: float | None = None
-    dad_lr_weight: float | None = None
-    dad_train: str | None = None
-    dad_weighting: str | None = None
-    dad_temperature: float | None = None
-    dad_ce_weight: float | None = None
-    dad_topk: int | None = None
-    grad_clip: float | None = None
+    preset: str = option("default", "fast (<5 min on a 2-core CPU for SmolLM2), default (~6 min), best (hours on CPU)",
+                         section="fdb-dad")
+    blockwise: bool | None = stage_option("skip block-wise reconstruction", flag="--no-blockwise", action="store_false")
+    bw_samples: int | None = stage_option("calibration windows for block-wise")
+    bw_seq_len: int | None = stage_option("tokens per block-wise window")
+    bw_steps: int | None = stage_option("optimizer steps per block")
+    bw_batch: int | None = stage_option("windows per block-wise step")
+    bw_lr: float | None = stage_option("block-wise Adam LR of the scales")
+    bw_lr_weight: float | None = stage_option("block-wise Adam LR of the latent weights (0: scales only)")
+    bw_inputs: str | None = stage_option("quant (train on the quantized chain's activations) or fp")
+    dad: bool | None = stage_option("skip deviation-aware distillation", flag="--no-dad", action="store_false")
+    dad_samples: int | None = stage_option("calibration windows for DAD")
+    dad_seq_len: int | None = stage_option("tokens per DAD window")
+    dad_steps: int | None = stage_option("DAD optimizer steps")
+    dad_batch: int | None = stage_option("windows per DAD step")
+    dad_lr: float | None = stage_option("DAD Adam LR of the scales")
+    dad_lr_weight: float | None = stage_option("DAD Adam LR of the latent weights")
+    dad_train: str | None = stage_option("scales or scales+weights")
+    dad_weighting: str | None = stage_option("uniform, teacher-entropy or deviation")
+    dad_temperature: float | None = stage_option("distillation temperature")
+    dad_ce_weight: float | None = stage_option("weight of an added ground-truth cross-entropy term")
+    dad_topk: int | None = stage_option("teacher logits cached per token")
+    grad_clip: float | None = stage_option("max gradient norm (0: off)")
     # ---- run hygiene (not part of the result's fingerprint)
-    device: str = "auto"
-    work_dir: str | None = None
-    resume: bool = False
-    checkpoint_every: int = 50
-    overwrite: bool = False
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda, cuda:N", section="fdb-dad")
+    work_dir: str | None = option(None, "checkpoints and log (default: OUTPUT.work, removed after success)",
+                                  section="fdb-dad")
+    resume: bool = option(False, "continue an interrupted run from its work dir", section="fdb-dad")
+    checkpoint_every: int = option(50, "optimizer steps between checkpoints (stage and block ends always checkpoint)",
+                                   section="fdb-dad")
+    overwrite: bool = option(False, "replace an existing output folder")
 
-    def check(self) -> "QuantizeOptions":
+    def check(self) -> QuantizeOptions:
         if self.method not in METHODS:
             raise DbquantError(f"unknown method {self.method!r}; choose from {METHODS}")
         if self.iters < 0 or self.calib_samples < 1 or self.calib_seq_len < 2:
@@ -102,11 +140,22 @@ class QuantizeOptions:
                       topk=r.dad_topk).check()
         return self
 
-    def resolved(self) -> "QuantizeOptions":
-        """A copy with every stage option the user left unset taken from the preset."""
+    def resolved(self) -> QuantizeOptions:
+        """A copy with every stage option the user left unset taken from the preset.
+
+        The preset must name fields of this class only, and give every ``stage_option`` a value.
+        """
         values = preset_values(self.preset)
         names = {f.name for f in fields(self)}
-        return replace(self, **{k: v for k, v in values.items() if k in names and getattr(self, k) is None})
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise DbquantError(f"preset {self.preset!r} sets {unknown}, which are not QuantizeOptions fields")
+        out = replace(self, **{k: v for k, v in values.items() if getattr(self, k) is None})
+        unset = [f.name for f in fields(out) if f.metadata.get("preset") and getattr(out, f.name) is None]
+        if unset:
+            raise DbquantError(f"preset {self.preset!r} gives no value for stage option(s) {unset}; add them to "
+                               "dbquant.calibration.presets")
+        return out
 
     @property
     def uses_offset(self) -> bool:
