@@ -54,14 +54,20 @@ def head_dim_of(config) -> int:
     return int(d) if d else cfg.hidden_size // cfg.num_attention_heads
 
 
-def check_full_attention(config, what: str) -> int:
+# Attention types the packed cache serves. A sliding-window layer keeps every token like a full
+# one; transformers' sliding mask (built from positions) hides what is outside the window, so
+# the result is exact, and the tokens past the window cost their packed bytes only.
+SERVED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def check_layer_types(config, what: str) -> int:
     """Refuse models with layers this cache cannot serve; returns the decoder layer count."""
     cfg = _decoder_config(config)
     layer_types, _ = get_layer_types_and_kwargs(cfg)
-    bad = sorted(set(layer_types) - {"full_attention"})
+    bad = sorted(set(layer_types) - set(SERVED_LAYER_TYPES))
     if bad:
-        raise DbquantError(f"the {what} serves full-attention layers only; this {cfg.model_type} model has "
-                           f"{', '.join(bad)} layers (sliding-window/hybrid attention): use --kv fp")
+        raise DbquantError(f"the {what} serves {' and '.join(SERVED_LAYER_TYPES)} layers; this {cfg.model_type} "
+                           f"model has {', '.join(bad)} layers: use --kv fp")
     return cfg.num_hidden_layers
 
 
@@ -272,7 +278,7 @@ class QuantKVCache(Cache):
     """dbquant's quantized KV cache (VidKV or KIVI-2 per ``spec``) for ``generate()`` / ``forward``.
 
     Args:
-        config: the model's config (or the model); only full-attention decoders are served.
+        config: the model's config (or the model); full and sliding-window attention layers are served.
         spec: a :class:`KVSpec` or a ``--kv`` spelling such as ``"1.5/1.58"``.
         protected: optional bool [B, T] (STP): tokens whose values get a refinement bit (VidKV with
             1.58-bit values only). Positions count from the first token given to the cache.
@@ -282,7 +288,7 @@ class QuantKVCache(Cache):
         spec = parse_kv(spec, **overrides) if isinstance(spec, str) else spec.check()
         if spec.method not in ("vidkv", "kivi"):
             raise DbquantError(f"QuantKVCache builds VidKV and KIVI caches; for {spec.name!r} use make_cache")
-        n_layers = check_full_attention(config, f"{spec.name} KV cache")
+        n_layers = check_layer_types(config, f"{spec.name} KV cache")
         d = head_dim_of(config)
         if protected is not None:
             if spec.method != "vidkv" or spec.value_bits >= 2:
@@ -301,7 +307,7 @@ def make_cache(model_or_config, spec: KVSpec | str, protected: torch.Tensor | No
     if spec.method == "fp":
         return DynamicCache(config=config)
     if spec.method == "hqq":
-        check_full_attention(config, f"{spec.name} KV cache")
+        check_layer_types(config, f"{spec.name} KV cache")
         if not is_hqq_available():
             raise DbquantError("the HQQ cache baseline needs the hqq package: `pip install hqq`")
         return QuantizedCache("hqq", config, nbits=int(spec.key_bits), residual_length=spec.residual)
