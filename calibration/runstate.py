@@ -14,23 +14,39 @@ Every file is written to a temporary name and moved into place with ``os.replace
 run killed at any instant leaves either the old or the new file, never half of one.
 Each file carries the run's fingerprint (a hash of model, options and data); ``--resume``
 refuses state whose fingerprint differs and says which part changed.
+
+The ``.pt`` names are kept, but no file is a pickle: each is a safetensors file whose
+tensors are the payload's tensors and whose header metadata (key ``dbquant-runstate``)
+holds everything else as JSON (:func:`encode` / :func:`decode`). Loading never runs code
+from the file: a pickle (an older dbquant's checkpoint, or a planted file) is refused.
+
+A completed run is recorded, not deleted: :meth:`RunState.finish` writes ``final.pt`` (the
+calibrated weights) and marks ``state.pt`` stage ``finished``, so ``--resume`` can go
+straight to packing and saving when the save failed. The caller deletes the checkpoints
+with :meth:`RunState.cleanup` only once the output exists and validates.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from dbquant.calibration.distributed import barrier, is_writer
 from dbquant.errors import DbquantError
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1 was a torch.save pickle: refused, never unpickled
+META_KEY = "dbquant-runstate"  # safetensors header metadata key holding the JSON part of a payload
+FINISHED = "finished"  # stage of state.pt once the run completed (weights in final.pt)
 
 # Test hook: raise _Interrupted after this many optimizer steps (counted over all stages of
 # one process). Lets tests "kill" a run mid-stage at a deterministic point.
@@ -82,10 +98,211 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def atomic_save(obj, path: Path) -> None:
+# ---------------------------------------------------------------- pickle-free storage
+# A payload is a tree of dicts (any str/int/float/bool keys), lists, tuples, tensors, numbers,
+# strings, None, torch dtypes/devices and dataclasses of dbquant modules (DualBinaryWeight,
+# PerSample). encode() moves every tensor into a flat {"tN": tensor} dict and returns a JSON
+# tree where each non-JSON node is a one-key tagged object; decode() is its strict inverse.
+
+_TAGS = ("__tensor__", "__tuple__", "__dict__", "__float__", "__dtype__", "__device__", "__dataclass__")
+
+
+def encode(obj, tensors: dict[str, torch.Tensor]):
+    """JSON-able tree of ``obj``; its tensors are added to ``tensors`` under the names the tree cites."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else {"__float__": repr(obj)}
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj
+        return {"__tensor__": key}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [encode(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [encode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        return {"__dict__": [[encode(k, tensors), encode(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, torch.dtype):
+        return {"__dtype__": str(obj).removeprefix("torch.")}
+    if isinstance(obj, torch.device):
+        return {"__device__": str(obj)}
+    cls = type(obj)
+    if dataclasses.is_dataclass(obj) and cls.__module__.startswith("dbquant."):
+        fields = {f.name: encode(getattr(obj, f.name), tensors) for f in dataclasses.fields(obj) if f.init}
+        return {"__dataclass__": f"{cls.__module__}:{cls.__qualname__}", "fields": fields}
+    raise DbquantError(f"run state cannot store a {cls.__module__}.{cls.__qualname__} ({obj!r:.80}); "
+                       "only tensors, numbers, strings, containers and dbquant dataclasses")
+
+
+def _bad(why: str):
+    raise DbquantError(f"malformed run state: {why}")
+
+
+def _dataclass(spec, fields: dict, tensors: dict):
+    """The dbquant dataclass named ``module:qualname``, only from a module already imported (no import here)."""
+    if not isinstance(spec, str) or ":" not in spec or not spec.startswith("dbquant."):
+        _bad(f"dataclass {spec!r} is not a dbquant class")
+    mod, _, qual = spec.partition(":")
+    cls = getattr(sys.modules.get(mod), qual, None)
+    if cls is None or not isinstance(cls, type) or not dataclasses.is_dataclass(cls) or not isinstance(fields, dict):
+        _bad(f"dataclass {spec!r} is unknown (module not loaded) or its fields are malformed")
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    if set(fields) != names:
+        _bad(f"dataclass {spec} has fields {sorted(fields)}, expected {sorted(names)}")
+    return cls(**{k: decode(v, tensors) for k, v in fields.items()})
+
+
+def decode(tree, tensors: dict[str, torch.Tensor]):
+    """Inverse of :func:`encode`; ``DbquantError`` for anything it could not have written."""
+    if tree is None or isinstance(tree, (bool, str, int, float)):
+        return tree
+    if isinstance(tree, list):
+        return [decode(v, tensors) for v in tree]
+    if not isinstance(tree, dict) or not tree or next(iter(tree)) not in _TAGS:
+        _bad(f"unexpected node {str(tree)[:80]}")
+    tag, value = next(iter(tree.items()))
+    if tag == "__dataclass__":
+        return _dataclass(value, tree.get("fields"), tensors)
+    if len(tree) != 1:
+        _bad(f"node {str(tree)[:80]} has extra keys")
+    if tag == "__tensor__":
+        if value not in tensors:
+            _bad(f"tensor {value!r} is cited but not stored")
+        return tensors[value]
+    if tag in ("__tuple__", "__dict__") and not isinstance(value, list):
+        _bad(f"{tag} holds a {type(value).__name__}, not a list")
+    if tag == "__tuple__":
+        return tuple(decode(v, tensors) for v in value)
+    if tag == "__dict__":
+        if not all(isinstance(kv, list) and len(kv) == 2 for kv in value):
+            _bad("a dict entry is not a [key, value] pair")
+        out = {}
+        for k, v in value:
+            k = decode(k, tensors)
+            if not isinstance(k, (str, int, float, bool, tuple)) and k is not None:
+                _bad(f"dict key of type {type(k).__name__}")
+            out[k] = decode(v, tensors)
+        return out
+    if tag == "__float__":
+        if value not in ("nan", "inf", "-inf"):
+            _bad(f"float {value!r}")
+        return float(value)
+    if tag == "__dtype__":
+        dt = getattr(torch, str(value), None)
+        if not isinstance(dt, torch.dtype):
+            _bad(f"dtype {value!r}")
+        return dt
+    try:  # __device__
+        return torch.device(value)
+    except (RuntimeError, TypeError):
+        _bad(f"device {value!r}")
+
+
+def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU tensors safetensors accepts: each contiguous and the sole owner of its whole storage.
+
+    Views, slices and tensors sharing memory are copied (safetensors refuses shared storage);
+    everything else is written without a copy.
+    """
+    out, seen = {}, set()
+    for k, t in tensors.items():
+        t = t.detach().cpu()
+        ptr = t.untyped_storage().data_ptr()
+        whole = t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        if t.numel() and (not t.is_contiguous() or not whole or ptr in seen):
+            t = t.clone(memory_format=torch.contiguous_format)
+        seen.add(t.untyped_storage().data_ptr())
+        out[k] = t
+    return out
+
+
+def atomic_save(obj: dict, path: Path) -> None:
+    """Write ``obj`` (see :func:`encode`) as a safetensors file, atomically (temp name + os.replace)."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta = json.dumps(encode(obj, tensors), allow_nan=False)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        save_file(_storable(tensors), tmp, metadata={META_KEY: meta})
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# First bytes of a pickle (protocol 2+) and of torch.save's zip container.
+_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
+
+
+def read_state_file(path: Path) -> dict:
+    """The payload of a file written by :func:`atomic_save`. Never unpickles anything.
+
+    Raises ``DbquantError`` for a pickle (an older dbquant's ``torch.save`` checkpoint, or a
+    planted file), a truncated or foreign file, or malformed metadata.
+    """
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # A safetensors file starts with its header length (u64 LE, any first byte) and then "{".
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{"
+    if not looks_safetensors and head.startswith(_PICKLE_MAGIC):
+        raise DbquantError(f"checkpoint {path} is a pickle (torch.save) file: an older dbquant's checkpoint or a "
+                           "file planted in the work dir. dbquant never unpickles run state; start over with "
+                           "--overwrite (or remove the file)")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = (f.metadata() or {}).get(META_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated / foreign bytes
+        raise DbquantError(f"cannot read checkpoint {path} (not a dbquant run-state file: {e}); "
+                           "start over with --overwrite") from None
+    if meta is None:
+        raise DbquantError(f"checkpoint {path} has no {META_KEY!r} metadata; it was not written by dbquant")
+    try:
+        tree = json.loads(meta)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise DbquantError(f"checkpoint {path} has corrupt metadata ({e}); start over with --overwrite") from None
+    try:
+        obj = decode(tree, tensors)
+    except DbquantError as e:
+        raise DbquantError(f"checkpoint {path}: {e}; start over with --overwrite") from None
+    except (RecursionError, ValueError, TypeError) as e:
+        raise DbquantError(f"checkpoint {path} has malformed metadata ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict) or obj.get("version") != STATE_VERSION:
+        version = obj.get("version") if isinstance(obj, dict) else None
+        raise DbquantError(f"checkpoint {path} has run-state version {version!r}; this dbquant reads "
+                           f"{STATE_VERSION}; start over with --overwrite")
+    return obj
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete ``.NAME.tmp-PID`` files that a killed process left in ``folder`` (PID no longer running)."""
+    gone = []
+    for f in folder.glob(".*.tmp-*"):
+        pid = f.name.rpartition(".tmp-")[2]
+        if f.is_file() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            f.unlink(missing_ok=True)
+            gone.append(f)
+    return gone
+
+
+def discard_checkpoints(work_dir: str | os.PathLike) -> None:
+    """Delete every checkpoint of a work dir (``*.pt``); the log stays. For callers without a RunState."""
+    d = Path(work_dir)
+    if d.is_dir():
+        for f in d.glob("*.pt"):
+            f.unlink(missing_ok=True)
 
 
 class RunState:
@@ -109,6 +326,7 @@ class RunState:
                                "continue it or --overwrite to start over")
         if self.writer:
             self.dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.dir)  # half-written files of a killed run
         if resume:
             if not state_path.exists():
                 raise DbquantError(f"--resume: no checkpoint in {self.dir} (state.pt is missing); "
@@ -124,21 +342,18 @@ class RunState:
     # ---------------------------------------------------------------- files
     def _check(self, obj: dict, path: Path) -> dict:
         fp = obj.get("fingerprint") if isinstance(obj, dict) else None
-        if fp is None or fp.get("hash") != self.fingerprint["hash"]:
-            diffs = _diff(fp or {}, self.fingerprint) or ["(unreadable fingerprint)"]
+        if not isinstance(fp, dict) or fp.get("hash") != self.fingerprint["hash"]:
+            diffs = _diff(fp if isinstance(fp, dict) else {}, self.fingerprint) or ["(unreadable fingerprint)"]
             raise DbquantError(f"checkpoint {path} was written by a different run and cannot be resumed; "
                                f"differences: {'; '.join(diffs[:6])}. Start over with --overwrite, or "
                                "rerun with the original model, options and data")
         return obj
 
     def _load_file(self, path: Path) -> dict:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # truncated or foreign file
-            raise DbquantError(f"cannot read checkpoint {path}: {e}") from e
-        return self._check(obj, path)
+        return self._check(read_state_file(path), path)  # safetensors + JSON: never unpickled
 
     def save(self, name: str, payload: dict) -> None:
+        """Write ``payload`` (tensors, numbers, strings, containers, dbquant dataclasses) to ``name`` atomically."""
         if self.dir is None or not self.writer:
             return
         atomic_save({"version": STATE_VERSION, "fingerprint": self.fingerprint, **payload}, self.dir / name)
@@ -152,13 +367,41 @@ class RunState:
         if self.writer and self.dir is not None and (self.dir / name).exists():
             (self.dir / name).unlink()
 
-    def finish(self) -> None:
-        """Drop the checkpoints of a completed run (the log stays)."""
+    def finish(self, payload: dict | None = None) -> None:
+        """Record that the run completed; keep every checkpoint (the output is not written yet).
+
+        payload: what the caller needs to produce the output without recalibrating, e.g.
+        ``{"weights": {name: DualBinaryWeight}}``; stored as ``final.pt``. ``state.pt`` then
+        says stage ``finished``, so ``--resume`` after a failed save can go straight to
+        packing/saving (:attr:`finished`, :meth:`final`). Delete the files with
+        :meth:`cleanup` once the output exists and validates.
+        """
         if self.dir is None or not self.writer:
             return
+        if payload is not None:
+            self.save("final.pt", payload)
+        self.save("state.pt", {"stage": FINISHED, "position": {}})  # last: final.pt is complete when this says so
         self.log({"event": "done", "seconds": round(time.perf_counter() - self.t0, 2)})
-        for f in self.dir.glob("*.pt"):
-            f.unlink()
+
+    @property
+    def finished(self) -> bool:
+        """Whether the resumed checkpoint is a completed run (its result in ``final.pt``)."""
+        return (self.resumed or {}).get("stage") == FINISHED
+
+    def final(self) -> dict:
+        """The payload :meth:`finish` stored; ``DbquantError`` if the completed run left none."""
+        out = self.load("final.pt")
+        if out is None:
+            raise DbquantError(f"resume: {self.dir}/final.pt is missing although state.pt says the run finished; "
+                               "start over with --overwrite")
+        return out
+
+    def cleanup(self) -> None:
+        """Delete the checkpoints (the log stays). Call only after the output exists and validates."""
+        if self.dir is None or not self.writer:
+            return
+        self.log({"event": "cleanup"})
+        discard_checkpoints(self.dir)
 
     # ---------------------------------------------------------------- log & steps
     def log(self, record: dict) -> None:

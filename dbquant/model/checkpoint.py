@@ -11,12 +11,13 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ..backends import registry
 from ..errors import DbquantError
 from ..format import layout
-from ..format.files import atomic_dir
-from .hf import DbquantConfig
+from ..format.files import atomic_dir, file_metadata, read_header
+from .hf import DbquantConfig, format_metadata
 from .modules import PackedLinear
 from .vlm import auto_model_class
 
@@ -49,9 +50,12 @@ def read_config(path: str | os.PathLike) -> dict:
     if not cfg.is_file():
         raise DbquantError(f"{path} has no config.json; it is not a model folder")
     try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
+        out = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise DbquantError(f"{cfg} is not valid JSON ({e})") from None
+    if not isinstance(out, dict) or not isinstance(out.get("quantization_config", {}), (dict, type(None))):
+        raise DbquantError(f"{cfg} is not a model config (a JSON object whose quantization_config is an object)")
+    return out
 
 
 def is_dbquant_dir(path: str | os.PathLike) -> bool:
@@ -81,13 +85,48 @@ def load(path: str | os.PathLike, backend: str = "auto", dtype: torch.dtype = to
         raise DbquantError(f"{path} is not a dbquant checkpoint (config.json has no quantization_config "
                            "with quant_method 'dbquant'); quantize it with `dbquant quantize`")
     layout.check_version(qc.get("format_version"))
-    if not list(path.glob("*.safetensors")):
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
         raise DbquantError(f"{path} has no .safetensors weights; the checkpoint is incomplete")
     registry.resolve(backend)  # fail early on an unavailable backend
-    model = auto_model_class(config).from_pretrained(path, dtype=dtype)
+    _check_files(path, files, qc)
+    try:
+        model = auto_model_class(config).from_pretrained(path, dtype=dtype)
+    except DbquantError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError, OSError,
+            SafetensorError) as e:
+        # transformers' own checks of config values and tensors: one line, the cause chained
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DbquantError(f"cannot load {path}: {type(e).__name__}: {msg[:300]}") from e
     if backend != "auto":
         set_backend(model, backend)
     return model.eval()
+
+
+def _check_files(path: Path, files: list[Path], qc: dict) -> None:
+    """Every file's header and ``dbquant`` metadata, before transformers opens them (it would raise raw errors).
+
+    The full cross-check of config against tensors runs inside ``from_pretrained``
+    (``DbquantHfQuantizer``); this catches what transformers reads first.
+    """
+    expect = format_metadata(DbquantConfig(**qc))  # DbquantConfig validates the config's own values
+    for f in files:
+        meta = file_metadata(f, read_header(f))
+        if meta is not None:
+            for key in ("format", "format_version", "group_size", "offset"):
+                if meta.get(key) != expect[key]:
+                    raise DbquantError(f"{f} says {key}={meta.get(key)!r} in its header metadata but config.json's "
+                                       f"quantization_config says {key}={expect[key]!r}; the config does not belong "
+                                       "to these weights")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            ok = isinstance(json.loads(index.read_text()).get("weight_map"), dict)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError):
+            ok = False
+        if not ok:
+            raise DbquantError(f"{index} is corrupt (not JSON with a weight_map object); re-copy the checkpoint")
 
 
 def set_backend(model, backend: str) -> None:

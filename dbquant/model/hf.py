@@ -8,6 +8,7 @@ of the packed ones), so registration is not optional and happens at import.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import torch
@@ -23,16 +24,16 @@ from transformers.quantizers.auto import (
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .._version import __version__
+from ..backends.registry import BACKENDS
 from ..errors import DbquantError
 from ..format import layout
-from ..format.files import validate_files
+from ..format.files import METADATA_KEY, check_claims, validate_files
 from ..format.layout import LinearLayout
 from .convert import empty_packed_modules
 from .plan import LinearPlan
 from .vlm import is_vlm
 
 QUANT_METHOD = "dbquant"
-METADATA_KEY = "dbquant"  # safetensors header metadata key holding the format facts (JSON)
 
 
 class DbquantConfig(QuantizationConfigMixin):
@@ -52,6 +53,11 @@ class DbquantConfig(QuantizationConfigMixin):
                  format_version: int = layout.FORMAT_VERSION, bpw: dict | None = None,
                  dbquant_version: str = __version__, backend: str = "auto", **kwargs):
         self.quant_method = QUANT_METHOD
+        if modules is not None and (not isinstance(modules, (list, tuple))
+                                    or not all(isinstance(m, str) for m in modules)):
+            raise DbquantError(f"quantization_config.modules must be a list of module paths, got {str(modules)[:120]}")
+        if not isinstance(offset, bool):
+            raise DbquantError(f"quantization_config.offset must be true or false, got {offset!r}")
         self.modules = list(modules or [])
         self.group_size = group_size
         self.offset = bool(offset)
@@ -62,6 +68,8 @@ class DbquantConfig(QuantizationConfigMixin):
         self.dbquant_version = dbquant_version
         self.backend = backend
         self.post_init()
+        if backend != "auto" and backend not in BACKENDS:
+            raise DbquantError(f"quantization_config.backend {backend!r} is unknown; choose auto or one of {BACKENDS}")
 
     def post_init(self):
         if self.format != layout.FORMAT_NAME:
@@ -101,12 +109,23 @@ class DbquantHfQuantizer(HfQuantizer):
         return torch.float32 if dtype is None else dtype
 
     def _process_model_before_weight_loading(self, model: PreTrainedModel, checkpoint_files=None, **kwargs):
+        """Swap in the packed modules, after checking config and files agree both ways.
+
+        transformers would otherwise load a disagreeing checkpoint silently: an unlisted packed
+        module's ``weight`` initialised at random, an offset dropped, a dense tensor missing.
+        """
         plan = self.quantization_config.plan(model)
+        entries = None
         if checkpoint_files:
-            # refuse missing/truncated/mis-shaped tensors up front
             names = disk_names(model, [p.name for p in plan])
-            validate_files(checkpoint_files, {names.get(p.name, p.name): p.layout for p in plan})
+            layouts = {names.get(p.name, p.name): p.layout for p in plan}
+            # files -> config: missing/truncated/mis-shaped packed tensors, header facts that differ
+            entries = validate_files(checkpoint_files, layouts, format_metadata(self.quantization_config))
+            # config -> files: packed tensors nobody claims, offsets the config does not expect
+            check_claims(entries, layouts, native={k.rpartition(".")[2] for k in model.state_dict()})
         empty_packed_modules(model, plan, backend=self.quantization_config.backend)
+        if entries is not None:
+            check_dense_present(model, entries)
         return model
 
     def get_state_dict_and_metadata(self, model):
@@ -133,6 +152,44 @@ def disk_names(model: PreTrainedModel, names: list[str]) -> dict[str, str]:
         (saved,) = revert_weight_conversion(model, {n + ".weight": torch.empty(0, device="meta")})
         out[n] = saved.removesuffix(".weight")
     return out
+
+
+def check_dense_present(model: PreTrainedModel, entries: dict[str, dict]) -> None:
+    """Refuse files whose tensors are not exactly the ones the (packed) model holds.
+
+    A missing tensor would be initialised at random by transformers, an extra one dropped
+    with a log line; both mean config and files disagree. ``model``: the skeleton with packed
+    modules in place; ``entries``: tensor name -> header entry of every checkpoint file.
+    Tied weights may be absent; keys the model class lets go missing/unexpected are exempt.
+    """
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    keys = list(model.state_dict())
+    saved = _saved_names(model, keys)
+    ignore_missing = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None) or ())]
+    ignore_extra = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())]
+    wanted = _saved_names(model, [k for k in keys if k not in tied and not any(p.search(k) for p in ignore_missing)])
+    missing = sorted(wanted - set(entries))
+    if missing:
+        raise DbquantError(f"checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:4]}; "
+                           "transformers would initialise them at random. The files are incomplete or "
+                           "config.json does not belong to them — re-copy or re-quantize the checkpoint")
+    if not is_vlm(model.config):  # names are the state-dict names: shapes must agree too (else random init)
+        sd = model.state_dict()
+        for k in sorted(wanted):
+            if tuple(entries[k]["shape"]) != tuple(sd[k].shape):
+                raise DbquantError(f"checkpoint tensor {k} has shape {entries[k]['shape']} but the model built from "
+                                   f"config.json needs {list(sd[k].shape)}; the config does not belong to these files")
+    extra = sorted(k for k in set(entries) - saved if not any(p.search(k) for p in ignore_extra))
+    if extra:
+        raise DbquantError(f"checkpoint holds {len(extra)} tensor(s) the model has no place for, e.g. {extra[:4]}; "
+                           "transformers would drop them. config.json does not belong to these files")
+
+
+def _saved_names(model: PreTrainedModel, keys: list[str]) -> set[str]:
+    """The names ``save_pretrained`` writes ``keys`` under (VLMs: their legacy layout)."""
+    if not is_vlm(model.config):
+        return set(keys)
+    return set(revert_weight_conversion(model, {k: torch.empty(0, device="meta") for k in keys}))
 
 
 def format_metadata(cfg: DbquantConfig) -> dict:
