@@ -99,8 +99,11 @@ def test_parity_shapes_all_isas(k, g, m):
 def test_simd_path_available_or_reported(isa):
     """The SIMD paths run where the CPU has them; elsewhere the op names the reason."""
     if isa in ISAS:
-        w, b, _ = prepared(16, 64, 64, False, False)
-        assert cpu_backend.run_cpu(torch.randn(1, 64), w, b, isa).shape == (1, 16)
+        w, b, canon = prepared(16, 64, 64, True, True)
+        x = torch.randn(1, 64)
+        y = cpu_backend.run_cpu(x, w, b, isa)
+        assert y.shape == (1, 16)
+        assert_matches(y, dbgemm_ref(x, *canon, b, 64, 64))
     else:
         w, b, _ = prepared(16, 64, 64, False, False)
         with pytest.raises(RuntimeError, match=f"isa='{isa}' is not supported by this CPU"):

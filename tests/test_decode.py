@@ -44,7 +44,7 @@ def test_dense_matches_hf_forward(model_type):
 def test_packed_fused_matches_hf_forward(model_type, tmp_path):
     model = _packed(model_type, tmp_path)
     dec = FastDecoder(model)
-    assert dec.layers[0]["qkv"].packed is not None  # q, k, v fused into one kernel call
+    assert dec.layers[0].qkv.packed is not None  # q, k, v fused into one kernel call
     _assert_chunked_logits_match(model)
 
 
@@ -70,15 +70,16 @@ def test_native_layer_step_matches_the_python_step(model_type, cfg):
         torch.testing.assert_close(a[0], ref[p], rtol=1e-4, atol=1e-5 * scale)
     torch.testing.assert_close(native.k_cache, python.k_cache, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(native.v_cache, python.v_cache, rtol=1e-5, atol=1e-6)
+    assert all(L.native is native.native[i] for i, L in enumerate(native.layers))
     # bad input is refused by the op, not computed
-    L, x = native.layers[0], torch.zeros(1, model.config.hidden_size)
-    args = (L["ln1"][0], L["ln2"][0], 1e-5, 32, native.cos[0], native.sin[0])
-    with pytest.raises(RuntimeError, match="proj must hold 16 entries"):
-        torch.ops.dbquant.decode_layer_cpu(x, native.native[0][:12], *args, native.k_cache[0], native.v_cache[0],
-                                           0, 4, 0.125)
-    with pytest.raises(RuntimeError, match="inconsistent sizes"):
-        torch.ops.dbquant.decode_layer_cpu(x, native.native[0], *args, native.k_cache[0], native.v_cache[0],
-                                           32, 4, 0.125)  # pos beyond max_len
+    run, layer = native.decode_layer.run, native.native[0]
+    x = torch.zeros(1, model.config.hidden_size)
+    with pytest.raises(RuntimeError, match=r"pos 32 is outside the cache \(max_len 32\)"):
+        run(x, layer, native.cos[0], native.sin[0], native.k_cache[0], native.v_cache[0], 32)
+    with pytest.raises(RuntimeError, match=r"x must be \[1, 64\] \(hidden\), got \[1, 63\]"):
+        run(x[:, :63].contiguous(), layer, native.cos[0], native.sin[0], native.k_cache[0], native.v_cache[0], 0)
+    with pytest.raises(RuntimeError, match=r"cos must have shape \[16\]"):
+        run(x, layer, native.cos[0, :8].contiguous(), native.sin[0], native.k_cache[0], native.v_cache[0], 0)
 
 
 def test_native_layer_step_needs_fused_packed_layers():
@@ -90,7 +91,7 @@ def test_native_layer_step_needs_fused_packed_layers():
 def test_packed_unfusable_shapes_fall_back_to_modules():
     # hidden 72 / 4 heads -> k, v have 36 rows: not a multiple of the 16-row tile
     model = _packed("llama", hidden_size=72)
-    assert FastDecoder(model).layers[0]["qkv"].modules is not None
+    assert FastDecoder(model).layers[0].qkv.modules is not None
     _assert_chunked_logits_match(model)
 
 

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from dbquant.backends import cpu as cpu_backend
+from dbquant.backends import cuda as cuda_backend
 from dbquant.backends import reference, registry
 from dbquant.errors import DbquantError
 from dbquant.model.modules import FakeQuantLinear, PackedLinear
@@ -31,20 +33,29 @@ def test_reference_equals_dense_matmul(n, k, g, m, offset, bias):
 def test_reference_rejects_inconsistent_shapes():
     _, q = _quantized(4, 64, 32, False)
     lin = PackedLinear.from_weight(q)
-    with pytest.raises(ValueError, match="inconsistent"):
+    with pytest.raises(DbquantError, match=r"x has shape \(1, 63\) but in_features=64"):
         reference.dbgemm_ref(torch.randn(1, 63), lin.qweight, lin.scales, None, None, 64, 32)
-    with pytest.raises(ValueError, match="inconsistent"):
+    with pytest.raises(DbquantError, match=r"scales must have shape \(4, 1, 2\), got \(4, 2, 2\)"):
         reference.dbgemm_ref(torch.randn(1, 64), lin.qweight, lin.scales, None, None, 64, 64)
+    with pytest.raises(ValueError):  # still a ValueError for callers written against the old check
+        reference.dbgemm_ref(torch.randn(1, 63), lin.qweight, lin.scales, None, None, 64, 32)
 
 
 def test_registry():
     assert registry.resolve("ref") == "ref"
-    assert registry.resolve("auto", "cpu") in ("cpu", "ref")
+    # exactly the first available backend of the CPU preference: the C++ kernel when built
+    assert registry.resolve("auto", "cpu") == ("cpu" if cpu_backend.load_cpu() else "ref")
     assert registry.get("dbgemm", "ref") is reference.dbgemm_ref
     with pytest.raises(DbquantError, match="unknown backend"):
         registry.resolve("nope")
-    with pytest.raises(DbquantError, match="not available"):
-        registry.resolve("cuda")
+    with pytest.raises(DbquantError, match=r"unknown op 'nope'"):
+        registry.get("nope", "ref")
+    if cuda_backend.load_cuda():  # a CUDA build with a GPU: the backend resolves
+        assert registry.resolve("cuda") == "cuda"
+        assert registry.resolve("auto", "cuda", rows=1) == "cuda"
+    else:
+        with pytest.raises(DbquantError, match="not available"):
+            registry.resolve("cuda")
     with pytest.raises(ValueError):
         registry.register("dbgemm", "fpga")
 

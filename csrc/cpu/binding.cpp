@@ -11,10 +11,13 @@
 //                                    (the same with int8 activations per block of 32, gemv_int8.h)
 //   torch.ops.dbquant.rms_norm_cpu(Tensor x, Tensor w, float eps) -> Tensor
 //                                    (fused RMSNorm over the last dim, decode_ops.h)
-//   torch.ops.dbquant.decode_layer_cpu(Tensor(a!) x, Tensor?[] proj, Tensor ln1, Tensor ln2,
-//                                    float eps, int group_size, Tensor cos, Tensor sin,
-//                                    Tensor(b!) k_cache, Tensor(c!) v_cache, int pos,
-//                                    int n_heads, float scale) -> ()
+//   torch.classes.dbquant.DecodeLayer(Tensor ln1, Tensor ln2, float eps, int n_heads, int n_kv,
+//                                    int head_dim, int intermediate, int group_size, float scale)
+//                                    .set_proj(str name, Tensor planes, Tensor scales,
+//                                              Tensor? offset, Tensor? bias)
+//                                    (one decoder layer's weights, built once per layer)
+//   torch.ops.dbquant.decode_layer_cpu(Tensor(a!) x, DecodeLayer layer, Tensor cos, Tensor sin,
+//                                    Tensor(b!) k_cache, Tensor(c!) v_cache, int pos) -> ()
 //                                    (one whole decoder layer for one token, in place)
 //   torch.ops.dbquant.cpu_isas() -> str[]       (supported ISA paths, fastest first)
 // The weight arguments are in the t16 kernel layout (dbgemm_t16.h, docs/FORMAT.md);
@@ -24,12 +27,14 @@
 // this library, whose static initialisers register the ops.
 
 #include <torch/extension.h>
+#include <torch/custom_class.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "dbgemm_t16.h"
@@ -98,6 +103,41 @@ Isa parse_isa(const std::string& isa) {
   TORCH_CHECK(false, "dbgemm_cpu: unknown isa '", isa, "'; use auto, avx512, avx2 or scalar");
 }
 
+// Dense float32 [N, K] weight from the t16 layout (for long prefills: one BLAS GEMM).
+at::Tensor dequantize_t16(const dbquant::cpu::T16Weight& w, const at::TensorOptions& opts) {
+  at::Tensor out = at::empty({w.N, w.K}, opts.dtype(at::kFloat));
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, w.tiles(), std::max<int64_t>(1, (int64_t(1) << 14) / (dbquant::cpu::kTile * w.kp())),
+                   [&](int64_t t0, int64_t t1) { dbquant::cpu::dequantize_tiles(w, op, t0, t1); });
+  return out;
+}
+
+// Whether row r of x float32 [M, K] holds a NaN or an Inf (x * 0 is NaN exactly then; the
+// sum vectorises, ~K / 16 cycles: nothing next to building the row's tables).
+bool row_nonfinite(const float* xr, int64_t K) {
+  float probe = 0.0f;
+#pragma omp simd reduction(+ : probe)
+  for (int64_t i = 0; i < K; ++i) probe += xr[i] * 0.0f;
+  return probe != 0.0f;
+}
+
+// The lookup tables tabulate partial sums of activations, so a NaN or Inf activation never
+// meets a weight of 0 (where x @ W.T gives NaN * 0 = NaN): such rows would come out finite.
+// Rows with a non-finite input are recomputed densely (W dequantized, one BLAS GEMV), which
+// propagates NaN/Inf exactly as the reference does. Finite inputs pay only the scan.
+void recompute_nonfinite_rows(const at::Tensor& x, const dbquant::cpu::T16Weight& w, at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const float* xp = x.data_ptr<float>();
+  at::Tensor dense;
+  for (int64_t m = 0; m < M; ++m) {
+    if (!row_nonfinite(xp + m * K, K)) continue;
+    if (!dense.defined()) dense = dequantize_t16(w, x.options());
+    at::Tensor row = at::mv(dense, x[m]);
+    if (w.bias) row.add_(at::from_blob(const_cast<float*>(w.bias), {w.N}, x.options()));
+    y[m].copy_(row);
+  }
+}
+
 at::Tensor dbgemm_cpu(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& scales,
                       const std::optional<at::Tensor>& offset,
                       const std::optional<at::Tensor>& bias, int64_t out_features,
@@ -139,21 +179,17 @@ at::Tensor dbgemm_cpu(const at::Tensor& x, const at::Tensor& planes, const at::T
       dbquant::cpu::gemm_tiles(isa, w, lp, gp, mt, yt, t0, t1);
     });
   }
+  recompute_nonfinite_rows(x, w, y);
   return y;
 }
 
-// Dense float32 [N, K] weight from the t16 layout (for long prefills: one BLAS GEMM).
+// The op form of dequantize_t16, from the layout's tensors.
 at::Tensor dequantize_cpu(const at::Tensor& planes, const at::Tensor& scales,
                           const std::optional<at::Tensor>& offset, int64_t out_features,
                           int64_t in_features, int64_t group_size) {
   const dbquant::cpu::T16Weight w =
       t16_weight("dequantize_cpu", planes, scales, offset, out_features, in_features, group_size);
-  const int64_t T = w.tiles(), tile = dbquant::cpu::kTile;
-  at::Tensor out = at::empty({out_features, in_features}, planes.options().dtype(at::kFloat));
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, T, std::max<int64_t>(1, (int64_t(1) << 14) / (tile * w.kp())),
-                   [&](int64_t t0, int64_t t1) { dbquant::cpu::dequantize_tiles(w, op, t0, t1); });
-  return out;
+  return dequantize_t16(w, planes.options());
 }
 
 // y = x @ (s * wq)^T for a dense int8-weight projection (gemv_int8.h).
@@ -258,53 +294,98 @@ void gemv_t16(Isa isa, const dbquant::cpu::T16Weight& w, const float* x, float* 
   });
 }
 
-// One Llama-family decoder layer for one token (batch 1), in place on x float32 [1, H]:
-//   x += o(attn(rope(q), rope(k), v)) with q, k, v = qkv(rms(x, ln1)); k, v appended to the
-//   caches at `pos`; then x += down(silu(gate) * up) with gate, up = gate_up(rms(x, ln2)).
-// proj: 16 entries, four per projection in the order qkv, o, gate_up, down:
-//   planes, scales, offset (or None), bias (or None), in the t16 layout (dbgemm_t16.h);
-// out_features follow from the shapes: qkv (Hq + 2 Hk) D, o H, gate_up 2 I, down H.
-// k_cache, v_cache: float32 [1, Hk, L, D] (this layer's); cos, sin: float32 [D] at `pos`.
-// Every piece computes what dbquant/runtime/decode.py's Python step computes (up to float rounding
-// order); the gain is one call instead of ~20 framework ops (tests/test_decode.py).
-void decode_layer_cpu(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& proj,
-                      const at::Tensor& ln1, const at::Tensor& ln2, double eps, int64_t group_size,
-                      const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
-                      const at::Tensor& v_cache, int64_t pos, int64_t n_heads, double scale) {
-  using dbquant::cpu::T16Weight;
-  TORCH_CHECK(proj.size() == 16, "decode_layer_cpu: proj must hold 16 entries (4 per projection), got ",
-              proj.size());
-  check_input(x, "x", at::kFloat);
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "decode_layer_cpu: x must be [1, hidden], got ", x.sizes());
-  for (const at::Tensor* t : {&ln1, &ln2, &cos, &sin, &k_cache, &v_cache}) check_input(*t, "a norm/rope/cache tensor", at::kFloat);
-  const int64_t H = x.size(1), D = cos.size(0);
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == 1 && k_cache.size(3) == D &&
-                  v_cache.sizes() == k_cache.sizes(),
-              "decode_layer_cpu: caches must be [1, n_kv, max_len, ", D, "], got ", k_cache.sizes(),
-              " and ", v_cache.sizes());
-  const int64_t Hk = k_cache.size(1), L = k_cache.size(2), Hq = n_heads;
-  TORCH_CHECK(Hq >= Hk && Hq % Hk == 0 && pos >= 0 && pos < L && sin.size(0) == D && ln1.size(0) == H &&
-                  ln2.size(0) == H,
-              "decode_layer_cpu: inconsistent sizes (n_heads ", Hq, ", n_kv ", Hk, ", pos ", pos,
-              ", max_len ", L, ", hidden ", H, ")");
-  auto weight = [&](int i, int64_t N, int64_t K, const char* name) {
-    const std::optional<at::Tensor> planes = proj.get(4 * i), scales = proj.get(4 * i + 1);
-    TORCH_CHECK(planes && scales, "decode_layer_cpu: ", name, " needs planes and scales");
-    T16Weight w = t16_weight("decode_layer_cpu", *planes, *scales, proj.get(4 * i + 2), N, K, group_size);
-    const std::optional<at::Tensor> bias = proj.get(4 * i + 3);
+// One Llama-family decoder layer's weights for decode_layer_cpu, built once per layer
+// (torch.classes.dbquant.DecodeLayer, dbquant/backends/cpu.py: prepare_decode_layer) so that
+// each token's call passes one object instead of ~16 tensors, and the weights' dtypes and
+// shapes are checked once here rather than per token. Holds references to its tensors.
+//   ln1, ln2: float32 [H] (RMSNorm weights, shared eps); Hq query heads, Hk kv heads of D
+//   channels; I: MLP width; scale: attention scale (usually D^-0.5).
+//   Projections (set_proj, t16 layout of dbgemm_t16.h with one group_size, bias float32 [N]
+//   or None), N x K: "qkv" (Hq + 2 Hk) D x H, "o" H x Hq D, "gate_up" 2 I x H, "down" H x I.
+struct DecodeLayer : torch::CustomClassHolder {
+  static constexpr const char* kNames[4] = {"qkv", "o", "gate_up", "down"};
+
+  DecodeLayer(at::Tensor ln1, at::Tensor ln2, double eps, int64_t n_heads, int64_t n_kv, int64_t head_dim,
+              int64_t intermediate, int64_t group_size, double scale)
+      : ln1(std::move(ln1)), ln2(std::move(ln2)), eps(eps), Hq(n_heads), Hk(n_kv), D(head_dim),
+        I(intermediate), group_size(group_size), scale(scale) {
+    check_input(this->ln1, "ln1", at::kFloat);
+    check_input(this->ln2, "ln2", at::kFloat);
+    TORCH_CHECK(this->ln1.dim() == 1 && this->ln2.sizes() == this->ln1.sizes(),
+                "DecodeLayer: ln1 and ln2 must be float32 [hidden] alike, got ", this->ln1.sizes(), " and ",
+                this->ln2.sizes());
+    H = this->ln1.size(0);
+    TORCH_CHECK(H >= 1 && Hk >= 1 && Hq >= Hk && Hq % Hk == 0 && D >= 2 && D % 2 == 0 && I >= 1,
+                "DecodeLayer: inconsistent sizes (hidden ", H, ", n_heads ", Hq, ", n_kv ", Hk, ", head_dim ", D,
+                ", intermediate ", I, "): need n_heads a multiple of n_kv, an even head_dim, all >= 1");
+  }
+
+  // out_features, in_features of projection i (kNames order).
+  std::pair<int64_t, int64_t> shape_of(int i) const {
+    const int64_t n[4] = {(Hq + 2 * Hk) * D, H, 2 * I, H}, k[4] = {H, Hq * D, H, I};
+    return {n[i], k[i]};
+  }
+
+  void set_proj(const std::string& name, at::Tensor planes, at::Tensor scales, std::optional<at::Tensor> offset,
+                std::optional<at::Tensor> bias) {
+    const int i = int(std::find_if(kNames, kNames + 4, [&](const char* s) { return name == s; }) - kNames);
+    TORCH_CHECK(i < 4, "DecodeLayer.set_proj: unknown projection '", name, "'; use qkv, o, gate_up or down");
+    const auto [N, K] = shape_of(i);
+    dbquant::cpu::T16Weight w = t16_weight("DecodeLayer.set_proj", planes, scales, offset, N, K, group_size);
     if (bias) {
       check_input(*bias, "bias", at::kFloat);
       check_shape(*bias, "bias", {N});
     }
     w.bias = bias ? bias->data_ptr<float>() : nullptr;
-    return w;
-  };
-  const int64_t qkv_n = (Hq + 2 * Hk) * D;
-  const std::optional<at::Tensor> gu_scales = proj.get(9);
-  TORCH_CHECK(gu_scales, "decode_layer_cpu: gate_up needs scales");
-  const int64_t I = gu_scales->size(0) * dbquant::cpu::kTile / 2;  // 2I rows, a whole number of tiles
-  const T16Weight wqkv = weight(0, qkv_n, H, "qkv"), wo = weight(1, H, Hq * D, "o"),
-                  wgu = weight(2, 2 * I, H, "gate_up"), wd = weight(3, H, I, "down");
+    weights[i] = w;
+    held[i] = {planes, scales, offset.value_or(at::Tensor()), bias.value_or(at::Tensor())};
+    set[i] = true;
+  }
+
+  void check_complete() const {
+    for (int i = 0; i < 4; ++i)
+      TORCH_CHECK(set[i], "decode_layer_cpu: the layer's '", kNames[i], "' projection was never set (set_proj)");
+  }
+
+  at::Tensor ln1, ln2;
+  double eps;
+  int64_t H = 0, Hq, Hk, D, I, group_size;
+  double scale;
+  dbquant::cpu::T16Weight weights[4] = {};
+  std::vector<at::Tensor> held[4];  // keeps the tensors behind weights[i] alive
+  bool set[4] = {false, false, false, false};
+};
+
+// One Llama-family decoder layer for one token (batch 1), in place on x float32 [1, H]:
+//   x += o(attn(rope(q), rope(k), v)) with q, k, v = qkv(rms(x, ln1)); k, v appended to the
+//   caches at `pos`; then x += down(silu(gate) * up) with gate, up = gate_up(rms(x, ln2)).
+// layer: the weights (DecodeLayer above). k_cache, v_cache: float32 [1, Hk, L, D] (this
+// layer's); cos, sin: float32 [D] at `pos`.
+// Every piece computes what decode_layer_ref (dbquant/backends/reference.py) computes, up
+// to float rounding order; the gain is one call instead of ~20 framework ops.
+void decode_layer_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeLayer>& layer, const at::Tensor& cos,
+                      const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos) {
+  using dbquant::cpu::T16Weight;
+  const DecodeLayer& ly = *layer;
+  ly.check_complete();
+  const int64_t H = ly.H, Hq = ly.Hq, Hk = ly.Hk, D = ly.D, I = ly.I;
+  check_input(x, "x", at::kFloat);
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.size(1) == H, "decode_layer_cpu: x must be [1, ", H,
+              "] (hidden), got ", x.sizes());
+  check_input(cos, "cos", at::kFloat);
+  check_input(sin, "sin", at::kFloat);
+  check_shape(cos, "cos", {D});
+  check_shape(sin, "sin", {D});
+  check_input(k_cache, "k_cache", at::kFloat);
+  check_input(v_cache, "v_cache", at::kFloat);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == 1 && k_cache.size(1) == Hk && k_cache.size(3) == D &&
+                  v_cache.sizes() == k_cache.sizes(),
+              "decode_layer_cpu: caches must be [1, ", Hk, ", max_len, ", D, "], got ", k_cache.sizes(), " and ",
+              v_cache.sizes());
+  const int64_t L = k_cache.size(2);
+  TORCH_CHECK(pos >= 0 && pos < L, "decode_layer_cpu: pos ", pos, " is outside the cache (max_len ", L, ")");
+  const T16Weight &wqkv = ly.weights[0], &wo = ly.weights[1], &wgu = ly.weights[2], &wd = ly.weights[3];
+  const int64_t qkv_n = wqkv.N;
   const Isa isa = dbquant::cpu::best_isa();
 
   const int64_t n = pos + 1;
@@ -322,9 +403,10 @@ void decode_layer_cpu(const at::Tensor& x, const c10::List<std::optional<at::Ten
   float* act = gu + 2 * I;
   float* tmp = act + I;
   float* xp = x.data_ptr<float>();
+  const float eps = float(ly.eps);
 
   // attention half
-  dbquant::cpu::rms_norm_rows(xp, ln1.data_ptr<float>(), float(eps), H, h, 0, 1);
+  dbquant::cpu::rms_norm_rows(xp, ly.ln1.data_ptr<float>(), eps, H, h, 0, 1);
   gemv_t16(isa, wqkv, h, qkv, lut, gsum);
   float* q = qkv;
   float* k = qkv + Hq * D;
@@ -338,12 +420,12 @@ void decode_layer_cpu(const at::Tensor& x, const c10::List<std::optional<at::Ten
     std::copy(v + j * D, v + (j + 1) * D, vc + (j * L + pos) * D);
   }
   at::parallel_for(0, Hq, std::max<int64_t>(1, (int64_t(1) << 14) / (n * D)), [&](int64_t h0, int64_t h1) {
-    dbquant::cpu::attend_one_token(q, kc, vc, Hq, Hk, L, D, n, float(scale), scores, att, h0, h1);
+    dbquant::cpu::attend_one_token(q, kc, vc, Hq, Hk, L, D, n, float(ly.scale), scores, att, h0, h1);
   });
   gemv_t16(isa, wo, att, tmp, lut, gsum);
   for (int64_t i = 0; i < H; ++i) xp[i] += tmp[i];
   // MLP half
-  dbquant::cpu::rms_norm_rows(xp, ln2.data_ptr<float>(), float(eps), H, h, 0, 1);
+  dbquant::cpu::rms_norm_rows(xp, ly.ln2.data_ptr<float>(), eps, H, h, 0, 1);
   gemv_t16(isa, wgu, h, gu, lut, gsum);
   dbquant::cpu::silu_mul(gu, I, act);
   gemv_t16(isa, wd, act, tmp, lut, gsum);
@@ -371,9 +453,14 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
   m.def("linear_int8_cpu(Tensor x, Tensor wq, Tensor s, str isa=\"auto\") -> Tensor");
   m.def("rms_norm_cpu(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("linear_w8a8_cpu(Tensor x, Tensor wq, Tensor s, str isa=\"auto\") -> Tensor");
+  // The class comes before the op whose schema names it.
+  m.class_<DecodeLayer>("DecodeLayer")
+      .def(torch::init<at::Tensor, at::Tensor, double, int64_t, int64_t, int64_t, int64_t, int64_t, double>())
+      .def("set_proj", &DecodeLayer::set_proj)
+      .def("hidden", [](const c10::intrusive_ptr<DecodeLayer>& self) { return self->H; });
   m.def(
-      "decode_layer_cpu(Tensor(a!) x, Tensor?[] proj, Tensor ln1, Tensor ln2, float eps, int group_size, "
-      "Tensor cos, Tensor sin, Tensor(b!) k_cache, Tensor(c!) v_cache, int pos, int n_heads, float scale) -> ()");
+      "decode_layer_cpu(Tensor(a!) x, __torch__.torch.classes.dbquant.DecodeLayer layer, Tensor cos, "
+      "Tensor sin, Tensor(b!) k_cache, Tensor(c!) v_cache, int pos) -> ()");
   m.def("cpu_isas() -> str[]", &cpu_isas);  // no tensor arguments: a catch-all kernel
 }
 

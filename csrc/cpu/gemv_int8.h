@@ -22,6 +22,8 @@ void gemv_int8_rows_avx2(const float* x, const int8_t* wq, const float* s, int64
 // per block of kQ8Block channels (K must be a multiple of it):
 //   xq int8 [M, K] and xs float32 [M, K / kQ8Block] from quantize_act_q8;
 //   y[m, n] = s[n] * sum over blocks b of xs[m, b] * (exact int32 dot of the block's codes).
+//   A block holding a NaN or Inf gets xs = NaN (codes 0): the outputs it feeds are NaN
+//   (linear_w8a8_ref in dbquant/backends/reference.py defines the same).
 // Integer dot products (4 bytes per lane per instruction) make it ~2x faster than the
 // float-activation path; the cost is the activations' rounding (docs/RESULTS.md).
 constexpr int64_t kQ8Block = 32;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace dbquant {
 namespace cpu {
@@ -26,9 +27,16 @@ void quantize_act_q8(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < B; ++b) {
       const float* xb = x + m * K + b * kQ8Block;
-      float mx = 0.0f;
-      for (int64_t i = 0; i < kQ8Block; ++i) mx = std::max(mx, std::fabs(xb[i]));
-      const float d = mx / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+      float mx = 0.0f, probe = 0.0f;
+      for (int64_t i = 0; i < kQ8Block; ++i) {
+        mx = std::max(mx, std::fabs(xb[i]));  // std::max drops a NaN, hence the probe
+        probe += xb[i] * 0.0f;                // NaN iff some x is NaN or +-Inf
+      }
+      // A non-finite block has no int8 code: its scale becomes NaN (codes 0), so the
+      // outputs it feeds are NaN rather than silently finite (see gemv_int8.h).
+      const bool finite = probe == 0.0f;
+      const float d = finite ? mx / 127.0f : std::numeric_limits<float>::quiet_NaN();
+      const float inv = finite && d > 0.0f ? 1.0f / d : 0.0f;
       xs[m * B + b] = d;
       for (int64_t i = 0; i < kQ8Block; ++i) xq[m * K + b * kQ8Block + i] = int8_t(std::nearbyint(xb[i] * inv));
     }

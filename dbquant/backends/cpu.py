@@ -1,23 +1,31 @@
-"""Loader and Python wrapper of the C++ CPU kernel (extension module ``dbquant._C``).
+"""Loader and Python wrappers of the C++ CPU kernels (extension module ``dbquant._C``).
 
 ``dbquant._C`` has no Python functions: importing it loads the shared library, which
-registers ``torch.ops.dbquant.dbgemm_cpu``. When it is missing (not built, or built
-against another torch) :func:`load_cpu` returns False and warns once; dbquant then
-uses the pure-PyTorch reference kernel.
+registers ``torch.ops.dbquant.*`` (csrc/cpu/binding.cpp). When it is missing (not built, or
+built against another torch) :func:`load_cpu` returns False and warns once; dbquant then
+uses the pure-PyTorch reference kernels.
+
+Each wrapper here checks its inputs in Python (KernelInputError, a DbquantError, naming the
+values) and then calls the op, which checks again in C++. A wrapper's ``run`` attribute is the
+call for per-token loops whose inputs were checked once when they were set up: for ``dbgemm``
+and ``decode_layer`` it takes the weight as built by ``prepare``; for the others it is the op
+itself (C++ checks only).
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
+
+from .checks import check_activations, check_packed, check_tensor
+from .reference import Q8_BLOCK, check_decode_step, check_int8_head, check_rms_norm
+from .t16 import TILE, CpuWeight, DecodeLayerWeights, prepare_cpu  # noqa: F401 - re-exported
 
 BUILD_HINT = "pip install --no-build-isolation -e ."
 # Above this many activation rows the lookup-table kernel hands over to dequantize + one
 # BLAS GEMM, which wins on long prefills (crossover measured by `dbquant bench`, docs/RESULTS.md).
 LUT_MAX_ROWS = 32
-TILE = 16  # output rows per tile of the t16 layout (csrc/cpu/dbgemm_t16.h: kTile)
 
 _cpu_state: bool | None = None  # None: not tried yet
 _cpu_error: str | None = None
@@ -35,6 +43,7 @@ def load_cpu() -> bool:
             from .. import _C  # noqa: F401 - loading the library registers the op
 
             torch.ops.dbquant.dbgemm_cpu  # noqa: B018 - raises if registration failed
+            torch.classes.dbquant.DecodeLayer  # noqa: B018 - an extension built before the class existed
             _cpu_state = True
         except (ImportError, OSError, AttributeError, RuntimeError) as e:
             _cpu_state, _cpu_error = False, f"{type(e).__name__}: {e}"
@@ -46,75 +55,59 @@ def load_cpu() -> bool:
                 RuntimeWarning,
                 stacklevel=2,
             )
+        else:
+            _attach_runs()
     return _cpu_state
 
 
-@dataclass(frozen=True)
-class CpuWeight:
-    """A packed linear in the CPU kernel's "t16" layout (docs/FORMAT.md, Kernel layouts).
-
-    With T = ceil(N / 16) tiles of 16 output rows (rows past N are zero), C8 = Kp / 8:
-        planes: uint8 [T, C8, 2, 16]; planes[t, c, p, r] = qweight[p, 16t + r, c]
-        scales: float16 [T, G, 2, 16]; offset: float16 [T, G, 16] or None
-    The bytes are the canonical ones, only regrouped so that one SIMD register holds one
-    byte of each of 16 rows.
-    """
-
-    planes: torch.Tensor
-    scales: torch.Tensor
-    offset: torch.Tensor | None
-    out_features: int
-    in_features: int
-    group_size: int
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.planes, self.scales, self.offset) if t is not None)
+def _require() -> None:
+    if not load_cpu():
+        raise RuntimeError(f"dbquant._C is not available ({_cpu_error}); build it with `{BUILD_HINT}`")
 
 
-def _tile_rows(t: torch.Tensor, tiles: int) -> torch.Tensor:
-    """[N, ...] -> [T, 16, ...], zero rows appended up to 16 * T."""
-    pad = tiles * TILE - t.shape[0]
-    if pad:
-        t = torch.cat([t, t.new_zeros((pad,) + tuple(t.shape[1:]))])
-    return t.reshape(tiles, TILE, *t.shape[1:])
+# ---- dbgemm ---------------------------------------------------------------------------
 
 
-def prepare_cpu(qweight: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor | None,
-                in_features: int, group_size: int) -> CpuWeight:
-    """Repack a canonical packed linear into the CPU kernel layout (done once per weight).
+class _DbgemmLut(torch.autograd.Function):
+    """The lookup-table op with a backward (the op itself has none): dX = dY @ W with W
+    dequantized, dBias = column sums of dY. Used only when a gradient is wanted."""
 
-    Args: the canonical tensors (qweight uint8 [2, N, Kp/8], scales [N, G, 2], offset
-    [N, G] or None; float16 or float32 — the kernel reads them at the format's float16).
-    """
-    n = qweight.shape[1]
-    tiles = -(-n // TILE)
-    planes = _tile_rows(qweight.detach().permute(1, 2, 0), tiles)  # [T, 16, C8, 2]
-    sc = _tile_rows(scales.detach().to(torch.float16), tiles)  # [T, 16, G, 2]
-    off = None if offset is None else _tile_rows(offset.detach().to(torch.float16), tiles)  # [T, 16, G]
-    return CpuWeight(
-        planes=planes.permute(0, 2, 3, 1).contiguous(),
-        scales=sc.permute(0, 2, 3, 1).contiguous(),
-        offset=None if off is None else off.permute(0, 2, 1).contiguous(),
-        out_features=n, in_features=int(in_features), group_size=int(group_size),
-    )
+    @staticmethod
+    def forward(ctx, x2, bias, w: CpuWeight, isa: str):
+        ctx.w = w
+        return torch.ops.dbquant.dbgemm_cpu(x2, w.planes, w.scales, w.offset, bias, w.out_features,
+                                            w.in_features, w.group_size, isa)
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx = dy @ dequantize_cpu(ctx.w) if ctx.needs_input_grad[0] else None
+        db = dy.sum(0) if ctx.needs_input_grad[1] else None
+        return dx, db, None, None
 
 
 def run_cpu(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None, isa: str = "auto") -> torch.Tensor:
     """``y = x @ W.T (+ bias)`` with the prepared weight ``w``.
 
     Args:
-        x: float [..., K] on CPU (computed in float32; the result is cast back to x's dtype).
+        x: float16, bfloat16, float32 or float64 [..., K] on CPU (computed in float32; the
+            result is cast back to x's dtype).
         bias: float [N] or None.
         isa: "auto" (fastest this CPU supports; above LUT_MAX_ROWS rows, dequantize + BLAS),
             or force one lookup-table path: "avx512", "avx2" or "scalar".
-    Returns: [..., N] in x's dtype.
+    Returns: [..., N] in x's dtype; differentiable in x and bias.
+    Raises: KernelInputError for another dtype, a 0-dim x, or K / bias shapes not matching ``w``.
     """
+    check_activations("dbgemm_cpu", x, w.in_features)
+    if bias is not None:
+        check_tensor("dbgemm_cpu", "bias", bias, (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+                     (w.out_features,))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
-    b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    b = None if bias is None else bias.to(torch.float32).contiguous()
     if x2.shape[0] > LUT_MAX_ROWS and isa == "auto":
         y = torch.nn.functional.linear(x2, dequantize_cpu(w), b)
+    elif torch.is_grad_enabled() and (x2.requires_grad or (b is not None and b.requires_grad)):
+        y = _DbgemmLut.apply(x2, b, w, isa)
     else:
         y = torch.ops.dbquant.dbgemm_cpu(x2, w.planes, w.scales, w.offset, b, w.out_features,
                                          w.in_features, w.group_size, isa)
@@ -134,11 +127,77 @@ def dbgemm_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     repacks on every call. :class:`dbquant.model.modules.PackedLinear` instead calls
     :func:`prepare_cpu` once and :func:`run_cpu` per forward.
     """
-    if not load_cpu():
-        raise RuntimeError(f"dbquant._C is not available; build it with `{BUILD_HINT}`")
+    _require()
+    check_packed("dbgemm_cpu", qweight, scales, offset, bias, in_features, group_size)
+    check_activations("dbgemm_cpu", x, in_features)
     return run_cpu(x, prepare_cpu(qweight, scales, offset, in_features, group_size), bias)
 
 
 # The registry finds the load-time repack through these attributes.
 dbgemm_cpu.prepare = prepare_cpu
 dbgemm_cpu.run = run_cpu
+
+
+# ---- the decoder's ops (dbquant/runtime/decode.py) ------------------------------------------
+
+
+def linear_int8_cpu(x: torch.Tensor, wq: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``y = x @ (s * wq).T`` (C++ ``linear_int8_cpu``); contract of
+    :func:`dbquant.backends.reference.linear_int8_ref`."""
+    _require()
+    check_int8_head("linear_int8_cpu", x, wq, s)
+    return torch.ops.dbquant.linear_int8_cpu(x.contiguous(), wq.contiguous(), s.contiguous())
+
+
+def linear_w8a8_cpu(x: torch.Tensor, wq: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The same with x quantized to int8 per block of 32 (C++ ``linear_w8a8_cpu``); contract of
+    :func:`dbquant.backends.reference.linear_w8a8_ref`."""
+    _require()
+    check_int8_head("linear_w8a8_cpu", x, wq, s, Q8_BLOCK)
+    return torch.ops.dbquant.linear_w8a8_cpu(x.contiguous(), wq.contiguous(), s.contiguous())
+
+
+def rms_norm_cpu(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Fused RMSNorm over the last dim (C++ ``rms_norm_cpu``); contract of
+    :func:`dbquant.backends.reference.rms_norm_ref`. x is made contiguous if needed."""
+    _require()
+    check_rms_norm("rms_norm_cpu", x, w)
+    return torch.ops.dbquant.rms_norm_cpu(x.contiguous(), w.contiguous(), float(eps))
+
+
+def prepare_decode_layer(layer: DecodeLayerWeights):
+    """The C++ form of a decoder layer (``torch.classes.dbquant.DecodeLayer``), built once per
+    layer: it holds the layer's tensors (already checked) for :func:`decode_layer_cpu`'s ``run``."""
+    _require()
+    layer.check("decode_layer_cpu")
+    obj = torch.classes.dbquant.DecodeLayer(layer.ln1, layer.ln2, float(layer.eps), layer.n_heads, layer.n_kv,
+                                            layer.head_dim, layer.intermediate, layer.qkv.weight.group_size,
+                                            float(layer.scale))
+    for name in DecodeLayerWeights.PROJECTIONS:
+        p = getattr(layer, name)
+        obj.set_proj(name, p.weight.planes, p.weight.scales, p.weight.offset, p.bias)
+    return obj
+
+
+def decode_layer_cpu(x: torch.Tensor, layer: DecodeLayerWeights, cos: torch.Tensor, sin: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> None:
+    """One decoder layer for one token, in place (C++ ``decode_layer_cpu``); contract of
+    :func:`dbquant.backends.reference.decode_layer_ref`. Builds the C++ layer on every call
+    (for tests); a decoder calls ``decode_layer_cpu.prepare`` once per layer and
+    ``decode_layer_cpu.run(x, prepared, cos, sin, k_cache, v_cache, pos)`` per token."""
+    check_decode_step("decode_layer_cpu", x, layer, cos, sin, k_cache, v_cache, pos)
+    torch.ops.dbquant.decode_layer_cpu(x, prepare_decode_layer(layer), cos, sin, k_cache, v_cache, pos)
+
+
+decode_layer_cpu.prepare = prepare_decode_layer
+
+
+def _attach_runs() -> None:
+    """``fn.run`` of the wrappers whose op has no prepared form: the op itself (ops exist
+    only once the extension has loaded)."""
+    ops = torch.ops.dbquant
+    linear_int8_cpu.run = ops.linear_int8_cpu
+    linear_w8a8_cpu.run = ops.linear_w8a8_cpu
+    rms_norm_cpu.run = ops.rms_norm_cpu
+    decode_layer_cpu.run = ops.decode_layer_cpu
+

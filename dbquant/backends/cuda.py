@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from .checks import check_activations, check_packed
 from .cpu import BUILD_HINT
+
+ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Activation rows the CUDA kernel is the right choice for (it streams the weights once for
 # up to 4 rows, csrc/cuda/dbgemv.h kMaxRows); ``auto`` hands larger M to the Triton GEMM.
@@ -65,10 +68,13 @@ def dbgemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     Returns:
         [..., N] in x's dtype (fp32 accumulation).
     Raises:
-        RuntimeError: from the op, naming the offending tensor and its values.
+        KernelInputError (a DbquantError): a dtype, rank or shape the op must refuse (an integer
+            x would come back truncated); RuntimeError: from the op (device, layout, limits).
     """
     if not load_cuda():
         raise RuntimeError(f"the cuda backend is unavailable: {_cuda_error}")
+    check_packed("dbgemm_cuda", qweight, scales, offset, bias, in_features, group_size)
+    check_activations("dbgemm_cuda", x, in_features, ACT_DTYPES)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < x2.shape[1]):

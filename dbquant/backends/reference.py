@@ -1,13 +1,19 @@
 """Pure-PyTorch reference kernels: the oracle every backend is tested against.
 
-Slow on purpose (unpack, dequantize, dense matmul); fp32 math on CPU.
+Slow on purpose (unpack, dequantize, dense matmul); fp32 math on CPU. One ``*_ref`` per
+registered op (``dbquant.backends.registry.OPS``), each with the signature of that op.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..format import layout
+from .checks import check_activations, check_packed, check_tensor, fail
+from .t16 import DecodeLayerWeights, Projection, canonical
+
+Q8_BLOCK = 32  # activation channels per int8 scale of the w8a8 head (csrc/cpu/gemv_int8.h: kQ8Block)
 
 
 def dequantize_ref(qweight: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor | None,
@@ -38,15 +44,132 @@ def dbgemm_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         in_features: K; group_size: g (implied by the shapes, checked here).
     Returns:
         [..., N] in x's dtype, computed in float32.
+    Raises:
+        KernelInputError (a DbquantError and ValueError): x not float16/bfloat16/float32/float64,
+        0-dim, or a shape that disagrees with in_features/group_size.
     """
-    kp = qweight.shape[-1] * 8
-    if kp != scales.shape[1] * group_size or x.shape[-1] != in_features or in_features > kp:
-        raise ValueError(
-            f"dbgemm_ref: x has K={x.shape[-1]}, in_features={in_features}, qweight holds {kp} "
-            f"channels, scales {tuple(scales.shape)} with group_size={group_size}: inconsistent"
-        )
+    check_packed("dbgemm_ref", qweight, scales, offset, bias, in_features, group_size)
+    check_activations("dbgemm_ref", x, in_features)
     w = dequantize_ref(qweight, scales, offset, in_features)
     y = x.float() @ w.T
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def check_int8_head(op: str, x, wq, s, block: int = 1) -> None:
+    """x float32 [M, K] (K a multiple of ``block``), wq int8 [N, K], s float32 [N]."""
+    check_tensor(op, "x", x, (torch.float32,), dim=2)
+    check_tensor(op, "wq", wq, (torch.int8,), dim=2)
+    if wq.shape[1] != x.shape[1]:
+        fail(op, f"x has K={x.shape[1]} but wq is {tuple(wq.shape)}")
+    check_tensor(op, "s", s, (torch.float32,), (wq.shape[0],))
+    if x.shape[1] % block:
+        fail(op, f"K={x.shape[1]} must be a multiple of {block} (activations are quantized per block); "
+                 "use linear_int8")
+
+
+def linear_int8_ref(x: torch.Tensor, wq: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``y = x @ (s * wq).T``: an int8-weight projection with float activations.
+
+    Args: x float32 [M, K]; wq int8 [N, K] per-row codes; s float32 [N] per-row scales.
+    Returns: float32 [M, N] (each row's sum scaled after the dot, as the C++ kernel does).
+    """
+    check_int8_head("linear_int8_ref", x, wq, s)
+    return (x @ wq.float().T) * s
+
+
+def quantize_act_q8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations to int8 per block of 32 channels: x float32 [M, K] (K % 32 == 0) ->
+    (codes float64 [M, K/32, 32] in [-127, 127], scales float64 [M, K/32, 1] = max|x| / 127).
+    Rounds half to even (C's nearbyint). A block holding a NaN or Inf has no code: its scale
+    is NaN (codes 0), so every output it feeds is NaN."""
+    xb = x.double().reshape(x.shape[0], -1, Q8_BLOCK)
+    finite = xb.isfinite().all(-1, keepdim=True)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    safe = torch.where(finite & (d > 0), d, torch.ones_like(d))
+    codes = torch.where(finite & (d > 0), torch.round(xb / safe), torch.zeros_like(xb))
+    return codes, torch.where(finite, d, torch.full_like(d, float("nan")))
+
+
+def linear_w8a8_ref(x: torch.Tensor, wq: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``y = x_q8 @ (s * wq).T`` with x quantized to int8 per block of 32 channels first.
+
+    Args: x float32 [M, K], K a multiple of 32; wq int8 [N, K]; s float32 [N].
+    Returns: float32 [M, N] = s[n] * sum over blocks b of scale[m, b] * (integer dot of the
+    block's codes), the dots exact (float64), as the C++ kernel's int32 dots are.
+    """
+    check_int8_head("linear_w8a8_ref", x, wq, s, Q8_BLOCK)
+    codes, d = quantize_act_q8_ref(x)
+    dots = torch.einsum("mbk,nbk->mnb", codes, wq.double().reshape(wq.shape[0], -1, Q8_BLOCK))
+    return ((dots * d[..., 0][:, None, :]).sum(-1) * s.double()).float()
+
+
+def check_rms_norm(op: str, x, w) -> None:
+    """x float32 [..., D] (at least 1 dim), w float32 [D]."""
+    check_activations(op, x, None, (torch.float32,))
+    check_tensor(op, "w", w, (torch.float32,), (x.shape[-1],))
+
+
+def rms_norm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim: x float32 [..., D], w float32 [D] -> float32 [..., D]."""
+    check_rms_norm("rms_norm_ref", x, w)
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * w
+
+
+def _project(p: Projection, x: torch.Tensor) -> torch.Tensor:
+    """x float32 [1, K] -> float32 [1, N] through a t16 projection, dequantized densely."""
+    qweight, scales, offset = canonical(p.weight)
+    return F.linear(x, dequantize_ref(qweight, scales, offset, p.weight.in_features), p.bias)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (HF apply_rotary_pos_emb) of x float32 [heads, D] at one position."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[:, half:], x[:, :half]), dim=-1) * sin
+
+
+def check_decode_step(op: str, x, layer: DecodeLayerWeights, cos, sin, k_cache, v_cache, pos) -> None:
+    """The per-token arguments of ``decode_layer`` against ``layer``'s sizes."""
+    h, hk, d = layer.hidden, layer.n_kv, layer.head_dim
+    check_tensor(op, "x", x, (torch.float32,), (1, h))
+    check_tensor(op, "cos", cos, (torch.float32,), (d,))
+    check_tensor(op, "sin", sin, (torch.float32,), (d,))
+    check_tensor(op, "k_cache", k_cache, (torch.float32,), dim=4)
+    if tuple(k_cache.shape[:2]) != (1, hk) or k_cache.shape[3] != d:
+        fail(op, f"k_cache must be [1, {hk}, max_len, {d}], got {tuple(k_cache.shape)}")
+    check_tensor(op, "v_cache", v_cache, (torch.float32,), tuple(k_cache.shape))
+    if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos < k_cache.shape[2]:
+        fail(op, f"pos {pos!r} is outside the cache (max_len {k_cache.shape[2]})")
+
+
+def decode_layer_ref(x: torch.Tensor, layer: DecodeLayerWeights, cos: torch.Tensor, sin: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> None:
+    """One Llama-family decoder layer for one token, in place (``x``, and the caches at ``pos``).
+
+    Args:
+        x: float32 [1, H], the residual stream; updated in place.
+        layer: the weights and sizes (:class:`dbquant.backends.t16.DecodeLayerWeights`).
+        cos, sin: float32 [D], the RoPE tables at ``pos``.
+        k_cache, v_cache: float32 [1, Hk, L, D]; position ``pos`` is written, 0..pos are read.
+        pos: the token's position, 0 <= pos < L.
+
+    x += o(attention(rope(q), rope(k) and v of positions 0..pos)), q, k, v = qkv(rms(x, ln1));
+    then x += down(silu(gate) * up), gate, up = gate_up(rms(x, ln2)). Grouped-query attention:
+    query head j reads kv head j // (Hq / Hk).
+    """
+    layer.check("decode_layer_ref")
+    check_decode_step("decode_layer_ref", x, layer, cos, sin, k_cache, v_cache, pos)
+    hq, hk, d, inter = layer.n_heads, layer.n_kv, layer.head_dim, layer.intermediate
+    qkv = _project(layer.qkv, rms_norm_ref(x, layer.ln1, layer.eps))[0]
+    q = _rope(qkv[:hq * d].view(hq, d), cos, sin)
+    k = _rope(qkv[hq * d:(hq + hk) * d].view(hk, d), cos, sin)
+    k_cache[0, :, pos] = k
+    v_cache[0, :, pos] = qkv[(hq + hk) * d:].view(hk, d)
+    keys = k_cache[0, :, :pos + 1].repeat_interleave(hq // hk, dim=0)  # [Hq, pos+1, D]
+    values = v_cache[0, :, :pos + 1].repeat_interleave(hq // hk, dim=0)
+    probs = torch.softmax((keys @ q[:, :, None])[..., 0] * layer.scale, dim=-1)  # [Hq, pos+1]
+    att = (probs[:, None, :] @ values)[:, 0]  # [Hq, D]
+    x.add_(_project(layer.o, att.reshape(1, hq * d)))
+    gate_up = _project(layer.gate_up, rms_norm_ref(x, layer.ln2, layer.eps))
+    x.add_(_project(layer.down, F.silu(gate_up[:, :inter]) * gate_up[:, inter:]))

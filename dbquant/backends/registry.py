@@ -6,8 +6,16 @@ under ``TRITON_INTERPRET=1``, for tests) and ``cuda`` (the decode GEMV of the ex
 ``dbquant._C_cuda``, built only with a CUDA torch). ``auto`` picks the first available
 backend for the input's device in :data:`PREFERENCE`.
 
-Every function registered for op ``dbgemm`` has the signature of
-:func:`dbquant.backends.reference.dbgemm_ref`. A kernel with a layout of its own (the ``cpu``
+Ops (:data:`OPS`); every function registered for an op has the signature of its reference
+``dbquant.backends.reference.<op>_ref``, the oracle it is tested against:
+
+* ``dbgemm``: the packed dual-binary linear (every backend);
+* ``decode_layer``: one whole Llama-family decoder layer for one token (``ref``, ``cpu``);
+* ``linear_int8``, ``linear_w8a8``: the int8-weight output projection, with float or int8
+  activations (``ref``, ``cpu``);
+* ``rms_norm``: RMSNorm over the last dim (``ref``, ``cpu``).
+
+Each has a ``ref`` entry, so ``auto`` always resolves. A kernel with a layout of its own (the ``cpu``
 kernel's "t16", docs/FORMAT.md) also carries ``fn.prepare(qweight, scales, offset,
 in_features, group_size) -> prepared`` and ``fn.run(x, prepared, bias)``:
 :class:`dbquant.model.modules.PackedLinear` repacks once and calls ``run``; calling ``fn`` itself
@@ -25,7 +33,7 @@ import torch
 from ..errors import DbquantError
 from . import cpu, cuda, reference, triton
 
-OPS = ("dbgemm",)
+OPS = ("dbgemm", "decode_layer", "linear_int8", "linear_w8a8", "rms_norm")
 BACKENDS = ("ref", "cpu", "triton", "cuda")
 # Best first, per device type. ``ref`` closes every list so ``auto`` always resolves.
 PREFERENCE = {"cpu": ("cpu", "ref"), "cuda": ("cuda", "triton", "ref")}
@@ -58,6 +66,12 @@ def register(op: str, backend: str, max_rows: int | None = None):
 def _load_cpu() -> None:
     if cpu.load_cpu():
         register("dbgemm", "cpu")(cpu.dbgemm_cpu)
+        register("decode_layer", "cpu")(cpu.decode_layer_cpu)
+        register("linear_int8", "cpu")(cpu.linear_int8_cpu)
+        register("linear_w8a8", "cpu")(cpu.linear_w8a8_cpu)
+        register("rms_norm", "cpu")(cpu.rms_norm_cpu)
+    else:
+        _UNAVAILABLE["cpu"] = cpu._cpu_error
 
 
 def _load_triton() -> None:
@@ -78,24 +92,30 @@ _LOADERS["cpu"] = _load_cpu
 _LOADERS["triton"] = _load_triton
 _LOADERS["cuda"] = _load_cuda
 register("dbgemm", "ref")(reference.dbgemm_ref)
+register("decode_layer", "ref")(reference.decode_layer_ref)
+register("linear_int8", "ref")(reference.linear_int8_ref)
+register("linear_w8a8", "ref")(reference.linear_w8a8_ref)
+register("rms_norm", "ref")(reference.rms_norm_ref)
 
 
-def available(backend: str) -> bool:
-    """Whether ``backend`` has a ``dbgemm`` kernel in this process (loads it on first ask)."""
+def available(backend: str, op: str = "dbgemm") -> bool:
+    """Whether ``backend`` has an ``op`` kernel in this process (loads the backend on first ask)."""
     loader = _LOADERS.pop(backend, None)
     if loader is not None:
         loader()
-    return ("dbgemm", backend) in _REGISTRY
+    return (op, backend) in _REGISTRY
 
 
 def resolve(backend: str, device: torch.device | str = "cpu", rows: int | None = None,
             op: str = "dbgemm") -> str:
     """Turn ``auto`` into a concrete backend for ``device`` (and ``rows`` activation rows);
-    check that an explicit one exists."""
+    check that an explicit one exists and has ``op``."""
+    if op not in OPS:
+        raise DbquantError(f"unknown op {op!r}; the registry has {OPS}")
     dev = torch.device(device).type
     if backend == "auto":
         for b in PREFERENCE.get(dev, ("ref",)):
-            if available(b) and (rows is None or rows <= _MAX_ROWS.get((op, b), rows)):
+            if available(b, op) and (rows is None or rows <= _MAX_ROWS.get((op, b), rows)):
                 return b
     if backend not in BACKENDS:
         raise DbquantError(f"unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
@@ -106,9 +126,20 @@ def resolve(backend: str, device: torch.device | str = "cpu", rows: int | None =
             f"{[b for b in BACKENDS if available(b)]}); use --backend auto or build the extension "
             "with `pip install --no-build-isolation -e .`"
         )
+    if not available(backend, op):
+        raise DbquantError(f"backend {backend!r} has no {op!r} kernel (backends with one: "
+                           f"{[b for b in BACKENDS if available(b, op)]})")
     return backend
 
 
 def get(op: str, backend: str = "auto", device: torch.device | str = "cpu", rows: int | None = None) -> Callable:
-    """The ``op`` implementation for ``backend`` (``auto``: best for ``device`` and ``rows``)."""
+    """The ``op`` implementation for ``backend`` (``auto``: best for ``device`` and ``rows``).
+
+    Raises DbquantError for an unknown op or backend, or one not available here."""
     return _REGISTRY[(op, resolve(backend, device, rows, op))]
+
+
+def rows_of(x: torch.Tensor) -> int | None:
+    """Activation rows M of x [..., K] for ``get``'s ``rows`` (None when x has no last dim or
+    K = 0: then the kernel's own input check reports the problem)."""
+    return x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else None

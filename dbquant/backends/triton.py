@@ -19,6 +19,8 @@ import functools
 
 import torch
 
+from .checks import KernelInputError
+
 # Decode rows up to this many use the GEMV (weights re-read per row from L2, no tensor
 # cores); more rows use the GEMM. A guess between Marlin's and BitBLAS's crossovers,
 # NOT measured on a GPU: `dbquant bench --backend triton` sweeps M so it can be set.
@@ -90,7 +92,8 @@ def dbgemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     Returns:
         [..., N] in x's dtype (fp32 accumulation).
     Raises:
-        ValueError: a wrong device, dtype, layout or shape, with the values.
+        KernelInputError (a DbquantError and ValueError): a wrong device, dtype, layout or
+            shape, with the values.
     """
     x2 = _check(x, qweight, scales, offset, bias, in_features, group_size)
     run = gemv if x2.shape[0] <= GEMV_MAX_ROWS else gemm
@@ -251,20 +254,20 @@ def _check(x, qweight, scales, offset, bias, in_features, group_size) -> torch.T
     if not load_triton():
         raise RuntimeError(f"the triton backend is unavailable: {_error}")
     if x.dtype not in ACT_DTYPES:
-        raise ValueError(f"dbgemm_triton: x must be float16, bfloat16 or float32, got {x.dtype}")
+        raise KernelInputError(f"dbgemm_triton: x must be float16, bfloat16 or float32, got {x.dtype}")
     if not interpreted() and x.device.type != "cuda":
-        raise ValueError(f"dbgemm_triton: x must be a CUDA tensor, got device {x.device}")
+        raise KernelInputError(f"dbgemm_triton: x must be a CUDA tensor, got device {x.device}")
     if not isinstance(group_size, int) or group_size < 8 or group_size % 8:
-        raise ValueError(f"dbgemm_triton: group_size must be a positive multiple of 8, got {group_size!r}")
+        raise KernelInputError(f"dbgemm_triton: group_size must be a positive multiple of 8, got {group_size!r}")
     if not isinstance(in_features, int) or in_features < 1:
-        raise ValueError(f"dbgemm_triton: in_features must be a positive int, got {in_features!r}")
+        raise KernelInputError(f"dbgemm_triton: in_features must be a positive int, got {in_features!r}")
     k = in_features
     groups = _cdiv(k, group_size)
     kb = groups * group_size // 8
     if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(f"dbgemm_triton: x has shape {tuple(x.shape)} but in_features={k}")
+        raise KernelInputError(f"dbgemm_triton: x has shape {tuple(x.shape)} but in_features={k}")
     if qweight.dtype != torch.uint8 or qweight.dim() != 3 or qweight.shape[0] != 2 or qweight.shape[2] != kb:
-        raise ValueError(
+        raise KernelInputError(
             f"dbgemm_triton: qweight must be uint8 [2, N, {kb}] for in_features={k}, group_size={group_size}; "
             f"got {qweight.dtype} {tuple(qweight.shape)}")
     n = qweight.shape[1]
@@ -274,15 +277,15 @@ def _check(x, qweight, scales, offset, bias, in_features, group_size) -> torch.T
         if t is None:
             continue
         if t.device != x.device:
-            raise ValueError(f"dbgemm_triton: {name} is on {t.device} but x is on {x.device}")
+            raise KernelInputError(f"dbgemm_triton: {name} is on {t.device} but x is on {x.device}")
         if name in want and tuple(t.shape) != want[name]:
-            raise ValueError(
+            raise KernelInputError(
                 f"dbgemm_triton: {name} must have shape {want[name]} for N={n}, in_features={k}, "
                 f"group_size={group_size}; got {tuple(t.shape)}")
         if name in want and t.dtype not in ACT_DTYPES:
-            raise ValueError(f"dbgemm_triton: {name} must be a float16/bfloat16/float32 tensor, got {t.dtype}")
+            raise KernelInputError(f"dbgemm_triton: {name} must be a float16/bfloat16/float32 tensor, got {t.dtype}")
         if not t.is_contiguous():
-            raise ValueError(
+            raise KernelInputError(
                 f"dbgemm_triton: {name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()}); "
                 "call .contiguous() once when loading, not per call")
     return x.reshape(-1, k)

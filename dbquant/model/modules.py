@@ -111,7 +111,7 @@ class PackedLinear(nn.Module):
         return dequantize_ref(self.qweight, self.scales, self.offset, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = registry.get("dbgemm", self.backend, x.device, x.numel() // x.shape[-1])
+        kernel = registry.get("dbgemm", self.backend, x.device, registry.rows_of(x))
         if getattr(kernel, "prepare", None) is None:
             return kernel(x, self.qweight, self.scales, self.offset, self.bias, self.in_features,
                           self.group_size)

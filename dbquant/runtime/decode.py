@@ -8,8 +8,10 @@ into one kernel call each, a fused C++ RMSNorm and ``F.scaled_dot_product_attent
 layers call the C++ kernel directly on their load-time repacked weights. When every
 projection of every layer is such a fused packed weight (a dbquant checkpoint on the CPU),
 a one-token step runs each whole decoder layer as one C++ call
-(``torch.ops.dbquant.decode_layer_cpu``: norms, kernels, RoPE, cache append, attention and
-SiLU), since a small model's step is otherwise mostly framework overhead.
+(the registry's ``decode_layer`` op on the ``cpu`` backend: norms, kernels, RoPE, cache append,
+attention and SiLU), since a small model's step is otherwise mostly framework overhead. The
+native ops (``decode_layer``, ``rms_norm``, ``linear_int8``, ``linear_w8a8``) are taken from
+``dbquant.backends.registry`` once, at construction; per token only their ``run`` is called.
 
 Supported: ``llama``, ``mistral``, ``qwen2``, ``qwen3`` decoders (dense or with dbquant
 ``PackedLinear`` layers) without sliding-window attention, SiLU MLPs, any RoPE scaling
@@ -29,6 +31,7 @@ from torch import nn
 
 from ..backends import cpu as cpu_backend
 from ..backends import registry
+from ..backends.t16 import CpuWeight, DecodeLayerWeights, Projection
 from ..errors import DbquantError
 from ..model.modules import PackedLinear
 
@@ -85,7 +88,7 @@ class _Proj:
 
             ws = [cpu_backend.prepare_cpu(m.qweight, m.scales, m.offset, m.in_features, m.group_size) for m in parts]
             offs = [w.offset for w in ws]
-            self.packed = cpu_backend.CpuWeight(
+            self.packed = CpuWeight(
                 planes=torch.cat([w.planes for w in ws]), scales=torch.cat([w.scales for w in ws]),
                 offset=None if offs[0] is None else torch.cat(offs), out_features=sum(self.sizes),
                 in_features=ws[0].in_features, group_size=ws[0].group_size)
@@ -110,11 +113,43 @@ class _Proj:
         if self.packed is not None:
 
             w = self.packed
-            if x.shape[0] <= cpu_backend.LUT_MAX_ROWS:  # decode: straight to the op, no wrapper work
+            if x.shape[0] <= cpu_backend.LUT_MAX_ROWS:  # decode: straight to the op (checked at build)
                 return torch.ops.dbquant.dbgemm_cpu(x, w.planes, w.scales, w.offset, self.bias,
                                                     w.out_features, w.in_features, w.group_size, "auto")
             return cpu_backend.run_cpu(x, w, self.bias)
         return torch.cat([m(x) for m in self.modules], dim=-1)
+
+
+@dataclass(frozen=True)
+class Norm:
+    """An RMSNorm's parameters: ``weight`` float32 [D] (contiguous), ``eps``."""
+
+    weight: torch.Tensor
+    eps: float
+
+
+@dataclass
+class DecoderLayer:
+    """One decoder layer of :class:`FastDecoder`, H = hidden size, Hq / Hk query / key-value
+    heads of D channels, I = MLP width (every activation float32):
+
+        ln1, ln2: :class:`Norm` over [H] (before attention / before the MLP).
+        qkv: [M, H] -> [M, (Hq + 2 Hk) D] (q, k, v side by side); o: [M, Hq D] -> [M, H].
+        gate_up: [M, H] -> [M, 2 I] (gate, then up); down: [M, I] -> [M, H].
+        q_norm, k_norm: :class:`Norm` over [D] per head (Qwen3), or None.
+        native: the ``decode_layer`` op's prepared form of this layer (built once), or None
+            when the layer cannot run as one native call.
+    """
+
+    ln1: Norm
+    ln2: Norm
+    qkv: _Proj
+    o: _Proj
+    gate_up: _Proj
+    down: _Proj
+    q_norm: Norm | None = None
+    k_norm: Norm | None = None
+    native: torch.ScriptObject | None = None
 
 
 class FastDecoder:
@@ -144,10 +179,10 @@ class FastDecoder:
         inner = model.model
         self.device = next(model.parameters()).device
         self.embed = inner.embed_tokens
-        self.layers = []
+        self.layers: list[DecoderLayer] = []
         for layer in inner.layers:
             att, mlp = layer.self_attn, layer.mlp
-            self.layers.append(dict(
+            self.layers.append(DecoderLayer(
                 ln1=_norm(layer.input_layernorm),
                 ln2=_norm(layer.post_attention_layernorm),
                 qkv=_Proj([att.q_proj, att.k_proj, att.v_proj], backend),
@@ -160,18 +195,17 @@ class FastDecoder:
         self.norm = _norm(inner.norm)
         head = model.lm_head
         self.lm_head = self.lm_head_scale = self.lm_head_bias = self.lm_head_proj = None
-        self.lm_head_op = None  # the C++ op of an int8 output projection
+        self.lm_head_op = None  # the native op of an int8 output projection (its unchecked `run`)
         if not isinstance(head, nn.Linear):  # a packed lm_head
             self.lm_head_proj = _Proj([head], backend)
         elif lm_head_dtype in (torch.int8, "w8a8"):
-
-            if not (cpu_backend.load_cpu() and self.device.type == "cpu"):
+            if not (registry.available("cpu") and self.device.type == "cpu"):
                 raise DbquantError(f"lm_head_dtype={lm_head_dtype} needs the C++ CPU extension and a CPU model")
             if lm_head_dtype == "w8a8" and head.in_features % 32:
                 raise DbquantError(f"lm_head_dtype=w8a8 quantizes activations per block of 32; hidden size "
                                    f"{head.in_features} is not a multiple of 32 (use int8)")
-            self.lm_head_op = (torch.ops.dbquant.linear_w8a8_cpu if lm_head_dtype == "w8a8"
-                               else torch.ops.dbquant.linear_int8_cpu)
+            op = "linear_w8a8" if lm_head_dtype == "w8a8" else "linear_int8"
+            self.lm_head_op = registry.get(op, "cpu").run
             self.lm_head, self.lm_head_scale = quantize_rows_int8(head.weight.detach())
             self.lm_head_bias = None if head.bias is None else head.bias.detach().float()
         else:
@@ -190,25 +224,35 @@ class FastDecoder:
         self.cos, self.sin = cos[0].float(), sin[0].float()  # [max_len, head_dim]
         self.k_cache = self.v_cache = None
 
-        # float32 weights for the fused norm (the model's norms may be stored in another dtype)
-        self.fused_norm = self.device.type == "cpu" and cpu_backend.load_cpu()
-        self.native = self._native_layers() if self.fused_norm else None
+        # The fused C++ RMSNorm on the CPU (one call instead of ~8 framework ops per norm).
+        native = self.device.type == "cpu" and registry.available("cpu")
+        self.rms_norm = registry.get("rms_norm", "cpu").run if native else None
+        self.decode_layer = registry.get("decode_layer", "cpu") if native else None
+        self.native = self._native_layers() if native else None
 
-    def _native_layers(self) -> list[list] | None:
-        """Per layer, the ``proj`` argument of ``decode_layer_cpu`` (16 entries: planes,
-        scales, offset, bias of qkv, o, gate_up, down), or None when some layer cannot run
-        natively (a dense or unfused projection, q/k norms, mixed group sizes or norm eps)."""
-        out, groups, eps = [], set(), set()
-        inter = self.layers[0]["gate_up"].sizes[0]
+    def _native_layers(self) -> list | None:
+        """Per layer, the ``decode_layer`` op's prepared form (built once here), or None when
+        some layer cannot run natively (a dense or unfused projection, q/k norms, a
+        gate/up pair of unequal halves, mixed group sizes or norm eps)."""
+        weights, groups, eps = [], set(), set()
+        inter = self.layers[0].gate_up.sizes[0]
         for L in self.layers:
-            projs = [L[k] for k in ("qkv", "o", "gate_up", "down")]
-            if any(p.packed is None for p in projs) or L["q_norm"] is not None or \
-                    L["gate_up"].sizes != [inter, inter]:
+            projs = (L.qkv, L.o, L.gate_up, L.down)
+            if any(p.packed is None for p in projs) or L.q_norm is not None or L.gate_up.sizes != [inter, inter]:
                 return None
             groups |= {p.packed.group_size for p in projs}
-            eps |= {L["ln1"][1], L["ln2"][1]}
-            out.append([t for p in projs for t in (p.packed.planes, p.packed.scales, p.packed.offset, p.bias)])
-        return out if len(groups) == 1 and len(eps) == 1 else None
+            eps |= {L.ln1.eps, L.ln2.eps}
+            weights.append(DecodeLayerWeights(
+                ln1=L.ln1.weight, ln2=L.ln2.weight, eps=L.ln1.eps,
+                qkv=Projection(L.qkv.packed, L.qkv.bias), o=Projection(L.o.packed, L.o.bias),
+                gate_up=Projection(L.gate_up.packed, L.gate_up.bias), down=Projection(L.down.packed, L.down.bias),
+                n_heads=self.n_heads, n_kv=self.n_kv, head_dim=self.head_dim, intermediate=inter,
+                scale=self.scaling))
+        if len(groups) != 1 or len(eps) != 1:
+            return None
+        for L, w in zip(self.layers, weights):
+            L.native = self.decode_layer.prepare(w)
+        return [L.native for L in self.layers]
 
     # -- the network -----------------------------------------------------------------
 
@@ -218,12 +262,12 @@ class FastDecoder:
             self.k_cache = torch.zeros(shape, device=self.device)
             self.v_cache = torch.zeros(shape, device=self.device)
 
-    def _rms(self, x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
-        """RMSNorm of x (float32 [..., D]) with (weight [D], eps): the fused C++ op on CPU
-        (one call instead of ~8 framework ops per norm), else torch's rms_norm."""
-        if self.fused_norm:
-            return torch.ops.dbquant.rms_norm_cpu(x.contiguous(), norm[0], norm[1])
-        return F.rms_norm(x, (x.shape[-1],), norm[0], norm[1])
+    def _rms(self, x: torch.Tensor, norm: Norm) -> torch.Tensor:
+        """RMSNorm of x (float32 [..., D]) with ``norm``: the registry's fused ``rms_norm`` on
+        the CPU, else torch's rms_norm."""
+        if self.rms_norm is not None:
+            return self.rms_norm(x.contiguous(), norm.weight, norm.eps)
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
 
     def _rope(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         """x: [B, H, T, D] at positions pos..pos+T-1."""
@@ -242,35 +286,17 @@ class FastDecoder:
         if pos + t > self.max_len:
             raise DbquantError(f"sequence of {pos + t} tokens exceeds the decoder's max_len={self.max_len}")
         x = self.embed(tokens).float().reshape(b * t, -1)  # [B*T, hidden]
-        hq, hk, d = self.n_heads, self.n_kv, self.head_dim
-        end = pos + t
         # A causal mask is needed only when a multi-token chunk is appended after earlier tokens.
         mask = None
         if t > 1 and pos > 0:
-            mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-        inter = self.layers[0]["gate_up"].sizes[0]
-        native = self.native is not None and b == 1 and t == 1  # one token: one C++ call per layer
-        for i, L in enumerate(self.layers):
-            if native:
-                torch.ops.dbquant.decode_layer_cpu(
-                    x, self.native[i], L["ln1"][0], L["ln2"][0], L["ln1"][1], L["qkv"].packed.group_size,
-                    self.cos[pos], self.sin[pos], self.k_cache[i], self.v_cache[i], pos, hq, self.scaling)
-                continue
-            h = self._rms(x, L["ln1"])
-            qkv = L["qkv"](h).view(b, t, hq + 2 * hk, d)
-            qk, v = qkv[:, :, :hq + hk], qkv[:, :, hq + hk:]
-            if L["q_norm"] is not None:
-                qk = torch.cat([self._rms(qk[:, :, :hq], L["q_norm"]), self._rms(qk[:, :, hq:], L["k_norm"])], dim=2)
-            qk = self._rope(qk.transpose(1, 2), pos)  # q and k heads rotated together: [B, Hq+Hk, T, D]
-            self.k_cache[i, :, :, pos:end] = qk[:, hq:]
-            self.v_cache[i, :, :, pos:end] = v.transpose(1, 2)
-            att = F.scaled_dot_product_attention(
-                qk[:, :hq], self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end], attn_mask=mask,
-                is_causal=t > 1 and pos == 0, scale=self.scaling, enable_gqa=hq != hk)
-            x = x + L["o"](att.transpose(1, 2).reshape(b * t, hq * d))
-            h = self._rms(x, L["ln2"])
-            gate_up = L["gate_up"](h)
-            x = x + L["down"](F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
+            mask = torch.ones(t, pos + t, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        if self.native is not None and b == 1 and t == 1:  # one token: one native call per layer
+            run, cos, sin = self.decode_layer.run, self.cos[pos], self.sin[pos]
+            for i, L in enumerate(self.layers):
+                run(x, L.native, cos, sin, self.k_cache[i], self.v_cache[i], pos)
+        else:
+            for i, L in enumerate(self.layers):
+                x = self._layer(x, i, L, b, t, pos, mask)
         last = x.view(b, t, -1)[:, -1]
         last = self._rms(last, self.norm)
         if self.lm_head_proj is not None:
@@ -279,6 +305,28 @@ class FastDecoder:
             y = self.lm_head_op(last.contiguous(), self.lm_head, self.lm_head_scale)
             return y if self.lm_head_bias is None else y + self.lm_head_bias
         return F.linear(last.to(self.lm_head.dtype), self.lm_head, self.lm_head_bias).float()
+
+    def _layer(self, x: torch.Tensor, i: int, L: DecoderLayer, b: int, t: int, pos: int,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """Layer ``i`` on x float32 [B*T, H] at positions pos..pos+T-1 in framework ops (any
+        batch, any chunk); returns the new residual stream, float32 [B*T, H]."""
+        hq, hk, d = self.n_heads, self.n_kv, self.head_dim
+        end = pos + t
+        inter = L.gate_up.sizes[0]
+        h = self._rms(x, L.ln1)
+        qkv = L.qkv(h).view(b, t, hq + 2 * hk, d)
+        qk, v = qkv[:, :, :hq + hk], qkv[:, :, hq + hk:]
+        if L.q_norm is not None:
+            qk = torch.cat([self._rms(qk[:, :, :hq], L.q_norm), self._rms(qk[:, :, hq:], L.k_norm)], dim=2)
+        qk = self._rope(qk.transpose(1, 2), pos)  # q and k heads rotated together: [B, Hq+Hk, T, D]
+        self.k_cache[i, :, :, pos:end] = qk[:, hq:]
+        self.v_cache[i, :, :, pos:end] = v.transpose(1, 2)
+        att = F.scaled_dot_product_attention(
+            qk[:, :hq], self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end], attn_mask=mask,
+            is_causal=t > 1 and pos == 0, scale=self.scaling, enable_gqa=hq != hk)
+        x = x + L.o(att.transpose(1, 2).reshape(b * t, hq * d))
+        gate_up = L.gate_up(self._rms(x, L.ln2))
+        return x + L.down(F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
 
     # -- generation ------------------------------------------------------------------
 
@@ -346,8 +394,8 @@ def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.contiguous(), scale.contiguous()
 
 
-def _norm(mod):
-    return None if mod is None else (mod.weight.detach().float().contiguous(), float(mod.variance_epsilon))
+def _norm(mod) -> Norm | None:
+    return None if mod is None else Norm(mod.weight.detach().float().contiguous(), float(mod.variance_epsilon))
 
 
 def check_supported(model) -> None:

@@ -1,0 +1,76 @@
+"""Input checks at the kernels' Python boundary: dtype, rank and every tensor's shape, each
+error naming the offending values.
+
+The kernels compute in float and cast the result back to the activations' dtype, so an
+integer, bool or complex input would not fail but come back wrapped or truncated (uint8 wraps):
+such inputs are refused here, as are a 0-dim x (no last dim to contract) and weights whose
+shapes disagree with ``in_features``/``group_size`` (the CPU repack pads missing rows with
+zeros, so a short ``scales`` would otherwise compute silently wrong outputs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import DbquantError
+
+# Activation dtypes of the dbgemm reference and CPU kernels (computed in float32).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class KernelInputError(DbquantError, ValueError):
+    """A kernel was given inputs it must refuse. A :class:`DbquantError` (user-facing); also a
+    ``ValueError``, which the wrappers raised before this type existed."""
+
+
+def fail(op: str, message: str):
+    raise KernelInputError(f"{op}: {message}")
+
+
+def _names(dtypes) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def check_tensor(op: str, name: str, t, dtypes, shape: tuple | None = None, dim: int | None = None) -> None:
+    """``t`` is a tensor of one of ``dtypes``, with exactly ``shape`` (or ``dim`` dims) when given."""
+    if not isinstance(t, torch.Tensor):
+        fail(op, f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        fail(op, f"{name} must be {_names(dtypes)}, got {t.dtype}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        fail(op, f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if dim is not None and t.dim() != dim:
+        fail(op, f"{name} must have {dim} dims, got shape {tuple(t.shape)}")
+
+
+def check_activations(op: str, x, in_features: int | None, dtypes=FLOAT_DTYPES) -> None:
+    """x: one of ``dtypes``, shape [..., in_features] with at least one dim."""
+    check_tensor(op, "x", x, dtypes)
+    if x.dim() < 1:
+        fail(op, f"x must have at least 1 dim ([..., K]), got a 0-dim tensor (shape {tuple(x.shape)})")
+    if in_features is not None and x.shape[-1] != in_features:
+        fail(op, f"x has shape {tuple(x.shape)} but in_features={in_features}")
+
+
+def check_packed(op: str, qweight, scales, offset, bias, in_features, group_size) -> int:
+    """The canonical packed tensors (``dbquant.format.layout``) agree with ``in_features`` and
+    ``group_size``: qweight uint8 [2, N, Kp/8], scales [N, G, 2], offset [N, G] or None,
+    bias [N] or None (float). Returns N."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 8 or group_size % 8:
+        fail(op, f"group_size must be a positive multiple of 8, got {group_size!r}")
+    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+        fail(op, f"in_features must be a positive int, got {in_features!r}")
+    groups = -(-in_features // group_size)
+    kb = groups * group_size // 8
+    check_tensor(op, "qweight", qweight, (torch.uint8,), dim=3)
+    if qweight.shape[0] != 2 or qweight.shape[2] != kb:
+        fail(op, f"qweight must be uint8 [2, N, {kb}] for in_features={in_features}, group_size={group_size}; "
+                 f"got {tuple(qweight.shape)}")
+    n = qweight.shape[1]
+    floats = (torch.float16, torch.bfloat16, torch.float32)
+    check_tensor(op, "scales", scales, floats, (n, groups, 2))
+    if offset is not None:
+        check_tensor(op, "offset", offset, floats, (n, groups))
+    if bias is not None:
+        check_tensor(op, "bias", bias, FLOAT_DTYPES, (n,))
+    return n

@@ -1,0 +1,142 @@
+"""The CPU kernel's weight layout "t16" (docs/FORMAT.md, Kernel layouts) in plain PyTorch:
+the repack from the canonical format and back, and the weights of one decoder layer in it.
+
+Torch-only (no extension needed), so the reference kernels can read what the C++ ones read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .checks import check_packed, check_tensor, fail
+
+TILE = 16  # output rows per tile of the t16 layout (csrc/cpu/dbgemm_t16.h: kTile)
+
+
+@dataclass(frozen=True)
+class CpuWeight:
+    """A packed linear in the CPU kernel's "t16" layout (docs/FORMAT.md, Kernel layouts).
+
+    With T = ceil(N / 16) tiles of 16 output rows (rows past N are zero), C8 = Kp / 8:
+        planes: uint8 [T, C8, 2, 16]; planes[t, c, p, r] = qweight[p, 16t + r, c]
+        scales: float16 [T, G, 2, 16]; offset: float16 [T, G, 16] or None
+    The bytes are the canonical ones, only regrouped so that one SIMD register holds one
+    byte of each of 16 rows.
+    """
+
+    planes: torch.Tensor
+    scales: torch.Tensor
+    offset: torch.Tensor | None
+    out_features: int
+    in_features: int
+    group_size: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.planes, self.scales, self.offset) if t is not None)
+
+
+def _tile_rows(t: torch.Tensor, tiles: int) -> torch.Tensor:
+    """[N, ...] -> [T, 16, ...], zero rows appended up to 16 * T."""
+    pad = tiles * TILE - t.shape[0]
+    if pad:
+        t = torch.cat([t, t.new_zeros((pad,) + tuple(t.shape[1:]))])
+    return t.reshape(tiles, TILE, *t.shape[1:])
+
+
+def prepare_cpu(qweight: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor | None,
+                in_features: int, group_size: int) -> CpuWeight:
+    """Repack a canonical packed linear into the CPU kernel layout (done once per weight).
+
+    Args: the canonical tensors (qweight uint8 [2, N, Kp/8], scales [N, G, 2], offset
+    [N, G] or None; float16 or float32 — the kernel reads them at the format's float16).
+    Raises: KernelInputError (a DbquantError) when the shapes disagree with in_features and
+    group_size (the repack pads rows, so a short tensor would otherwise pass unnoticed).
+    """
+    n = check_packed("prepare_cpu", qweight, scales, offset, None, in_features, group_size)
+    tiles = -(-n // TILE)
+    planes = _tile_rows(qweight.detach().permute(1, 2, 0), tiles)  # [T, 16, C8, 2]
+    sc = _tile_rows(scales.detach().to(torch.float16), tiles)  # [T, 16, G, 2]
+    off = None if offset is None else _tile_rows(offset.detach().to(torch.float16), tiles)  # [T, 16, G]
+    return CpuWeight(
+        planes=planes.permute(0, 2, 3, 1).contiguous(),
+        scales=sc.permute(0, 2, 3, 1).contiguous(),
+        offset=None if off is None else off.permute(0, 2, 1).contiguous(),
+        out_features=n, in_features=int(in_features), group_size=int(group_size),
+    )
+
+
+def canonical(w: CpuWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The inverse of :func:`prepare_cpu`: (qweight uint8 [2, N, Kp/8], scales float16
+    [N, G, 2], offset float16 [N, G] or None), the padding rows dropped."""
+    n = w.out_features
+    t, c8 = w.planes.shape[0], w.planes.shape[1]
+    qweight = w.planes.permute(2, 0, 3, 1).reshape(2, t * TILE, c8)[:, :n]
+    scales = w.scales.permute(0, 3, 1, 2).reshape(t * TILE, -1, 2)[:n]
+    offset = None if w.offset is None else w.offset.permute(0, 2, 1).reshape(t * TILE, -1)[:n]
+    return qweight, scales, offset
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One linear of a decoder layer: ``weight`` (t16, N x K) and ``bias`` float32 [N] or None."""
+
+    weight: CpuWeight
+    bias: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class DecodeLayerWeights:
+    """One Llama-family decoder layer, as the ``decode_layer`` op reads it (one token, batch 1).
+
+    With H = hidden size, Hq query heads and Hk key/value heads of D channels, I = MLP width:
+        ln1, ln2: float32 [H] RMSNorm weights (before attention / before the MLP), ``eps``.
+        qkv: (Hq + 2 Hk) D x H  (q, k, v rows in that order)
+        o: H x Hq D;  gate_up: 2 I x H (gate rows, then up rows);  down: H x I
+        (every projection's weight in the t16 layout with one group size; bias float32 [N] or None)
+        scale: the attention's softmax scale (usually D ** -0.5).
+    """
+
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    eps: float
+    qkv: Projection
+    o: Projection
+    gate_up: Projection
+    down: Projection
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    intermediate: int
+    scale: float
+
+    PROJECTIONS = ("qkv", "o", "gate_up", "down")
+
+    @property
+    def hidden(self) -> int:
+        return self.ln1.shape[0]
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) each projection must have."""
+        h, hq, hk, d, i = self.hidden, self.n_heads, self.n_kv, self.head_dim, self.intermediate
+        return {"qkv": ((hq + 2 * hk) * d, h), "o": (h, hq * d), "gate_up": (2 * i, h), "down": (h, i)}
+
+    def check(self, op: str) -> None:
+        """Raise KernelInputError unless the sizes and every tensor agree."""
+        check_tensor(op, "ln1", self.ln1, (torch.float32,), dim=1)
+        check_tensor(op, "ln2", self.ln2, (torch.float32,), tuple(self.ln1.shape))
+        if not (self.n_kv >= 1 and self.n_heads % self.n_kv == 0 and self.head_dim % 2 == 0 and self.intermediate >= 1):
+            fail(op, f"inconsistent sizes: n_heads={self.n_heads}, n_kv={self.n_kv}, head_dim={self.head_dim}, "
+                     f"intermediate={self.intermediate}")
+        groups = {getattr(self, name).weight.group_size for name in self.PROJECTIONS}
+        if len(groups) != 1:
+            fail(op, f"all projections need one group_size, got {sorted(groups)}")
+        for name, (n, k) in self.shapes().items():
+            p = getattr(self, name)
+            if (p.weight.out_features, p.weight.in_features) != (n, k):
+                fail(op, f"{name} must be {n} x {k} (out x in), got "
+                         f"{p.weight.out_features} x {p.weight.in_features}")
+            if p.bias is not None:
+                check_tensor(op, f"{name} bias", p.bias, (torch.float32,), (n,))

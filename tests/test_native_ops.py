@@ -1,0 +1,237 @@
+"""The decoder's native ops through the registry: every ``cpu`` kernel against its ``ref``
+oracle (dbquant/backends/reference.py) on odd shapes, and the oracles against definitions
+written out here.
+
+Tolerances: the C++ kernels and the references both compute in float32 but add in different
+orders (lookup-table partial sums, SIMD reductions, BLAS), and the C++ softmax/SiLU use a
+polynomial exp good to a few float32 ulps. Over the few hundred terms these tests sum, that is
+~1e-6 relative; rtol 1e-4 with atol 1e-5 x the output's scale leaves margin for that and still
+fails on any indexing, scale or ordering bug (those move outputs by O(1)).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dbquant.backends import cpu as cpu_backend
+from dbquant.backends import reference, registry
+from dbquant.backends.t16 import DecodeLayerWeights, Projection, canonical, prepare_cpu
+from dbquant.errors import DbquantError
+from dbquant.runtime.decode import quantize_rows_int8
+
+pytestmark = pytest.mark.skipif(not registry.available("cpu"), reason="dbquant._C is not built")
+OPS = ("decode_layer", "linear_int8", "linear_w8a8", "rms_norm")
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(b.abs().max().item(), 1.0))
+
+
+def test_every_native_op_has_ref_and_cpu():
+    for op in OPS:
+        assert registry.get(op, "ref") is getattr(reference, f"{op}_ref")
+        assert registry.get(op, "cpu") is getattr(cpu_backend, f"{op}_cpu")
+        assert registry.resolve("auto", "cpu", op=op) == "cpu"
+        assert registry.resolve("auto", "cuda", op=op) == "ref"  # no GPU kernel for these ops
+    with pytest.raises(DbquantError, match=r"backend 'triton' has no 'rms_norm' kernel"):
+        registry.get("rms_norm", "triton")
+
+
+def _packed(n, k, g, offset, gen):
+    """A random packed linear in the t16 layout, n x k with group size g."""
+    groups = -(-k // g)
+    bits = torch.randint(0, 2, (2, n, groups * g), generator=gen)
+    bits[..., k:] = 0
+    qweight = (bits.reshape(2, n, -1, 8) * (1 << torch.arange(8))).sum(-1).to(torch.uint8)
+    scales = (0.3 * torch.randn(n, groups, 2, generator=gen)).half()
+    off = (0.1 * torch.randn(n, groups, generator=gen)).half() if offset else None
+    return prepare_cpu(qweight, scales, off, k, g)
+
+
+def make_layer(h, hq, hk, d, inter, g, offset, bias, seed=0) -> DecodeLayerWeights:
+    gen = torch.Generator().manual_seed(seed)
+
+    def proj(n, k):
+        return Projection(_packed(n, k, g, offset, gen), torch.randn(n, generator=gen) if bias else None)
+
+    return DecodeLayerWeights(
+        ln1=1 + 0.1 * torch.randn(h, generator=gen), ln2=1 + 0.1 * torch.randn(h, generator=gen), eps=1e-5,
+        qkv=proj((hq + 2 * hk) * d, h), o=proj(h, hq * d), gate_up=proj(2 * inter, h), down=proj(h, inter),
+        n_heads=hq, n_kv=hk, head_dim=d, intermediate=inter, scale=d ** -0.5)
+
+
+def test_t16_round_trip():
+    w = _packed(21, 100, 32, True, torch.Generator().manual_seed(1))
+    q, s, o = canonical(w)
+    assert q.shape == (2, 21, 16) and s.shape == (21, 4, 2) and o.shape == (21, 4)
+    again = prepare_cpu(q, s, o, 100, 32)
+    assert all(torch.equal(a, b) for a, b in zip((w.planes, w.scales, w.offset), (again.planes, again.scales, again.offset)))
+
+
+# (hidden, query heads, kv heads, head dim, MLP width, group size): odd sizes, partial tiles
+# (qkv 56 rows, gate_up 2 x 23 rows), K not a multiple of the group (40 / 16, 23 / 16), MHA and GQA.
+SHAPES = [(40, 5, 1, 8, 23, 16), (24, 2, 2, 12, 40, 8), (64, 4, 2, 16, 96, 32)]
+
+
+@pytest.mark.parametrize("h,hq,hk,d,inter,g", SHAPES)
+@pytest.mark.parametrize("offset,bias", [(False, False), (True, True)])
+def test_decode_layer_cpu_matches_ref(h, hq, hk, d, inter, g, offset, bias):
+    layer = make_layer(h, hq, hk, d, inter, g, offset, bias, seed=h + inter)
+    gen = torch.Generator().manual_seed(7)
+    max_len, angles = 6, torch.rand(6, d // 2, generator=gen) * 3
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)  # [L, D], HF's layout
+    caches = {b: [torch.zeros(1, hk, max_len, d) for _ in range(2)] for b in ("ref", "cpu")}
+    prepared = cpu_backend.prepare_decode_layer(layer)
+    for pos in range(4):  # each step attends to all earlier positions
+        x = torch.randn(1, h, generator=gen)
+        xs = {b: x.clone() for b in caches}
+        registry.get("decode_layer", "ref")(xs["ref"], layer, cos[pos], sin[pos], *caches["ref"], pos)
+        registry.get("decode_layer", "cpu").run(xs["cpu"], prepared, cos[pos], sin[pos], *caches["cpu"], pos)
+        assert not torch.equal(xs["ref"], x)  # computed in place
+        close(xs["cpu"], xs["ref"])
+        for c, r in zip(caches["cpu"], caches["ref"]):
+            close(c, r)
+    # the unprepared entry builds the C++ layer per call and gives the same result
+    x = torch.randn(1, h, generator=gen)
+    a, b = x.clone(), x.clone()
+    cpu_backend.decode_layer_cpu(a, layer, cos[4], sin[4], *[c.clone() for c in caches["cpu"]], 4)
+    registry.get("decode_layer", "cpu").run(b, prepared, cos[4], sin[4], *caches["cpu"], 4)
+    assert torch.equal(a, b)
+
+
+def test_decode_layer_ref_is_the_layer():
+    """The oracle itself against the step written out with dense weights and torch's attention."""
+    h, hq, hk, d, inter = 32, 4, 2, 8, 24
+    layer = make_layer(h, hq, hk, d, inter, 8, True, True, seed=3)
+    dense = {n: reference.dequantize_ref(*canonical(getattr(layer, n).weight), getattr(layer, n).weight.in_features)
+             for n in DecodeLayerWeights.PROJECTIONS}
+    gen = torch.Generator().manual_seed(0)
+    k_cache, v_cache = torch.randn(1, hk, 5, d, generator=gen), torch.randn(1, hk, 5, d, generator=gen)
+    cos, sin = torch.rand(d, generator=gen), torch.rand(d, generator=gen)
+    x = torch.randn(1, h, generator=gen)
+    want = x.clone()
+    hn = F.rms_norm(want, (h,), layer.ln1, 1e-5)
+    qkv = F.linear(hn, dense["qkv"], layer.qkv.bias).view(hq + 2 * hk, d)
+
+    def rope(t):
+        return t * cos + torch.cat((-t[:, d // 2:], t[:, :d // 2]), -1) * sin
+
+    q, k, v = rope(qkv[:hq]), rope(qkv[hq:hq + hk]), qkv[hq + hk:]
+    keys, vals = k_cache.clone(), v_cache.clone()
+    keys[0, :, 3], vals[0, :, 3] = k, v
+    att = F.scaled_dot_product_attention(q[None, :, None], keys[:, :, :4], vals[:, :, :4], scale=layer.scale,
+                                         enable_gqa=True)[0, :, 0]
+    want = want + F.linear(att.reshape(1, -1), dense["o"], layer.o.bias)
+    gu = F.linear(F.rms_norm(want, (h,), layer.ln2, 1e-5), dense["gate_up"], layer.gate_up.bias)
+    want = want + F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], dense["down"], layer.down.bias)
+    reference.decode_layer_ref(x, layer, cos, sin, k_cache, v_cache, 3)
+    close(x, want)
+    close(k_cache, keys)
+
+
+def test_decode_layer_refuses_bad_input():
+    layer = make_layer(40, 5, 1, 8, 23, 16, False, False)
+    cache = torch.zeros(1, 1, 4, 8)
+    for fn in (reference.decode_layer_ref, cpu_backend.decode_layer_cpu):
+        with pytest.raises(DbquantError, match=r"x must have shape \(1, 40\), got \(1, 39\)"):
+            fn(torch.zeros(1, 39), layer, torch.ones(8), torch.ones(8), cache, cache.clone(), 0)
+        with pytest.raises(DbquantError, match=r"pos 4 is outside the cache \(max_len 4\)"):
+            fn(torch.zeros(1, 40), layer, torch.ones(8), torch.ones(8), cache, cache.clone(), 4)
+        with pytest.raises(DbquantError, match=r"k_cache must be \[1, 1, max_len, 8\], got \(1, 2, 4, 8\)"):
+            fn(torch.zeros(1, 40), layer, torch.ones(8), torch.ones(8), torch.zeros(1, 2, 4, 8), cache, 0)
+    wrong = DecodeLayerWeights(**{**layer.__dict__, "intermediate": 24})
+    with pytest.raises(DbquantError, match=r"gate_up must be 48 x 40 \(out x in\), got 46 x 40"):
+        cpu_backend.prepare_decode_layer(wrong)
+    # the C++ class checks what it is given too
+    obj = torch.classes.dbquant.DecodeLayer(layer.ln1, layer.ln2, 1e-5, 5, 1, 8, 23, 16, 8 ** -0.5)
+    with pytest.raises(RuntimeError, match=r"planes must have shape \[3, 6, 2, 16\]"):
+        obj.set_proj("o", layer.qkv.weight.planes, layer.qkv.weight.scales, None, None)
+    with pytest.raises(RuntimeError, match="unknown projection 'up'"):
+        obj.set_proj("up", layer.o.weight.planes, layer.o.weight.scales, None, None)
+    with pytest.raises(RuntimeError, match="'qkv' projection was never set"):
+        torch.ops.dbquant.decode_layer_cpu(torch.zeros(1, 40), obj, torch.ones(8), torch.ones(8), cache,
+                                           cache.clone(), 0)
+
+
+@pytest.mark.parametrize("n,k,m", [(37, 17, 3), (3, 200, 1), (1001, 576, 2), (5, 8, 33)])
+def test_linear_int8_cpu_matches_ref(n, k, m):
+    gen = torch.Generator().manual_seed(n + k)
+    codes, scale = quantize_rows_int8(torch.randn(n, k, generator=gen))
+    x = torch.randn(m, k, generator=gen)
+    ref = registry.get("linear_int8", "ref")(x, codes, scale)
+    close(ref, (x.double() @ (codes.double() * scale.double()[:, None]).T).float())  # the definition
+    close(registry.get("linear_int8", "cpu")(x, codes, scale), ref)
+    for isa in torch.ops.dbquant.cpu_isas():
+        close(torch.ops.dbquant.linear_int8_cpu(x, codes, scale, isa), ref)
+
+
+@pytest.mark.parametrize("n,k,m", [(37, 64, 3), (3, 96, 1), (1001, 576, 2)])
+def test_linear_w8a8_cpu_matches_ref(n, k, m):
+    gen = torch.Generator().manual_seed(n + k)
+    codes, scale = quantize_rows_int8(torch.randn(n, k, generator=gen))
+    x = torch.randn(m, k, generator=gen)
+    x[0, 32:64] = 0  # an all-zero block: scale 0, codes 0
+    ref = registry.get("linear_w8a8", "ref")(x, codes, scale)
+    exact = x @ (codes.float() * scale[:, None]).T
+    # the activations' rounding: present, and a few % at most (each code is off by <= 1/254 of
+    # its block's max; a 3-output row can cancel, so the bound is loose)
+    assert 0 < (ref - exact).norm() < 0.05 * exact.norm()
+    close(registry.get("linear_w8a8", "cpu")(x, codes, scale), ref)
+    for isa in torch.ops.dbquant.cpu_isas():
+        close(torch.ops.dbquant.linear_w8a8_cpu(x, codes, scale, isa), ref)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_linear_w8a8_non_finite_propagates(bad):
+    """std::max drops a NaN, so the int8 quantization used to turn a NaN block into finite codes."""
+    codes, scale = quantize_rows_int8(torch.randn(7, 64))
+    x = torch.randn(2, 64)
+    x[0, 40] = bad
+    ref = reference.linear_w8a8_ref(x, codes, scale)
+    assert ref[0].isnan().all() and ref[1].isfinite().all()
+    for isa in torch.ops.dbquant.cpu_isas():
+        y = torch.ops.dbquant.linear_w8a8_cpu(x, codes, scale, isa)
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4, equal_nan=True, msg=isa)
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (3, 7, 65), (2, 1)])
+def test_rms_norm_cpu_matches_ref(shape):
+    x, w = torch.randn(*shape), torch.randn(shape[-1])
+    ref = registry.get("rms_norm", "ref")(x, w, 1e-5)
+    close(ref, F.rms_norm(x, (shape[-1],), w, 1e-5))
+    close(registry.get("rms_norm", "cpu")(x, w, 1e-5), ref)
+
+
+@pytest.mark.parametrize("op", ["linear_int8", "linear_w8a8", "rms_norm"])
+def test_native_op_wrappers_refuse_bad_input(op):
+    codes, scale = quantize_rows_int8(torch.randn(4, 64))
+    bad = {  # (args, message) per op
+        "linear_int8": [((torch.randn(2, 63), codes, scale), r"x has K=63 but wq is \(4, 64\)"),
+                        ((torch.randn(2, 64).double(), codes, scale), r"x must be float32, got torch.float64"),
+                        ((torch.randn(2, 64), codes, scale[:3]), r"s must have shape \(4,\), got \(3,\)")],
+        "linear_w8a8": [((torch.randn(2, 40), codes[:, :40], scale), r"K=40 must be a multiple of 32"),
+                        ((torch.randn(64), codes, scale), r"x must have 2 dims, got shape \(64,\)")],
+        "rms_norm": [((torch.tensor(1.0), torch.ones(1), 1e-5), r"x must have at least 1 dim"),
+                     ((torch.ones(2, 3, dtype=torch.int32), torch.ones(3), 1e-5), r"x must be float32, got torch.int32"),
+                     ((torch.ones(2, 3), torch.ones(4), 1e-5), r"w must have shape \(3,\), got \(4,\)")],
+    }[op]
+    for backend in ("ref", "cpu"):
+        for args, msg in bad:
+            with pytest.raises(DbquantError, match=f"{op}_{backend}: {msg}"):
+                registry.get(op, backend)(*args)
+
+
+def test_decoder_uses_registry_ops():
+    from dbquant.runtime.decode import DecoderLayer, FastDecoder, Norm
+    from tests.conftest import make_tiny_model
+
+    dec = FastDecoder(make_tiny_model(), max_len=8, lm_head_dtype="w8a8")
+    assert dec.decode_layer is registry.get("decode_layer", "cpu")
+    assert dec.lm_head_op is registry.get("linear_w8a8", "cpu").run
+    assert dec.rms_norm is registry.get("rms_norm", "cpu").run
+    model = dec.model.model.layers[0]
+    assert isinstance(dec.layers[0], DecoderLayer) and isinstance(dec.layers[0].ln1, Norm)
+    assert dec.layers[0].ln1.eps == model.input_layernorm.variance_epsilon
+    assert torch.equal(dec.layers[0].ln2.weight, model.post_attention_layernorm.weight)
