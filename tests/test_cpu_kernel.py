@@ -16,6 +16,7 @@ import torch
 
 from dbquant.backends import cpu as cpu_backend
 from dbquant.backends.reference import dbgemm_ref, dequantize_ref
+from tests.tolerances import FP32_REORDER_LONG
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # the skip/fail reason below says it instead
@@ -72,7 +73,7 @@ def prepared(n, k, g, offset, bias, seed=0, pad_garbage=False):
 
 def assert_matches(y, ref):
     scale = ref.abs().max().clamp_min(1.0).item()
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * scale)
+    torch.testing.assert_close(y, ref, rtol=FP32_REORDER_LONG, atol=FP32_REORDER_LONG * scale)
 
 
 @pytest.mark.parametrize("m", [1, 3, 17, 64])

@@ -9,6 +9,7 @@ from dbquant.errors import DbquantError
 from dbquant.quantize import QuantizeOptions, quantize
 from dbquant.runtime.decode import FastDecoder
 from tests.conftest import make_tiny_model
+from tests.tolerances import BF16_LM_HEAD, FP32_REORDER, FP32_REORDER_LONG, FP32_ULP, INT8_LM_HEAD
 
 IDS = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(0))
 
@@ -32,7 +33,7 @@ def _assert_chunked_logits_match(model):
     scale = ref.abs().max().item()
     for start, end in [(0, 5), (5, 8), (8, 9), (9, 10), (10, 11)]:
         got = dec.forward(IDS[:, start:end], start)
-        torch.testing.assert_close(got, ref[:, end - 1], rtol=1e-4, atol=1e-5 * scale)
+        torch.testing.assert_close(got, ref[:, end - 1], rtol=FP32_REORDER_LONG, atol=FP32_REORDER * scale)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
@@ -66,10 +67,10 @@ def test_native_layer_step_matches_the_python_step(model_type, cfg):
     scale = ref.abs().max().item()
     for p in range(4, ids.shape[1]):
         a, b = native.forward(ids[:, p:p + 1], p), python.forward(ids[:, p:p + 1], p)
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale)
-        torch.testing.assert_close(a[0], ref[p], rtol=1e-4, atol=1e-5 * scale)
-    torch.testing.assert_close(native.k_cache, python.k_cache, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(native.v_cache, python.v_cache, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=FP32_REORDER, atol=FP32_REORDER * scale)
+        torch.testing.assert_close(a[0], ref[p], rtol=FP32_REORDER_LONG, atol=FP32_REORDER * scale)
+    torch.testing.assert_close(native.k_cache, python.k_cache, rtol=FP32_REORDER, atol=FP32_ULP)
+    torch.testing.assert_close(native.v_cache, python.v_cache, rtol=FP32_REORDER, atol=FP32_ULP)
     assert all(L.native is native.native[i] for i, L in enumerate(native.layers))
     # bad input is refused by the op, not computed
     run, layer = native.decode_layer.run, native.native[0]
@@ -148,7 +149,7 @@ def test_bfloat16_lm_head_is_close():
     bf._alloc(2)
     a, b = ref.forward(IDS[:, :8], 0), bf.forward(IDS[:, :8], 0)
     assert bf.lm_head.dtype == torch.bfloat16 and not torch.equal(a, b)
-    torch.testing.assert_close(b, a, rtol=0.05, atol=0.05 * a.abs().max().item())
+    torch.testing.assert_close(b, a, rtol=BF16_LM_HEAD, atol=BF16_LM_HEAD * a.abs().max().item())
 
 
 def test_unsupported_models_and_lengths():
@@ -179,7 +180,7 @@ def test_int8_lm_head_matches_its_dequantized_weight():
     dec._alloc(2)
     ref._alloc(2)
     a, b = dec.forward(IDS[:, :8], 0), ref.forward(IDS[:, :8], 0)
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    torch.testing.assert_close(a, b, rtol=FP32_REORDER, atol=FP32_REORDER * b.abs().max().item())
 
 
 @pytest.mark.parametrize("n,k,m", [(37, 200, 3), (3, 17, 2), (1001, 576, 1), (8, 16, 4)])
@@ -192,7 +193,7 @@ def test_linear_int8_kernel_parity(n, k, m):
     ref = x @ (codes.float() * scale[:, None]).T
     for isa in torch.ops.dbquant.cpu_isas():  # every ISA path this CPU can run (avx512, avx2, scalar)
         y = torch.ops.dbquant.linear_int8_cpu(x, codes, scale, isa)
-        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(), msg=isa)
+        torch.testing.assert_close(y, ref, rtol=FP32_REORDER, atol=FP32_REORDER * ref.abs().max().item(), msg=isa)
     with pytest.raises(RuntimeError, match="x has K=5 but wq is"):
         torch.ops.dbquant.linear_int8_cpu(torch.randn(1, 5), codes, scale)
     with pytest.raises(RuntimeError, match="wq must be a contiguous int8"):
@@ -221,7 +222,7 @@ def test_linear_w8a8_kernel_parity(n, k, m):
     exact = x @ (codes.float() * scale[:, None]).T
     for isa in torch.ops.dbquant.cpu_isas():
         y = torch.ops.dbquant.linear_w8a8_cpu(x, codes, scale, isa)
-        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(), msg=isa)
+        torch.testing.assert_close(y, ref, rtol=FP32_REORDER, atol=FP32_REORDER * ref.abs().max().item(), msg=isa)
     # the activations' rounding costs well under 1% of the output
     assert (ref - exact).norm() < 0.01 * exact.norm()
     with pytest.raises(RuntimeError, match="must be a multiple of 32"):
@@ -239,7 +240,7 @@ def test_w8a8_lm_head_in_the_decoder():
     a, b = dec.forward(IDS[:, :8], 0), exact.forward(IDS[:, :8], 0)
     codes, scale = quantize_rows_int8(model.lm_head.weight)
     assert torch.equal(dec.lm_head, codes)
-    torch.testing.assert_close(a, b, rtol=0.02, atol=0.02 * b.abs().max().item())
+    torch.testing.assert_close(a, b, rtol=INT8_LM_HEAD, atol=INT8_LM_HEAD * b.abs().max().item())
     with pytest.raises(DbquantError, match="not a multiple of 32"):
         FastDecoder(make_tiny_model(hidden_size=72), lm_head_dtype="w8a8")
 
@@ -250,6 +251,6 @@ def test_fused_rms_norm_matches_torch(shape):
     assert cpu_backend.load_cpu()
     x, w = torch.randn(*shape), torch.randn(shape[-1])
     y = torch.ops.dbquant.rms_norm_cpu(x, w, 1e-5)
-    torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (shape[-1],), w, 1e-5), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (shape[-1],), w, 1e-5), rtol=FP32_REORDER, atol=FP32_REORDER)
     with pytest.raises(RuntimeError, match=r"w must be a contiguous float32 \[" + str(shape[-1])):
         torch.ops.dbquant.rms_norm_cpu(x, torch.randn(shape[-1] + 1), 1e-5)

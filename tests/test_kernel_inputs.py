@@ -18,6 +18,7 @@ from dbquant.backends import reference, registry
 from dbquant.errors import DbquantError
 from dbquant.model.modules import PackedLinear
 from dbquant.quant import fdb
+from tests.tolerances import FP32_REORDER, FP32_REORDER_LONG
 
 HAVE_CPU = registry.available("cpu")
 BACKENDS = ["ref"] + (["cpu"] if HAVE_CPU else [])
@@ -114,12 +115,12 @@ def test_cpu_backend_has_gradients(rows):
         assert x.grad is not None, backend
         grads[backend] = (x.grad, lin.bias.grad.clone())
     for got, want in zip(grads["cpu"], grads["ref"]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=FP32_REORDER, atol=FP32_REORDER)
     # the isa-forced lookup-table path differentiates too
     x = torch.randn(2, 72, requires_grad=True)
     w = cpu_backend.prepare_cpu(lin.qweight, lin.scales, lin.offset, 72, 32)
     cpu_backend.run_cpu(x, w, None, ISAS[-1]).sum().backward()
-    torch.testing.assert_close(x.grad, lin.dequantize().sum(0).expand(2, -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, lin.dequantize().sum(0).expand(2, -1), rtol=FP32_REORDER, atol=FP32_REORDER)
 
 
 @pytest.mark.skipif(not HAVE_CPU, reason="dbquant._C is not built")
@@ -139,4 +140,4 @@ def test_non_finite_inputs_propagate_as_in_ref(offset, bad):
         y = cpu_backend.run_cpu(x, w, lin.bias, isa)
         assert torch.equal(y.isnan(), ref.isnan()), isa
         assert torch.equal(y.isinf(), ref.isinf()) and torch.equal(y[y.isinf()], ref[ref.isinf()]), isa
-        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4, equal_nan=True, msg=isa)
+        torch.testing.assert_close(y, ref, rtol=FP32_REORDER_LONG, atol=FP32_REORDER_LONG, equal_nan=True, msg=isa)

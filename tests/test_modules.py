@@ -9,6 +9,7 @@ from dbquant.backends import reference, registry
 from dbquant.errors import DbquantError
 from dbquant.model.modules import FakeQuantLinear, PackedLinear
 from dbquant.quant import fdb
+from tests.tolerances import FP32_REORDER
 
 
 def _quantized(n, k, g, offset, seed=0):
@@ -26,8 +27,8 @@ def test_reference_equals_dense_matmul(n, k, g, m, offset, bias):
     dense = x @ q.dequantize().T + (lin.bias if bias else 0)
     y = reference.dbgemm_ref(x, lin.qweight, lin.scales, lin.offset, lin.bias, k, g)
     assert y.shape == (2, m, n)
-    torch.testing.assert_close(y, dense, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lin(x), dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, dense, rtol=FP32_REORDER, atol=FP32_REORDER)
+    torch.testing.assert_close(lin(x), dense, rtol=FP32_REORDER, atol=FP32_REORDER)
 
 
 def test_reference_rejects_inconsistent_shapes():
@@ -65,7 +66,7 @@ def test_fake_quant_forward_and_ste(offset):
     w, q = _quantized(12, 80, 16, offset)
     fq = FakeQuantLinear(w, q, torch.zeros(12))
     x = torch.randn(3, 80)
-    torch.testing.assert_close(fq(x), x @ q.dequantize().T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fq(x), x @ q.dequantize().T, rtol=FP32_REORDER, atol=FP32_REORDER)
     fq(x).square().sum().backward()
     assert fq.alpha.grad is not None and fq.alpha.grad.abs().sum() > 0
     assert fq.weight.grad is not None and fq.weight.grad.abs().sum() > 0  # straight-through
@@ -73,7 +74,7 @@ def test_fake_quant_forward_and_ste(offset):
         assert fq.offset.grad.abs().sum() > 0
     # export -> pack -> packed forward equals the fake-quant forward
     packed = PackedLinear.from_weight(fq.export(), fq.bias.detach())
-    torch.testing.assert_close(packed(x), fq(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed(x), fq(x), rtol=FP32_REORDER, atol=FP32_REORDER)
 
 
 def test_fake_quant_training_lowers_output_error():

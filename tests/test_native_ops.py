@@ -20,13 +20,14 @@ from dbquant.backends import reference, registry
 from dbquant.backends.t16 import DecodeLayerWeights, Projection, canonical, prepare_cpu
 from dbquant.errors import DbquantError
 from dbquant.runtime.decode import quantize_rows_int8
+from tests.tolerances import FP32_REORDER, FP32_REORDER_LONG
 
 pytestmark = pytest.mark.skipif(not registry.available("cpu"), reason="dbquant._C is not built")
 OPS = ("decode_layer", "linear_int8", "linear_w8a8", "rms_norm")
 
 
 def close(a, b):
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(b.abs().max().item(), 1.0))
+    torch.testing.assert_close(a, b, rtol=FP32_REORDER_LONG, atol=FP32_REORDER * max(b.abs().max().item(), 1.0))
 
 
 def test_every_native_op_has_ref_and_cpu():
@@ -193,7 +194,7 @@ def test_linear_w8a8_non_finite_propagates(bad):
     assert ref[0].isnan().all() and ref[1].isfinite().all()
     for isa in torch.ops.dbquant.cpu_isas():
         y = torch.ops.dbquant.linear_w8a8_cpu(x, codes, scale, isa)
-        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4, equal_nan=True, msg=isa)
+        torch.testing.assert_close(y, ref, rtol=FP32_REORDER_LONG, atol=FP32_REORDER_LONG, equal_nan=True, msg=isa)
 
 
 @pytest.mark.parametrize("shape", [(1, 576), (3, 7, 65), (2, 1)])

@@ -19,6 +19,7 @@ from dbquant.backends import triton as _triton  # noqa: E402
 from dbquant.backends.reference import dbgemm_ref  # noqa: E402
 from dbquant.format.layout import pack_bits, unpack_bits  # noqa: E402
 from dbquant.model.modules import PackedLinear  # noqa: E402
+from tests.tolerances import KERNEL_REL_ERR
 
 if not _triton.load_triton():
     pytest.skip(f"the triton backend cannot run here: {_triton.unavailable_reason()}", allow_module_level=True)
@@ -27,7 +28,7 @@ DEVICE = "cpu" if _triton.interpreted() else "cuda"
 # Relative error ||y - ref|| / ||ref|| allowed per activation dtype. fp32 is exact up to
 # summation order; fp16/bf16 round the dequantized weight once (2^-11 / 2^-8 relative)
 # and the output once. test_tolerances_catch_bugs shows a real bug is far above these.
-TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+TOL = KERNEL_REL_ERR
 
 
 def make_layer(n, k, g, offset, bias, seed=0, pad_garbage=False):
