@@ -245,15 +245,21 @@ def test_sliding_window_models_are_served_exactly_inside_the_residual(model_type
     assert torch.equal(generate(model, make_cache(model, "1.5/1.58"), 24), ref)
 
 
-@pytest.mark.parametrize("model_type,kw", SLIDING)
-def test_sliding_window_models_quantize_the_past(model_type, kw):
-    model = make_tiny_model(model_type, **{**kw, "sliding_window": 72})  # the packed tokens are in view
+def _last_16_through_a_packed_cache(model):
+    """Logits of the last 16 of 80 tokens, through a 1.5/1.58 cache holding 32 packed tokens, and exact."""
     ids = torch.randint(3, 300, (1, 80), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         ref = model(ids).logits[:, -16:]
         cache = make_cache(model, parse_kv("1.5/1.58", residual=32))
         model(ids[:, :64], past_key_values=cache)
         got = model(ids[:, 64:], past_key_values=cache).logits
+    return got, ref, cache
+
+
+@pytest.mark.parametrize("model_type,kw", SLIDING)
+def test_sliding_window_models_quantize_the_past(model_type, kw):
+    model = make_tiny_model(model_type, **{**kw, "sliding_window": 72})  # the packed tokens are in view
+    got, ref, cache = _last_16_through_a_packed_cache(model)
     n = cache_nbytes(cache)
     assert n["tokens_quantized"] == 32 and n["quantized"] > 0
     rel = ((got - ref).norm() / ref.norm()).item()
@@ -265,12 +271,7 @@ def test_sliding_window_models_quantize_the_past(model_type, kw):
 def test_packed_tokens_outside_every_window_change_nothing():
     # all layers slide over 16 tokens; the 32 packed tokens are older than that: logits are exact
     model = make_tiny_model("mistral", sliding_window=16)
-    ids = torch.randint(3, 300, (1, 80), generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        ref = model(ids).logits[:, -16:]
-        cache = make_cache(model, parse_kv("1.5/1.58", residual=32))
-        model(ids[:, :64], past_key_values=cache)
-        got = model(ids[:, 64:], past_key_values=cache).logits
+    got, ref, cache = _last_16_through_a_packed_cache(model)
     assert cache_nbytes(cache)["tokens_quantized"] == 32
     torch.testing.assert_close(got, ref, rtol=FP32_REORDER, atol=FP32_REORDER)
 
