@@ -98,7 +98,12 @@ def run_fdb_dad(model, tokenizer, plan: list[LinearPlan], opts, model_id: str = 
 
     ``opts`` is a resolved :class:`dbquant.quantize.QuantizeOptions` (preset values filled in).
     The model is left with FakeQuantLinear modules in place of the planned linears
-    (the caller packs the returned weights over them).
+    (the caller packs the returned weights over them; on a ``--resume`` of a finished run
+    they are still the fp linears, which packing replaces just the same).
+
+    The work dir (``report["work_dir"]``) keeps every checkpoint plus ``final.pt`` (the
+    weights): the caller deletes them with ``runstate.discard_checkpoints`` once its output
+    exists and validates, so a failed save loses nothing and ``--resume`` packs again.
     """
     times: dict[str, float] = {}
     device = pick_device(opts.device)
@@ -113,8 +118,11 @@ def run_fdb_dad(model, tokenizer, plan: list[LinearPlan], opts, model_id: str = 
                    overwrite=opts.overwrite)
     run.sync()  # distributed: every rank has read state.pt before rank 0 may replace it
     torch.manual_seed(opts.seed)
-    report: dict = {"fingerprint": fingerprint["hash"], "device": str(device),
+    report: dict = {"fingerprint": fingerprint["hash"], "device": str(device), "work_dir": opts.work_dir,
                     "inputs": _inputs_note(model, opts, bw_b, dad_b)}
+    if run.finished:  # the calibration completed and only the save failed: straight to packing
+        report.update(times=times, log=run.log_text(), resumed_finished=True)
+        return run.final()["weights"], report
     run.log({"stage": "data", "inputs": report["inputs"]})
 
     init = _init_stage(model, plan, opts, run, stats_b, device, times, progress)  # 1-2
@@ -137,8 +145,8 @@ def run_fdb_dad(model, tokenizer, plan: list[LinearPlan], opts, model_id: str = 
 
     weights = export_weights(model, [p.name for p in plan])  # 6
     report["times"] = times
+    run.finish({"weights": weights})  # checkpoints stay until the caller's output validates
     report["log"] = run.log_text()
-    run.finish()
     return weights, report
 
 

@@ -452,4 +452,5 @@ def check_finite(loss: torch.Tensor, stage: str, where: str, step: int, modules=
         if culprit:
             break
     raise DbquantError(f"non-finite loss ({value}) in stage {stage}, {where}, step {step}{culprit}. "
-                       "Lower the learning rate (--lr-scale) or enable gradient clipping, then rerun")
+                       "Lower the learning rates (--bw-lr / --bw-lr-weight for block-wise, --dad-lr / "
+                       "--dad-lr-weight for DAD) or clip gradients (--grad-clip), then rerun")

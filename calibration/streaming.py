@@ -57,7 +57,7 @@ from dbquant.calibration.pipeline import blockwise_config, pick_device, semantic
 from dbquant.calibration.runstate import RunState, make_fingerprint, tensor_digest
 from dbquant.errors import DbquantError
 from dbquant.eval.data import load_text
-from dbquant.format.files import atomic_dir, read_header
+from dbquant.format.files import atomic_dir, read_header, validate_files
 from dbquant.model import plan as planlib
 from dbquant.model.convert import pack_into
 from dbquant.model.hf import DbquantConfig, attach, format_metadata
@@ -346,17 +346,38 @@ def quantize_streaming(model_dir: str | os.PathLike, tokenizer, opts, output: st
                          method=opts.method, bpw=bits)
     meta = {"format": "pt", "dbquant": json.dumps(format_metadata(qcfg))}
     s = _Stream(model, reader, run, shards, meta, device, {"blocks": [], "rel_weight_error": {}})
-    _stream_blocks(s, plan, opts, bw_b, times, progress)
-    _copy_rest(s)
+    if run.finished:  # every shard is done and only the output failed: straight to assembling it
+        s.report = run.final()["report"]
+    else:
+        _stream_blocks(s, plan, opts, bw_b, times, progress)
+        _copy_rest(s)
+        run.finish({"report": s.report})  # shards + report kept until the output validates
 
     attach(model, qcfg)
     times["total_s"] = time.perf_counter() - t0
     report = {"options": asdict(opts), "streaming": True, **bits, "layers": len(plan), **s.report, "times": times,
-              "calibration": {"fingerprint": fingerprint["hash"], "device": str(device)}}
-    _write_output(s, Path(model_dir), out, overwrite, tokenizer, {"model": model_id, **report})
-    run.finish()
+              "calibration": {"fingerprint": fingerprint["hash"], "device": str(device), "work_dir": opts.work_dir}}
+    try:
+        _write_output(s, Path(model_dir), out, overwrite, tokenizer, {"model": model_id, **report})
+        _validate_output(out, plan, qcfg)
+    except (DbquantError, OSError) as e:
+        detail = e if isinstance(e, DbquantError) else f"{type(e).__name__}: {e.strerror or e}"
+        raise DbquantError(f"writing {out} failed ({detail}); the finished blocks are kept in {opts.work_dir}: fix "
+                           "the output location and rerun the same command with --resume (and --overwrite if the "
+                           "output folder now exists)") from None
+    run.cleanup()
     shutil.rmtree(shards, ignore_errors=True)
     return report
+
+
+def _validate_output(out: Path, plan: list, qcfg: DbquantConfig) -> None:
+    """Check the written output without loading it (it may not fit in memory): config.json says
+    dbquant, and every shard is whole and holds each planned linear's packed tensors at their shapes."""
+    config = json.loads((out / "config.json").read_text())
+    if (config.get("quantization_config") or {}).get("quant_method") != "dbquant":
+        raise DbquantError(f"{out}/config.json does not say quant_method dbquant")
+    files = sorted(str(f) for f in out.glob("*.safetensors"))
+    validate_files(files, {p.name: p.layout for p in plan}, format_metadata(qcfg))
 
 
 def _resume_position(s: _Stream, n_blocks: int) -> tuple[int, dict | None]:

@@ -5,15 +5,15 @@ arguments of one library call) and prints what the library returns. ``quantize``
 are generated from :class:`dbquant.quantize.QuantizeOptions` (each field carries its flag
 and help), so a new quantize option is one field there.
 
-Every user error is a :class:`DbquantError` printed as one line (exit code 2); anything
-else is a bug and keeps its traceback.
+Every user error is a :class:`DbquantError` printed as one line (exit code 2); Ctrl-C
+prints one line (exit code 130; for ``quantize`` how to ``--resume``); anything else is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import typing
 from dataclasses import fields
@@ -30,11 +30,11 @@ from .errors import DbquantError
 from .eval import kv_ppl
 from .eval.protocols import evaluate
 from .model import plan as planlib
-from .model.checkpoint import is_dbquant_dir, load, save
-from .model.inspect import layer_stats, stats_summary
+from .model.checkpoint import is_dbquant_dir, load
+from .model.inspect import layer_stats, load_source, stats_summary
 from .model.sources import load_fp_model, resolve_model
 from .model.vlm import processor_files
-from .quantize import QuantizeOptions, make_plan, quantize
+from .quantize import QuantizeOptions, check_output, drop_work_dir, make_plan, quantize, save_output
 from .runtime.decode import LM_HEAD_DTYPES
 from .runtime.generate import ENGINES, GenerateOptions, generate
 from .runtime.kv.quantizers import SCALE_DTYPES
@@ -43,15 +43,43 @@ from .runtime.kv.spec import DEFAULT_GROUP, DEFAULT_RESIDUAL, DEFAULT_SINK
 DEFAULT_MODEL = "smollm2-135m"
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+
+
+def _tokenizer(folder):
+    """The tokenizer of a model folder; ``DbquantError`` (not transformers' traceback) when it has none."""
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:  # transformers' "no tokenizer" errors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DbquantError(f"{folder} has no usable tokenizer ({first[:200]}); copy the tokenizer files "
+                           "(tokenizer.json, tokenizer_config.json, ...) of the original model into it") from None
+
+
+def _fp_source(name: str):
+    """The local folder of a full-precision model, refused early when it is a dbquant checkpoint."""
+    folder = resolve_model(name)
+    if is_dbquant_dir(folder):
+        raise DbquantError(f"{name} is a dbquant checkpoint (already quantized); quantize takes the full-precision "
+                           "model it came from")
+    return folder
+
+
+def _load_fp(name: str):
+    """(model, tokenizer) of a full-precision model; the tokenizer is checked first (no minutes lost)."""
+    tok = _tokenizer(_fp_source(name))
+    return load_fp_model(name)[0], tok
+
+
 def _load_any(model_or_dir: str, backend: str = "auto"):
     """(model, tokenizer, bpw) for a dbquant checkpoint, a builtin name or a local HF folder."""
 
     if is_dbquant_dir(model_or_dir):
+        tok = _tokenizer(model_or_dir)
         model = load(model_or_dir, backend=backend)
-        tok = AutoTokenizer.from_pretrained(model_or_dir)
         return model, tok, (model.config.quantization_config.bpw or {}).get("bpw")
-    model, tok = load_fp_model(model_or_dir)
-    return model.eval(), tok, None
+    tok = _tokenizer(resolve_model(model_or_dir))
+    return load_fp_model(model_or_dir)[0].eval(), tok, None
 
 
 def _options(cls, a: argparse.Namespace, **override):
@@ -85,11 +113,11 @@ def quantize_options(a: argparse.Namespace) -> QuantizeOptions:
 
 def cmd_quantize(a) -> int:
     opts = quantize_options(a)
+    a.work_dir_used = opts.work_dir  # for main()'s Ctrl-C line
     if not a.dry_run:
         if not a.output:
             raise DbquantError("quantize needs --output DIR (or --dry-run to only print the plan)")
-        if Path(a.output).exists() and not a.overwrite:  # refuse before minutes of work, not after
-            raise DbquantError(f"output directory {a.output} already exists; pass --overwrite to replace it")
+        check_output(a.output, a.overwrite)  # exists / not writable: refused before minutes of work, not after
 
     # torchrun sets WORLD_SIZE: DAD then runs data parallel over the ranks (rank 0 writes)
     started = distributed.init_from_env(opts.device) if not a.dry_run else False
@@ -106,7 +134,7 @@ def cmd_quantize(a) -> int:
 
 
 def _quantize_in_memory(a, opts) -> int:
-    model, tok = load_fp_model(a.model)
+    model, tok = _load_fp(a.model)
     plan = make_plan(model, opts)
     _print_plan(plan, planlib.bits_summary(plan, model), out=sys.stderr if a.json else sys.stdout)
     if a.dry_run:
@@ -119,8 +147,9 @@ def _quantize_in_memory(a, opts) -> int:
     if log:
         extra["dbquant-log.jsonl"] = log
     extra.update(processor_files(resolve_model(a.model)))  # a VLM's image preprocessing travels with it
-    save(model, a.output, tok, a.overwrite,
-         extra_files={"dbquant-report.json": json.dumps({"model": a.model, **report}, indent=1), **extra})
+    # checkpoints are dropped only once the output reloads; a failed save says how to --resume
+    save_output(model, a.output, tok, a.overwrite,
+                {"dbquant-report.json": json.dumps({"model": a.model, **report}, indent=1), **extra}, opts.work_dir)
     _print_summary(a, opts, report, "")
     return 0
 
@@ -128,17 +157,16 @@ def _quantize_in_memory(a, opts) -> int:
 def _quantize_streaming(a, opts) -> int:
     """``quantize --streaming``: one decoder block in memory at a time (dbquant.calibration.streaming)."""
 
-    folder = resolve_model(a.model)
-    report = quantize_streaming(folder, AutoTokenizer.from_pretrained(folder), opts, a.output, model_id=a.model,
-                                overwrite=a.overwrite)
+    folder = _fp_source(a.model)
+    report = quantize_streaming(folder, _tokenizer(folder), opts, a.output, model_id=a.model, overwrite=a.overwrite)
     _print_summary(a, opts, report, " (streaming)")
     return 0
 
 
 def _print_summary(a, opts, report: dict, how: str) -> None:
     """Drop the default work dir (its log was copied into the output), then print one summary line."""
-    if opts.work_dir and not a.work_dir and Path(opts.work_dir).is_dir():
-        shutil.rmtree(opts.work_dir, ignore_errors=True)
+    if not a.work_dir:
+        drop_work_dir(opts.work_dir)
     summary = {"output": str(a.output), "bpw": report["bpw"], "checkpoint_bpw": report["checkpoint_bpw"],
                "seconds": round(report["times"]["total_s"], 1)}
     if how:
@@ -150,14 +178,24 @@ def _print_summary(a, opts, report: dict, how: str) -> None:
 
 # ---------------------------------------------------------------- eval, generate
 
+def _check_eval_sizes(a) -> None:
+    """--windows >= 1 and --seq-len >= 2 when given (0 must not silently mean the default)."""
+    if a.windows is not None and a.windows < 1:
+        raise DbquantError(f"--windows must be >= 1, got {a.windows} (leave it out for the protocol's default)")
+    if a.seq_len is not None and a.seq_len < 2:
+        raise DbquantError(f"--seq-len must be >= 2 (a window predicts its tokens after the first), got {a.seq_len} "
+                           "(leave it out for the protocol's default)")
+
+
 def cmd_eval(a) -> int:
+    _check_eval_sizes(a)  # before loading a model
     model, tok, bpw = _load_any(a.model, a.backend)
     kv = None
     if a.protocol == "kv-ppl" or a.kv:  # options of dbquant.eval.kv_ppl.evaluate_kv
         kv = {"kv": a.kv, "n_windows": a.windows, "seq_len": a.seq_len, "residual": a.kv_residual,
               "sink": a.kv_sink, "group": a.kv_group, "fft": False if a.kv_no_fft else None,
               "scale_dtype": a.kv_scales}
-    sizes = {k: v for k, v in (("n_windows", a.windows), ("seq_len", a.seq_len)) if v}  # unset: the protocol's
+    sizes = {k: v for k, v in (("n_windows", a.windows), ("seq_len", a.seq_len)) if v is not None}  # unset: protocol's
     res = evaluate(model, tok, a.protocol, kv=kv, **sizes)
     res = {"model": a.model, "bpw": bpw, **res}
     if a.json:
@@ -165,6 +203,8 @@ def cmd_eval(a) -> int:
     else:
         bits = "fp" if bpw is None else f"{bpw:.3f} bpw"
         print(f"{a.model}: {a.protocol} PPL {res['ppl']:.3f} over {res['tokens']} tokens ({bits})")
+        if res.get("kv_note"):
+            print(f"note: {res['kv_note']}")
     return 0
 
 
@@ -175,6 +215,8 @@ def cmd_generate(a) -> int:
     print(tok.decode(g.new_tokens, skip_special_tokens=True).strip())
     print(f"[{n} tokens in {g.seconds:.2f} s: {n / g.seconds:.1f} tokens/s overall ({g.speed}), "
           f"prompt {g.prompt_tokens} tokens, engine {g.engine}]", file=sys.stderr)
+    if g.warning:
+        print(f"dbquant: warning: {g.warning}", file=sys.stderr)
     return 0
 
 
@@ -246,7 +288,7 @@ def _shapes(text: str) -> list[tuple[int, int]]:
 
 def cmd_inspect(a) -> int:
     model = load(a.dir, backend="ref")
-    source = load_fp_model(a.source)[0] if a.source else None
+    source = load_source(a.source) if a.source else None
     rows = layer_stats(model, source)
     summary = stats_summary(model, rows)
     if a.json:
@@ -392,6 +434,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupted_line(a: argparse.Namespace) -> str:
+    """What a Ctrl-C left behind and how to go on: for ``quantize``, its work dir and ``--resume``."""
+    work = getattr(a, "work_dir_used", None)
+    if work and (Path(work) / "state.pt").is_file():
+        return (f"interrupted; the calibration checkpoints are in {work}: rerun the same command with --resume "
+                "to continue")
+    if a.cmd == "quantize":
+        return "interrupted before any checkpoint was written; rerun the same command to start again"
+    return "interrupted"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -399,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     except DbquantError as e:
         print(f"dbquant: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        print(f"\ndbquant: {_interrupted_line(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

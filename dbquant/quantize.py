@@ -6,8 +6,12 @@ this file only wires them and keeps the report.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from .calibration import METHODS, init_weights, input_second_moments
@@ -15,9 +19,11 @@ from .calibration.blockwise import INPUT_MODES
 from .calibration.dad import DADConfig
 from .calibration.pipeline import run_fdb_dad
 from .calibration.presets import preset_values
+from .calibration.runstate import discard_checkpoints
 from .errors import DbquantError
 from .eval.data import calibration_batches, load_text
 from .model import plan as planlib
+from .model.checkpoint import load, save
 from .model.convert import pack_into
 from .model.hf import DbquantConfig, attach
 
@@ -109,7 +115,8 @@ class QuantizeOptions:
     device: str = option("auto", "auto (CUDA when present), cpu, cuda, cuda:N", section="fdb-dad")
     work_dir: str | None = option(None, "checkpoints and log (default: OUTPUT.work, removed after success)",
                                   section="fdb-dad")
-    resume: bool = option(False, "continue an interrupted run from its work dir", section="fdb-dad")
+    resume: bool = option(False, "continue an interrupted run from its work dir (or save again a finished one "
+                                 "whose save failed)", section="fdb-dad")
     checkpoint_every: int = option(50, "optimizer steps between checkpoints (stage and block ends always checkpoint)",
                                    section="fdb-dad")
     overwrite: bool = option(False, "replace an existing output folder")
@@ -213,3 +220,51 @@ def quantize(model, tokenizer, opts: QuantizeOptions, progress: bool = True, mod
     times["total_s"] = time.perf_counter() - t0
     return {"options": asdict(opts), **bits, "layers": len(plan), "rel_weight_error": errors, "times": times,
             **report}
+
+
+# ---------------------------------------------------------------- the output
+
+def check_output(output: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an output folder that cannot be written, before any work (not after hours of it).
+
+    The folder must not exist (unless ``overwrite``) and its parent must be creatable and
+    writable: proven by creating and removing a probe folder there, since ``os.access``
+    answers yes to root even where a write fails (``/proc``, read-only mounts).
+    """
+    out = Path(output).absolute()
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise DbquantError(f"output directory {output} already exists; pass --overwrite to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(prefix=f".{out.name}.probe-{os.getpid()}-", dir=out.parent)
+        os.rmdir(probe)
+    except OSError as e:
+        raise DbquantError(f"cannot create the output directory {output}: {e.strerror or e} (in {out.parent}); "
+                           "choose another -o") from None
+    return out
+
+
+def save_output(model, output: str | os.PathLike, tokenizer, overwrite: bool, extra_files: dict[str, str],
+                work_dir: str | os.PathLike | None) -> None:
+    """Save the packed model, reload it to validate, and only then drop the calibration checkpoints.
+
+    If the save or the reload fails, ``work_dir`` keeps the finished calibration (``final.pt``)
+    and the error says to rerun with ``--resume``, which goes straight to packing and saving.
+    """
+    try:
+        save(model, output, tokenizer, overwrite, extra_files=extra_files)
+        load(output, backend="ref")  # the validating reload: every check dbquant.load makes
+    except (DbquantError, OSError) as e:
+        kept = work_dir is not None and (Path(work_dir) / "final.pt").is_file()
+        hint = (f"; the finished calibration is kept in {work_dir}: fix the output location and rerun the same "
+                "command with --resume (and --overwrite if the output folder now exists)" if kept else "")
+        detail = e if isinstance(e, DbquantError) else f"{type(e).__name__}: {e.strerror or e}"
+        raise DbquantError(f"saving {output} failed ({detail}){hint}") from None
+    if work_dir is not None:
+        discard_checkpoints(work_dir)
+
+
+def drop_work_dir(work_dir: str | os.PathLike | None) -> None:
+    """Remove a default work dir once the output holds its log (explicit work dirs keep their log)."""
+    if work_dir is not None and Path(work_dir).is_dir():
+        shutil.rmtree(work_dir, ignore_errors=True)

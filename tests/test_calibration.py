@@ -1,9 +1,11 @@
 """fdb-dad calibration stages on a tiny random Llama: losses fall, shapes, resume, fingerprint, NaN guard."""
 
 import json
+import re
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from dbquant.calibration import runstate
 from dbquant.calibration.blockwise import (
@@ -15,7 +17,7 @@ from dbquant.calibration.blockwise import (
 )
 from dbquant.calibration.dad import WEIGHTINGS, DADConfig, distill, teacher_cache
 from dbquant.calibration.runstate import Interrupted, RunState, make_fingerprint
-from dbquant.cli import main
+from dbquant.cli import build_parser, main
 from dbquant.errors import DbquantError
 from dbquant.model.modules import FakeQuantLinear
 from dbquant.quant import fdb
@@ -134,7 +136,23 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_tokenizer, t
             torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4, msg=k)
     events = [json.loads(line).get("event") for line in report["calibration"]["log"].splitlines()]
     assert "resume" in events and "block done" in events
-    assert not list(work.glob("*.pt"))  # checkpoints dropped after success
+    # the library keeps the checkpoints (and the weights, final.pt) until the caller's output validates
+    assert report["calibration"]["work_dir"] == str(work) and (work / "final.pt").is_file()
+    runstate.discard_checkpoints(work)
+    assert not list(work.glob("*.pt")) and (work / "log.jsonl").is_file()
+
+
+def test_resume_of_a_finished_run_packs_without_recalibrating(tmp_path, tiny_tokenizer, text_file, monkeypatch):
+    work = tmp_path / "work"
+    ref, _ = _quantize(tiny_tokenizer, _opts(text_file, work))
+    assert (work / "final.pt").is_file()
+    monkeypatch.setitem(runstate.TEST_HOOKS, "interrupt_after_steps", 0)  # any optimizer step would raise
+    again, report = _quantize(tiny_tokenizer, _opts(text_file, work, resume=True))
+    assert report["calibration"]["resumed_finished"]
+    a, b = _packed(ref), _packed(again)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_resume_refuses_a_different_run(tmp_path, tiny_tokenizer, text_file, monkeypatch):
@@ -158,6 +176,10 @@ def test_nan_guard_names_stage_block_layer_and_step(tmp_path, tiny_tokenizer, te
     msg = str(e.value)
     assert "block-wise" in msg and "block 1" in msg and "step 0" in msg
     assert "model.layers.1.mlp.down_proj.weight" in msg
+    named = set(re.findall(r"--[a-z][a-z-]*", msg))  # every flag the advice names must exist
+    quantize_flags = {o for a in build_parser()._subparsers._group_actions[0].choices["quantize"]._actions
+                      for o in a.option_strings}
+    assert named and named <= quantize_flags, named - quantize_flags
 
 
 def test_bad_stage_options():
@@ -169,7 +191,7 @@ def test_bad_stage_options():
         QuantizeOptions(bw_steps=-1).check()
 
 
-def test_cli_fdb_dad_end_to_end(tmp_path, tiny_model_dir, text_file, capsys):
+def testcli_fdb_dad_argv_end_to_end(tmp_path, tiny_model_dir, text_file, capsys):
     out = tmp_path / "q"
     argv = ["quantize", str(tiny_model_dir), "-o", str(out), "--group-size", "32", "--calib", text_file,
             "--preset", "default", "--bw-samples", "4", "--bw-seq-len", "24", "--bw-steps", "3", "--dad-steps", "3",
@@ -184,3 +206,46 @@ def test_cli_fdb_dad_end_to_end(tmp_path, tiny_model_dir, text_file, capsys):
     assert any(r.get("stage") == "dad" for r in log) and any(r.get("stage") == "block-wise" for r in log)
     assert not (tmp_path / "q.work").exists()
     assert main(["eval", str(out), "--windows", "1", "--seq-len", "32", "--json"]) == 0
+
+
+def cli_fdb_dad_argv(model_dir, text_file, out, *extra):
+    return ["quantize", str(model_dir), "-o", str(out), "--group-size", "32", "--calib", text_file, "--preset",
+            "fast", "--bw-samples", "4", "--bw-seq-len", "24", "--bw-steps", "3", "--dad-steps", "3",
+            "--dad-samples", "4", "--dad-seq-len", "24", "--dad-batch", "2", *extra]
+
+
+def test_cli_failed_save_keeps_calibration_and_resume_writes_same_bytes(tmp_path, tiny_model_dir, text_file,
+                                                                       monkeypatch, capsys):
+    import dbquant.quantize as quantize_mod
+
+    assert main(cli_fdb_dad_argv(tiny_model_dir, text_file, tmp_path / "ref")) == 0
+    real_save = quantize_mod.save
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(quantize_mod, "save", full_disk)
+    capsys.readouterr()
+    assert main(cli_fdb_dad_argv(tiny_model_dir, text_file, tmp_path / "out")) == 2
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if line.startswith("dbquant:")]  # progress bars aside
+    work = tmp_path / "out.work"
+    assert "Traceback" not in stderr and len(err) == 1 and err[0].startswith("dbquant: error: saving") and "--resume" in err[0], err
+    assert str(work) in err[0] and (work / "final.pt").is_file() and not (tmp_path / "out").exists()
+    monkeypatch.setattr(quantize_mod, "save", real_save)
+    monkeypatch.setitem(runstate.TEST_HOOKS, "interrupt_after_steps", 0)  # resume must not recalibrate
+    assert main(cli_fdb_dad_argv(tiny_model_dir, text_file, tmp_path / "out", "--resume")) == 0
+    # same tensors, bit for bit, and the same header metadata (safetensors orders metadata keys by hash
+    # per process, so the raw header bytes may differ even between two uninterrupted runs)
+    ref, got = (safe_open(tmp_path / d / "model.safetensors", "pt") for d in ("ref", "out"))
+    assert ref.metadata() == got.metadata() and sorted(ref.keys()) == sorted(got.keys())
+    for k in ref.keys():  # noqa: SIM118  (a safe_open handle is not iterable)
+        a, b = ref.get_tensor(k), got.get_tensor(k)
+        assert a.dtype == b.dtype and torch.equal(a, b), k
+    assert not work.exists()  # default work dir: dropped once the output validated
+
+
+def test_cli_explicit_work_dir_drops_checkpoints_keeps_log(tmp_path, tiny_model_dir, text_file):
+    work = tmp_path / "mywork"
+    assert main(cli_fdb_dad_argv(tiny_model_dir, text_file, tmp_path / "q", "--work-dir", str(work))) == 0
+    assert not list(work.glob("*.pt")) and (work / "log.jsonl").is_file()

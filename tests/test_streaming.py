@@ -132,3 +132,32 @@ def test_cli_streaming(tmp_path, tiny_model_dir, text_file, capsys):
     assert main(["quantize", str(tiny_model_dir), "--output", str(tmp_path / "r"), "--streaming",
                  "--calib", text_file]) == 2  # DAD on (default preset): refused with a message
     assert "--no-dad" in capsys.readouterr().err
+
+
+def test_streaming_failed_output_keeps_blocks_and_resume_assembles_it(tmp_path, sharded_dir, text_file,
+                                                                      monkeypatch):
+    from dbquant.calibration import streaming
+
+    tok = load_fp_model(str(sharded_dir))[1]
+    quantize_streaming(sharded_dir, tok, _opts(text_file, tmp_path / "w0"), tmp_path / "ref", progress=False)
+    real_write = streaming._write_output
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(streaming, "_write_output", full_disk)
+    work = tmp_path / "w"
+    with pytest.raises(DbquantError, match="--resume") as e:
+        quantize_streaming(sharded_dir, tok, _opts(text_file, work), tmp_path / "out", progress=False)
+    assert str(work) in str(e.value) and not (tmp_path / "out").exists()
+    assert (work / "final.pt").is_file() and (work / "shards" / "rest.safetensors").is_file()
+    monkeypatch.setattr(streaming, "_write_output", real_write)
+    monkeypatch.setitem(runstate.TEST_HOOKS, "interrupt_after_steps", 0)  # resume must not recalibrate
+    rep = quantize_streaming(sharded_dir, tok, _opts(text_file, work, resume=True), tmp_path / "out",
+                             progress=False)
+    ref, got = _tensors(tmp_path / "ref"), _tensors(tmp_path / "out")
+    assert sorted(ref) == sorted(got)
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    assert rep["rel_weight_error"] and len(rep["blocks"]) == 3  # the finished run's report, kept in final.pt
+    assert not list(work.glob("*.pt")) and not (work / "shards").exists()  # dropped once the output validated

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache
 
 from ..errors import DbquantError
+from ..runtime.generate import nothing_quantized_note
 from ..runtime.kv.cache import cache_nbytes, fp16_bytes_per_token, head_dim_of, make_cache
 from ..runtime.kv.spec import KVSpec, parse_kv
 from .data import load_text
@@ -68,7 +69,8 @@ def kv_perplexity(model, windows: torch.Tensor, specs: list[KVSpec], prefix: int
     Returns one dict per spec: {"kv", "kv_bits", "residual", "ppl", "nll", "tokens",
     "kv_bytes_per_token", "kv_quantized_bits" (bits per cached K/V value over the
     quantized part, every scale/min/mask counted; null for fp), "fp16_bytes_per_token",
-    "ratio_vs_fp16", "seconds" (fill + scoring; the shared prefills are not included)}.
+    "ratio_vs_fp16", "seconds" (fill + scoring; the shared prefills are not included),
+    "kv_note" (null, or why a quantized spec quantized nothing: :func:`nothing_quantized_note`)}.
     """
     n, length = windows.shape
     if not 0 < prefix < length - 1:
@@ -111,7 +113,8 @@ def kv_perplexity(model, windows: torch.Tensor, specs: list[KVSpec], prefix: int
                     "kv_quantized_bits": qbits, "kv_tokens_quantized": b["tokens_quantized"],
                     "kv_bytes_per_token_quantized_part": (b["quantized"] / b["tokens_quantized"]
                                                           if b["tokens_quantized"] else None),
-                    "fp16_bytes_per_token": fp16, "ratio_vs_fp16": fp16 / bpt, "seconds": secs[j]})
+                    "fp16_bytes_per_token": fp16, "ratio_vs_fp16": fp16 / bpt, "seconds": secs[j],
+                    "kv_note": nothing_quantized_note(spec, b["tokens_quantized"], prefix)})
     return out
 
 

@@ -2,11 +2,49 @@
 
 from __future__ import annotations
 
+import json
+
+import torch
 from torch import nn
 
+from dbquant.errors import DbquantError
 from dbquant.format.layout import unpack_bits
+from dbquant.model.checkpoint import is_dbquant_dir
 from dbquant.model.modules import PackedLinear
 from dbquant.model.plan import LinearPlan, bits_summary
+from dbquant.model.sources import resolve_model
+from dbquant.model.vlm import auto_model_class
+
+
+def load_source(name: str) -> nn.Module:
+    """The full-precision model ``inspect --source`` compares against (float32, no tokenizer needed).
+
+    Refuses a dbquant checkpoint (its linears hold no dense weight to compare with).
+    """
+    folder = resolve_model(name)
+    if is_dbquant_dir(folder):
+        raise DbquantError(f"--source {name} is a dbquant checkpoint; pass the full-precision model it was "
+                           "quantized from")
+    config = json.loads((folder / "config.json").read_text())
+    try:
+        model = auto_model_class(config).from_pretrained(folder, dtype=torch.float32)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DbquantError(f"cannot load --source {name}: {type(e).__name__}: {first[:300]}") from None
+    return model.eval()
+
+
+def _source_weight(source: nn.Module, name: str, m: PackedLinear) -> torch.Tensor:
+    """float32 [out, in]: the dense weight of ``name`` in ``source``; DbquantError when it has none that fits."""
+    try:
+        w = source.get_submodule(name).weight
+    except AttributeError:
+        raise DbquantError(f"--source has no linear {name} (a different model than the checkpoint's?)") from None
+    if not isinstance(w, torch.Tensor) or tuple(w.shape) != (m.out_features, m.in_features):
+        shape = list(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+        raise DbquantError(f"--source {name}.weight is {shape}, the checkpoint's is "
+                           f"{[m.out_features, m.in_features]}: not the model this checkpoint was quantized from")
+    return w.detach().float()
 
 
 def layer_stats(model: nn.Module, source: nn.Module | None = None) -> list[dict]:
@@ -27,8 +65,8 @@ def layer_stats(model: nn.Module, source: nn.Module | None = None) -> list[dict]
         row = {"module": name, "shape": [m.out_features, m.in_features], "group": m.group_size,
                "bpw": m.layout.bits_per_weight(), "density_b1": ones[0].item(), "density_b2": ones[1].item()}
         if source is not None:
-            w = source.get_submodule(name).weight.float()
-            row["rel_error"] = ((w - m.dequantize()).square().sum() / w.square().sum()).item()
+            w = _source_weight(source, name, m)
+            row["rel_error"] = ((w - m.dequantize().float()).square().sum() / w.square().sum().clamp_min(1e-30)).item()
         rows.append(row)
     return rows
 

@@ -18,7 +18,7 @@ from dbquant.model.checkpoint import is_dbquant_dir
 from dbquant.model.sources import resolve_model
 from dbquant.model.vlm import image_prompt_inputs, vlm_family
 from dbquant.runtime.decode import LM_HEAD_DTYPES, FastDecoder, check_supported
-from dbquant.runtime.kv import cache_nbytes, make_cache, parse_kv
+from dbquant.runtime.kv import KVSpec, cache_nbytes, make_cache, parse_kv
 
 ENGINES = ("auto", "dbquant", "hf")
 
@@ -68,6 +68,7 @@ class Generation:
     seconds: float
     engine: str
     speed: str
+    warning: str | None = None  # e.g. a --kv cache that quantized no token (prompt + output within its residual)
 
 
 def build_prompt(model: nn.Module, tokenizer, opts: GenerateOptions, model_id: str) -> tuple[torch.Tensor, dict]:
@@ -111,6 +112,20 @@ def pick_engine(model: nn.Module, opts: GenerateOptions) -> str:
     return "hf"
 
 
+def nothing_quantized_note(spec: KVSpec, tokens_quantized: int, tokens: int) -> str | None:
+    """A warning when a quantized cache spec quantized no token (else None).
+
+    The cache packs whole groups of tokens once they leave the full-precision residual: a
+    sequence of ``tokens`` shorter than the residual plus one group leaves every token in
+    full precision, so the result is the fp cache's, not the spec's.
+    """
+    if spec.method == "fp" or tokens_quantized:
+        return None
+    return (f"KV cache {spec.name} quantized no token: its {tokens} cached tokens do not exceed the full-precision "
+            f"residual ({spec.residual} tokens) by a whole group ({spec.group} tokens), so this is the "
+            "full-precision cache's result; use a longer sequence or a smaller --kv-residual")
+
+
 def build_kv_cache(model: nn.Module, opts: GenerateOptions):
     """The quantized KV cache of ``opts.kv`` for ``model.generate()``, or None (plain cache)."""
     if not opts.kv:
@@ -125,13 +140,14 @@ def generate(model: nn.Module, tokenizer, opts: GenerateOptions, model_id: str =
     torch.manual_seed(opts.seed)
     engine = pick_engine(model, opts)
     t = time.perf_counter()
+    warning = None
     if engine == "dbquant":
         out, st = _fast_generate(model, tokenizer, ids, opts)
         speed = f"prefill {st.prefill_tok_s:.1f} tokens/s, decode {st.decode_tok_s:.1f} tokens/s"
     else:
-        out, speed = _hf_generate(model, tokenizer, ids, extra, opts)
+        out, speed, warning = _hf_generate(model, tokenizer, ids, extra, opts)
     dt = time.perf_counter() - t
-    return Generation(out[0, ids.shape[1]:], ids.shape[1], dt, engine, speed)
+    return Generation(out[0, ids.shape[1]:], ids.shape[1], dt, engine, speed, warning)
 
 
 def _fast_generate(model: nn.Module, tokenizer, ids: torch.Tensor, opts: GenerateOptions):
@@ -146,7 +162,8 @@ def _fast_generate(model: nn.Module, tokenizer, ids: torch.Tensor, opts: Generat
 
 
 def _hf_generate(model: nn.Module, tokenizer, ids: torch.Tensor, extra: dict, opts: GenerateOptions):
-    """transformers ``generate()`` (with the quantized cache of ``opts.kv``): (ids [1, T + n], speed note)."""
+    """transformers ``generate()`` (with the quantized cache of ``opts.kv``): (ids [1, T + n], speed note,
+    warning or None)."""
     cache = build_kv_cache(model, opts)
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=opts.max_new_tokens, do_sample=opts.sample,
@@ -156,4 +173,6 @@ def _hf_generate(model: nn.Module, tokenizer, ids: torch.Tensor, extra: dict, op
     if cache is not None:
         nb = cache_nbytes(cache)
         speed += f"; KV cache {opts.kv}: {nb['total'] / max(nb['tokens'], 1):.0f} bytes/token held"
-    return out, speed
+        spec = parse_kv(opts.kv, residual=opts.kv_residual, sink=opts.kv_sink)
+        return out, speed, nothing_quantized_note(spec, nb["tokens_quantized"], nb["tokens"])
+    return out, speed, None
