@@ -42,6 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dbquant.calibration.distributed import barrier, is_writer
+from dbquant import faults
 from dbquant.errors import DbquantError
 
 STATE_VERSION = 2  # 1 was a torch.save pickle: refused, never unpickled
@@ -327,6 +328,10 @@ class RunState:
         if self.writer:
             self.dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(self.dir)  # half-written files of a killed run
+        if resume and not state_path.exists() and self._started_here():
+            # killed before its first checkpoint: nothing to continue, so start this same run over
+            resume = False
+            self.log({"event": "resume-from-start", "reason": "no checkpoint was written before the stop"})
         if resume:
             if not state_path.exists():
                 raise DbquantError(f"--resume: no checkpoint in {self.dir} (state.pt is missing); "
@@ -338,6 +343,20 @@ class RunState:
             for f in self.dir.glob("*.pt"):
                 f.unlink()
             self.log({"event": "start", "fingerprint": fingerprint["hash"]})
+
+    def _started_here(self) -> bool:
+        """Whether this work dir's log shows a start of the same run (same fingerprint)."""
+        log = self.dir / "log.jsonl"
+        if not log.is_file():
+            return False
+        for line in log.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the kill
+            if rec.get("event") == "start" and rec.get("fingerprint") == self.fingerprint["hash"]:
+                return True
+        return False
 
     # ---------------------------------------------------------------- files
     def _check(self, obj: dict, path: Path) -> dict:
@@ -357,6 +376,7 @@ class RunState:
         if self.dir is None or not self.writer:
             return
         atomic_save({"version": STATE_VERSION, "fingerprint": self.fingerprint, **payload}, self.dir / name)
+        faults.point(f"saved:{name}")
 
     def load(self, name: str) -> dict | None:
         if self.dir is None or not (self.dir / name).exists():

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .. import faults
 from ..errors import DbquantError
 from . import layout
 
@@ -112,6 +113,7 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False):
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        faults.point("output:before-rename")
         if out.exists() or out.is_symlink():
             old = parent / f".{out.name}.old-{os.getpid()}"
             _remove(old)
