@@ -2,10 +2,12 @@
 
 Order of work (each step is skipped on ``--resume`` when its result is already in the work dir):
 
-1. calibration windows (stats, block-wise, DAD) from the calibration text;
+1. calibration windows (stats, block-wise, DAD) from the calibration mix (``calibration/sources.py``:
+   text sources by ratio, and the fp model's own text, cached as ``self-text.safetensors``);
 2. activation-weighted FDB init (``init.pt``: scales only); with block-wise on, decoder
    linears are initialised inside the block loop from the block's own fp activations;
-3. teacher top-k logits for DAD, from the untouched full-precision model (``teacher.pt``);
+3. the DAD teacher, from the untouched full-precision model: its top-k or sampled logits
+   (``teacher.pt``), or, for the online teacher, a copy of the planned linears' fp weights;
 4. block-wise reconstruction (``block-NNN.pt``, ``acts-NNN.pt``, ``state.pt``);
 5. DAD (``state.pt``);
 6. export: each FakeQuantLinear's planes and stored-precision scales.
@@ -30,9 +32,9 @@ from dbquant.calibration.dad import DADConfig, distill, teacher_cache
 from dbquant.calibration.images import multimodal_samples
 from dbquant.calibration.init import init_weights
 from dbquant.calibration.runstate import RunState, make_fingerprint, model_digest, tensor_digest
+from dbquant.calibration.sources import SelfGenConfig, mix_sampler
 from dbquant.calibration.stats import input_second_moments
 from dbquant.errors import DbquantError
-from dbquant.eval.data import load_text, sample_windows, token_stream
 from dbquant.model.plan import LinearPlan
 from dbquant.model.vlm import calibration_inputs
 from dbquant.quant import fdb
@@ -66,12 +68,6 @@ def _digest(samples) -> str | None:
     return samples.digest() if hasattr(samples, "digest") else tensor_digest(samples)
 
 
-def window_sampler(tokenizer, texts: list[str]):
-    """``(n, seq_len, seed) -> int64 [n, seq_len]`` windows, tokenizing the text once for all stages."""
-    ids = token_stream(tokenizer, texts)
-    return lambda n, t, seed: sample_windows(ids, n, t, seed)
-
-
 def semantic_options(opts) -> dict:
     """The options that change the result (all but :data:`NON_SEMANTIC`): the fingerprint's part."""
     return {k: v for k, v in asdict(opts).items() if k not in NON_SEMANTIC}
@@ -89,7 +85,22 @@ def dad_config(opts) -> DADConfig:
     return DADConfig(steps=opts.dad_steps, batch_size=opts.dad_batch, lr=opts.dad_lr,
                      lr_weight=opts.dad_lr_weight, train=opts.dad_train, weighting=opts.dad_weighting,
                      temperature=opts.dad_temperature, ce_weight=opts.dad_ce_weight, topk=opts.dad_topk,
-                     grad_clip=opts.grad_clip, seed=opts.seed)
+                     grad_clip=opts.grad_clip, seed=opts.seed, teacher=opts.dad_teacher,
+                     autocast=opts.dad_autocast)
+
+
+def self_gen_config(opts) -> SelfGenConfig:
+    """How the fp model writes its own calibration text (``--calib ...self...``), from the options."""
+    return SelfGenConfig(count=opts.calib_self_samples, length=opts.calib_self_len,
+                         temperature=opts.calib_self_temperature, prompt_len=opts.calib_self_prompt_len,
+                         seed=opts.seed)
+
+
+def calibration_sampler(model, tokenizer, opts, device="cpu", progress: bool = True):
+    """``(n, seq_len, seed) -> int64 [n, seq_len]`` windows of ``opts.calib`` (a source or a mix;
+    ``calibration/sources.py``); self-generated text is cached in ``opts.work_dir`` when given."""
+    return mix_sampler(model, tokenizer, opts.calib, self_gen_config(opts), opts.work_dir, opts.resume, device,
+                       progress)
 
 
 def run_fdb_dad(model, tokenizer, plan: list[LinearPlan], opts, model_id: str = "",
@@ -108,7 +119,7 @@ def run_fdb_dad(model, tokenizer, plan: list[LinearPlan], opts, model_id: str = 
     times: dict[str, float] = {}
     device = pick_device(opts.device)
     t = time.perf_counter()
-    stats_b, bw_b, dad_b = _stage_samples(model, tokenizer, opts)
+    stats_b, bw_b, dad_b = _stage_samples(model, tokenizer, opts, device, progress)
     times["data_s"] = time.perf_counter() - t
 
     fingerprint = make_fingerprint(
@@ -126,7 +137,7 @@ def run_fdb_dad(model, tokenizer, plan: list[LinearPlan], opts, model_id: str = 
     run.log({"stage": "data", "inputs": report["inputs"]})
 
     init = _init_stage(model, plan, opts, run, stats_b, device, times, progress)  # 1-2
-    teacher = _teacher_stage(model, opts, run, dad_b, device, times, progress)  # 3
+    teacher = _teacher_stage(model, plan, opts, run, dad_b, device, times, progress)  # 3
     stage = (run.resumed or {}).get("stage")
     if opts.blockwise:  # 4
         if stage in ("blockwise-done", "dad"):
@@ -150,14 +161,14 @@ def run_fdb_dad(model, tokenizer, plan: list[LinearPlan], opts, model_id: str = 
     return weights, report
 
 
-def _stage_samples(model, tokenizer, opts) -> tuple:
+def _stage_samples(model, tokenizer, opts, device="cpu", progress: bool = True) -> tuple:
     """(statistics, block-wise, DAD) samples; None for a stage that is off.
 
-    Each is int64 [n, seq_len] token windows, seeded seed, seed + 1, seed + 2; with
-    ``calib_images`` the block-wise and DAD ones become a VLM's image+text samples
-    (calibration/images.py).
+    Each is int64 [n, seq_len] token windows of the calibration mix, seeded seed, seed + 1,
+    seed + 2; with ``calib_images`` the block-wise and DAD ones become a VLM's image+text
+    samples (calibration/images.py).
     """
-    windows = window_sampler(tokenizer, load_text(opts.calib, "calibration"))
+    windows = calibration_sampler(model, tokenizer, opts, device, progress)
     stats_b = None if opts.blockwise else windows(opts.calib_samples, opts.calib_seq_len, opts.seed)
     bw_b = windows(opts.bw_samples, opts.bw_seq_len, opts.seed + 1) if opts.blockwise else None
     dad_b = windows(opts.dad_samples, opts.dad_seq_len, opts.seed + 2) if opts.dad and opts.dad_steps else None
@@ -209,16 +220,21 @@ def _init_stage(model, plan: list[LinearPlan], opts, run: RunState, stats_b, dev
     return init
 
 
-def _teacher_stage(model, opts, run: RunState, dad_b, device, times: dict, progress: bool) -> dict | None:
-    """Step 3: the teacher's top-k logits (``teacher.pt``), while the model is still full precision."""
+def _teacher_stage(model, plan: list[LinearPlan], opts, run: RunState, dad_b, device, times: dict,
+                   progress: bool) -> dict | None:
+    """Step 3, while the model is still full precision: the teacher's top-k or sampled logits
+    (``teacher.pt``), or for ``--dad-teacher online`` a copy of every planned linear's fp weight
+    (float32 [N, K]; not saved: a resumed run takes it from the fp model it loads again)."""
     if dad_b is None:
         return None
+    if opts.dad_teacher == "online":
+        return {"fp_weights": {p.name: model.get_submodule(p.name).weight.detach().float().clone() for p in plan}}
     teacher = run.load("teacher.pt") if opts.resume else None
     if teacher is None:
         t = time.perf_counter()
         model.to(device)
         teacher = teacher_cache(model, dad_b, opts.dad_topk, device, progress=progress,
-                                temperature=opts.dad_temperature)
+                                temperature=opts.dad_temperature, mode=opts.dad_teacher, seed=opts.seed)
         model.to("cpu")
         times["teacher_s"] = time.perf_counter() - t
         run.save("teacher.pt", teacher)

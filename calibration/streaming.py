@@ -53,10 +53,10 @@ from dbquant.calibration.blockwise import (
     export_weights,
     to_device,
 )
-from dbquant.calibration.pipeline import blockwise_config, pick_device, semantic_options, window_sampler
+from dbquant.calibration.pipeline import blockwise_config, pick_device, semantic_options
 from dbquant.calibration.runstate import RunState, make_fingerprint, tensor_digest
+from dbquant.calibration.sources import mix_sampler, uses_self
 from dbquant.errors import DbquantError
-from dbquant.eval.data import load_text
 from dbquant.format.files import atomic_dir, read_header, validate_files
 from dbquant.model import plan as planlib
 from dbquant.model.convert import pack_into
@@ -283,6 +283,9 @@ def check_streaming(opts) -> None:
     if opts.dad and opts.dad_steps:
         raise DbquantError("--streaming runs FDB init + block-wise only; DAD needs the whole model at once "
                            "(pass --no-dad; for DAD on large models see docs/SCALING.md)")
+    if uses_self(opts.calib):
+        raise DbquantError("--streaming cannot generate `self` calibration text (the model is never whole in "
+                           "memory); use text sources only, e.g. --calib wiki or a mix of files")
     if tuple(opts.modules) != ("decoder",):
         raise DbquantError(f"--streaming quantizes the decoder blocks only (--modules decoder), not {opts.modules}")
     if opts.bw_inputs not in INPUT_MODES:
@@ -328,8 +331,7 @@ def quantize_streaming(model_dir: str | os.PathLike, tokenizer, opts, output: st
     bits = planlib.bits_summary(plan, model)
 
     t = time.perf_counter()
-    bw_b = window_sampler(tokenizer, load_text(opts.calib, "calibration"))(opts.bw_samples, opts.bw_seq_len,
-                                                                         opts.seed + 1)
+    bw_b = mix_sampler(None, tokenizer, opts.calib)(opts.bw_samples, opts.bw_seq_len, opts.seed + 1)
     times["data_s"] = time.perf_counter() - t
     free()  # the tokenizer's working memory
     fingerprint = make_fingerprint(model={"id": model_id, "files": reader.digest()}, options=semantic_options(opts),

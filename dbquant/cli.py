@@ -28,7 +28,7 @@ from .calibration.distributed import is_writer
 from .calibration.streaming import quantize_streaming
 from .errors import DbquantError
 from .eval import kv_ppl
-from .eval.protocols import evaluate
+from .eval.protocols import PROTOCOLS, evaluate
 from .model import plan as planlib
 from .model.checkpoint import is_dbquant_dir, load
 from .model.inspect import layer_stats, load_source, stats_summary
@@ -353,7 +353,8 @@ def _quantize_parser(sub) -> None:
 def _eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="perplexity of a model or dbquant checkpoint")
     e.add_argument("model", nargs="?", default=DEFAULT_MODEL)
-    e.add_argument("--protocol", default="wiki")
+    e.add_argument("--protocol", default="wiki", choices=PROTOCOLS,
+                   help="wiki (built-in eval articles), code (Python stdlib sources) or kv-ppl (through a KV cache)")
     e.add_argument("--windows", type=int, default=None, help=f"windows (default: wiki 32, kv-ppl {kv_ppl.N_WINDOWS})")
     e.add_argument("--seq-len", type=int, default=None,
                    help=f"tokens per window (default: wiki 512, kv-ppl {kv_ppl.SEQ_LEN})")

@@ -17,11 +17,11 @@ from typing import Any
 from .calibration import METHODS, init_weights, input_second_moments
 from .calibration.blockwise import INPUT_MODES
 from .calibration.dad import DADConfig
-from .calibration.pipeline import run_fdb_dad
+from .calibration.pipeline import calibration_sampler, run_fdb_dad, self_gen_config
 from .calibration.presets import preset_values
 from .calibration.runstate import discard_checkpoints
+from .calibration.sources import parse_mix, uses_self
 from .errors import DbquantError
-from .eval.data import calibration_batches, load_text
 from .model import plan as planlib
 from .model.checkpoint import load, save
 from .model.convert import pack_into
@@ -78,13 +78,18 @@ class QuantizeOptions:
     group_size: int = option(64, "input channels per scale group")
     offset: bool = option(False, "store a per-group offset beta (+16 bits/group)")
     modules: tuple[str, ...] = option(("decoder",), "comma list of: decoder, lm_head, vision", type=_comma_tuple)
-    calib: str | None = option("wiki", "text for activation statistics: wiki, a text file/folder, "
-                                       "hf:NAME[:CONFIG]:SPLIT, or none", type=_calib_source)
+    calib: str | None = option("wiki", "calibration text: wiki, a text file/folder, hf:NAME[:CONFIG]:SPLIT, self "
+                                       "(the fp model's own samples), none, or a mix by ratio: "
+                                       "SOURCE:RATIO,SOURCE:RATIO (e.g. wiki:0.5,self:0.5)", type=_calib_source)
     calib_images: str | None = option(None, "VLMs: images with a same-name .txt caption; block-wise reconstruction "
                                             "and DAD then run on image+text samples through the whole VLM "
                                             "(calibration/images.py)", metavar="DIR")
     calib_samples: int = option(32, "calibration windows for the activation statistics")
     calib_seq_len: int = option(512, "tokens per calibration window")
+    calib_self_samples: int = option(64, "--calib self: sequences the fp model generates (cached in the work dir)")
+    calib_self_len: int = option(256, "--calib self: tokens per generated sequence, prompt included")
+    calib_self_temperature: float = option(1.0, "--calib self: sampling temperature (> 0)")
+    calib_self_prompt_len: int = option(8, "--calib self: prompt tokens, taken from the calibration text")
     iters: int = option(8, "FDB least-squares refinement iterations")
     seed: int = option(0, "seed of the calibration windows")
     # ---- fdb-dad stages (None = take the preset's value; see dbquant.calibration.presets)
@@ -109,7 +114,12 @@ class QuantizeOptions:
     dad_weighting: str | None = stage_option("uniform, teacher-entropy or deviation")
     dad_temperature: float | None = stage_option("distillation temperature")
     dad_ce_weight: float | None = stage_option("weight of an added ground-truth cross-entropy term")
-    dad_topk: int | None = stage_option("teacher logits cached per token")
+    dad_topk: int | None = stage_option("teacher logits cached per token (topk: the k largest; sample: k draws)")
+    dad_teacher: str | None = stage_option("teacher signal: topk (cached top-k + remaining mass), online (fp teacher "
+                                           "run every step, exact full-vocabulary KL) or sample (cached k draws "
+                                           "from the teacher, importance-weighted)")
+    dad_autocast: str | None = stage_option("bf16 autocast of the student's forward/backward: auto (where the CPU "
+                                            "or GPU computes bf16 natively), bf16 or off")
     grad_clip: float | None = stage_option("max gradient norm (0: off)")
     # ---- run hygiene (not part of the result's fingerprint)
     device: str = option("auto", "auto (CUDA when present), cpu, cuda, cuda:N", section="fdb-dad")
@@ -127,6 +137,10 @@ class QuantizeOptions:
         if self.iters < 0 or self.calib_samples < 1 or self.calib_seq_len < 2:
             raise DbquantError(f"out-of-range option: iters={self.iters} (>= 0), calib_samples="
                                f"{self.calib_samples} (>= 1), calib_seq_len={self.calib_seq_len} (>= 2)")
+        if self.calib:
+            parse_mix(self.calib)  # a malformed mix fails here, before any work
+            if uses_self(self.calib):
+                self_gen_config(self).check()
         if self.calib_images and (self.method != "fdb-dad" or not self.calib or not (
                 self.resolved().blockwise or (self.resolved().dad and self.resolved().dad_steps))):
             raise DbquantError("--calib-images feeds block-wise reconstruction and DAD: it needs --method fdb-dad "
@@ -144,7 +158,7 @@ class QuantizeOptions:
             if r.bw_inputs not in INPUT_MODES:
                 raise DbquantError(f"unknown block-wise input mode {r.bw_inputs!r}; choose from {INPUT_MODES}")
             DADConfig(weighting=r.dad_weighting, train=r.dad_train, temperature=r.dad_temperature,
-                      topk=r.dad_topk).check()
+                      topk=r.dad_topk, teacher=r.dad_teacher, autocast=r.dad_autocast).check()
         return self
 
     def resolved(self) -> QuantizeOptions:
@@ -177,8 +191,8 @@ def _init_only(model, tokenizer, plan, opts: QuantizeOptions, times: dict, progr
     """The FDB/RTN init stage alone (activation-weighted when calibration text is given)."""
     importance = None
     if opts.method != "rtn" and opts.calib:
-        batches = calibration_batches(tokenizer, load_text(opts.calib, "calibration"), opts.calib_samples,
-                                      opts.calib_seq_len, opts.seed)
+        batches = calibration_sampler(model, tokenizer, opts, progress=progress)(opts.calib_samples,
+                                                                                  opts.calib_seq_len, opts.seed)
         t = time.perf_counter()
         importance = input_second_moments(model, [p.name for p in plan], batches, progress=progress)
         times["stats_s"] = time.perf_counter() - t
