@@ -7,7 +7,7 @@ import dbquant
 from dbquant.backends import cpu as cpu_backend
 from dbquant.errors import DbquantError
 from dbquant.quantize import QuantizeOptions, quantize
-from dbquant.runtime.decode import FastDecoder
+from dbquant.runtime.decode import SUPPORTED, FastDecoder, check_supported
 from tests.conftest import make_tiny_model
 from tests.tolerances import BF16_LM_HEAD, FP32_REORDER, FP32_REORDER_LONG, FP32_ULP, INT8_LM_HEAD
 
@@ -85,7 +85,6 @@ def test_native_layer_step_matches_the_python_step(model_type, cfg):
 
 def test_native_layer_step_needs_fused_packed_layers():
     assert FastDecoder(make_tiny_model()).native is None  # dense
-    assert FastDecoder(_packed("qwen3")).native is None  # q/k norms
     assert FastDecoder(_packed("llama", hidden_size=72)).native is None  # unfusable shapes
 
 
@@ -159,8 +158,6 @@ def test_unsupported_models_and_lengths():
                                                                  vocab_size=100))
     with pytest.raises(DbquantError, match="supports .* not model_type='gpt2'"):
         FastDecoder(gpt2)
-    with pytest.raises(DbquantError, match="sliding-window"):
-        FastDecoder(make_tiny_model("mistral", sliding_window=16))
     dec = FastDecoder(make_tiny_model(), max_len=10)
     with pytest.raises(DbquantError, match=r"prompt 6 \+ 5 new tokens exceed max_len=10"):
         dec.generate(IDS[:1, :6], 5)
@@ -254,3 +251,114 @@ def test_fused_rms_norm_matches_torch(shape):
     torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (shape[-1],), w, 1e-5), rtol=FP32_REORDER, atol=FP32_REORDER)
     with pytest.raises(RuntimeError, match=r"w must be a contiguous float32 \[" + str(shape[-1])):
         torch.ops.dbquant.rms_norm_cpu(x, torch.randn(shape[-1] + 1), 1e-5)
+
+
+# Every family the decoder claims, with configs that make each of its switches bite: a sliding
+# window shorter than the sequence (mistral, qwen2's upper layers, gemma2/3's local layers),
+# Gemma-3's local/global layers with two RoPE bases, soft-caps and query_pre_attn_scalar small
+# enough to change the logits, Granite's four multipliers away from 1.
+FAMILY_CFGS = {
+    "llama": {}, "mistral": dict(sliding_window=4), "qwen3": {},
+    "qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.5, logits_scaling=4.0, attention_multiplier=20.0),
+    "gemma": {}, "olmo2": {}, "phi3": dict(sliding_window=4, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "gemma2": dict(sliding_window=4, attn_logit_softcapping=1.5, final_logit_softcapping=2.0, query_pre_attn_scalar=8),
+    "gemma3_text": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=8,
+                        rope_local_base_freq=100.0, final_logit_softcapping=3.0),
+}
+
+
+def _family_model(model_type, packed):
+    """A tiny model of the family with random norm weights (HF initialises them to 1, or to 0
+    under Gemma's (1 + w), which would hide a wrong norm), packed with fdb when asked."""
+    cfg = FAMILY_CFGS[model_type]
+    model = _packed(model_type, **cfg) if packed else make_tiny_model(model_type, **cfg)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def test_family_table_covers_supported():
+    assert sorted(FAMILY_CFGS) == sorted(SUPPORTED)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("model_type", sorted(FAMILY_CFGS))
+def test_family_matches_hf_forward_and_generate(model_type, packed):
+    """Chunked prefill + single steps give HF's logits; greedy tokens equal HF generate();
+    packed checkpoints run each one-token layer as one native call."""
+    model = _family_model(model_type, packed)
+    _assert_chunked_logits_match(model)
+    prompt = IDS[:1, :6]
+    with torch.inference_mode():
+        hf = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    dec = FastDecoder(model, max_len=64)
+    assert (dec.native is not None) == (packed and cpu_backend.load_cpu())
+    seq, _ = dec.generate(prompt, 12)
+    assert torch.equal(seq, hf)
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "olmo2", "granite", "qwen2", "phi3"])
+def test_family_native_step_matches_the_python_step(model_type):
+    """The fused C++ layer with the family's switches against the Python step, token by token
+    past the sliding window (positions 4..10 with window 4)."""
+    assert cpu_backend.load_cpu()
+    model = _family_model(model_type, packed=True)
+    native, python = FastDecoder(model, max_len=32), FastDecoder(model, max_len=32)
+    python.native = None
+    for dec in (native, python):
+        dec._alloc(1)
+        dec.forward(IDS[:1, :4], 0)
+    for p in range(4, IDS.shape[1]):
+        a, b = native.forward(IDS[:1, p:p + 1], p), python.forward(IDS[:1, p:p + 1], p)
+        torch.testing.assert_close(a, b, rtol=FP32_REORDER, atol=FP32_REORDER * b.abs().max().item())
+    # keys through a reordered q/k norm (its sum of squares in SIMD order): relative to their size
+    scale = python.k_cache.abs().max().item()
+    torch.testing.assert_close(native.k_cache, python.k_cache, rtol=FP32_REORDER, atol=FP32_REORDER * scale)
+
+
+# switch of a DecoderLayer -> its Llama value; turning one off must change the logits, so the
+# family tests above would catch a switch computed wrongly (or ignored).
+SWITCHES = {"gemma2": ["softcap", "window", "post_attn", "post_ffn", "act", "scale"],
+            "gemma3_text": ["q_norm", "window", "cos"], "olmo2": ["q_norm", "post_attn", "ln1"],
+            "granite": ["residual_scale", "scale"], "mistral": ["window"], "phi3": ["window"]}
+LLAMA_VALUE = {"softcap": 0.0, "window": 0, "post_attn": None, "post_ffn": None, "act": "silu", "q_norm": None,
+               "ln1": "norm", "residual_scale": 1.0, "scale": 0.25, "cos": "global"}
+
+
+@pytest.mark.parametrize("model_type", sorted(SWITCHES))
+def test_each_family_switch_changes_the_logits(model_type):
+    model = _family_model(model_type, packed=False)
+    dec = FastDecoder(model, max_len=32)
+    dec._alloc(2)
+    ref = dec.forward(IDS, 0)
+    for switch in SWITCHES[model_type]:
+        changed = FastDecoder(model, max_len=32)
+        for L in changed.layers:
+            value = LLAMA_VALUE[switch]
+            if switch == "q_norm":
+                L.k_norm = None
+            if value == "norm":  # OLMo-2 without pre-norms: give it one
+                value = changed.norm
+            if value == "global":  # Gemma-3's local layers with the global RoPE table
+                L.sin = changed.layers[-1].sin
+                value = changed.layers[-1].cos
+            setattr(L, switch, value)
+        changed._alloc(2)
+        assert not torch.allclose(changed.forward(IDS, 0), ref, atol=1e-4), (model_type, switch)
+
+
+def test_check_supported_names_the_reason():
+    with pytest.raises(DbquantError, match="not model_type='starcoder2'"):
+        check_supported(make_tiny_model("starcoder2"))
+    with pytest.raises(DbquantError, match="rotates whole heads; phi3 has partial_rotary_factor=0.5"):
+        check_supported(make_tiny_model("phi3", partial_rotary_factor=0.5, pad_token_id=0))
+    with pytest.raises(DbquantError, match="SiLU or GELU-tanh gated MLP, got activation 'relu'"):
+        check_supported(make_tiny_model("llama", hidden_act="relu"))
+    with pytest.raises(DbquantError, match="use_bidirectional_attention"):
+        check_supported(make_tiny_model("gemma3_text", use_bidirectional_attention=True))
+    with pytest.raises(DbquantError, match="float32 models, got torch.bfloat16"):
+        check_supported(make_tiny_model("gemma").to(torch.bfloat16))

@@ -102,6 +102,68 @@ def test_decode_layer_cpu_matches_ref(h, hq, hk, d, inter, g, offset, bias):
     assert torch.equal(a, b)
 
 
+def _extras(name, h, hq, hk, d, gen) -> dict:
+    """DecodeLayerWeights switches of one family pattern, with random (not identity) norm weights."""
+    def w(n):
+        return 1 + 0.3 * torch.randn(n, generator=gen)
+
+    return {
+        "qk_norm_per_head": dict(q_norm=w(d), k_norm=w(d)),  # Qwen3, Gemma-3
+        "qk_norm_whole": dict(q_norm=w(hq * d), k_norm=w(hk * d)),  # OLMo-2
+        "post_norms_only": dict(post_attn=w(h), post_ffn=w(h), pre_norm=False),  # OLMo-2
+        "gelu_tanh": dict(act="gelu_tanh"),  # Gemma
+        "window": dict(window=2),  # Mistral, Gemma-2/3 local layers
+        "softcap": dict(softcap=0.5),  # Gemma-2
+        "residual_scale": dict(residual_scale=0.4),  # Granite
+        "gemma2": dict(post_attn=w(h), post_ffn=w(h), act="gelu_tanh", window=3, softcap=0.7),
+    }[name]
+
+
+EXTRAS = ["qk_norm_per_head", "qk_norm_whole", "post_norms_only", "gelu_tanh", "window", "softcap",
+          "residual_scale", "gemma2"]
+
+
+@pytest.mark.parametrize("h,hq,hk,d,inter,g", SHAPES[:2])
+@pytest.mark.parametrize("extra", EXTRAS)
+def test_decode_layer_switches_cpu_match_ref(h, hq, hk, d, inter, g, extra):
+    """Each family switch in the C++ op against the oracle, past the window (positions 0..5)."""
+    gen = torch.Generator().manual_seed(11)
+    base = make_layer(h, hq, hk, d, inter, g, True, True, seed=h)
+    layer = DecodeLayerWeights(**{**base.__dict__, **_extras(extra, h, hq, hk, d, gen)})
+    max_len, angles = 6, torch.rand(6, d // 2, generator=gen) * 3
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    caches = {b: [torch.zeros(1, hk, max_len, d) for _ in range(2)] for b in ("ref", "cpu", "base")}
+    prepared = cpu_backend.prepare_decode_layer(layer)
+    differs = False
+    for pos in range(max_len):
+        x = torch.randn(1, h, generator=gen)
+        xs = {b: x.clone() for b in caches}
+        registry.get("decode_layer", "ref")(xs["ref"], layer, cos[pos], sin[pos], *caches["ref"], pos)
+        registry.get("decode_layer", "cpu").run(xs["cpu"], prepared, cos[pos], sin[pos], *caches["cpu"], pos)
+        reference.decode_layer_ref(xs["base"], base, cos[pos], sin[pos], *caches["base"], pos)
+        close(xs["cpu"], xs["ref"])
+        for c, r in zip(caches["cpu"], caches["ref"]):
+            close(c, r)
+        differs |= not torch.allclose(xs["ref"], xs["base"], atol=1e-4)
+    assert differs  # the switch changed the layer (so the parity above tested it)
+
+
+def test_decode_layer_refuses_bad_switches():
+    layer = make_layer(40, 5, 1, 8, 23, 16, False, False)
+    for bad, match in [(dict(q_norm=torch.ones(8)), "q_norm and k_norm come together"),
+                       (dict(q_norm=torch.ones(7), k_norm=torch.ones(7)), r"q_norm must have shape \(40,\)"),
+                       (dict(act="relu"), "act must be 'silu' or 'gelu_tanh', got 'relu'"),
+                       (dict(window=-1), "window=-1 and softcap=0.0 must be >= 0"),
+                       (dict(post_ffn=torch.ones(39)), r"post_ffn must have shape \(40,\)")]:
+        with pytest.raises(DbquantError, match=match):
+            cpu_backend.prepare_decode_layer(DecodeLayerWeights(**{**layer.__dict__, **bad}))
+    obj = torch.classes.dbquant.DecodeLayer(layer.ln1, layer.ln2, 1e-5, 5, 1, 8, 23, 16, 8 ** -0.5)
+    with pytest.raises(RuntimeError, match=r"q_norm, k_norm must be \[8\] \(per head\) or \[40\], \[8\]"):
+        obj.set_extras(torch.ones(7), torch.ones(7), None, None, True, "silu", 0, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="act must be silu or gelu_tanh, got 'relu'"):
+        obj.set_extras(None, None, None, None, True, "relu", 0, 0.0, 1.0)
+
+
 def test_decode_layer_ref_is_the_layer():
     """The oracle itself against the step written out with dense weights and torch's attention."""
     h, hq, hk, d, inter = 32, 4, 2, 8, 24

@@ -13,6 +13,7 @@ TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_l
 CLIP_LIKE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
                  patch_size=8)
 MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3]}
+GEMMA3_IMAGE_TOKENS = 4
 QWEN_IDS = dict(image_token_id=IMAGE_TOKEN, video_token_id=291, vision_start_token_id=292, vision_end_token_id=293)
 
 
@@ -43,6 +44,26 @@ def _config(family: str):
         cls = T.SmolVLMConfig if family == "smolvlm" else T.Idefics3Config
         return cls(text_config=T.LlamaConfig(**TEXT), vision_config=dict(CLIP_LIKE), image_token_id=IMAGE_TOKEN,
                    scale_factor=2)
+    if family == "gemma3":  # 32 / 8 = 4 x 4 SigLIP patches, pooled to 2 x 2 image tokens
+        return T.Gemma3Config(text_config=T.Gemma3TextConfig(**TEXT, head_dim=16, sliding_window=8),
+                              vision_config=T.SiglipVisionConfig(**CLIP_LIKE), image_token_id=IMAGE_TOKEN,
+                              mm_tokens_per_image=GEMMA3_IMAGE_TOKENS, boi_token_index=291, eoi_token_index=292)
+    if family == "paligemma":  # every one of the 4 x 4 patches is an image token
+        return T.PaliGemmaConfig(text_config=T.GemmaConfig(**TEXT, head_dim=16),
+                                 vision_config=T.SiglipVisionConfig(**CLIP_LIKE, projection_dim=64),
+                                 image_token_id=IMAGE_TOKEN, projection_dim=64)
+    if family == "mistral3":  # Pixtral patches merged 2 x 2
+        return T.Mistral3Config(text_config=T.MistralConfig(**TEXT),
+                                vision_config=T.PixtralVisionConfig(**CLIP_LIKE, head_dim=16),
+                                image_token_id=IMAGE_TOKEN, spatial_merge_size=2)
+    if family == "aya_vision":  # a Cohere decoder; SigLIP patches pixel-shuffled 2 x 2
+        return T.AyaVisionConfig(text_config=T.CohereConfig(**TEXT), vision_config=T.SiglipVisionConfig(**CLIP_LIKE),
+                                 image_token_id=IMAGE_TOKEN, downsample_factor=2)
+    if family == "internvl":
+        return T.InternVLConfig(text_config=T.Qwen2Config(**TEXT), image_token_id=IMAGE_TOKEN, downsample_ratio=0.5,
+                                vision_config=T.InternVLVisionConfig(
+                                    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    image_size=[32, 32], patch_size=[8, 8]))
     raise KeyError(family)
 
 
@@ -79,6 +100,12 @@ def image_inputs(model, text_ids: list[int] | None = None, seed: int = 0) -> dic
     if mt in ("smolvlm", "idefics3"):
         n_tokens = (32 // 8) ** 2 // model.config.scale_factor ** 2
         return {"input_ids": torch.tensor([[IMAGE_TOKEN] * n_tokens + text_ids]), "pixel_values": pix[:, None]}
+    if mt == "gemma3":
+        return {"input_ids": torch.tensor([[IMAGE_TOKEN] * GEMMA3_IMAGE_TOKENS + text_ids]), "pixel_values": pix}
+    if mt in ("paligemma", "mistral3", "aya_vision", "internvl"):  # 4 x 4 patches: PaliGemma keeps all, the rest merge 2 x 2
+        n_tokens = 16 if mt == "paligemma" else 4
+        extra = {"image_sizes": torch.tensor([[32, 32]])} if mt == "mistral3" else {}
+        return {"input_ids": torch.tensor([[IMAGE_TOKEN] * n_tokens + text_ids]), "pixel_values": pix, **extra}
     if mt == "llava":
         return {"input_ids": torch.tensor([[IMAGE_TOKEN] * 16 + text_ids]), "pixel_values": pix}
     # llava_next / onevision: anyres patches (base + 1 tile) and an image size; the token count

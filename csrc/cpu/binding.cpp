@@ -15,6 +15,9 @@
 //                                    int head_dim, int intermediate, int group_size, float scale)
 //                                    .set_proj(str name, Tensor planes, Tensor scales,
 //                                              Tensor? offset, Tensor? bias)
+//                                    .set_extras(Tensor? q_norm, Tensor? k_norm, Tensor? post_attn,
+//                                                Tensor? post_ffn, bool pre_norm, str act, int window,
+//                                                float softcap, float residual_scale)
 //                                    (one decoder layer's weights, built once per layer)
 //   torch.ops.dbquant.decode_layer_cpu(Tensor(a!) x, DecodeLayer layer, Tensor cos, Tensor sin,
 //                                    Tensor(b!) k_cache, Tensor(c!) v_cache, int pos) -> ()
@@ -302,6 +305,13 @@ void gemv_t16(Isa isa, const dbquant::cpu::T16Weight& w, const float* x, float* 
 //   channels; I: MLP width; scale: attention scale (usually D^-0.5).
 //   Projections (set_proj, t16 layout of dbgemm_t16.h with one group_size, bias float32 [N]
 //   or None), N x K: "qkv" (Hq + 2 Hk) D x H, "o" H x Hq D, "gate_up" 2 I x H, "down" H x I.
+//   Family switches (set_extras; the defaults are Llama's), every norm an RMSNorm with eps:
+//   q_norm / k_norm float32 [D] (per head: Qwen3, Gemma-3) or [Hq D] / [Hk D] (the whole
+//   projection: OLMo-2), before RoPE; post_attn / post_ffn float32 [H] on the attention / MLP
+//   output before the residual add (Gemma-2/3 sandwich, OLMo-2); pre_norm false skips ln1, ln2
+//   (OLMo-2); act "silu" or "gelu_tanh"; window > 0 attends to the last `window` positions only;
+//   softcap > 0 caps the attention logits; residual_scale multiplies both branch outputs (Granite).
+//   Gemma's (1 + w) norms arrive with the 1 already added (exact in float32).
 struct DecodeLayer : torch::CustomClassHolder {
   static constexpr const char* kNames[4] = {"qkv", "o", "gate_up", "down"};
 
@@ -342,6 +352,40 @@ struct DecodeLayer : torch::CustomClassHolder {
     set[i] = true;
   }
 
+  void set_extras(std::optional<at::Tensor> q_norm, std::optional<at::Tensor> k_norm,
+                  std::optional<at::Tensor> post_attn, std::optional<at::Tensor> post_ffn, bool pre_norm,
+                  const std::string& act, int64_t window, double softcap, double residual_scale) {
+    TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "DecodeLayer.set_extras: q_norm and k_norm come together");
+    if (q_norm) {
+      check_input(*q_norm, "q_norm", at::kFloat);
+      check_input(*k_norm, "k_norm", at::kFloat);
+      const bool per_head = q_norm->dim() == 1 && q_norm->size(0) == D && k_norm->sizes() == q_norm->sizes();
+      const bool whole = q_norm->dim() == 1 && q_norm->size(0) == Hq * D && k_norm->dim() == 1 &&
+                         k_norm->size(0) == Hk * D;
+      TORCH_CHECK(per_head || whole, "DecodeLayer.set_extras: q_norm, k_norm must be [", D, "] (per head) or [",
+                  Hq * D, "], [", Hk * D, "] (whole projection), got ", q_norm->sizes(), " and ", k_norm->sizes());
+      qk_whole = !per_head;
+    }
+    for (const auto* t : {&post_attn, &post_ffn})
+      if (*t) {
+        check_input(**t, "post norm", at::kFloat);
+        check_shape(**t, "post norm", {H});
+      }
+    TORCH_CHECK(act == "silu" || act == "gelu_tanh", "DecodeLayer.set_extras: act must be silu or gelu_tanh, got '",
+                act, "'");
+    TORCH_CHECK(window >= 0 && softcap >= 0, "DecodeLayer.set_extras: window ", window, " and softcap ", softcap,
+                " must be >= 0 (0: none)");
+    this->q_norm = q_norm.value_or(at::Tensor());
+    this->k_norm = k_norm.value_or(at::Tensor());
+    this->post_attn = post_attn.value_or(at::Tensor());
+    this->post_ffn = post_ffn.value_or(at::Tensor());
+    this->pre_norm = pre_norm;
+    gelu = act == "gelu_tanh";
+    this->window = window;
+    this->softcap = softcap;
+    this->residual_scale = residual_scale;
+  }
+
   void check_complete() const {
     for (int i = 0; i < 4; ++i)
       TORCH_CHECK(set[i], "decode_layer_cpu: the layer's '", kNames[i], "' projection was never set (set_proj)");
@@ -354,11 +398,17 @@ struct DecodeLayer : torch::CustomClassHolder {
   dbquant::cpu::T16Weight weights[4] = {};
   std::vector<at::Tensor> held[4];  // keeps the tensors behind weights[i] alive
   bool set[4] = {false, false, false, false};
+  // set_extras (undefined tensors: no such norm)
+  at::Tensor q_norm, k_norm, post_attn, post_ffn;
+  bool qk_whole = false, pre_norm = true, gelu = false;
+  int64_t window = 0;
+  double softcap = 0.0, residual_scale = 1.0;
 };
 
 // One Llama-family decoder layer for one token (batch 1), in place on x float32 [1, H]:
 //   x += o(attn(rope(q), rope(k), v)) with q, k, v = qkv(rms(x, ln1)); k, v appended to the
-//   caches at `pos`; then x += down(silu(gate) * up) with gate, up = gate_up(rms(x, ln2)).
+//   caches at `pos`; then x += down(silu(gate) * up) with gate, up = gate_up(rms(x, ln2)),
+//   with the family switches of set_extras (DecodeLayer above).
 // layer: the weights (DecodeLayer above). k_cache, v_cache: float32 [1, Hk, L, D] (this
 // layer's); cos, sin: float32 [D] at `pos`.
 // Every piece computes what decode_layer_ref (dbquant/backends/reference.py) computes, up
@@ -405,12 +455,21 @@ void decode_layer_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeLayer>
   float* xp = x.data_ptr<float>();
   const float eps = float(ly.eps);
 
+  const float rs = float(ly.residual_scale);
   // attention half
-  dbquant::cpu::rms_norm_rows(xp, ly.ln1.data_ptr<float>(), eps, H, h, 0, 1);
+  if (ly.pre_norm)
+    dbquant::cpu::rms_norm_rows(xp, ly.ln1.data_ptr<float>(), eps, H, h, 0, 1);
+  else
+    std::copy(xp, xp + H, h);
   gemv_t16(isa, wqkv, h, qkv, lut, gsum);
   float* q = qkv;
   float* k = qkv + Hq * D;
   float* v = k + Hk * D;
+  if (ly.q_norm.defined()) {  // in place: per head rows of D, or the whole projection as one row
+    const int64_t qd = ly.qk_whole ? Hq * D : D, kd = ly.qk_whole ? Hk * D : D;
+    dbquant::cpu::rms_norm_rows(q, ly.q_norm.data_ptr<float>(), eps, qd, q, 0, Hq * D / qd);
+    dbquant::cpu::rms_norm_rows(k, ly.k_norm.data_ptr<float>(), eps, kd, k, 0, Hk * D / kd);
+  }
   dbquant::cpu::rope_rows(q, cos.data_ptr<float>(), sin.data_ptr<float>(), Hq, D);
   dbquant::cpu::rope_rows(k, cos.data_ptr<float>(), sin.data_ptr<float>(), Hk, D);
   float* kc = k_cache.data_ptr<float>();
@@ -419,17 +478,29 @@ void decode_layer_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeLayer>
     std::copy(k + j * D, k + (j + 1) * D, kc + (j * L + pos) * D);
     std::copy(v + j * D, v + (j + 1) * D, vc + (j * L + pos) * D);
   }
-  at::parallel_for(0, Hq, std::max<int64_t>(1, (int64_t(1) << 14) / (n * D)), [&](int64_t h0, int64_t h1) {
-    dbquant::cpu::attend_one_token(q, kc, vc, Hq, Hk, L, D, n, float(ly.scale), scores, att, h0, h1);
+  // a sliding window reads positions first..pos: the caches from row `first` on
+  const int64_t first = ly.window > 0 ? std::max<int64_t>(0, pos - ly.window + 1) : 0;
+  const int64_t seen = n - first;
+  at::parallel_for(0, Hq, std::max<int64_t>(1, (int64_t(1) << 14) / (seen * D)), [&](int64_t h0, int64_t h1) {
+    dbquant::cpu::attend_one_token(q, kc + first * D, vc + first * D, Hq, Hk, L, D, seen, float(ly.scale),
+                                   float(ly.softcap), scores, att, h0, h1);
   });
   gemv_t16(isa, wo, att, tmp, lut, gsum);
-  for (int64_t i = 0; i < H; ++i) xp[i] += tmp[i];
+  if (ly.post_attn.defined()) dbquant::cpu::rms_norm_rows(tmp, ly.post_attn.data_ptr<float>(), eps, H, tmp, 0, 1);
+  for (int64_t i = 0; i < H; ++i) xp[i] += tmp[i] * rs;
   // MLP half
-  dbquant::cpu::rms_norm_rows(xp, ly.ln2.data_ptr<float>(), eps, H, h, 0, 1);
+  if (ly.pre_norm)
+    dbquant::cpu::rms_norm_rows(xp, ly.ln2.data_ptr<float>(), eps, H, h, 0, 1);
+  else
+    std::copy(xp, xp + H, h);
   gemv_t16(isa, wgu, h, gu, lut, gsum);
-  dbquant::cpu::silu_mul(gu, I, act);
+  if (ly.gelu)
+    dbquant::cpu::gelu_tanh_mul(gu, I, act);
+  else
+    dbquant::cpu::silu_mul(gu, I, act);
   gemv_t16(isa, wd, act, tmp, lut, gsum);
-  for (int64_t i = 0; i < H; ++i) xp[i] += tmp[i];
+  if (ly.post_ffn.defined()) dbquant::cpu::rms_norm_rows(tmp, ly.post_ffn.data_ptr<float>(), eps, H, tmp, 0, 1);
+  for (int64_t i = 0; i < H; ++i) xp[i] += tmp[i] * rs;
 }
 
 std::vector<std::string> cpu_isas() {
@@ -457,6 +528,7 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
   m.class_<DecodeLayer>("DecodeLayer")
       .def(torch::init<at::Tensor, at::Tensor, double, int64_t, int64_t, int64_t, int64_t, int64_t, double>())
       .def("set_proj", &DecodeLayer::set_proj)
+      .def("set_extras", &DecodeLayer::set_extras)
       .def("hidden", [](const c10::intrusive_ptr<DecodeLayer>& self) { return self->H; });
   m.def(
       "decode_layer_cpu(Tensor(a!) x, __torch__.torch.classes.dbquant.DecodeLayer layer, Tensor cos, "

@@ -35,6 +35,9 @@ inline float fast_exp(float x) {
   return p * scale;
 }
 
+// tanh(x) = 1 - 2 / (exp(2x) + 1), through fast_exp (exact limits +-1 where it clamps).
+inline float fast_tanh(float x) { return 1.0f - 2.0f / (fast_exp(2.0f * x) + 1.0f); }
+
 }  // namespace
 
 void rms_norm_rows(const float* x, const float* w, float eps, int64_t D, float* y, int64_t r0,
@@ -63,8 +66,8 @@ void rope_rows(float* x, const float* cos, const float* sin, int64_t heads, int6
 }
 
 void attend_one_token(const float* q, const float* k, const float* v, int64_t Hq, int64_t Hk,
-                      int64_t L, int64_t D, int64_t n, float scale, float* scores, float* out,
-                      int64_t h0, int64_t h1) {
+                      int64_t L, int64_t D, int64_t n, float scale, float softcap, float* scores,
+                      float* out, int64_t h0, int64_t h1) {
   const int64_t group = Hq / Hk;
   for (int64_t h = h0; h < h1; ++h) {
     const float* qh = q + h * D;
@@ -78,6 +81,7 @@ void attend_one_token(const float* q, const float* k, const float* v, int64_t Hq
 #pragma omp simd reduction(+ : dot)
       for (int64_t i = 0; i < D; ++i) dot += qh[i] * kt[i];
       s[t] = dot * scale;
+      if (softcap > 0.0f) s[t] = softcap * fast_tanh(s[t] / softcap);
       mx = std::max(mx, s[t]);
     }
     float sum = 0.0f;
@@ -103,6 +107,15 @@ void silu_mul(const float* gu, int64_t I, float* y) {
   for (int64_t i = 0; i < I; ++i) {
     const float g = gu[i];
     y[i] = g / (1.0f + fast_exp(-g)) * gu[I + i];
+  }
+}
+
+void gelu_tanh_mul(const float* gu, int64_t I, float* y) {
+  const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+#pragma omp simd
+  for (int64_t i = 0; i < I; ++i) {
+    const float g = gu[i];
+    y[i] = 0.5f * g * (1.0f + fast_tanh(c * (g + 0.044715f * g * g * g))) * gu[I + i];
   }
 }
 

@@ -21,15 +21,21 @@ void rms_norm_rows(const float* x, const float* w, float eps, int64_t D, float* 
 void rope_rows(float* x, const float* cos, const float* sin, int64_t heads, int64_t D);
 
 // Attention of one query token, query heads [h0, h1). q float32 [Hq, D] (rotated); the
-// caches k, v float32 [Hk, L, D] hold positions 0..n-1 (head stride L*D); query head h reads
-// kv head h / (Hq / Hk) (grouped-query attention). scores float32 [Hq, n] scratch;
-// out float32 [Hq, D] = softmax(q k^T * scale) v per head.
+// caches k, v float32 [Hk, L, D] hold the n attended positions from their first row (head
+// stride L*D: a sliding window passes pointers offset to its first position); query head h
+// reads kv head h / (Hq / Hk) (grouped-query attention). scores float32 [Hq, n] scratch;
+// out float32 [Hq, D] = softmax(s) v per head, s = q k^T * scale, or softcap * tanh(s / softcap)
+// when softcap > 0 (Gemma-2's attention logit soft-capping).
 void attend_one_token(const float* q, const float* k, const float* v, int64_t Hq, int64_t Hk,
-                      int64_t L, int64_t D, int64_t n, float scale, float* scores, float* out,
-                      int64_t h0, int64_t h1);
+                      int64_t L, int64_t D, int64_t n, float scale, float softcap, float* scores,
+                      float* out, int64_t h0, int64_t h1);
 
 // y[i] = silu(gu[i]) * gu[I + i] for i < I (a gate/up pair side by side: gu float32 [2I]).
 void silu_mul(const float* gu, int64_t I, float* y);
+
+// y[i] = gelu_tanh(gu[i]) * gu[I + i] for i < I (Gemma's gelu_pytorch_tanh gated MLP), with
+// gelu_tanh(g) = g / 2 * (1 + tanh(sqrt(2 / pi) * (g + 0.044715 g^3))).
+void gelu_tanh_mul(const float* gu, int64_t I, float* y);
 
 }  // namespace cpu
 }  // namespace dbquant

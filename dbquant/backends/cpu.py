@@ -176,6 +176,8 @@ def prepare_decode_layer(layer: DecodeLayerWeights):
     for name in DecodeLayerWeights.PROJECTIONS:
         p = getattr(layer, name)
         obj.set_proj(name, p.weight.planes, p.weight.scales, p.weight.offset, p.bias)
+    obj.set_extras(layer.q_norm, layer.k_norm, layer.post_attn, layer.post_ffn, layer.pre_norm, layer.act,
+                   int(layer.window), float(layer.softcap), float(layer.residual_scale))
     return obj
 
 

@@ -143,33 +143,59 @@ def check_decode_step(op: str, x, layer: DecodeLayerWeights, cos, sin, k_cache, 
         fail(op, f"pos {pos!r} is outside the cache (max_len {k_cache.shape[2]})")
 
 
+def _act_mul(gate_up: torch.Tensor, inter: int, act: str) -> torch.Tensor:
+    """act(gate) * up of a gate/up pair side by side: float32 [M, 2 I] -> [M, I]."""
+    gate, up = gate_up[:, :inter], gate_up[:, inter:]
+    return (F.gelu(gate, approximate="tanh") if act == "gelu_tanh" else F.silu(gate)) * up
+
+
+def _qk_norm(t: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm of q or k float32 [heads, D] with w [D] (per head) or [heads D] (the whole
+    projection, OLMo-2); t unchanged when w is None."""
+    if w is None:
+        return t
+    return rms_norm_ref(t.reshape(1, -1) if w.shape[0] != t.shape[1] else t, w, eps).view_as(t)
+
+
 def decode_layer_ref(x: torch.Tensor, layer: DecodeLayerWeights, cos: torch.Tensor, sin: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> None:
     """One Llama-family decoder layer for one token, in place (``x``, and the caches at ``pos``).
 
     Args:
         x: float32 [1, H], the residual stream; updated in place.
-        layer: the weights and sizes (:class:`dbquant.backends.t16.DecodeLayerWeights`).
+        layer: the weights, sizes and family switches (:class:`dbquant.backends.t16.DecodeLayerWeights`).
         cos, sin: float32 [D], the RoPE tables at ``pos``.
-        k_cache, v_cache: float32 [1, Hk, L, D]; position ``pos`` is written, 0..pos are read.
+        k_cache, v_cache: float32 [1, Hk, L, D]; position ``pos`` is written, 0..pos are read
+            (``pos - window + 1``..pos with a sliding window).
         pos: the token's position, 0 <= pos < L.
 
-    x += o(attention(rope(q), rope(k) and v of positions 0..pos)), q, k, v = qkv(rms(x, ln1));
-    then x += down(silu(gate) * up), gate, up = gate_up(rms(x, ln2)). Grouped-query attention:
+    x += r * post_attn(o(attention(rope(q_norm(q)), rope(k_norm(k)) and v))), q, k, v = qkv(rms(x, ln1));
+    then x += r * post_ffn(down(act(gate) * up)), gate, up = gate_up(rms(x, ln2)); each switch
+    left at its default (no norm, r = 1, no window, no cap) drops out. Grouped-query attention:
     query head j reads kv head j // (Hq / Hk).
     """
     layer.check("decode_layer_ref")
     check_decode_step("decode_layer_ref", x, layer, cos, sin, k_cache, v_cache, pos)
-    hq, hk, d, inter = layer.n_heads, layer.n_kv, layer.head_dim, layer.intermediate
-    qkv = _project(layer.qkv, rms_norm_ref(x, layer.ln1, layer.eps))[0]
-    q = _rope(qkv[:hq * d].view(hq, d), cos, sin)
-    k = _rope(qkv[hq * d:(hq + hk) * d].view(hk, d), cos, sin)
+    hq, hk, d, inter, eps = layer.n_heads, layer.n_kv, layer.head_dim, layer.intermediate, layer.eps
+    h = rms_norm_ref(x, layer.ln1, eps) if layer.pre_norm else x
+    qkv = _project(layer.qkv, h)[0]
+    q = _rope(_qk_norm(qkv[:hq * d].view(hq, d), layer.q_norm, eps), cos, sin)
+    k = _rope(_qk_norm(qkv[hq * d:(hq + hk) * d].view(hk, d), layer.k_norm, eps), cos, sin)
     k_cache[0, :, pos] = k
     v_cache[0, :, pos] = qkv[(hq + hk) * d:].view(hk, d)
-    keys = k_cache[0, :, :pos + 1].repeat_interleave(hq // hk, dim=0)  # [Hq, pos+1, D]
-    values = v_cache[0, :, :pos + 1].repeat_interleave(hq // hk, dim=0)
-    probs = torch.softmax((keys @ q[:, :, None])[..., 0] * layer.scale, dim=-1)  # [Hq, pos+1]
-    att = (probs[:, None, :] @ values)[:, 0]  # [Hq, D]
-    x.add_(_project(layer.o, att.reshape(1, hq * d)))
-    gate_up = _project(layer.gate_up, rms_norm_ref(x, layer.ln2, layer.eps))
-    x.add_(_project(layer.down, F.silu(gate_up[:, :inter]) * gate_up[:, inter:]))
+    first = max(0, pos - layer.window + 1) if layer.window else 0
+    keys = k_cache[0, :, first:pos + 1].repeat_interleave(hq // hk, dim=0)  # [Hq, n, D]
+    values = v_cache[0, :, first:pos + 1].repeat_interleave(hq // hk, dim=0)
+    scores = (keys @ q[:, :, None])[..., 0] * layer.scale  # [Hq, n]
+    if layer.softcap:
+        scores = torch.tanh(scores / layer.softcap) * layer.softcap
+    att = (torch.softmax(scores, dim=-1)[:, None, :] @ values)[:, 0]  # [Hq, D]
+    out = _project(layer.o, att.reshape(1, hq * d))
+    if layer.post_attn is not None:
+        out = rms_norm_ref(out, layer.post_attn, eps)
+    x.add_(out * layer.residual_scale)
+    h = rms_norm_ref(x, layer.ln2, eps) if layer.pre_norm else x
+    out = _project(layer.down, _act_mul(_project(layer.gate_up, h), inter, layer.act))
+    if layer.post_ffn is not None:
+        out = rms_norm_ref(out, layer.post_ffn, eps)
+    x.add_(out * layer.residual_scale)

@@ -97,6 +97,17 @@ class DecodeLayerWeights:
         o: H x Hq D;  gate_up: 2 I x H (gate rows, then up rows);  down: H x I
         (every projection's weight in the t16 layout with one group size; bias float32 [N] or None)
         scale: the attention's softmax scale (usually D ** -0.5).
+    Family switches (defaults: Llama's), every norm an RMSNorm with ``eps``; Gemma's (1 + w)
+    norms are passed with the 1 already added:
+        q_norm, k_norm: float32 [D] (per head: Qwen3, Gemma-3) or [Hq D] / [Hk D] (the whole
+            projection: OLMo-2), applied before RoPE; or None.
+        post_attn, post_ffn: float32 [H] norms of the attention / MLP output before the residual
+            add (Gemma-2/3 sandwich, OLMo-2), or None.
+        pre_norm: False skips ln1 and ln2 (OLMo-2 normalises only after each branch).
+        act: "silu" or "gelu_tanh" (Gemma), the gate's activation.
+        window: > 0 attends to the last ``window`` positions only (sliding-window attention).
+        softcap: > 0 caps the attention logits s to softcap * tanh(s / softcap) (Gemma-2).
+        residual_scale: multiplies both branch outputs before the residual add (Granite).
     """
 
     ln1: torch.Tensor
@@ -111,6 +122,15 @@ class DecodeLayerWeights:
     head_dim: int
     intermediate: int
     scale: float
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    post_attn: torch.Tensor | None = None
+    post_ffn: torch.Tensor | None = None
+    pre_norm: bool = True
+    act: str = "silu"
+    window: int = 0
+    softcap: float = 0.0
+    residual_scale: float = 1.0
 
     PROJECTIONS = ("qkv", "o", "gate_up", "down")
 
@@ -140,3 +160,21 @@ class DecodeLayerWeights:
                          f"{p.weight.out_features} x {p.weight.in_features}")
             if p.bias is not None:
                 check_tensor(op, f"{name} bias", p.bias, (torch.float32,), (n,))
+        self._check_extras(op)
+
+    def _check_extras(self, op: str) -> None:
+        """The family switches (see the class docstring)."""
+        d, hq, hk = self.head_dim, self.n_heads, self.n_kv
+        if (self.q_norm is None) != (self.k_norm is None):
+            fail(op, "q_norm and k_norm come together")
+        if self.q_norm is not None:
+            whole = self.q_norm.shape != (d,) or hq == 1
+            check_tensor(op, "q_norm", self.q_norm, (torch.float32,), (hq * d,) if whole else (d,))
+            check_tensor(op, "k_norm", self.k_norm, (torch.float32,), (hk * d,) if whole else (d,))
+        for name in ("post_attn", "post_ffn"):
+            if getattr(self, name) is not None:
+                check_tensor(op, name, getattr(self, name), (torch.float32,), tuple(self.ln1.shape))
+        if self.act not in ("silu", "gelu_tanh"):
+            fail(op, f"act must be 'silu' or 'gelu_tanh', got {self.act!r}")
+        if self.window < 0 or self.softcap < 0:
+            fail(op, f"window={self.window} and softcap={self.softcap} must be >= 0 (0: none)")

@@ -57,6 +57,18 @@ VLM_FAMILIES: dict[str, VLMFamily] = {
                          "model.connector"),
     "idefics3": VLMFamily("Idefics3ForConditionalGeneration", "model.text_model", "model.vision_model",
                           "model.connector"),
+    # Gemma-3 image-text: a gemma3_text decoder (sandwich norms, q/k norms, local/global layers)
+    # behind a SigLIP tower; the projector pools the patches to mm_tokens_per_image tokens.
+    "gemma3": VLMFamily("Gemma3ForConditionalGeneration", "model.language_model", "model.vision_tower",
+                        "model.multi_modal_projector"),
+    "paligemma": VLMFamily("PaliGemmaForConditionalGeneration", "model.language_model", "model.vision_tower",
+                           "model.multi_modal_projector"),
+    "mistral3": VLMFamily("Mistral3ForConditionalGeneration", "model.language_model", "model.vision_tower",
+                          "model.multi_modal_projector"),
+    "aya_vision": VLMFamily("AyaVisionForConditionalGeneration", "model.language_model", "model.vision_tower",
+                            "model.multi_modal_projector"),
+    "internvl": VLMFamily("InternVLForConditionalGeneration", "model.language_model", "model.vision_tower",
+                          "model.multi_modal_projector"),
 }
 
 

@@ -9,15 +9,22 @@ layers call the C++ kernel directly on their load-time repacked weights. When ev
 projection of every layer is such a fused packed weight (a dbquant checkpoint on the CPU),
 a one-token step runs each whole decoder layer as one C++ call
 (the registry's ``decode_layer`` op on the ``cpu`` backend: norms, kernels, RoPE, cache append,
-attention and SiLU), since a small model's step is otherwise mostly framework overhead. The
+attention and the gated MLP), since a small model's step is otherwise mostly framework overhead. The
 native ops (``decode_layer``, ``rms_norm``, ``linear_int8``, ``linear_w8a8``) are taken from
 ``dbquant.backends.registry`` once, at construction; per token only their ``run`` is called.
 
-Supported: ``llama``, ``mistral``, ``qwen2``, ``qwen3`` decoders (dense or with dbquant
-``PackedLinear`` layers) without sliding-window attention, SiLU MLPs, any RoPE scaling
-the model's own ``rotary_emb`` implements. Anything else raises a clear error and callers
-fall back to ``model.generate``. Logits match the HF forward to float32 rounding
-(``tests/test_decode.py``).
+Supported (:data:`SUPPORTED`, dense or with dbquant ``PackedLinear`` layers): the Llama pattern
+(pre-norm RMSNorm, rotate-half RoPE, a gated MLP) plus the switches its relatives need:
+Phi-3's pre-fused qkv / gate_up projections,
+Gemma's (1 + w) RMSNorm (folded into the weight here), SiLU or GELU-tanh, q/k norms per head
+(Qwen3, Gemma-3) or over the whole projection (OLMo-2), Gemma-2/3 sandwich norms and OLMo-2's
+post-only norms, sliding-window attention per layer, attention and final logit soft-capping
+(Gemma-2), the attention module's own scaling (Gemma's query_pre_attn_scalar, Granite's
+attention_multiplier), Granite's embedding / residual / logits multipliers, scaled embeddings
+(done by the model's own embedding module) and per-layer-type RoPE tables (Gemma-3), with any
+RoPE scaling the model's own ``rotary_emb`` implements. Anything else raises a clear error
+(:func:`check_supported`) and callers fall back to ``model.generate``. Logits match the HF
+forward to float32 rounding and greedy tokens equal HF ``generate()`` (``tests/test_decode.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +42,15 @@ from ..backends.t16 import CpuWeight, DecodeLayerWeights, Projection
 from ..errors import DbquantError
 from ..model.modules import PackedLinear
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "granite", "gemma", "gemma2", "gemma3_text", "olmo2", "phi3")
+# Where a family's decoder layer keeps its norms: "pre" (input_layernorm before attention,
+# post_attention_layernorm before the MLP), "sandwich" (Gemma-2/3: also post_attention_layernorm
+# after attention, pre_ / post_feedforward_layernorm around the MLP), "post" (OLMo-2:
+# post_attention_layernorm and post_feedforward_layernorm after each branch, no pre-norms).
+NORM_LAYOUT = {"gemma2": "sandwich", "gemma3_text": "sandwich", "olmo2": "post"}
+ONE_PLUS_W = ("gemma", "gemma2", "gemma3_text")  # RMSNorm scales by (1 + w)
+# config activation name -> the decoder's ("silu" or "gelu_tanh", the C++ op's names)
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 # --lm-head-dtype spellings -> FastDecoder's lm_head_dtype
 LM_HEAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8, "w8a8": "w8a8"}
 
@@ -133,23 +148,42 @@ class DecoderLayer:
     """One decoder layer of :class:`FastDecoder`, H = hidden size, Hq / Hk query / key-value
     heads of D channels, I = MLP width (every activation float32):
 
-        ln1, ln2: :class:`Norm` over [H] (before attention / before the MLP).
+        ln1, ln2: :class:`Norm` over [H] (before attention / before the MLP), or None (OLMo-2).
         qkv: [M, H] -> [M, (Hq + 2 Hk) D] (q, k, v side by side); o: [M, Hq D] -> [M, H].
         gate_up: [M, H] -> [M, 2 I] (gate, then up); down: [M, I] -> [M, H].
-        q_norm, k_norm: :class:`Norm` over [D] per head (Qwen3), or None.
+        q_norm, k_norm: :class:`Norm` over [D] per head (Qwen3, Gemma-3) or over the whole
+            [Hq D] / [Hk D] projection (OLMo-2, ``qk_whole``), or None.
+        post_attn, post_ffn: :class:`Norm` over [H] of each branch's output, or None.
+        act: "silu" or "gelu_tanh"; window: sliding window (attends to the last ``window``
+            positions; 0: all); softcap: attention logit cap (0: none); scale: softmax scale;
+        residual_scale: multiplies each branch output (Granite's residual_multiplier).
+        cos, sin: float32 [max_len, D], this layer's RoPE tables (Gemma-3: local or global).
         native: the ``decode_layer`` op's prepared form of this layer (built once), or None
             when the layer cannot run as one native call.
     """
 
-    ln1: Norm
-    ln2: Norm
+    ln1: Norm | None
+    ln2: Norm | None
     qkv: _Proj
     o: _Proj
     gate_up: _Proj
     down: _Proj
     q_norm: Norm | None = None
     k_norm: Norm | None = None
+    qk_whole: bool = False
+    post_attn: Norm | None = None
+    post_ffn: Norm | None = None
+    act: str = "silu"
+    window: int = 0
+    softcap: float = 0.0
+    scale: float = 1.0
+    residual_scale: float = 1.0
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
     native: torch.ScriptObject | None = None
+
+    def norms(self) -> list[Norm]:
+        return [n for n in (self.ln1, self.ln2, self.q_norm, self.k_norm, self.post_attn, self.post_ffn) if n]
 
 
 class FastDecoder:
@@ -177,22 +211,21 @@ class FastDecoder:
         check_supported(model)
         self.model = model
         inner = model.model
+        mt = cfg.model_type
         self.device = next(model.parameters()).device
-        self.embed = inner.embed_tokens
-        self.layers: list[DecoderLayer] = []
-        for layer in inner.layers:
-            att, mlp = layer.self_attn, layer.mlp
-            self.layers.append(DecoderLayer(
-                ln1=_norm(layer.input_layernorm),
-                ln2=_norm(layer.post_attention_layernorm),
-                qkv=_Proj([att.q_proj, att.k_proj, att.v_proj], backend),
-                o=_Proj([att.o_proj], backend),
-                gate_up=_Proj([mlp.gate_proj, mlp.up_proj], backend),
-                down=_Proj([mlp.down_proj], backend),
-                q_norm=_norm(getattr(att, "q_norm", None)),
-                k_norm=_norm(getattr(att, "k_norm", None)),
-            ))
-        self.norm = _norm(inner.norm)
+        self.embed = inner.embed_tokens  # Gemma's scaled embedding module scales by itself
+        self.embed_scale = float(getattr(inner, "embedding_multiplier", 1.0)) if mt == "granite" else 1.0
+        self.logits_scaling = float(cfg.logits_scaling) if mt == "granite" else 1.0
+        self.final_softcap = float(getattr(cfg, "final_logit_softcapping", None) or 0.0)
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.max_len = max_len
+        tables = _rope_tables(inner, max_len, self.device)
+        self.cos, self.sin = next(iter(tables.values()))  # [max_len, head_dim] (Gemma-3: the first type's)
+        self.layers: list[DecoderLayer] = [
+            _build_layer(layer, i, mt, cfg, tables, backend) for i, layer in enumerate(inner.layers)]
+        self.norm = _norm(inner.norm, mt in ONE_PLUS_W)
         head = model.lm_head
         self.lm_head = self.lm_head_scale = self.lm_head_bias = self.lm_head_proj = None
         self.lm_head_op = None  # the native op of an int8 output projection (its unchecked `run`)
@@ -211,17 +244,6 @@ class FastDecoder:
         else:
             self.lm_head = head.weight.detach().to(lm_head_dtype)
             self.lm_head_bias = None if head.bias is None else head.bias.detach().to(lm_head_dtype)
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
-        self.scaling = self.head_dim ** -0.5
-        self.max_len = max_len
-        # RoPE tables from the model's own rotary module (covers every rope_scaling it knows).
-        pos = torch.arange(max_len, device=self.device)[None]
-        probe = torch.zeros(1, device=self.device, dtype=torch.float32)
-        with torch.no_grad():
-            cos, sin = inner.rotary_emb(probe, pos)
-        self.cos, self.sin = cos[0].float(), sin[0].float()  # [max_len, head_dim]
         self.k_cache = self.v_cache = None
 
         # The fused C++ RMSNorm on the CPU (one call instead of ~8 framework ops per norm).
@@ -232,22 +254,29 @@ class FastDecoder:
 
     def _native_layers(self) -> list | None:
         """Per layer, the ``decode_layer`` op's prepared form (built once here), or None when
-        some layer cannot run natively (a dense or unfused projection, q/k norms, a
-        gate/up pair of unequal halves, mixed group sizes or norm eps)."""
+        some layer cannot run natively (a dense or unfused projection, a gate/up pair of
+        unequal halves, mixed group sizes or norm eps)."""
         weights, groups, eps = [], set(), set()
         inter = self.layers[0].gate_up.sizes[0]
+        hidden = self.layers[0].o.sizes[0]
         for L in self.layers:
             projs = (L.qkv, L.o, L.gate_up, L.down)
-            if any(p.packed is None for p in projs) or L.q_norm is not None or L.gate_up.sizes != [inter, inter]:
+            if any(p.packed is None for p in projs) or L.gate_up.sizes != [inter, inter]:
                 return None
             groups |= {p.packed.group_size for p in projs}
-            eps |= {L.ln1.eps, L.ln2.eps}
+            eps |= {n.eps for n in L.norms()}
+            ones = torch.ones(hidden)  # the op's ln1/ln2 when the layer has no pre-norms (pre_norm=False)
             weights.append(DecodeLayerWeights(
-                ln1=L.ln1.weight, ln2=L.ln2.weight, eps=L.ln1.eps,
+                ln1=L.ln1.weight if L.ln1 else ones, ln2=L.ln2.weight if L.ln2 else ones,
+                eps=next(iter(L.norms())).eps if L.norms() else 1e-6,
                 qkv=Projection(L.qkv.packed, L.qkv.bias), o=Projection(L.o.packed, L.o.bias),
                 gate_up=Projection(L.gate_up.packed, L.gate_up.bias), down=Projection(L.down.packed, L.down.bias),
                 n_heads=self.n_heads, n_kv=self.n_kv, head_dim=self.head_dim, intermediate=inter,
-                scale=self.scaling))
+                scale=L.scale, q_norm=L.q_norm.weight if L.q_norm else None,
+                k_norm=L.k_norm.weight if L.k_norm else None,
+                post_attn=L.post_attn.weight if L.post_attn else None,
+                post_ffn=L.post_ffn.weight if L.post_ffn else None, pre_norm=L.ln1 is not None, act=L.act,
+                window=L.window, softcap=L.softcap, residual_scale=L.residual_scale))
         if len(groups) != 1 or len(eps) != 1:
             return None
         for L, w in zip(self.layers, weights):
@@ -269,10 +298,10 @@ class FastDecoder:
             return self.rms_norm(x.contiguous(), norm.weight, norm.eps)
         return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
 
-    def _rope(self, x: torch.Tensor, pos: int) -> torch.Tensor:
-        """x: [B, H, T, D] at positions pos..pos+T-1."""
+    def _rope(self, x: torch.Tensor, pos: int, L: DecoderLayer) -> torch.Tensor:
+        """x: [B, H, T, D] at positions pos..pos+T-1, with layer L's tables."""
         t = x.shape[2]
-        cos, sin = self.cos[pos:pos + t], self.sin[pos:pos + t]
+        cos, sin = L.cos[pos:pos + t], L.sin[pos:pos + t]
         half = x.shape[-1] // 2
         rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rot * sin
@@ -286,47 +315,84 @@ class FastDecoder:
         if pos + t > self.max_len:
             raise DbquantError(f"sequence of {pos + t} tokens exceeds the decoder's max_len={self.max_len}")
         x = self.embed(tokens).float().reshape(b * t, -1)  # [B*T, hidden]
-        # A causal mask is needed only when a multi-token chunk is appended after earlier tokens.
-        mask = None
-        if t > 1 and pos > 0:
-            mask = torch.ones(t, pos + t, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
         if self.native is not None and b == 1 and t == 1:  # one token: one native call per layer
-            run, cos, sin = self.decode_layer.run, self.cos[pos], self.sin[pos]
+            run = self.decode_layer.run
             for i, L in enumerate(self.layers):
-                run(x, L.native, cos, sin, self.k_cache[i], self.v_cache[i], pos)
+                run(x, L.native, L.cos[pos], L.sin[pos], self.k_cache[i], self.v_cache[i], pos)
         else:
             for i, L in enumerate(self.layers):
-                x = self._layer(x, i, L, b, t, pos, mask)
+                x = self._layer(x, i, L, b, t, pos)
         last = x.view(b, t, -1)[:, -1]
-        last = self._rms(last, self.norm)
-        if self.lm_head_proj is not None:
-            return self.lm_head_proj(last)
-        if self.lm_head_scale is not None:
-            y = self.lm_head_op(last.contiguous(), self.lm_head, self.lm_head_scale)
-            return y if self.lm_head_bias is None else y + self.lm_head_bias
-        return F.linear(last.to(self.lm_head.dtype), self.lm_head, self.lm_head_bias).float()
+        return self._logits(self._rms(last, self.norm))
 
-    def _layer(self, x: torch.Tensor, i: int, L: DecoderLayer, b: int, t: int, pos: int,
-               mask: torch.Tensor | None) -> torch.Tensor:
+    def _logits(self, last: torch.Tensor) -> torch.Tensor:
+        """The output projection of the final hidden states, float32 [B, H] -> float32 [B, vocab],
+        with Granite's logits_scaling and Gemma-2's final soft-capping as HF applies them."""
+        if self.lm_head_proj is not None:
+            y = self.lm_head_proj(last)
+        elif self.lm_head_scale is not None:
+            y = self.lm_head_op(last.contiguous(), self.lm_head, self.lm_head_scale)
+            y = y if self.lm_head_bias is None else y + self.lm_head_bias
+        else:
+            y = F.linear(last.to(self.lm_head.dtype), self.lm_head, self.lm_head_bias).float()
+        if self.logits_scaling != 1.0:
+            y = y / self.logits_scaling
+        if self.final_softcap:
+            y = torch.tanh(y / self.final_softcap) * self.final_softcap
+        return y
+
+    def _layer(self, x: torch.Tensor, i: int, L: DecoderLayer, b: int, t: int, pos: int) -> torch.Tensor:
         """Layer ``i`` on x float32 [B*T, H] at positions pos..pos+T-1 in framework ops (any
         batch, any chunk); returns the new residual stream, float32 [B*T, H]."""
         hq, hk, d = self.n_heads, self.n_kv, self.head_dim
         end = pos + t
         inter = L.gate_up.sizes[0]
-        h = self._rms(x, L.ln1)
-        qkv = L.qkv(h).view(b, t, hq + 2 * hk, d)
+        qkv = L.qkv(self._rms(x, L.ln1) if L.ln1 else x)
+        if L.q_norm is not None and L.qk_whole:  # OLMo-2: over the whole q and k projections
+            qkv = torch.cat([self._rms(qkv[:, :hq * d], L.q_norm), self._rms(qkv[:, hq * d:(hq + hk) * d], L.k_norm),
+                             qkv[:, (hq + hk) * d:]], dim=1)
+        qkv = qkv.view(b, t, hq + 2 * hk, d)
         qk, v = qkv[:, :, :hq + hk], qkv[:, :, hq + hk:]
-        if L.q_norm is not None:
+        if L.q_norm is not None and not L.qk_whole:
             qk = torch.cat([self._rms(qk[:, :, :hq], L.q_norm), self._rms(qk[:, :, hq:], L.k_norm)], dim=2)
-        qk = self._rope(qk.transpose(1, 2), pos)  # q and k heads rotated together: [B, Hq+Hk, T, D]
+        qk = self._rope(qk.transpose(1, 2), pos, L)  # q and k heads rotated together: [B, Hq+Hk, T, D]
         self.k_cache[i, :, :, pos:end] = qk[:, hq:]
         self.v_cache[i, :, :, pos:end] = v.transpose(1, 2)
-        att = F.scaled_dot_product_attention(
-            qk[:, :hq], self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end], attn_mask=mask,
-            is_causal=t > 1 and pos == 0, scale=self.scaling, enable_gqa=hq != hk)
-        x = x + L.o(att.transpose(1, 2).reshape(b * t, hq * d))
-        gate_up = L.gate_up(self._rms(x, L.ln2))
-        return x + L.down(F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
+        att = self._attend(qk[:, :hq], self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end], L, pos)
+        out = L.o(att.transpose(1, 2).reshape(b * t, hq * d))
+        x = x + self._branch(out, L.post_attn, L.residual_scale)
+        gate_up = L.gate_up(self._rms(x, L.ln2) if L.ln2 else x)
+        gate = F.gelu(gate_up[:, :inter], approximate="tanh") if L.act == "gelu_tanh" else F.silu(gate_up[:, :inter])
+        return x + self._branch(L.down(gate * gate_up[:, inter:]), L.post_ffn, L.residual_scale)
+
+    def _branch(self, out: torch.Tensor, post: Norm | None, scale: float) -> torch.Tensor:
+        """A branch's output float32 [M, H] as it joins the residual: post-normed, scaled."""
+        if post is not None:
+            out = self._rms(out, post)
+        return out if scale == 1.0 else out * scale
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, L: DecoderLayer, pos: int) -> torch.Tensor:
+        """Causal (optionally windowed, soft-capped) attention of q float32 [B, Hq, T, D] at
+        positions pos..pos+T-1 over the cached k, v float32 [B, Hk, pos+T, D]; -> [B, Hq, T, D]."""
+        t, end = q.shape[2], k.shape[2]
+        qpos = torch.arange(pos, end, device=q.device)[:, None]
+        kpos = torch.arange(end, device=q.device)[None]
+        allowed = kpos <= qpos  # [T, end]
+        if L.window:
+            allowed &= kpos > qpos - L.window
+        if not L.softcap:
+            # SDPA's own causal path when the chunk starts the sequence and no window cuts it
+            plain = not L.window or end <= L.window
+            mask = None if plain and (t == 1 or pos == 0) else allowed
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
+                                                  scale=L.scale, enable_gqa=q.shape[1] != k.shape[1])
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = (q @ k.transpose(-1, -2)) * L.scale
+        scores = torch.tanh(scores / L.softcap) * L.softcap
+        return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
 
     # -- generation ------------------------------------------------------------------
 
@@ -394,8 +460,74 @@ def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.contiguous(), scale.contiguous()
 
 
-def _norm(mod) -> Norm | None:
-    return None if mod is None else Norm(mod.weight.detach().float().contiguous(), float(mod.variance_epsilon))
+def _norm(mod, one_plus_w: bool = False) -> Norm | None:
+    """An HF RMSNorm module's :class:`Norm` (None for None); Gemma's (1 + w) is added here, in
+    float32 as Gemma's forward adds it, so every norm below is x * rsqrt(mean(x^2) + eps) * w."""
+    if mod is None:
+        return None
+    w = mod.weight.detach().float()
+    eps = getattr(mod, "variance_epsilon", None)
+    return Norm((1.0 + w if one_plus_w else w).contiguous(), float(mod.eps if eps is None else eps))
+
+
+def _rope_tables(inner, max_len: int, device) -> dict:
+    """RoPE tables from the model's own rotary module (covers every rope_scaling it knows):
+    {layer type (None when the module has one table) -> (cos, sin) float32 [max_len, D]}.
+    Gemma-3's module holds one table per layer type (local and global bases)."""
+    rotary = inner.rotary_emb
+    pos = torch.arange(max_len, device=device)[None]
+    probe = torch.zeros(1, device=device, dtype=torch.float32)
+    types = getattr(rotary, "layer_types", None)
+    out = {}
+    with torch.no_grad():
+        for typ in (types or [None]):
+            cos, sin = rotary(probe, pos) if typ is None else rotary(probe, pos, typ)
+            out[typ] = (cos[0].float(), sin[0].float())
+    return out
+
+
+def _activation(cfg) -> str:
+    """The MLP gate's activation as the config names it (Gemma-2/3: hidden_activation)."""
+    return getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
+
+
+def _window(att, cfg) -> int:
+    """A layer's sliding window (0: none): the attention module's own per-layer attribute
+    (Gemma-2/3, Qwen2/3), else Mistral's config-wide one."""
+    w = att.sliding_window if hasattr(att, "sliding_window") else getattr(cfg, "sliding_window", None)
+    return int(w or 0)
+
+
+def _build_layer(layer, i: int, mt: str, cfg, tables: dict, backend: str) -> DecoderLayer:
+    """One HF decoder layer's :class:`DecoderLayer`: norms placed by :data:`NORM_LAYOUT`, the
+    switches read from the modules themselves where they carry them."""
+    att, mlp = layer.self_attn, layer.mlp
+    one = mt in ONE_PLUS_W
+    layout = NORM_LAYOUT.get(mt, "pre")
+    ln1 = None if layout == "post" else _norm(layer.input_layernorm, one)
+    ln2 = {"pre": layer.post_attention_layernorm, "sandwich": getattr(layer, "pre_feedforward_layernorm", None),
+           "post": None}[layout]
+    q_norm = _norm(getattr(att, "q_norm", None), one)
+    head_dim = att.head_dim
+    types = getattr(cfg, "layer_types", None)
+    cos, sin = tables[types[i]] if None not in tables else tables[None]
+    if hasattr(att, "qkv_proj"):  # Phi-3: q, k, v and gate, up already fused, in the same order
+        qkv, gate_up = _Proj([att.qkv_proj], backend), _Proj([mlp.gate_up_proj], backend)
+        gate_up.sizes = [gate_up.sizes[0] // 2] * 2
+    else:
+        qkv = _Proj([att.q_proj, att.k_proj, att.v_proj], backend)
+        gate_up = _Proj([mlp.gate_proj, mlp.up_proj], backend)
+    return DecoderLayer(
+        ln1=ln1, ln2=_norm(ln2, one), qkv=qkv, o=_Proj([att.o_proj], backend), gate_up=gate_up,
+        down=_Proj([mlp.down_proj], backend),
+        q_norm=q_norm, k_norm=_norm(getattr(att, "k_norm", None), one),
+        qk_whole=q_norm is not None and q_norm.weight.shape[0] != head_dim,
+        post_attn=_norm(layer.post_attention_layernorm, one) if layout != "pre" else None,
+        post_ffn=_norm(layer.post_feedforward_layernorm, one) if layout != "pre" else None,
+        act=ACTIVATIONS[_activation(cfg)], window=_window(att, cfg),
+        softcap=float(getattr(cfg, "attn_logit_softcapping", None) or 0.0),
+        scale=float(att.scaling), residual_scale=float(getattr(layer, "residual_multiplier", 1.0)),
+        cos=cos, sin=sin)
 
 
 def check_supported(model) -> None:
@@ -405,13 +537,18 @@ def check_supported(model) -> None:
     if mt not in SUPPORTED:
         raise DbquantError(f"the fast decoder supports {SUPPORTED}, not model_type={mt!r}; "
                            "use the Hugging Face generate() path (--engine hf)")
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise DbquantError(f"the fast decoder needs a SiLU MLP, got hidden_act={cfg.hidden_act!r}")
-    sliding = getattr(cfg, "sliding_window", None)
-    if sliding is not None and (mt != "qwen2" or getattr(cfg, "use_sliding_window", False)) and \
-            sliding < getattr(cfg, "max_position_embeddings", sliding + 1):
-        raise DbquantError(f"the fast decoder has no sliding-window attention (sliding_window={sliding})")
-    if any(getattr(layer.self_attn, "sliding_window", None) for layer in model.model.layers):
-        raise DbquantError("the fast decoder has no sliding-window attention (a layer uses one)")
+    act = _activation(cfg)
+    if act not in ACTIVATIONS:
+        raise DbquantError(f"the fast decoder needs a SiLU or GELU-tanh gated MLP, got activation {act!r}")
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    partial = rope.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)) if isinstance(rope, dict) else 1.0
+    if partial != 1.0:
+        raise DbquantError(f"the fast decoder rotates whole heads; {mt} has partial_rotary_factor={partial}")
+    if getattr(cfg, "use_bidirectional_attention", False):
+        raise DbquantError(f"the fast decoder is causal; {mt} has use_bidirectional_attention=True")
+    for i, layer in enumerate(model.model.layers):
+        w = _window(layer.self_attn, cfg)
+        if w < 0:
+            raise DbquantError(f"layer {i} has sliding_window={w}; the fast decoder needs a window >= 1")
     if next(model.parameters()).dtype != torch.float32:
         raise DbquantError(f"the fast decoder runs float32 models, got {next(model.parameters()).dtype}")
