@@ -128,8 +128,7 @@ def calib_file(tmp_path_factory):
 # (RoPE or none), per-layer attention types (gemma2/3 sliding + global), q/k norms (qwen3,
 # gemma3, olmo2), sandwich norms (gemma2/3), scaled embeddings (gemma), parallel blocks
 # (gpt_neox, phi, cohere), partial rotary (stablelm, phi).
-CALIBRATED = ["gemma2", "gemma3_text", "olmo2", "phi3", "gpt_neox", "phi", "cohere", "stablelm", "granite",
-              "starcoder2"]
+CALIBRATED = sorted(FAMILIES)
 
 
 @pytest.mark.parametrize("model_type", CALIBRATED)
