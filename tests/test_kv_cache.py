@@ -343,3 +343,16 @@ def test_real_smollm2_one_window_vidkv_beats_hqq2_at_fewer_bytes():
     assert vid["ratio_vs_fp16"] > 8 and vid["kv_bytes_per_token"] < hqq["kv_bytes_per_token"]
     # this window: 19.86 vs 18.02 (+10%; +8% over the protocol's 16); without the sink it is ~+25%
     assert fp["ppl"] < vid["ppl"] < 1.15 * fp["ppl"] and vid["ppl"] < hqq["ppl"]
+
+
+def test_cli_generate_with_the_packed_cache_on_a_sliding_window_family(tmp_path, tiny_tokenizer, capsys):
+    # a packed gemma2 checkpoint (sliding and global layers alternate), generated through --kv 1.5/1.58
+    model = make_tiny_model("gemma2", vocab_size=len(tiny_tokenizer), sliding_window=8, bos_token_id=0,
+                            eos_token_id=0, pad_token_id=0)
+    quantize(model, None, QuantizeOptions(method="fdb", calib=None, group_size=32), progress=False)
+    dbquant.save(model, tmp_path / "q", tokenizer=tiny_tokenizer)
+    code, out, err = run(capsys, "generate", tmp_path / "q", "--prompt", "The quick brown fox", "--raw",
+                         "--kv", "1.5/1.58", "--kv-residual", "0", "--max-new-tokens", "40")
+    assert code == 0, err
+    assert "engine hf" in err and out.strip()  # --kv runs through stock generate()
+    assert "quantized no token" not in err  # 40+ tokens past a residual of 0: a group was packed
