@@ -12,6 +12,8 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,12 +185,24 @@ def test_output_dir_that_cannot_be_created():
             pass
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
-def test_output_parent_not_writable(tmp_path):
+def test_output_parent_not_writable(tmp_path, monkeypatch):
+    # root passes any mode check, so the permission answer is what the OS would give a user
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o500)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ro else real_access(p, mode))
     with pytest.raises(DbquantError, match="not writable"):
         with atomic_dir(ro / "out"):
+            pass
+
+
+def test_temp_folder_that_cannot_be_made(tmp_path, monkeypatch):
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(DbquantError, match="cannot create a folder beside"):
+        with atomic_dir(tmp_path / "out"):
             pass
 
 
