@@ -48,3 +48,11 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     make_tiny_model(vocab_size=len(tiny_tokenizer)).save_pretrained(d)
     tiny_tokenizer.save_pretrained(d)
     return d
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    """A small calibration text file (the tiny tokenizer's own sentences, repeated): its path."""
+    f = tmp_path / "calib.txt"
+    f.write_text(TINY_TEXT * 3)
+    return str(f)

@@ -23,7 +23,7 @@ from dbquant.model.modules import FakeQuantLinear
 from dbquant.quant import fdb
 from dbquant.quantize import QuantizeOptions, make_plan, quantize
 
-from .conftest import TINY_TEXT, make_tiny_model
+from .conftest import make_tiny_model
 
 torch.set_num_threads(1)
 
@@ -89,13 +89,6 @@ def test_dad_lowers_kl(weighting):
 
 
 # ---------------------------------------------------------------- the pipeline, resume, fingerprint
-
-@pytest.fixture
-def text_file(tmp_path):
-    f = tmp_path / "calib.txt"
-    f.write_text(TINY_TEXT * 3)
-    return str(f)
-
 
 def _opts(text_file, work_dir, **kw):
     base = dict(group_size=32, calib=text_file, preset="fast", bw_samples=6, bw_seq_len=24, bw_steps=6,

@@ -15,7 +15,7 @@ from dbquant.errors import DbquantError
 from dbquant.quant import fdb
 from dbquant.quantize import QuantizeOptions, make_plan, quantize
 
-from .conftest import TINY_TEXT, make_tiny_model
+from .conftest import make_tiny_model
 
 torch.set_num_threads(1)
 
@@ -153,13 +153,6 @@ def test_autocast_auto_follows_the_cpu(monkeypatch, tmp_path, native):
 
 
 # ---------------------------------------------------------------- the pipeline: kill and resume
-
-@pytest.fixture
-def text_file(tmp_path):
-    f = tmp_path / "calib.txt"
-    f.write_text(TINY_TEXT * 3)
-    return str(f)
-
 
 def _opts(calib, work_dir, **kw):
     base = {"group_size": 32, "calib": calib, "preset": "fast", "bw_samples": 6, "bw_seq_len": 24, "bw_steps": 6,

@@ -16,7 +16,6 @@ from dbquant.model.sources import load_fp_model
 from dbquant.quantize import QuantizeOptions, quantize
 
 from .conftest import make_tiny_model
-from .test_calibration import text_file  # noqa: F401  (the calibration text fixture)
 
 torch.set_num_threads(1)
 
