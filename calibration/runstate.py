@@ -41,9 +41,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dbquant.calibration.distributed import barrier, is_writer
 from dbquant import faults
+from dbquant.calibration.distributed import barrier, is_writer
 from dbquant.errors import DbquantError
+from dbquant.format.files import pid_alive
 
 STATE_VERSION = 2  # 1 was a torch.save pickle: refused, never unpickled
 META_KEY = "dbquant-runstate"  # safetensors header metadata key holding the JSON part of a payload
@@ -277,22 +278,12 @@ def read_state_file(path: Path) -> dict:
     return obj
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # someone else's live process
-    return True
-
-
 def remove_stale_temps(folder: Path) -> list[Path]:
     """Delete ``.NAME.tmp-PID`` files that a killed process left in ``folder`` (PID no longer running)."""
     gone = []
     for f in folder.glob(".*.tmp-*"):
         pid = f.name.rpartition(".tmp-")[2]
-        if f.is_file() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if f.is_file() and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             f.unlink(missing_ok=True)
             gone.append(f)
     return gone

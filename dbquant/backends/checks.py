@@ -74,3 +74,35 @@ def check_packed(op: str, qweight, scales, offset, bias, in_features, group_size
     if bias is not None:
         check_tensor(op, "bias", bias, FLOAT_DTYPES, (n,))
     return n
+
+
+def check_int8_head(op: str, x, wq, s, block: int = 1) -> None:
+    """x float32 [M, K] (K a multiple of ``block``), wq int8 [N, K], s float32 [N]."""
+    check_tensor(op, "x", x, (torch.float32,), dim=2)
+    check_tensor(op, "wq", wq, (torch.int8,), dim=2)
+    if wq.shape[1] != x.shape[1]:
+        fail(op, f"x has K={x.shape[1]} but wq is {tuple(wq.shape)}")
+    check_tensor(op, "s", s, (torch.float32,), (wq.shape[0],))
+    if x.shape[1] % block:
+        fail(op, f"K={x.shape[1]} must be a multiple of {block} (activations are quantized per block); "
+                 "use linear_int8")
+
+
+def check_rms_norm(op: str, x, w) -> None:
+    """x float32 [..., D] (at least 1 dim), w float32 [D]."""
+    check_activations(op, x, None, (torch.float32,))
+    check_tensor(op, "w", w, (torch.float32,), (x.shape[-1],))
+
+
+def check_decode_step(op: str, x, layer, cos, sin, k_cache, v_cache, pos) -> None:
+    """The per-token arguments of ``decode_layer`` against ``layer``'s sizes (a ``t16.DecodeLayerWeights``)."""
+    h, hk, d = layer.hidden, layer.n_kv, layer.head_dim
+    check_tensor(op, "x", x, (torch.float32,), (1, h))
+    check_tensor(op, "cos", cos, (torch.float32,), (d,))
+    check_tensor(op, "sin", sin, (torch.float32,), (d,))
+    check_tensor(op, "k_cache", k_cache, (torch.float32,), dim=4)
+    if tuple(k_cache.shape[:2]) != (1, hk) or k_cache.shape[3] != d:
+        fail(op, f"k_cache must be [1, {hk}, max_len, {d}], got {tuple(k_cache.shape)}")
+    check_tensor(op, "v_cache", v_cache, (torch.float32,), tuple(k_cache.shape))
+    if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos < k_cache.shape[2]:
+        fail(op, f"pos {pos!r} is outside the cache (max_len {k_cache.shape[2]})")

@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from ..format import layout
-from .checks import check_activations, check_packed, check_tensor, fail
+from .checks import (
+    check_activations,
+    check_decode_step,
+    check_int8_head,
+    check_packed,
+    check_rms_norm,
+)
 from .t16 import DecodeLayerWeights, Projection, canonical
 
 Q8_BLOCK = 32  # activation channels per int8 scale of the w8a8 head (csrc/cpu/gemv_int8.h: kQ8Block)
@@ -57,18 +63,6 @@ def dbgemm_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return y.to(x.dtype)
 
 
-def check_int8_head(op: str, x, wq, s, block: int = 1) -> None:
-    """x float32 [M, K] (K a multiple of ``block``), wq int8 [N, K], s float32 [N]."""
-    check_tensor(op, "x", x, (torch.float32,), dim=2)
-    check_tensor(op, "wq", wq, (torch.int8,), dim=2)
-    if wq.shape[1] != x.shape[1]:
-        fail(op, f"x has K={x.shape[1]} but wq is {tuple(wq.shape)}")
-    check_tensor(op, "s", s, (torch.float32,), (wq.shape[0],))
-    if x.shape[1] % block:
-        fail(op, f"K={x.shape[1]} must be a multiple of {block} (activations are quantized per block); "
-                 "use linear_int8")
-
-
 def linear_int8_ref(x: torch.Tensor, wq: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``y = x @ (s * wq).T``: an int8-weight projection with float activations.
 
@@ -105,12 +99,6 @@ def linear_w8a8_ref(x: torch.Tensor, wq: torch.Tensor, s: torch.Tensor) -> torch
     return ((dots * d[..., 0][:, None, :]).sum(-1) * s.double()).float()
 
 
-def check_rms_norm(op: str, x, w) -> None:
-    """x float32 [..., D] (at least 1 dim), w float32 [D]."""
-    check_activations(op, x, None, (torch.float32,))
-    check_tensor(op, "w", w, (torch.float32,), (x.shape[-1],))
-
-
 def rms_norm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim: x float32 [..., D], w float32 [D] -> float32 [..., D]."""
     check_rms_norm("rms_norm_ref", x, w)
@@ -127,20 +115,6 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     """Rotate-half RoPE (HF apply_rotary_pos_emb) of x float32 [heads, D] at one position."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[:, half:], x[:, :half]), dim=-1) * sin
-
-
-def check_decode_step(op: str, x, layer: DecodeLayerWeights, cos, sin, k_cache, v_cache, pos) -> None:
-    """The per-token arguments of ``decode_layer`` against ``layer``'s sizes."""
-    h, hk, d = layer.hidden, layer.n_kv, layer.head_dim
-    check_tensor(op, "x", x, (torch.float32,), (1, h))
-    check_tensor(op, "cos", cos, (torch.float32,), (d,))
-    check_tensor(op, "sin", sin, (torch.float32,), (d,))
-    check_tensor(op, "k_cache", k_cache, (torch.float32,), dim=4)
-    if tuple(k_cache.shape[:2]) != (1, hk) or k_cache.shape[3] != d:
-        fail(op, f"k_cache must be [1, {hk}, max_len, {d}], got {tuple(k_cache.shape)}")
-    check_tensor(op, "v_cache", v_cache, (torch.float32,), tuple(k_cache.shape))
-    if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos < k_cache.shape[2]:
-        fail(op, f"pos {pos!r} is outside the cache (max_len {k_cache.shape[2]})")
 
 
 def _act_mul(gate_up: torch.Tensor, inter: int, act: str) -> torch.Tensor:

@@ -46,7 +46,8 @@ def _output_parent(out: Path) -> Path:
     return out.parent
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (one owned by another user counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -67,7 +68,7 @@ def remove_stale(parent: Path, name: str) -> list[Path]:
     for kind in ("tmp", "old"):
         for f in parent.glob(f".{name}.{kind}-*"):
             pid = f.name[len(name) + len(kind) + 3:].split("-")[0]
-            dead = not _pid_alive(int(pid)) if pid.isdigit() else time.time() - f.lstat().st_mtime > 86400
+            dead = not pid_alive(int(pid)) if pid.isdigit() else time.time() - f.lstat().st_mtime > 86400
             if not dead or (pid.isdigit() and int(pid) == os.getpid()):
                 continue
             if f.is_dir() and not f.is_symlink():
