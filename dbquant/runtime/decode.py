@@ -377,17 +377,18 @@ class FastDecoder:
         """Causal (optionally windowed, soft-capped) attention of q float32 [B, Hq, T, D] at
         positions pos..pos+T-1 over the cached k, v float32 [B, Hk, pos+T, D]; -> [B, Hq, T, D]."""
         t, end = q.shape[2], k.shape[2]
+        gqa = q.shape[1] != k.shape[1]
+        if not L.softcap and (not L.window or end <= L.window) and (t == 1 or pos == 0):
+            # SDPA's own causal path (no mask to build) when the chunk starts the sequence or is one
+            # token, and no window cuts it: the per-token Python step
+            return F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=L.scale, enable_gqa=gqa)
         qpos = torch.arange(pos, end, device=q.device)[:, None]
         kpos = torch.arange(end, device=q.device)[None]
         allowed = kpos <= qpos  # [T, end]
         if L.window:
             allowed &= kpos > qpos - L.window
         if not L.softcap:
-            # SDPA's own causal path when the chunk starts the sequence and no window cuts it
-            plain = not L.window or end <= L.window
-            mask = None if plain and (t == 1 or pos == 0) else allowed
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
-                                                  scale=L.scale, enable_gqa=q.shape[1] != k.shape[1])
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=L.scale, enable_gqa=gqa)
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         scores = (q @ k.transpose(-1, -2)) * L.scale
