@@ -28,23 +28,19 @@ before mixes existed. Windows are full (no padding): every window is t consecuti
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from dbquant.calibration.blockwise import to_device
 from dbquant.calibration.distributed import is_writer
-from dbquant.calibration.runstate import model_digest, tensor_digest
+from dbquant.calibration.runstate import STATE_VERSION, atomic_save, model_digest, read_state_file, tensor_digest
 from dbquant.errors import DbquantError
 from dbquant.eval.data import load_text, sample_windows, token_stream
 
@@ -175,9 +171,7 @@ def self_text(model: nn.Module, prompt_stream: torch.Tensor, cfg: SelfGenConfig,
     tokens = generate_self(model, prompts, cfg, device, progress)
     if path is not None and is_writer():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({"tokens": tokens.contiguous()}, str(tmp), metadata={"fingerprint": json.dumps(fingerprint)})
-        tmp.replace(path)  # atomic: a killed run never leaves half a cache
+        atomic_save({"version": STATE_VERSION, "fingerprint": fingerprint, "tokens": tokens.contiguous()}, path)
     return tokens
 
 
@@ -185,9 +179,9 @@ def _read_cache(path: Path | None) -> tuple[dict, torch.Tensor] | None:
     if path is None or not path.is_file():
         return None
     try:
-        with safe_open(str(path), "pt") as f:
-            return json.loads((f.metadata() or {})["fingerprint"]), f.get_tensor("tokens")
-    except (OSError, ValueError, KeyError, SafetensorError) as e:  # unreadable: treat as a different run's (refused on resume, replaced otherwise)
+        cache = read_state_file(path)  # the run-state file format: never unpickled
+        return cache["fingerprint"], cache["tokens"]
+    except (DbquantError, KeyError, TypeError) as e:  # unreadable: a different run's (refused on resume, else replaced)
         return {"unreadable": str(e)}, torch.empty(0)
 
 
