@@ -11,7 +11,7 @@ from dbquant.calibration import pipeline
 from dbquant.cli import main
 
 from .conftest import make_tiny_model
-from .test_calibration import cli_fdb_dad_argv, text_file  # noqa: F401  (the calibration text fixture)
+from .test_calibration import cli_fdb_dad_argv
 
 
 def run(capsys, *argv):
