@@ -2,7 +2,7 @@
 
 Spelling of ``--calib`` (:func:`parse_mix`):
   * one source, as before: ``wiki``, a ``.txt`` file or folder, ``hf:NAME[:CONFIG]:SPLIT[:FIELD]``,
-    or ``self``;
+    ``self`` or ``chat``;
   * a mix: ``SOURCE:RATIO,SOURCE:RATIO,...``, e.g. ``wiki:0.5,self:0.5`` or ``wiki:3,notes.txt:1``.
     Ratios are positive numbers, normalised to sum 1; each source appears once. A path that
     exists is always read as one source, whatever characters it holds.
@@ -19,6 +19,15 @@ seeded generator up to ``length`` tokens. They are cached in the work dir
 and prompts: a matching cache is reused (a ``--resume`` never regenerates), a different one is
 refused on ``--resume`` and replaced by a fresh run. The generated sequences are joined with the
 tokenizer's EOS token into one stream, as text documents are joined with blank lines.
+
+``chat``: conversations in the tokenizer's chat template whose answers the fp model writes
+(:func:`generate_chat`). Calibrating an instruction-tuned model on plain text alone teaches the
+student nothing about the template's tokens, and the measured result is a student that closes
+its turn at once (``docs/RESULTS.md``); these samples keep the turn structure in the data. Each
+user turn is a request built (seeded) from a calibration article (:func:`chat_requests`: "What
+is X?", "Summarize this text...", ...); the answer is sampled like ``self`` (per-sequence
+seeded generators, ``temperature``), stops at EOS or when the conversation reaches ``length``
+tokens. Cached as ``chat-text.safetensors`` under the same rules as ``self``.
 
 Windows (:func:`mix_sampler`): each stage asks for n windows of t tokens; a source with ratio r
 gives round(r * n) of them (largest remainders), drawn from its own token stream, and the
@@ -37,6 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import GenerationConfig, LogitsProcessorList
 
 from dbquant.calibration.blockwise import to_device
 from dbquant.calibration.distributed import is_writer
@@ -45,7 +55,10 @@ from dbquant.errors import DbquantError
 from dbquant.eval.data import load_text, sample_windows, token_stream
 
 SELF = "self"
-SELF_CACHE = "self-text.safetensors"
+CHAT = "chat"
+GENERATED = (SELF, CHAT)  # sources the fp model writes (cached in the work dir)
+CACHE_FILES = {SELF: "self-text.safetensors", CHAT: "chat-text.safetensors"}
+SELF_CACHE = CACHE_FILES[SELF]
 _RATIO = re.compile(r"^(?P<src>.+):(?P<ratio>\d+(?:\.\d*)?|\.\d+)$")
 
 
@@ -92,8 +105,9 @@ def parse_mix(spec: str) -> list[tuple[str, float]]:
     return [(s, r / total) for s, r in parts]
 
 
-def uses_self(spec: str | None) -> bool:
-    return spec is not None and any(s == SELF for s, _ in parse_mix(spec))
+def uses_generated(spec: str | None) -> bool:
+    """Whether the mix ``spec`` holds text the fp model writes (``self`` or ``chat``)."""
+    return spec is not None and any(s in GENERATED for s, _ in parse_mix(spec))
 
 
 def split_counts(n: int, shares: list[float]) -> list[int]:
@@ -159,20 +173,30 @@ def self_text(model: nn.Module, prompt_stream: torch.Tensor, cfg: SelfGenConfig,
     """
     prompts = self_prompts(prompt_stream, cfg)
     fingerprint = {"model": model_digest(model), **cfg.fingerprint_part(), "prompts": tensor_digest(prompts)}
-    path = None if work_dir is None else Path(work_dir) / SELF_CACHE
+    return cached_tokens(_cache_path(work_dir, SELF), fingerprint, resume,
+                         lambda: generate_self(model, prompts, cfg, device, progress))
+
+
+def cached_tokens(path: Path | None, fingerprint: dict, resume: bool, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Generated tokens from the cache file ``path`` when its fingerprint matches, else ``make()``
+    (written to ``path`` by the writing rank). On ``resume`` a cache of another run is refused."""
     cached = _read_cache(path)
     if cached is not None:
         if cached[0] == fingerprint:
             return cached[1]
         if resume:
             diff = sorted(k for k in fingerprint if cached[0].get(k) != fingerprint.get(k))
-            raise DbquantError(f"--resume: {path} holds self-generated text of a different run (differs in {diff}); "
-                               "rerun with the original options, or start over with --overwrite")
-    tokens = generate_self(model, prompts, cfg, device, progress)
+            raise DbquantError(f"--resume: {path} holds generated calibration text of a different run (differs "
+                               f"in {diff}); rerun with the original options, or start over with --overwrite")
+    tokens = make()
     if path is not None and is_writer():
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save({"version": STATE_VERSION, "fingerprint": fingerprint, "tokens": tokens.contiguous()}, path)
     return tokens
+
+
+def _cache_path(work_dir, source: str) -> Path | None:
+    return None if work_dir is None else Path(work_dir) / CACHE_FILES[source]
 
 
 def _read_cache(path: Path | None) -> tuple[dict, torch.Tensor] | None:
@@ -192,11 +216,126 @@ def joined_stream(tokenizer, sequences: torch.Tensor) -> torch.Tensor:
     return torch.cat([t for s in sequences for t in (s, sep)][:-1])
 
 
+# ---------------------------------------------------------------- chat: answers the fp model writes
+
+# User turns built from a calibration article: {subject} is what its first sentence defines
+# ("Anarchism" in "Anarchism is a political philosophy..."), {passage} its first sentences,
+# {sentence} one sentence of it. Requests without a subject are drawn when there is none.
+CHAT_REQUESTS = (
+    "What is {subject}?",
+    "Tell me about {subject}.",
+    "Summarize this text in one sentence: {passage}",
+    "Explain this in simple words: {sentence}",
+    "Write one more sentence that continues this text: {sentence}",
+)
+_SUBJECT = re.compile(r"^(?P<subject>[^.\n]{1,60}?) (?:is|was|are|were) ")
+_SENTENCE = re.compile(r"[^.!?\n]{30,300}[.!?]")
+
+
+def chat_requests(texts: list[str], cfg: SelfGenConfig) -> list[str]:
+    """``cfg.count`` user requests, each from a (seeded) article of ``texts`` and a (seeded) template."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    usable = [t for t in texts if _SENTENCE.search(t)]
+    if not usable:
+        raise DbquantError("--calib chat: the calibration text has no sentence of 30-300 characters to build "
+                           "requests from")
+    out = []
+    for _ in range(cfg.count):
+        text = usable[int(torch.randint(len(usable), (1,), generator=gen))]
+        sentences = _SENTENCE.findall(text)
+        subject = _SUBJECT.match(sentences[0].strip())
+        choices = CHAT_REQUESTS if subject and len(subject["subject"].split()) <= 6 else CHAT_REQUESTS[2:]
+        template = choices[int(torch.randint(len(choices), (1,), generator=gen))]
+        sentence = sentences[int(torch.randint(len(sentences), (1,), generator=gen))].strip()
+        out.append(template.format(subject=subject["subject"] if subject else "",
+                                   passage=" ".join(x.strip() for x in sentences[:2]), sentence=sentence))
+    return out
+
+
+def chat_prompts(tokenizer, requests: list[str]) -> list[torch.Tensor]:
+    """Each request as one user turn in the tokenizer's chat template, ready for the answer (int64 [L_i])."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DbquantError("--calib chat needs a tokenizer with a chat template (an instruction-tuned model); "
+                           "use --calib self for a base model")
+    return [torch.tensor(tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": r}], tokenize=False,
+                                                                 add_generation_prompt=True),
+                                   add_special_tokens=False).input_ids, dtype=torch.int64) for r in requests]
+
+
+class _SeededSampler:
+    """A logits processor that samples each row from its own generator and leaves only that token,
+    so greedy decoding then takes it: the tokens of row i depend on (seed, i), not on the batch."""
+
+    def __init__(self, gens: list[torch.Generator], temperature: float):
+        self.gens, self.temperature = gens, temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = (scores.float() / self.temperature).softmax(-1).cpu()  # [b, V]
+        pick = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.gens)])  # [b, 1]
+        return torch.full_like(scores, float("-inf")).scatter_(1, pick.to(scores.device), 0.0)
+
+
+@torch.no_grad()
+def generate_chat(model: nn.Module, tokenizer, prompts: list[torch.Tensor], cfg: SelfGenConfig, device="cpu",
+                  progress: bool = True) -> torch.Tensor:
+    """The fp model's answer to each prompt (int64 [L_i], :func:`chat_prompts`), sampled at ``cfg.temperature``
+    with one generator per conversation seeded (``cfg.seed``, i); a conversation ends at EOS or at
+    ``cfg.length`` tokens. Returns int64 [T]: the conversations, each ending with EOS, joined."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DbquantError("--calib chat needs a tokenizer with an EOS token (the end of an answer)")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    gens = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + i) for i in range(len(prompts))]
+    orig, was_training = next(model.parameters()).device, model.training
+    model.to(device).eval()
+    convs = []
+    try:
+        for i in tqdm(range(0, len(prompts), cfg.batch_size), desc="chat calibration text", disable=not progress):
+            convs += _answer(model, prompts[i:i + cfg.batch_size], gens[i:i + cfg.batch_size], cfg, eos, pad, device)
+    finally:
+        model.to(orig).train(was_training)
+    return torch.cat(convs)
+
+
+def _answer(model: nn.Module, prompts: list[torch.Tensor], gens: list[torch.Generator], cfg: SelfGenConfig,
+            eos: int, pad: int, device) -> list[torch.Tensor]:
+    """One batch of :func:`generate_chat`: left-padded prompts through ``generate``; each conversation
+    cut after its first EOS (or at ``cfg.length`` tokens, EOS appended)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):], mask[r, width - len(p):] = p, 1
+    config = GenerationConfig(max_new_tokens=max(1, cfg.length - min(len(p) for p in prompts)), do_sample=False,
+                              eos_token_id=eos, pad_token_id=pad)
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                         logits_processor=LogitsProcessorList([_SeededSampler(gens, cfg.temperature)])).cpu()
+    convs = []
+    for r, p in enumerate(prompts):
+        answer = out[r, width:]
+        ends = (answer == eos).nonzero()
+        answer = answer[: int(ends[0]) + 1] if len(ends) else answer
+        conv = torch.cat([p, answer])[: cfg.length]
+        convs.append(conv if conv[-1] == eos else torch.cat([conv, torch.tensor([eos])]))
+    return convs
+
+
+def chat_text(model: nn.Module, tokenizer, texts: list[str], cfg: SelfGenConfig, work_dir=None,
+              resume: bool = False, device="cpu", progress: bool = True) -> torch.Tensor:
+    """int64 [T]: the chat conversations (:func:`generate_chat`) from ``work_dir``'s cache when its
+    fingerprint (model, settings, prompts) matches, else generated and cached (see :func:`cached_tokens`)."""
+    prompts = chat_prompts(tokenizer, chat_requests(texts, cfg))
+    fingerprint = {"source": CHAT, "model": model_digest(model), **cfg.fingerprint_part(),
+                   "prompts": tensor_digest(torch.cat(prompts))}
+    return cached_tokens(_cache_path(work_dir, CHAT), fingerprint, resume,
+                         lambda: generate_chat(model, tokenizer, prompts, cfg, device, progress))
+
+
 # ---------------------------------------------------------------- the mix
 
 def text_streams(tokenizer, spec: str) -> dict[str, torch.Tensor]:
     """{source: int64 [T] token stream of its calibration text} for every text source of the mix."""
-    return {s: token_stream(tokenizer, load_text(s, "calibration")) for s, _ in parse_mix(spec) if s != SELF}
+    return {s: token_stream(tokenizer, load_text(s, "calibration")) for s, _ in parse_mix(spec) if s not in GENERATED}
 
 
 def mix_sampler(model: nn.Module, tokenizer, spec: str, self_cfg: SelfGenConfig | None = None, work_dir=None,
@@ -204,16 +343,20 @@ def mix_sampler(model: nn.Module, tokenizer, spec: str, self_cfg: SelfGenConfig 
                 progress: bool = True) -> Callable[[int, int, int], torch.Tensor]:
     """``(n, seq_len, seed) -> int64 [n, seq_len]`` calibration windows drawn from the mix ``spec``.
 
-    Tokenizes (and, for ``self``, generates) once for all stages. See the module docstring.
+    Tokenizes (and, for ``self`` and ``chat``, generates) once for all stages. See the module docstring.
     """
     mix = parse_mix(spec)
     streams = text_streams(tokenizer, spec)
-    if any(s == SELF for s, _ in mix):
+    cfg = self_cfg or SelfGenConfig()
+    if any(s == SELF for s, _ in mix):  # prompts from the mix's text sources (wiki's calibration split when none)
         prompt_stream = torch.cat(list(streams.values())) if streams else token_stream(
             tokenizer, load_text("wiki", "calibration"))
-        cfg = (self_cfg or SelfGenConfig()).check()
-        streams[SELF] = joined_stream(tokenizer, self_text(model, prompt_stream, cfg, work_dir, resume, device,
-                                                           progress))
+        streams[SELF] = joined_stream(tokenizer, self_text(model, prompt_stream, cfg.check(), work_dir, resume,
+                                                           device, progress))
+    if any(s == CHAT for s, _ in mix):  # requests from the same texts
+        texts = [t for s, _ in mix if s not in GENERATED for t in load_text(s, "calibration")] or load_text(
+            "wiki", "calibration")
+        streams[CHAT] = chat_text(model, tokenizer, texts, cfg.check(), work_dir, resume, device, progress)
     if len(mix) == 1:
         ids = streams[mix[0][0]]
         return lambda n, t, seed: sample_windows(ids, n, t, seed)

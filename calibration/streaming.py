@@ -55,7 +55,7 @@ from dbquant.calibration.blockwise import (
 )
 from dbquant.calibration.pipeline import blockwise_config, pick_device, semantic_options
 from dbquant.calibration.runstate import RunState, make_fingerprint, tensor_digest
-from dbquant.calibration.sources import mix_sampler, uses_self
+from dbquant.calibration.sources import mix_sampler, uses_generated
 from dbquant.errors import DbquantError
 from dbquant.format.files import atomic_dir, read_header, validate_files
 from dbquant.model import plan as planlib
@@ -283,9 +283,9 @@ def check_streaming(opts) -> None:
     if opts.dad and opts.dad_steps:
         raise DbquantError("--streaming runs FDB init + block-wise only; DAD needs the whole model at once "
                            "(pass --no-dad; for DAD on large models see docs/SCALING.md)")
-    if uses_self(opts.calib):
-        raise DbquantError("--streaming cannot generate `self` calibration text (the model is never whole in "
-                           "memory); use text sources only, e.g. --calib wiki or a mix of files")
+    if uses_generated(opts.calib):
+        raise DbquantError("--streaming cannot generate `self` or `chat` calibration text (the model is never "
+                           "whole in memory); use text sources only, e.g. --calib wiki or a mix of files")
     if tuple(opts.modules) != ("decoder",):
         raise DbquantError(f"--streaming quantizes the decoder blocks only (--modules decoder), not {opts.modules}")
     if opts.bw_inputs not in INPUT_MODES:

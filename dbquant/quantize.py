@@ -6,6 +6,7 @@ this file only wires them and keeps the report.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ from .calibration.dad import DADConfig
 from .calibration.pipeline import calibration_sampler, run_fdb_dad, self_gen_config
 from .calibration.presets import preset_values
 from .calibration.runstate import discard_checkpoints
-from .calibration.sources import parse_mix, uses_self
+from .calibration.sources import parse_mix, uses_generated
 from .errors import DbquantError
 from .model import plan as planlib
 from .model.checkpoint import load, save
@@ -79,23 +80,25 @@ class QuantizeOptions:
     offset: bool = option(False, "store a per-group offset beta (+16 bits/group)")
     modules: tuple[str, ...] = option(("decoder",), "comma list of: decoder, lm_head, vision", type=_comma_tuple)
     calib: str | None = option("wiki", "calibration text: wiki, a text file/folder, hf:NAME[:CONFIG]:SPLIT, self "
-                                       "(the fp model's own samples), none, or a mix by ratio: "
+                                       "(the fp model's own samples), chat (the fp model's answers in its chat "
+                                       "template), none, or a mix by ratio: "
                                        "SOURCE:RATIO,SOURCE:RATIO (e.g. wiki:0.5,self:0.5)", type=_calib_source)
     calib_images: str | None = option(None, "VLMs: images with a same-name .txt caption; block-wise reconstruction "
                                             "and DAD then run on image+text samples through the whole VLM "
                                             "(calibration/images.py)", metavar="DIR")
     calib_samples: int = option(32, "calibration windows for the activation statistics")
     calib_seq_len: int = option(512, "tokens per calibration window")
-    calib_self_samples: int = option(64, "--calib self: sequences the fp model generates (cached in the work dir)")
-    calib_self_len: int = option(256, "--calib self: tokens per generated sequence, prompt included")
-    calib_self_temperature: float = option(1.0, "--calib self: sampling temperature (> 0)")
+    calib_self_samples: int = option(64, "--calib self/chat: sequences the fp model generates (cached in the work dir)")
+    calib_self_len: int = option(256, "--calib self/chat: tokens per generated sequence (chat: conversation), prompt included")
+    calib_self_temperature: float = option(1.0, "--calib self/chat: sampling temperature (> 0)")
     calib_self_prompt_len: int = option(8, "--calib self: prompt tokens, taken from the calibration text")
     iters: int = option(8, "FDB least-squares refinement iterations")
     seed: int = option(0, "seed of the calibration windows")
     # ---- fdb-dad stages (None = take the preset's value; see dbquant.calibration.presets)
     preset: str = option("default", "fast (~2 min on a 2-core CPU for SmolLM2), default (~18 min), best (hours on CPU)",
                          section="fdb-dad")
-    blockwise: bool | None = stage_option("skip block-wise reconstruction", flag="--no-blockwise", action="store_false")
+    blockwise: bool | None = stage_option("run block-wise reconstruction (--no-blockwise: skip it)",
+                                          action=argparse.BooleanOptionalAction)
     bw_samples: int | None = stage_option("calibration windows for block-wise")
     bw_seq_len: int | None = stage_option("tokens per block-wise window")
     bw_steps: int | None = stage_option("optimizer steps per block")
@@ -103,7 +106,8 @@ class QuantizeOptions:
     bw_lr: float | None = stage_option("block-wise Adam LR of the scales")
     bw_lr_weight: float | None = stage_option("block-wise Adam LR of the latent weights (0: scales only)")
     bw_inputs: str | None = stage_option("quant (train on the quantized chain's activations) or fp")
-    dad: bool | None = stage_option("skip deviation-aware distillation", flag="--no-dad", action="store_false")
+    dad: bool | None = stage_option("run deviation-aware distillation (--no-dad: skip it)",
+                                    action=argparse.BooleanOptionalAction)
     dad_samples: int | None = stage_option("calibration windows for DAD")
     dad_seq_len: int | None = stage_option("tokens per DAD window")
     dad_steps: int | None = stage_option("DAD optimizer steps")
@@ -139,7 +143,7 @@ class QuantizeOptions:
                                f"{self.calib_samples} (>= 1), calib_seq_len={self.calib_seq_len} (>= 2)")
         if self.calib:
             parse_mix(self.calib)  # a malformed mix fails here, before any work
-            if uses_self(self.calib):
+            if uses_generated(self.calib):
                 self_gen_config(self).check()
         if self.calib_images and (self.method != "fdb-dad" or not self.calib or not (
                 self.resolved().blockwise or (self.resolved().dad and self.resolved().dad_steps))):

@@ -15,6 +15,16 @@ from .conftest import TINY_TEXT, make_tiny_model
 torch.set_num_threads(1)
 
 SMALL_SELF = SelfGenConfig(count=4, length=20, prompt_len=5, temperature=1.0, seed=3, batch_size=3)
+# A ChatML-like template (what SmolLM2-Instruct's is) for the tiny tokenizer.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+@pytest.fixture
+def chat_tokenizer(tiny_tokenizer, monkeypatch):
+    """The tiny tokenizer with a chat template (undone after the test: the fixture is session-wide)."""
+    monkeypatch.setattr(tiny_tokenizer, "chat_template", CHAT_TEMPLATE, raising=False)
+    return tiny_tokenizer
 
 
 def test_parse_mix_spellings(tmp_path):
@@ -70,21 +80,31 @@ def _echo_prompts(seen: list):
     return fake
 
 
+def _echo_chat(seen: list):
+    """A stand-in for generate_chat: each 'conversation' is its prompt (the request built from calibration text)."""
+    def fake(model, tokenizer, prompts, cfg, device="cpu", progress=True):
+        seen.append(torch.cat(prompts))
+        return torch.cat(prompts)
+    return fake
+
+
 @pytest.mark.parametrize("spec", ["wiki", "self", "wiki:0.5,self:0.5", "wiki:0.7,OTHER:0.3",
-                                  "self:0.2,OTHER:0.8"])
-def test_eval_articles_never_enter_calibration(canary_wiki, tiny_tokenizer, monkeypatch, spec):
+                                  "self:0.2,OTHER:0.8", "chat", "wiki:0.5,chat:0.5", "chat:0.5,OTHER:0.5"])
+def test_eval_articles_never_enter_calibration(canary_wiki, chat_tokenizer, monkeypatch, spec):
+    tiny_tokenizer = chat_tokenizer
     canary = _canary_ids(tiny_tokenizer)
     eval_ids = data.token_stream(tiny_tokenizer, data.load_text("wiki", "eval")).tolist()
     # the test can fail: most EVAL tokens are canary tokens (the rest are spaces and blank lines)
     assert sum(i in canary for i in eval_ids) > 0.5 * len(eval_ids)
     seen = []
     monkeypatch.setattr(sources, "generate_self", _echo_prompts(seen))
+    monkeypatch.setattr(sources, "generate_chat", _echo_chat(seen))
     sampler = mix_sampler(make_tiny_model(vocab_size=len(tiny_tokenizer)), tiny_tokenizer,
                           spec.replace("OTHER", canary_wiki), SMALL_SELF, progress=False)
     for seed in range(3):
         windows = sampler(60, 12, seed)
         assert not set(windows.flatten().tolist()) & canary, (spec, seed)
-    if "self" in spec:  # the prompts of self-generated text come from the calibration split too
+    if "self" in spec or "chat" in spec:  # the prompts of generated text come from the calibration split too
         assert len(seen) == 1 and not set(seen[0].flatten().tolist()) & canary
 
 
@@ -160,3 +180,58 @@ def test_self_text_cache_reused_refused_replaced(tmp_path, tiny_tokenizer, monke
     monkeypatch.undo()
     replaced = sources.self_text(model, stream, hotter, tmp_path, resume=False, progress=False)
     assert replaced.shape == first.shape and not torch.equal(replaced, first)
+
+
+# ---------------------------------------------------------------- chat: the fp model's answers
+
+def test_chat_requests_come_from_the_articles_and_are_seeded():
+    texts = data.load_text("wiki", "calibration")[:10]
+    cfg = SelfGenConfig(count=12, seed=5)
+    reqs = sources.chat_requests(texts, cfg)
+    assert len(reqs) == 12 and reqs == sources.chat_requests(texts, cfg)
+    assert reqs != sources.chat_requests(texts, SelfGenConfig(count=12, seed=6))
+    body = "\n".join(texts)
+    for r in reqs:  # every request is a template around a subject or sentences of the calibration text
+        t = next(t for t in sources.CHAT_REQUESTS if r.startswith(t.split("{")[0]))
+        quoted = r[len(t.split("{")[0]):len(r) - len(t.split("}")[1])]
+        assert quoted and quoted.split(". ")[0] in body, r
+    with pytest.raises(DbquantError, match="sentence"):
+        sources.chat_requests(["short", "no"], cfg)
+
+
+def test_chat_conversations_end_with_eos_and_are_seeded_per_conversation(chat_tokenizer):
+    model = make_tiny_model(vocab_size=len(chat_tokenizer))
+    prompts = sources.chat_prompts(chat_tokenizer, ["What is a cat?", "Tell me about dogs and their many friends."])
+    eos = chat_tokenizer.eos_token_id
+
+    def gen(**kw):
+        cfg = SelfGenConfig(**{"count": 2, "length": 40, **kw})
+        return sources.generate_chat(model, chat_tokenizer, prompts, cfg, progress=False)
+
+    a = gen(batch_size=2)
+    ends = (a == eos).nonzero().flatten().tolist()
+    assert len(ends) >= 2 and ends[-1] == len(a) - 1  # one EOS at least per conversation, the last token is one
+    first = a[: ends[0] + 1]  # the first conversation starts with its prompt, left padding removed
+    assert torch.equal(first[: len(prompts[0])], prompts[0]) and len(first) <= 41
+    assert torch.equal(a, gen(batch_size=1))  # per-conversation generators: batching does not change tokens
+    assert not torch.equal(a, gen(batch_size=2, seed=1))
+
+
+def test_chat_needs_a_chat_template(tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(tiny_tokenizer, "chat_template", None, raising=False)
+    with pytest.raises(DbquantError, match="chat template"):
+        sources.chat_prompts(tiny_tokenizer, ["What is a cat?"])
+
+
+def test_chat_text_cache_reused_and_refused_on_resume(tmp_path, chat_tokenizer, monkeypatch):
+    model = make_tiny_model(vocab_size=len(chat_tokenizer))
+    texts = data.load_text("wiki", "calibration")[:5]
+    cfg = SelfGenConfig(count=3, length=24, seed=2)
+    first = sources.chat_text(model, chat_tokenizer, texts, cfg, tmp_path, progress=False)
+    assert (tmp_path / sources.CACHE_FILES["chat"]).is_file()
+    monkeypatch.setattr(sources, "generate_chat", lambda *a, **k: pytest.fail("regenerated a matching cache"))
+    assert torch.equal(first, sources.chat_text(model, chat_tokenizer, texts, cfg, tmp_path, resume=True,
+                                                progress=False))
+    with pytest.raises(DbquantError, match="seed"):
+        sources.chat_text(model, chat_tokenizer, texts, SelfGenConfig(count=3, length=24, seed=9), tmp_path,
+                          resume=True, progress=False)
