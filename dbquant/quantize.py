@@ -95,7 +95,7 @@ class QuantizeOptions:
     iters: int = option(8, "FDB least-squares refinement iterations")
     seed: int = option(0, "seed of the calibration windows")
     # ---- fdb-dad stages (None = take the preset's value; see dbquant.calibration.presets)
-    preset: str = option("default", "fast (~2 min on a 2-core CPU for SmolLM2), default (~18 min), best (hours on CPU)",
+    preset: str = option("default", "fast (~5 min on a 2-core CPU for SmolLM2), default (~18 min), best (hours on CPU)",
                          section="fdb-dad")
     blockwise: bool | None = stage_option("run block-wise reconstruction (--no-blockwise: skip it)",
                                           action=argparse.BooleanOptionalAction)

@@ -405,4 +405,4 @@ def test_calib_images_errors(tmp_path, tiny_tokenizer):
     with pytest.raises(DbquantError, match="needs --method fdb-dad with block-wise or DAD on"):
         QuantizeOptions(method="fdb", calib_images=str(images)).check()
     with pytest.raises(DbquantError, match="needs --method fdb-dad with block-wise or DAD on"):
-        QuantizeOptions(preset="fast", calib="wiki", calib_images=str(images), blockwise=False).check()
+        QuantizeOptions(preset="fast", calib="wiki", calib_images=str(images), blockwise=False, dad=False).check()
