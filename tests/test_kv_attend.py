@@ -77,6 +77,10 @@ def test_oracle_equals_the_reference_cache(kv, opts, n, t):
     torch.testing.assert_close(got, want, rtol=FP32_REORDER_LONG, atol=FP32_REORDER_LONG)
 
 
+def _isas():
+    return list(torch.ops.dbquant.cpu_isas()) if registry.available("cpu", "kv_attend") else []
+
+
 @needs_cpu
 @pytest.mark.parametrize("kv,opts", SPECS)
 @pytest.mark.parametrize("gqa", [1, 2, 3])
@@ -90,8 +94,10 @@ def test_cpu_kernel_matches_the_oracle(kv, opts, gqa, n, t):
     q = torch.randn(t, gqa * hk, d, generator=torch.Generator().manual_seed(2)) * 2
     args = (q, c.layers[0], c.n_groups, c.n_tail + t, 0.3)
     want = kv_attend_ref(*args)
-    got = registry.get("kv_attend", "cpu")(*args)
-    torch.testing.assert_close(got, want, rtol=FP32_REORDER_LONG, atol=FP32_REORDER_LONG)
+    for isa in ["auto"] + _isas():  # every path this CPU can run (AVX-512, AVX2, scalar; auto: SDPA above 4 queries)
+        got = registry.get("kv_attend", "cpu")(*args, isa=isa)
+        torch.testing.assert_close(got, want, rtol=FP32_REORDER_LONG, atol=FP32_REORDER_LONG,
+                                   msg=lambda m, isa=isa: f"{isa}: {m}")
 
 
 @needs_cpu

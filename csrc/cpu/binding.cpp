@@ -24,8 +24,11 @@
 //                                    (one whole decoder layer for one token, in place)
 //   torch.classes.dbquant.KVPacked(Tensor[] codes, Tensor[] floats, int group, int n_anom)
 //                                    (one layer's packed VidKV cache buffers, kv_attn.h)
-//   torch.ops.dbquant.kv_attend_cpu(Tensor q, KVPacked kv, int n_groups, int n_tail, float scale) -> Tensor
+//   torch.ops.dbquant.kv_attend_cpu(Tensor q, KVPacked kv, int n_groups, int n_tail, float scale,
+//                                    str isa="auto") -> Tensor
 //                                    (attention on the packed cache, kv_attn.h)
+//   torch.ops.dbquant.kv_dequantize_cpu(KVPacked kv, int n_groups) -> Tensor[]
+//                                    (the packed groups as float32 keys, values: prefill chunks)
 //   torch.ops.dbquant.decode_layer_kv_cpu(Tensor(a!) x, DecodeLayer layer, Tensor cos, Tensor sin,
 //                                    KVPacked kv, int n_groups, int n_tail) -> ()
 //                                    (decode_layer_cpu with the packed cache)
@@ -538,7 +541,7 @@ struct KVPacked : torch::CustomClassHolder {
     v.na = n_anom;
     v.nn = v.D - n_anom;
     v.NG = this->codes[7].dim() == 3 ? this->codes[7].size(1) : 0;
-    v.TB = (v.D * v.G + 4) / 5;
+    v.TB = v.G * ((v.D + 4) / 5);
     v.S = this->floats[2].dim() == 3 ? this->floats[2].size(1) : -1;
     TORCH_CHECK(v.D >= 8 && v.D % 8 == 0 && v.D <= dbquant::cpu::kKvMaxD && v.G >= 8 && v.G % 8 == 0 &&
                     v.G <= dbquant::cpu::kKvMaxG && n_anom >= 0 && n_anom <= v.D && v.S >= 0 && v.S < v.G,
@@ -589,37 +592,62 @@ void check_kv_counts(const char* op, const dbquant::cpu::KVPackedView& kv, int64
 // and the tail's visible rows (kv_attn.h), split over threads by kv head x group, then by query
 // head, then by kv head x channel block.
 void kv_attend_into(const dbquant::cpu::KVPackedView& kv, const float* q, int64_t T, int64_t Hq, int64_t n_groups,
-                    int64_t n_tail, float scale, float* out, const at::TensorOptions& opts) {
-  const Isa isa = dbquant::cpu::best_isa();
+                    int64_t n_tail, float scale, float* out, const at::TensorOptions& opts, Isa isa) {
   const int64_t ld = n_groups * kv.G + n_tail, D = kv.D, Hk = kv.Hk;
   at::Tensor sc = at::empty({T * Hq * ld}, opts.dtype(at::kFloat));
   float* s = sc.data_ptr<float>();
   std::fill(out, out + T * Hq * D, 0.0f);
-  at::parallel_for(0, Hk * n_groups, std::max<int64_t>(1, 4096 / (T * Hq / Hk * D * kv.G / 4 + 1)),
-                   [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i)
-      dbquant::cpu::kv_scores_packed(isa, kv, q, T, Hq, scale, s, ld, i / n_groups, i % n_groups, i % n_groups + 1);
+  // items: (kv head, group) pairs, handed out as runs of groups of one kv head
+  at::parallel_for(0, Hk * n_groups, 8, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e;) {
+      const int64_t kh = i / n_groups, g0 = i % n_groups, g1 = std::min(n_groups, g0 + (e - i));
+      dbquant::cpu::kv_scores_packed(isa, kv, q, T, Hq, scale, s, ld, kh, g0, g1);
+      i += g1 - g0;
+    }
   });
-  at::parallel_for(0, Hq, std::max<int64_t>(1, 4096 / (T * ld + 1)), [&](int64_t h0, int64_t h1) {
-    dbquant::cpu::kv_scores_tail_softmax(isa, kv, q, T, Hq, scale, s, ld, n_groups, n_tail, h0, h1);
-  });
-  const int64_t cb = 16, nb = (D + cb - 1) / cb;  // channel blocks: work for 2+ threads with few kv heads
-  if (n_groups > 0)
-    at::parallel_for(0, Hk * nb, 1, [&](int64_t b, int64_t e) {
+  // the tail (at most residual + 2 groups of rows) and the softmax: too little work to share
+  dbquant::cpu::kv_scores_tail_softmax(isa, kv, q, T, Hq, scale, s, ld, n_groups, n_tail, 0, Hq);
+  // values: (kv head, run of groups) items, each into its own partial output (few kv heads would
+  // leave threads idle), summed afterwards
+  const int64_t runs = std::min<int64_t>(n_groups, 4), items = Hk * runs;
+  if (n_groups > 0) {
+    at::Tensor part = at::zeros({items, T * Hq * D}, opts.dtype(at::kFloat));
+    float* pp = part.data_ptr<float>();
+    at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
-        const int64_t c0 = (i % nb) * cb;
-        dbquant::cpu::kv_values_packed(isa, kv, s, T, Hq, ld, n_groups, out, i / nb, c0, std::min(D, c0 + cb));
+        const int64_t kh = i / runs, r = i % runs;
+        dbquant::cpu::kv_values_packed(isa, kv, s, T, Hq, ld, pp + i * T * Hq * D, kh, n_groups * r / runs,
+                                       n_groups * (r + 1) / runs);
       }
     });
-  at::parallel_for(0, Hq, std::max<int64_t>(1, 4096 / (T * n_tail * D + 1)), [&](int64_t h0, int64_t h1) {
-    dbquant::cpu::kv_values_tail(isa, kv, s, T, Hq, ld, n_groups, n_tail, out, h0, h1);
+    for (int64_t i = 0; i < items; ++i)
+      for (int64_t j = 0; j < T * Hq * D; ++j) out[j] += pp[i * T * Hq * D + j];
+  }
+  dbquant::cpu::kv_values_tail(isa, kv, s, T, Hq, ld, n_groups, n_tail, out, 0, Hq);
+}
+
+// The first n_groups packed groups of a layer as float32 keys, values [Hk, n_groups * G, D] (for a
+// prefill chunk's attention; a transient copy of one layer's past, dropped after the chunk).
+std::vector<at::Tensor> kv_dequantize_cpu(const c10::intrusive_ptr<KVPacked>& kvp, int64_t n_groups) {
+  const auto& kv = kvp->view;
+  check_kv_counts("kv_dequantize_cpu", kv, n_groups, 0, 0);
+  at::Tensor k = at::empty({kv.Hk, n_groups * kv.G, kv.D}, at::kFloat), v = at::empty_like(k);
+  const Isa isa = dbquant::cpu::best_isa();
+  at::parallel_for(0, kv.Hk * n_groups, 4, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e;) {
+      const int64_t kh = i / n_groups, g0 = i % n_groups, g1 = std::min(n_groups, g0 + (e - i));
+      dbquant::cpu::kv_dequantize(isa, kv, n_groups, k.data_ptr<float>(), v.data_ptr<float>(), kh, g0, g1);
+      i += g1 - g0;
+    }
   });
+  return {k, v};
 }
 
 // Attention of q float32 [T, Hq, D] over a packed VidKV cache (its first n_groups groups, sink,
 // and tail rows 0 .. n_tail - 1, of which the last T are the queries' own tokens, attended causally).
 at::Tensor kv_attend_cpu(const at::Tensor& q, const c10::intrusive_ptr<KVPacked>& kv, int64_t n_groups,
-                         int64_t n_tail, double scale) {
+                         int64_t n_tail, double scale, const std::string& isa_arg) {
+  const Isa isa = parse_isa(isa_arg);
   const auto& v = kv->view;
   check_input(q, "q", at::kFloat);
   TORCH_CHECK(q.dim() == 3 && q.size(2) == v.D && q.size(1) % v.Hk == 0 && q.size(1) >= v.Hk,
@@ -628,7 +656,8 @@ at::Tensor kv_attend_cpu(const at::Tensor& q, const c10::intrusive_ptr<KVPacked>
   const int64_t T = q.size(0), Hq = q.size(1);
   check_kv_counts("kv_attend_cpu", v, n_groups, n_tail, T);
   at::Tensor out = at::empty_like(q);
-  if (T > 0) kv_attend_into(v, q.data_ptr<float>(), T, Hq, n_groups, n_tail, float(scale), out.data_ptr<float>(), q.options());
+  if (T > 0) kv_attend_into(v, q.data_ptr<float>(), T, Hq, n_groups, n_tail, float(scale), out.data_ptr<float>(), q.options(),
+                            isa);
   return out;
 }
 
@@ -688,7 +717,7 @@ void decode_layer_kv_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeLay
     std::copy(k + j * D, k + (j + 1) * D, kv.tail_k + (j * kv.TC + n_tail) * D);
     std::copy(v + j * D, v + (j + 1) * D, kv.tail_v + (j * kv.TC + n_tail) * D);
   }
-  kv_attend_into(kv, q, 1, Hq, n_groups, n_tail + 1, float(ly.scale), att, x.options());
+  kv_attend_into(kv, q, 1, Hq, n_groups, n_tail + 1, float(ly.scale), att, x.options(), isa);
   gemv_t16(isa, wo, att, tmp, lut, gsum);
   if (ly.post_attn.defined()) dbquant::cpu::rms_norm_rows(tmp, ly.post_attn.data_ptr<float>(), eps, H, tmp, 0, 1);
   for (int64_t i = 0; i < H; ++i) xp[i] += tmp[i] * rs;
@@ -734,7 +763,10 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
       "Tensor sin, Tensor(b!) k_cache, Tensor(c!) v_cache, int pos) -> ()");
   m.class_<KVPacked>("KVPacked").def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, int64_t>());
   m.def("kv_attend_cpu(Tensor q, __torch__.torch.classes.dbquant.KVPacked kv, int n_groups, int n_tail, "
-        "float scale) -> Tensor");
+        "float scale, str isa=\"auto\") -> Tensor");
+  // no tensor argument to dispatch on: a catch-all kernel
+  m.def("kv_dequantize_cpu(__torch__.torch.classes.dbquant.KVPacked kv, int n_groups) -> Tensor[]",
+        &kv_dequantize_cpu);
   m.def(
       "decode_layer_kv_cpu(Tensor(a!) x, __torch__.torch.classes.dbquant.DecodeLayer layer, Tensor cos, "
       "Tensor sin, __torch__.torch.classes.dbquant.KVPacked kv, int n_groups, int n_tail) -> ()");

@@ -15,10 +15,11 @@ namespace cpu {
                      int64_t, int64_t);                                                                    \
   void scores_tail_softmax(const KVPackedView&, const float*, int64_t, int64_t, float, float*, int64_t,    \
                            int64_t, int64_t, int64_t, int64_t);                                            \
-  void values_packed(const KVPackedView&, const float*, int64_t, int64_t, int64_t, int64_t, float*,        \
-                     int64_t, int64_t, int64_t);                                                           \
+  void values_packed(const KVPackedView&, const float*, int64_t, int64_t, int64_t, float*, int64_t,        \
+                     int64_t, int64_t);                                                                    \
   void values_tail(const KVPackedView&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, \
                    int64_t, int64_t);                                                                      \
+  void dequantize(const KVPackedView&, int64_t, float*, float*, int64_t, int64_t, int64_t);                 \
   }
 KV_DECLARE(kv_scalar)
 KV_DECLARE(kv_avx2)
@@ -42,7 +43,8 @@ KVTables build_tables() {
     for (int r = 0; r < 4; ++r) t.two[b][r] = float((b >> (2 * r)) & 3);
     for (int r = 0; r < 8; ++r) t.one[b][r] = float((b >> r) & 1);
     int v = b;
-    for (int r = 0; r < 5; ++r, v /= 3) t.three[b][r] = float(v % 3) - 1.0f;
+    for (int r = 0; r < 5; ++r, v /= 3) t.three[b][r] = t.three8[b][r] = float(v % 3) - 1.0f;
+    for (int r = 5; r < 8; ++r) t.three8[b][r] = 0.0f;
   }
   return t;
 }
@@ -72,13 +74,18 @@ void kv_scores_tail_softmax(Isa isa, const KVPackedView& kv, const float* q, int
 }
 
 void kv_values_packed(Isa isa, const KVPackedView& kv, const float* p, int64_t T, int64_t Hq, int64_t ld,
-                      int64_t n_groups, float* out, int64_t kh, int64_t c0, int64_t c1) {
-  KV_DISPATCH(values_packed, kv, p, T, Hq, ld, n_groups, out, kh, c0, c1)
+                      float* out, int64_t kh, int64_t g0, int64_t g1) {
+  KV_DISPATCH(values_packed, kv, p, T, Hq, ld, out, kh, g0, g1)
 }
 
 void kv_values_tail(Isa isa, const KVPackedView& kv, const float* p, int64_t T, int64_t Hq, int64_t ld,
                     int64_t n_groups, int64_t n_tail, float* out, int64_t h0, int64_t h1) {
   KV_DISPATCH(values_tail, kv, p, T, Hq, ld, n_groups, n_tail, out, h0, h1)
+}
+
+void kv_dequantize(Isa isa, const KVPackedView& kv, int64_t n_groups, float* keys, float* values, int64_t kh,
+                   int64_t g0, int64_t g1) {
+  KV_DISPATCH(dequantize, kv, n_groups, keys, values, kh, g0, g1)
 }
 
 }  // namespace cpu

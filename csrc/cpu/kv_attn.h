@@ -28,8 +28,9 @@ constexpr int64_t kKvMaxG = 256;
 //   kmask  uint8 [Hk, NG, D/8]     channel c anomalous iff bit c (LSB first); used only when 0 < na < D
 //   kcodes uint8 [Hk, NG, na, G/4] 2-bit codes, token t in byte t/4 at bits 2(t%4)
 //   kmin, kscale uint8 [Hk, NG, na] fp8 e4m3 bits;  nbits uint8 [Hk, NG, nn, G/8] (token t: byte t/8, bit t%8)
-//   nscale uint8 [Hk, NG, nn] fp8;  vtrits uint8 [Hk, NG, TB], TB = ceil(D G / 5): the trit of (c, t) is
-//   base-3 digit (c G + t) % 5 of byte (c G + t) / 5, stored + 1;  vscale uint8 [Hk, NG, D] fp8
+//   nscale uint8 [Hk, NG, nn] fp8;  vtrits uint8 [Hk, NG, TB], TB = G ceil(D / 5), token-major: the trit of
+//   token t, channel c is base-3 digit c % 5 of byte t ceil(D / 5) + c / 5, stored + 1 (a token's row decodes
+//   with ceil(D / 5) table lookups into contiguous channels);  vscale uint8 [Hk, NG, D] fp8
 //   factors float32 [Hk, NG, 4]: the block factors of kmin, kscale, nscale, vscale (scale = fp8 * factor)
 //   fmat float32 [nn, nn];  sink_k, sink_v float32 [Hk, S, D];  tail_k, tail_v float32 [Hk, TC, D]
 //   (channel order within a part: ascending channel index)
@@ -50,12 +51,18 @@ void kv_scores_packed(Isa isa, const KVPackedView& kv, const float* q, int64_t T
 // Tail scores, then the softmax of each row over its visible positions, for query heads [h0, h1).
 void kv_scores_tail_softmax(Isa isa, const KVPackedView& kv, const float* q, int64_t T, int64_t Hq, float scale,
                             float* scores, int64_t ld, int64_t n_groups, int64_t n_tail, int64_t h0, int64_t h1);
-// out[t, h, c] += sum over packed tokens of p * v, for kv head kh and channels [c0, c1).
+// out[t, h, :] += sum over the tokens of groups [g0, g1) of p * v, for the query heads of kv head kh.
 void kv_values_packed(Isa isa, const KVPackedView& kv, const float* p, int64_t T, int64_t Hq, int64_t ld,
-                      int64_t n_groups, float* out, int64_t kh, int64_t c0, int64_t c1);
+                      float* out, int64_t kh, int64_t g0, int64_t g1);
 // out[t, h, :] += sum over visible tail rows of p * v, for query heads [h0, h1).
 void kv_values_tail(Isa isa, const KVPackedView& kv, const float* p, int64_t T, int64_t Hq, int64_t ld,
                     int64_t n_groups, int64_t n_tail, float* out, int64_t h0, int64_t h1);
+
+// The packed groups [g0, g1) of kv head kh as float32 keys, values [Hk, n_groups G, D] (the sink's
+// exact rows in group 0): for chunks of many queries, where one decode per group beats a transform
+// of every query per group (prefill).
+void kv_dequantize(Isa isa, const KVPackedView& kv, int64_t n_groups, float* keys, float* values, int64_t kh,
+                   int64_t g0, int64_t g1);
 
 // Decoding tables shared by every path (built once, at load).
 struct KVTables {
@@ -63,6 +70,7 @@ struct KVTables {
   float two[256][4];    // a byte of four 2-bit codes -> the codes as floats
   float one[256][8];    // a byte of eight bits -> the bits as 0.0 / 1.0
   float three[256][5];  // a byte of five base-3 digits -> the trits -1, 0, 1 (bytes > 242 unused)
+  float three8[256][8]; // the same padded to 8 floats with zeros (one 8-wide load per byte)
 };
 const KVTables& kv_tables();
 

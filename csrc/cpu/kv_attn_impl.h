@@ -49,12 +49,55 @@ void split_channels(const KVPackedView& kv, int64_t slot, int32_t* aidx, int32_t
   int64_t ia = 0, in = 0;
   if (kv.na > 0 && kv.nn > 0) {
     const uint8_t* m = kv.kmask + slot * (kv.D / 8);
-    for (int64_t c = 0; c < kv.D; ++c) {
-      if ((m[c >> 3] >> (c & 7)) & 1) aidx[ia++] = int32_t(c);
-      else nidx[in++] = int32_t(c);
+    for (int64_t c = 0; c < kv.D; ++c) {  // branch-free: the mask bits are random
+      const int64_t bit = (m[c >> 3] >> (c & 7)) & 1;
+      aidx[ia] = int32_t(c);
+      nidx[in] = int32_t(c);
+      ia += bit;
+      in += 1 - bit;
     }
   } else {
     for (int64_t c = 0; c < kv.D; ++c) (kv.na ? aidx : nidx)[c] = int32_t(c);
+  }
+}
+
+// GCC vector types: one FMA per 4 / 8 / 16 floats on whatever ISA this file is compiled for, and
+// small arrays of them stay in registers (the loops below are fully unrolled at G = 32, D = 64).
+typedef float v4 __attribute__((vector_size(16)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v16 __attribute__((vector_size(64)));
+
+template <typename V>
+inline V load(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// out[t] = c + sum_j wa[j] code_jt + sum_i w2[i] bit_it over a group of 32 tokens, accumulated in
+// registers (a running sum in memory would serialise on store-to-load forwarding).
+inline void accumulate32(const KVTables& tb, float c, const uint8_t* codes, const float* wa, int64_t na,
+                         const uint8_t* bits, const float* w2, int64_t nn, float* out) {
+  v4 a[8];
+  v8 b8[4];
+  for (int k = 0; k < 8; ++k) a[k] = v4{} + c;
+  for (int k = 0; k < 4; ++k) b8[k] = v8{};
+  for (int64_t j = 0; j < na; ++j) {
+    const uint8_t* cb = codes + j * 8;
+    const v4 w = v4{} + wa[j];
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) a[k] += w * load<v4>(tb.two[cb[k]]);
+  }
+  for (int64_t i = 0; i < nn; ++i) {
+    const uint8_t* bb = bits + i * 4;
+    const v8 w = v8{} + w2[i];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) b8[k] += w * load<v8>(tb.one[bb[k]]);
+  }
+  for (int k = 0; k < 8; ++k) std::memcpy(out + 4 * k, &a[k], sizeof(v4));
+  for (int k = 0; k < 4; ++k) {
+    v8 o = load<v8>(out + 8 * k) + b8[k];
+    std::memcpy(out + 8 * k, &o, sizeof o);
   }
 }
 
@@ -65,8 +108,13 @@ void scores_packed(const KVPackedView& kv, const float* q, int64_t T, int64_t Hq
   const KVTables& tb = kv_tables();
   const int64_t D = kv.D, G = kv.G, na = kv.na, nn = kv.nn, gq = Hq / kv.Hk;
   int32_t aidx[kKvMaxD], nidx[kKvMaxD];
-  float amin[kKvMaxD], asc[kKvMaxD], ns[kKvMaxD], qn[kKvMaxD], wa[kKvMaxD], wn[kKvMaxD];
+  float amin[kKvMaxD], asc[kKvMaxD], ns[kKvMaxD], qn[kKvMaxD], wa[kKvMaxD];
+  alignas(64) float wn[kKvMaxD];
   alignas(64) float acc[kKvMaxG];
+  // fmat transposed, so the per-group query transform runs along its rows (no horizontal sums)
+  std::vector<float> ft(nn * nn);
+  for (int64_t i = 0; i < nn; ++i)
+    for (int64_t j = 0; j < nn; ++j) ft[j * nn + i] = kv.fmat[i * nn + j];
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t slot = kh * kv.NG + g;
     split_channels(kv, slot, aidx, nidx);
@@ -89,11 +137,22 @@ void scores_packed(const KVPackedView& kv, const float* q, int64_t T, int64_t Hq
           c += qa * amin[j];
         }
         for (int64_t j = 0; j < nn; ++j) qn[j] = qh[nidx[j]];
+        // the frequency-domain query wq = fmat @ q_normal; bit i of a token then weighs 2 wq_i s_i
+        std::fill(wn, wn + nn, 0.0f);
+        for (int64_t j = 0; j < nn; ++j) {
+          const float qj = qn[j];
+          const float* fr = ft.data() + j * nn;
+#pragma omp simd
+          for (int64_t i = 0; i < nn; ++i) wn[i] += fr[i] * qj;
+        }
         for (int64_t i = 0; i < nn; ++i) {
-          // the frequency-domain query: wq_i = fmat[i, :] . q_normal; its bit weight 2 wq_i s_i
-          wn[i] = dot(kv.fmat + i * nn, qn, nn) * ns[i];
+          wn[i] *= ns[i];
           c -= wn[i];
         }
+        if (G == 32) {
+          for (int64_t i = 0; i < nn; ++i) wa[na + i] = 2.0f * wn[i];  // wa: room for D weights
+          accumulate32(tb, c, codes, wa, na, bits, wa + na, nn, acc);
+        } else {
         for (int64_t i = 0; i < G; ++i) acc[i] = c;
         for (int64_t j = 0; j < na; ++j) {
           const uint8_t* cb = codes + j * (G / 4);
@@ -113,6 +172,7 @@ void scores_packed(const KVPackedView& kv, const float* q, int64_t T, int64_t Hq
             for (int r = 0; r < 8; ++r) acc[8 * b + r] += w * l[r];
           }
         }
+        }
         float* out = scores + (t * Hq + h) * ld + g * G;
 #pragma omp simd
         for (int64_t i = 0; i < G; ++i) out[i] = acc[i] * scale;
@@ -120,6 +180,52 @@ void scores_packed(const KVPackedView& kv, const float* q, int64_t T, int64_t Hq
           for (int64_t i = 0; i < kv.S; ++i) out[i] = dot(qh, kv.sink_k + (kh * kv.S + i) * D, D) * scale;
       }
     }
+  }
+}
+
+void dequantize(const KVPackedView& kv, int64_t n_groups, float* keys, float* values, int64_t kh, int64_t g0,
+                int64_t g1) {
+  const KVTables& tb = kv_tables();
+  const int64_t D = kv.D, G = kv.G, na = kv.na, nn = kv.nn;
+  int32_t aidx[kKvMaxD], nidx[kKvMaxD];
+  alignas(64) float y[kKvMaxD];
+  alignas(64) float kn[kKvMaxD];
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t slot = kh * kv.NG + g;
+    split_channels(kv, slot, aidx, nidx);
+    const float* f = kv.factors + slot * 4;
+    float* kg = keys + (kh * n_groups + g) * G * D;  // [G, D] rows of this group
+    float* vg = values + (kh * n_groups + g) * G * D;
+    for (int64_t j = 0; j < na; ++j) {
+      const float mn = tb.fp8[kv.kmin[slot * na + j]] * f[0], sc = tb.fp8[kv.kscale[slot * na + j]] * f[1];
+      const uint8_t* cb = kv.kcodes + (slot * na + j) * (G / 4);
+      for (int64_t t = 0; t < G; ++t) kg[t * D + aidx[j]] = mn + sc * tb.two[cb[t >> 2]][t & 3];
+    }
+    for (int64_t t = 0; t < G; ++t) {  // normal channels: the token's coefficients @ fmat
+      for (int64_t i = 0; i < nn; ++i) {
+        const float s = tb.fp8[kv.nscale[slot * nn + i]] * f[2];
+        y[i] = s * (2.0f * tb.one[kv.nbits[(slot * nn + i) * (G / 8) + (t >> 3)]][t & 7] - 1.0f);
+      }
+      std::fill(kn, kn + nn, 0.0f);
+      for (int64_t i = 0; i < nn; ++i) {
+        const float yi = y[i];
+        const float* fr = kv.fmat + i * nn;
+#pragma omp simd
+        for (int64_t j = 0; j < nn; ++j) kn[j] += yi * fr[j];
+      }
+      for (int64_t j = 0; j < nn; ++j) kg[t * D + nidx[j]] = kn[j];
+    }
+    const float fv = f[3];
+    const uint8_t* tr = kv.vtrits + slot * kv.TB;
+    const int64_t tb5 = (D + 4) / 5;
+    for (int64_t t = 0; t < G; ++t)
+      for (int64_t c = 0; c < D; ++c)
+        vg[t * D + c] = tb.fp8[kv.vscale[slot * D + c]] * fv * tb.three[tr[t * tb5 + c / 5]][c % 5];
+    if (g == 0)
+      for (int64_t i = 0; i < kv.S; ++i) {
+        std::copy(kv.sink_k + (kh * kv.S + i) * D, kv.sink_k + (kh * kv.S + i + 1) * D, kg + i * D);
+        std::copy(kv.sink_v + (kh * kv.S + i) * D, kv.sink_v + (kh * kv.S + i + 1) * D, vg + i * D);
+      }
   }
 }
 
@@ -149,36 +255,54 @@ void scores_tail_softmax(const KVPackedView& kv, const float* q, int64_t T, int6
   }
 }
 
-void values_packed(const KVPackedView& kv, const float* p, int64_t T, int64_t Hq, int64_t ld, int64_t n_groups,
-                   float* out, int64_t kh, int64_t c0, int64_t c1) {
+void values_packed(const KVPackedView& kv, const float* p, int64_t T, int64_t Hq, int64_t ld, float* out,
+                   int64_t kh, int64_t g0, int64_t g1) {
   const KVTables& tb = kv_tables();
-  const int64_t D = kv.D, G = kv.G, gq = Hq / kv.Hk;
-  const int64_t b0 = c0 * G / 5, b1 = (c1 * G + 4) / 5, base = b0 * 5;
-  std::vector<float> buf((b1 - b0) * 5);
+  const int64_t D = kv.D, G = kv.G, gq = Hq / kv.Hk, tb5 = (D + 4) / 5;
+  alignas(64) float row[kKvMaxD + 5];  // one token's trits, decoded 5 channels per byte
+  alignas(64) float acc[kKvMaxD];
   float vs[kKvMaxD];
-  alignas(64) float pz[kKvMaxG];
-  for (int64_t g = 0; g < n_groups; ++g) {
+  for (int64_t g = g0; g < g1; ++g) {
     const int64_t slot = kh * kv.NG + g;
     const float f = kv.factors[slot * 4 + 3];
-    for (int64_t c = c0; c < c1; ++c) vs[c - c0] = tb.fp8[kv.vscale[slot * D + c]] * f;
+    for (int64_t c = 0; c < D; ++c) vs[c] = tb.fp8[kv.vscale[slot * D + c]] * f;
     const uint8_t* tr = kv.vtrits + slot * kv.TB;
-    for (int64_t b = b0; b < b1; ++b) std::memcpy(&buf[(b - b0) * 5], tb.three[tr[b]], 5 * sizeof(float));
+    const int64_t i0 = g == 0 ? kv.S : 0;  // the sink's rows are added exactly below, not from codes
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t hh = 0; hh < gq; ++hh) {
         const int64_t h = kh * gq + hh;
         const float* pr = p + (t * Hq + h) * ld + g * G;
-        const float* pg = pr;
-        if (g == 0 && kv.S > 0) {  // the sink's rows: their exact values, not the codes
-          std::copy(pr, pr + G, pz);
-          std::fill(pz, pz + kv.S, 0.0f);
-          pg = pz;
+        if (D == 64) {  // the same, per byte: 13 sums of 5 channels (padded to 8) kept in registers, each
+          // byte's table row loaded straight into an FMA (no decoded row to store and reload)
+          v8 r8[13] = {};
+          for (int64_t i = i0; i < G; ++i) {
+            const uint8_t* b = tr + i * 13;
+            const v8 w = v8{} + pr[i];
+#pragma GCC unroll 13
+            for (int k = 0; k < 13; ++k) r8[k] += w * load<v8>(tb.three8[b[k]]);
+          }
+          float tmp[13 * 8];
+          std::memcpy(tmp, r8, sizeof r8);
+          for (int64_t c = 0; c < 64; ++c) acc[c] = tmp[(c / 5) * 8 + c % 5];
+        } else {
+        std::fill(acc, acc + D, 0.0f);
+        for (int64_t i = i0; i < G; ++i) {  // acc[c] = sum_i p_i trit_ic, one token row at a time
+          const uint8_t* b = tr + i * tb5;
+          for (int64_t j = 0; j < tb5; ++j) std::memcpy(row + 5 * j, tb.three[b[j]], 5 * sizeof(float));
+          const float w = pr[i];
+#pragma omp simd
+          for (int64_t c = 0; c < D; ++c) acc[c] += w * row[c];
+        }
         }
         float* o = out + (t * Hq + h) * D;
-        for (int64_t c = c0; c < c1; ++c) o[c] += vs[c - c0] * dot(pg, &buf[c * G - base], G);
-        if (pg == pz)
+#pragma omp simd
+        for (int64_t c = 0; c < D; ++c) o[c] += vs[c] * acc[c];
+        if (g == 0)
           for (int64_t i = 0; i < kv.S; ++i) {
             const float* sv = kv.sink_v + (kh * kv.S + i) * D;
-            for (int64_t c = c0; c < c1; ++c) o[c] += pr[i] * sv[c];
+            const float w = pr[i];
+#pragma omp simd
+            for (int64_t c = 0; c < D; ++c) o[c] += w * sv[c];
           }
       }
     }

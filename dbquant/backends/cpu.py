@@ -27,6 +27,9 @@ BUILD_HINT = "pip install --no-build-isolation -e ."
 # Above this many activation rows the lookup-table kernel hands over to dequantize + one
 # BLAS GEMM, which wins on long prefills (crossover measured by `dbquant bench`, docs/RESULTS.md).
 LUT_MAX_ROWS = 32
+# Above this many queries (a prefill chunk) kv_attend decodes each packed group once and calls SDPA:
+# the codes kernel transforms every query per group, which costs more than one decode from ~4 on.
+KV_CODES_MAX_QUERIES = 4
 
 _cpu_state: bool | None = None  # None: not tried yet
 _cpu_error: str | None = None
@@ -208,11 +211,26 @@ def prepare_kv_packed(kv: PackedKVLayer):
     return kv.native
 
 
-def kv_attend_cpu(q: torch.Tensor, kv: PackedKVLayer, n_groups: int, n_tail: int, scale: float) -> torch.Tensor:
+def kv_attend_cpu(q: torch.Tensor, kv: PackedKVLayer, n_groups: int, n_tail: int, scale: float,
+                  isa: str = "auto") -> torch.Tensor:
     """Attention on the packed codes (C++ ``kv_attend_cpu``); contract of
-    :func:`dbquant.backends.reference.kv_attend_ref`."""
+    :func:`dbquant.backends.reference.kv_attend_ref`. ``isa``: "auto" (the fastest this CPU has)
+    or force "avx512", "avx2" or "scalar"."""
     check_kv_attend("kv_attend_cpu", q, kv, n_groups, n_tail)
-    return torch.ops.dbquant.kv_attend_cpu(q.contiguous(), prepare_kv_packed(kv), n_groups, n_tail, float(scale))
+    native = prepare_kv_packed(kv)
+    t = q.shape[0]
+    if t <= KV_CODES_MAX_QUERIES or isa != "auto":
+        return torch.ops.dbquant.kv_attend_cpu(q.contiguous(), native, n_groups, n_tail, float(scale), isa)
+    # a prefill chunk: decode each group once (C++) and attend with SDPA; the float copy is this
+    # layer's past only and is dropped on return
+    pk, pv = torch.ops.dbquant.kv_dequantize_cpu(native, n_groups)
+    keys = torch.cat([pk, kv.tail_k[:, :n_tail]], dim=1)[None]
+    vals = torch.cat([pv, kv.tail_v[:, :n_tail]], dim=1)[None]
+    n = keys.shape[2]
+    visible = torch.arange(n)[None] < (n - t + torch.arange(t) + 1)[:, None]  # [T, n]
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, vals, attn_mask=visible,
+                                                           scale=scale, enable_gqa=q.shape[1] != kv.n_kv)
+    return out[0].transpose(0, 1)
 
 
 def decode_layer_kv_cpu(x: torch.Tensor, layer, cos: torch.Tensor, sin: torch.Tensor, kv: PackedKVLayer,

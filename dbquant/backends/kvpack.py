@@ -10,8 +10,9 @@ channels (2-bit) and ``nn = D - na`` normal ones (1-bit, in the frequency domain
     kmin, kscale  uint8 [Hk, NG, na]  fp8 e4m3 bits; key ~ min + scale * code
     nbits   uint8 [Hk, NG, nn, G/8]   sign bits, 8 tokens per byte; coefficient ~ scale * (2b - 1)
     nscale  uint8 [Hk, NG, nn]        fp8 bits
-    vtrits  uint8 [Hk, NG, ceil(D G / 5)]  ternary values, 5 base-3 digits (trit + 1) per byte over
-                                      the flattened [D, G] block (channel-major)
+    vtrits  uint8 [Hk, NG, G ceil(D / 5)]  ternary values, token-major: token t's D trits in bytes
+                                      t ceil(D/5) .., 5 base-3 digits (trit + 1) per byte, channel c
+                                      in digit c % 5 of byte c / 5 (the codec packs channel-major)
     vscale  uint8 [Hk, NG, D]         fp8 bits; value ~ scale * trit
     factors float32 [Hk, NG, 4]       the fp16 block factors of kmin, kscale, nscale, vscale
     fmat    float32 [nn, nn]          normal keys = coefficients @ fmat (irfft_real's matrix, or I)

@@ -211,10 +211,10 @@ def dequantize_kv_ref(kv: PackedKVLayer, n_groups: int) -> tuple[torch.Tensor, t
     normal = (coef.transpose(-1, -2) @ kv.fmat).transpose(-1, -2)  # [Hk, n, nn, G]
     parts = torch.cat([anom, normal], dim=2)  # [Hk, n, D, G] in `order`
     keys = torch.empty_like(parts).scatter_(2, order[..., None].expand(-1, -1, -1, g), parts)
-    digits = _trits(kv.vtrits[:, sl], d * g).view(hk, n_groups, d, g)
-    vals = (_fp8(kv.vscale[:, sl]) * f[..., 3, None])[..., None] * digits
+    digits = _trits(kv.vtrits[:, sl].unflatten(-1, (g, -1)), d)  # [Hk, n, G, D] (token-major rows)
+    vals = (_fp8(kv.vscale[:, sl]) * f[..., 3, None])[..., None, :] * digits
     keys = keys.transpose(-1, -2).reshape(hk, n_groups * g, d)
-    vals = vals.transpose(-1, -2).reshape(hk, n_groups * g, d)
+    vals = vals.reshape(hk, n_groups * g, d)
     s = kv.sink_k.shape[1]
     if n_groups and s:
         keys[:, :s], vals[:, :s] = kv.sink_k, kv.sink_v

@@ -11,6 +11,7 @@ median per-token step (robust to the shared machine's noise); the prompt is pref
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -18,10 +19,13 @@ import sys
 import time
 
 import torch
+from transformers import AutoTokenizer
 
+from ..eval import kv_ppl
 from ..model.checkpoint import load
+from ..model.sources import resolve_model
 from ..runtime.decode import FastDecoder
-from ..runtime.kv import fp16_bytes_per_token, parse_kv
+from ..runtime.kv import QuantKVCache, fp16_bytes_per_token, parse_kv
 
 BUDGET = 1 << 30  # the memory budget of the "longest prompt" figures: 1 GiB for cache + weights
 
@@ -114,6 +118,46 @@ def checkpoint_bytes(model_dir: str) -> int:
                if f.endswith(".safetensors"))
 
 
+@torch.inference_mode()
+def decode_nll_check(model_dir: str, kv: str, n_windows: int = 2, tokenizer_from: str = "smollm2-135m",
+                     prefix: int = kv_ppl.PREFIX, seq_len: int = kv_ppl.SEQ_LEN) -> dict:
+    """The kv-ppl windows decoded token by token (teacher-forced) through the fast decoder's packed
+    cache and through HF's forward with the reference ``QuantKVCache``, fed alike (the prefix group
+    by group, then one token per step): both perplexities over the tokens after ``prefix + 1``, and
+    the largest logit difference. Equal perplexities mean the packed path changes no kv-ppl figure
+    of the reference path; the float32 cache's (fast decoder) is given beside them."""
+    torch.set_num_threads(1)
+    model = load(model_dir)
+    windows = kv_ppl.kv_windows(AutoTokenizer.from_pretrained(resolve_model(tokenizer_from)), n_windows, seq_len)
+    spec = parse_kv(kv)
+    nll = {"packed": 0.0, "reference": 0.0, "fp": 0.0}
+    worst = 0.0
+    for w in windows:
+        w = w[None]
+        targets = w[0, prefix + 1:]
+        logits = {}
+        for name in ("packed", "fp"):
+            dec = FastDecoder(model, max_len=seq_len, kv=spec if name == "packed" else None)
+            dec._alloc(1)
+            dec.forward(w[:, :prefix], 0)
+            logits[name] = torch.stack([dec.forward(w[:, p:p + 1], p)[0] for p in range(prefix, seq_len - 1)])
+        cache = QuantKVCache(model.config, spec)
+        for s in range(0, prefix, spec.group):
+            model(w[:, s:min(s + spec.group, prefix)], past_key_values=cache, use_cache=True)
+        logits["reference"] = torch.stack([model(w[:, p:p + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+                                           for p in range(prefix, seq_len - 1)])
+        for k in nll:
+            nll[k] += torch.nn.functional.cross_entropy(logits[k].float(), targets, reduction="sum").item()
+        worst = max(worst, (logits["packed"] - logits["reference"]).abs().max().item())
+    n = windows.shape[0] * (seq_len - prefix - 1)
+    return dict(kv=spec.name, windows=windows.shape[0], tokens=n, ppl_packed_fast_decoder=math.exp(nll["packed"] / n),
+                ppl_reference_quantkvcache=math.exp(nll["reference"] / n), ppl_fp_cache=math.exp(nll["fp"] / n),
+                max_abs_logit_diff=worst, loadavg=os.getloadavg())
+
+
 if __name__ == "__main__":  # one configuration, its row as the last line of stdout
+    if sys.argv[1] == "nll":  # python -m dbquant.bench.kv nll DIR KV [WINDOWS]
+        print(json.dumps(decode_nll_check(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:5]))))
+        sys.exit(0)
     d, kv, p, n, t = sys.argv[1:6]
     print(json.dumps(run_one(d, kv, int(p), int(n), int(t))))

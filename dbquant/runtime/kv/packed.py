@@ -20,7 +20,7 @@ from ...backends.kvpack import PackedKVLayer
 from ...errors import DbquantError
 from .cache import _neutralise
 from .codecs import VidKVCodec
-from .quantizers import irfft_real
+from .quantizers import irfft_real, pack_trits, unpack_trits
 from .spec import KVSpec
 
 
@@ -38,6 +38,14 @@ def fmat_of(spec: KVSpec, n_normal: int) -> torch.Tensor:
     query into the frequency domain instead of each key out of it."""
     eye = torch.eye(n_normal)
     return (irfft_real(eye) if spec.fft and n_normal else eye).contiguous()
+
+
+def token_major_trits(trits: torch.Tensor, g: int, d: int) -> torch.Tensor:
+    """The codec's channel-major trits uint8 [..., ceil(D G / 5)] (5 per byte over the flattened [D, G]
+    block) -> the kernel's token-major uint8 [..., G ceil(D / 5)]: each token's D trits in whole bytes,
+    so the kernel decodes a token row with ceil(D / 5) lookups (6 more bytes per group at D = 64)."""
+    t = unpack_trits(trits, d * g).unflatten(-1, (d, g)).transpose(-1, -2)  # [..., G, D]
+    return pack_trits(t).flatten(-2)
 
 
 class PackedKVCache:
@@ -62,7 +70,7 @@ class PackedKVCache:
             "kmask": torch.zeros(*lead, d // 8 if 0 < na < d else 0, **u8),
             "kcodes": torch.zeros(*lead, na, g // 4, **u8), "kmin": torch.zeros(*lead, na, **u8),
             "kscale": torch.zeros(*lead, na, **u8), "nbits": torch.zeros(*lead, nn, g // 8, **u8),
-            "nscale": torch.zeros(*lead, nn, **u8), "vtrits": torch.zeros(*lead, -(-d * g // 5), **u8),
+            "nscale": torch.zeros(*lead, nn, **u8), "vtrits": torch.zeros(*lead, g * -(-d // 5), **u8),
             "vscale": torch.zeros(*lead, d, **u8), "factors": torch.ones(*lead, 4),
             "sink_k": torch.zeros(n_layers, n_kv, spec.sink, d), "sink_v": torch.zeros(n_layers, n_kv, spec.sink, d),
             # after a flush fewer than residual + G rows stay; a forward appends up to `chunk`
@@ -122,7 +130,7 @@ class PackedKVCache:
         if "norm.bits" in qk:
             put("nbits", qk["norm.bits"])
             put("nscale", qk["norm.scale"], 2, qk["norm.scale_f"])
-        put("vtrits", qv["trits"])
+        put("vtrits", token_major_trits(qv["trits"], g=self.spec.group, d=self.codec.d))
         put("vscale", qv["scale"], 3, qv["scale_f"])
 
     def nbytes(self) -> dict:
