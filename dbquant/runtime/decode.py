@@ -420,11 +420,7 @@ class FastDecoder:
         self.kv_cache = None
         if self.kv_spec is None:
             return
-        check_packable(self.kv_spec)
-        bad = [i for i, L in enumerate(self.layers) if L.window or L.softcap]
-        if bad:
-            raise DbquantError(f"the packed KV cache serves neither sliding windows nor soft-capping (layers "
-                               f"{bad[:4]}); use --engine hf for --kv {self.kv_spec.name}")
+        check_kv_supported(self.model, self.kv_spec)
         self.kv_attend_op = registry.get("kv_attend", "auto", self.device)
         self.decode_layer_kv = cpu_backend.decode_layer_kv_cpu.run if native and self.native is not None else None
 
@@ -607,6 +603,17 @@ def _build_layer(layer, i: int, mt: str, cfg, tables: dict, backend: str) -> Dec
         softcap=float(getattr(cfg, "attn_logit_softcapping", None) or 0.0),
         scale=float(att.scaling), residual_scale=float(getattr(layer, "residual_multiplier", 1.0)),
         cos=cos, sin=sin)
+
+
+def check_kv_supported(model, spec: KVSpec) -> None:
+    """Raise DbquantError naming the reason when the packed KV cache cannot serve ``model`` with ``spec``
+    (cheap: reads the config and attention modules, builds nothing)."""
+    check_packable(spec)
+    cfg = model.config
+    bad = [i for i, layer in enumerate(model.model.layers) if _window(layer.self_attn, cfg)]
+    if bad or getattr(cfg, "attn_logit_softcapping", None):
+        raise DbquantError(f"the packed KV cache serves neither sliding windows nor soft-capping (layers "
+                           f"{bad[:4] or 'all'}); use --engine hf for --kv {spec.name}")
 
 
 def check_supported(model) -> None:

@@ -17,9 +17,8 @@ from dbquant.errors import DbquantError
 from dbquant.model.checkpoint import is_dbquant_dir
 from dbquant.model.sources import resolve_model
 from dbquant.model.vlm import image_prompt_inputs, vlm_family
-from dbquant.runtime.decode import LM_HEAD_DTYPES, FastDecoder, check_supported
+from dbquant.runtime.decode import LM_HEAD_DTYPES, FastDecoder, check_kv_supported, check_supported
 from dbquant.runtime.kv import KVSpec, cache_nbytes, make_cache, parse_kv
-from dbquant.runtime.kv.packed import check_packable
 
 ENGINES = ("auto", "dbquant", "hf")
 
@@ -103,11 +102,8 @@ def pick_engine(model: nn.Module, opts: GenerateOptions) -> str:
     else:
         try:
             check_supported(model)
-            if opts.kv:
-                spec = _kv_spec(opts)
-                if spec.method != "fp":
-                    check_packable(spec)
-                    FastDecoder(model, max_len=1, kv=spec)  # the decoder's own refusals (windows, soft-caps)
+            if opts.kv and _kv_spec(opts).method != "fp":
+                check_kv_supported(model, _kv_spec(opts))
         except DbquantError as e:
             reason = str(e)
     if reason is None:
