@@ -22,6 +22,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from .bench import cpu as bench
+from .bench import kv as bench_kv
 from .bench.gpu import format_table, run_gpu_bench
 from .calibration import distributed
 from .calibration.distributed import is_writer
@@ -228,9 +229,15 @@ def cmd_bench(a) -> int:
         rows = run_gpu_bench(a.backend, shapes=shapes, ms=_ints(a.m, "--m") if a.m else None,
                              group_size=a.group_size, smoke=a.smoke)
         print(format_table(rows))
+    elif a.e2e and a.kv:  # fast decoder, float32 vs packed KV cache, long prompts (dbquant/bench/kv.py)
+        rows = bench_kv.e2e_kv_bench(a.e2e, a.kv.split(","), _ints(a.prompt_tokens, "--prompt-tokens"),
+                                     a.new_tokens, _ints(a.threads, "--threads"), progress=print)
+        for r in bench_kv.budget_rows(rows, bench_kv.checkpoint_bytes(a.e2e)):
+            print(json.dumps(r))
+            rows.append(r)
     elif a.e2e:
-        rows = [r for t in _ints(a.threads, "--threads")
-                for r in bench.e2e_bench(a.e2e, fp_model=a.fp_model, prompt_tokens=a.prompt_tokens,
+        rows = [r for t in _ints(a.threads, "--threads") for p in _ints(a.prompt_tokens, "--prompt-tokens")
+                for r in bench.e2e_bench(a.e2e, fp_model=a.fp_model, prompt_tokens=p,
                                          new_tokens=a.new_tokens, threads=t, repeats=a.repeats)]
         for r in rows:
             print(json.dumps(r))
@@ -383,7 +390,8 @@ def _generate_parser(sub) -> None:
     g.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
     g.add_argument("--image", help="VLMs: an image file the prompt refers to (hf engine)")
     g.add_argument("--backend", default=d["backend"])
-    g.add_argument("--kv", help="quantized KV cache (hf engine): K/V such as 1.5/1.58, kivi2, hqq2, hqq1, fp")
+    g.add_argument("--kv", help="quantized KV cache: K/V such as 1.5/1.58, kivi2, hqq2, hqq1, fp (VidKV with "
+                               "1.58-bit values runs packed in the dbquant engine; the others in the hf engine)")
     g.add_argument("--kv-residual", type=int,
                    help=f"full-precision recent tokens of the KV cache (default {DEFAULT_RESIDUAL})")
     g.add_argument("--kv-sink", type=int,
@@ -411,7 +419,9 @@ def _bench_parser(sub) -> None:
     b.add_argument("--smoke", action="store_true", help="GPU benchmark at a tiny shape (runs under TRITON_INTERPRET=1)")
     b.add_argument("--e2e", metavar="DIR", help="end-to-end prefill/decode tokens/s of checkpoint DIR vs the fp32 model")
     b.add_argument("--fp-model", default=DEFAULT_MODEL, help="the fp32 model --e2e compares against")
-    b.add_argument("--prompt-tokens", type=int, default=128)
+    b.add_argument("--prompt-tokens", default="128", help="comma list of prompt lengths (--e2e)")
+    b.add_argument("--kv", help="--e2e: comma list of KV caches for the fast decoder, e.g. fp,1.5/1.58: one row per "
+                               "(kv, prompt length, threads) with decode tok/s, cache bytes and peak RSS")
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--json", metavar="PATH", help="write the rows (and the environment) as JSON")

@@ -175,7 +175,9 @@ def test_generate_prompt_engine_and_cache(tiny_tokenizer):
         build_prompt(model, tiny_tokenizer, GenerateOptions("hi", image="x.png"), "tiny")
     assert pick_engine(model, GenerateOptions("hi")) == "dbquant"
     assert pick_engine(model, GenerateOptions("hi", kv="kivi2")) == "hf"
-    with pytest.raises(DbquantError, match="--engine dbquant cannot run this: --kv"):
+    assert pick_engine(model, GenerateOptions("hi", kv="1.5/1.58")) == "dbquant"  # the packed cache
+    with pytest.raises(DbquantError, match="--engine dbquant cannot run this: the fast decoder's packed KV cache "
+                                           "serves VidKV with ternary"):
         pick_engine(model, GenerateOptions("hi", kv="kivi2", engine="dbquant"))
     assert build_kv_cache(model, GenerateOptions("hi")) is None
     assert build_kv_cache(model, GenerateOptions("hi", kv="kivi2")) is not None
@@ -183,3 +185,6 @@ def test_generate_prompt_engine_and_cache(tiny_tokenizer):
         generate(model, tiny_tokenizer, GenerateOptions("hi", max_new_tokens=0))
     g = generate(model, tiny_tokenizer, GenerateOptions("The quick", raw=True, max_new_tokens=4, engine="hf"))
     assert g.engine == "hf" and g.prompt_tokens == ids.shape[1] and 1 <= len(g.new_tokens) <= 4
+    g = generate(model, tiny_tokenizer, GenerateOptions("The quick brown fox jumps", raw=True, max_new_tokens=12,
+                                                        kv="1.5/1.58", kv_residual=0))
+    assert g.engine == "dbquant" and "packed KV cache K1.5/V1.58" in g.speed

@@ -22,6 +22,16 @@
 //   torch.ops.dbquant.decode_layer_cpu(Tensor(a!) x, DecodeLayer layer, Tensor cos, Tensor sin,
 //                                    Tensor(b!) k_cache, Tensor(c!) v_cache, int pos) -> ()
 //                                    (one whole decoder layer for one token, in place)
+//   torch.classes.dbquant.KVPacked(Tensor[] codes, Tensor[] floats, int group, int n_anom)
+//                                    (one layer's packed VidKV cache buffers, kv_attn.h)
+//   torch.ops.dbquant.kv_attend_cpu(Tensor q, KVPacked kv, int n_groups, int n_tail, float scale,
+//                                    str isa="auto") -> Tensor
+//                                    (attention on the packed cache, kv_attn.h)
+//   torch.ops.dbquant.kv_dequantize_cpu(KVPacked kv, int n_groups) -> Tensor[]
+//                                    (the packed groups as float32 keys, values: prefill chunks)
+//   torch.ops.dbquant.decode_layer_kv_cpu(Tensor(a!) x, DecodeLayer layer, Tensor cos, Tensor sin,
+//                                    KVPacked kv, int n_groups, int n_tail) -> ()
+//                                    (decode_layer_cpu with the packed cache)
 //   torch.ops.dbquant.cpu_isas() -> str[]       (supported ISA paths, fastest first)
 // The weight arguments are in the t16 kernel layout (dbgemm_t16.h, docs/FORMAT.md);
 // dbquant/backends/cpu.py builds it from the canonical format. This is the only file that
@@ -43,6 +53,7 @@
 #include "dbgemm_t16.h"
 #include "gemv_int8.h"
 #include "decode_ops.h"
+#include "kv_attn.h"
 
 namespace {
 
@@ -503,6 +514,223 @@ void decode_layer_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeLayer>
   for (int64_t i = 0; i < H; ++i) xp[i] += tmp[i] * rs;
 }
 
+// ---- attention on a packed VidKV cache (kv_attn.h; dbquant/runtime/kv/packed.py) -------------
+
+// One layer's packed VidKV cache for kv_attend_cpu / decode_layer_kv_cpu, built once per layer
+// (torch.classes.dbquant.KVPacked, dbquant/backends/cpu.py: prepare_kv_packed) over the caller's
+// buffers, which it keeps alive and reads (the tail it also writes): shapes as KVPackedView in
+// kv_attn.h, checked here once. The fill counts (groups packed, tail rows) are per-call arguments.
+struct KVPacked : torch::CustomClassHolder {
+  KVPacked(std::vector<at::Tensor> codes, std::vector<at::Tensor> floats, int64_t group, int64_t n_anom)
+      : codes(std::move(codes)), floats(std::move(floats)) {
+    TORCH_CHECK(this->codes.size() == 8 && this->floats.size() == 6,
+                "KVPacked: expected 8 code tensors (kmask, kcodes, kmin, kscale, nbits, nscale, vtrits, vscale) "
+                "and 6 float tensors (factors, fmat, sink_k, sink_v, tail_k, tail_v), got ",
+                this->codes.size(), " and ", this->floats.size());
+    const char* cn[8] = {"kmask", "kcodes", "kmin", "kscale", "nbits", "nscale", "vtrits", "vscale"};
+    const char* fn[6] = {"factors", "fmat", "sink_k", "sink_v", "tail_k", "tail_v"};
+    for (int i = 0; i < 8; ++i) check_input(this->codes[i], cn[i], at::kByte);
+    for (int i = 0; i < 6; ++i) check_input(this->floats[i], fn[i], at::kFloat);
+    const at::Tensor& tk = this->floats[4];
+    TORCH_CHECK(tk.dim() == 3, "KVPacked: tail_k must be [Hk, capacity, D], got ", tk.sizes());
+    auto& v = view;
+    v.Hk = tk.size(0);
+    v.TC = tk.size(1);
+    v.D = tk.size(2);
+    v.G = group;
+    v.na = n_anom;
+    v.nn = v.D - n_anom;
+    v.NG = this->codes[7].dim() == 3 ? this->codes[7].size(1) : 0;
+    v.TB = v.G * ((v.D + 4) / 5);
+    v.S = this->floats[2].dim() == 3 ? this->floats[2].size(1) : -1;
+    TORCH_CHECK(v.D >= 8 && v.D % 8 == 0 && v.D <= dbquant::cpu::kKvMaxD && v.G >= 8 && v.G % 8 == 0 &&
+                    v.G <= dbquant::cpu::kKvMaxG && n_anom >= 0 && n_anom <= v.D && v.S >= 0 && v.S < v.G,
+                "KVPacked: unsupported sizes head_dim ", v.D, ", group ", v.G, ", anomalous channels ", n_anom,
+                ", sink ", v.S, " (head_dim and group multiples of 8 up to 256, 0 <= sink < group)");
+    const int64_t Hk = v.Hk, NG = v.NG, D = v.D, G = v.G, na = v.na, nn = v.nn;
+    check_shape(this->codes[0], "kmask", {Hk, NG, (na > 0 && nn > 0) ? D / 8 : 0});
+    check_shape(this->codes[1], "kcodes", {Hk, NG, na, G / 4});
+    check_shape(this->codes[2], "kmin", {Hk, NG, na});
+    check_shape(this->codes[3], "kscale", {Hk, NG, na});
+    check_shape(this->codes[4], "nbits", {Hk, NG, nn, G / 8});
+    check_shape(this->codes[5], "nscale", {Hk, NG, nn});
+    check_shape(this->codes[6], "vtrits", {Hk, NG, v.TB});
+    check_shape(this->codes[7], "vscale", {Hk, NG, D});
+    check_shape(this->floats[0], "factors", {Hk, NG, 4});
+    check_shape(this->floats[1], "fmat", {nn, nn});
+    check_shape(this->floats[2], "sink_k", {Hk, v.S, D});
+    check_shape(this->floats[3], "sink_v", {Hk, v.S, D});
+    check_shape(this->floats[5], "tail_v", {Hk, v.TC, D});
+    v.kmask = this->codes[0].data_ptr<uint8_t>();
+    v.kcodes = this->codes[1].data_ptr<uint8_t>();
+    v.kmin = this->codes[2].data_ptr<uint8_t>();
+    v.kscale = this->codes[3].data_ptr<uint8_t>();
+    v.nbits = this->codes[4].data_ptr<uint8_t>();
+    v.nscale = this->codes[5].data_ptr<uint8_t>();
+    v.vtrits = this->codes[6].data_ptr<uint8_t>();
+    v.vscale = this->codes[7].data_ptr<uint8_t>();
+    v.factors = this->floats[0].data_ptr<float>();
+    v.fmat = this->floats[1].data_ptr<float>();
+    v.sink_k = this->floats[2].data_ptr<float>();
+    v.sink_v = this->floats[3].data_ptr<float>();
+    v.tail_k = this->floats[4].data_ptr<float>();
+    v.tail_v = this->floats[5].data_ptr<float>();
+  }
+
+  std::vector<at::Tensor> codes, floats;
+  dbquant::cpu::KVPackedView view{};
+};
+
+void check_kv_counts(const char* op, const dbquant::cpu::KVPackedView& kv, int64_t n_groups, int64_t n_tail,
+                     int64_t T) {
+  TORCH_CHECK(n_groups >= 0 && n_groups <= kv.NG && n_tail >= T && n_tail <= kv.TC, op, ": n_groups ", n_groups,
+              " and n_tail ", n_tail, " must lie in [0, ", kv.NG, "] and [", T, " (queries), ", kv.TC,
+              "] (the cache's capacities)");
+}
+
+// out float32 [T, Hq, D] = attention of q float32 [T, Hq, D] over the packed groups, the sink
+// and the tail's visible rows (kv_attn.h), split over threads by kv head x group, then by query
+// head, then by kv head x channel block.
+void kv_attend_into(const dbquant::cpu::KVPackedView& kv, const float* q, int64_t T, int64_t Hq, int64_t n_groups,
+                    int64_t n_tail, float scale, float* out, const at::TensorOptions& opts, Isa isa) {
+  const int64_t ld = n_groups * kv.G + n_tail, D = kv.D, Hk = kv.Hk;
+  at::Tensor sc = at::empty({T * Hq * ld}, opts.dtype(at::kFloat));
+  float* s = sc.data_ptr<float>();
+  std::fill(out, out + T * Hq * D, 0.0f);
+  // items: (kv head, group) pairs, handed out as runs of groups of one kv head
+  at::parallel_for(0, Hk * n_groups, 8, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e;) {
+      const int64_t kh = i / n_groups, g0 = i % n_groups, g1 = std::min(n_groups, g0 + (e - i));
+      dbquant::cpu::kv_scores_packed(isa, kv, q, T, Hq, scale, s, ld, kh, g0, g1);
+      i += g1 - g0;
+    }
+  });
+  // the tail (at most residual + 2 groups of rows) and the softmax: too little work to share
+  dbquant::cpu::kv_scores_tail_softmax(isa, kv, q, T, Hq, scale, s, ld, n_groups, n_tail, 0, Hq);
+  // values: (kv head, run of groups) items, each into its own partial output (few kv heads would
+  // leave threads idle), summed afterwards
+  const int64_t runs = std::min<int64_t>(n_groups, 4), items = Hk * runs;
+  if (n_groups > 0) {
+    at::Tensor part = at::zeros({items, T * Hq * D}, opts.dtype(at::kFloat));
+    float* pp = part.data_ptr<float>();
+    at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t kh = i / runs, r = i % runs;
+        dbquant::cpu::kv_values_packed(isa, kv, s, T, Hq, ld, pp + i * T * Hq * D, kh, n_groups * r / runs,
+                                       n_groups * (r + 1) / runs);
+      }
+    });
+    for (int64_t i = 0; i < items; ++i)
+      for (int64_t j = 0; j < T * Hq * D; ++j) out[j] += pp[i * T * Hq * D + j];
+  }
+  dbquant::cpu::kv_values_tail(isa, kv, s, T, Hq, ld, n_groups, n_tail, out, 0, Hq);
+}
+
+// The first n_groups packed groups of a layer as float32 keys, values [Hk, n_groups * G, D] (for a
+// prefill chunk's attention; a transient copy of one layer's past, dropped after the chunk).
+std::vector<at::Tensor> kv_dequantize_cpu(const c10::intrusive_ptr<KVPacked>& kvp, int64_t n_groups) {
+  const auto& kv = kvp->view;
+  check_kv_counts("kv_dequantize_cpu", kv, n_groups, 0, 0);
+  at::Tensor k = at::empty({kv.Hk, n_groups * kv.G, kv.D}, at::kFloat), v = at::empty_like(k);
+  const Isa isa = dbquant::cpu::best_isa();
+  at::parallel_for(0, kv.Hk * n_groups, 4, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e;) {
+      const int64_t kh = i / n_groups, g0 = i % n_groups, g1 = std::min(n_groups, g0 + (e - i));
+      dbquant::cpu::kv_dequantize(isa, kv, n_groups, k.data_ptr<float>(), v.data_ptr<float>(), kh, g0, g1);
+      i += g1 - g0;
+    }
+  });
+  return {k, v};
+}
+
+// Attention of q float32 [T, Hq, D] over a packed VidKV cache (its first n_groups groups, sink,
+// and tail rows 0 .. n_tail - 1, of which the last T are the queries' own tokens, attended causally).
+at::Tensor kv_attend_cpu(const at::Tensor& q, const c10::intrusive_ptr<KVPacked>& kv, int64_t n_groups,
+                         int64_t n_tail, double scale, const std::string& isa_arg) {
+  const Isa isa = parse_isa(isa_arg);
+  const auto& v = kv->view;
+  check_input(q, "q", at::kFloat);
+  TORCH_CHECK(q.dim() == 3 && q.size(2) == v.D && q.size(1) % v.Hk == 0 && q.size(1) >= v.Hk,
+              "kv_attend_cpu: q must be [T, Hq, ", v.D, "] with Hq a multiple of ", v.Hk, " kv heads, got ",
+              q.sizes());
+  const int64_t T = q.size(0), Hq = q.size(1);
+  check_kv_counts("kv_attend_cpu", v, n_groups, n_tail, T);
+  at::Tensor out = at::empty_like(q);
+  if (T > 0) kv_attend_into(v, q.data_ptr<float>(), T, Hq, n_groups, n_tail, float(scale), out.data_ptr<float>(), q.options(),
+                            isa);
+  return out;
+}
+
+// decode_layer_cpu with the attention on a packed VidKV cache: the token's k, v are written to the
+// tail at row n_tail, then attended with the n_groups packed groups, the sink and tail rows 0..n_tail.
+// The same layer math as decode_layer_cpu otherwise (kept beside it rather than sharing its halves,
+// so that function stays as it is for the concurrent weight-format work; merge them afterwards).
+void decode_layer_kv_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeLayer>& layer, const at::Tensor& cos,
+                         const at::Tensor& sin, const c10::intrusive_ptr<KVPacked>& kvp, int64_t n_groups,
+                         int64_t n_tail) {
+  const DecodeLayer& ly = *layer;
+  const auto& kv = kvp->view;
+  ly.check_complete();
+  const int64_t H = ly.H, Hq = ly.Hq, Hk = ly.Hk, D = ly.D, I = ly.I;
+  check_input(x, "x", at::kFloat);
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.size(1) == H, "decode_layer_kv_cpu: x must be [1, ", H,
+              "] (hidden), got ", x.sizes());
+  check_input(cos, "cos", at::kFloat);
+  check_input(sin, "sin", at::kFloat);
+  check_shape(cos, "cos", {D});
+  check_shape(sin, "sin", {D});
+  TORCH_CHECK(kv.Hk == Hk && kv.D == D, "decode_layer_kv_cpu: the cache holds ", kv.Hk, " kv heads of ", kv.D,
+              " channels; the layer has ", Hk, " of ", D);
+  TORCH_CHECK(ly.window == 0 && ly.softcap == 0.0, "decode_layer_kv_cpu: sliding windows and soft-capping are "
+              "not served by the packed cache (window ", ly.window, ", softcap ", ly.softcap, ")");
+  check_kv_counts("decode_layer_kv_cpu", kv, n_groups, n_tail + 1, 1);
+  const dbquant::cpu::T16Weight &wqkv = ly.weights[0], &wo = ly.weights[1], &wgu = ly.weights[2], &wd = ly.weights[3];
+  const Isa isa = dbquant::cpu::best_isa();
+  const int64_t lf = std::max({dbquant::cpu::lut_floats(wqkv), dbquant::cpu::lut_floats(wo),
+                               dbquant::cpu::lut_floats(wgu), dbquant::cpu::lut_floats(wd)});
+  const int64_t G = std::max({wqkv.groups(), wo.groups(), wgu.groups(), wd.groups()});
+  at::Tensor scratch = at::empty({lf + G + H + wqkv.N + Hq * D + 2 * I + I + H}, x.options());
+  float* lut = scratch.data_ptr<float>();
+  float* gsum = lut + lf;
+  float* h = gsum + G;
+  float* qkv = h + H;
+  float* att = qkv + wqkv.N;
+  float* gu = att + Hq * D;
+  float* act = gu + 2 * I;
+  float* tmp = act + I;
+  float* xp = x.data_ptr<float>();
+  const float eps = float(ly.eps), rs = float(ly.residual_scale);
+  if (ly.pre_norm) dbquant::cpu::rms_norm_rows(xp, ly.ln1.data_ptr<float>(), eps, H, h, 0, 1);
+  else std::copy(xp, xp + H, h);
+  gemv_t16(isa, wqkv, h, qkv, lut, gsum);
+  float* q = qkv;
+  float* k = qkv + Hq * D;
+  float* v = k + Hk * D;
+  if (ly.q_norm.defined()) {
+    const int64_t qd = ly.qk_whole ? Hq * D : D, kd = ly.qk_whole ? Hk * D : D;
+    dbquant::cpu::rms_norm_rows(q, ly.q_norm.data_ptr<float>(), eps, qd, q, 0, Hq * D / qd);
+    dbquant::cpu::rms_norm_rows(k, ly.k_norm.data_ptr<float>(), eps, kd, k, 0, Hk * D / kd);
+  }
+  dbquant::cpu::rope_rows(q, cos.data_ptr<float>(), sin.data_ptr<float>(), Hq, D);
+  dbquant::cpu::rope_rows(k, cos.data_ptr<float>(), sin.data_ptr<float>(), Hk, D);
+  for (int64_t j = 0; j < Hk; ++j) {
+    std::copy(k + j * D, k + (j + 1) * D, kv.tail_k + (j * kv.TC + n_tail) * D);
+    std::copy(v + j * D, v + (j + 1) * D, kv.tail_v + (j * kv.TC + n_tail) * D);
+  }
+  kv_attend_into(kv, q, 1, Hq, n_groups, n_tail + 1, float(ly.scale), att, x.options(), isa);
+  gemv_t16(isa, wo, att, tmp, lut, gsum);
+  if (ly.post_attn.defined()) dbquant::cpu::rms_norm_rows(tmp, ly.post_attn.data_ptr<float>(), eps, H, tmp, 0, 1);
+  for (int64_t i = 0; i < H; ++i) xp[i] += tmp[i] * rs;
+  if (ly.pre_norm) dbquant::cpu::rms_norm_rows(xp, ly.ln2.data_ptr<float>(), eps, H, h, 0, 1);
+  else std::copy(xp, xp + H, h);
+  gemv_t16(isa, wgu, h, gu, lut, gsum);
+  if (ly.gelu) dbquant::cpu::gelu_tanh_mul(gu, I, act);
+  else dbquant::cpu::silu_mul(gu, I, act);
+  gemv_t16(isa, wd, act, tmp, lut, gsum);
+  if (ly.post_ffn.defined()) dbquant::cpu::rms_norm_rows(tmp, ly.post_ffn.data_ptr<float>(), eps, H, tmp, 0, 1);
+  for (int64_t i = 0; i < H; ++i) xp[i] += tmp[i] * rs;
+}
+
 std::vector<std::string> cpu_isas() {
   std::vector<std::string> out;
   for (Isa i : {Isa::Avx512, Isa::Avx2, Isa::Scalar})
@@ -533,6 +761,15 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
   m.def(
       "decode_layer_cpu(Tensor(a!) x, __torch__.torch.classes.dbquant.DecodeLayer layer, Tensor cos, "
       "Tensor sin, Tensor(b!) k_cache, Tensor(c!) v_cache, int pos) -> ()");
+  m.class_<KVPacked>("KVPacked").def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, int64_t>());
+  m.def("kv_attend_cpu(Tensor q, __torch__.torch.classes.dbquant.KVPacked kv, int n_groups, int n_tail, "
+        "float scale, str isa=\"auto\") -> Tensor");
+  // no tensor argument to dispatch on: a catch-all kernel
+  m.def("kv_dequantize_cpu(__torch__.torch.classes.dbquant.KVPacked kv, int n_groups) -> Tensor[]",
+        &kv_dequantize_cpu);
+  m.def(
+      "decode_layer_kv_cpu(Tensor(a!) x, __torch__.torch.classes.dbquant.DecodeLayer layer, Tensor cos, "
+      "Tensor sin, __torch__.torch.classes.dbquant.KVPacked kv, int n_groups, int n_tail) -> ()");
   m.def("cpu_isas() -> str[]", &cpu_isas);  // no tensor arguments: a catch-all kernel
 }
 
@@ -543,6 +780,8 @@ TORCH_LIBRARY_IMPL(dbquant, CPU, m) {
   m.impl("rms_norm_cpu", &rms_norm_cpu);
   m.impl("linear_w8a8_cpu", &linear_w8a8_cpu);
   m.impl("decode_layer_cpu", &decode_layer_cpu);
+  m.impl("kv_attend_cpu", &kv_attend_cpu);
+  m.impl("decode_layer_kv_cpu", &decode_layer_kv_cpu);
 }
 
 // No Python functions: `import dbquant._C` exists only to load this library.

@@ -19,6 +19,7 @@ import warnings
 import torch
 
 from .checks import check_activations, check_decode_step, check_int8_head, check_packed, check_rms_norm, check_tensor
+from .kvpack import CODE_FIELDS, FLOAT_FIELDS, PackedKVLayer, check_kv_attend
 from .reference import Q8_BLOCK
 from .t16 import TILE, CpuWeight, DecodeLayerWeights, prepare_cpu  # noqa: F401 - re-exported
 
@@ -26,6 +27,9 @@ BUILD_HINT = "pip install --no-build-isolation -e ."
 # Above this many activation rows the lookup-table kernel hands over to dequantize + one
 # BLAS GEMM, which wins on long prefills (crossover measured by `dbquant bench`, docs/RESULTS.md).
 LUT_MAX_ROWS = 32
+# Above this many queries (a prefill chunk) kv_attend decodes each packed group once and calls SDPA:
+# the codes kernel transforms every query per group, which costs more than one decode from ~4 on.
+KV_CODES_MAX_QUERIES = 4
 
 _cpu_state: bool | None = None  # None: not tried yet
 _cpu_error: str | None = None
@@ -44,6 +48,7 @@ def load_cpu() -> bool:
 
             torch.ops.dbquant.dbgemm_cpu  # noqa: B018 - raises if registration failed
             torch.classes.dbquant.DecodeLayer  # noqa: B018 - an extension built before the class existed
+            torch.classes.dbquant.KVPacked  # noqa: B018 - likewise (the packed KV cache's attention)
             _cpu_state = True
         except (ImportError, OSError, AttributeError, RuntimeError) as e:
             _cpu_state, _cpu_error = False, f"{type(e).__name__}: {e}"
@@ -193,6 +198,52 @@ def decode_layer_cpu(x: torch.Tensor, layer: DecodeLayerWeights, cos: torch.Tens
 decode_layer_cpu.prepare = prepare_decode_layer
 
 
+# ---- attention on a packed VidKV cache (backends/kvpack.py, csrc/cpu/kv_attn.h) ----------------
+
+
+def prepare_kv_packed(kv: PackedKVLayer):
+    """The C++ object over a layer's packed-cache buffers (``torch.classes.dbquant.KVPacked``),
+    built once and kept in ``kv.native``; the buffers are shared, not copied."""
+    _require()
+    if kv.native is None:
+        kv.native = torch.classes.dbquant.KVPacked([getattr(kv, f) for f in CODE_FIELDS],
+                                                   [getattr(kv, f) for f in FLOAT_FIELDS], kv.group, kv.n_anom)
+    return kv.native
+
+
+def kv_attend_cpu(q: torch.Tensor, kv: PackedKVLayer, n_groups: int, n_tail: int, scale: float,
+                  isa: str = "auto") -> torch.Tensor:
+    """Attention on the packed codes (C++ ``kv_attend_cpu``); contract of
+    :func:`dbquant.backends.reference.kv_attend_ref`. ``isa``: "auto" (the fastest this CPU has)
+    or force "avx512", "avx2" or "scalar"."""
+    check_kv_attend("kv_attend_cpu", q, kv, n_groups, n_tail)
+    native = prepare_kv_packed(kv)
+    t = q.shape[0]
+    if t <= KV_CODES_MAX_QUERIES or isa != "auto":
+        return torch.ops.dbquant.kv_attend_cpu(q.contiguous(), native, n_groups, n_tail, float(scale), isa)
+    # a prefill chunk: decode each group once (C++) and attend with SDPA; the float copy is this
+    # layer's past only and is dropped on return
+    pk, pv = torch.ops.dbquant.kv_dequantize_cpu(native, n_groups)
+    keys = torch.cat([pk, kv.tail_k[:, :n_tail]], dim=1)[None]
+    vals = torch.cat([pv, kv.tail_v[:, :n_tail]], dim=1)[None]
+    n = keys.shape[2]
+    visible = torch.arange(n)[None] < (n - t + torch.arange(t) + 1)[:, None]  # [T, n]
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, vals, attn_mask=visible,
+                                                           scale=scale, enable_gqa=q.shape[1] != kv.n_kv)
+    return out[0].transpose(0, 1)
+
+
+def decode_layer_kv_cpu(x: torch.Tensor, layer, cos: torch.Tensor, sin: torch.Tensor, kv: PackedKVLayer,
+                        n_groups: int, n_tail: int) -> None:
+    """One decoder layer for one token, in place, attending on a packed VidKV cache (C++
+    ``decode_layer_kv_cpu``): the token's k, v go to tail row ``n_tail``; then the layer is
+    :func:`dbquant.backends.reference.decode_layer_ref` with :func:`kv_attend_ref` as its attention.
+    ``layer``: a prepared ``DecodeLayer`` (``decode_layer_cpu.prepare``). A decoder calls
+    ``decode_layer_kv_cpu.run(x, layer, cos, sin, prepare_kv_packed(kv), n_groups, n_tail)`` per token."""
+    _require()
+    torch.ops.dbquant.decode_layer_kv_cpu(x, layer, cos, sin, prepare_kv_packed(kv), n_groups, n_tail)
+
+
 def _attach_runs() -> None:
     """``fn.run`` of the wrappers whose op has no prepared form: the op itself (ops exist
     only once the extension has loaded)."""
@@ -201,4 +252,5 @@ def _attach_runs() -> None:
     linear_w8a8_cpu.run = ops.linear_w8a8_cpu
     rms_norm_cpu.run = ops.rms_norm_cpu
     decode_layer_cpu.run = ops.decode_layer_cpu
+    decode_layer_kv_cpu.run = ops.decode_layer_kv_cpu
 

@@ -17,6 +17,7 @@ from .checks import (
     check_packed,
     check_rms_norm,
 )
+from .kvpack import PackedKVLayer, check_kv_attend
 from .t16 import DecodeLayerWeights, Projection, canonical
 
 Q8_BLOCK = 32  # activation channels per int8 scale of the w8a8 head (csrc/cpu/gemv_int8.h: kQ8Block)
@@ -173,3 +174,73 @@ def decode_layer_ref(x: torch.Tensor, layer: DecodeLayerWeights, cos: torch.Tens
     if layer.post_ffn is not None:
         out = rms_norm_ref(out, layer.post_ffn, eps)
     x.add_(out * layer.residual_scale)
+
+
+# ---- attention on a packed VidKV cache (backends/kvpack.py) ----------------------------------
+
+
+def _bits_lsb(b: torch.Tensor, width: int) -> torch.Tensor:
+    """uint8 [..., m] -> int64 [..., m * 8 / width] fields of ``width`` bits, least significant first."""
+    shifts = torch.arange(0, 8, width, device=b.device)
+    return ((b.long().unsqueeze(-1) >> shifts) & ((1 << width) - 1)).flatten(-2)
+
+
+def _fp8(b: torch.Tensor) -> torch.Tensor:
+    """uint8 fp8 e4m3 bits -> float32."""
+    return b.view(torch.float8_e4m3fn).float()
+
+
+def dequantize_kv_ref(kv: PackedKVLayer, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n_groups`` packed groups as float32 keys, values [Hk, n_groups * G, D], the sink's
+    exact rows in place of group 0's first S (straight from the layout, no kernel tricks)."""
+    hk, d, g, na = kv.n_kv, kv.head_dim, kv.group, kv.n_anom
+    nn = d - na
+    sl = slice(0, n_groups)
+    f = kv.factors[:, sl]  # [Hk, n, 4]
+    if 0 < na < d:
+        is_anom = _bits_lsb(kv.kmask[:, sl], 1).bool()  # [Hk, n, D]
+    else:
+        is_anom = torch.full((hk, n_groups, d), na > 0, dtype=torch.bool)
+    # channel order: anomalous first, each part ascending (a stable sort of "normal?")
+    order = torch.sort((~is_anom).to(torch.uint8), dim=-1, stable=True).indices  # [Hk, n, D]
+    codes = _bits_lsb(kv.kcodes[:, sl], 2).float()  # [Hk, n, na, G]
+    anom = _fp8(kv.kmin[:, sl])[..., None] * f[..., 0, None, None] + \
+        (_fp8(kv.kscale[:, sl]) * f[..., 1, None])[..., None] * codes  # [Hk, n, na, G]
+    signs = _bits_lsb(kv.nbits[:, sl], 1).float() * 2 - 1  # [Hk, n, nn, G]
+    coef = (_fp8(kv.nscale[:, sl]) * f[..., 2, None])[..., None] * signs
+    normal = (coef.transpose(-1, -2) @ kv.fmat).transpose(-1, -2)  # [Hk, n, nn, G]
+    parts = torch.cat([anom, normal], dim=2)  # [Hk, n, D, G] in `order`
+    keys = torch.empty_like(parts).scatter_(2, order[..., None].expand(-1, -1, -1, g), parts)
+    digits = _trits(kv.vtrits[:, sl].unflatten(-1, (g, -1)), d)  # [Hk, n, G, D] (token-major rows)
+    vals = (_fp8(kv.vscale[:, sl]) * f[..., 3, None])[..., None, :] * digits
+    keys = keys.transpose(-1, -2).reshape(hk, n_groups * g, d)
+    vals = vals.reshape(hk, n_groups * g, d)
+    s = kv.sink_k.shape[1]
+    if n_groups and s:
+        keys[:, :s], vals[:, :s] = kv.sink_k, kv.sink_v
+    return keys, vals
+
+
+def _trits(b: torch.Tensor, n: int) -> torch.Tensor:
+    """uint8 [..., m] of 5 base-3 digits each (digit 0 first, stored trit + 1) -> float32 [..., n] in {-1, 0, 1}."""
+    p = torch.tensor([1, 3, 9, 27, 81])
+    return ((b.long().unsqueeze(-1) // p) % 3 - 1).flatten(-2)[..., :n].float()
+
+
+def kv_attend_ref(q: torch.Tensor, kv: PackedKVLayer, n_groups: int, n_tail: int, scale: float) -> torch.Tensor:
+    """Attention of ``q`` float32 [T, Hq, D] over a packed VidKV cache -> float32 [T, Hq, D].
+
+    The keys/values attended: the first ``n_groups`` packed groups dequantized (with the sink's
+    exact rows), then tail rows 0..n_tail-1, whose last T are the queries' own tokens (query t
+    sees tail rows < n_tail - T + t + 1). Query head h reads kv head h // (Hq / Hk).
+    """
+    check_kv_attend("kv_attend_ref", q, kv, n_groups, n_tail)
+    t, hq, d = q.shape
+    pk, pv = dequantize_kv_ref(kv, n_groups)
+    keys = torch.cat([pk, kv.tail_k[:, :n_tail]], dim=1).repeat_interleave(hq // kv.n_kv, dim=0)  # [Hq, n, D]
+    vals = torch.cat([pv, kv.tail_v[:, :n_tail]], dim=1).repeat_interleave(hq // kv.n_kv, dim=0)
+    n = keys.shape[1]
+    scores = torch.einsum("thd,hnd->thn", q, keys) * scale
+    visible = torch.arange(n)[None] < (n - t + torch.arange(t) + 1)[:, None]  # [T, n]
+    p = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
+    return torch.einsum("thn,hnd->thd", p, vals)

@@ -13,7 +13,9 @@ Ops (:data:`OPS`); every function registered for an op has the signature of its 
 * ``decode_layer``: one whole Llama-family decoder layer for one token (``ref``, ``cpu``);
 * ``linear_int8``, ``linear_w8a8``: the int8-weight output projection, with float or int8
   activations (``ref``, ``cpu``);
-* ``rms_norm``: RMSNorm over the last dim (``ref``, ``cpu``).
+* ``rms_norm``: RMSNorm over the last dim (``ref``, ``cpu``);
+* ``kv_attend``: attention of a few query tokens on a packed VidKV cache, read as codes
+  (``ref``, ``cpu``; layout in ``dbquant.backends.kvpack``).
 
 Each has a ``ref`` entry, so ``auto`` always resolves. A kernel with a layout of its own (the ``cpu``
 kernel's "t16", docs/FORMAT.md) also carries ``fn.prepare(qweight, scales, offset,
@@ -33,7 +35,7 @@ import torch
 from ..errors import DbquantError
 from . import cpu, cuda, reference, triton
 
-OPS = ("dbgemm", "decode_layer", "linear_int8", "linear_w8a8", "rms_norm")
+OPS = ("dbgemm", "decode_layer", "kv_attend", "linear_int8", "linear_w8a8", "rms_norm")
 BACKENDS = ("ref", "cpu", "triton", "cuda")
 # Best first, per device type. ``ref`` closes every list so ``auto`` always resolves.
 PREFERENCE = {"cpu": ("cpu", "ref"), "cuda": ("cuda", "triton", "ref")}
@@ -70,6 +72,7 @@ def _load_cpu() -> None:
         register("linear_int8", "cpu")(cpu.linear_int8_cpu)
         register("linear_w8a8", "cpu")(cpu.linear_w8a8_cpu)
         register("rms_norm", "cpu")(cpu.rms_norm_cpu)
+        register("kv_attend", "cpu")(cpu.kv_attend_cpu)
     else:
         _UNAVAILABLE["cpu"] = cpu._cpu_error
 
@@ -96,6 +99,7 @@ register("decode_layer", "ref")(reference.decode_layer_ref)
 register("linear_int8", "ref")(reference.linear_int8_ref)
 register("linear_w8a8", "ref")(reference.linear_w8a8_ref)
 register("rms_norm", "ref")(reference.rms_norm_ref)
+register("kv_attend", "ref")(reference.kv_attend_ref)
 
 
 def available(backend: str, op: str = "dbgemm") -> bool:

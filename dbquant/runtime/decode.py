@@ -41,6 +41,8 @@ from ..backends import registry
 from ..backends.t16 import CpuWeight, DecodeLayerWeights, Projection
 from ..errors import DbquantError
 from ..model.modules import PackedLinear
+from .kv.packed import PackedKVCache, check_packable
+from .kv.spec import KVSpec, parse_kv
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "granite", "gemma", "gemma2", "gemma3_text", "olmo2", "phi3")
 # Where a family's decoder layer keeps its norms: "pre" (input_layernorm before attention,
@@ -203,10 +205,15 @@ class FastDecoder:
             The checkpoint is not changed: the copy is made here. See :data:`LM_HEAD_DTYPES`.
         backend: dbquant kernel backend for packed layers (``auto``/``cpu`` fuse and call the
             C++ kernel directly).
+        kv: a packed VidKV cache (a :class:`KVSpec` or ``--kv`` spelling such as ``"1.5/1.58"``;
+            None or ``"fp"``: the float32 cache). Attention then reads the past as codes (the
+            registry's ``kv_attend`` op; one ``decode_layer_kv`` call per layer and token when the
+            layers run natively), no float copy of it is kept, and a prompt is prefilled group by
+            group (:class:`dbquant.runtime.kv.packed.PackedKVCache`). Batch 1 only.
     """
 
     def __init__(self, model, max_len: int = 2048, lm_head_dtype: torch.dtype | str = torch.float32,
-                 backend: str = "auto"):
+                 backend: str = "auto", kv: KVSpec | str | None = None):
         cfg = model.config
         check_supported(model)
         self.model = model
@@ -251,6 +258,7 @@ class FastDecoder:
         self.rms_norm = registry.get("rms_norm", "cpu").run if native else None
         self.decode_layer = registry.get("decode_layer", "cpu") if native else None
         self.native = self._native_layers() if native else None
+        self._init_kv(kv, native)
 
     def _native_layers(self) -> list | None:
         """Per layer, the ``decode_layer`` op's prepared form (built once here), or None when
@@ -286,6 +294,9 @@ class FastDecoder:
     # -- the network -----------------------------------------------------------------
 
     def _alloc(self, batch: int) -> None:
+        if self.kv_spec is not None:
+            self._alloc_kv(batch)
+            return
         shape = (len(self.layers), batch, self.n_kv, self.max_len, self.head_dim)
         if self.k_cache is None or self.k_cache.shape != shape:
             self.k_cache = torch.zeros(shape, device=self.device)
@@ -314,6 +325,8 @@ class FastDecoder:
         b, t = tokens.shape
         if pos + t > self.max_len:
             raise DbquantError(f"sequence of {pos + t} tokens exceeds the decoder's max_len={self.max_len}")
+        if self.kv_cache is not None:
+            return self._logits(self._rms(self._forward_kv(tokens, pos), self.norm))
         x = self.embed(tokens).float().reshape(b * t, -1)  # [B*T, hidden]
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
@@ -358,9 +371,12 @@ class FastDecoder:
         if L.q_norm is not None and not L.qk_whole:
             qk = torch.cat([self._rms(qk[:, :, :hq], L.q_norm), self._rms(qk[:, :, hq:], L.k_norm)], dim=2)
         qk = self._rope(qk.transpose(1, 2), pos, L)  # q and k heads rotated together: [B, Hq+Hk, T, D]
-        self.k_cache[i, :, :, pos:end] = qk[:, hq:]
-        self.v_cache[i, :, :, pos:end] = v.transpose(1, 2)
-        att = self._attend(qk[:, :hq], self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end], L, pos)
+        if self.kv_cache is not None:
+            att = self._kv_attend(i, qk[:, :hq], qk[:, hq:], v.transpose(1, 2), L)
+        else:
+            self.k_cache[i, :, :, pos:end] = qk[:, hq:]
+            self.v_cache[i, :, :, pos:end] = v.transpose(1, 2)
+            att = self._attend(qk[:, :hq], self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end], L, pos)
         out = L.o(att.transpose(1, 2).reshape(b * t, hq * d))
         x = x + self._branch(out, L.post_attn, L.residual_scale)
         gate_up = L.gate_up(self._rms(x, L.ln2) if L.ln2 else x)
@@ -394,6 +410,64 @@ class FastDecoder:
         scores = (q @ k.transpose(-1, -2)) * L.scale
         scores = torch.tanh(scores / L.softcap) * L.softcap
         return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+    # -- the packed VidKV cache (kv=...) ----------------------------------------------
+
+    def _init_kv(self, kv: KVSpec | str | None, native: bool) -> None:
+        """Check and keep the packed-cache spec (None: the float32 cache) and its ops."""
+        spec = parse_kv(kv) if isinstance(kv, str) else kv
+        self.kv_spec = None if spec is None or spec.method == "fp" else spec.check()
+        self.kv_cache = None
+        if self.kv_spec is None:
+            return
+        check_kv_supported(self.model, self.kv_spec)
+        self.kv_attend_op = registry.get("kv_attend", "auto", self.device)
+        self.decode_layer_kv = cpu_backend.decode_layer_kv_cpu.run if native and self.native is not None else None
+
+    def _alloc_kv(self, batch: int) -> None:
+        if batch != 1:
+            raise DbquantError(f"the packed KV cache decodes one sequence at a time, got batch {batch}")
+        if self.device.type != "cpu":
+            raise DbquantError(f"the packed KV cache runs on the CPU, the model is on {self.device}")
+        self.kv_cache = PackedKVCache(self.kv_spec, len(self.layers), self.n_kv, self.head_dim, self.max_len,
+                                      chunk=self.kv_spec.group)
+        if self.decode_layer_kv is not None:
+            for layer in self.kv_cache.layers:
+                cpu_backend.prepare_kv_packed(layer)
+
+    def _forward_kv(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """Run tokens (int64 [1, T]) at pos.. through the layers on the packed cache, one group of
+        tokens at a time (a long prompt is quantized as it goes: the tail never holds more than
+        residual + 2 groups); returns the last position's hidden state, float32 [1, H]."""
+        c = self.kv_cache
+        if pos != c.n_groups * c.spec.group + c.n_tail:
+            raise DbquantError(f"the packed KV cache holds {c.n_groups * c.spec.group + c.n_tail} tokens; "
+                               f"it can only be extended at that position, not at {pos}")
+        g = c.spec.group
+        for s in range(0, tokens.shape[1], g):
+            chunk = tokens[:, s:s + g]
+            t, p = chunk.shape[1], pos + s
+            x = self.embed(chunk).float().reshape(t, -1)
+            if self.embed_scale != 1.0:
+                x = x * self.embed_scale
+            if self.decode_layer_kv is not None and t == 1:
+                for i, L in enumerate(self.layers):
+                    self.decode_layer_kv(x, L.native, L.cos[p], L.sin[p], c.layers[i].native, c.n_groups, c.n_tail)
+            else:
+                for i, L in enumerate(self.layers):
+                    x = self._layer(x, i, L, 1, t, p)
+            c.n_tail += t
+            c.flush()
+        return x[-1:]
+
+    def _kv_attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, L: DecoderLayer) -> torch.Tensor:
+        """Layer i's attention on the packed cache: k, v float32 [1, Hk, T, D] appended to its tail,
+        q float32 [1, Hq, T, D] -> float32 [1, Hq, T, D]."""
+        c = self.kv_cache
+        t = q.shape[2]
+        c.append(k[0], v[0], i)
+        att = self.kv_attend_op(q[0].transpose(0, 1).contiguous(), c.layers[i], c.n_groups, c.n_tail + t, L.scale)
+        return att.transpose(0, 1)[None]
 
     # -- generation ------------------------------------------------------------------
 
@@ -529,6 +603,17 @@ def _build_layer(layer, i: int, mt: str, cfg, tables: dict, backend: str) -> Dec
         softcap=float(getattr(cfg, "attn_logit_softcapping", None) or 0.0),
         scale=float(att.scaling), residual_scale=float(getattr(layer, "residual_multiplier", 1.0)),
         cos=cos, sin=sin)
+
+
+def check_kv_supported(model, spec: KVSpec) -> None:
+    """Raise DbquantError naming the reason when the packed KV cache cannot serve ``model`` with ``spec``
+    (cheap: reads the config and attention modules, builds nothing)."""
+    check_packable(spec)
+    cfg = model.config
+    bad = [i for i, layer in enumerate(model.model.layers) if _window(layer.self_attn, cfg)]
+    if bad or getattr(cfg, "attn_logit_softcapping", None):
+        raise DbquantError(f"the packed KV cache serves neither sliding windows nor soft-capping (layers "
+                           f"{bad[:4] or 'all'}); use --engine hf for --kv {spec.name}")
 
 
 def check_supported(model) -> None:

@@ -17,7 +17,7 @@ from dbquant.errors import DbquantError
 from dbquant.model.checkpoint import is_dbquant_dir
 from dbquant.model.sources import resolve_model
 from dbquant.model.vlm import image_prompt_inputs, vlm_family
-from dbquant.runtime.decode import LM_HEAD_DTYPES, FastDecoder, check_supported
+from dbquant.runtime.decode import LM_HEAD_DTYPES, FastDecoder, check_kv_supported, check_supported
 from dbquant.runtime.kv import KVSpec, cache_nbytes, make_cache, parse_kv
 
 ENGINES = ("auto", "dbquant", "hf")
@@ -30,8 +30,9 @@ class GenerateOptions:
     prompt: the user text; raw: do not apply the tokenizer's chat template; image: an image
     file the prompt refers to (VLMs, hf engine); max_new_tokens; sample: sample instead of
     greedy decoding (with the model's generation config); seed; backend: packed-linear
-    backend of the dbquant engine; kv / kv_residual / kv_sink: a quantized KV cache (hf
-    engine; None = the cache spec's defaults); engine: one of :data:`ENGINES`;
+    backend of the dbquant engine; kv / kv_residual / kv_sink: a quantized KV cache (VidKV with
+    ternary values: the dbquant engine's packed cache; others: the hf engine; None = the cache
+    spec's defaults); engine: one of :data:`ENGINES`;
     lm_head_dtype: a key of ``LM_HEAD_DTYPES`` (dbquant engine's dense output projection).
     """
 
@@ -96,13 +97,13 @@ def pick_engine(model: nn.Module, opts: GenerateOptions) -> str:
     if opts.engine == "hf":
         return "hf"
     reason = None
-    if opts.kv:
-        reason = "--kv needs the Hugging Face generate() path (its cache plugs into it)"
-    elif opts.image:
+    if opts.image:
         reason = "--image needs the Hugging Face generate() path (the VLM class merges the image features)"
     else:
         try:
             check_supported(model)
+            if opts.kv and _kv_spec(opts).method != "fp":
+                check_kv_supported(model, _kv_spec(opts))
         except DbquantError as e:
             reason = str(e)
     if reason is None:
@@ -126,6 +127,10 @@ def nothing_quantized_note(spec: KVSpec, tokens_quantized: int, tokens: int) -> 
             "full-precision cache's result; use a longer sequence or a smaller --kv-residual")
 
 
+def _kv_spec(opts: GenerateOptions) -> KVSpec:
+    return parse_kv(opts.kv, residual=opts.kv_residual, sink=opts.kv_sink)
+
+
 def build_kv_cache(model: nn.Module, opts: GenerateOptions):
     """The quantized KV cache of ``opts.kv`` for ``model.generate()``, or None (plain cache)."""
     if not opts.kv:
@@ -142,8 +147,13 @@ def generate(model: nn.Module, tokenizer, opts: GenerateOptions, model_id: str =
     t = time.perf_counter()
     warning = None
     if engine == "dbquant":
-        out, st = _fast_generate(model, tokenizer, ids, opts)
+        out, st, dec = _fast_generate(model, tokenizer, ids, opts)
         speed = f"prefill {st.prefill_tok_s:.1f} tokens/s, decode {st.decode_tok_s:.1f} tokens/s"
+        if dec.kv_cache is not None:
+            nb = dec.kv_cache.nbytes()
+            speed += (f"; packed KV cache {dec.kv_spec.name}: {nb['total'] / max(nb['tokens'], 1):.0f} bytes/token "
+                      f"held ({nb['packed']} packed, {nb['residual'] + nb['sink']} full precision)")
+            warning = nothing_quantized_note(dec.kv_spec, nb["tokens_packed"], nb["tokens"])
     else:
         out, speed, warning = _hf_generate(model, tokenizer, ids, extra, opts)
     dt = time.perf_counter() - t
@@ -151,14 +161,15 @@ def generate(model: nn.Module, tokenizer, opts: GenerateOptions, model_id: str =
 
 
 def _fast_generate(model: nn.Module, tokenizer, ids: torch.Tensor, opts: GenerateOptions):
-    """The dbquant engine, sampling as the model's generation config says: (ids [1, T + n], stats)."""
+    """The dbquant engine, sampling as the model's generation config says: (ids [1, T + n], stats,
+    the decoder)."""
     gc = model.generation_config
     dec = FastDecoder(model, max_len=ids.shape[1] + opts.max_new_tokens, backend=opts.backend,
-                      lm_head_dtype=LM_HEAD_DTYPES[opts.lm_head_dtype])
-    return dec.generate(ids, opts.max_new_tokens, do_sample=opts.sample, temperature=gc.temperature or 1.0,
+                      lm_head_dtype=LM_HEAD_DTYPES[opts.lm_head_dtype], kv=_kv_spec(opts) if opts.kv else None)
+    return *dec.generate(ids, opts.max_new_tokens, do_sample=opts.sample, temperature=gc.temperature or 1.0,
                         top_k=gc.top_k or 0, top_p=gc.top_p or 1.0,
                         eos_token_id=gc.eos_token_id or tokenizer.eos_token_id,
-                        generator=torch.Generator().manual_seed(opts.seed))
+                        generator=torch.Generator().manual_seed(opts.seed)), dec
 
 
 def _hf_generate(model: nn.Module, tokenizer, ids: torch.Tensor, extra: dict, opts: GenerateOptions):
@@ -173,6 +184,6 @@ def _hf_generate(model: nn.Module, tokenizer, ids: torch.Tensor, extra: dict, op
     if cache is not None:
         nb = cache_nbytes(cache)
         speed += f"; KV cache {opts.kv}: {nb['total'] / max(nb['tokens'], 1):.0f} bytes/token held"
-        spec = parse_kv(opts.kv, residual=opts.kv_residual, sink=opts.kv_sink)
+        spec = _kv_spec(opts)
         return out, speed, nothing_quantized_note(spec, nb["tokens_quantized"], nb["tokens"])
     return out, speed, None
