@@ -202,6 +202,10 @@ class FastDecoder:
             (the same codes, and the activations quantized to int8 per block of 32 so the
             kernel ``linear_w8a8_cpu`` multiplies integers: ~2x faster, as llama.cpp's Q8_0).
             The checkpoint is not changed: the copy is made here. See :data:`LM_HEAD_DTYPES`.
+            A checkpoint that stores the head as an int8 table with one scale per row
+            (``--head-bits 8``, or a tied ``--embed-bits 8`` embedding) runs it as stored through
+            ``linear_int8`` (``linear_w8a8`` when asked), whatever else is asked; a head over
+            another table is dequantized to float32 first.
         backend: dbquant kernel backend for packed layers (``auto``/``cpu`` fuse and call the
             C++ kernel directly).
     """
