@@ -8,8 +8,12 @@ with the wiki protocol. The decoder is the same calibration in every row, so the
 only in the tables; one calibration serves every variant (a ``fast`` run is minutes to an hour on
 a shared 2-core machine).
 
+With ``--fp``, CHECKPOINT is a full-precision model (e.g. ``smollm2-135m``): the tables are
+applied to it in memory (nothing saved; sizes are the layouts'), which isolates what the tables
+alone cost on an unquantized decoder.
+
 Usage: python benchmarks/embed_tables.py CHECKPOINT OUT [--variants fp32:auto,8:auto,4:auto:32,...]
-       [--windows 32] [--json PATH]
+       [--windows 32] [--fp] [--json PATH]
 """
 
 from __future__ import annotations
@@ -46,6 +50,20 @@ def retable(checkpoint: str, out: Path, embed_bits: str, head_bits: str, group: 
     return dbquant.load(out)
 
 
+def fp_tables(name: str, embed_bits: str, head_bits: str, group: int | None):
+    """The full-precision model ``name`` with its tables stored as asked (in memory) and its bits summary."""
+    from dbquant.model import embedding as embedlib
+    from dbquant.model.plan import bits_summary
+    from dbquant.model.sources import load_fp_model
+    from dbquant.quantize import EMBED_BITS
+
+    model = load_fp_model(name)[0].eval()
+    tables = embedlib.make_table_plan(model, EMBED_BITS[embed_bits], group, head_bits)
+    embedlib.quantize_tables(model, tables)
+    bits = bits_summary([], model, tables)
+    return model, {"checkpoint_bytes": bits["checkpoint_bytes"], "checkpoint_bpw": bits["checkpoint_bpw"]}
+
+
 def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
@@ -57,25 +75,31 @@ def main(argv=None) -> int:
     ap.add_argument("out")
     ap.add_argument("--variants", default="fp32:auto,8:auto,4:auto:32,4:auto:64,4:8:32,fp16:auto")
     ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--fp", action="store_true", help="CHECKPOINT is a full-precision model; tables in memory only")
     ap.add_argument("--json", help="write the results here (atomically)")
     a = ap.parse_args(argv)
-    tok = AutoTokenizer.from_pretrained(a.checkpoint)
+    from dbquant.model.sources import resolve_model
+    tok = AutoTokenizer.from_pretrained(resolve_model(a.checkpoint) if a.fp else a.checkpoint)
     rows = []
     for v in a.variants.split(","):
         embed_bits, head_bits, *g = v.split(":")
-        path = Path(a.out) / v.replace(":", "-")
-        model = retable(a.checkpoint, path, embed_bits, head_bits, int(g[0]) if g else None)
+        group = int(g[0]) if g else None
+        if a.fp:
+            model, size = fp_tables(a.checkpoint, embed_bits, head_bits, group)
+        else:
+            path = Path(a.out) / v.replace(":", "-")
+            model = retable(a.checkpoint, path, embed_bits, head_bits, group)
+            size = {**measured_bits(path, model), "du_b": sum(f.stat().st_size for f in path.iterdir() if f.is_file())}
         res = evaluate(model, tok, n_windows=a.windows, progress=False)
-        size = measured_bits(path, model)
-        rows.append({"variant": v, "embed_bits": embed_bits, "head_bits": head_bits, "embed_group": g[0] if g else None,
-                     "wiki_ppl": res["ppl"], "tokens": res["tokens"], **size,
-                     "du_b": sum(f.stat().st_size for f in path.iterdir() if f.is_file())})
+        rows.append({"variant": v, "embed_bits": embed_bits, "head_bits": head_bits, "embed_group": group,
+                     "wiki_ppl": res["ppl"], "tokens": res["tokens"], **size})
         print(json.dumps(rows[-1]), flush=True)
         del model
     if a.json:
         path = Path(a.json)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-            json.dump({"benchmark": "embed_tables", "checkpoint": a.checkpoint, "windows": a.windows, "rows": rows},
+            json.dump({"benchmark": "embed_tables", "checkpoint": a.checkpoint, "fp": a.fp, "windows": a.windows,
+                       "rows": rows},
                       f, indent=1)
         os.replace(f.name, path)
     return 0

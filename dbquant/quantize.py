@@ -58,7 +58,7 @@ def _calib_source(text: str) -> str | None:
     return None if text == "none" else text
 
 
-EMBED_BITS = {"8": 8, "4": 4, "fp16": 16, "fp32": None}  # --embed-bits -> stored table bits (None: dense)
+EMBED_BITS = {"8": 8, "6": 6, "4": 4, "fp16": 16, "fp32": None}  # --embed-bits -> stored table bits (None: dense)
 HEAD_BITS = ("auto", "tied", "8", "fp16", "fp32")
 
 
@@ -86,10 +86,11 @@ class QuantizeOptions:
     group_size: int = option(64, "input channels per scale group")
     offset: bool = option(False, "store a per-group offset beta (+16 bits/group)")
     modules: tuple[str, ...] = option(("decoder",), "comma list of: decoder, lm_head, vision", type=_comma_tuple)
-    embed_bits: str = option("fp32", "input embedding storage: 8 or 4 (group-wise int with float16 scales, rows "
+    embed_bits: str = option("fp32", "input embedding storage: 8, 6 or 4 (group-wise int with float16 scales, rows "
                                      "dequantized on lookup), fp16, fp32 (dense, as the model has it)",
                              choices=tuple(EMBED_BITS))
-    embed_group: int | None = option(None, "channels per embedding scale (default: a whole row for 8 bits, 32 for 4)")
+    embed_group: int | None = option(None, "channels per embedding scale (default: a whole row for 8 and 6 bits, "
+                                           "32 for 4)")
     head_bits: str = option("auto", "output projection storage: tied (read the stored embedding), 8 (int8, one "
                                     "scale per row: the fast decoder's int8 head as stored), fp16, fp32; auto: tied "
                                     "when the model ties it and --embed-bits quantizes, else fp32",

@@ -54,7 +54,8 @@ def test_float16_table_is_exact():
 
 
 @pytest.mark.parametrize("rows,dim,bits,g", [(1, 2, 4, 2), (3, 13, 4, 4), (7, 100, 8, 64), (5, 577, 4, 32),
-                                             (9, 33, 8, 33), (4, 9, 8, 4)])
+                                             (9, 33, 8, 33), (4, 9, 8, 4), (3, 13, 6, 4), (2, 577, 6, 576),
+                                             (5, 64, 6, 64)])
 def test_pack_unpack_exact(rows, dim, bits, g):
     gen = torch.Generator().manual_seed(rows * 1000 + dim)
     lay = TableLayout(rows, dim, bits, g)
@@ -68,18 +69,23 @@ def test_pack_unpack_exact(rows, dim, bits, g):
     assert torch.equal(fmt.dequantize(packed, lay), want)
 
 
-def test_nibbles_cover_every_code():
+def test_nibbles_and_sextets_cover_every_code():
     codes = torch.arange(-8, 8).repeat(2)
     assert torch.equal(fmt.unpack_nibbles(fmt.pack_nibbles(codes)).long(), codes)
+    codes = torch.arange(-32, 32)
+    assert torch.equal(fmt.unpack_sextets(fmt.pack_sextets(codes)).long(), codes)
+    # channels 0..3 = 1, -1, 0, 31 -> word 0x01 | 0x3F << 6 | 0 << 12 | 0x1F << 18 = 0x7C0FC1, little-endian
+    assert fmt.pack_sextets(torch.tensor([1, -1, 0, 31])).tolist() == [0xC1, 0x0F, 0x7C]
 
 
 def test_layout_refuses_what_it_cannot_store():
-    for bad in [dict(bits=3, group_size=4), dict(bits=4, group_size=5), dict(bits=8, group_size=0)]:
+    for bad in [dict(bits=3, group_size=4), dict(bits=4, group_size=5), dict(bits=8, group_size=0),
+                dict(bits=6, group_size=6)]:
         with pytest.raises(DbquantError):
             TableLayout(4, 10, **bad)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 6, 4])
 def test_quantize_table_beats_absmax(bits):
     # The clip search keeps, per group, the scale of least error: never worse than plain absmax
     # (clip 1.0, a candidate itself), and strictly better somewhere on heavy-tailed rows.
@@ -99,7 +105,7 @@ def test_quantize_table_beats_absmax(bits):
     assert err.sum() <= err_abs.sum() and len(CLIPS) > 1
     if bits == 4:
         assert err.sum() < 0.95 * err_abs.sum()
-    assert (deq - w).square().sum() / w.square().sum() < (0.02 if bits == 4 else 1e-4)
+    assert (deq - w).square().sum() / w.square().sum() < {4: 0.02, 6: 2e-3, 8: 1e-4}[bits]
 
 
 def test_lookup_equals_dequantized_rows():
@@ -122,7 +128,7 @@ def _quantized(tmp_path, tok, embed_bits, head_bits, tied=True, name="q"):
 
 
 IDS = torch.tensor([[5, 17, 2, 99, 41, 8, 63, 120]])
-CASES = [("8", "auto", True), ("4", "auto", True), ("fp16", "auto", True), ("fp32", "auto", True),
+CASES = [("8", "auto", True), ("6", "auto", True), ("4", "auto", True), ("fp16", "auto", True), ("fp32", "auto", True),
          ("4", "8", True), ("fp32", "8", True), ("4", "fp32", True), ("8", "auto", False), ("4", "fp16", False)]
 
 
@@ -159,9 +165,9 @@ def test_round_trip_both_loaders(tmp_path, tiny_tokenizer, embed_bits, head_bits
 
 def test_tables_shrink_the_checkpoint(tmp_path, tiny_tokenizer):
     sizes = {b: measured_bits(out, load(out))["checkpoint_bytes"]
-             for b in ("fp32", "fp16", "8", "4") for _, out, _ in [_quantized(tmp_path, tiny_tokenizer, b, "auto",
-                                                                              name=b)]}
-    assert sizes["fp32"] > sizes["fp16"] > sizes["8"] > sizes["4"]
+             for b in ("fp32", "fp16", "8", "6", "4") for _, out, _ in [_quantized(tmp_path, tiny_tokenizer, b,
+                                                                                   "auto", name=b)]}
+    assert sizes["fp32"] > sizes["fp16"] > sizes["8"] > sizes["6"] > sizes["4"]
     v, d = 300, 64  # the tiny model's table: each step saves what its layout says
     assert sizes["fp32"] - sizes["fp16"] == pytest.approx(v * d * 2, abs=2048)
 
@@ -177,14 +183,18 @@ def test_head_tied_needs_a_tied_model(tiny_tokenizer):
 
 
 def test_fast_decoder_runs_the_stored_int8_head(tmp_path, tiny_tokenizer):
-    for head_bits, embed_bits in (("8", "4"), ("auto", "8")):  # its own int8 table; a tied per-row 8-bit embedding
+    # its own int8 table; a tied per-row 8-bit embedding; a tied 6-bit one (codes widened to int8)
+    for head_bits, embed_bits in (("8", "4"), ("auto", "8"), ("auto", "6")):
         _, out, _ = _quantized(tmp_path, tiny_tokenizer, embed_bits, head_bits, name=f"{embed_bits}-{head_bits}")
         model = load(out)
         table = model.lm_head if head_bits == "8" else model.model.embed_tokens
         dec = FastDecoder(model, max_len=64)
         if dec.lm_head_op is None:
             pytest.skip("the C++ CPU extension is not built")
-        assert dec.lm_head.data_ptr() == table.codes.data_ptr()  # the stored codes, not a requantized copy
+        if embed_bits == "6":  # the stored codes, widened: the same values
+            assert torch.equal(dec.lm_head, fmt.unpack_sextets(table.codes))
+        else:
+            assert dec.lm_head.data_ptr() == table.codes.data_ptr()  # the stored codes, not a requantized copy
         assert torch.equal(dec.lm_head_scale, table.code_scales[:, 0].float())
         with torch.inference_mode():
             hf = model.generate(IDS[:, :6], max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)

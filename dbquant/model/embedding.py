@@ -125,12 +125,14 @@ def head_weight(head: nn.Module) -> torch.Tensor:
 
 
 def int8_rows(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(int8 [out, in] codes, float32 [out] scales)`` of an output projection stored as an 8-bit table
-    with one scale per row (the ``linear_int8`` op's operands, as stored); None for anything else."""
+    """``(int8 [out, in] codes, float32 [out] scales)`` of an output projection stored as an 8- or 6-bit
+    table with one scale per row (the ``linear_int8`` op's operands: the stored codes, 6-bit ones widened
+    to int8 without changing a value); None for anything else."""
     table = head.embedding if isinstance(head, TiedHead) else head
-    if not isinstance(table, StoredTable) or table.layout.bits != 8 or table.layout.groups != 1:
+    if not isinstance(table, StoredTable) or table.layout.bits not in (8, 6) or table.layout.groups != 1:
         return None
-    return table.codes.contiguous(), table.code_scales[:, 0].float().contiguous()
+    codes = fmt.unpack_codes(table.tensors(), table.layout)[:, :table.layout.dim]  # 6-bit: widened, same values
+    return codes.contiguous(), table.code_scales[:, 0].float().contiguous()
 
 
 @dataclass(frozen=True)
@@ -192,8 +194,8 @@ def make_table_plan(model: nn.Module, embed_bits: int | None, embed_group: int |
 
     Args:
         embed_bits: 8, 4, 16 or None (the embedding stays a dense float32 parameter).
-        embed_group: channels per scale (None: a whole row for 8 bits, so a tied head feeds the int8
-            kernel as stored; 32 for 4 bits).
+        embed_group: channels per scale (None: a whole row for 8 and 6 bits, so a tied head feeds the
+            int8 kernel as stored; 32 for 4 bits).
         head: ``auto`` (tied model with a quantized embedding: ``tied``; otherwise dense), ``tied``,
             ``8`` (int8, one scale per row), ``fp16`` or ``fp32`` (dense float32).
         head_packed: the output projection is a packed dual-binary linear (``--modules lm_head``);
@@ -204,7 +206,7 @@ def make_table_plan(model: nn.Module, embed_bits: int | None, embed_group: int |
     plan = []
     if embed_bits is not None:
         emb = model.get_submodule(emb_name)
-        group = embed_group or (emb.embedding_dim if embed_bits == 8 else 32)
+        group = embed_group or (emb.embedding_dim if embed_bits in (8, 6) else 32)
         plan.append(TablePlan(emb_name, "embedding", TableLayout(emb.num_embeddings, emb.embedding_dim,
                                                                  embed_bits, min(group, emb.embedding_dim))))
     if head_packed:
