@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     ap.add_argument("checkpoint")
     ap.add_argument("out")
     ap.add_argument("--variants", default="fp32:auto,8:auto,4:auto:32,4:auto:64,4:8:32,fp16:auto")
-    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--windows", type=int, default=32, help="wiki windows (0: sizes only, no evaluation)")
     ap.add_argument("--fp", action="store_true", help="CHECKPOINT is a full-precision model; tables in memory only")
     ap.add_argument("--json", help="write the results here (atomically)")
     a = ap.parse_args(argv)
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
             path = Path(a.out) / v.replace(":", "-")
             model = retable(a.checkpoint, path, embed_bits, head_bits, group)
             size = {**measured_bits(path, model), "du_b": sum(f.stat().st_size for f in path.iterdir() if f.is_file())}
-        res = evaluate(model, tok, n_windows=a.windows, progress=False)
+        res = evaluate(model, tok, n_windows=a.windows, progress=False) if a.windows else {"ppl": None, "tokens": 0}
         rows.append({"variant": v, "embed_bits": embed_bits, "head_bits": head_bits, "embed_group": group,
                      "wiki_ppl": res["ppl"], "tokens": res["tokens"], **size})
         print(json.dumps(rows[-1]), flush=True)
