@@ -31,11 +31,12 @@ from .errors import DbquantError
 from .eval import kv_ppl
 from .eval.protocols import PROTOCOLS, evaluate
 from .model import plan as planlib
-from .model.checkpoint import is_dbquant_dir, load
-from .model.inspect import layer_stats, load_source, stats_summary
+from .model.checkpoint import is_dbquant_dir, load, measured_bits
+from .model.inspect import layer_stats, load_source, stats_summary, table_stats
 from .model.sources import load_fp_model, resolve_model
 from .model.vlm import processor_files
-from .quantize import QuantizeOptions, check_output, drop_work_dir, make_plan, quantize, save_output
+from .quantize import (QuantizeOptions, check_output, drop_work_dir, make_plan, make_table_plan, quantize,
+                       save_output)
 from .runtime.decode import LM_HEAD_DTYPES
 from .runtime.generate import ENGINES, GenerateOptions, generate
 from .runtime.kv.quantizers import SCALE_DTYPES
@@ -73,14 +74,15 @@ def _load_fp(name: str):
 
 
 def _load_any(model_or_dir: str, backend: str = "auto"):
-    """(model, tokenizer, bpw) for a dbquant checkpoint, a builtin name or a local HF folder."""
+    """(model, tokenizer, bpw, folder) for a dbquant checkpoint, a builtin name or a local HF folder."""
 
     if is_dbquant_dir(model_or_dir):
         tok = _tokenizer(model_or_dir)
         model = load(model_or_dir, backend=backend)
-        return model, tok, (model.config.quantization_config.bpw or {}).get("bpw")
-    tok = _tokenizer(resolve_model(model_or_dir))
-    return load_fp_model(model_or_dir)[0].eval(), tok, None
+        return model, tok, (model.config.quantization_config.bpw or {}).get("bpw"), model_or_dir
+    folder = resolve_model(model_or_dir)
+    tok = _tokenizer(folder)
+    return load_fp_model(model_or_dir)[0].eval(), tok, None, folder
 
 
 def _options(cls, a: argparse.Namespace, **override):
@@ -90,12 +92,17 @@ def _options(cls, a: argparse.Namespace, **override):
 
 # ---------------------------------------------------------------- quantize
 
-def _print_plan(plan, bits, out=sys.stdout) -> None:
+def _print_plan(plan, bits, out=sys.stdout, tables=()) -> None:
     print(f"{'module':<48} {'shape':>12} {'group':>6} {'bpw':>6}", file=out)
     for p in plan:
         lay = p.layout
         print(f"{p.name:<48} {f'{lay.out_features}x{lay.in_features}':>12} {lay.group_size:>6} "
               f"{lay.bits_per_weight():>6.3f}", file=out)
+    for t in tables:
+        lay = t.layout
+        print(f"{t.name:<48} {'(reads the embedding)' if lay is None else f'{lay.rows}x{lay.dim}':>12} "
+              f"{'' if lay is None else lay.group_size:>6} {'' if lay is None else f'{lay.bits_per_weight():.3f}':>6}"
+              f"  {t.kind}", file=out)
     print(f"{len(plan)} linears, {bits['quantized_weights']:,} weights: {bits['bpw']:.4f} bits/weight; "
           f"whole checkpoint {bits['checkpoint_bpw']:.3f} bits/weight, "
           f"{bits['checkpoint_bytes'] / 2**20:.1f} MiB", file=out)
@@ -136,8 +143,8 @@ def cmd_quantize(a) -> int:
 
 def _quantize_in_memory(a, opts) -> int:
     model, tok = _load_fp(a.model)
-    plan = make_plan(model, opts)
-    _print_plan(plan, planlib.bits_summary(plan, model), out=sys.stderr if a.json else sys.stdout)
+    plan, tables = make_plan(model, opts), make_table_plan(model, opts)
+    _print_plan(plan, planlib.bits_summary(plan, model, tables), out=sys.stderr if a.json else sys.stdout, tables=tables)
     if a.dry_run:
         return 0
     report = quantize(model, tok, opts, model_id=a.model)
@@ -190,7 +197,7 @@ def _check_eval_sizes(a) -> None:
 
 def cmd_eval(a) -> int:
     _check_eval_sizes(a)  # before loading a model
-    model, tok, bpw = _load_any(a.model, a.backend)
+    model, tok, bpw, folder = _load_any(a.model, a.backend)
     kv = None
     if a.protocol == "kv-ppl" or a.kv:  # options of dbquant.eval.kv_ppl.evaluate_kv
         kv = {"kv": a.kv, "n_windows": a.windows, "seq_len": a.seq_len, "residual": a.kv_residual,
@@ -198,19 +205,22 @@ def cmd_eval(a) -> int:
               "scale_dtype": a.kv_scales}
     sizes = {k: v for k, v in (("n_windows", a.windows), ("seq_len", a.seq_len)) if v is not None}  # unset: protocol's
     res = evaluate(model, tok, a.protocol, kv=kv, **sizes)
-    res = {"model": a.model, "bpw": bpw, **res}
+    size = measured_bits(folder, model)
+    res = {"model": a.model, "bpw": bpw, "checkpoint_bpw": size["checkpoint_bpw"],
+           "checkpoint_bytes": size["checkpoint_bytes"], **res}
     if a.json:
         print(json.dumps(res))
     else:
         bits = "fp" if bpw is None else f"{bpw:.3f} bpw"
-        print(f"{a.model}: {a.protocol} PPL {res['ppl']:.3f} over {res['tokens']} tokens ({bits})")
+        print(f"{a.model}: {a.protocol} PPL {res['ppl']:.3f} over {res['tokens']} tokens ({bits}; whole checkpoint "
+              f"{size['checkpoint_bpw']:.3f} bits/parameter, {size['checkpoint_bytes']:,} bytes)")
         if res.get("kv_note"):
             print(f"note: {res['kv_note']}")
     return 0
 
 
 def cmd_generate(a) -> int:
-    model, tok, _ = _load_any(a.model, a.backend)
+    model, tok, _, _ = _load_any(a.model, a.backend)
     g = generate(model, tok, _options(GenerateOptions, a), model_id=a.model)
     n = len(g.new_tokens)
     print(tok.decode(g.new_tokens, skip_special_tokens=True).strip())
@@ -296,10 +306,10 @@ def _shapes(text: str) -> list[tuple[int, int]]:
 def cmd_inspect(a) -> int:
     model = load(a.dir, backend="ref")
     source = load_source(a.source) if a.source else None
-    rows = layer_stats(model, source)
-    summary = stats_summary(model, rows)
+    rows, tables = layer_stats(model, source), table_stats(model)
+    summary = {**stats_summary(model, rows), **measured_bits(a.dir, model)}  # checkpoint_* as measured on disk
     if a.json:
-        print(json.dumps({"layers": rows, **summary}))
+        print(json.dumps({"layers": rows, "tables": tables, **summary}))
         return 0
     hdr = f"{'module':<48} {'shape':>10} {'g':>4} {'bpw':>6} {'ones b1':>8} {'ones b2':>8}"
     print(hdr + (f" {'rel err':>9}" if source is not None else ""))
@@ -307,8 +317,15 @@ def cmd_inspect(a) -> int:
         line = (f"{r['module']:<48} {'x'.join(map(str, r['shape'])):>10} {r['group']:>4} {r['bpw']:>6.3f} "
                 f"{r['density_b1']:>8.3f} {r['density_b2']:>8.3f}")
         print(line + (f" {r['rel_error']:>9.4f}" if source is not None else ""))
+    for t in tables:
+        if t["bits"] is None:
+            print(f"{t['module']:<48} {'tied':>10} {'':>4} {'':>6}  output projection reads the embedding's table")
+        else:
+            print(f"{t['module']:<48} {'x'.join(map(str, t['shape'])):>10} {t['group']:>4} {t['bpw']:>6.3f}  "
+                  f"{t['kind']} table, {t['bits']}-bit{' float' if t['bits'] == 16 else ' int'}")
     print(f"{len(rows)} packed linears: {summary['bpw']:.4f} bits/weight; whole checkpoint "
-          f"{summary['checkpoint_bpw']:.3f} bits/weight ({summary['checkpoint_bytes'] / 2**20:.1f} MiB)")
+          f"{summary['checkpoint_bpw']:.3f} bits/parameter ({summary['checkpoint_bytes']:,} bytes of safetensors, "
+          f"{summary['parameters']:,} parameters)")
     return 0
 
 

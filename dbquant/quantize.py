@@ -26,6 +26,10 @@ from .errors import DbquantError
 from .model import plan as planlib
 from .model.checkpoint import load, save
 from .model.convert import pack_into
+from .format.embedding import TABLE_VERSION
+from .format.layout import FORMAT_VERSION
+from .model import embedding as embedlib
+from .model.embedding import TablePlan
 from .model.hf import DbquantConfig, attach
 
 
@@ -55,6 +59,10 @@ def _calib_source(text: str) -> str | None:
     return None if text == "none" else text
 
 
+EMBED_BITS = {"8": 8, "6": 6, "4": 4, "fp16": 16, "fp32": None}  # --embed-bits -> stored table bits (None: dense)
+HEAD_BITS = ("auto", "tied", "8", "fp16", "fp32")
+
+
 @dataclass
 class QuantizeOptions:
     """Options of ``dbquant quantize``: every field is one flag, generated from its metadata.
@@ -79,6 +87,15 @@ class QuantizeOptions:
     group_size: int = option(64, "input channels per scale group")
     offset: bool = option(False, "store a per-group offset beta (+16 bits/group)")
     modules: tuple[str, ...] = option(("decoder",), "comma list of: decoder, lm_head, vision", type=_comma_tuple)
+    embed_bits: str = option("fp32", "input embedding storage: 8, 6 or 4 (group-wise int with float16 scales, rows "
+                                     "dequantized on lookup), fp16, fp32 (dense, as the model has it)",
+                             choices=tuple(EMBED_BITS))
+    embed_group: int | None = option(None, "channels per embedding scale (default: a whole row for 8 and 6 bits, "
+                                           "32 for 4)")
+    head_bits: str = option("auto", "output projection storage: tied (read the stored embedding), 8 (int8, one "
+                                    "scale per row: the fast decoder's int8 head as stored), fp16, fp32; auto: tied "
+                                    "when the model ties it and --embed-bits quantizes, else fp32",
+                            choices=HEAD_BITS)
     calib: str | None = option("wiki", "calibration text: wiki, a text file/folder, hf:NAME[:CONFIG]:SPLIT, self "
                                        "(the fp model's own samples), chat (the fp model's answers in its chat "
                                        "template), none, or a mix by ratio: "
@@ -138,6 +155,8 @@ class QuantizeOptions:
     def check(self) -> QuantizeOptions:
         if self.method not in METHODS:
             raise DbquantError(f"unknown method {self.method!r}; choose from {METHODS}")
+        if self.embed_group is not None and self.embed_group < 1:
+            raise DbquantError(f"--embed-group must be >= 1, got {self.embed_group}")
         if self.iters < 0 or self.calib_samples < 1 or self.calib_seq_len < 2:
             raise DbquantError(f"out-of-range option: iters={self.iters} (>= 0), calib_samples="
                                f"{self.calib_samples} (>= 1), calib_seq_len={self.calib_seq_len} (>= 2)")
@@ -191,6 +210,12 @@ def make_plan(model, opts: QuantizeOptions) -> list[planlib.LinearPlan]:
     return planlib.make_plan(model, opts.group_size, opts.uses_offset, tuple(opts.modules))
 
 
+def make_table_plan(model, opts: QuantizeOptions) -> list[TablePlan]:
+    """The input embedding / output projection tables ``--embed-bits`` / ``--head-bits`` store."""
+    return embedlib.make_table_plan(model, EMBED_BITS[opts.embed_bits], opts.embed_group, opts.head_bits,
+                                    head_packed="lm_head" in opts.modules)
+
+
 def _init_only(model, tokenizer, plan, opts: QuantizeOptions, times: dict, progress: bool):
     """The FDB/RTN init stage alone (activation-weighted when calibration text is given)."""
     importance = None
@@ -219,7 +244,8 @@ def quantize(model, tokenizer, opts: QuantizeOptions, progress: bool = True, mod
         opts = opts.resolved()
     t0 = time.perf_counter()
     plan = make_plan(model, opts)
-    bits = planlib.bits_summary(plan, model)
+    tables = make_table_plan(model, opts)
+    bits = planlib.bits_summary(plan, model, tables)
     # kept before calibration: fdb-dad trains the latent weights in place
     fp_weights = {p.name: model.get_submodule(p.name).weight.detach().float().clone() for p in plan}
     times, report = {}, {}
@@ -233,8 +259,12 @@ def quantize(model, tokenizer, opts: QuantizeOptions, progress: bool = True, mod
                           / fp_weights[name].square().sum().clamp_min(1e-30)) for name, q in weights.items()}
     del fp_weights
     pack_into(model, weights)
+    embedlib.quantize_tables(model, tables)
+    bits = planlib.bits_summary(plan, model, tables)  # as stored (a head untied here is counted on its own)
     attach(model, DbquantConfig(modules=[p.name for p in plan], group_size=opts.group_size,
-                                offset=opts.uses_offset, method=opts.method, bpw=bits))
+                                offset=opts.uses_offset, method=opts.method, bpw=bits,
+                                tables=[t.to_dict() for t in tables],
+                                format_version=TABLE_VERSION if tables else FORMAT_VERSION))
     times["total_s"] = time.perf_counter() - t0
     return {"options": asdict(opts), **bits, "layers": len(plan), "rel_weight_error": errors, "times": times,
             **report}

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from ..backends import cpu as cpu_backend
 from ..backends.reference import dbgemm_ref
 from ..model.checkpoint import load
+from ..model.embedding import int8_rows
 from ..model.sources import load_fp_model
 from ..runtime.decode import LM_HEAD_DTYPES, FastDecoder
 
@@ -209,6 +210,8 @@ def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int
         if not name.endswith("hf-generate"):
             row["step_ms"] = round(statistics.median(s[2] for s in stats), 3)
             row["lm_head_ms"] = None if head_ms is None else round(head_ms, 3)
+            # an int8 table in the checkpoint runs as stored, whatever lm_head_dtype asked (but w8a8)
+            row["lm_head_stored_int8"] = dec.lm_head_op is not None and int8_rows(model.lm_head) is not None
         rows.append(row)
     base = next(r["decode_tok_s"] for r in rows if r["model"] == "fp32" and r["engine"] == "dbquant.runtime.decode")
     for r in rows:

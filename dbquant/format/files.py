@@ -21,8 +21,9 @@ import torch
 from .. import faults
 from ..errors import DbquantError
 from . import layout
+from .embedding import TableLayout
 
-_ST_DTYPES = {"U8": torch.uint8, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+_ST_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 # Bytes per element of every safetensors dtype (a header entry's data_offsets must span shape x width).
 _ST_WIDTH = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
              "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
@@ -222,12 +223,13 @@ def _check_metadata(path, meta: dict, expect: dict | None) -> None:
                                "these weights")
 
 
-def validate_files(files: list[str], layouts: dict[str, layout.LinearLayout],
+def validate_files(files: list[str], layouts: dict[str, layout.LinearLayout | TableLayout],
                    expect_meta: dict | None = None) -> dict[str, dict]:
     """Check that the checkpoint files hold every packed tensor of ``layouts``, whole and well-shaped.
 
     layouts: tensor-name prefix in the files (a module path, or the legacy name transformers
-    saves it under, e.g. LLaVA's ``language_model.model.layers...``) -> its packed layout.
+    saves it under, e.g. LLaVA's ``language_model.model.layers...``) -> its packed layout
+    (a linear's, or a quantized table's).
     expect_meta: the format facts config.json states (``format``, ``format_version``,
     ``group_size``, ``offset``); every file's header metadata must agree.
     Returns every tensor's header entry by name (all files together).

@@ -31,7 +31,10 @@ from ..errors import DbquantError
 
 FORMAT_NAME = "dbquant-fdb"
 FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+# 2: the checkpoint may also hold quantized tables (input embedding / output projection,
+# dbquant/format/embedding.py); a checkpoint says 2 exactly when it does, so a reader that only
+# knows 1 refuses it by version instead of meeting tensors it has no place for.
+SUPPORTED_VERSIONS = (1, 2)
 
 PLANES = 2
 CONTAINER_DTYPE = torch.uint8

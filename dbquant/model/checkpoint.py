@@ -18,6 +18,7 @@ from ..errors import DbquantError
 from ..format import layout
 from ..format.files import atomic_dir, file_metadata, read_header
 from .hf import DbquantConfig, format_metadata
+from .embedding import StoredTable
 from .modules import PackedLinear
 from .vlm import auto_model_class
 
@@ -135,3 +136,22 @@ def set_backend(model, backend: str) -> None:
     for m in model.modules():
         if isinstance(m, PackedLinear):
             m.backend = backend
+
+
+def parameter_count(model) -> int:
+    """All parameters of the model as stored: dense ones (a tied matrix once), every packed linear's
+    N*K and every quantized table's rows*dim (a tied head reads the embedding's: counted once)."""
+    dense = sum(p.numel() for p in model.parameters())
+    packed = sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, PackedLinear))
+    tables = sum(m.layout.rows * m.layout.dim for m in model.modules() if isinstance(m, StoredTable))
+    return dense + packed + tables
+
+
+def measured_bits(path: str | os.PathLike, model) -> dict:
+    """Whole-checkpoint size, measured on disk: ``checkpoint_bytes`` (every byte of the folder's
+    ``*.safetensors`` files, headers included; tokenizer and config files are not weights),
+    ``parameters`` (:func:`parameter_count`) and ``checkpoint_bpw`` = bytes x 8 / parameters."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    nbytes = sum(f.stat().st_size for f in files)
+    params = parameter_count(model)
+    return {"checkpoint_bytes": nbytes, "parameters": params, "checkpoint_bpw": nbytes * 8 / params}

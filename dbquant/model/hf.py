@@ -28,8 +28,10 @@ from ..backends.registry import BACKENDS
 from ..errors import DbquantError
 from ..format import layout
 from ..format.files import METADATA_KEY, check_claims, validate_files
+from ..format.embedding import TABLE_VERSION
 from ..format.layout import LinearLayout
 from .convert import empty_packed_modules
+from .embedding import TablePlan, empty_table_modules
 from .plan import LinearPlan
 from .vlm import is_vlm
 
@@ -46,12 +48,15 @@ class DbquantConfig(QuantizationConfigMixin):
         format / format_version: the packed format (``dbquant.format.layout``).
         bpw: effective-bits summary recorded at quantize time; informational.
         backend: kernel backend for the packed linears (``auto`` by default).
+        tables: quantized input embedding / output projection (:class:`dbquant.model.embedding.TablePlan`
+            dicts: ``module``, ``kind``, ``bits``, ``group_size``); they need ``format_version`` 2.
     """
 
     def __init__(self, modules: list[str] | None = None, group_size: int = 64, offset: bool = False,
                  method: str = "fdb", format: str = layout.FORMAT_NAME,
                  format_version: int = layout.FORMAT_VERSION, bpw: dict | None = None,
-                 dbquant_version: str = __version__, backend: str = "auto", **kwargs):
+                 dbquant_version: str = __version__, backend: str = "auto", tables: list[dict] | None = None,
+                 **kwargs):
         self.quant_method = QUANT_METHOD
         if modules is not None and (not isinstance(modules, (list, tuple))
                                     or not all(isinstance(m, str) for m in modules)):
@@ -67,6 +72,9 @@ class DbquantConfig(QuantizationConfigMixin):
         self.bpw = bpw
         self.dbquant_version = dbquant_version
         self.backend = backend
+        if tables is not None and not isinstance(tables, (list, tuple)):
+            raise DbquantError(f"quantization_config.tables must be a list, got {str(tables)[:120]}")
+        self.tables = list(tables or [])
         self.post_init()
         if backend != "auto" and backend not in BACKENDS:
             raise DbquantError(f"quantization_config.backend {backend!r} is unknown; choose auto or one of {BACKENDS}")
@@ -76,6 +84,9 @@ class DbquantConfig(QuantizationConfigMixin):
             raise DbquantError(f"checkpoint format {self.format!r} is not {layout.FORMAT_NAME!r}")
         layout.check_version(self.format_version)
         layout.check_group_size(self.group_size)
+        if self.tables and int(self.format_version) < TABLE_VERSION:
+            raise DbquantError(f"quantization_config lists quantized tables {[t.get('module') for t in self.tables]} "
+                               f"but says format_version {self.format_version}; tables need version {TABLE_VERSION}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -97,6 +108,10 @@ class DbquantConfig(QuantizationConfigMixin):
             out.append(LinearPlan(name, lay, mod.bias is not None))
         return out
 
+    def table_plan(self, model: torch.nn.Module) -> list[TablePlan]:
+        """The stored tables, checked against a (meta) model skeleton."""
+        return [TablePlan.from_dict(d, model) for d in self.tables]
+
 
 class DbquantHfQuantizer(HfQuantizer):
     """Builds :class:`dbquant.model.modules.PackedLinear` modules before transformers loads the weights."""
@@ -115,15 +130,18 @@ class DbquantHfQuantizer(HfQuantizer):
         module's ``weight`` initialised at random, an offset dropped, a dense tensor missing.
         """
         plan = self.quantization_config.plan(model)
+        tables = self.quantization_config.table_plan(model)
         entries = None
         if checkpoint_files:
-            names = disk_names(model, [p.name for p in plan])
+            names = disk_names(model, [p.name for p in plan] + [t.name for t in tables])
             layouts = {names.get(p.name, p.name): p.layout for p in plan}
-            # files -> config: missing/truncated/mis-shaped packed tensors, header facts that differ
-            entries = validate_files(checkpoint_files, layouts, format_metadata(self.quantization_config))
+            stored = {names.get(t.name, t.name): t.layout for t in tables if t.layout is not None}
+            # files -> config: missing/truncated/mis-shaped packed tensors and tables, header facts that differ
+            entries = validate_files(checkpoint_files, {**layouts, **stored}, format_metadata(self.quantization_config))
             # config -> files: packed tensors nobody claims, offsets the config does not expect
             check_claims(entries, layouts, native={k.rpartition(".")[2] for k in model.state_dict()})
         empty_packed_modules(model, plan, backend=self.quantization_config.backend)
+        empty_table_modules(model, tables)
         if entries is not None:
             check_dense_present(model, entries)
         return model

@@ -71,7 +71,20 @@ def layer_stats(model: nn.Module, source: nn.Module | None = None) -> list[dict]
     return rows
 
 
+def table_stats(model: nn.Module) -> list[dict]:
+    """One row per quantized table (input embedding, output projection) of a loaded checkpoint:
+    ``module``, ``kind``, ``shape`` ([rows, dim]), ``bits``, ``group``, ``bpw`` (None for a tied head)."""
+    out = []
+    for t in model.config.quantization_config.table_plan(model):
+        lay = t.layout
+        out.append({"module": t.name, "kind": t.kind, "shape": None if lay is None else [lay.rows, lay.dim],
+                    "bits": None if lay is None else lay.bits, "group": None if lay is None else lay.group_size,
+                    "bpw": None if lay is None else lay.bits_per_weight()})
+    return out
+
+
 def stats_summary(model: nn.Module, rows: list[dict]) -> dict:
-    """The effective-bits summary (:func:`dbquant.model.plan.bits_summary`) of the rows' linears."""
+    """The effective-bits summary (:func:`dbquant.model.plan.bits_summary`) of the rows' linears
+    and the checkpoint's quantized tables."""
     plan = [LinearPlan(r["module"], model.get_submodule(r["module"]).layout, False) for r in rows]
-    return bits_summary(plan, model)
+    return bits_summary(plan, model, tuple(model.config.quantization_config.table_plan(model)))

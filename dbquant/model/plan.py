@@ -138,23 +138,28 @@ def make_plan(model: nn.Module, group_size: int = 64, offset: bool = False,
     return plan
 
 
-def bits_summary(plan: list[LinearPlan], model: nn.Module) -> dict:
+def bits_summary(plan: list[LinearPlan], model: nn.Module, tables: tuple = ()) -> dict:
     """Effective bits per weight over the quantized matrices and over the whole checkpoint.
 
     ``bpw`` counts planes (padding included) and every scale/offset of the planned
-    linears over their weight count. ``checkpoint_bpw`` adds every other parameter at its
-    dtype's width (tied weights once) over all weights. Works on the full-precision model
-    (planned weights are skipped) and on the packed one (their buffers are not parameters).
+    linears over their weight count. ``checkpoint_bpw`` adds the stored ``tables``
+    (:class:`dbquant.model.embedding.TablePlan`: a quantized embedding / output projection, at
+    their layout's bits) and every other parameter at its dtype's width (tied weights once)
+    over all weights. Works on the full-precision model (planned weights are skipped) and on
+    the packed one (their buffers are not parameters).
     """
     qbits = sum(p.layout.storage_bits() for p in plan)
     qweights = sum(p.layout.in_features * p.layout.out_features for p in plan)
-    planned = {p.name + ".weight" for p in plan}
+    stored = [t.layout for t in tables if t.layout is not None]
+    tbits = sum(lay.storage_bits() for lay in stored)
+    tweights = sum(lay.rows * lay.dim for lay in stored)
+    planned = {p.name + ".weight" for p in plan} | {t.name + ".weight" for t in tables if t.layout is not None}
     dense = [t for n, t in model.named_parameters() if n not in planned]
     dense_bits = sum(t.numel() * t.element_size() * 8 for t in dense)
-    all_weights = qweights + sum(t.numel() for t in dense)
+    all_weights = qweights + tweights + sum(t.numel() for t in dense)
     return {
         "bpw": qbits / qweights if qweights else None,
         "quantized_weights": qweights,
-        "checkpoint_bpw": (qbits + dense_bits) / all_weights,
-        "checkpoint_bytes": (qbits + dense_bits) // 8,
+        "checkpoint_bpw": (qbits + tbits + dense_bits) / all_weights,
+        "checkpoint_bytes": (qbits + tbits + dense_bits) // 8,
     }

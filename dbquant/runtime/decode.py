@@ -40,6 +40,7 @@ from ..backends import cpu as cpu_backend
 from ..backends import registry
 from ..backends.t16 import CpuWeight, DecodeLayerWeights, Projection
 from ..errors import DbquantError
+from ..model.embedding import head_weight, int8_rows
 from ..model.modules import PackedLinear
 from .kv.packed import PackedKVCache, check_packable
 from .kv.spec import KVSpec, parse_kv
@@ -203,6 +204,10 @@ class FastDecoder:
             (the same codes, and the activations quantized to int8 per block of 32 so the
             kernel ``linear_w8a8_cpu`` multiplies integers: ~2x faster, as llama.cpp's Q8_0).
             The checkpoint is not changed: the copy is made here. See :data:`LM_HEAD_DTYPES`.
+            A checkpoint that stores the head as an int8 table with one scale per row
+            (``--head-bits 8``, or a tied ``--embed-bits 8`` embedding) runs it as stored through
+            ``linear_int8`` (``linear_w8a8`` when asked), whatever else is asked; a head over
+            another table is dequantized to float32 first.
         backend: dbquant kernel backend for packed layers (``auto``/``cpu`` fuse and call the
             C++ kernel directly).
         kv: a packed VidKV cache (a :class:`KVSpec` or ``--kv`` spelling such as ``"1.5/1.58"``;
@@ -233,24 +238,9 @@ class FastDecoder:
         self.layers: list[DecoderLayer] = [
             _build_layer(layer, i, mt, cfg, tables, backend) for i, layer in enumerate(inner.layers)]
         self.norm = _norm(inner.norm, mt in ONE_PLUS_W)
-        head = model.lm_head
         self.lm_head = self.lm_head_scale = self.lm_head_bias = self.lm_head_proj = None
         self.lm_head_op = None  # the native op of an int8 output projection (its unchecked `run`)
-        if not isinstance(head, nn.Linear):  # a packed lm_head
-            self.lm_head_proj = _Proj([head], backend)
-        elif lm_head_dtype in (torch.int8, "w8a8"):
-            if not (registry.available("cpu") and self.device.type == "cpu"):
-                raise DbquantError(f"lm_head_dtype={lm_head_dtype} needs the C++ CPU extension and a CPU model")
-            if lm_head_dtype == "w8a8" and head.in_features % 32:
-                raise DbquantError(f"lm_head_dtype=w8a8 quantizes activations per block of 32; hidden size "
-                                   f"{head.in_features} is not a multiple of 32 (use int8)")
-            op = "linear_w8a8" if lm_head_dtype == "w8a8" else "linear_int8"
-            self.lm_head_op = registry.get(op, "cpu").run
-            self.lm_head, self.lm_head_scale = quantize_rows_int8(head.weight.detach())
-            self.lm_head_bias = None if head.bias is None else head.bias.detach().float()
-        else:
-            self.lm_head = head.weight.detach().to(lm_head_dtype)
-            self.lm_head_bias = None if head.bias is None else head.bias.detach().to(lm_head_dtype)
+        self._build_head(model.lm_head, lm_head_dtype, backend)
         self.k_cache = self.v_cache = None
 
         # The fused C++ RMSNorm on the CPU (one call instead of ~8 framework ops per norm).
@@ -259,6 +249,35 @@ class FastDecoder:
         self.decode_layer = registry.get("decode_layer", "cpu") if native else None
         self.native = self._native_layers() if native else None
         self._init_kv(kv, native)
+
+    def _build_head(self, head: nn.Module, lm_head_dtype, backend: str) -> None:
+        """The output projection: a packed one through its kernel; a checkpoint's int8 table (its own,
+        or a tied 8-bit embedding with one scale per row) through the int8 op as stored; any other
+        weight dense, or requantized to int8 here when ``lm_head_dtype`` asks for it."""
+        if isinstance(head, PackedLinear):
+            self.lm_head_proj = _Proj([head], backend)
+            return
+        native = registry.available("cpu") and self.device.type == "cpu"
+        stored = int8_rows(head)
+        if stored is not None and native and (lm_head_dtype != "w8a8" or stored[0].shape[1] % 32 == 0):
+            self.lm_head_op = registry.get("linear_w8a8" if lm_head_dtype == "w8a8" else "linear_int8", "cpu").run
+            self.lm_head, self.lm_head_scale = stored  # as the checkpoint holds them: no requantization
+            return
+        weight = head_weight(head)
+        bias = getattr(head, "bias", None)
+        if lm_head_dtype in (torch.int8, "w8a8"):
+            if not native:
+                raise DbquantError(f"lm_head_dtype={lm_head_dtype} needs the C++ CPU extension and a CPU model")
+            if lm_head_dtype == "w8a8" and weight.shape[1] % 32:
+                raise DbquantError(f"lm_head_dtype=w8a8 quantizes activations per block of 32; hidden size "
+                                   f"{weight.shape[1]} is not a multiple of 32 (use int8)")
+            op = "linear_w8a8" if lm_head_dtype == "w8a8" else "linear_int8"
+            self.lm_head_op = registry.get(op, "cpu").run
+            self.lm_head, self.lm_head_scale = quantize_rows_int8(weight)
+            self.lm_head_bias = None if bias is None else bias.detach().float()
+        else:
+            self.lm_head = weight.to(lm_head_dtype)
+            self.lm_head_bias = None if bias is None else bias.detach().to(lm_head_dtype)
 
     def _native_layers(self) -> list | None:
         """Per layer, the ``decode_layer`` op's prepared form (built once here), or None when
