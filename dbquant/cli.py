@@ -90,11 +90,11 @@ def _options(cls, a: argparse.Namespace, **override):
 # ---------------------------------------------------------------- quantize
 
 def _print_plan(plan, bits, out=sys.stdout) -> None:
-    print(f"{'module':<48} {'shape':>12} {'group':>6} {'bpw':>6}", file=out)
+    print(f"{'module':<48} {'shape':>12} {'k':>2} {'group':>6} {'offset':>6} {'bpw':>6}", file=out)
     for p in plan:
         lay = p.layout
-        print(f"{p.name:<48} {f'{lay.out_features}x{lay.in_features}':>12} {lay.group_size:>6} "
-              f"{lay.bits_per_weight():>6.3f}", file=out)
+        print(f"{p.name:<48} {f'{lay.out_features}x{lay.in_features}':>12} {lay.planes:>2} {lay.group_size:>6} "
+              f"{str(lay.offset).lower():>6} {lay.bits_per_weight():>6.3f}", file=out)
     print(f"{len(plan)} linears, {bits['quantized_weights']:,} weights: {bits['bpw']:.4f} bits/weight; "
           f"whole checkpoint {bits['checkpoint_bpw']:.3f} bits/weight, "
           f"{bits['checkpoint_bytes'] / 2**20:.1f} MiB", file=out)
@@ -294,11 +294,11 @@ def cmd_inspect(a) -> int:
     if a.json:
         print(json.dumps({"layers": rows, **summary}))
         return 0
-    hdr = f"{'module':<48} {'shape':>10} {'g':>4} {'bpw':>6} {'ones b1':>8} {'ones b2':>8}"
+    hdr = f"{'module':<48} {'shape':>10} {'k':>2} {'g':>4} {'bpw':>6}  ones per plane"
     print(hdr + (f" {'rel err':>9}" if source is not None else ""))
     for r in rows:
-        line = (f"{r['module']:<48} {'x'.join(map(str, r['shape'])):>10} {r['group']:>4} {r['bpw']:>6.3f} "
-                f"{r['density_b1']:>8.3f} {r['density_b2']:>8.3f}")
+        line = (f"{r['module']:<48} {'x'.join(map(str, r['shape'])):>10} {r['planes']:>2} {r['group']:>4} "
+                f"{r['bpw']:>6.3f}  {' '.join(f'{d:.3f}' for d in r['density']):<24}")
         print(line + (f" {r['rel_error']:>9.4f}" if source is not None else ""))
     print(f"{len(rows)} packed linears: {summary['bpw']:.4f} bits/weight; whole checkpoint "
           f"{summary['checkpoint_bpw']:.3f} bits/weight ({summary['checkpoint_bytes'] / 2**20:.1f} MiB)")

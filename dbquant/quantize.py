@@ -230,7 +230,8 @@ def quantize(model, tokenizer, opts: QuantizeOptions, progress: bool = True, mod
     del fp_weights
     pack_into(model, weights)
     attach(model, DbquantConfig(modules=[p.name for p in plan], group_size=opts.group_size,
-                                offset=opts.uses_offset, method=opts.method, bpw=bits))
+                                offset=opts.uses_offset, method=opts.method, bpw=bits,
+                                layers=planlib.layer_rows(plan)))
     times["total_s"] = time.perf_counter() - t0
     return {"options": asdict(opts), **bits, "layers": len(plan), "rel_weight_error": errors, "times": times,
             **report}

@@ -40,7 +40,7 @@ def test_from_pretrained_equals_dbquant_load(tmp_path, modules, offset, method):
     # save_pretrained of a loaded model round-trips, metadata included
     b.save_pretrained(tmp_path / "again")
     meta = json.loads(read_header(tmp_path / "again" / "model.safetensors")["__metadata__"]["dbquant"])
-    assert meta["format_version"] == 1 and meta["group_size"] == 32
+    assert meta["format_version"] == 2 and meta["group_size"] == 32
     assert torch.equal(dbquant.load(tmp_path / "again")(IDS).logits, expect)
 
 

@@ -158,3 +158,10 @@ def bits_summary(plan: list[LinearPlan], model: nn.Module) -> dict:
         "checkpoint_bpw": (qbits + dense_bits) / all_weights,
         "checkpoint_bytes": (qbits + dense_bits) // 8,
     }
+
+
+def layer_rows(plan: list[LinearPlan]) -> dict[str, dict]:
+    """``quantization_config.layers`` (format version 2) of a plan: each module's own k, group
+    size and offset, ``{name: {"planes": k, "group_size": g, "offset": bool}}``."""
+    return {p.name: {"planes": p.layout.planes, "group_size": p.layout.group_size, "offset": p.layout.offset}
+            for p in plan}
