@@ -126,6 +126,9 @@ def cmd_quantize(a) -> int:
             if distributed.world_size() > 1:
                 raise DbquantError("--streaming runs in one process (it has no DAD to spread); "
                                    "launch it without torchrun")
+            if opts.target_bpw is not None:
+                raise DbquantError("--target-bpw measures every linear's sensitivity on the whole model; it does "
+                                   "not run with --streaming")
             return _quantize_streaming(a, opts)
         return _quantize_in_memory(a, opts)
     finally:
@@ -135,11 +138,18 @@ def cmd_quantize(a) -> int:
 
 def _quantize_in_memory(a, opts) -> int:
     model, tok = _load_fp(a.model)
-    plan = make_plan(model, opts)
+    alloc: dict = {}
+    plan = make_plan(model, opts, tok, report=alloc)
     _print_plan(plan, planlib.bits_summary(plan, model), out=sys.stderr if a.json else sys.stdout)
+    if alloc:
+        info = alloc["allocation"]
+        print(f"--target-bpw {info['target_bpw']}: {info['bpw']:.4f} bits/weight chosen by {info['sensitivity']} "
+              f"sensitivity in {info['seconds']:.0f} s; layouts {info['layouts']}",
+              file=sys.stderr if a.json else sys.stdout)
     if a.dry_run:
         return 0
-    report = quantize(model, tok, opts, model_id=a.model)
+    report = quantize(model, tok, opts, model_id=a.model, plan=plan)
+    report.update(alloc)
     if not is_writer():  # distributed: every rank holds the same result; rank 0 writes it
         return 0
     extra = {}
