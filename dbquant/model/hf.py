@@ -92,9 +92,12 @@ class DbquantConfig(QuantizationConfigMixin):
                                f"{self.format_version!r}; the config is inconsistent — re-quantize")
         listed = set(self.modules)
         for name, row in self.layers.items():
-            if name not in listed or not isinstance(row, dict) or set(row) - {"planes", "group_size", "offset"}:
+            if name not in listed:
+                raise DbquantError(f"quantization_config.layers names {name!r}, which quantization_config.modules "
+                                   "does not list; the config is inconsistent — re-quantize")
+            if not isinstance(row, dict) or set(row) - {"planes", "group_size", "offset"}:
                 raise DbquantError(f"quantization_config.layers[{name!r}] = {str(row)[:120]} is not an object of "
-                                   "planes/group_size/offset for a module the config lists")
+                                   "planes/group_size/offset")
             layout.check_planes(row.get("planes", layout.PLANES))
             layout.check_group_size(row.get("group_size", self.group_size))
             if not isinstance(row.get("offset", False), bool):
