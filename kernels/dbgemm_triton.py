@@ -126,8 +126,7 @@ def dbgemm_gemm_kernel(
         # The tile lies inside one group when g is a multiple of BLOCK_K: one scale per plane
         # and column, [1, BLOCK_N]; otherwise one per element, [BLOCK_K, BLOCK_N] (the repeats
         # within a group hit L1).
-        one_group = GROUP_SIZE % BLOCK_K == 0
-        if one_group:
+        if GROUP_SIZE % BLOCK_K == 0:  # a constexpr test: only the taken branch is compiled
             grp = k0 // GROUP_SIZE
             s_mask = n_mask[None, :]
         else:
