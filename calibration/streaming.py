@@ -349,7 +349,7 @@ def quantize_streaming(model_dir: str | os.PathLike, tokenizer, opts, output: st
     torch.manual_seed(opts.seed)
 
     qcfg = DbquantConfig(modules=[p.name for p in plan], group_size=opts.group_size, offset=opts.uses_offset,
-                         method=opts.method, bpw=bits)
+                         method=opts.method, bpw=bits, layers=planlib.layer_rows(plan))
     meta = {"format": "pt", "dbquant": json.dumps(format_metadata(qcfg))}
     s = _Stream(model, reader, run, shards, meta, device, {"blocks": [], "rel_weight_error": {}})
     if run.finished:  # every shard is done and only the output failed: straight to assembling it

@@ -93,16 +93,16 @@ def _options(cls, a: argparse.Namespace, **override):
 # ---------------------------------------------------------------- quantize
 
 def _print_plan(plan, bits, out=sys.stdout, tables=()) -> None:
-    print(f"{'module':<48} {'shape':>12} {'group':>6} {'bpw':>6}", file=out)
+    print(f"{'module':<48} {'shape':>12} {'k':>2} {'group':>6} {'offset':>6} {'bpw':>6}", file=out)
     for p in plan:
         lay = p.layout
-        print(f"{p.name:<48} {f'{lay.out_features}x{lay.in_features}':>12} {lay.group_size:>6} "
-              f"{lay.bits_per_weight():>6.3f}", file=out)
+        print(f"{p.name:<48} {f'{lay.out_features}x{lay.in_features}':>12} {lay.planes:>2} {lay.group_size:>6} "
+              f"{str(lay.offset).lower():>6} {lay.bits_per_weight():>6.3f}", file=out)
     for t in tables:
         lay = t.layout
-        print(f"{t.name:<48} {'(reads the embedding)' if lay is None else f'{lay.rows}x{lay.dim}':>12} "
-              f"{'' if lay is None else lay.group_size:>6} {'' if lay is None else f'{lay.bits_per_weight():.3f}':>6}"
-              f"  {t.kind}", file=out)
+        print(f"{t.name:<48} {'(reads the embedding)' if lay is None else f'{lay.rows}x{lay.dim}':>12} {'':>2} "
+              f"{'' if lay is None else lay.group_size:>6} {'':>6} "
+              f"{'' if lay is None else f'{lay.bits_per_weight():.3f}':>6}  {t.kind}", file=out)
     print(f"{len(plan)} linears, {bits['quantized_weights']:,} weights: {bits['bpw']:.4f} bits/weight; "
           f"whole checkpoint {bits['checkpoint_bpw']:.3f} bits/weight, "
           f"{bits['checkpoint_bytes'] / 2**20:.1f} MiB", file=out)
@@ -134,6 +134,9 @@ def cmd_quantize(a) -> int:
             if distributed.world_size() > 1:
                 raise DbquantError("--streaming runs in one process (it has no DAD to spread); "
                                    "launch it without torchrun")
+            if opts.target_bpw is not None:
+                raise DbquantError("--target-bpw measures every linear's sensitivity on the whole model; it does "
+                                   "not run with --streaming")
             return _quantize_streaming(a, opts)
         return _quantize_in_memory(a, opts)
     finally:
@@ -143,11 +146,19 @@ def cmd_quantize(a) -> int:
 
 def _quantize_in_memory(a, opts) -> int:
     model, tok = _load_fp(a.model)
-    plan, tables = make_plan(model, opts), make_table_plan(model, opts)
-    _print_plan(plan, planlib.bits_summary(plan, model, tables), out=sys.stderr if a.json else sys.stdout, tables=tables)
+    alloc: dict = {}
+    plan, tables = make_plan(model, opts, tok, report=alloc), make_table_plan(model, opts)
+    _print_plan(plan, planlib.bits_summary(plan, model, tables), out=sys.stderr if a.json else sys.stdout,
+                tables=tables)
+    if alloc:
+        info = alloc["allocation"]
+        print(f"--target-bpw {info['target_bpw']}: {info['bpw']:.4f} bits/weight chosen by {info['sensitivity']} "
+              f"sensitivity in {info['seconds']:.0f} s; layouts {info['layouts']}",
+              file=sys.stderr if a.json else sys.stdout)
     if a.dry_run:
         return 0
-    report = quantize(model, tok, opts, model_id=a.model)
+    report = quantize(model, tok, opts, model_id=a.model, plan=plan)
+    report.update(alloc)
     if not is_writer():  # distributed: every rank holds the same result; rank 0 writes it
         return 0
     extra = {}
@@ -311,11 +322,11 @@ def cmd_inspect(a) -> int:
     if a.json:
         print(json.dumps({"layers": rows, "tables": tables, **summary}))
         return 0
-    hdr = f"{'module':<48} {'shape':>10} {'g':>4} {'bpw':>6} {'ones b1':>8} {'ones b2':>8}"
+    hdr = f"{'module':<48} {'shape':>10} {'k':>2} {'g':>4} {'bpw':>6}  ones per plane"
     print(hdr + (f" {'rel err':>9}" if source is not None else ""))
     for r in rows:
-        line = (f"{r['module']:<48} {'x'.join(map(str, r['shape'])):>10} {r['group']:>4} {r['bpw']:>6.3f} "
-                f"{r['density_b1']:>8.3f} {r['density_b2']:>8.3f}")
+        line = (f"{r['module']:<48} {'x'.join(map(str, r['shape'])):>10} {r['planes']:>2} {r['group']:>4} "
+                f"{r['bpw']:>6.3f}  {' '.join(f'{d:.3f}' for d in r['density']):<24}")
         print(line + (f" {r['rel_error']:>9.4f}" if source is not None else ""))
     for t in tables:
         if t["bits"] is None:

@@ -21,12 +21,12 @@ from .calibration.dad import DADConfig
 from .calibration.pipeline import calibration_sampler, run_fdb_dad, self_gen_config
 from .calibration.presets import preset_values
 from .calibration.runstate import discard_checkpoints
+from .calibration.sensitivity import SENSITIVITIES, allocate_plan
 from .calibration.sources import parse_mix, uses_generated
 from .errors import DbquantError
 from .model import plan as planlib
 from .model.checkpoint import load, save
 from .model.convert import pack_into
-from .format.embedding import TABLE_VERSION
 from .format.layout import FORMAT_VERSION
 from .model import embedding as embedlib
 from .model.embedding import TablePlan
@@ -72,7 +72,9 @@ class QuantizeOptions:
     None (``bw_*``: block-wise, ``dad_*``: distillation). work_dir / resume /
     checkpoint_every / device: run hygiene (see ``dbquant.calibration.runstate``).
     group_size: g. offset: store a per-group beta
-    (always on for ``rtn``). modules: module sets (``decoder``, ``lm_head``).
+    (always on for ``rtn``). target_bpw / sensitivity / alloc_samples: choose k and g per linear
+    under an average-bits budget (``dbquant.calibration.sensitivity``). modules: module sets
+    (``decoder``, ``lm_head``).
     calib: text source whose activation statistics weight the FDB error (None: data-free).
     calib_samples / calib_seq_len: how much calibration text. iters: FDB refinement
     iterations. seed: for the calibration windows.
@@ -86,6 +88,14 @@ class QuantizeOptions:
                                     "fdb (init only), rtn")
     group_size: int = option(64, "input channels per scale group")
     offset: bool = option(False, "store a per-group offset beta (+16 bits/group)")
+    target_bpw: float | None = option(None, "choose each linear's bit planes k (1..4) and group size (32/64/128) "
+                                            "from its measured sensitivity so the average bits per weight over the "
+                                            "quantized linears, every scale counted, is <= B (ignores --group-size)",
+                                      metavar="B")
+    sensitivity: str = option("fisher", "--target-bpw: how a linear's error is scored: fisher (empirical Fisher "
+                                        "diagonal of the loss), output (its own output error, E[x^2]-weighted) or "
+                                        "weight (plain; no calibration data)")
+    alloc_samples: int = option(8, "--target-bpw: calibration windows of the sensitivity measurement")
     modules: tuple[str, ...] = option(("decoder",), "comma list of: decoder, lm_head, vision", type=_comma_tuple)
     embed_bits: str = option("fp32", "input embedding storage: 8, 6 or 4 (group-wise int with float16 scales, rows "
                                      "dequantized on lookup), fp16, fp32 (dense, as the model has it)",
@@ -157,6 +167,16 @@ class QuantizeOptions:
             raise DbquantError(f"unknown method {self.method!r}; choose from {METHODS}")
         if self.embed_group is not None and self.embed_group < 1:
             raise DbquantError(f"--embed-group must be >= 1, got {self.embed_group}")
+        if self.target_bpw is not None:
+            if self.method == "rtn" or not 1.0 <= self.target_bpw <= 8.0 or self.sensitivity not in SENSITIVITIES:
+                raise DbquantError(f"--target-bpw {self.target_bpw} --sensitivity {self.sensitivity}: needs a "
+                                   f"target in 1..8 bits, a sensitivity in {SENSITIVITIES} and --method fdb or "
+                                   "fdb-dad")
+            if self.sensitivity != "weight" and not self.calib:
+                raise DbquantError(f"--sensitivity {self.sensitivity} measures on calibration text; with --calib "
+                                   "none use --sensitivity weight")
+            if self.alloc_samples < 1:
+                raise DbquantError(f"out-of-range option: alloc_samples={self.alloc_samples} (>= 1)")
         if self.iters < 0 or self.calib_samples < 1 or self.calib_seq_len < 2:
             raise DbquantError(f"out-of-range option: iters={self.iters} (>= 0), calib_samples="
                                f"{self.calib_samples} (>= 1), calib_seq_len={self.calib_seq_len} (>= 2)")
@@ -206,8 +226,22 @@ class QuantizeOptions:
         return self.offset or self.method == "rtn"
 
 
-def make_plan(model, opts: QuantizeOptions) -> list[planlib.LinearPlan]:
-    return planlib.make_plan(model, opts.group_size, opts.uses_offset, tuple(opts.modules))
+def make_plan(model, opts: QuantizeOptions, tokenizer=None, progress: bool = True,
+              report: dict | None = None) -> list[planlib.LinearPlan]:
+    """The linears to quantize and their layouts: uniform (``group_size``, k = 2), or with
+    ``target_bpw`` chosen per linear from measured sensitivity (``calibration.sensitivity``);
+    the allocation's summary goes into ``report["allocation"]`` when a dict is given."""
+    plan = planlib.make_plan(model, opts.group_size, opts.uses_offset, tuple(opts.modules))
+    if opts.target_bpw is None:
+        return plan
+    batches = None
+    if opts.sensitivity != "weight":
+        batches = calibration_sampler(model, tokenizer, opts, progress=progress)(opts.alloc_samples,
+                                                                                 opts.calib_seq_len, opts.seed)
+    plan, info = allocate_plan(model, plan, opts.target_bpw, opts.sensitivity, batches, opts.uses_offset, progress)
+    if report is not None:
+        report["allocation"] = info
+    return plan
 
 
 def make_table_plan(model, opts: QuantizeOptions) -> list[TablePlan]:
@@ -232,7 +266,8 @@ def _init_only(model, tokenizer, plan, opts: QuantizeOptions, times: dict, progr
     return weights
 
 
-def quantize(model, tokenizer, opts: QuantizeOptions, progress: bool = True, model_id: str = "") -> dict:
+def quantize(model, tokenizer, opts: QuantizeOptions, progress: bool = True, model_id: str = "",
+             plan: list[planlib.LinearPlan] | None = None) -> dict:
     """Quantize ``model`` in place (its planned linears become packed) and return a report.
 
     The report holds the options, the effective-bits summary, per-layer relative weight
@@ -243,7 +278,9 @@ def quantize(model, tokenizer, opts: QuantizeOptions, progress: bool = True, mod
     if opts.method == "fdb-dad":
         opts = opts.resolved()
     t0 = time.perf_counter()
-    plan = make_plan(model, opts)
+    alloc: dict = {}
+    if plan is None:  # the CLI passes the plan it printed (--target-bpw measures once)
+        plan = make_plan(model, opts, tokenizer, progress, alloc)
     tables = make_table_plan(model, opts)
     bits = planlib.bits_summary(plan, model, tables)
     # kept before calibration: fdb-dad trains the latent weights in place
@@ -263,11 +300,11 @@ def quantize(model, tokenizer, opts: QuantizeOptions, progress: bool = True, mod
     bits = planlib.bits_summary(plan, model, tables)  # as stored (a head untied here is counted on its own)
     attach(model, DbquantConfig(modules=[p.name for p in plan], group_size=opts.group_size,
                                 offset=opts.uses_offset, method=opts.method, bpw=bits,
-                                tables=[t.to_dict() for t in tables],
-                                format_version=TABLE_VERSION if tables else FORMAT_VERSION))
+                                tables=[t.to_dict() for t in tables], layers=planlib.layer_rows(plan),
+                                format_version=FORMAT_VERSION))
     times["total_s"] = time.perf_counter() - t0
     return {"options": asdict(opts), **bits, "layers": len(plan), "rel_weight_error": errors, "times": times,
-            **report}
+            **alloc, **report}
 
 
 # ---------------------------------------------------------------- the output

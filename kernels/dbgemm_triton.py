@@ -1,14 +1,15 @@
 """Triton kernels for the dual-binary GEMM ``y = x @ W.T (+ bias)``: kernels only.
 
 The wrappers that check inputs, allocate, pick a kernel and launch are in
-``dbquant/backends/triton.py``. Both kernels read the canonical packed format v1
-(``dbquant/format/layout.py``, ``docs/FORMAT.md``) as it is stored, with no repacking:
+``dbquant/backends/triton.py``. Both kernels read the canonical packed format v2
+(``dbquant/format/layout.py``, ``docs/FORMAT.md``) as it is stored, with no repacking,
+for any plane count PLANES = k (1..4; a constexpr, so each k compiles its own kernel):
 
-    qweight  uint8    [2, N, Kp/8]  plane 0 = b1, plane 1 = b2; bit j (LSB = 0) of byte i
-                                    of a row is input channel 8*i + j
-    scales   fp16/32  [N, G, 2]     alpha1, alpha2 of each group of g input channels
+    qweight  uint8    [k, N, Kp/8]  plane p = b_{p+1}; bit j (LSB = 0) of byte i of a row
+                                    is input channel 8*i + j
+    scales   fp16/32  [N, G, k]     alpha_1..alpha_k of each group of g input channels
     offset   fp16/32  [N, G]        beta of each group (only when HAS_OFFSET)
-    W[n, k] = alpha1[n, k // g] * b1[n, k] + alpha2[n, k // g] * b2[n, k] (+ beta[n, k // g])
+    W[n, k] = sum_p alpha_{p+1}[n, k // g] * b_{p+1}[n, k] (+ beta[n, k // g])
 
 with Kp = ceil(K / g) * g, G = Kp / g and g a multiple of 8, so every byte of a plane
 lies inside one group. Channels k >= K (the padding) are never used: the activations
@@ -77,15 +78,15 @@ def dbgemm_gemm_kernel(
     stride_xm, stride_xk,
     M_BUCKET,  # unused by the code: the wrapper's power-of-2 bucket of M, an autotune key
     GROUP_SIZE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PLANES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[M, N] = x[M, K] @ W.T (+ bias), W dequantized tile by tile in registers.
 
     Args:
         x_ptr: fp16/bf16/fp32 [M, K] with strides (stride_xm, stride_xk).
-        qweight_ptr: uint8 [2, N, KB] contiguous, KB = Kp / 8.
-        scales_ptr: fp16/fp32 [N, G, 2] contiguous. offset_ptr: [N, G] (if HAS_OFFSET).
+        qweight_ptr: uint8 [PLANES, N, KB] contiguous, KB = Kp / 8.
+        scales_ptr: fp16/fp32 [N, G, PLANES] contiguous. offset_ptr: [N, G] (if HAS_OFFSET).
         bias_ptr: [N] (if HAS_BIAS). y_ptr: [M, N] contiguous, x's dtype.
         GROUP_SIZE: g. DOT_DTYPE: the dtype ``tl.dot`` sees (x's dtype on a GPU; the
             wrapper passes fp32 for bf16 under the interpreter, whose bf16 dot is wrong).
@@ -109,7 +110,7 @@ def dbgemm_gemm_kernel(
     # hit L1, and a [BLOCK_K, BLOCK_N] tile of bytes needs no reshape before tl.dot.
     q_cols = qweight_ptr + offs_n[None, :] * KB
     plane_stride = N * KB
-    s_rows = scales_ptr + offs_n[None, :] * (2 * G)
+    s_rows = scales_ptr + offs_n[None, :] * (PLANES * G)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -122,29 +123,22 @@ def dbgemm_gemm_kernel(
         w_mask = k_mask[:, None] & n_mask[None, :]
         q_ptrs = q_cols + (offs_k[:, None] // 8)
         shift = (offs_k[:, None] % 8).to(tl.uint8)  # LSB first: channel 8*i + j is bit j
-        b1 = ((tl.load(q_ptrs, mask=w_mask, other=0) >> shift) & 1).to(tl.float32)
-        b2 = ((tl.load(q_ptrs + plane_stride, mask=w_mask, other=0) >> shift) & 1).to(tl.float32)
-
-        if GROUP_SIZE % BLOCK_K == 0:
-            # The tile lies inside one group: one (alpha1, alpha2) per column, [1, BLOCK_N].
+        # The tile lies inside one group when g is a multiple of BLOCK_K: one scale per plane
+        # and column, [1, BLOCK_N]; otherwise one per element, [BLOCK_K, BLOCK_N] (the repeats
+        # within a group hit L1).
+        if GROUP_SIZE % BLOCK_K == 0:  # a constexpr test: only the taken branch is compiled
             grp = k0 // GROUP_SIZE
-            a1 = tl.load(s_rows + grp * 2, mask=n_mask[None, :], other=0.0).to(tl.float32)
-            a2 = tl.load(s_rows + grp * 2 + 1, mask=n_mask[None, :], other=0.0).to(tl.float32)
-            if HAS_OFFSET:
-                beta = tl.load(offset_ptr + offs_n[None, :] * G + grp, mask=n_mask[None, :],
-                               other=0.0).to(tl.float32)
+            s_mask = n_mask[None, :]
         else:
-            # The tile spans several groups (or g is not a multiple of BLOCK_K): one scale
-            # pair per element, [BLOCK_K, BLOCK_N]; the repeats within a group hit L1.
             grp = offs_k[:, None] // GROUP_SIZE
-            a1 = tl.load(s_rows + grp * 2, mask=w_mask, other=0.0).to(tl.float32)
-            a2 = tl.load(s_rows + grp * 2 + 1, mask=w_mask, other=0.0).to(tl.float32)
-            if HAS_OFFSET:
-                beta = tl.load(offset_ptr + offs_n[None, :] * G + grp, mask=w_mask, other=0.0).to(tl.float32)
-
-        w = a1 * b1 + a2 * b2
+            s_mask = w_mask
+        w = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        for p in tl.static_range(PLANES):  # w = sum_p alpha_p * b_p, plane by plane
+            b = ((tl.load(q_ptrs + p * plane_stride, mask=w_mask, other=0) >> shift) & 1).to(tl.float32)
+            a = tl.load(s_rows + grp * PLANES + p, mask=s_mask, other=0.0).to(tl.float32)
+            w += a * b
         if HAS_OFFSET:
-            w += beta
+            w += tl.load(offset_ptr + offs_n[None, :] * G + grp, mask=s_mask, other=0.0).to(tl.float32)
         # Round the dequantized weight once to the activation dtype (what a dense
         # fp16/bf16 weight would hold), then let tl.dot accumulate in fp32. "ieee" keeps
         # fp32 activations exact instead of TF32 (it does not affect fp16/bf16).
@@ -163,7 +157,7 @@ def dbgemv_splitk_kernel(
     M, N, K, G, KB,
     stride_xm, stride_xk,
     GROUP_SIZE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, PLANES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Decode GEMV: out = x[m] @ W.T for BLOCK_N rows of W and one K slice.
@@ -204,20 +198,18 @@ def dbgemv_splitk_kernel(
         q_mask = n_mask[:, None] & (offs_b[None, :] < KB)
         q_ptrs = qweight_ptr + offs_n[:, None] * KB + offs_b[None, :]
         shift = bit[None, None, :].to(tl.uint8)
-        b1 = (tl.load(q_ptrs, mask=q_mask, other=0)[:, :, None] >> shift) & 1
-        b2 = (tl.load(q_ptrs + N * KB, mask=q_mask, other=0)[:, :, None] >> shift) & 1
-        # Bits are {0, 1}: per byte, sum the activations whose bit is set; the scales
-        # multiply these sums, not every weight.
-        s1 = tl.sum(b1.to(tl.float32) * x[None, :, :], axis=2)  # [BLOCK_N, BYTES]
-        s2 = tl.sum(b2.to(tl.float32) * x[None, :, :], axis=2)
-
-        s_rows = scales_ptr + offs_n * (2 * G)
+        s_rows = scales_ptr + offs_n * (PLANES * G)
         if GROUP_SIZE % BLOCK_K == 0:
             # The tile lies inside one group: reduce the bytes first, scale once per row.
             grp = k0 // GROUP_SIZE
-            a1 = tl.load(s_rows + grp * 2, mask=n_mask, other=0.0).to(tl.float32)
-            a2 = tl.load(s_rows + grp * 2 + 1, mask=n_mask, other=0.0).to(tl.float32)
-            part = a1 * tl.sum(s1, axis=1) + a2 * tl.sum(s2, axis=1)
+            part = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for p in tl.static_range(PLANES):
+                # Bits are {0, 1}: per byte, sum the activations whose bit is set; the scales
+                # multiply these sums, not every weight.
+                b = (tl.load(q_ptrs + p * N * KB, mask=q_mask, other=0)[:, :, None] >> shift) & 1
+                sp = tl.sum(b.to(tl.float32) * x[None, :, :], axis=2)  # [BLOCK_N, BYTES]
+                a = tl.load(s_rows + grp * PLANES + p, mask=n_mask, other=0.0).to(tl.float32)
+                part += a * tl.sum(sp, axis=1)
             if HAS_OFFSET:
                 beta = tl.load(offset_ptr + offs_n * G + grp, mask=n_mask, other=0.0).to(tl.float32)
                 part += beta * tl.sum(tl.sum(x, axis=1), axis=0)
@@ -225,9 +217,12 @@ def dbgemv_splitk_kernel(
             # Several groups per tile: each byte looks up its own group (g is a
             # multiple of 8, so a byte never straddles two groups).
             grp = (offs_b * 8) // GROUP_SIZE
-            a1 = tl.load(s_rows[:, None] + grp[None, :] * 2, mask=q_mask, other=0.0).to(tl.float32)
-            a2 = tl.load(s_rows[:, None] + grp[None, :] * 2 + 1, mask=q_mask, other=0.0).to(tl.float32)
-            contrib = a1 * s1 + a2 * s2
+            contrib = tl.zeros([BLOCK_N, BYTES], dtype=tl.float32)
+            for p in tl.static_range(PLANES):
+                b = (tl.load(q_ptrs + p * N * KB, mask=q_mask, other=0)[:, :, None] >> shift) & 1
+                sp = tl.sum(b.to(tl.float32) * x[None, :, :], axis=2)
+                a = tl.load(s_rows[:, None] + grp[None, :] * PLANES + p, mask=q_mask, other=0.0).to(tl.float32)
+                contrib += a * sp
             if HAS_OFFSET:
                 beta = tl.load(offset_ptr + offs_n[:, None] * G + grp[None, :], mask=q_mask,
                            other=0.0).to(tl.float32)

@@ -1,5 +1,6 @@
 """Checkpoints: save/load both ways, save_pretrained round trip, every bad input gets a clear error."""
 
+import itertools
 import json
 import os
 
@@ -13,6 +14,7 @@ from dbquant.format.files import atomic_dir, read_header
 from dbquant.model.modules import PackedLinear
 from dbquant.quantize import QuantizeOptions, quantize
 from tests.conftest import make_tiny_model
+from tests.tolerances import FP32_REORDER_LONG
 
 IDS = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -40,7 +42,7 @@ def test_from_pretrained_equals_dbquant_load(tmp_path, modules, offset, method):
     # save_pretrained of a loaded model round-trips, metadata included
     b.save_pretrained(tmp_path / "again")
     meta = json.loads(read_header(tmp_path / "again" / "model.safetensors")["__metadata__"]["dbquant"])
-    assert meta["format_version"] == 1 and meta["group_size"] == 32
+    assert meta["format_version"] == 2 and meta["group_size"] == 32
     assert torch.equal(dbquant.load(tmp_path / "again")(IDS).logits, expect)
 
 
@@ -145,3 +147,70 @@ def test_atomic_dir_refuses_existing_and_leaves_nothing_on_failure(tmp_path):
 def test_save_refuses_unpacked_model(tmp_path):
     with pytest.raises(DbquantError, match="needs a dbquant-packed model"):
         dbquant.save(make_tiny_model(), tmp_path / "x")
+
+
+# ---------------------------------------------------------------- format version 2: k planes per layer
+
+MIXED = [(1, 32, True), (3, 64, False), (4, 32, False), (2, 128, False), (3, 32, True), (2, 64, False)]
+
+
+def _mixed_dir(tmp_path, model_type="llama"):
+    """A tiny model quantized with a hand-made plan cycling through MIXED (k, g, offset) layouts."""
+    from dataclasses import replace
+
+    from dbquant.format.layout import LinearLayout
+    from dbquant.model.plan import make_plan
+
+    model = make_tiny_model(model_type)
+    plan = [replace(p, layout=LinearLayout(p.layout.out_features, p.layout.in_features, g, off, k))
+            for p, (k, g, off) in zip(make_plan(model, 32), itertools.cycle(MIXED))]
+    quantize(model, None, QuantizeOptions(method="fdb", calib=None, group_size=32), progress=False, plan=plan)
+    out = tmp_path / f"mixed-{model_type}"
+    dbquant.save(model, out)
+    return model, out, plan
+
+
+def test_mixed_checkpoint_loads_identically_both_ways(tmp_path):
+    model, out, plan = _mixed_dir(tmp_path)
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["format_version"] == 2
+    assert {(r["planes"], r["group_size"], r["offset"]) for r in cfg["layers"].values()} == set(MIXED)
+    expect = model(IDS).logits
+    a, b = dbquant.load(out), AutoModelForCausalLM.from_pretrained(out)
+    for p in plan:
+        m = b.get_submodule(p.name)
+        assert (m.planes, m.group_size, m.offset is not None) == (p.layout.planes, p.layout.group_size,
+                                                                   p.layout.offset)
+        assert m.qweight.shape[0] == p.layout.planes and m.scales.shape[-1] == p.layout.planes
+    assert torch.equal(a(IDS).logits, expect) and torch.equal(b(IDS).logits, expect)
+    ref = dbquant.load(out, backend="ref")(IDS).logits  # the oracle kernel agrees to float rounding
+    torch.testing.assert_close(ref, expect, rtol=FP32_REORDER_LONG, atol=FP32_REORDER_LONG * expect.abs().max().item())
+
+
+def test_version_1_checkpoint_still_loads(tmp_path):
+    """A format-1 file (k = 2 everywhere, no ``layers``; the tensors are version 2's with k = 2)."""
+    from safetensors.torch import load_file, save_file
+
+    model, out = _quantized_dir(tmp_path)
+    expect = model(IDS).logits
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    qc = cfg["quantization_config"]
+    qc["format_version"] = 1
+    del qc["layers"]
+    cfg_path.write_text(json.dumps(cfg))
+    f = out / "model.safetensors"
+    header = read_header(f)["__metadata__"]
+    meta = json.loads(header["dbquant"])
+    meta["format_version"] = 1
+    save_file(load_file(f), f, metadata={**header, "dbquant": json.dumps(meta)})
+    a = dbquant.load(out)
+    assert a.config.quantization_config.format_version == 1
+    assert all(m.planes == 2 for m in a.modules() if isinstance(m, PackedLinear))
+    assert torch.equal(a(IDS).logits, expect)
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(IDS).logits, expect)
+    # a version-1 config cannot carry per-layer layouts
+    qc["layers"] = {qc["modules"][0]: {"planes": 3}}
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(DbquantError, match="layers needs format_version >= 2"):
+        dbquant.load(out)

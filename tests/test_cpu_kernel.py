@@ -45,16 +45,16 @@ def pack_planes(bits: torch.Tensor) -> torch.Tensor:
     return (bits.reshape(p, n, kp // 8, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
 
 
-def make_layer(n, k, g, offset, bias, seed=0, pad_garbage=False):
-    """Random packed linear: (qweight, scales, offset, bias) with canonical shapes."""
+def make_layer(n, k, g, offset, bias, seed=0, pad_garbage=False, planes=2):
+    """Random packed linear of ``planes`` bit planes: (qweight, scales, offset, bias) with canonical shapes."""
     gen = torch.Generator().manual_seed(seed)
     groups = -(-k // g)
     kp = groups * g
-    bits = torch.randint(0, 2, (2, n, kp), generator=gen)
+    bits = torch.randint(0, 2, (planes, n, kp), generator=gen)
     if not pad_garbage:
         bits[..., k:] = 0  # the format: padded channels hold 0
     qweight = pack_planes(bits)
-    scales = torch.randn(n, groups, 2, generator=gen)
+    scales = torch.randn(n, groups, planes, generator=gen)
     off = torch.randn(n, groups, generator=gen) if offset else None
     b = torch.randn(n, generator=gen) if bias else None
     return qweight, scales, off, b
@@ -63,9 +63,9 @@ def make_layer(n, k, g, offset, bias, seed=0, pad_garbage=False):
 ISAS = torch.ops.dbquant.cpu_isas() if HAVE_NATIVE else []
 
 
-def prepared(n, k, g, offset, bias, seed=0, pad_garbage=False):
+def prepared(n, k, g, offset, bias, seed=0, pad_garbage=False, planes=2):
     """(CpuWeight, bias, canonical tensors) of a random layer with float16 scales (the format's)."""
-    qweight, scales, off, b = make_layer(n, k, g, offset, bias, seed, pad_garbage)
+    qweight, scales, off, b = make_layer(n, k, g, offset, bias, seed, pad_garbage, planes)
     scales = scales.half()
     off = None if off is None else off.half()
     return cpu_backend.prepare_cpu(qweight, scales, off, k, g), b, (qweight, scales, off)
@@ -94,6 +94,40 @@ def test_parity_shapes_all_isas(k, g, m):
             assert_matches(y, ref)
             if isa != "avx2":
                 assert torch.equal(y, ys["scalar"]), f"{isa} differs from scalar"
+
+
+@pytest.mark.parametrize("planes", [1, 3, 4])
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("k,g", [(24, 8), (100, 32), (200, 64), (576, 128)])
+def test_parity_any_plane_count(k, g, m, planes):
+    """k = 1, 3, 4 planes (one table pass per plane) on odd shapes: every ISA path matches the
+    reference, scalar and AVX-512 bit for bit; the dense dequantization equals the reference's."""
+    for n, offset, bias in itertools.product([1, 7, 33], [False, True], [False, True]):
+        w, b, canon = prepared(n, k, g, offset, bias, seed=k + g + n + planes, planes=planes)
+        assert w.planes.shape[2] == planes and w.planes_count == planes
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k + planes))
+        ref = dbgemm_ref(x, *canon[:2], canon[2], b, k, g)
+        ys = {isa: cpu_backend.run_cpu(x, w, b, isa) for isa in ISAS}
+        for isa, y in ys.items():
+            assert y.shape == (m, n)
+            assert_matches(y, ref)
+            if isa != "avx2":
+                assert torch.equal(y, ys["scalar"]), f"{isa} differs from scalar at k={planes}"
+        assert torch.equal(cpu_backend.dequantize_cpu(w), dequantize_ref(*canon, k))
+
+
+@pytest.mark.parametrize("planes", [1, 3])
+def test_widen_keeps_the_weight(planes):
+    """t16.widen (how the decoder fuses parts of unequal k and g): zero planes, split groups,
+    a zero offset; the dense weight is unchanged and the kernel output agrees to rounding."""
+    from dbquant.backends.t16 import canonical, widen
+    w, _, canon = prepared(33, 200, 64, False, False, seed=3, planes=planes)
+    wide = widen(w, 4, 32, offset=True)
+    assert wide.planes_count == 4 and wide.group_size == 32 and wide.offset is not None
+    q, s, o = canonical(wide)
+    assert torch.equal(dequantize_ref(q, s, o, 200), dequantize_ref(*canon, 200))
+    x = torch.randn(3, 200, generator=torch.Generator().manual_seed(9))
+    assert_matches(cpu_backend.run_cpu(x, wide, None), dbgemm_ref(x, *canon, None, 200, 64))
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])

@@ -362,3 +362,21 @@ def test_check_supported_names_the_reason():
         check_supported(make_tiny_model("gemma3_text", use_bidirectional_attention=True))
     with pytest.raises(DbquantError, match="float32 models, got torch.bfloat16"):
         check_supported(make_tiny_model("gemma").to(torch.bfloat16))
+
+
+def test_mixed_plane_checkpoint_decodes_natively(tmp_path):
+    """A checkpoint whose linears differ in k (1..4), group size and offset: the decoder still fuses
+    q/k/v and gate/up (t16.widen) and runs one C++ call per layer; its logits follow HF's forward
+    and its greedy tokens equal HF generate()."""
+    from tests.test_checkpoint import _mixed_dir
+
+    _, out, plan = _mixed_dir(tmp_path)
+    model = dbquant.load(out)
+    assert len({(p.layout.planes, p.layout.group_size) for p in plan}) > 3
+    dec = FastDecoder(model, max_len=32)
+    assert dec.native is not None and dec.layers[0].qkv.packed is not None
+    _assert_chunked_logits_match(model)
+    ids = IDS[:1, :6]
+    with torch.inference_mode():
+        hf = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(FastDecoder(model, max_len=32).generate(ids, 8)[0], hf)

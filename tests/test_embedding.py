@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -153,7 +154,7 @@ def test_round_trip_both_loaders(tmp_path, tiny_tokenizer, embed_bits, head_bits
     assert ("lm_head.codes" in stored) == (head is QuantHead)
     has_tables = emb_q or head is QuantHead
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["format_version"] == (2 if has_tables else 1) and bool(qc["tables"]) == has_tables
+    assert qc["format_version"] == 2 and bool(qc["tables"]) == has_tables
     # checkpoint_bpw: every stored byte over all parameters (a tied matrix once)
     size = measured_bits(out, a)
     files_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
@@ -248,8 +249,20 @@ def test_table_config_is_checked(tmp_path, tiny_tokenizer, monkeypatch):
 
 
 def test_v1_checkpoint_still_loads(tmp_path, tiny_tokenizer):
+    # a checkpoint without tables, uniform k = 2, is a version-1 file once its config says so
     model, out, _ = _quantized(tmp_path, tiny_tokenizer, "fp32", "auto")
-    assert json.loads((out / "config.json").read_text())["quantization_config"]["format_version"] == 1
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["format_version"] == 2 and not qc["tables"] and all(
+        row.get("planes", 2) == 2 for row in qc.get("layers", {}).values())
+    qc["format_version"] = 1
+    qc.pop("tables")
+    qc.pop("layers", None)
+    (out / "config.json").write_text(json.dumps(cfg))
+    with safe_open(out / "model.safetensors", "pt") as f:  # the header metadata says the version too
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open
+    facts = json.loads(meta["dbquant"])
+    save_file(tensors, out / "model.safetensors", metadata={**meta, "dbquant": json.dumps({**facts, "format_version": 1})})
     with torch.no_grad():
         assert torch.equal(load(out)(IDS).logits, model(IDS).logits)
 

@@ -48,29 +48,30 @@ def _gemv_ptrs(ptrs, partials):
 # name -> (kernel, pointer types (None: absent, passed as None like the wrapper does),
 #          constexprs (DOT_DTYPE by name), compile options)
 VARIANTS = {
+    # PLANES (k bit planes, format v2) varies over the variants: 1, 2, 3 and 4 each compile.
     # Largest autotune config; K tile inside a group (g % BLOCK_K == 0): one scale per column.
     "gemm-fp16-tile-in-group-128x256x64": (
         "dbgemm_gemm_kernel", _F16,
-        dict(GROUP_SIZE=64, HAS_OFFSET=True, HAS_BIAS=True, DOT_DTYPE="fp16",
+        dict(GROUP_SIZE=64, HAS_OFFSET=True, HAS_BIAS=True, DOT_DTYPE="fp16", PLANES=2,
              BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8), dict(num_warps=8, num_stages=3)),
     # g = 8 < BLOCK_K: tiles span groups, one scale per element; bf16 tensor-core dot.
     "gemm-bf16-tile-spans-groups": (
         "dbgemm_gemm_kernel", _BF16,
-        dict(GROUP_SIZE=8, HAS_OFFSET=True, HAS_BIAS=True, DOT_DTYPE="bf16",
+        dict(GROUP_SIZE=8, HAS_OFFSET=True, HAS_BIAS=True, DOT_DTYPE="bf16", PLANES=3,
              BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), dict(num_warps=4, num_stages=4)),
     # fp32 activations (ieee dot), no offset, no bias (None pointers).
     "gemm-fp32-no-offset-no-bias": (
         "dbgemm_gemm_kernel", _F32_NONE,
-        dict(GROUP_SIZE=64, HAS_OFFSET=False, HAS_BIAS=False, DOT_DTYPE="fp32",
+        dict(GROUP_SIZE=64, HAS_OFFSET=False, HAS_BIAS=False, DOT_DTYPE="fp32", PLANES=1,
              BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), dict(num_warps=4, num_stages=3)),
     "gemv-fp16-split1-tile-in-group": (
         "dbgemv_splitk_kernel", _gemv_ptrs(_F16, partials=False),
-        dict(GROUP_SIZE=128, HAS_OFFSET=True, HAS_BIAS=True, SPLIT_K=1, BLOCK_N=32, BLOCK_K=128),
+        dict(GROUP_SIZE=128, HAS_OFFSET=True, HAS_BIAS=True, SPLIT_K=1, BLOCK_N=32, BLOCK_K=128, PLANES=4),
         dict(num_warps=4, num_stages=3)),
     # Largest GEMV config, split-K partials, tiles spanning groups.
     "gemv-bf16-split4-tile-spans-groups": (
         "dbgemv_splitk_kernel", _gemv_ptrs(_BF16, partials=True),
-        dict(GROUP_SIZE=8, HAS_OFFSET=True, HAS_BIAS=False, SPLIT_K=4, BLOCK_N=128, BLOCK_K=128),
+        dict(GROUP_SIZE=8, HAS_OFFSET=True, HAS_BIAS=False, SPLIT_K=4, BLOCK_N=128, BLOCK_K=128, PLANES=2),
         dict(num_warps=8, num_stages=2)),
     "splitk-reduce-bf16-bias": (
         "splitk_reduce_kernel", {"part_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"},

@@ -74,8 +74,12 @@ def test_every_tensor_shape_is_checked(backend):
         kernel(x, q, s, o[:, :2], b, k, g)
     with pytest.raises(DbquantError, match=r"bias must have shape \(20,\), got \(19,\)"):
         kernel(x, q, s, o, b[:19], k, g)
-    with pytest.raises(DbquantError, match=r"qweight must be uint8 \[2, N, 12\] .* got \(2, 20, 11\)"):
+    with pytest.raises(DbquantError, match=r"qweight must be uint8 \[k, N, 12\] \(k in 1..4\) .* got \(2, 20, 11\)"):
         kernel(x, q[..., :11], s, o, b, k, g)
+    with pytest.raises(DbquantError, match=r"qweight must be uint8 \[k, N, 12\] \(k in 1..4\) .* got \(5, 20, 12\)"):
+        kernel(x, q[[0, 1, 0, 1, 0]], s, o, b, k, g)  # five planes: more than the format holds
+    with pytest.raises(DbquantError, match=r"scales must have shape \(20, 3, 3\), got \(20, 3, 2\)"):
+        kernel(x, q[[0, 1, 0]], s, o, b, k, g)  # three planes, two scales per group
     with pytest.raises(DbquantError, match=r"scales must be float16, bfloat16, float32, got torch.int16"):
         kernel(x, q, s.short(), o, b, k, g)
     with pytest.raises(ValueError):  # KernelInputError is a ValueError too

@@ -326,7 +326,8 @@ def test_cli_eval_kv_ppl_and_generate(tiny_model_dir, capsys):
 
     code, out, err = run(capsys, "generate", tiny_model_dir, "--prompt", "The quick", "--max-new-tokens", 6,
                          "--raw", "--kv", "1.5/1.58")
-    assert code == 0 and "KV cache 1.5/1.58" in err and "engine hf" in err
+    # 1.58-bit values: the lean decoder with the packed cache (runtime/kv/packed.py) runs it
+    assert code == 0 and "KV cache K1.5/V1.58" in err and "engine dbquant" in err
 
 
 @pytest.mark.slow

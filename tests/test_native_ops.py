@@ -40,22 +40,25 @@ def test_every_native_op_has_ref_and_cpu():
         registry.get("rms_norm", "triton")
 
 
-def _packed(n, k, g, offset, gen):
-    """A random packed linear in the t16 layout, n x k with group size g."""
+def _packed(n, k, g, offset, gen, planes=2):
+    """A random packed linear in the t16 layout, n x k with group size g and ``planes`` bit planes."""
     groups = -(-k // g)
-    bits = torch.randint(0, 2, (2, n, groups * g), generator=gen)
+    bits = torch.randint(0, 2, (planes, n, groups * g), generator=gen)
     bits[..., k:] = 0
-    qweight = (bits.reshape(2, n, -1, 8) * (1 << torch.arange(8))).sum(-1).to(torch.uint8)
-    scales = (0.3 * torch.randn(n, groups, 2, generator=gen)).half()
+    qweight = (bits.reshape(planes, n, -1, 8) * (1 << torch.arange(8))).sum(-1).to(torch.uint8)
+    scales = (0.3 * torch.randn(n, groups, planes, generator=gen)).half()
     off = (0.1 * torch.randn(n, groups, generator=gen)).half() if offset else None
     return prepare_cpu(qweight, scales, off, k, g)
 
 
-def make_layer(h, hq, hk, d, inter, g, offset, bias, seed=0) -> DecodeLayerWeights:
+def make_layer(h, hq, hk, d, inter, g, offset, bias, seed=0, mix=None) -> DecodeLayerWeights:
+    """mix: per projection (qkv, o, gate_up, down) its (planes, group size); default (2, g) each."""
     gen = torch.Generator().manual_seed(seed)
+    mix = iter(mix or [(2, g)] * 4)
 
     def proj(n, k):
-        return Projection(_packed(n, k, g, offset, gen), torch.randn(n, generator=gen) if bias else None)
+        planes, gs = next(mix)
+        return Projection(_packed(n, k, gs, offset, gen, planes), torch.randn(n, generator=gen) if bias else None)
 
     return DecodeLayerWeights(
         ln1=1 + 0.1 * torch.randn(h, generator=gen), ln2=1 + 0.1 * torch.randn(h, generator=gen), eps=1e-5,
@@ -100,6 +103,25 @@ def test_decode_layer_cpu_matches_ref(h, hq, hk, d, inter, g, offset, bias):
     cpu_backend.decode_layer_cpu(a, layer, cos[4], sin[4], *[c.clone() for c in caches["cpu"]], 4)
     registry.get("decode_layer", "cpu").run(b, prepared, cos[4], sin[4], *caches["cpu"], 4)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mix", [[(1, 8), (3, 16), (4, 32), (2, 8)], [(4, 16), (1, 16), (2, 8), (3, 8)]])
+def test_decode_layer_cpu_mixed_planes_and_groups(mix):
+    """One layer whose projections differ in k and group size: the fused op matches the reference."""
+    h, hq, hk, d, inter = 40, 5, 1, 8, 23
+    layer = make_layer(h, hq, hk, d, inter, 16, True, True, seed=11, mix=mix)
+    assert [getattr(layer, n).weight.planes_count for n in layer.PROJECTIONS] == [k for k, _ in mix]
+    gen = torch.Generator().manual_seed(5)
+    angles = torch.rand(4, d // 2, generator=gen) * 3
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    caches = {b: [torch.zeros(1, hk, 4, d) for _ in range(2)] for b in ("ref", "cpu")}
+    prepared = cpu_backend.prepare_decode_layer(layer)
+    for pos in range(3):
+        x = torch.randn(1, h, generator=gen)
+        xs = {b: x.clone() for b in caches}
+        registry.get("decode_layer", "ref")(xs["ref"], layer, cos[pos], sin[pos], *caches["ref"], pos)
+        registry.get("decode_layer", "cpu").run(xs["cpu"], prepared, cos[pos], sin[pos], *caches["cpu"], pos)
+        close(xs["cpu"], xs["ref"])
 
 
 def _extras(name, h, hq, hk, d, gen) -> dict:
@@ -157,7 +179,7 @@ def test_decode_layer_refuses_bad_switches():
                        (dict(post_ffn=torch.ones(39)), r"post_ffn must have shape \(40,\)")]:
         with pytest.raises(DbquantError, match=match):
             cpu_backend.prepare_decode_layer(DecodeLayerWeights(**{**layer.__dict__, **bad}))
-    obj = torch.classes.dbquant.DecodeLayer(layer.ln1, layer.ln2, 1e-5, 5, 1, 8, 23, 16, 8 ** -0.5)
+    obj = torch.classes.dbquant.DecodeLayer(layer.ln1, layer.ln2, 1e-5, 5, 1, 8, 23, 8 ** -0.5)
     with pytest.raises(RuntimeError, match=r"q_norm, k_norm must be \[8\] \(per head\) or \[40\], \[8\]"):
         obj.set_extras(torch.ones(7), torch.ones(7), None, None, True, "silu", 0, 0.0, 1.0)
     with pytest.raises(RuntimeError, match="act must be silu or gelu_tanh, got 'relu'"):
@@ -208,11 +230,11 @@ def test_decode_layer_refuses_bad_input():
     with pytest.raises(DbquantError, match=r"gate_up must be 48 x 40 \(out x in\), got 46 x 40"):
         cpu_backend.prepare_decode_layer(wrong)
     # the C++ class checks what it is given too
-    obj = torch.classes.dbquant.DecodeLayer(layer.ln1, layer.ln2, 1e-5, 5, 1, 8, 23, 16, 8 ** -0.5)
+    obj = torch.classes.dbquant.DecodeLayer(layer.ln1, layer.ln2, 1e-5, 5, 1, 8, 23, 8 ** -0.5)
     with pytest.raises(RuntimeError, match=r"planes must have shape \[3, 6, 2, 16\]"):
-        obj.set_proj("o", layer.qkv.weight.planes, layer.qkv.weight.scales, None, None)
+        obj.set_proj("o", layer.qkv.weight.planes, layer.qkv.weight.scales, None, None, 16)
     with pytest.raises(RuntimeError, match="unknown projection 'up'"):
-        obj.set_proj("up", layer.o.weight.planes, layer.o.weight.scales, None, None)
+        obj.set_proj("up", layer.o.weight.planes, layer.o.weight.scales, None, None, 16)
     with pytest.raises(RuntimeError, match="'qkv' projection was never set"):
         torch.ops.dbquant.decode_layer_cpu(torch.zeros(1, 40), obj, torch.ones(8), torch.ones(8), cache,
                                            cache.clone(), 0)

@@ -36,9 +36,8 @@ def _run(work, **kw):
 
 def _payload():
     g = torch.Generator().manual_seed(0)
-    w = DualBinaryWeight(b1=torch.randint(0, 2, (4, 16), dtype=torch.uint8, generator=g),
-                         b2=torch.randint(0, 2, (4, 16), dtype=torch.uint8, generator=g),
-                         alpha=torch.randn(4, 2, 2, generator=g), offset=None, in_features=13)
+    w = DualBinaryWeight(planes=torch.randint(0, 2, (3, 4, 16), dtype=torch.uint8, generator=g),
+                         alpha=torch.randn(4, 2, 3, generator=g), offset=None, in_features=13)
     x = torch.randn(3, 5, 8, generator=g)
     opt = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4, generator=g)}},
            "param_groups": [{"lr": 1e-3 / 3, "betas": (0.9, 0.95), "eps": 1e-8, "foreach": None,
@@ -120,7 +119,7 @@ def test_foreign_or_corrupt_state_gives_one_error(tmp_path):
 
 @pytest.mark.parametrize("meta", ['{"__dict__": 5}', '{"__tensor__": "t9"}', '{"__evil__": 1}',
                                   '{"__dataclass__": "os:system", "fields": {}}',
-                                  '{"__dataclass__": "dbquant.quant.fdb:DualBinaryWeight", "fields": {"b1": 1}}',
+                                  '{"__dataclass__": "dbquant.quant.fdb:DualBinaryWeight", "fields": {"planes": 1}}',
                                   '{"__dtype__": "nn"}', "[" * 5000 + "]" * 5000, "not json",
                                   '{"__dict__": [["version", 1]]}'])
 def test_malformed_metadata_is_refused(tmp_path, meta):

@@ -31,14 +31,14 @@ DEVICE = "cpu" if _triton.interpreted() else "cuda"
 TOL = KERNEL_REL_ERR
 
 
-def make_layer(n, k, g, offset, bias, seed=0, pad_garbage=False):
-    """Random canonical packed linear: (qweight, scales, offset, bias), fp16 scales."""
+def make_layer(n, k, g, offset, bias, seed=0, pad_garbage=False, planes=2):
+    """Random canonical packed linear of ``planes`` bit planes: (qweight, scales, offset, bias), fp16 scales."""
     gen = torch.Generator().manual_seed(seed)
     groups = -(-k // g)
-    bits = torch.randint(0, 2, (2, n, groups * g), generator=gen)
+    bits = torch.randint(0, 2, (planes, n, groups * g), generator=gen)
     if not pad_garbage:
         bits[..., k:] = 0  # the format: padded channels hold 0
-    scales = torch.randn(n, groups, 2, generator=gen).half()
+    scales = torch.randn(n, groups, planes, generator=gen).half()
     off = torch.randn(n, groups, generator=gen).half() if offset else None
     b = torch.randn(n, generator=gen) if bias else None
     return tuple(None if t is None else t.to(DEVICE) for t in (pack_bits(bits), scales, off, b))
@@ -76,6 +76,17 @@ def test_parity_fp32(n, k, g, m, offset, bias):
     layer = make_layer(n, k, g, offset, bias)
     x = make_x(m, k, torch.float32)
     check(_triton.dbgemm_triton(x, *layer, k, g), x, layer, k, g)
+
+
+@pytest.mark.parametrize("planes", [1, 3, 4])
+@pytest.mark.parametrize("m", [1, 17])  # GEMV and GEMM paths
+@pytest.mark.parametrize("n,k,g", [(37, 200, 64), (19, 200, 24), (33, 96, 32)])
+def test_parity_any_plane_count(n, k, g, m, planes):
+    """k = 1, 3, 4 bit planes (format v2) on odd shapes, offset and bias on and off."""
+    for offset, bias in ((False, False), (True, True)):
+        layer = make_layer(n, k, g, offset, bias, seed=planes, planes=planes)
+        x = make_x(m, k, torch.float32)
+        check(_triton.dbgemm_triton(x, *layer, k, g), x, layer, k, g)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -191,8 +202,12 @@ def test_input_validation():
         run(x[:, :199], qweight, scales, off, b, k, g)
     with pytest.raises(ValueError, match=r"group_size must be a positive multiple of 8, got 12"):
         run(x, qweight, scales, off, b, k, 12)
-    with pytest.raises(ValueError, match=r"qweight must be uint8 \[2, N, 32\].*got torch.uint8 \(2, 37, 31\)"):
+    with pytest.raises(ValueError, match=r"qweight must be uint8 \[k, N, 32\] \(k in 1..4\).*got torch.uint8 \(2, 37, 31\)"):
         run(x, qweight[..., :31], scales, off, b, k, g)
+    with pytest.raises(ValueError, match=r"qweight must be uint8 \[k, N, 32\] \(k in 1..4\).*got torch.uint8 \(5, 37, 32\)"):
+        run(x, qweight[[0, 1, 0, 1, 0]], scales, off, b, k, g)  # five planes: more than the format holds
+    with pytest.raises(ValueError, match=r"scales must have shape \(37, 4, 3\) .*got \(37, 4, 2\)"):
+        run(x, qweight[[0, 1, 0]], scales, off, b, k, g)  # three planes, two scales per group
     with pytest.raises(ValueError, match=r"qweight must be uint8 .* got torch.int16"):
         run(x, qweight.short(), scales, off, b, k, g)
     with pytest.raises(ValueError, match=r"scales must have shape \(37, 4, 2\) .*got \(37, 3, 2\)"):

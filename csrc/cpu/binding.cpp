@@ -1,4 +1,4 @@
-// Torch binding of the CPU lookup-table kernel. Registers
+// Torch binding of the CPU lookup-table kernel (any plane count k: planes [T, C8, k, 16]). Registers
 //   torch.ops.dbquant.dbgemm_cpu(Tensor x, Tensor planes, Tensor scales, Tensor? offset,
 //                                Tensor? bias, int out_features, int in_features,
 //                                int group_size, str isa="auto") -> Tensor
@@ -12,9 +12,9 @@
 //   torch.ops.dbquant.rms_norm_cpu(Tensor x, Tensor w, float eps) -> Tensor
 //                                    (fused RMSNorm over the last dim, decode_ops.h)
 //   torch.classes.dbquant.DecodeLayer(Tensor ln1, Tensor ln2, float eps, int n_heads, int n_kv,
-//                                    int head_dim, int intermediate, int group_size, float scale)
+//                                    int head_dim, int intermediate, float scale)
 //                                    .set_proj(str name, Tensor planes, Tensor scales,
-//                                              Tensor? offset, Tensor? bias)
+//                                              Tensor? offset, Tensor? bias, int group_size)
 //                                    .set_extras(Tensor? q_norm, Tensor? k_norm, Tensor? post_attn,
 //                                                Tensor? post_ffn, bool pre_norm, str act, int window,
 //                                                float softcap, float residual_scale)
@@ -94,9 +94,14 @@ dbquant::cpu::T16Weight t16_weight(const char* op, const at::Tensor& planes, con
   w.N = out_features;
   w.K = in_features;
   w.group_size = group_size;
+  // k (the plane count) is read from the planes tensor: [T, C8, P, 16], P in 1..kMaxPlanes
+  TORCH_CHECK(planes.dim() == 4 && planes.size(2) >= 1 && planes.size(2) <= dbquant::cpu::kMaxPlanes, op,
+              ": planes must be uint8 [T, C8, P, 16] with P (bit planes) in 1..", dbquant::cpu::kMaxPlanes,
+              ", got shape ", planes.sizes());
+  w.P = planes.size(2);
   const int64_t T = w.tiles(), G = w.groups(), C8 = w.kp() / 8, tile = dbquant::cpu::kTile;
-  check_shape(planes, "planes", {T, C8, 2, tile});
-  check_shape(scales, "scales", {T, G, 2, tile});
+  check_shape(planes, "planes", {T, C8, w.P, tile});
+  check_shape(scales, "scales", {T, G, w.P, tile});
   if (offset) check_shape(*offset, "offset", {T, G, tile});
   w.planes = planes.data_ptr<uint8_t>();
   w.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
@@ -314,8 +319,8 @@ void gemv_t16(Isa isa, const dbquant::cpu::T16Weight& w, const float* x, float* 
 // shapes are checked once here rather than per token. Holds references to its tensors.
 //   ln1, ln2: float32 [H] (RMSNorm weights, shared eps); Hq query heads, Hk kv heads of D
 //   channels; I: MLP width; scale: attention scale (usually D^-0.5).
-//   Projections (set_proj, t16 layout of dbgemm_t16.h with one group_size, bias float32 [N]
-//   or None), N x K: "qkv" (Hq + 2 Hk) D x H, "o" H x Hq D, "gate_up" 2 I x H, "down" H x I.
+//   Projections (set_proj, t16 layout of dbgemm_t16.h, each with its own group_size and plane
+//   count, bias float32 [N] or None), N x K: "qkv" (Hq + 2 Hk) D x H, "o" H x Hq D, "gate_up" 2 I x H, "down" H x I.
 //   Family switches (set_extras; the defaults are Llama's), every norm an RMSNorm with eps:
 //   q_norm / k_norm float32 [D] (per head: Qwen3, Gemma-3) or [Hq D] / [Hk D] (the whole
 //   projection: OLMo-2), before RoPE; post_attn / post_ffn float32 [H] on the attention / MLP
@@ -327,9 +332,9 @@ struct DecodeLayer : torch::CustomClassHolder {
   static constexpr const char* kNames[4] = {"qkv", "o", "gate_up", "down"};
 
   DecodeLayer(at::Tensor ln1, at::Tensor ln2, double eps, int64_t n_heads, int64_t n_kv, int64_t head_dim,
-              int64_t intermediate, int64_t group_size, double scale)
+              int64_t intermediate, double scale)
       : ln1(std::move(ln1)), ln2(std::move(ln2)), eps(eps), Hq(n_heads), Hk(n_kv), D(head_dim),
-        I(intermediate), group_size(group_size), scale(scale) {
+        I(intermediate), scale(scale) {
     check_input(this->ln1, "ln1", at::kFloat);
     check_input(this->ln2, "ln2", at::kFloat);
     TORCH_CHECK(this->ln1.dim() == 1 && this->ln2.sizes() == this->ln1.sizes(),
@@ -348,7 +353,7 @@ struct DecodeLayer : torch::CustomClassHolder {
   }
 
   void set_proj(const std::string& name, at::Tensor planes, at::Tensor scales, std::optional<at::Tensor> offset,
-                std::optional<at::Tensor> bias) {
+                std::optional<at::Tensor> bias, int64_t group_size) {
     const int i = int(std::find_if(kNames, kNames + 4, [&](const char* s) { return name == s; }) - kNames);
     TORCH_CHECK(i < 4, "DecodeLayer.set_proj: unknown projection '", name, "'; use qkv, o, gate_up or down");
     const auto [N, K] = shape_of(i);
@@ -404,7 +409,7 @@ struct DecodeLayer : torch::CustomClassHolder {
 
   at::Tensor ln1, ln2;
   double eps;
-  int64_t H = 0, Hq, Hk, D, I, group_size;
+  int64_t H = 0, Hq, Hk, D, I;
   double scale;
   dbquant::cpu::T16Weight weights[4] = {};
   std::vector<at::Tensor> held[4];  // keeps the tensors behind weights[i] alive
@@ -754,7 +759,7 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
   m.def("linear_w8a8_cpu(Tensor x, Tensor wq, Tensor s, str isa=\"auto\") -> Tensor");
   // The class comes before the op whose schema names it.
   m.class_<DecodeLayer>("DecodeLayer")
-      .def(torch::init<at::Tensor, at::Tensor, double, int64_t, int64_t, int64_t, int64_t, int64_t, double>())
+      .def(torch::init<at::Tensor, at::Tensor, double, int64_t, int64_t, int64_t, int64_t, double>())
       .def("set_proj", &DecodeLayer::set_proj)
       .def("set_extras", &DecodeLayer::set_extras)
       .def("hidden", [](const c10::intrusive_ptr<DecodeLayer>& self) { return self->H; });

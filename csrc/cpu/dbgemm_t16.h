@@ -1,11 +1,12 @@
 // Torch-free CPU kernels for the dual-binary GEMM  y[M, N] = x[M, K] @ W^T (+ bias),
 // reading the CPU kernel layout "t16" (docs/FORMAT.md, "Kernel layouts").
 //
-// The t16 layout is the canonical format v1 regrouped into tiles of 16 output rows, so
-// that one SIMD register holds one value for each of 16 rows (dbquant/backends/cpu.py
-// builds it once per weight at load time; no bit is moved, only whole bytes):
-//   planes  uint8   [T, C8, 2, 16]  planes[t, c, p, r] = qweight[p, 16t + r, c]
-//   scales  float16 [T, G, 2, 16]   scales[t, j, p, r] = alpha_{p+1}[16t + r, j]
+// The t16 layout is the canonical format (v2: k = P planes, 1..4) regrouped into tiles of 16
+// output rows, so that one SIMD register holds one value for each of 16 rows
+// (dbquant/backends/t16.py builds it once per weight at load time; no bit is moved, only
+// whole bytes):
+//   planes  uint8   [T, C8, P, 16]  planes[t, c, p, r] = qweight[p, 16t + r, c]
+//   scales  float16 [T, G, P, 16]   scales[t, j, p, r] = alpha_{p+1}[16t + r, j]
 //   offset  float16 [T, G, 16]      beta[16t + r, j], or absent
 // with T = ceil(N / 16) (rows past N are zero), C8 = Kp / 8 bytes per row and plane,
 // Kp = ceil(K / g) * g, G = Kp / g. Byte c of a row holds input channels 8c..8c+7,
@@ -21,8 +22,10 @@
 // vpermps looks up all 16 partial sums. Per group j and row:
 //   lo_p = sum over the group's bytes c, in order, of lut[2c][low nibble of byte c of plane p]
 //   hi_p = sum over the group's bytes c, in order, of lut[2c+1][high nibble]
-//   y = fma(alpha_1, lo_1 + hi_1, y); y = fma(alpha_2, lo_2 + hi_2, y); y = fma(beta, gsum_j, y)
-// (four independent sums, so the adds are not one long latency chain)
+//   y = fma(alpha_1, lo_1 + hi_1, y); ...; y = fma(alpha_P, lo_P + hi_P, y); y = fma(beta, gsum_j, y)
+// The tables are built once per activation row and read once per plane: the cost of the
+// table lookups grows with P (the SIMD paths walk the planes two at a time, so P = 2 is one
+// pass with four independent sums, and the adds are not one long latency chain).
 // where gsum_j = sum over the group's chunks q, in order, of lut[q][15].
 // The scalar and AVX-512 paths perform exactly these float operations in this order, lane
 // by lane, so they agree bit for bit (tests check it). The AVX2 path tabulates 2-channel
@@ -40,6 +43,7 @@ namespace dbquant {
 namespace cpu {
 
 constexpr int kTile = 16;  // output rows per tile
+constexpr int kMaxPlanes = 4;  // k of the packed format (dbquant/format/layout.py: MAX_PLANES)
 
 enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 
@@ -52,11 +56,12 @@ Isa best_isa();
 
 // A t16 weight (pointers into caller-owned memory; see the layout above).
 struct T16Weight {
-  const uint8_t* planes;    // [T, C8, 2, 16]
-  const uint16_t* scales;   // [T, G, 2, 16] IEEE float16 bits
+  const uint8_t* planes;    // [T, C8, P, 16]
+  const uint16_t* scales;   // [T, G, P, 16] IEEE float16 bits
   const uint16_t* offset;   // [T, G, 16] or nullptr
   const float* bias;        // [N] float32 or nullptr
   int64_t N, K, group_size; // K = in_features (unpadded); group_size a multiple of 8
+  int64_t P = 2;            // bit planes (k), 1..kMaxPlanes
   int64_t kp() const { return (K + group_size - 1) / group_size * group_size; }
   int64_t groups() const { return kp() / group_size; }
   int64_t tiles() const { return (N + kTile - 1) / kTile; }
@@ -79,7 +84,7 @@ void gemm_tiles(Isa isa, const T16Weight& w, const float* lut, const float* gsum
 
 // Dense weight rows of tiles [t0, t1): out float32 [N, K] row-major (only rows < N and
 // columns < K are written). For long prefills: dequantize once, then one BLAS GEMM.
-// w = ((b1 ? alpha1 : 0) + (b2 ? alpha2 : 0)) + beta, as the reference computes it.
+// w = (((b1 ? alpha1 : 0) + (b2 ? alpha2 : 0)) + ...) + beta, as the reference computes it.
 void dequantize_tiles(const T16Weight& w, float* out, int64_t t0, int64_t t1);
 
 // gsum_row[j] = sum over group j's 4-channel chunks q, in order, of lut_row[q][15] (the

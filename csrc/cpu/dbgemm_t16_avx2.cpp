@@ -11,7 +11,7 @@
 // (b >> 0, b >> 2, b >> 4, b >> 6) & 3 into chunks 4c..4c+3. A 16-row tile is processed
 // as two 8-row halves. Per group j and row:
 //   s_p = even_p + odd_p, even_p / odd_p = sums, in order, of the group's chunks 4c, 4c+2 /
-//   4c+1, 4c+3 of plane p; y = fma(alpha_1, s_1, y); y = fma(alpha_2, s_2, y);
+//   4c+1, 4c+3 of plane p; y = fma(alpha_1, s_1, y); ...; y = fma(alpha_P, s_P, y);
 //   y = fma(beta, gsum_j, y) with gsum_j = the in-order sum of the group's x.
 // So this path adds the same products in another order than the 16-entry paths: it
 // agrees with them to float rounding, not bit for bit (tests/test_cpu_kernel.py).
@@ -32,35 +32,45 @@ namespace {
 
 constexpr int kHalf = 8;
 
+// One table pass over group g for planes p0 .. p0 + NP - 1 (NP = 1 or 2) of one 8-row half,
+// then acc = fma(alpha_p, even_p + odd_p, acc) in plane order (NP = 2: the dual-binary pass).
+template <int NP>
+inline __m256 plane_pass(const T16Weight& w, const float* lut2, const uint8_t* tp, const uint16_t* ts,
+                         int64_t g, int64_t p0, __m256 acc) {
+  const int64_t P = w.P, cpg = w.group_size / 8;
+  __m256 e[NP], o[NP];
+  for (int q = 0; q < NP; ++q) e[q] = o[q] = _mm256_setzero_ps();
+  for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+    const float* tq = lut2 + 16 * c;  // chunks 4c..4c+3, 4 floats each
+    const __m256 t0 = _mm256_broadcast_ps((const __m128*)(tq + 0));
+    const __m256 t1 = _mm256_broadcast_ps((const __m128*)(tq + 4));
+    const __m256 t2 = _mm256_broadcast_ps((const __m128*)(tq + 8));
+    const __m256 t3 = _mm256_broadcast_ps((const __m128*)(tq + 12));
+    __m256i b[NP];
+    for (int q = 0; q < NP; ++q)
+      b[q] = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(tp + (c * P + p0 + q) * kTile)));
+    for (int q = 0; q < NP; ++q) e[q] = _mm256_add_ps(e[q], _mm256_permutevar_ps(t0, b[q]));
+    for (int q = 0; q < NP; ++q) o[q] = _mm256_add_ps(o[q], _mm256_permutevar_ps(t1, _mm256_srli_epi32(b[q], 2)));
+    for (int q = 0; q < NP; ++q) e[q] = _mm256_add_ps(e[q], _mm256_permutevar_ps(t2, _mm256_srli_epi32(b[q], 4)));
+    for (int q = 0; q < NP; ++q) o[q] = _mm256_add_ps(o[q], _mm256_permutevar_ps(t3, _mm256_srli_epi32(b[q], 6)));
+  }
+  for (int q = 0; q < NP; ++q) {
+    const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(ts + (g * P + p0 + q) * kTile)));
+    acc = _mm256_fmadd_ps(a, _mm256_add_ps(e[q], o[q]), acc);
+  }
+  return acc;
+}
+
 void half_tile(const T16Weight& w, const float* lut2, const float* gsum, float* yrow, int64_t t, int h) {
-  const int64_t G = w.groups(), C8 = w.kp() / 8, cpg = w.group_size / 8;
-  const uint8_t* tp = w.planes + t * C8 * 2 * kTile + h * kHalf;
-  const uint16_t* ts = w.scales + t * G * 2 * kTile + h * kHalf;
+  const int64_t G = w.groups(), C8 = w.kp() / 8, P = w.P;
+  const uint8_t* tp = w.planes + t * C8 * P * kTile + h * kHalf;
+  const uint16_t* ts = w.scales + t * G * P * kTile + h * kHalf;
   const uint16_t* to = w.offset ? w.offset + t * G * kTile + h * kHalf : nullptr;
   __m256 acc = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m256 e1 = _mm256_setzero_ps(), o1 = e1, e2 = e1, o2 = e1;
-    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
-      const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(tp + (c * 2 + 0) * kTile)));
-      const __m256i b2 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(tp + (c * 2 + 1) * kTile)));
-      const float* q = lut2 + 16 * c;  // chunks 4c..4c+3, 4 floats each
-      const __m256 t0 = _mm256_broadcast_ps((const __m128*)(q + 0));
-      const __m256 t1 = _mm256_broadcast_ps((const __m128*)(q + 4));
-      const __m256 t2 = _mm256_broadcast_ps((const __m128*)(q + 8));
-      const __m256 t3 = _mm256_broadcast_ps((const __m128*)(q + 12));
-      e1 = _mm256_add_ps(e1, _mm256_permutevar_ps(t0, b1));
-      e2 = _mm256_add_ps(e2, _mm256_permutevar_ps(t0, b2));
-      o1 = _mm256_add_ps(o1, _mm256_permutevar_ps(t1, _mm256_srli_epi32(b1, 2)));
-      o2 = _mm256_add_ps(o2, _mm256_permutevar_ps(t1, _mm256_srli_epi32(b2, 2)));
-      e1 = _mm256_add_ps(e1, _mm256_permutevar_ps(t2, _mm256_srli_epi32(b1, 4)));
-      e2 = _mm256_add_ps(e2, _mm256_permutevar_ps(t2, _mm256_srli_epi32(b2, 4)));
-      o1 = _mm256_add_ps(o1, _mm256_permutevar_ps(t3, _mm256_srli_epi32(b1, 6)));
-      o2 = _mm256_add_ps(o2, _mm256_permutevar_ps(t3, _mm256_srli_epi32(b2, 6)));
-    }
-    const __m256 a1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(ts + g * 2 * kTile)));
-    const __m256 a2 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(ts + g * 2 * kTile + kTile)));
-    acc = _mm256_fmadd_ps(a1, _mm256_add_ps(e1, o1), acc);
-    acc = _mm256_fmadd_ps(a2, _mm256_add_ps(e2, o2), acc);
+    int64_t p = 0;
+    for (; p + 2 <= P; p += 2) acc = plane_pass<2>(w, lut2, tp, ts, g, p, acc);
+    if (p < P) acc = plane_pass<1>(w, lut2, tp, ts, g, p, acc);
     if (to) {
       const __m256 beta = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(to + g * kTile)));
       acc = _mm256_fmadd_ps(beta, _mm256_set1_ps(gsum[g]), acc);

@@ -22,12 +22,45 @@ namespace {
 // 2 tables stay inside the 32 zmm registers for MB <= 5.
 constexpr int kRowsPerPass = 4;
 
+// One table pass over group g for planes p0 .. p0 + NP - 1 (NP = 1 or 2), then
+// acc_y = fma(alpha_p, lo_p + hi_p, acc_y) in plane order. NP = 2 is the dual-binary pass:
+// the two planes' four sums are independent, so the adds are not one latency chain.
+template <int MB, int NP>
+inline void plane_pass(const T16Weight& w, const float* const* L, const uint8_t* tp, const uint16_t* ts,
+                       int64_t g, int64_t p0, __m512* acc_y) {
+  const int64_t P = w.P, cpg = w.group_size / 8;
+  __m512 lo[NP][MB], hi[NP][MB];
+  for (int q = 0; q < NP; ++q)
+    for (int i = 0; i < MB; ++i) lo[q][i] = hi[q][i] = _mm512_setzero_ps();
+  for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+    // 16 bytes (one per row) of each plane -> 16 int32 lanes; vpermps reads only the
+    // low 4 bits of each lane, so the low nibble needs no masking.
+    __m512i b[NP], bh[NP];
+    for (int q = 0; q < NP; ++q) {
+      b[q] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(tp + (c * P + p0 + q) * kTile)));
+      bh[q] = _mm512_srli_epi32(b[q], 4);
+    }
+    for (int i = 0; i < MB; ++i) {
+      const __m512 tlo = _mm512_loadu_ps(L[i] + 16 * (2 * c));
+      const __m512 thi = _mm512_loadu_ps(L[i] + 16 * (2 * c + 1));
+      for (int q = 0; q < NP; ++q) {
+        lo[q][i] = _mm512_add_ps(lo[q][i], _mm512_permutexvar_ps(b[q], tlo));
+        hi[q][i] = _mm512_add_ps(hi[q][i], _mm512_permutexvar_ps(bh[q], thi));
+      }
+    }
+  }
+  for (int q = 0; q < NP; ++q) {
+    const __m512 a = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ts + (g * P + p0 + q) * kTile)));
+    for (int i = 0; i < MB; ++i) acc_y[i] = _mm512_fmadd_ps(a, _mm512_add_ps(lo[q][i], hi[q][i]), acc_y[i]);
+  }
+}
+
 template <int MB>
 inline void tile_rows(const T16Weight& w, const float* lut, const float* gsum, int64_t m0,
                       float* y, int64_t t) {
-  const int64_t G = w.groups(), C8 = w.kp() / 8, cpg = w.group_size / 8, lf = lut_floats(w);
-  const uint8_t* tp = w.planes + t * C8 * 2 * kTile;
-  const uint16_t* ts = w.scales + t * G * 2 * kTile;
+  const int64_t G = w.groups(), C8 = w.kp() / 8, lf = lut_floats(w), P = w.P;
+  const uint8_t* tp = w.planes + t * C8 * P * kTile;
+  const uint16_t* ts = w.scales + t * G * P * kTile;
   const uint16_t* to = w.offset ? w.offset + t * G * kTile : nullptr;
   const float* L[MB];
   for (int i = 0; i < MB; ++i) L[i] = lut + (m0 + i) * lf;
@@ -35,30 +68,9 @@ inline void tile_rows(const T16Weight& w, const float* lut, const float* gsum, i
   __m512 acc_y[MB];
   for (int i = 0; i < MB; ++i) acc_y[i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m512 lo1[MB], hi1[MB], lo2[MB], hi2[MB];
-    for (int i = 0; i < MB; ++i) lo1[i] = hi1[i] = lo2[i] = hi2[i] = _mm512_setzero_ps();
-    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
-      // 16 bytes (one per row) of each plane -> 16 int32 lanes; vpermps reads only the
-      // low 4 bits of each lane, so the low nibble needs no masking.
-      const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(tp + (c * 2 + 0) * kTile)));
-      const __m512i b2 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(tp + (c * 2 + 1) * kTile)));
-      const __m512i b1h = _mm512_srli_epi32(b1, 4);
-      const __m512i b2h = _mm512_srli_epi32(b2, 4);
-      for (int i = 0; i < MB; ++i) {
-        const __m512 lo = _mm512_loadu_ps(L[i] + 16 * (2 * c));
-        const __m512 hi = _mm512_loadu_ps(L[i] + 16 * (2 * c + 1));
-        lo1[i] = _mm512_add_ps(lo1[i], _mm512_permutexvar_ps(b1, lo));
-        hi1[i] = _mm512_add_ps(hi1[i], _mm512_permutexvar_ps(b1h, hi));
-        lo2[i] = _mm512_add_ps(lo2[i], _mm512_permutexvar_ps(b2, lo));
-        hi2[i] = _mm512_add_ps(hi2[i], _mm512_permutexvar_ps(b2h, hi));
-      }
-    }
-    const __m512 a1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ts + g * 2 * kTile)));
-    const __m512 a2 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ts + g * 2 * kTile + kTile)));
-    for (int i = 0; i < MB; ++i) {
-      acc_y[i] = _mm512_fmadd_ps(a1, _mm512_add_ps(lo1[i], hi1[i]), acc_y[i]);
-      acc_y[i] = _mm512_fmadd_ps(a2, _mm512_add_ps(lo2[i], hi2[i]), acc_y[i]);
-    }
+    int64_t p = 0;
+    for (; p + 2 <= P; p += 2) plane_pass<MB, 2>(w, L, tp, ts, g, p, acc_y);
+    if (p < P) plane_pass<MB, 1>(w, L, tp, ts, g, p, acc_y);
     if (to) {
       const __m512 beta = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(to + g * kTile)));
       for (int i = 0; i < MB; ++i)

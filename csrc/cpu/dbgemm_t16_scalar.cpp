@@ -63,10 +63,10 @@ void build_luts_scalar(const T16Weight& w, const float* x, float* lut, float* gs
 
 void gemm_tiles_scalar(const T16Weight& w, const float* lut, const float* gsum, int64_t M,
                        float* y, int64_t t0, int64_t t1) {
-  const int64_t G = w.groups(), C8 = w.kp() / 8, cpg = w.group_size / 8, lf = lut_floats(w);
+  const int64_t G = w.groups(), C8 = w.kp() / 8, cpg = w.group_size / 8, lf = lut_floats(w), P = w.P;
   for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* tp = w.planes + t * C8 * 2 * kTile;
-    const uint16_t* ts = w.scales + t * G * 2 * kTile;
+    const uint8_t* tp = w.planes + t * C8 * P * kTile;
+    const uint16_t* ts = w.scales + t * G * P * kTile;
     const uint16_t* to = w.offset ? w.offset + t * G * kTile : nullptr;
     const int64_t n0 = t * kTile;
     const int rows = int(w.N - n0 < kTile ? w.N - n0 : kTile);
@@ -74,23 +74,19 @@ void gemm_tiles_scalar(const T16Weight& w, const float* lut, const float* gsum, 
       const float* L = lut + m * lf;
       float acc_y[kTile] = {};
       for (int64_t g = 0; g < G; ++g) {
-        float lo1[kTile] = {}, hi1[kTile] = {}, lo2[kTile] = {}, hi2[kTile] = {};
-        for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
-          const uint8_t* b1 = tp + (c * 2 + 0) * kTile;
-          const uint8_t* b2 = tp + (c * 2 + 1) * kTile;
-          const float* lo = L + 16 * (2 * c);
-          const float* hi = L + 16 * (2 * c + 1);
-          for (int r = 0; r < kTile; ++r) {
-            lo1[r] += lo[b1[r] & 15];
-            hi1[r] += hi[b1[r] >> 4];
-            lo2[r] += lo[b2[r] & 15];
-            hi2[r] += hi[b2[r] >> 4];
+        for (int64_t p = 0; p < P; ++p) {  // one table pass per plane
+          float lo_p[kTile] = {}, hi_p[kTile] = {};
+          for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+            const uint8_t* b = tp + (c * P + p) * kTile;
+            const float* lo = L + 16 * (2 * c);
+            const float* hi = L + 16 * (2 * c + 1);
+            for (int r = 0; r < kTile; ++r) {
+              lo_p[r] += lo[b[r] & 15];
+              hi_p[r] += hi[b[r] >> 4];
+            }
           }
-        }
-        const uint16_t* a = ts + g * 2 * kTile;
-        for (int r = 0; r < kTile; ++r) {
-          acc_y[r] = std::fma(half_to_float(a[r]), lo1[r] + hi1[r], acc_y[r]);
-          acc_y[r] = std::fma(half_to_float(a[kTile + r]), lo2[r] + hi2[r], acc_y[r]);
+          const uint16_t* a = ts + (g * P + p) * kTile;
+          for (int r = 0; r < kTile; ++r) acc_y[r] = std::fma(half_to_float(a[r]), lo_p[r] + hi_p[r], acc_y[r]);
         }
         if (to) {
           const float s = gsum[m * G + g];
@@ -104,23 +100,33 @@ void gemm_tiles_scalar(const T16Weight& w, const float* lut, const float* gsum, 
 }
 
 void dequantize_tiles(const T16Weight& w, float* out, int64_t t0, int64_t t1) {
-  const int64_t G = w.groups(), C8 = w.kp() / 8, cpg = w.group_size / 8;
+  const int64_t G = w.groups(), C8 = w.kp() / 8, cpg = w.group_size / 8, P = w.P;
   for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* tp = w.planes + t * C8 * 2 * kTile;
-    const uint16_t* ts = w.scales + t * G * 2 * kTile;
+    const uint8_t* tp = w.planes + t * C8 * P * kTile;
+    const uint16_t* ts = w.scales + t * G * P * kTile;
     const uint16_t* to = w.offset ? w.offset + t * G * kTile : nullptr;
     for (int r = 0; r < kTile && t * kTile + r < w.N; ++r) {
       float* row = out + (t * kTile + r) * w.K;
       for (int64_t g = 0; g < G; ++g) {
-        // The four levels of this row and group, indexed by b1 | b2 << 1.
-        const float a1 = half_to_float(ts[g * 2 * kTile + r]);
-        const float a2 = half_to_float(ts[g * 2 * kTile + kTile + r]);
+        // The 2^P levels of this row and group, indexed by b_1 | b_2 << 1 | b_3 << 2 | ...
+        float a[kMaxPlanes];
+        for (int64_t p = 0; p < P; ++p) a[p] = half_to_float(ts[(g * P + p) * kTile + r]);
         const float beta = to ? half_to_float(to[g * kTile + r]) : 0.0f;
-        const float level[4] = {0.0f + beta, a1 + beta, a2 + beta, (a1 + a2) + beta};
+        float level[1 << kMaxPlanes];
+        for (int code = 0; code < (1 << P); ++code) {
+          float v = 0.0f;
+          for (int64_t p = 0; p < P; ++p)
+            if (code >> p & 1) v += a[p];
+          level[code] = v + beta;
+        }
         for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
-          const unsigned b1 = tp[(c * 2 + 0) * kTile + r], b2 = tp[(c * 2 + 1) * kTile + r];
-          for (int j = 0; j < 8 && 8 * c + j < w.K; ++j)
-            row[8 * c + j] = level[(b1 >> j & 1) | (b2 >> j & 1) << 1];
+          unsigned bytes[kMaxPlanes];
+          for (int64_t p = 0; p < P; ++p) bytes[p] = tp[(c * P + p) * kTile + r];
+          for (int j = 0; j < 8 && 8 * c + j < w.K; ++j) {
+            unsigned code = 0;
+            for (int64_t p = 0; p < P; ++p) code |= (bytes[p] >> j & 1) << p;
+            row[8 * c + j] = level[code];
+          }
         }
       }
     }

@@ -60,18 +60,19 @@ at::Tensor dbgemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
               x.sizes(), ", strides ", x.strides(), ")");
   check_on(qweight, "qweight", x);
   check_contiguous(qweight, "qweight");
-  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 3 && qweight.size(0) == 2 &&
-                  qweight.size(2) == KB,
-              "dbgemm_cuda: qweight must be uint8 [2, N, ", KB, "] for in_features=", K,
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 3 && qweight.size(0) >= 1 &&
+                  qweight.size(0) <= dc::kMaxPlanes && qweight.size(2) == KB,
+              "dbgemm_cuda: qweight must be uint8 [k, N, ", KB, "] (k in 1..", dc::kMaxPlanes,
+              ") for in_features=", K,
               ", group_size=", group_size, "; got ", qweight.scalar_type(), " ",
               qweight.sizes());
-  const int64_t N = qweight.size(1);
+  const int64_t N = qweight.size(1), P = qweight.size(0);
   TORCH_CHECK(N >= 1, "dbgemm_cuda: qweight has N=0 output rows");
   check_on(scales, "scales", x);
   check_contiguous(scales, "scales");
   TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.dim() == 3 && scales.size(0) == N &&
-                  scales.size(1) == G && scales.size(2) == 2,
-              "dbgemm_cuda: scales must be float16 [", N, ", ", G, ", 2] for N=", N,
+                  scales.size(1) == G && scales.size(2) == P,
+              "dbgemm_cuda: scales must be float16 [", N, ", ", G, ", ", P, "] for N=", N,
               ", in_features=", K, ", group_size=", group_size, "; got ", scales.scalar_type(),
               " ", scales.sizes());
   if (offset) {
@@ -89,7 +90,7 @@ at::Tensor dbgemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
                 "dbgemm_cuda: bias must be ", x.scalar_type(), " [", N, "], got ",
                 bias->scalar_type(), " ", bias->sizes());
   }
-  const size_t smem = dc::dbgemv_smem_bytes(G, offset.has_value());
+  const size_t smem = dc::dbgemv_smem_bytes(G, offset.has_value(), P);
   TORCH_CHECK(smem <= dc::kMaxSharedBytes, "dbgemm_cuda: G=", G, " groups (in_features=", K,
               ", group_size=", group_size, ") need ", smem, " bytes of shared memory per block, over ",
               dc::kMaxSharedBytes, "; use a larger group size or the triton backend");
@@ -99,7 +100,7 @@ at::Tensor dbgemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
   const cudaError_t err = dc::dbgemv_launch(
       dtype, x.data_ptr(), ldx, x.size(0), K, qweight.data_ptr<uint8_t>(),
       scales.data_ptr(), offset ? offset->data_ptr() : nullptr,
-      bias ? bias->data_ptr() : nullptr, y.data_ptr(), N, group_size,
+      bias ? bias->data_ptr() : nullptr, y.data_ptr(), N, group_size, P,
       c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "dbgemm_cuda: kernel launch failed: ",
               cudaGetErrorString(err), " (M=", x.size(0), ", N=", N, ", K=", K,

@@ -2,8 +2,9 @@
 // `nvcc -arch=sm_80 -c dbgemv.cu` (and sm_90) checks it on a machine without a GPU.
 //
 // Design, and why:
-// * Decode is memory bound: per output row the kernel must stream 2 planes x Kp/8 bytes
-//   (2 bits per weight) and read G scale pairs; the arithmetic is small. So everything
+// * Decode is memory bound: per output row the kernel must stream k planes x Kp/8 bytes
+//   (k bits per weight, k = 1..4 a template parameter) and read G x k scales; the
+//   arithmetic is small. So everything
 //   is arranged around reading the planes at full width, once.
 // * One warp per output row n, kWarpsPerBlock rows per block. A row's plane bytes are
 //   contiguous, so the 32 lanes read consecutive VEC-byte chunks of it: with VEC = 16
@@ -18,8 +19,8 @@
 //   the pattern depends on g (for g = 8 every byte has its own group; for g = 200 the
 //   groups do not line up with the lanes' chunks at all).
 // * The planes hold {0, 1}: per plane byte the kernel sums the 8 activations whose bit
-//   is set (selects, no multiplies), and applies alpha1/alpha2 to those sums - 2 FMAs per
-//   byte instead of 16. With an offset, beta multiplies the plain sum of the 8 inputs.
+//   is set (selects, no multiplies), and applies alpha_1..alpha_k to those sums - k FMAs
+//   per byte instead of 8k. With an offset, beta multiplies the plain sum of the 8 inputs.
 // * The activations (K values per row, a few KiB) are read through the read-only data
 //   cache: every warp of every block reads the same x, so after the first warp they
 //   come from L1/L2, and staging them in shared memory would only add a barrier.
@@ -106,16 +107,15 @@ __device__ __forceinline__ void load_x8(const T* __restrict__ p, bool vec, int v
   }
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, int P>
 __global__ void __launch_bounds__(kWarpsPerBlock* kWarp)
     dbgemv_kernel(const T* __restrict__ x, int64_t ldx, int M, int K,
-                  const uint8_t* __restrict__ qweight, const __half2* __restrict__ scales,
+                  const uint8_t* __restrict__ qweight, const __half* __restrict__ scales,
                   const __half* __restrict__ offset, const T* __restrict__ bias,
                   T* __restrict__ y, int N, int G, int KB, int group_size, bool x_vec) {
   extern __shared__ __align__(16) unsigned char smem[];
-  __half2* s_scales = reinterpret_cast<__half2*>(smem);                  // [rows, G]
-  __half* s_offset = reinterpret_cast<__half*>(s_scales + kWarpsPerBlock * G);  // [rows, G]
-
+  __half* s_scales = reinterpret_cast<__half*>(smem);       // [rows, G, P]
+  __half* s_offset = s_scales + kWarpsPerBlock * G * P;     // [rows, G]
   const int warp = threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   const int n0 = blockIdx.x * kWarpsPerBlock;
@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarp)
 
   // Stage this block's scales/offsets: one coalesced copy of a contiguous run.
   const int64_t first = static_cast<int64_t>(n0) * G;
-  for (int i = threadIdx.x; i < rows * G; i += blockDim.x) s_scales[i] = scales[first + i];
+  for (int i = threadIdx.x; i < rows * G * P; i += blockDim.x) s_scales[i] = scales[first * P + i];
   if (offset != nullptr) {
     for (int i = threadIdx.x; i < rows * G; i += blockDim.x) s_offset[i] = offset[first + i];
   }
@@ -131,9 +131,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarp)
   if (warp >= rows) return;  // only after the barrier: every thread helped to stage
 
   const int n = n0 + warp;
-  const uint8_t* q1 = qweight + static_cast<int64_t>(n) * KB;
-  const uint8_t* q2 = q1 + static_cast<int64_t>(N) * KB;
-  const __half2* row_scales = s_scales + warp * G;
+  const uint8_t* q[P];
+#pragma unroll
+  for (int p = 0; p < P; ++p) q[p] = qweight + (static_cast<int64_t>(p) * N + n) * KB;
+  const __half* row_scales = s_scales + warp * G * P;
   const __half* row_offset = s_offset + warp * G;
 
   float acc[kMaxRows];
@@ -143,34 +144,46 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarp)
   // KB % VEC == 0 (the launcher picks VEC so), so no chunk runs past the row.
   using Chunk = PlaneChunk<VEC>;
   for (int b0 = lane * VEC; b0 < KB; b0 += kWarp * VEC) {
-    const Chunk c1 = load_chunk<VEC>(q1 + b0);
-    const Chunk c2 = load_chunk<VEC>(q2 + b0);
+    Chunk c[P];
+#pragma unroll
+    for (int p = 0; p < P; ++p) c[p] = load_chunk<VEC>(q[p] + b0);
 #pragma unroll
     for (int w = 0; w < Chunk::kWords; ++w) {
-      uint32_t w1 = c1.word[w], w2 = c2.word[w];
+      uint32_t wp[P];
+#pragma unroll
+      for (int p = 0; p < P; ++p) wp[p] = c[p].word[w];
       // Not unrolled: a word's bytes are peeled off by shifting, so the body exists
       // once per word (rows x 8 bits of code), keeping the kernel small.
 #pragma unroll 1
-      for (int i = 0; i < Chunk::kBytesPerWord; ++i, w1 >>= 8, w2 >>= 8) {
+      for (int i = 0; i < Chunk::kBytesPerWord; ++i) {
         const int k = (b0 + w * Chunk::kBytesPerWord + i) * 8;
         if (k >= K) break;  // only padding bytes are left in this row
         const int grp = k / group_size;
-        const float2 a = __half22float2(row_scales[grp]);
+        float a[P];
+#pragma unroll
+        for (int p = 0; p < P; ++p) a[p] = __half2float(row_scales[grp * P + p]);
         const float beta = offset != nullptr ? __half2float(row_offset[grp]) : 0.f;
 #pragma unroll
         for (int m = 0; m < kMaxRows; ++m) {
           if (m >= M) break;
           float xv[8];
           load_x8(x + m * ldx + k, x_vec, K - k, xv);
-          float s1 = 0.f, s2 = 0.f, xs = 0.f;
+          float sp[P], xs = 0.f;
+#pragma unroll
+          for (int p = 0; p < P; ++p) sp[p] = 0.f;
 #pragma unroll
           for (int j = 0; j < 8; ++j) {
-            s1 += (w1 >> j) & 1u ? xv[j] : 0.f;
-            s2 += (w2 >> j) & 1u ? xv[j] : 0.f;
+#pragma unroll
+            for (int p = 0; p < P; ++p) sp[p] += (wp[p] >> j) & 1u ? xv[j] : 0.f;
             xs += xv[j];
           }
-          acc[m] += a.x * s1 + a.y * s2 + beta * xs;
+          float part = a[0] * sp[0];
+#pragma unroll
+          for (int p = 1; p < P; ++p) part += a[p] * sp[p];
+          acc[m] += part + beta * xs;
         }
+#pragma unroll
+        for (int p = 0; p < P; ++p) wp[p] >>= 8;
       }
     }
   }
@@ -192,17 +205,17 @@ bool aligned(const void* p, int bytes) {
   return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, int P>
 cudaError_t launch_vec(const T* x, int64_t ldx, int64_t M, int64_t K, const uint8_t* qweight,
-                       const __half2* scales, const __half* offset, const T* bias, T* y,
+                       const __half* scales, const __half* offset, const T* bias, T* y,
                        int64_t N, int64_t G, int64_t KB, int64_t group_size, bool x_vec,
                        cudaStream_t stream) {
   const dim3 block(kWarpsPerBlock * kWarp);
   const dim3 grid(static_cast<unsigned int>((N + kWarpsPerBlock - 1) / kWarpsPerBlock));
-  const size_t smem = dbgemv_smem_bytes(G, offset != nullptr);
+  const size_t smem = dbgemv_smem_bytes(G, offset != nullptr, P);
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     const int rows = static_cast<int>(M - m0 < kMaxRows ? M - m0 : kMaxRows);
-    dbgemv_kernel<T, VEC><<<grid, block, smem, stream>>>(
+    dbgemv_kernel<T, VEC, P><<<grid, block, smem, stream>>>(
         x + m0 * ldx, ldx, rows, static_cast<int>(K), qweight, scales, offset, bias,
         y + m0 * N, static_cast<int>(N), static_cast<int>(G), static_cast<int>(KB),
         static_cast<int>(group_size), x_vec);
@@ -212,13 +225,13 @@ cudaError_t launch_vec(const T* x, int64_t ldx, int64_t M, int64_t K, const uint
   return cudaSuccess;
 }
 
-template <typename T>
+template <typename T, int P>
 cudaError_t launch_typed(const void* x, int64_t ldx, int64_t M, int64_t K,
                          const uint8_t* qweight, const void* scales, const void* offset,
                          const void* bias, void* y, int64_t N, int64_t G, int64_t KB,
                          int64_t group_size, cudaStream_t stream) {
   const T* xt = static_cast<const T*>(x);
-  const auto* st = static_cast<const __half2*>(scales);
+  const auto* st = static_cast<const __half*>(scales);
   const auto* ot = static_cast<const __half*>(offset);
   const T* bt = static_cast<const T*>(bias);
   T* yt = static_cast<T*>(y);
@@ -227,16 +240,31 @@ cudaError_t launch_typed(const void* x, int64_t ldx, int64_t M, int64_t K,
   const bool x_vec = K % 8 == 0 && ldx % 8 == 0 && aligned(x, 16);
   // Widest plane load that every row start (n * KB bytes past the base) allows.
   if (KB % 16 == 0 && aligned(qweight, 16))
-    return launch_vec<T, 16>(xt, ldx, M, K, qweight, st, ot, bt, yt, N, G, KB, group_size,
-                             x_vec, stream);
+    return launch_vec<T, 16, P>(xt, ldx, M, K, qweight, st, ot, bt, yt, N, G, KB, group_size,
+                                x_vec, stream);
   if (KB % 8 == 0 && aligned(qweight, 8))
-    return launch_vec<T, 8>(xt, ldx, M, K, qweight, st, ot, bt, yt, N, G, KB, group_size,
-                            x_vec, stream);
+    return launch_vec<T, 8, P>(xt, ldx, M, K, qweight, st, ot, bt, yt, N, G, KB, group_size,
+                               x_vec, stream);
   if (KB % 4 == 0 && aligned(qweight, 4))
-    return launch_vec<T, 4>(xt, ldx, M, K, qweight, st, ot, bt, yt, N, G, KB, group_size,
-                            x_vec, stream);
-  return launch_vec<T, 1>(xt, ldx, M, K, qweight, st, ot, bt, yt, N, G, KB, group_size, x_vec,
-                          stream);
+    return launch_vec<T, 4, P>(xt, ldx, M, K, qweight, st, ot, bt, yt, N, G, KB, group_size,
+                               x_vec, stream);
+  return launch_vec<T, 1, P>(xt, ldx, M, K, qweight, st, ot, bt, yt, N, G, KB, group_size, x_vec,
+                             stream);
+}
+
+// The plane count is a template parameter (the per-byte sums live in registers).
+template <typename T>
+cudaError_t launch_planes(int64_t planes, const void* x, int64_t ldx, int64_t M, int64_t K,
+                          const uint8_t* qweight, const void* scales, const void* offset,
+                          const void* bias, void* y, int64_t N, int64_t G, int64_t KB,
+                          int64_t group_size, cudaStream_t stream) {
+  switch (planes) {
+    case 1: return launch_typed<T, 1>(x, ldx, M, K, qweight, scales, offset, bias, y, N, G, KB, group_size, stream);
+    case 2: return launch_typed<T, 2>(x, ldx, M, K, qweight, scales, offset, bias, y, N, G, KB, group_size, stream);
+    case 3: return launch_typed<T, 3>(x, ldx, M, K, qweight, scales, offset, bias, y, N, G, KB, group_size, stream);
+    case 4: return launch_typed<T, 4>(x, ldx, M, K, qweight, scales, offset, bias, y, N, G, KB, group_size, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace
@@ -244,25 +272,26 @@ cudaError_t launch_typed(const void* x, int64_t ldx, int64_t M, int64_t K,
 cudaError_t dbgemv_launch(DType dtype, const void* x, int64_t ldx, int64_t M, int64_t K,
                           const uint8_t* qweight, const void* scales, const void* offset,
                           const void* bias, void* y, int64_t N, int64_t group_size,
-                          cudaStream_t stream) {
+                          int64_t planes, cudaStream_t stream) {
   if (M < 0 || K < 1 || N < 1 || ldx < K || group_size < 8 || group_size % 8 != 0 ||
+      planes < 1 || planes > kMaxPlanes ||
       N > (int64_t(1) << 31) - 1 || K > (int64_t(1) << 30)) {
     return cudaErrorInvalidValue;
   }
   const int64_t G = (K + group_size - 1) / group_size;
   const int64_t KB = G * group_size / 8;
-  if (dbgemv_smem_bytes(G, offset != nullptr) > kMaxSharedBytes) return cudaErrorInvalidValue;
+  if (dbgemv_smem_bytes(G, offset != nullptr, planes) > kMaxSharedBytes) return cudaErrorInvalidValue;
   if (M == 0) return cudaSuccess;
   switch (dtype) {
     case DType::kFloat32:
-      return launch_typed<float>(x, ldx, M, K, qweight, scales, offset, bias, y, N, G, KB,
-                                 group_size, stream);
-    case DType::kFloat16:
-      return launch_typed<__half>(x, ldx, M, K, qweight, scales, offset, bias, y, N, G, KB,
+      return launch_planes<float>(planes, x, ldx, M, K, qweight, scales, offset, bias, y, N, G, KB,
                                   group_size, stream);
+    case DType::kFloat16:
+      return launch_planes<__half>(planes, x, ldx, M, K, qweight, scales, offset, bias, y, N, G, KB,
+                                   group_size, stream);
     case DType::kBFloat16:
-      return launch_typed<__nv_bfloat16>(x, ldx, M, K, qweight, scales, offset, bias, y, N, G,
-                                         KB, group_size, stream);
+      return launch_planes<__nv_bfloat16>(planes, x, ldx, M, K, qweight, scales, offset, bias, y, N,
+                                          G, KB, group_size, stream);
   }
   return cudaErrorInvalidValue;
 }

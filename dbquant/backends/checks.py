@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import DbquantError
+from ..format.layout import MAX_PLANES
 
 # Activation dtypes of the dbgemm reference and CPU kernels (computed in float32).
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -54,8 +55,8 @@ def check_activations(op: str, x, in_features: int | None, dtypes=FLOAT_DTYPES) 
 
 def check_packed(op: str, qweight, scales, offset, bias, in_features, group_size) -> int:
     """The canonical packed tensors (``dbquant.format.layout``) agree with ``in_features`` and
-    ``group_size``: qweight uint8 [2, N, Kp/8], scales [N, G, 2], offset [N, G] or None,
-    bias [N] or None (float). Returns N."""
+    ``group_size``: qweight uint8 [k, N, Kp/8] (k in 1..4 planes), scales [N, G, k], offset
+    [N, G] or None, bias [N] or None (float). Returns N."""
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 8 or group_size % 8:
         fail(op, f"group_size must be a positive multiple of 8, got {group_size!r}")
     if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
@@ -63,12 +64,12 @@ def check_packed(op: str, qweight, scales, offset, bias, in_features, group_size
     groups = -(-in_features // group_size)
     kb = groups * group_size // 8
     check_tensor(op, "qweight", qweight, (torch.uint8,), dim=3)
-    if qweight.shape[0] != 2 or qweight.shape[2] != kb:
-        fail(op, f"qweight must be uint8 [2, N, {kb}] for in_features={in_features}, group_size={group_size}; "
-                 f"got {tuple(qweight.shape)}")
-    n = qweight.shape[1]
+    if not 1 <= qweight.shape[0] <= MAX_PLANES or qweight.shape[2] != kb:
+        fail(op, f"qweight must be uint8 [k, N, {kb}] (k in 1..{MAX_PLANES}) for in_features={in_features}, "
+                 f"group_size={group_size}; got {tuple(qweight.shape)}")
+    n, k = qweight.shape[1], qweight.shape[0]
     floats = (torch.float16, torch.bfloat16, torch.float32)
-    check_tensor(op, "scales", scales, floats, (n, groups, 2))
+    check_tensor(op, "scales", scales, floats, (n, groups, k))
     if offset is not None:
         check_tensor(op, "offset", offset, floats, (n, groups))
     if bias is not None:

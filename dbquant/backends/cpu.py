@@ -175,11 +175,10 @@ def prepare_decode_layer(layer: DecodeLayerWeights):
     _require()
     layer.check("decode_layer_cpu")
     obj = torch.classes.dbquant.DecodeLayer(layer.ln1, layer.ln2, float(layer.eps), layer.n_heads, layer.n_kv,
-                                            layer.head_dim, layer.intermediate, layer.qkv.weight.group_size,
-                                            float(layer.scale))
-    for name in DecodeLayerWeights.PROJECTIONS:
+                                            layer.head_dim, layer.intermediate, float(layer.scale))
+    for name in DecodeLayerWeights.PROJECTIONS:  # each with its own k and group size
         p = getattr(layer, name)
-        obj.set_proj(name, p.weight.planes, p.weight.scales, p.weight.offset, p.bias)
+        obj.set_proj(name, p.weight.planes, p.weight.scales, p.weight.offset, p.bias, p.weight.group_size)
     obj.set_extras(layer.q_norm, layer.k_norm, layer.post_attn, layer.post_ffn, layer.pre_norm, layer.act,
                    int(layer.window), float(layer.softcap), float(layer.residual_scale))
     return obj

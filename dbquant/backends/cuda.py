@@ -59,8 +59,8 @@ def dbgemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     Args:
         x: float16, bfloat16 or float32 [..., K] on a CUDA device. Leading dims are
             flattened into M rows (copied only when a row's elements are not adjacent).
-        qweight: uint8 [2, N, Kp/8], contiguous, on x's device (canonical planes).
-        scales: float16 [N, G, 2] contiguous (float32 is converted per call).
+        qweight: uint8 [k, N, Kp/8] (k in 1..4 planes), contiguous, on x's device (canonical planes).
+        scales: float16 [N, G, k] contiguous (float32 is converted per call).
         offset: float16 [N, G] contiguous (float32 converted per call), or None.
         bias: [N] or None (cast to x's dtype).
         in_features: K; group_size: g (a multiple of 8). G <= 2048 with an offset,

@@ -28,15 +28,14 @@ def dequantize_ref(qweight: torch.Tensor, scales: torch.Tensor, offset: torch.Te
     """Dense weight of a packed linear.
 
     Args:
-        qweight: uint8 [2, N, Kp/8] (canonical planes, see ``dbquant.format.layout``).
-        scales: float16/float32 [N, G, 2].
+        qweight: uint8 [k, N, Kp/8] (canonical planes, see ``dbquant.format.layout``), k in 1..4.
+        scales: float16/float32 [N, G, k].
         offset: float16/float32 [N, G] or None.
         in_features: K <= Kp.
     Returns:
         float32 [N, K].
     """
-    planes = layout.unpack_bits(qweight)
-    return layout.dequantize(planes[0], planes[1], scales, offset, in_features)
+    return layout.dequantize(layout.unpack_bits(qweight), scales, offset, in_features)
 
 
 def dbgemm_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,

@@ -19,9 +19,10 @@ TILE = 16  # output rows per tile of the t16 layout (csrc/cpu/dbgemm_t16.h: kTil
 class CpuWeight:
     """A packed linear in the CPU kernel's "t16" layout (docs/FORMAT.md, Kernel layouts).
 
-    With T = ceil(N / 16) tiles of 16 output rows (rows past N are zero), C8 = Kp / 8:
-        planes: uint8 [T, C8, 2, 16]; planes[t, c, p, r] = qweight[p, 16t + r, c]
-        scales: float16 [T, G, 2, 16]; offset: float16 [T, G, 16] or None
+    With T = ceil(N / 16) tiles of 16 output rows (rows past N are zero), C8 = Kp / 8 and
+    k bit planes (1..4):
+        planes: uint8 [T, C8, k, 16]; planes[t, c, p, r] = qweight[p, 16t + r, c]
+        scales: float16 [T, G, k, 16]; offset: float16 [T, G, 16] or None
     The bytes are the canonical ones, only regrouped so that one SIMD register holds one
     byte of each of 16 rows.
     """
@@ -32,6 +33,11 @@ class CpuWeight:
     out_features: int
     in_features: int
     group_size: int
+
+    @property
+    def planes_count(self) -> int:
+        """k, the number of bit planes."""
+        return self.planes.shape[2]
 
     @property
     def nbytes(self) -> int:
@@ -50,15 +56,15 @@ def prepare_cpu(qweight: torch.Tensor, scales: torch.Tensor, offset: torch.Tenso
                 in_features: int, group_size: int) -> CpuWeight:
     """Repack a canonical packed linear into the CPU kernel layout (done once per weight).
 
-    Args: the canonical tensors (qweight uint8 [2, N, Kp/8], scales [N, G, 2], offset
+    Args: the canonical tensors (qweight uint8 [k, N, Kp/8], scales [N, G, k], offset
     [N, G] or None; float16 or float32 — the kernel reads them at the format's float16).
     Raises: KernelInputError (a DbquantError) when the shapes disagree with in_features and
     group_size (the repack pads rows, so a short tensor would otherwise pass unnoticed).
     """
     n = check_packed("prepare_cpu", qweight, scales, offset, None, in_features, group_size)
     tiles = -(-n // TILE)
-    planes = _tile_rows(qweight.detach().permute(1, 2, 0), tiles)  # [T, 16, C8, 2]
-    sc = _tile_rows(scales.detach().to(torch.float16), tiles)  # [T, 16, G, 2]
+    planes = _tile_rows(qweight.detach().permute(1, 2, 0), tiles)  # [T, 16, C8, k]
+    sc = _tile_rows(scales.detach().to(torch.float16), tiles)  # [T, 16, G, k]
     off = None if offset is None else _tile_rows(offset.detach().to(torch.float16), tiles)  # [T, 16, G]
     return CpuWeight(
         planes=planes.permute(0, 2, 3, 1).contiguous(),
@@ -68,13 +74,40 @@ def prepare_cpu(qweight: torch.Tensor, scales: torch.Tensor, offset: torch.Tenso
     )
 
 
+def widen(w: CpuWeight, planes: int, group_size: int, offset: bool = False) -> CpuWeight:
+    """The same weight with ``planes`` >= k planes, a ``group_size`` dividing its own, and an
+    offset tensor (zeros if it had none) when ``offset``.
+
+    Extra planes are all-zero with zero scales (each adds fma(0, 0, y) = y), and each group
+    splits into g / group_size groups repeating its scales and offset; padding past the new
+    Kp is dropped (it was zero bits over zero activations). The dequantized weight is the
+    same; outputs agree to float rounding (sums are grouped differently when g splits). Lets
+    parts of unequal k, g and offset share one fused tile-wise weight (dbquant/runtime/decode.py).
+    """
+    k, g = w.planes_count, w.group_size
+    if planes < k or g % group_size:
+        fail("widen", f"cannot widen k={k}, group_size={g} to k={planes}, group_size={group_size}")
+    kp = -(-w.in_features // group_size) * group_size
+    sub = g // group_size
+    pl = w.planes[:, :kp // 8]
+    sc = w.scales.repeat_interleave(sub, dim=1)[:, :kp // group_size]
+    off = None if w.offset is None else w.offset.repeat_interleave(sub, dim=1)[:, :kp // group_size].contiguous()
+    if off is None and offset:
+        off = sc.new_zeros(sc.shape[0], sc.shape[1], TILE)
+    if planes > k:
+        pl = torch.cat([pl, pl.new_zeros(pl.shape[0], pl.shape[1], planes - k, TILE)], dim=2)
+        sc = torch.cat([sc, sc.new_zeros(sc.shape[0], sc.shape[1], planes - k, TILE)], dim=2)
+    return CpuWeight(planes=pl.contiguous(), scales=sc.contiguous(), offset=off, out_features=w.out_features,
+                     in_features=w.in_features, group_size=group_size)
+
+
 def canonical(w: CpuWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The inverse of :func:`prepare_cpu`: (qweight uint8 [2, N, Kp/8], scales float16
-    [N, G, 2], offset float16 [N, G] or None), the padding rows dropped."""
-    n = w.out_features
+    """The inverse of :func:`prepare_cpu`: (qweight uint8 [k, N, Kp/8], scales float16
+    [N, G, k], offset float16 [N, G] or None), the padding rows dropped."""
+    n, k = w.out_features, w.planes_count
     t, c8 = w.planes.shape[0], w.planes.shape[1]
-    qweight = w.planes.permute(2, 0, 3, 1).reshape(2, t * TILE, c8)[:, :n]
-    scales = w.scales.permute(0, 3, 1, 2).reshape(t * TILE, -1, 2)[:n]
+    qweight = w.planes.permute(2, 0, 3, 1).reshape(k, t * TILE, c8)[:, :n]
+    scales = w.scales.permute(0, 3, 1, 2).reshape(t * TILE, -1, k)[:n]
     offset = None if w.offset is None else w.offset.permute(0, 2, 1).reshape(t * TILE, -1)[:n]
     return qweight, scales, offset
 
@@ -95,7 +128,8 @@ class DecodeLayerWeights:
         ln1, ln2: float32 [H] RMSNorm weights (before attention / before the MLP), ``eps``.
         qkv: (Hq + 2 Hk) D x H  (q, k, v rows in that order)
         o: H x Hq D;  gate_up: 2 I x H (gate rows, then up rows);  down: H x I
-        (every projection's weight in the t16 layout with one group size; bias float32 [N] or None)
+        (every projection's weight in the t16 layout, each with its own k and group size;
+        bias float32 [N] or None)
         scale: the attention's softmax scale (usually D ** -0.5).
     Family switches (defaults: Llama's), every norm an RMSNorm with ``eps``; Gemma's (1 + w)
     norms are passed with the 1 already added:
@@ -150,9 +184,6 @@ class DecodeLayerWeights:
         if not (self.n_kv >= 1 and self.n_heads % self.n_kv == 0 and self.head_dim % 2 == 0 and self.intermediate >= 1):
             fail(op, f"inconsistent sizes: n_heads={self.n_heads}, n_kv={self.n_kv}, head_dim={self.head_dim}, "
                      f"intermediate={self.intermediate}")
-        groups = {getattr(self, name).weight.group_size for name in self.PROJECTIONS}
-        if len(groups) != 1:
-            fail(op, f"all projections need one group_size, got {sorted(groups)}")
         for name, (n, k) in self.shapes().items():
             p = getattr(self, name)
             if (p.weight.out_features, p.weight.in_features) != (n, k):

@@ -19,6 +19,7 @@ import functools
 
 import torch
 
+from ..format.layout import MAX_PLANES
 from .checks import KernelInputError
 
 # Decode rows up to this many use the GEMV (weights re-read per row from L2, no tensor
@@ -83,9 +84,9 @@ def dbgemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     Args:
         x: float16, bfloat16 or float32 [..., K] on a CUDA device (on the CPU under the
             interpreter); any strides. Leading dims are flattened into M rows.
-        qweight: uint8 [2, N, Kp/8], contiguous; plane 0 = b1, plane 1 = b2, bit j of
-            byte i = input channel 8*i + j (LSB first).
-        scales: float16 or float32 [N, G, 2] contiguous: alpha1, alpha2 per group.
+        qweight: uint8 [k, N, Kp/8], contiguous, k in 1..4 bit planes; bit j of byte i =
+            input channel 8*i + j (LSB first).
+        scales: float16 or float32 [N, G, k] contiguous: alpha_1..alpha_k per group.
         offset: float16 or float32 [N, G] contiguous (beta per group), or None.
         bias: float [N] contiguous, or None.
         in_features: K; group_size: g (a multiple of 8).
@@ -118,7 +119,7 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offset: t
         return y
     args = dict(M=m, N=n, K=kk, G=scales.shape[1], KB=kb, stride_xm=x.stride(0), stride_xk=x.stride(1),
                 M_BUCKET=_next_pow2(m), GROUP_SIZE=group_size, HAS_OFFSET=offset is not None,
-                HAS_BIAS=bias is not None, DOT_DTYPE=_dot_dtype(x.dtype))
+                HAS_BIAS=bias is not None, DOT_DTYPE=_dot_dtype(x.dtype), PLANES=qweight.shape[0])
     tensors = (x, qweight, scales, offset, bias, y)
     if config is None and not interpreted():
         def grid(meta):
@@ -153,7 +154,7 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offset: t
     out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     args = dict(M=m, N=n, K=kk, G=scales.shape[1], KB=kb, stride_xm=x.stride(0), stride_xk=x.stride(1),
                 GROUP_SIZE=group_size, HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None,
-                SPLIT_K=split)
+                SPLIT_K=split, PLANES=qweight.shape[0])
     tensors = (x, qweight, scales, offset, bias, out)
     if config is None and not interpreted():
         def grid(meta):
@@ -243,9 +244,9 @@ def _tuned(name: str):
 
     prune = {"early_config_prune": _prune_block_k}
     if name == "gemm":
-        return triton.autotune(k.GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP_SIZE", "HAS_OFFSET"],
+        return triton.autotune(k.GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP_SIZE", "HAS_OFFSET", "PLANES"],
                                prune_configs_by=prune)(k.dbgemm_gemm_kernel)
-    return triton.autotune(k.GEMV_CONFIGS, key=["M", "N", "K", "GROUP_SIZE", "HAS_OFFSET", "SPLIT_K"],
+    return triton.autotune(k.GEMV_CONFIGS, key=["M", "N", "K", "GROUP_SIZE", "HAS_OFFSET", "SPLIT_K", "PLANES"],
                            prune_configs_by=prune)(k.dbgemv_splitk_kernel)
 
 
@@ -266,13 +267,14 @@ def _check(x, qweight, scales, offset, bias, in_features, group_size) -> torch.T
     kb = groups * group_size // 8
     if x.dim() < 1 or x.shape[-1] != k:
         raise KernelInputError(f"dbgemm_triton: x has shape {tuple(x.shape)} but in_features={k}")
-    if qweight.dtype != torch.uint8 or qweight.dim() != 3 or qweight.shape[0] != 2 or qweight.shape[2] != kb:
+    if (qweight.dtype != torch.uint8 or qweight.dim() != 3 or not 1 <= qweight.shape[0] <= MAX_PLANES
+            or qweight.shape[2] != kb):
         raise KernelInputError(
-            f"dbgemm_triton: qweight must be uint8 [2, N, {kb}] for in_features={k}, group_size={group_size}; "
-            f"got {qweight.dtype} {tuple(qweight.shape)}")
+            f"dbgemm_triton: qweight must be uint8 [k, N, {kb}] (k in 1..{MAX_PLANES}) for in_features={k}, "
+            f"group_size={group_size}; got {qweight.dtype} {tuple(qweight.shape)}")
     n = qweight.shape[1]
     named = {"qweight": qweight, "scales": scales, "offset": offset, "bias": bias}
-    want = {"scales": (n, groups, 2), "offset": (n, groups), "bias": (n,)}
+    want = {"scales": (n, groups, qweight.shape[0]), "offset": (n, groups), "bias": (n,)}
     for name, t in named.items():
         if t is None:
             continue

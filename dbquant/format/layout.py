@@ -1,21 +1,26 @@
-"""The canonical packed format of a dual-binary (FDB) linear, as data.
+"""The canonical packed format of a k-plane binary (FDB) linear, as data.
 
 One quantized linear ``y = x @ W.T`` with ``W`` of shape [N, K] (N = out_features,
-K = in_features) is stored as three tensors (``docs/FORMAT.md`` has the table and a
-worked example that ``tests/test_formats.py`` pins byte for byte):
+K = in_features) and k bit planes (k in 1..4; k = 2 is DB-LLM's dual binarization) is
+stored as three tensors (``docs/FORMAT.md`` has the table and worked examples that
+``tests/test_formats.py`` pins byte for byte):
 
 =========  =======  =============  ==================================================
 name       dtype    shape          meaning
 =========  =======  =============  ==================================================
-qweight    uint8    [2, N, Kp/8]   bit planes b1 (plane 0) and b2 (plane 1); bit j of
-                                   byte i holds input channel 8*i + j (LSB first);
-                                   padded channels K..Kp-1 hold 0
-scales     float16  [N, G, 2]      alpha1, alpha2 of each group of g input channels
+qweight    uint8    [k, N, Kp/8]   bit plane i = b_{i+1}; bit j of byte c holds input
+                                   channel 8*c + j (LSB first); padded channels
+                                   K..Kp-1 hold 0
+scales     float16  [N, G, k]      alpha_1..alpha_k of each group of g input channels
 offset     float16  [N, G]         beta (only when ``offset=True``)
 =========  =======  =============  ==================================================
 
 with ``Kp = ceil(K / g) * g`` and ``G = Kp / g``. The weight it encodes is
-``W[n, k] = alpha1[n, k // g] * b1[n, k] + alpha2[n, k // g] * b2[n, k] (+ beta[n, k // g])``.
+``W[n, k] = sum_i alpha_i[n, k // g] * b_i[n, k] (+ beta[n, k // g])``.
+
+Version 1 had k = 2 everywhere and one group size for the whole model; version 2 gives each
+linear its own k, group size and offset (``quantization_config.layers``). A version-1 file's
+tensors are exactly version 2's with k = 2.
 
 Kernels may repack this layout at load time; on disk there is only this one.
 """
@@ -30,13 +35,15 @@ import torch
 from ..errors import DbquantError
 
 FORMAT_NAME = "dbquant-fdb"
-FORMAT_VERSION = 1
-# 2: the checkpoint may also hold quantized tables (input embedding / output projection,
-# dbquant/format/embedding.py); a checkpoint says 2 exactly when it does, so a reader that only
-# knows 1 refuses it by version instead of meeting tensors it has no place for.
+# Version 2: k bit planes per linear (qweight [k, N, Kp/8], scales [N, G, k]; each layer's k,
+# group size and offset in ``quantization_config.layers``), and the checkpoint may hold quantized
+# tables (input embedding / output projection, dbquant/format/embedding.py). Version 1 is
+# version 2 with k = 2 everywhere and no tables; it is still read.
+FORMAT_VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)
 
-PLANES = 2
+PLANES = 2  # the default k (and the only one of format version 1)
+MAX_PLANES = 4  # k in 1..MAX_PLANES
 CONTAINER_DTYPE = torch.uint8
 SCALE_DTYPE = torch.float16
 BIT_ORDER = "lsb-first"  # bit j of byte i <-> input channel 8*i + j
@@ -58,6 +65,14 @@ def check_group_size(group_size: int) -> int:
             "planes); 64 is the default"
         )
     return group_size
+
+
+def check_planes(planes: int) -> int:
+    """Return ``planes`` (k) if the format can hold it, else raise ``DbquantError``."""
+    if not isinstance(planes, int) or isinstance(planes, bool) or not 1 <= planes <= MAX_PLANES:
+        raise DbquantError(f"plane count k={planes!r} cannot work: it must be an integer in 1..{MAX_PLANES} "
+                           "(k = 2 is dual binary, the default)")
+    return planes
 
 
 def check_version(version) -> int:
@@ -82,6 +97,7 @@ class LinearLayout:
     in_features: int
     group_size: int
     offset: bool = False
+    planes: int = PLANES
 
     @property
     def padded_in_features(self) -> int:
@@ -95,8 +111,8 @@ class LinearLayout:
         """Name -> (shape, dtype) of every tensor this linear stores (bias excluded)."""
         n, g = self.out_features, self.groups
         specs = {
-            "qweight": ((PLANES, n, self.padded_in_features // 8), CONTAINER_DTYPE),
-            "scales": ((n, g, 2), SCALE_DTYPE),
+            "qweight": ((self.planes, n, self.padded_in_features // 8), CONTAINER_DTYPE),
+            "scales": ((n, g, self.planes), SCALE_DTYPE),
         }
         if self.offset:
             specs["offset"] = ((n, g), SCALE_DTYPE)
@@ -144,24 +160,25 @@ def unpack_bits(packed: torch.Tensor, length: int | None = None) -> torch.Tensor
     return bits if length is None else bits[..., :length]
 
 
-def pack(b1: torch.Tensor, b2: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None,
+def pack(planes: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None,
          layout: LinearLayout) -> dict[str, torch.Tensor]:
     """Pack planes and scales into the canonical tensors of ``layout``.
 
     Args:
-        b1, b2: uint8 [N, Kp] bit planes (padded channels must be 0).
-        alpha: float [N, G, 2] scales (alpha1, alpha2); stored as float16.
+        planes: uint8 [k, N, Kp] bit planes (padded channels must be 0).
+        alpha: float [N, G, k] scales; stored as float16.
         offset: float [N, G] or None.
     Returns:
-        ``{"qweight": uint8 [2, N, Kp/8], "scales": float16 [N, G, 2](, "offset": float16 [N, G])}``.
+        ``{"qweight": uint8 [k, N, Kp/8], "scales": float16 [N, G, k](, "offset": float16 [N, G])}``.
     """
     specs = layout.tensor_specs()
-    if tuple(b1.shape) != (layout.out_features, layout.padded_in_features) or b1.shape != b2.shape:
-        raise ValueError(f"planes {tuple(b1.shape)}/{tuple(b2.shape)} do not match layout {layout}")
+    want = (layout.planes, layout.out_features, layout.padded_in_features)
+    if tuple(planes.shape) != want:
+        raise ValueError(f"planes {tuple(planes.shape)} do not match layout {layout} (want {want})")
     if (offset is not None) != layout.offset:
         raise ValueError(f"offset given={offset is not None} but layout.offset={layout.offset}")
     out = {
-        "qweight": pack_bits(torch.stack([b1, b2])),
+        "qweight": pack_bits(planes),
         "scales": alpha.to(SCALE_DTYPE).contiguous(),
     }
     if offset is not None:
@@ -175,12 +192,11 @@ def unpack(tensors: dict[str, torch.Tensor], layout: LinearLayout):
     """Inverse of :func:`pack`.
 
     Returns:
-        ``(b1, b2, alpha, offset)``: uint8 [N, Kp] x2, float32 [N, G, 2], float32 [N, G] or None.
+        ``(planes, alpha, offset)``: uint8 [k, N, Kp], float32 [N, G, k], float32 [N, G] or None.
     """
     check_tensors(tensors, layout)
-    planes = unpack_bits(tensors["qweight"])
     offset = tensors.get("offset")
-    return planes[0], planes[1], tensors["scales"].float(), None if offset is None else offset.float()
+    return unpack_bits(tensors["qweight"]), tensors["scales"].float(), None if offset is None else offset.float()
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], layout: LinearLayout, where: str = "") -> None:
@@ -193,23 +209,25 @@ def check_tensors(tensors: dict[str, torch.Tensor], layout: LinearLayout, where:
             raise DbquantError(
                 f"{where}{name} has shape {tuple(t.shape)} and dtype {t.dtype}, but the format needs "
                 f"{shape} {dtype} for out_features={layout.out_features}, "
-                f"in_features={layout.in_features}, group_size={layout.group_size}"
+                f"in_features={layout.in_features}, group_size={layout.group_size}, planes={layout.planes}"
             )
 
 
-def dequantize(b1: torch.Tensor, b2: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None,
+def dequantize(planes: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None,
                in_features: int) -> torch.Tensor:
     """Dense weight from unpacked planes.
 
     Args:
-        b1, b2: uint8 [N, Kp]; alpha: float [N, G, 2]; offset: float [N, G] or None.
+        planes: uint8 [k, N, Kp]; alpha: float [N, G, k]; offset: float [N, G] or None.
     Returns:
-        float32 [N, in_features].
+        float32 [N, in_features]. Summed plane by plane in order (k = 2: a1*b1 + a2*b2, then + beta).
     """
-    n, kp = b1.shape
+    k, n, kp = planes.shape
     g = alpha.shape[1]
     a = alpha.float()
-    w = a[..., 0:1] * b1.view(n, g, kp // g).float() + a[..., 1:2] * b2.view(n, g, kp // g).float()
+    w = a[..., 0:1] * planes[0].view(n, g, kp // g).float()
+    for i in range(1, k):
+        w = w + a[..., i:i + 1] * planes[i].view(n, g, kp // g).float()
     if offset is not None:
         w = w + offset.float().unsqueeze(-1)
     return w.reshape(n, kp)[:, :in_features]

@@ -39,7 +39,8 @@ def empty_packed_modules(model: nn.Module, plan: list[LinearPlan], backend: str 
         dev = old.weight.device if device is None else device
         replace_module(model, p.name, PackedLinear(p.layout.in_features, p.layout.out_features, p.layout.group_size,
                                              bias=p.bias, offset=p.layout.offset, device=dev,
-                                             dtype=old.weight.dtype, backend=backend))
+                                             dtype=old.weight.dtype, backend=backend,
+                                             planes=p.layout.planes))
 
 
 def pack_into(model: nn.Module, weights: dict[str, DualBinaryWeight], backend: str = "auto") -> None:

@@ -43,7 +43,10 @@ class DbquantConfig(QuantizationConfigMixin):
 
     Args:
         modules: module paths of the packed linears.
-        group_size: g; offset: whether each group stores a beta.
+        group_size: g; offset: whether each group stores a beta (the defaults of every module).
+        layers: format version 2: module path -> ``{"planes": k, "group_size": g, "offset": bool}``,
+            that module's own layout (any key left out takes the default above; k defaults to 2).
+            Version 1 has none: every module is k = 2 at ``group_size``.
         method: how the weights were obtained (``fdb``, ``rtn``, ...); informational.
         format / format_version: the packed format (``dbquant.format.layout``).
         bpw: effective-bits summary recorded at quantize time; informational.
@@ -56,6 +59,7 @@ class DbquantConfig(QuantizationConfigMixin):
                  method: str = "fdb", format: str = layout.FORMAT_NAME,
                  format_version: int = layout.FORMAT_VERSION, bpw: dict | None = None,
                  dbquant_version: str = __version__, backend: str = "auto", tables: list[dict] | None = None,
+                 layers: dict | None = None,
                  **kwargs):
         self.quant_method = QUANT_METHOD
         if modules is not None and (not isinstance(modules, (list, tuple))
@@ -75,6 +79,7 @@ class DbquantConfig(QuantizationConfigMixin):
         if tables is not None and not isinstance(tables, (list, tuple)):
             raise DbquantError(f"quantization_config.tables must be a list, got {str(tables)[:120]}")
         self.tables = list(tables or [])
+        self.layers = dict(layers or {})
         self.post_init()
         if backend != "auto" and backend not in BACKENDS:
             raise DbquantError(f"quantization_config.backend {backend!r} is unknown; choose auto or one of {BACKENDS}")
@@ -87,6 +92,34 @@ class DbquantConfig(QuantizationConfigMixin):
         if self.tables and int(self.format_version) < TABLE_VERSION:
             raise DbquantError(f"quantization_config lists quantized tables {[t.get('module') for t in self.tables]} "
                                f"but says format_version {self.format_version}; tables need version {TABLE_VERSION}")
+        self._check_layers()
+
+    def _check_layers(self) -> None:
+        """``layers`` is version 2's: an object of listed modules, each with valid k, g and offset."""
+        if not isinstance(self.layers, dict):
+            raise DbquantError(f"quantization_config.layers must be an object, got {str(self.layers)[:120]}")
+        if self.layers and int(self.format_version) < 2:
+            raise DbquantError(f"quantization_config.layers needs format_version >= 2, the config says "
+                               f"{self.format_version!r}; the config is inconsistent — re-quantize")
+        listed = set(self.modules)
+        for name, row in self.layers.items():
+            if name not in listed:
+                raise DbquantError(f"quantization_config.layers names {name!r}, which quantization_config.modules "
+                                   "does not list; the config is inconsistent — re-quantize")
+            if not isinstance(row, dict) or set(row) - {"planes", "group_size", "offset"}:
+                raise DbquantError(f"quantization_config.layers[{name!r}] = {str(row)[:120]} is not an object of "
+                                   "planes/group_size/offset")
+            layout.check_planes(row.get("planes", layout.PLANES))
+            layout.check_group_size(row.get("group_size", self.group_size))
+            if not isinstance(row.get("offset", False), bool):
+                raise DbquantError(f"quantization_config.layers[{name!r}].offset must be true or false, "
+                                   f"got {row['offset']!r}")
+
+    def layout_of(self, name: str, out_features: int, in_features: int) -> LinearLayout:
+        """The packed layout of module ``name`` (its ``layers`` row over the defaults)."""
+        row = self.layers.get(name, {})
+        return LinearLayout(out_features, in_features, row.get("group_size", self.group_size),
+                            row.get("offset", self.offset), row.get("planes", layout.PLANES))
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -104,7 +137,7 @@ class DbquantConfig(QuantizationConfigMixin):
                                    f"{type(model).__name__} does not have") from None
             if not isinstance(mod, torch.nn.Linear):
                 raise DbquantError(f"checkpoint lists {name!r} but it is a {type(mod).__name__}, not a linear")
-            lay = LinearLayout(mod.out_features, mod.in_features, self.group_size, self.offset)
+            lay = self.layout_of(name, mod.out_features, mod.in_features)
             out.append(LinearPlan(name, lay, mod.bias is not None))
         return out
 

@@ -50,9 +50,10 @@ def _source_weight(source: nn.Module, name: str, m: PackedLinear) -> torch.Tenso
 def layer_stats(model: nn.Module, source: nn.Module | None = None) -> list[dict]:
     """One row per :class:`PackedLinear` of ``model``, in module order.
 
-    Each row: ``module`` (path), ``shape`` ([out, in]), ``group`` (group size), ``bpw`` (bits
-    per weight of its layout), ``density_b1`` / ``density_b2`` (fraction of ones in each
-    binary plane, over the real weights: padded channels hold 0 bits), and, when the
+    Each row: ``module`` (path), ``shape`` ([out, in]), ``group`` (group size), ``planes`` (k),
+    ``bpw`` (bits per weight of its layout), ``density`` (per plane, the fraction of ones over
+    the real weights: padded channels hold 0 bits; ``density_b1`` / ``density_b2`` are its
+    first two entries, None past k), and, when the
     full-precision ``source`` model is given, ``rel_error`` = ||W - W_q||^2 / ||W||^2 of the
     dequantized weight against the source's float32 weight.
     """
@@ -62,8 +63,10 @@ def layer_stats(model: nn.Module, source: nn.Module | None = None) -> list[dict]
             continue
         # padded channels hold 0 bits, so ones per real weight = total ones / (N * K)
         ones = unpack_bits(m.qweight).sum(dim=(1, 2)).double() / (m.out_features * m.in_features)
+        dens = ones.tolist()
         row = {"module": name, "shape": [m.out_features, m.in_features], "group": m.group_size,
-               "bpw": m.layout.bits_per_weight(), "density_b1": ones[0].item(), "density_b2": ones[1].item()}
+               "planes": m.planes, "offset": m.offset is not None, "bpw": m.layout.bits_per_weight(),
+               "density": dens, "density_b1": dens[0], "density_b2": dens[1] if len(dens) > 1 else None}
         if source is not None:
             w = _source_weight(source, name, m)
             row["rel_error"] = ((w - m.dequantize().float()).square().sum() / w.square().sum().clamp_min(1e-30)).item()

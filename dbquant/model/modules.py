@@ -22,12 +22,12 @@ class FakeQuantLinear(nn.Module):
 
     Parameters:
         weight: float32 [N, K] latent full-precision weight.
-        alpha: float32 [N, G, 2] scales (alpha1, alpha2).
+        alpha: float32 [N, G, k] scales (alpha_1..alpha_k; k = 2: alpha1, alpha2).
         offset: float32 [N, G] or absent.
         bias: float32 [N] or absent (kept frozen by convention, trainable if you wish).
 
     Forward: bits are the nearest levels of the latent weight under the current
-    scales (no gradient); ``w_hat = alpha1 * b1 + alpha2 * b2 (+ beta)`` is exact in
+    scales (no gradient); ``w_hat = sum_i alpha_i * b_i (+ beta)`` is exact in
     the scales, and the latent weight gets the straight-through gradient of ``w_hat``.
     """
 
@@ -49,8 +49,8 @@ class FakeQuantLinear(nn.Module):
         """float32 [N, K]: the fake-quantized weight (differentiable in scales and, by STE, weight)."""
         wg = fdb.to_groups(self.weight, self.group_size)
         with torch.no_grad():
-            b1, b2 = fdb.assign_bits(wg, self.alpha, self.offset)
-        w_hat = fdb.reconstruct(b1, b2, self.alpha, self.offset)
+            planes = fdb.assign_bits(wg, self.alpha, self.offset)
+        w_hat = fdb.reconstruct(planes, self.alpha, self.offset)
         w_hat = w_hat + (wg - wg.detach())  # straight-through: d w_hat / d w = 1
         return w_hat.reshape(self.out_features, -1)[:, : self.in_features]
 
@@ -69,7 +69,7 @@ class PackedLinear(nn.Module):
     """Inference linear over the canonical packed format (``dbquant.format.layout``).
 
     Buffers (the state-dict names are the on-disk names):
-        qweight: uint8 [2, N, Kp/8]; scales: float16 [N, G, 2]; offset: float16 [N, G] (optional).
+        qweight: uint8 [k, N, Kp/8]; scales: float16 [N, G, k]; offset: float16 [N, G] (optional).
     Parameter:
         bias: [N] (optional; same dtype as the model's dense params).
 
@@ -77,9 +77,10 @@ class PackedLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
-                 offset: bool = False, device=None, dtype=None, backend: str = "auto"):
+                 offset: bool = False, device=None, dtype=None, backend: str = "auto", planes: int = layout.PLANES):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.planes = planes
         self.backend = backend
         for name, (shape, dt) in self.layout_for(offset).tensor_specs().items():
             self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
@@ -88,7 +89,7 @@ class PackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
     def layout_for(self, offset: bool) -> LinearLayout:
-        return LinearLayout(self.out_features, self.in_features, self.group_size, offset)
+        return LinearLayout(self.out_features, self.in_features, self.group_size, offset, self.planes)
 
     @property
     def layout(self) -> LinearLayout:
@@ -99,8 +100,8 @@ class PackedLinear(nn.Module):
                     backend: str = "auto") -> "PackedLinear":
         lay = q.layout
         mod = cls(lay.in_features, lay.out_features, lay.group_size, bias is not None, lay.offset,
-                  dtype=None if bias is None else bias.dtype, backend=backend)
-        for name, t in layout.pack(q.b1, q.b2, q.alpha, q.offset, lay).items():
+                  dtype=None if bias is None else bias.dtype, backend=backend, planes=lay.planes)
+        for name, t in layout.pack(q.planes, q.alpha, q.offset, lay).items():
             getattr(mod, name).copy_(t)
         if bias is not None:
             mod.bias.data.copy_(bias.detach())
@@ -130,7 +131,7 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, offset={self.offset is not None}, "
+                f"group_size={self.group_size}, planes={self.planes}, offset={self.offset is not None}, "
                 f"bias={self.bias is not None}, backend={self.backend}")
 
 

@@ -163,3 +163,10 @@ def bits_summary(plan: list[LinearPlan], model: nn.Module, tables: tuple = ()) -
         "checkpoint_bpw": (qbits + tbits + dense_bits) / all_weights,
         "checkpoint_bytes": (qbits + tbits + dense_bits) // 8,
     }
+
+
+def layer_rows(plan: list[LinearPlan]) -> dict[str, dict]:
+    """``quantization_config.layers`` (format version 2) of a plan: each module's own k, group
+    size and offset, ``{name: {"planes": k, "group_size": g, "offset": bool}}``."""
+    return {p.name: {"planes": p.layout.planes, "group_size": p.layout.group_size, "offset": p.layout.offset}
+            for p in plan}

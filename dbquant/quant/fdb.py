@@ -1,14 +1,17 @@
-"""Flexible Dual Binarization (FDB) math: no I/O, no modules.
+"""Flexible Dual Binarization (FDB) math, generalised to k bit planes: no I/O, no modules.
 
-A weight group of g input channels is written as two {0,1} planes with their own
-scales, ``w_hat = alpha1 * b1 + alpha2 * b2`` (optionally ``+ beta``). Its level set is
-``{0, alpha2, alpha1, alpha1 + alpha2}`` (+ beta): one level is exactly 0 without an
-offset, which keeps the planes sparse.
+A weight group of g input channels is written as k {0,1} planes with their own scales,
+``w_hat = sum_i alpha_i * b_i`` (optionally ``+ beta``); k = 2 is DB-LLM's dual binarization,
+``alpha1 * b1 + alpha2 * b2``. The level set is every subset sum of the alphas (2^k levels,
+indexed by the code ``sum_i b_i << (k - 1 - i)``); code 0 is exactly 0 without an offset, which
+keeps the planes sparse.
 
 Shapes used throughout: a weight W [N, K] is padded to Kp = G * g channels and viewed
-as groups [N, G, g]; scales ``alpha`` are [N, G, 2] (alpha1, alpha2); ``offset`` is
-[N, G] or None; planes are uint8 {0,1}. ``importance`` is a per-input-channel weight
-[K] (e.g. E[x^2] from calibration data) for the error being minimised.
+as groups [N, G, g]; scales ``alpha`` are [N, G, k]; ``offset`` is [N, G] or None; planes
+are uint8 {0,1}, stacked plane-first ([k, N, G, g] grouped, [k, N, Kp] flat). ``importance``
+is a per-input-channel weight [K] (e.g. E[x^2] from calibration data) for the error being
+minimised. Every k = 2 computation performs the float operations of the dual-binary original
+in the same order, so k = 2 results are bit for bit those of format version 1.
 """
 
 from __future__ import annotations
@@ -17,34 +20,41 @@ from dataclasses import dataclass
 
 import torch
 
-from ..format.layout import SCALE_DTYPE, LinearLayout, check_group_size, dequantize
+from ..format.layout import SCALE_DTYPE, LinearLayout, check_group_size, check_planes, dequantize
 
 
 @dataclass
 class DualBinaryWeight:
-    """A quantized weight before packing.
+    """A quantized weight before packing (k planes; the name is kept from k = 2).
 
     Attributes:
-        b1, b2: uint8 [N, Kp] bit planes (padded channels are 0).
-        alpha: float32 [N, G, 2] scales (alpha1, alpha2), already representable in float16.
+        planes: uint8 [k, N, Kp] bit planes (padded channels are 0).
+        alpha: float32 [N, G, k] scales, already representable in float16.
         offset: float32 [N, G] or None.
         in_features: K (the unpadded width).
     """
 
-    b1: torch.Tensor
-    b2: torch.Tensor
+    planes: torch.Tensor
     alpha: torch.Tensor
     offset: torch.Tensor | None
     in_features: int
 
     @property
+    def b1(self) -> torch.Tensor:
+        return self.planes[0]
+
+    @property
+    def b2(self) -> torch.Tensor:
+        return self.planes[1]
+
+    @property
     def layout(self) -> LinearLayout:
-        n, kp = self.b1.shape
-        return LinearLayout(n, self.in_features, kp // self.alpha.shape[1], self.offset is not None)
+        k, n, kp = self.planes.shape
+        return LinearLayout(n, self.in_features, kp // self.alpha.shape[1], self.offset is not None, k)
 
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K]."""
-        return dequantize(self.b1, self.b2, self.alpha, self.offset, self.in_features)
+        return dequantize(self.planes, self.alpha, self.offset, self.in_features)
 
 
 # ---------------------------------------------------------------- grouping helpers
@@ -70,40 +80,51 @@ def group_importance(importance: torch.Tensor | None, in_features: int, group_si
 # ---------------------------------------------------------------- levels and bits
 
 def levels(alpha: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
-    """The four levels of each group, indexed by the code ``2 * b1 + b2``.
+    """The 2^k levels of each group, indexed by the code ``sum_i b_i << (k - 1 - i)``.
 
     Args:
-        alpha: float [..., 2]; offset: float [...] or None.
+        alpha: float [..., k]; offset: float [...] or None.
     Returns:
-        float [..., 4] = (0, alpha2, alpha1, alpha1 + alpha2) (+ offset).
+        float [..., 2^k]; k = 2: (0, alpha2, alpha1, alpha1 + alpha2) (+ offset).
     """
-    a1, a2 = alpha[..., 0], alpha[..., 1]
-    lv = torch.stack([torch.zeros_like(a1), a2, a1, a1 + a2], dim=-1)
+    k = alpha.shape[-1]
+    cols = []
+    for c in range(2 ** k):
+        lv = None  # subset sum in plane order, no "0 +" (k = 2: exactly 0, a2, a1, a1 + a2)
+        for i in range(k):
+            if c >> (k - 1 - i) & 1:
+                lv = alpha[..., i] if lv is None else lv + alpha[..., i]
+        cols.append(torch.zeros_like(alpha[..., 0]) if lv is None else lv)
+    lv = torch.stack(cols, dim=-1)
     return lv if offset is None else lv + offset.unsqueeze(-1)
 
 
-def assign_bits(wg: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None = None):
+def code_bits(code: torch.Tensor, k: int) -> torch.Tensor:
+    """Codes (any int tensor) -> uint8 planes [k, *code.shape]; plane 0 is the code's MSB."""
+    return torch.stack([((code >> (k - 1 - i)) & 1).to(torch.uint8) for i in range(k)])
+
+
+def assign_bits(wg: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
     """Exact nearest-level bits for any alphas (ties go to the higher level).
 
-    The levels are sorted per group; a weight's rank among the three midpoints is
-    its nearest sorted level, which maps back to a code ``2 * b1 + b2``. Three
-    comparisons per weight instead of four distances and an argmin.
+    The levels are sorted per group; a weight's rank among the 2^k - 1 midpoints is its
+    nearest sorted level, which maps back to a code. 2^k - 1 comparisons per weight instead
+    of 2^k distances and an argmin.
 
     Args:
-        wg: float32 [N, G, g]; alpha: float [N, G, 2]; offset: float [N, G] or None.
+        wg: float32 [N, G, g]; alpha: float [N, G, k]; offset: float [N, G] or None.
     Returns:
-        (b1, b2): uint8 [N, G, g] each.
+        planes: uint8 [k, N, G, g].
     """
     lv = levels(alpha.float(), None if offset is None else offset.float())
     sorted_lv, order = lv.sort(dim=-1)
-    mids = (sorted_lv[..., 1:] + sorted_lv[..., :-1]) * 0.5  # [N, G, 3]
-    rank = (wg.unsqueeze(-1) >= mids.unsqueeze(-2)).sum(-1)  # [N, G, g] in 0..3
-    code = order.gather(-1, rank)
-    return (code >> 1).to(torch.uint8), (code & 1).to(torch.uint8)
+    mids = (sorted_lv[..., 1:] + sorted_lv[..., :-1]) * 0.5  # [N, G, 2^k - 1]
+    rank = (wg.unsqueeze(-1) >= mids.unsqueeze(-2)).sum(-1)  # [N, G, g] in 0..2^k - 1
+    return code_bits(order.gather(-1, rank), alpha.shape[-1])
 
 
 def paper_bits(wg: torch.Tensor, alpha: torch.Tensor):
-    """DB-LLM's closed-form bits, valid while ``alpha1 > -alpha2 > 0``.
+    """DB-LLM's closed-form bits (k = 2), valid while ``alpha1 > -alpha2 > 0``.
 
     ``b1 = H(w - (alpha1 + alpha2) / 2)``, ``b2 = H(-(w - alpha1 * b1 - alpha2 / 2))``,
     H(0) = 1. Kept as the published reference; :func:`assign_bits` is the general form.
@@ -114,15 +135,17 @@ def paper_bits(wg: torch.Tensor, alpha: torch.Tensor):
     return b1, b2
 
 
-def reconstruct(b1, b2, alpha, offset=None) -> torch.Tensor:
-    """Grouped planes uint8 [N, G, g] -> float32 [N, G, g] weights."""
-    w = alpha[..., 0:1].float() * b1 + alpha[..., 1:2].float() * b2
+def reconstruct(planes, alpha, offset=None) -> torch.Tensor:
+    """Grouped planes uint8 [k, N, G, g] -> float32 [N, G, g] weights (summed plane by plane)."""
+    w = alpha[..., 0:1].float() * planes[0]
+    for i in range(1, planes.shape[0]):
+        w = w + alpha[..., i:i + 1].float() * planes[i]
     return w if offset is None else w + offset.float().unsqueeze(-1)
 
 
-def group_error(wg, b1, b2, alpha, offset, h) -> torch.Tensor:
+def group_error(wg, planes, alpha, offset, h) -> torch.Tensor:
     """Importance-weighted squared error per group: float32 [N, G]."""
-    return ((wg - reconstruct(b1, b2, alpha, offset)).square() * h).sum(-1)
+    return ((wg - reconstruct(planes, alpha, offset)).square() * h).sum(-1)
 
 
 # ---------------------------------------------------------------- initialisation
@@ -135,60 +158,78 @@ def paper_init(step: torch.Tensor) -> torch.Tensor:
     return torch.stack([2 * step, -step], dim=-1).float()
 
 
-def search_scales(wg: torch.Tensor, h: torch.Tensor, grid: int = 20):
-    """Per-group step search over the zero-including grids {-s, 0, s, 2s} and its mirror.
+def grid_init(step: torch.Tensor, k: int) -> torch.Tensor:
+    """Scales whose levels are the integer grid s * {-(2^(k-1) - 1) .. 2^(k-1)} (0 at code 0).
 
-    Candidate steps are ``c * max|w|`` for ``grid`` values of c in [0.15, 1.0]; the mirror
-    (alpha1 = -2s, alpha2 = s: levels {-2s, -s, 0, s}) serves groups whose mass leans
-    negative. Keeps the candidate with the lowest importance-weighted error. On these
-    uniform grids nearest-level rounding is ``s * clamp(floor(w / s + 1/2), lo, hi)``,
+    Negated two's complement: alpha = (2^(k-1) s, -2^(k-2) s, ..., -s); k = 2 is
+    :func:`paper_init`, k = 1 is (s,) (levels {0, s}). Its negation is the mirror grid.
+    Args: step float [N, G]. Returns: float32 [N, G, k].
+    """
+    if k == 2:
+        return paper_init(step)
+    cols = [2 ** (k - 1) * step] + [-(2 ** (k - 2 - i)) * step for i in range(k - 1)]
+    return torch.stack(cols, dim=-1).float()
+
+
+def search_scales(wg: torch.Tensor, h: torch.Tensor, grid: int = 20, k: int = 2):
+    """Per-group step search over the zero-including integer grids of k planes and their mirrors.
+
+    Levels are ``s * {lo..hi}`` with (lo, hi) = (-(2^(k-1) - 1), 2^(k-1)) ({-s, 0, s, 2s} at
+    k = 2) or its mirror (-2^(k-1), 2^(k-1) - 1), which serves groups whose mass leans
+    negative. Candidate steps are ``c * max|w| * 2 / 2^(k-1)`` for ``grid`` values of c in
+    [0.15, 1.0] (k = 2: ``c * max|w|``). Keeps the candidate with the lowest importance-weighted
+    error. On these uniform grids nearest-level rounding is ``s * clamp(floor(w / s + 1/2), lo, hi)``,
     which is what makes the search cheap (the general :func:`assign_bits` is not needed).
 
     Args:
-        wg: float32 [N, G, g]; h: float32 [G, g] importance.
+        wg: float32 [N, G, g]; h: float32 [G, g] importance; k: planes.
     Returns:
-        alpha float32 [N, G, 2], err float32 [N, G].
+        alpha float32 [N, G, k], err float32 [N, G].
     """
     amax = wg.abs().amax(-1, keepdim=True).clamp_min(1e-30)  # [N, G, 1]
-    best_alpha = paper_init(amax[..., 0] * 0.5)
+    half = 2.0 ** (k - 1)
+    if k != 2:
+        amax = amax * (2.0 / half)  # same spread of the step range relative to the grid's top level
+    best_alpha = grid_init(amax[..., 0] * 0.5, k)
     best_err = torch.full_like(amax[..., 0], float("inf"))
     for c in torch.linspace(0.15, 1.0, grid).tolist():
         step = amax * c
         r = torch.floor(wg / step + 0.5)
-        for sign, lo, hi in ((1.0, -1.0, 2.0), (-1.0, -2.0, 1.0)):
+        for sign, lo, hi in ((1.0, 1.0 - half, half), (-1.0, -half, half - 1.0)):
             err = ((wg - step * r.clamp(lo, hi)).square() * h).sum(-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_alpha = torch.where(better.unsqueeze(-1), paper_init(step[..., 0]) * sign, best_alpha)
+            best_alpha = torch.where(better.unsqueeze(-1), grid_init(step[..., 0], k) * sign, best_alpha)
     return best_alpha, best_err
 
 
-def rtn_init(wg: torch.Tensor, valid: torch.Tensor):
-    """Classic asymmetric min/max 2-bit grid: levels beta + s * {0, 1, 2, 3}.
+def rtn_init(wg: torch.Tensor, valid: torch.Tensor, k: int = 2):
+    """Classic asymmetric min/max k-bit grid: levels beta + s * {0, 1, .., 2^k - 1}.
 
-    As dual binary: alpha1 = 2s, alpha2 = s, beta = min (code q = 2*b1 + b2).
+    As k planes: alpha_i = 2^(k-1-i) s, beta = min (k = 2: alpha1 = 2s, alpha2 = s).
     Args: wg float32 [N, G, g]; valid bool [G, g] (False on padded channels).
-    Returns alpha float32 [N, G, 2], offset float32 [N, G].
+    Returns alpha float32 [N, G, k], offset float32 [N, G].
     """
     lo = wg.masked_fill(~valid, float("inf")).amin(-1)
     hi = wg.masked_fill(~valid, float("-inf")).amax(-1)
-    step = (hi - lo) / 3
-    return torch.stack([2 * step, step], dim=-1), lo
+    step = (hi - lo) / (2 ** k - 1)
+    return torch.stack([2 ** (k - 1 - i) * step if i < k - 1 else step for i in range(k)], dim=-1), lo
 
 
 # ---------------------------------------------------------------- refinement
 
-def solve_scales(wg, b1, b2, h, with_offset: bool):
-    """Weighted least-squares scales given bits: argmin sum h (w - a1 b1 - a2 b2 [- beta])^2.
+def solve_scales(wg, planes, h, with_offset: bool):
+    """Weighted least-squares scales given bits: argmin sum h (w - sum_i a_i b_i [- beta])^2.
 
-    Solves the 2x2 (3x3 with offset) normal equations of every group at once; a tiny
-    ridge keeps degenerate groups (an empty or duplicated plane) finite — the caller
+    Solves the k x k ((k+1) x (k+1) with offset) normal equations of every group at once; a
+    tiny ridge keeps degenerate groups (an empty or duplicated plane) finite — the caller
     accepts a solution only where it lowers the error.
 
     Returns:
-        alpha float32 [N, G, 2], offset float32 [N, G] or None.
+        alpha float32 [N, G, k], offset float32 [N, G] or None.
     """
-    cols = [b1.float(), b2.float()]
+    k = planes.shape[0]
+    cols = [planes[i].float() for i in range(k)]
     if with_offset:
         cols.append(torch.ones_like(wg))
     x = torch.stack(cols, dim=-1)  # [N, G, g, p]
@@ -200,7 +241,7 @@ def solve_scales(wg, b1, b2, h, with_offset: bool):
     ata = ata + ridge[..., None, None] * torch.eye(p, device=wg.device)
     sol = torch.linalg.solve_ex(ata, atb.unsqueeze(-1))[0].squeeze(-1)
     sol = torch.nan_to_num(sol, nan=0.0, posinf=0.0, neginf=0.0)
-    return sol[..., :2], (sol[..., 2] if with_offset else None)
+    return sol[..., :k], (sol[..., k] if with_offset else None)
 
 
 def to_storable(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -218,17 +259,17 @@ def refine(wg, h, alpha, offset=None, iters: int = 8):
     kept only where it lowers a group's error, so the error never increases.
 
     Args:
-        wg: float32 [N, G, g]; h: float32 [G, g]; alpha: float32 [N, G, 2]; offset: [N, G] or None.
+        wg: float32 [N, G, g]; h: float32 [G, g]; alpha: float32 [N, G, k]; offset: [N, G] or None.
     Returns:
-        (b1, b2, alpha, offset, err) with bits uint8 [N, G, g] and err float32 [N, G].
+        (planes, alpha, offset, err) with planes uint8 [k, N, G, g] and err float32 [N, G].
     """
-    b1, b2 = assign_bits(wg, alpha, offset)
-    err = group_error(wg, b1, b2, alpha, offset, h)
+    planes = assign_bits(wg, alpha, offset)
+    err = group_error(wg, planes, alpha, offset, h)
     for _ in range(iters):
-        new_alpha, new_offset = solve_scales(wg, b1, b2, h, offset is not None)
+        new_alpha, new_offset = solve_scales(wg, planes, h, offset is not None)
         new_alpha, new_offset = to_storable(new_alpha), to_storable(new_offset)
-        nb1, nb2 = assign_bits(wg, new_alpha, new_offset)
-        new_err = group_error(wg, nb1, nb2, new_alpha, new_offset, h)
+        new_planes = assign_bits(wg, new_alpha, new_offset)
+        new_err = group_error(wg, new_planes, new_alpha, new_offset, h)
         better = new_err < err
         if not bool(better.any()):
             break
@@ -236,9 +277,9 @@ def refine(wg, h, alpha, offset=None, iters: int = 8):
         alpha = torch.where(m, new_alpha, alpha)
         if offset is not None:
             offset = torch.where(better, new_offset, offset)
-        b1, b2 = torch.where(m, nb1, b1), torch.where(m, nb2, b2)
+        planes = torch.where(m, new_planes, planes)
         err = torch.where(better, new_err, err)
-    return b1, b2, alpha, offset, err
+    return planes, alpha, offset, err
 
 
 # ---------------------------------------------------------------- entry points
@@ -246,16 +287,16 @@ def refine(wg, h, alpha, offset=None, iters: int = 8):
 def finalize(wg, alpha, offset, in_features) -> DualBinaryWeight:
     """Round scales to their stored precision, reassign bits against them, clear padding."""
     alpha, offset = to_storable(alpha), to_storable(offset)
-    b1, b2 = assign_bits(wg, alpha, offset)
+    planes = assign_bits(wg, alpha, offset)
     n, g, gs = wg.shape
     pad = (torch.arange(g * gs, device=wg.device) >= in_features).view(g, gs)
-    b1, b2 = b1.masked_fill(pad, 0), b2.masked_fill(pad, 0)
-    return DualBinaryWeight(b1.reshape(n, g * gs), b2.reshape(n, g * gs), alpha, offset, in_features)
+    planes = planes.masked_fill(pad, 0)
+    return DualBinaryWeight(planes.reshape(planes.shape[0], n, g * gs), alpha, offset, in_features)
 
 
 @torch.no_grad()
 def quantize_fdb(w: torch.Tensor, group_size: int = 64, importance: torch.Tensor | None = None,
-                 offset: bool = False, iters: int = 8, grid: int = 20) -> DualBinaryWeight:
+                 offset: bool = False, iters: int = 8, grid: int = 20, planes: int = 2) -> DualBinaryWeight:
     """FDB-quantize one weight: scale search (or RTN start with an offset), then refinement.
 
     Args:
@@ -265,27 +306,30 @@ def quantize_fdb(w: torch.Tensor, group_size: int = 64, importance: torch.Tensor
         offset: also learn a per-group offset beta (costs 16 bits per group).
         iters: refinement iterations (0 = the searched init only).
         grid: number of candidate steps per orientation in the scale search.
+        planes: k, the number of bit planes (1..4; 2 = dual binary).
     """
     check_group_size(group_size)
+    check_planes(planes)
     wg = to_groups(w, group_size)
     h = group_importance(importance, w.shape[1], group_size, w.device)
     if offset:
-        alpha, beta = rtn_init(wg, group_importance(None, w.shape[1], group_size, w.device) > 0)
+        alpha, beta = rtn_init(wg, group_importance(None, w.shape[1], group_size, w.device) > 0, planes)
     else:
-        alpha, beta = search_scales(wg, h, grid)[0], None
+        alpha, beta = search_scales(wg, h, grid, planes)[0], None
     alpha, beta = to_storable(alpha), to_storable(beta)
     if iters:
-        _, _, alpha, beta, _ = refine(wg, h, alpha, beta, iters)
+        _, alpha, beta, _ = refine(wg, h, alpha, beta, iters)
     return finalize(wg, alpha, beta, w.shape[1])
 
 
 @torch.no_grad()
-def quantize_rtn(w: torch.Tensor, group_size: int = 64) -> DualBinaryWeight:
-    """Plain 2-bit round-to-nearest on the asymmetric min/max grid (the ablation's baseline).
+def quantize_rtn(w: torch.Tensor, group_size: int = 64, planes: int = 2) -> DualBinaryWeight:
+    """Plain k-bit round-to-nearest on the asymmetric min/max grid (the ablation's baseline).
 
-    Stored in the dual-binary format with an offset: alpha1 = 2s, alpha2 = s, beta = min.
+    Stored in the k-plane format with an offset (k = 2: alpha1 = 2s, alpha2 = s, beta = min).
     """
     check_group_size(group_size)
+    check_planes(planes)
     wg = to_groups(w, group_size)
-    alpha, beta = rtn_init(wg, group_importance(None, w.shape[1], group_size, w.device) > 0)
+    alpha, beta = rtn_init(wg, group_importance(None, w.shape[1], group_size, w.device) > 0, planes)
     return finalize(wg, alpha, beta, w.shape[1])

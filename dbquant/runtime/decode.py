@@ -38,7 +38,7 @@ from torch import nn
 
 from ..backends import cpu as cpu_backend
 from ..backends import registry
-from ..backends.t16 import CpuWeight, DecodeLayerWeights, Projection
+from ..backends.t16 import CpuWeight, DecodeLayerWeights, Projection, widen
 from ..errors import DbquantError
 from ..model.embedding import head_weight, int8_rows
 from ..model.modules import PackedLinear
@@ -84,7 +84,9 @@ class _Proj:
 
     ``parts``: nn.Linear or PackedLinear modules (same in_features). Dense parts are
     concatenated into one float32 weight; packed parts using the CPU kernel are concatenated
-    tile-wise (every part's out_features a multiple of 16, same group size and offset use);
+    tile-wise (every part's out_features a multiple of 16; parts of unequal k, group size or
+    offset use are first widened to the largest k, the smallest group size and an offset if any
+    has one — ``t16.widen``, the same weights — which needs the smallest g to divide the others);
     anything else is called module by module.
     """
 
@@ -105,6 +107,10 @@ class _Proj:
         if all(isinstance(m, PackedLinear) for m in parts) and self._cpu_fusable(parts, backend):
 
             ws = [cpu_backend.prepare_cpu(m.qweight, m.scales, m.offset, m.in_features, m.group_size) for m in parts]
+            k, g = max(w.planes_count for w in ws), min(w.group_size for w in ws)
+            off = any(w.offset is not None for w in ws)
+            if any((w.planes_count, w.group_size, w.offset is not None) != (k, g, off) for w in ws):
+                ws = [widen(w, k, g, off) for w in ws]
             offs = [w.offset for w in ws]
             self.packed = CpuWeight(
                 planes=torch.cat([w.planes for w in ws]), scales=torch.cat([w.scales for w in ws]),
@@ -120,9 +126,8 @@ class _Proj:
             return False
         if any(p.qweight.device.type != "cpu" for p in parts):
             return False
-        first = parts[0]  # tiles concatenate only when no part ends in a partial tile
-        return all(p.out_features % cpu_backend.TILE == 0 and p.group_size == first.group_size
-                   and (p.offset is None) == (first.offset is None) for p in parts)
+        g = min(p.group_size for p in parts)  # tiles concatenate only when no part ends in a partial tile
+        return all(p.out_features % cpu_backend.TILE == 0 and p.group_size % g == 0 for p in parts)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: float32 [M, K] contiguous -> float32 [M, sum N_i] (the parts side by side)."""
@@ -282,15 +287,14 @@ class FastDecoder:
     def _native_layers(self) -> list | None:
         """Per layer, the ``decode_layer`` op's prepared form (built once here), or None when
         some layer cannot run natively (a dense or unfused projection, a gate/up pair of
-        unequal halves, mixed group sizes or norm eps)."""
-        weights, groups, eps = [], set(), set()
+        unequal halves, or mixed norm eps). Projections may differ in k and group size."""
+        weights, eps = [], set()
         inter = self.layers[0].gate_up.sizes[0]
         hidden = self.layers[0].o.sizes[0]
         for L in self.layers:
             projs = (L.qkv, L.o, L.gate_up, L.down)
             if any(p.packed is None for p in projs) or L.gate_up.sizes != [inter, inter]:
                 return None
-            groups |= {p.packed.group_size for p in projs}
             eps |= {n.eps for n in L.norms()}
             ones = torch.ones(hidden)  # the op's ln1/ln2 when the layer has no pre-norms (pre_norm=False)
             weights.append(DecodeLayerWeights(
@@ -304,7 +308,7 @@ class FastDecoder:
                 post_attn=L.post_attn.weight if L.post_attn else None,
                 post_ffn=L.post_ffn.weight if L.post_ffn else None, pre_norm=L.ln1 is not None, act=L.act,
                 window=L.window, softcap=L.softcap, residual_scale=L.residual_scale))
-        if len(groups) != 1 or len(eps) != 1:
+        if len(eps) != 1:
             return None
         for L, w in zip(self.layers, weights):
             L.native = self.decode_layer.prepare(w)

@@ -1,0 +1,74 @@
+"""--target-bpw: the knapsack allocation never exceeds its budget, and it spends bits where they help."""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dbquant.calibration.sensitivity import candidates, option_errors
+from dbquant.errors import DbquantError
+from dbquant.format.layout import LinearLayout
+from dbquant.quant.allocate import allocate, hull
+
+option = st.tuples(st.integers(1, 400), st.floats(0.0, 1e3, allow_nan=False))
+linears = st.lists(st.lists(option, min_size=1, max_size=6), min_size=1, max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(linears, st.floats(0.0, 1.0))
+def test_allocation_never_exceeds_the_budget(opts, frac):
+    costs = [[c for c, _ in o] for o in opts]
+    errors = [[e for _, e in o] for o in opts]
+    lo, hi = sum(min(c) for c in costs), sum(max(c) for c in costs)
+    budget = int(lo + frac * (hi - lo))
+    choice = allocate(costs, errors, budget)
+    assert choice.bits == sum(c[p] for c, p in zip(costs, choice.picks)) <= budget
+    assert choice.error == pytest.approx(sum(e[p] for e, p in zip(errors, choice.picks)))
+    # never worse than the cheapest options, and with the largest budget as good as every best option
+    assert choice.error <= sum(e[min(range(len(c)), key=lambda o: (c[o], e[o]))] for c, e in zip(costs, errors)) + 1e-6
+    if budget >= hi:
+        assert choice.error == pytest.approx(sum(min(e) for e in errors))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(option, min_size=1, max_size=4), min_size=1, max_size=4), st.floats(0.0, 1.0))
+def test_greedy_is_close_to_the_exhaustive_optimum_on_convex_problems(opts, frac):
+    """On each linear's convex hull the greedy answer is optimal up to the last upgrade that did
+    not fit: its error is at most the exhaustive optimum's plus one upgrade's error drop."""
+    costs = [[c for c, _ in o] for o in opts]
+    errors = [[e for _, e in o] for o in opts]
+    lo, hi = sum(min(c) for c in costs), sum(max(c) for c in costs)
+    budget = int(lo + frac * (hi - lo))
+    best = min(sum(e[p] for e, p in zip(errors, picks)) for picks in itertools.product(*[range(len(c)) for c in costs])
+               if sum(c[p] for c, p in zip(costs, picks)) <= budget)
+    slack = max(max(e) - min(e) for e in errors)
+    assert allocate(costs, errors, budget).error <= best + slack + 1e-6
+
+
+def test_hull_drops_dominated_and_concave_points():
+    costs, errors = [10, 20, 30, 40, 25], [8.0, 4.0, 3.5, 0.5, 9.0]
+    # (25, 9) is dominated; (30, 3.5) lies above the segment (20, 4) -> (40, 0.5)
+    assert hull(costs, errors) == [0, 1, 3]
+
+
+def test_budget_below_the_cheapest_is_refused():
+    with pytest.raises(DbquantError, match="below the cheapest allocation"):
+        allocate([[100, 200]], [[1.0, 0.5]], 99)
+
+
+def test_sensitive_linear_gets_the_bits():
+    """Two equal-shape linears, one with 100x the error score: at a budget of one upgrade, the
+    sensitive one is upgraded; the measured bpw is the layouts' own storage bits."""
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) * 0.02
+    lays = candidates(LinearLayout(64, 128, 64), False)
+    assert {(lay.planes, lay.group_size) for lay in lays} == set(itertools.product((1, 2, 3, 4), (32, 64, 128)))
+    assert all(lay.offset for lay in lays if lay.planes == 1)
+    e = option_errors(w, lays, None, None)
+    costs = [[lay.storage_bits() for lay in lays]] * 2
+    errors = [e, [100 * v for v in e]]
+    budget = int(2.5 * 2 * 64 * 128)
+    picks = allocate(costs, errors, budget).picks
+    assert lays[picks[1]].bits_per_weight() > lays[picks[0]].bits_per_weight()
+    assert sum(costs[0][p] for p in picks) <= budget
