@@ -8,6 +8,7 @@
 #include <cstring>
 #include <vector>
 
+#include "fast_exp.h"
 #include "kv_attn.h"
 
 namespace dbquant {
@@ -15,27 +16,6 @@ namespace cpu {
 namespace KV_NS {
 
 namespace {
-
-// exp(x) to a few float ulps (decode_ops.cpp's fast_exp, repeated so this path is compiled for
-// its own ISA): Cephes' polynomial on x - n ln2, times 2^n built in the exponent bits.
-inline float kv_exp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float fx = x * 1.44269504088896341f;
-  const int32_t n = static_cast<int32_t>(fx + (fx >= 0.0f ? 0.5f : -0.5f));
-  const float nf = static_cast<float>(n);
-  const float r = (x - nf * 0.693359375f) - nf * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (n + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
 
 inline float dot(const float* a, const float* b, int64_t n) {
   float s = 0.0f;
@@ -245,7 +225,7 @@ void scores_tail_softmax(const KVPackedView& kv, const float* q, int64_t T, int6
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < n; ++j) {
-        s[j] = kv_exp(s[j] - mx);
+        s[j] = fast_exp(s[j] - mx);
         sum += s[j];
       }
       const float inv = 1.0f / sum;

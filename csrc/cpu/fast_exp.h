@@ -1,0 +1,40 @@
+// exp(x) for the torch-free CPU ops (decode_ops.cpp, kv_attn_impl.h), header-only on purpose:
+// the function has internal linkage (anonymous namespace), so each translation unit compiles its
+// own copy for the ISA its `#pragma GCC target` names, and the linker never picks an AVX-512 copy
+// for the scalar path.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace dbquant {
+namespace cpu {
+namespace {
+
+// exp(x) to a few float ulps for x in [-87, 88] (clamped outside): Cephes' expf
+// polynomial on x - n ln2, times 2^n built in the exponent bits. Branch- and call-free, so
+// `omp simd` loops vectorise it; libm's expf is a scalar call (~25 ns here), and a decode
+// step takes ~100k of them (softmax and SiLU).
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float fx = x * 1.44269504088896341f;
+  const int32_t n = static_cast<int32_t>(fx + (fx >= 0.0f ? 0.5f : -0.5f));  // nearest integer
+  const float nf = static_cast<float>(n);
+  const float r = (x - nf * 0.693359375f) - nf * -2.12194440e-4f;  // ln2 in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace dbquant
