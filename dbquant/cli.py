@@ -322,17 +322,17 @@ def cmd_inspect(a) -> int:
     if a.json:
         print(json.dumps({"layers": rows, "tables": tables, **summary}))
         return 0
-    hdr = f"{'module':<48} {'shape':>10} {'k':>2} {'g':>4} {'bpw':>6}  ones per plane"
+    hdr = f"{'module':<48} {'shape':>10} {'k':>2} {'g':>4} {'offset':>6} {'bpw':>6}  ones per plane"
     print(hdr + (f" {'rel err':>9}" if source is not None else ""))
     for r in rows:
         line = (f"{r['module']:<48} {'x'.join(map(str, r['shape'])):>10} {r['planes']:>2} {r['group']:>4} "
-                f"{r['bpw']:>6.3f}  {' '.join(f'{d:.3f}' for d in r['density']):<24}")
+                f"{'yes' if r['offset'] else 'no':>6} {r['bpw']:>6.3f}  {' '.join(f'{d:.3f}' for d in r['density']):<24}")
         print(line + (f" {r['rel_error']:>9.4f}" if source is not None else ""))
     for t in tables:
         if t["bits"] is None:
-            print(f"{t['module']:<48} {'tied':>10} {'':>4} {'':>6}  output projection reads the embedding's table")
+            print(f"{t['module']:<48} {'tied':>10} {'':>2} {'':>4} {'':>6} {'':>6}  output projection reads the embedding's table")
         else:
-            print(f"{t['module']:<48} {'x'.join(map(str, t['shape'])):>10} {t['group']:>4} {t['bpw']:>6.3f}  "
+            print(f"{t['module']:<48} {'x'.join(map(str, t['shape'])):>10} {'':>2} {t['group']:>4} {'':>6} {t['bpw']:>6.3f}  "
                   f"{t['kind']} table, {t['bits']}-bit{' float' if t['bits'] == 16 else ' int'}")
     print(f"{len(rows)} packed linears: {summary['bpw']:.4f} bits/weight; whole checkpoint "
           f"{summary['checkpoint_bpw']:.3f} bits/parameter ({summary['checkpoint_bytes']:,} bytes of safetensors, "
