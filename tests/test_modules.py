@@ -77,6 +77,45 @@ def test_fake_quant_forward_and_ste(offset):
     torch.testing.assert_close(packed(x), fq(x), rtol=FP32_REORDER, atol=FP32_REORDER)
 
 
+def _unfused_fake_quant(wg, alpha, offset):
+    """The fake-quant weight written out: bits under no_grad, exact sum, straight-through add."""
+    with torch.no_grad():
+        planes = fdb.assign_bits(wg, alpha, offset)
+    return fdb.reconstruct(planes, alpha, offset) + (wg - wg.detach())
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("offset", [False, True])
+def test_fused_fake_quant_equals_bits_then_sum(k, offset):
+    """fdb.fake_quant (one autograd op, one saved uint8 code per weight) is the unfused formula:
+    the same forward values bit for bit, and the same gradients for weight, scales and offset."""
+    gen = torch.Generator().manual_seed(10 * k + offset)
+    wg = torch.randn(13, 3, 16, generator=gen)
+    wg[0, 0, :4] = 0.0  # exact ties with code 0's level
+    alpha = torch.randn(13, 3, k, generator=gen) * 0.7
+    beta = torch.randn(13, 3, generator=gen) * 0.1 if offset else None
+    grads, outs = [], []
+    for f in (_unfused_fake_quant, fdb.fake_quant):
+        leaves = [t.clone().requires_grad_() for t in (wg, alpha) + ((beta,) if offset else ())]
+        y = f(leaves[0], leaves[1], leaves[2] if offset else None)
+        (y * torch.linspace(-1, 2, y.numel()).view_as(y)).sum().backward()
+        outs.append(y.detach())
+        grads.append([t.grad for t in leaves])
+    assert torch.equal(outs[0], outs[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_fake_quant_linear_padded_channels():
+    """K not a multiple of the group: the padded path (to_groups) trains and matches its export."""
+    w, q = _quantized(6, 50, 16, False)
+    fq = FakeQuantLinear(w, q)
+    x = torch.randn(4, 50)
+    fq(x).sum().backward()
+    assert fq.weight.grad.shape == (6, 50) and fq.alpha.grad.abs().sum() > 0
+    torch.testing.assert_close(fq(x), x @ fq.export().dequantize().T, rtol=FP32_REORDER, atol=FP32_REORDER)
+
+
 def test_fake_quant_training_lowers_output_error():
     gen = torch.Generator().manual_seed(4)
     w = torch.randn(32, 128, generator=gen)

@@ -116,11 +116,66 @@ def assign_bits(wg: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | No
     Returns:
         planes: uint8 [k, N, G, g].
     """
+    return code_bits(nearest_code(wg, alpha, offset)[1], alpha.shape[-1])
+
+
+def nearest_code(wg: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The levels and each weight's nearest-level code (ties go to the higher level).
+
+    Args:
+        wg: float32 [N, G, g]; alpha: float [N, G, k]; offset: float [N, G] or None.
+    Returns:
+        (levels float32 [N, G, 2^k] as :func:`levels` orders them, codes int64 [N, G, g]).
+    """
     lv = levels(alpha.float(), None if offset is None else offset.float())
     sorted_lv, order = lv.sort(dim=-1)
     mids = (sorted_lv[..., 1:] + sorted_lv[..., :-1]) * 0.5  # [N, G, 2^k - 1]
-    rank = (wg.unsqueeze(-1) >= mids.unsqueeze(-2)).sum(-1)  # [N, G, g] in 0..2^k - 1
-    return code_bits(order.gather(-1, rank), alpha.shape[-1])
+    # One comparison pass per midpoint into a uint8 count: no [N, G, g, 2^k - 1] intermediate
+    # (that broadcast was most of a fake-quant forward's time and memory).
+    rank = (wg >= mids[..., 0:1]).to(torch.uint8)
+    for j in range(1, mids.shape[-1]):
+        rank += wg >= mids[..., j:j + 1]
+    return lv, order.gather(-1, rank.long())  # rank in 0..2^k - 1 -> code
+
+
+class _FakeQuant(torch.autograd.Function):
+    """w_hat = levels[code] with code the nearest level's, fixed within the step (see :func:`fake_quant`)."""
+
+    @staticmethod
+    def forward(ctx, wg, alpha, offset):
+        lv, code = nearest_code(wg.detach(), alpha.detach(), None if offset is None else offset.detach())
+        ctx.save_for_backward(code.to(torch.uint8))
+        ctx.k = alpha.shape[-1]
+        return lv.gather(-1, code)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (code,) = ctx.saved_tensors
+        k = ctx.k
+        grad_alpha = grad_offset = None
+        if ctx.needs_input_grad[1]:  # d w_hat / d alpha_i = b_i
+            grad_alpha = torch.stack([(grad * ((code >> (k - 1 - i)) & 1)).sum(-1) for i in range(k)], dim=-1)
+        if ctx.needs_input_grad[2]:  # d w_hat / d beta = 1
+            grad_offset = grad.sum(-1)
+        return grad if ctx.needs_input_grad[0] else None, grad_alpha, grad_offset  # straight-through for w
+
+
+def fake_quant(wg: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """The training-time quantized weight: float32 [N, G, g], differentiable.
+
+    Forward: each weight's nearest level under the current scales, bit for bit
+    ``reconstruct(assign_bits(wg, alpha, offset), alpha, offset)``. Backward: the bits are held
+    fixed, so d/d alpha_i is the sum of the gradient over the weights whose plane i is set, d/d
+    beta the sum over the group, and the latent weight gets the gradient unchanged (the
+    straight-through estimator). One fused step instead of bits, floats and an STE add: it
+    saves one uint8 code per weight for backward instead of k planes, and was most of a
+    calibration step's time when written with those.
+
+    Args:
+        wg: float32 [N, G, g] latent weights; alpha: float32 [N, G, k]; offset: float32 [N, G] or None.
+    """
+    return _FakeQuant.apply(wg, alpha, offset)
 
 
 def paper_bits(wg: torch.Tensor, alpha: torch.Tensor):
