@@ -319,10 +319,10 @@ def quantize_streaming(model_dir: str | os.PathLike, tokenizer, opts, output: st
     check_streaming(opts)
     if opts.work_dir is None:
         raise DbquantError("--streaming needs a work dir (it keeps the finished blocks there)")
-    if opts.embed_bits != "fp32" or opts.head_bits in ("8", "fp16"):
+    if opts.embed_bits not in ("auto", "fp32") or opts.head_bits in ("8", "fp16"):
         raise DbquantError(f"--streaming copies the embedding and output projection as they are; --embed-bits "
                            f"{opts.embed_bits} / --head-bits {opts.head_bits} are not built for it yet (quantize "
-                           "in memory, or leave them at fp32 / auto)")
+                           "in memory, or leave them at auto / fp32)")
     out = Path(output)
     if out.exists() and not overwrite:
         raise DbquantError(f"output directory {out} already exists; pass --overwrite to replace it")

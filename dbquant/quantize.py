@@ -60,6 +60,9 @@ def _calib_source(text: str) -> str | None:
 
 
 EMBED_BITS = {"8": 8, "6": 6, "4": 4, "fp16": 16, "fp32": None}  # --embed-bits -> stored table bits (None: dense)
+# What ``--embed-bits auto`` stores in memory: the smallest table within +1% wiki PPL of the fp32 one
+# on SmolLM2's fast-preset checkpoint (6 bits: folder 150 -> 58 MB; docs/RESULTS.md, quantized tables).
+AUTO_EMBED_BITS = "6"
 HEAD_BITS = ("auto", "tied", "8", "fp16", "fp32")
 
 
@@ -97,9 +100,10 @@ class QuantizeOptions:
                                         "weight (plain; no calibration data)")
     alloc_samples: int = option(8, "--target-bpw: calibration windows of the sensitivity measurement")
     modules: tuple[str, ...] = option(("decoder",), "comma list of: decoder, lm_head, vision", type=_comma_tuple)
-    embed_bits: str = option("fp32", "input embedding storage: 8, 6 or 4 (group-wise int with float16 scales, rows "
-                                     "dequantized on lookup), fp16, fp32 (dense, as the model has it)",
-                             choices=tuple(EMBED_BITS))
+    embed_bits: str = option("auto", "input embedding storage: 8, 6 or 4 (group-wise int with float16 scales, rows "
+                                     "dequantized on lookup), fp16, fp32 (dense, as the model has it); auto: "
+                                     f"{AUTO_EMBED_BITS} (fp32 with --streaming, which copies the embedding as it is)",
+                             choices=("auto", *EMBED_BITS))
     embed_group: int | None = option(None, "channels per embedding scale (default: a whole row for 8 and 6 bits, "
                                            "32 for 4)")
     head_bits: str = option("auto", "output projection storage: tied (read the stored embedding), 8 (int8, one "
@@ -246,7 +250,8 @@ def make_plan(model, opts: QuantizeOptions, tokenizer=None, progress: bool = Tru
 
 def make_table_plan(model, opts: QuantizeOptions) -> list[TablePlan]:
     """The input embedding / output projection tables ``--embed-bits`` / ``--head-bits`` store."""
-    return embedlib.make_table_plan(model, EMBED_BITS[opts.embed_bits], opts.embed_group, opts.head_bits,
+    bits = AUTO_EMBED_BITS if opts.embed_bits == "auto" else opts.embed_bits
+    return embedlib.make_table_plan(model, EMBED_BITS[bits], opts.embed_group, opts.head_bits,
                                     head_packed="lm_head" in opts.modules)
 
 
