@@ -1,0 +1,122 @@
+"""The integer lookup-table GEMV (csrc/cpu/dbgemm_i8lut.h, ``run_cpu(..., lut="int8")``).
+
+Each ISA path is forced and checked three ways: against a torch emulation of the int8 tables
+(``dbgemm_i8lut_ref``: the same integers, so only float32 summation order differs), against the
+``ref`` oracle within the header's stated error bound (``i8lut_error_bound``), and against the
+scalar path bit for bit (the header promises the same operations in the same order).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from dbquant.backends import cpu as cpu_backend
+from dbquant.backends.checks import KernelInputError
+from dbquant.backends.reference import dbgemm_i8lut_ref, dbgemm_ref, i8lut_error_bound
+from tests.test_cpu_kernel import prepared
+from tests.tolerances import FP32_REORDER_LONG
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    HAVE_NATIVE = cpu_backend.load_cpu()
+
+pytestmark = pytest.mark.skipif(not HAVE_NATIVE, reason="dbquant._C (C++ CPU kernel) is not built")
+ISAS = list(torch.ops.dbquant.cpu_isas()) if HAVE_NATIVE else []
+
+
+def check_all_isas(x, w, b, canon, k, g):
+    """Run every ISA path with the int8 tables; check emulation, bound and cross-ISA identity."""
+    emu = dbgemm_i8lut_ref(x, *canon, b, k, g)
+    ref = dbgemm_ref(x, *canon, b, k, g)
+    scale = ref.abs().max().clamp_min(1.0).item()
+    # the bound is on exact arithmetic; both sides also carry float32 rounding of K-term sums
+    bound = i8lut_error_bound(x, canon[1], k, g) + 2 * FP32_REORDER_LONG * scale
+    ys = {isa: cpu_backend.run_cpu(x, w, b, isa, lut="int8") for isa in ISAS}
+    for isa, y in ys.items():
+        assert y.shape == ref.shape and y.dtype == torch.float32, isa
+        torch.testing.assert_close(y, emu, rtol=FP32_REORDER_LONG, atol=FP32_REORDER_LONG * scale, msg=isa)
+        excess = ((y - ref).abs() - bound).max().item()
+        assert excess <= 0, f"{isa}: |y - ref| exceeds the stated bound by {excess}"
+        assert torch.equal(y, ys["scalar"]), f"{isa} differs from scalar"
+    return ys["scalar"], ref
+
+
+@pytest.mark.parametrize("planes", [1, 2, 3, 4])
+@pytest.mark.parametrize("m", [1, 2, 3, 17, 64])
+@pytest.mark.parametrize("k,g", [(24, 8), (100, 32), (200, 64), (576, 128), (1000, 64), (72, 24)])
+def test_every_isa_against_ref_within_bound(k, g, m, planes):
+    """Odd N and K (K not a multiple of the group: the format pads Kp = ceil(K / g) g with zero
+    bits), groups that leave the SIMD loops a tail of single units, every plane count, M up to 64."""
+    for n, offset, bias in itertools.product([1, 7, 33], [False, True], [False, True]):
+        w, b, canon = prepared(n, k, g, offset, bias, seed=k + g + n + planes, planes=planes)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k + planes))
+        check_all_isas(x, w, b, canon, k, g)
+
+
+def test_error_is_small_next_to_the_output():
+    """Not only within the bound: on Gaussian activations the int8 tables keep the output's
+    relative error well under 1% (a loose guard that the tables are not degenerate)."""
+    w, b, canon = prepared(256, 576, 64, True, False, seed=3, planes=2)
+    x = torch.randn(1, 576, generator=torch.Generator().manual_seed(4))
+    y, ref = check_all_isas(x, w, b, canon, 576, 64)
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_large_group_widens_before_int16_overflows():
+    """A group of 2048 channels with every bit set and equal activations: each lookup is +127, so
+    one plane's group sum (512 lookups, 65024) overflows int16 unless the kernel widens every
+    kI8SegmentCols columns as its header says."""
+    k = g = 2048
+    w, b, canon = prepared(16, k, g, False, False, seed=1, planes=2)
+    canon = (torch.full_like(canon[0], 255), canon[1], None)
+    w = cpu_backend.prepare_cpu(canon[0], canon[1], None, k, g)
+    x = torch.ones(1, k)
+    y, ref = check_all_isas(x, w, None, canon, k, g)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-3)
+
+
+def test_zero_and_nonfinite_rows():
+    """An all-zero row gives zero scales (no division by zero); a NaN row comes out NaN as in ref."""
+    w, b, canon = prepared(33, 100, 32, True, True, seed=5)
+    x = torch.randn(3, 100)
+    x[0] = 0
+    x[2, 7] = float("nan")
+    for isa in ISAS:
+        y = cpu_backend.run_cpu(x, w, b, isa, lut="int8")
+        torch.testing.assert_close(y[0], b)
+        assert torch.isnan(y[2]).all() and torch.isfinite(y[:2]).all(), isa
+
+
+def test_unknown_lut_is_refused():
+    w, b, _ = prepared(7, 24, 8, False, False)
+    with pytest.raises(KernelInputError, match="lut must be one of"):
+        cpu_backend.run_cpu(torch.randn(1, 24), w, b, lut="int4")
+    with pytest.raises(RuntimeError, match="unknown lut 'int4'"):
+        torch.ops.dbquant.dbgemm_cpu(torch.randn(1, 24), w.planes, w.scales, None, None, 7, 24, 8, "auto", "int4")
+
+
+_ENV_PROBE = """
+import torch
+from dbquant.backends import cpu
+from tests.test_cpu_kernel import prepared
+w, b, _ = prepared(33, 200, 64, True, True, seed=2)
+x = torch.randn(1, 200, generator=torch.Generator().manual_seed(0))
+auto = cpu.run_cpu(x, w, b)
+print(torch.equal(auto, cpu.run_cpu(x, w, b, lut="int8")), torch.equal(auto, cpu.run_cpu(x, w, b, lut="float")))
+"""
+
+
+@pytest.mark.parametrize("kind,expect", [("int8", "True False"), ("float", "False True")])
+def test_env_var_forces_the_auto_choice(kind, expect):
+    """DBQUANT_CPU_LUT (read once per process, hence a child process) decides lut="auto" at M = 1."""
+    env = dict(os.environ, DBQUANT_CPU_LUT=kind, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", _ENV_PROBE], env=env, capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip().splitlines()[-1] == expect
