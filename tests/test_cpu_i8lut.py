@@ -120,3 +120,46 @@ def test_env_var_forces_the_auto_choice(kind, expect):
     out = subprocess.run([sys.executable, "-c", _ENV_PROBE], env=env, capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip().splitlines()[-1] == expect
+
+
+@pytest.mark.parametrize("offset,bias", [(False, False), (True, True)])
+def test_decode_layer_with_int8_tables_matches_the_emulated_step(monkeypatch, offset, bias):
+    """The fused decode op with the integer tables forced computes decode_layer_ref whose
+    projections are the tables' emulation (dbgemm_i8lut_ref): the same integers, so only float
+    rounding differs; caches included."""
+    from dbquant.backends import reference, registry
+    from dbquant.backends.t16 import canonical
+    from tests.test_native_ops import close, make_layer
+
+    def project_i8(p, x):
+        w = p.weight
+        return dbgemm_i8lut_ref(x, *canonical(w), p.bias, w.in_features, w.group_size)
+
+    monkeypatch.setattr(reference, "_project", project_i8)
+    h, hq, hk, d, inter, g = 40, 5, 1, 8, 23, 16
+    layer = make_layer(h, hq, hk, d, inter, g, offset, bias, seed=3)
+    gen = torch.Generator().manual_seed(7)
+    angles = torch.rand(6, d // 2, generator=gen) * 3
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    caches = {b: [torch.zeros(1, hk, 6, d) for _ in range(2)] for b in ("ref", "cpu")}
+    with cpu_backend.forced_lut("int8"):
+        assert cpu_backend.default_lut() == "int8"
+        prepared_layer = cpu_backend.prepare_decode_layer(layer)
+        for pos in range(4):
+            x = torch.randn(1, h, generator=gen)
+            xs = {b: x.clone() for b in caches}
+            registry.get("decode_layer", "ref")(xs["ref"], layer, cos[pos], sin[pos], *caches["ref"], pos)
+            registry.get("decode_layer", "cpu").run(xs["cpu"], prepared_layer, cos[pos], sin[pos], *caches["cpu"], pos)
+            close(xs["cpu"], xs["ref"])
+            for c, r in zip(caches["cpu"], caches["ref"]):
+                close(c, r)
+
+
+def test_forced_lut_restores_the_setting():
+    before = cpu_backend.default_lut()
+    with cpu_backend.forced_lut("float"):
+        assert cpu_backend.default_lut() == "float"
+        with cpu_backend.forced_lut("int8"):
+            assert all(cpu_backend.default_lut(i) == "int8" for i in ISAS)
+        assert cpu_backend.default_lut() == "float"
+    assert cpu_backend.default_lut() == before

@@ -35,6 +35,10 @@
 //                                    KVPacked kv, int n_groups, int n_tail) -> ()
 //                                    (decode_layer_cpu with the packed cache)
 //   torch.ops.dbquant.cpu_isas() -> str[]       (supported ISA paths, fastest first)
+//   torch.ops.dbquant.cpu_default_lut(str isa="auto") -> str  ("float" or "int8": what lut="auto"
+//                                    picks for M = 1 on that path, DBQUANT_CPU_LUT included)
+//   torch.ops.dbquant.cpu_force_lut(str kind) -> str  (force "float"/"int8" or back to "auto",
+//                                    process-wide; returns the previous setting)
 // The weight arguments are in the t16 kernel layout (dbgemm_t16.h, docs/FORMAT.md);
 // dbquant/backends/cpu.py builds it from the canonical format. This is the only file that
 // includes <torch/extension.h> (slow to compile); the arithmetic lives in the torch-free
@@ -785,6 +789,20 @@ void decode_layer_kv_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeLay
   for (int64_t i = 0; i < H; ++i) xp[i] += tmp[i] * rs;
 }
 
+// "float" or "int8": the tables lut="auto" uses for the decode GEMV on an ISA path (dbgemm_i8lut.h).
+std::string cpu_default_lut(const std::string& isa) {
+  return dbquant::cpu::default_lut(parse_isa(isa)) == LutKind::Int8 ? "int8" : "float";
+}
+
+// Force the tables lut="auto" and the decode ops use ("float", "int8", or "auto": the measured
+// choice again), process-wide; returns the previous setting. For tests and benchmarks.
+std::string cpu_force_lut(const std::string& kind) {
+  TORCH_CHECK(kind == "auto" || kind == "float" || kind == "int8", "cpu_force_lut: unknown lut '", kind,
+              "'; use auto, float or int8");
+  const int prev = dbquant::cpu::force_lut(kind == "auto" ? -1 : kind == "int8" ? int(LutKind::Int8) : int(LutKind::Float));
+  return prev < 0 ? "auto" : prev == int(LutKind::Int8) ? "int8" : "float";
+}
+
 std::vector<std::string> cpu_isas() {
   std::vector<std::string> out;
   for (Isa i : {Isa::Avx512, Isa::Avx2, Isa::Scalar})
@@ -824,7 +842,9 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
   m.def(
       "decode_layer_kv_cpu(Tensor(a!) x, __torch__.torch.classes.dbquant.DecodeLayer layer, Tensor cos, "
       "Tensor sin, __torch__.torch.classes.dbquant.KVPacked kv, int n_groups, int n_tail) -> ()");
-  m.def("cpu_isas() -> str[]", &cpu_isas);  // no tensor arguments: a catch-all kernel
+  m.def("cpu_isas() -> str[]", &cpu_isas);
+  m.def("cpu_default_lut(str isa=\"auto\") -> str", &cpu_default_lut);
+  m.def("cpu_force_lut(str kind) -> str", &cpu_force_lut);  // no tensor arguments: a catch-all kernel
 }
 
 TORCH_LIBRARY_IMPL(dbquant, CPU, m) {

@@ -5,6 +5,7 @@
 #include "dbgemm_i8lut.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -28,13 +29,15 @@ void chunk_table(const float* xr, int64_t K, int64_t q, float* t) {
   }
 }
 
-// Default table per ISA path (index: Isa), from `dbquant bench --backends cpu,cpu-i8lut` on the
-// 2-core Xeon (Sapphire Rapids class) of docs/RESULTS.md, "Integer lookup tables": Float until
-// a measurement says otherwise (see there for the figures).
+// Default table per ISA path (index: Isa) for the decode GEMV, from benchmarks/i8lut_vs_t16.py on
+// the 2-core Xeon (Sapphire Rapids class) of docs/RESULTS.md, "Integer lookup tables"
+// (docs/bench/i8lut_vs_t16.json; a loaded machine, one thread): the integer tables were as fast or
+// faster on every shape there, 1.0-1.3x on the AVX-512 path and 1.5-2.7x on the AVX2 path. The
+// scalar path (a fallback, not measured as a contender) keeps the float tables.
 constexpr LutKind kI8LutDefault[3] = {
     /* scalar */ LutKind::Float,
-    /* avx2   */ LutKind::Float,
-    /* avx512 */ LutKind::Float,
+    /* avx2   */ LutKind::Int8,
+    /* avx512 */ LutKind::Int8,
 };
 
 }  // namespace
@@ -109,16 +112,25 @@ void gemm_tiles_i8(Isa isa, const T16Weight& w, const uint8_t* buf, int64_t M, f
   }
 }
 
-LutKind default_lut(Isa isa) {
-  // -1: no override; read once (the decode loop asks per projection)
-  static const int forced = [] {
-    const char* v = std::getenv("DBQUANT_CPU_LUT");
-    if (v && std::strcmp(v, "int8") == 0) return int(LutKind::Int8);
-    if (v && std::strcmp(v, "float") == 0) return int(LutKind::Float);
+namespace {
+// -1: the measured table decides; 0 / 1: LutKind forced (DBQUANT_CPU_LUT at start-up, force_lut later).
+std::atomic<int>& lut_override() {
+  static std::atomic<int> v{[] {
+    const char* e = std::getenv("DBQUANT_CPU_LUT");
+    if (e && std::strcmp(e, "int8") == 0) return int(LutKind::Int8);
+    if (e && std::strcmp(e, "float") == 0) return int(LutKind::Float);
     return -1;
-  }();
+  }()};
+  return v;
+}
+}  // namespace
+
+LutKind default_lut(Isa isa) {
+  const int forced = lut_override().load(std::memory_order_relaxed);
   return forced >= 0 ? LutKind(forced) : kI8LutDefault[int(isa)];
 }
+
+int force_lut(int kind) { return lut_override().exchange(kind); }
 
 }  // namespace cpu
 }  // namespace dbquant

@@ -93,8 +93,12 @@ float group_sum(const float* xr, int64_t K, int64_t j, int64_t g);
 // Which table the decode GEMV uses when the caller leaves the choice to us ("auto").
 enum class LutKind : int { Float = 0, Int8 = 1 };
 // The measured choice per ISA path (kI8LutDefault in dbgemm_i8lut.cpp, docs/RESULTS.md), unless
-// the environment variable DBQUANT_CPU_LUT=float|int8 (read once per process) forces one.
+// one is forced: by the environment variable DBQUANT_CPU_LUT=float|int8 (read at first use), or
+// later by force_lut.
 LutKind default_lut(Isa isa);
+// Force kind (int(LutKind)), or -1 to go back to the measured choice, for the whole process;
+// returns the previous setting (-1, 0 or 1). For tests and benchmarks.
+int force_lut(int kind);
 
 }  // namespace cpu
 }  // namespace dbquant

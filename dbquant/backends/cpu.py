@@ -14,6 +14,7 @@ itself (C++ checks only).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -127,6 +128,26 @@ def run_cpu(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None, isa: str =
         y = torch.ops.dbquant.dbgemm_cpu(x2, w.planes, w.scales, w.offset, b, w.out_features,
                                          w.in_features, w.group_size, isa, lut)
     return y.reshape(*lead, w.out_features).to(x.dtype)
+
+
+def default_lut(isa: str = "auto") -> str:
+    """"float" or "int8": the tables ``run_cpu(..., lut="auto")`` and the fused decode ops use for one
+    activation row on the ``isa`` path (C++ ``default_lut``: the measured table, or DBQUANT_CPU_LUT)."""
+    _require()
+    return torch.ops.dbquant.cpu_default_lut(isa)
+
+
+@contextlib.contextmanager
+def forced_lut(kind: str):
+    """Within the block, ``lut="auto"`` and the fused decode ops use ``kind`` ("float" or "int8")
+    tables on every ISA path (process-wide: the C++ setting that DBQUANT_CPU_LUT also sets);
+    the previous setting comes back on exit. For tests and benchmarks."""
+    _require()
+    prev = torch.ops.dbquant.cpu_force_lut(kind)
+    try:
+        yield
+    finally:
+        torch.ops.dbquant.cpu_force_lut(prev)
 
 
 def dequantize_cpu(w: CpuWeight) -> torch.Tensor:

@@ -1,0 +1,93 @@
+"""Integer vs float lookup tables of the CPU GEMV, per ISA path, side by side in one run (issue 19).
+
+What it measures: the time of ``y = x @ W.T`` at M = 1 through ``run_cpu(x, w, None, isa, lut)`` for
+lut = "float" (csrc/cpu/dbgemm_t16.h) and "int8" (csrc/cpu/dbgemm_i8lut.h) on the same prepared
+t16 weight, for every ISA path this CPU runs, each shape and thread count. The weight is reused
+(resident in L2/L3: this is the kernels' compute cost, not a streaming figure). The two tables
+alternate round-robin for ``--rounds`` rounds so a shared, noisy machine slows them alike; each
+round is a median over repeated calls, and the reported figure is the median over rounds.
+This is the measurement behind ``kI8LutDefault`` in csrc/cpu/dbgemm_i8lut.cpp.
+
+Usage (repository root, venv active):
+    OMP_NUM_THREADS=1 python benchmarks/i8lut_vs_t16.py --json docs/bench/i8lut_vs_t16.json
+    python benchmarks/i8lut_vs_t16.py --shapes 576x576 --threads 1 --planes 1,2,3,4 --rounds 3
+The JSON (written atomically) holds the environment (CPU model, ISA paths, load average) and one row
+per (shape, planes, isa, threads): {float_us, int8_us (medians), float_rounds, int8_rounds,
+int8_speedup = float_us / int8_us}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dbquant.backends import cpu as cpu_backend  # noqa: E402
+from dbquant.bench.cpu import _median_ms, environment  # noqa: E402
+
+SHAPES = [(576, 576), (1536, 576), (576, 1536), (4096, 4096)]
+
+
+def packed(n: int, k: int, g: int, planes: int, seed: int = 0):
+    """A random prepared t16 weight (random bits, float16 scales of a trained layer's size)."""
+    gen = torch.Generator().manual_seed(seed)
+    kp = -(-k // g) * g
+    q = torch.randint(0, 256, (planes, n, kp // 8), dtype=torch.uint8, generator=gen)
+    s = (torch.rand(n, kp // g, planes, generator=gen) * 0.02).half()
+    return cpu_backend.prepare_cpu(q, s, None, k, g)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="NxK,...")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--planes", default="2", help="bit planes k, comma-separated")
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    if not cpu_backend.load_cpu():
+        raise SystemExit("dbquant._C is not built: pip install --no-build-isolation -e .")
+    isas = [i for i in torch.ops.dbquant.cpu_isas() if i != "scalar"]  # scalar: the fallback, not a contender
+    rows = []
+    env0 = os.getloadavg()
+    for spec in a.shapes.split(","):
+        n, k = (int(v) for v in spec.split("x"))
+        for planes in (int(p) for p in a.planes.split(",")):
+            w = packed(n, k, a.group_size, planes)
+            x = torch.randn(1, k)
+            for isa in isas:
+                for t in (int(v) for v in a.threads.split(",")):
+                    torch.set_num_threads(t)
+                    got = {"float": [], "int8": []}
+                    for _ in range(a.rounds):
+                        for lut in got:
+                            got[lut].append(1e3 * _median_ms(lambda: cpu_backend.run_cpu(x, w, None, isa, lut),
+                                                             min_time=0.15))
+                    f, i = statistics.median(got["float"]), statistics.median(got["int8"])
+                    row = dict(n=n, k=k, planes=planes, group_size=a.group_size, isa=isa, threads=t, m=1,
+                               float_us=round(f, 2), int8_us=round(i, 2), int8_speedup=round(f / i, 3),
+                               float_rounds=[round(v, 2) for v in got["float"]],
+                               int8_rounds=[round(v, 2) for v in got["int8"]])
+                    rows.append(row)
+                    print(f"{n:>5}x{k:<5} k={planes} {isa:<6} t={t}  float {f:8.1f} us  int8 {i:8.1f} us  "
+                          f"int8 speedup {f / i:5.2f}x", flush=True)
+    if a.json:
+        env = environment()
+        env["loadavg_before"] = env0
+        tmp = a.json + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"environment": env, "rows": rows}, fh, indent=1)
+        os.replace(tmp, a.json)
+        print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
