@@ -11,9 +11,13 @@ This is the measurement behind ``kI8LutDefault`` in csrc/cpu/dbgemm_i8lut.cpp.
 Usage (repository root, venv active):
     OMP_NUM_THREADS=1 python benchmarks/i8lut_vs_t16.py --json docs/bench/i8lut_vs_t16.json
     python benchmarks/i8lut_vs_t16.py --shapes 576x576 --threads 1 --planes 1,2,3,4 --rounds 3
+    OMP_NUM_THREADS=1 python benchmarks/i8lut_vs_t16.py --e2e DIR --threads 1,2 --rounds 3
 The JSON (written atomically) holds the environment (CPU model, ISA paths, load average) and one row
 per (shape, planes, isa, threads): {float_us, int8_us (medians), float_rounds, int8_rounds,
-int8_speedup = float_us / int8_us}.
+int8_speedup = float_us / int8_us}. With ``--e2e DIR`` instead: the fast decoder on that checkpoint
+(best ISA path, one C++ call per layer and token), a 128-token prompt and 64 greedy new tokens per
+run, the tables forced by ``forced_lut`` and alternating run by run; one row per thread count with
+the median decode tokens/s of each and whether the two greedy continuations are the same tokens.
 """
 
 from __future__ import annotations
@@ -43,6 +47,47 @@ def packed(n: int, k: int, g: int, planes: int, seed: int = 0):
     return cpu_backend.prepare_cpu(q, s, None, k, g)
 
 
+def _dump(path: str, rows: list[dict], env0) -> None:
+    env = environment()
+    env["loadavg_before"] = env0
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump({"environment": env, "rows": rows}, fh, indent=1)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+
+
+def e2e(a) -> int:
+    """Decode tokens/s of the fast decoder with the float vs the integer tables (see the module doc)."""
+    from dbquant.model.checkpoint import load
+    from dbquant.runtime.decode import FastDecoder
+
+    env0 = os.getloadavg()
+    model = load(a.e2e)
+    ids = torch.randint(100, 20000, (1, 128), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for t in (int(v) for v in a.threads.split(",")):
+        torch.set_num_threads(t)
+        tok_s, seqs = {"float": [], "int8": []}, {}
+        for _ in range(a.rounds):
+            for lut in tok_s:
+                with cpu_backend.forced_lut(lut), torch.no_grad():
+                    dec = FastDecoder(model, max_len=256)
+                    seq, st = dec.generate(ids, 64, min_new_tokens=64)
+                tok_s[lut].append(st.decode_tok_s)
+                seqs[lut] = seq
+        f, i = statistics.median(tok_s["float"]), statistics.median(tok_s["int8"])
+        rows.append(dict(model=a.e2e, threads=t, prompt_tokens=128, new_tokens=64, isa=torch.ops.dbquant.cpu_isas()[0],
+                         float_tok_s=round(f, 2), int8_tok_s=round(i, 2), int8_speedup=round(i / f, 3),
+                         float_rounds=[round(v, 2) for v in tok_s["float"]], int8_rounds=[round(v, 2) for v in tok_s["int8"]],
+                         same_greedy_tokens=bool(torch.equal(seqs["float"], seqs["int8"]))))
+        print(f"e2e t={t}  float {f:6.1f} tok/s  int8 {i:6.1f} tok/s  int8 speedup {i / f:5.2f}x  "
+              f"same tokens: {rows[-1]['same_greedy_tokens']}", flush=True)
+    if a.json:
+        _dump(a.json, rows, env0)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="NxK,...")
@@ -51,9 +96,12 @@ def main() -> int:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--e2e", default=None, help="checkpoint directory: decode tokens/s instead of the GEMV")
     a = ap.parse_args()
     if not cpu_backend.load_cpu():
         raise SystemExit("dbquant._C is not built: pip install --no-build-isolation -e .")
+    if a.e2e:
+        return e2e(a)
     isas = [i for i in torch.ops.dbquant.cpu_isas() if i != "scalar"]  # scalar: the fallback, not a contender
     rows = []
     env0 = os.getloadavg()
@@ -79,13 +127,7 @@ def main() -> int:
                     print(f"{n:>5}x{k:<5} k={planes} {isa:<6} t={t}  float {f:8.1f} us  int8 {i:8.1f} us  "
                           f"int8 speedup {f / i:5.2f}x", flush=True)
     if a.json:
-        env = environment()
-        env["loadavg_before"] = env0
-        tmp = a.json + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump({"environment": env, "rows": rows}, fh, indent=1)
-        os.replace(tmp, a.json)
-        print(f"wrote {a.json}")
+        _dump(a.json, rows, env0)
     return 0
 
 
