@@ -69,17 +69,32 @@ def test_error_is_small_next_to_the_output():
     assert ((y - ref).norm() / ref.norm()).item() < 1e-2
 
 
-def test_large_group_widens_before_int16_overflows():
+@pytest.mark.parametrize("planes", [1, 2, 3, 4])
+def test_large_group_widens_before_int16_overflows(planes):
     """A group of 2048 channels with every bit set and equal activations: each lookup is +127, so
     one plane's group sum (512 lookups, 65024) overflows int16 unless the kernel widens every
     kI8SegmentCols columns as its header says."""
     k = g = 2048
-    w, b, canon = prepared(16, k, g, False, False, seed=1, planes=2)
+    w, b, canon = prepared(16, k, g, False, False, seed=1, planes=planes)
     canon = (torch.full_like(canon[0], 255), canon[1], None)
     w = cpu_backend.prepare_cpu(canon[0], canon[1], None, k, g)
     x = torch.ones(1, k)
     y, ref = check_all_isas(x, w, None, canon, k, g)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-3)
+
+
+def test_thread_count_does_not_change_result():
+    w, b, canon = prepared(1536, 576, 64, True, True, seed=6)
+    x = torch.randn(1, 576)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = cpu_backend.run_cpu(x, w, b, lut="int8")
+        torch.set_num_threads(max(2, old))
+        y2 = cpu_backend.run_cpu(x, w, b, lut="int8")
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(y1, y2)  # tables built once, each tile by one thread
 
 
 def test_zero_and_nonfinite_rows():

@@ -31,9 +31,10 @@ void chunk_table(const float* xr, int64_t K, int64_t q, float* t) {
 
 // Default table per ISA path (index: Isa) for the decode GEMV, from benchmarks/i8lut_vs_t16.py on
 // the 2-core Xeon (Sapphire Rapids class) of docs/RESULTS.md, "Integer lookup tables"
-// (docs/bench/i8lut_vs_t16.json; a loaded machine, one thread): the integer tables were as fast or
-// faster on every shape there, 1.0-1.3x on the AVX-512 path and 1.5-2.7x on the AVX2 path. The
-// scalar path (a fallback, not measured as a contender) keeps the float tables.
+// (docs/bench/i8lut_vs_t16.json; a loaded machine, one thread): the integer tables were faster on
+// every shape there, 1.10-1.18x on the AVX-512 path and 1.7-2.9x on the AVX2 path (end to end on
+// SmolLM2 only 1.03x, and greedy text can change: docs/RESULTS.md). The scalar path (a fallback,
+// not measured as a contender) keeps the float tables.
 constexpr LutKind kI8LutDefault[3] = {
     /* scalar */ LutKind::Float,
     /* avx2   */ LutKind::Int8,

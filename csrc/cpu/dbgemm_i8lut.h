@@ -19,7 +19,10 @@
 //
 // Lookup and accumulation. For 16 output rows at once, a nibble of each weight byte indexes
 // its unit's 16-byte table: pshufb (SSSE3 / AVX2 vpshufb ymm / AVX-512BW vpshufb zmm) does 16
-// such lookups per 128-bit lane, one (c, p) unit per lane. The low- and high-nibble results of
+// such lookups per 128-bit lane, one (c, p) unit per lane. (AVX-512 VBMI's vpermb / vpermi2b,
+// whose indices cross lanes, would let the tables stay compact, 2 Kp bytes per row instead of
+// 2 Kp P, at the same number of lookups; with the expanded tables the in-lane vpshufb already
+// sees exactly its unit's table, so the AVX-512 path needs only AVX-512BW.) The low- and high-nibble results of
 // a row are interleaved (punpcklbw / punpckhbw) and pmaddubsw with a vector of ones adds each
 // pair into int16: per row, column and plane t_{2c}[lo] + t_{2c+1}[hi] (|.| <= 254). These add
 // into int16 accumulators, which are reduced per plane and widened to int32 after at most
