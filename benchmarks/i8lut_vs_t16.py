@@ -14,7 +14,9 @@ Usage (repository root, venv active):
     OMP_NUM_THREADS=1 python benchmarks/i8lut_vs_t16.py --e2e DIR --threads 1,2 --rounds 3
 The JSON (written atomically) holds the environment (CPU model, ISA paths, load average) and one row
 per (shape, planes, isa, threads): {float_us, int8_us (medians), float_rounds, int8_rounds,
-int8_speedup = float_us / int8_us}. With ``--e2e DIR`` instead: the fast decoder on that checkpoint
+int8_speedup = float_us / int8_us} (int8: the default vpshufb lookups); on an AVX-512 VBMI CPU the
+avx512 rows add int8_vbmi_us, the vpermb / vpermi2b lookups turned on, in the same rounds.
+With ``--e2e DIR`` instead: the fast decoder on that checkpoint
 (best ISA path, one C++ call per layer and token), a 128-token prompt and 64 greedy new tokens per
 run, the tables forced by ``forced_lut`` and alternating run by run; one row per thread count with
 the median decode tokens/s of each and whether the two greedy continuations are the same tokens.
@@ -105,6 +107,8 @@ def main() -> int:
     isas = [i for i in torch.ops.dbquant.cpu_isas() if i != "scalar"]  # scalar: the fallback, not a contender
     rows = []
     env0 = os.getloadavg()
+    torch.ops.dbquant.cpu_i8lut_lookup("on")  # where the CPU has VBMI
+    vbmi = torch.ops.dbquant.cpu_i8lut_lookup("auto") == "vbmi"
     for spec in a.shapes.split(","):
         n, k = (int(v) for v in spec.split("x"))
         for planes in (int(p) for p in a.planes.split(",")):
@@ -114,18 +118,27 @@ def main() -> int:
                 for t in (int(v) for v in a.threads.split(",")):
                     torch.set_num_threads(t)
                     got = {"float": [], "int8": []}
+                    if isa == "avx512" and vbmi:
+                        got["int8_vbmi"] = []  # the vpermb / vpermi2b lookups, beside the default vpshufb
                     for _ in range(a.rounds):
                         for lut in got:
-                            got[lut].append(1e3 * _median_ms(lambda: cpu_backend.run_cpu(x, w, None, isa, lut),
-                                                             min_time=0.15))
+                            torch.ops.dbquant.cpu_i8lut_lookup("on" if lut == "int8_vbmi" else "auto")
+                            fn = lambda: cpu_backend.run_cpu(x, w, None, isa, lut[:4] if lut != "float" else lut)  # noqa: E731
+                            got[lut].append(1e3 * _median_ms(fn, min_time=0.15))
+                    torch.ops.dbquant.cpu_i8lut_lookup("auto")  # vpshufb, the default
                     f, i = statistics.median(got["float"]), statistics.median(got["int8"])
                     row = dict(n=n, k=k, planes=planes, group_size=a.group_size, isa=isa, threads=t, m=1,
                                float_us=round(f, 2), int8_us=round(i, 2), int8_speedup=round(f / i, 3),
                                float_rounds=[round(v, 2) for v in got["float"]],
                                int8_rounds=[round(v, 2) for v in got["int8"]])
+                    extra = ""
+                    if "int8_vbmi" in got:
+                        iv = statistics.median(got["int8_vbmi"])
+                        row.update(int8_vbmi_us=round(iv, 2), int8_vbmi_rounds=[round(v, 2) for v in got["int8_vbmi"]])
+                        extra = f"  (vbmi {iv:8.1f} us)"
                     rows.append(row)
                     print(f"{n:>5}x{k:<5} k={planes} {isa:<6} t={t}  float {f:8.1f} us  int8 {i:8.1f} us  "
-                          f"int8 speedup {f / i:5.2f}x", flush=True)
+                          f"int8 speedup {f / i:5.2f}x{extra}", flush=True)
     if a.json:
         _dump(a.json, rows, env0)
     return 0

@@ -31,6 +31,28 @@ pytestmark = pytest.mark.skipif(not HAVE_NATIVE, reason="dbquant._C (C++ CPU ker
 ISAS = list(torch.ops.dbquant.cpu_isas()) if HAVE_NATIVE else []
 
 
+def _has_vbmi() -> bool:
+    torch.ops.dbquant.cpu_i8lut_lookup("on")  # takes effect only where the CPU has VBMI
+    got = torch.ops.dbquant.cpu_i8lut_lookup("auto")
+    return got == "vbmi"
+
+
+# (isa, AVX-512 lookup): every path this CPU runs; AVX-512 both with vpshufb ("bw") and, on a VBMI
+# CPU, with vpermb / vpermi2b on compact tables ("vbmi")
+PATHS = [(i, "bw" if i == "avx512" else None) for i in ISAS] + ([("avx512", "vbmi")] if HAVE_NATIVE and _has_vbmi() else [])
+
+
+def run_path(x, w, b, path):
+    """run_cpu with the int8 tables on one path (the AVX-512 lookup set for the call, then auto again)."""
+    isa, lookup = path
+    if lookup:
+        torch.ops.dbquant.cpu_i8lut_lookup("on" if lookup == "vbmi" else "off")
+    try:
+        return cpu_backend.run_cpu(x, w, b, isa, lut="int8")
+    finally:
+        torch.ops.dbquant.cpu_i8lut_lookup("auto")
+
+
 def check_all_isas(x, w, b, canon, k, g):
     """Run every ISA path with the int8 tables; check emulation, bound and cross-ISA identity."""
     emu = dbgemm_i8lut_ref(x, *canon, b, k, g)
@@ -38,14 +60,14 @@ def check_all_isas(x, w, b, canon, k, g):
     scale = ref.abs().max().clamp_min(1.0).item()
     # the bound is on exact arithmetic; both sides also carry float32 rounding of K-term sums
     bound = i8lut_error_bound(x, canon[1], k, g) + 2 * FP32_REORDER_LONG * scale
-    ys = {isa: cpu_backend.run_cpu(x, w, b, isa, lut="int8") for isa in ISAS}
+    ys = {path: run_path(x, w, b, path) for path in PATHS}
     for isa, y in ys.items():
         assert y.shape == ref.shape and y.dtype == torch.float32, isa
         torch.testing.assert_close(y, emu, rtol=FP32_REORDER_LONG, atol=FP32_REORDER_LONG * scale, msg=isa)
         excess = ((y - ref).abs() - bound).max().item()
         assert excess <= 0, f"{isa}: |y - ref| exceeds the stated bound by {excess}"
-        assert torch.equal(y, ys["scalar"]), f"{isa} differs from scalar"
-    return ys["scalar"], ref
+        assert torch.equal(y, ys[("scalar", None)]), f"{isa} differs from scalar"
+    return ys[("scalar", None)], ref
 
 
 @pytest.mark.parametrize("planes", [1, 2, 3, 4])
@@ -103,8 +125,8 @@ def test_zero_and_nonfinite_rows():
     x = torch.randn(3, 100)
     x[0] = 0
     x[2, 7] = float("nan")
-    for isa in ISAS:
-        y = cpu_backend.run_cpu(x, w, b, isa, lut="int8")
+    for isa in PATHS:
+        y = run_path(x, w, b, isa)
         torch.testing.assert_close(y[0], b)
         assert torch.isnan(y[2]).all() and torch.isfinite(y[:2]).all(), isa
 
@@ -168,6 +190,17 @@ def test_decode_layer_with_int8_tables_matches_the_emulated_step(monkeypatch, of
             close(xs["cpu"], xs["ref"])
             for c, r in zip(caches["cpu"], caches["ref"]):
                 close(c, r)
+
+
+def test_vbmi_lookups_only_when_asked():
+    """The AVX-512 path uses vpshufb by default (measured as fast); vpermb / vpermi2b when turned
+    on on a VBMI CPU (the tests above run both)."""
+    assert torch.ops.dbquant.cpu_i8lut_lookup("query") == "bw"
+    torch.ops.dbquant.cpu_i8lut_lookup("on")
+    want = "vbmi" if ("avx512", "vbmi") in PATHS else "bw"
+    assert torch.ops.dbquant.cpu_i8lut_lookup("auto") == want
+    with pytest.raises(RuntimeError, match="unknown mode 'fast'"):
+        torch.ops.dbquant.cpu_i8lut_lookup("fast")
 
 
 def test_forced_lut_restores_the_setting():

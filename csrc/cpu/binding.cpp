@@ -39,6 +39,8 @@
 //                                    picks for M = 1 on that path, DBQUANT_CPU_LUT included)
 //   torch.ops.dbquant.cpu_force_lut(str kind) -> str  (force "float"/"int8" or back to "auto",
 //                                    process-wide; returns the previous setting)
+//   torch.ops.dbquant.cpu_i8lut_lookup(str mode="query") -> str  ("vbmi" or "bw": the AVX-512
+//                                    integer-table lookups in use before the call; mode on/off/auto sets them)
 // The weight arguments are in the t16 kernel layout (dbgemm_t16.h, docs/FORMAT.md);
 // dbquant/backends/cpu.py builds it from the canonical format. This is the only file that
 // includes <torch/extension.h> (slow to compile); the arithmetic lives in the torch-free
@@ -803,6 +805,17 @@ std::string cpu_force_lut(const std::string& kind) {
   return prev < 0 ? "auto" : prev == int(LutKind::Int8) ? "int8" : "float";
 }
 
+// The AVX-512 integer-table lookups: "vbmi" (vpermb / vpermi2b, compact tables) or "bw" (vpshufb, the
+// default); mode "on" (where the CPU has VBMI) / "off" / "auto" sets it (process-wide, for tests and
+// benchmarks), "query" only reads. Returns the lookups in use before the call.
+std::string cpu_i8lut_lookup(const std::string& mode) {
+  TORCH_CHECK(mode == "query" || mode == "auto" || mode == "on" || mode == "off", "cpu_i8lut_lookup: unknown mode '",
+              mode, "'; use query, auto, on or off");
+  const std::string now = dbquant::cpu::i8lut_vbmi() ? "vbmi" : "bw";
+  if (mode != "query") dbquant::cpu::force_i8lut_vbmi(mode == "auto" ? -1 : mode == "on" ? 1 : 0);
+  return now;
+}
+
 std::vector<std::string> cpu_isas() {
   std::vector<std::string> out;
   for (Isa i : {Isa::Avx512, Isa::Avx2, Isa::Scalar})
@@ -844,7 +857,8 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
       "Tensor sin, __torch__.torch.classes.dbquant.KVPacked kv, int n_groups, int n_tail) -> ()");
   m.def("cpu_isas() -> str[]", &cpu_isas);
   m.def("cpu_default_lut(str isa=\"auto\") -> str", &cpu_default_lut);
-  m.def("cpu_force_lut(str kind) -> str", &cpu_force_lut);  // no tensor arguments: a catch-all kernel
+  m.def("cpu_force_lut(str kind) -> str", &cpu_force_lut);
+  m.def("cpu_i8lut_lookup(str mode=\"query\") -> str", &cpu_i8lut_lookup);  // no tensor arguments: a catch-all kernel
 }
 
 TORCH_LIBRARY_IMPL(dbquant, CPU, m) {

@@ -50,7 +50,9 @@ float group_sum(const float* xr, int64_t K, int64_t j, int64_t g) {
 }
 
 int64_t i8lut_row_bytes(const T16Weight& w) {
-  return round_up64(2 * w.groups() * int64_t(sizeof(float))) + round_up64(2 * (w.kp() / 8) * w.P * 16);
+  // expanded (lo, hi) or compact tables (+ 64 bytes: a VBMI zmm may read one column past the end)
+  const int64_t c8 = w.kp() / 8;
+  return round_up64(2 * w.groups() * int64_t(sizeof(float))) + round_up64(std::max(2 * c8 * w.P * 16, c8 * 32 + 64));
 }
 
 I8LutRow i8lut_row(const T16Weight& w, uint8_t* buf, int64_t m) {
@@ -61,6 +63,7 @@ I8LutRow i8lut_row(const T16Weight& w, uint8_t* buf, int64_t m) {
   r.gsum = r.scale + G;
   r.lo = reinterpret_cast<int8_t*>(base + round_up64(2 * G * int64_t(sizeof(float))));
   r.hi = r.lo + units * 16;
+  r.cpt = r.lo;
   return r;
 }
 
@@ -98,7 +101,8 @@ void build_i8luts_scalar(const T16Weight& w, const float* x, uint8_t* buf, int64
 
 void build_i8luts(Isa isa, const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1) {
   switch (isa) {
-    case Isa::Avx512: return build_i8luts_avx512(w, x, buf, m0, m1);
+    case Isa::Avx512:
+      return i8lut_vbmi() ? build_i8luts_avx512vbmi(w, x, buf, m0, m1) : build_i8luts_avx512(w, x, buf, m0, m1);
     case Isa::Avx2: return build_i8luts_avx2(w, x, buf, m0, m1);
     default: return build_i8luts_scalar(w, x, buf, m0, m1);
   }
@@ -107,7 +111,8 @@ void build_i8luts(Isa isa, const T16Weight& w, const float* x, uint8_t* buf, int
 void gemm_tiles_i8(Isa isa, const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0,
                    int64_t t1) {
   switch (isa) {
-    case Isa::Avx512: return gemm_tiles_i8_avx512(w, buf, M, y, t0, t1);
+    case Isa::Avx512:
+      return i8lut_vbmi() ? gemm_tiles_i8_avx512vbmi(w, buf, M, y, t0, t1) : gemm_tiles_i8_avx512(w, buf, M, y, t0, t1);
     case Isa::Avx2: return gemm_tiles_i8_avx2(w, buf, M, y, t0, t1);
     default: return gemm_tiles_i8_scalar(w, buf, M, y, t0, t1);
   }
@@ -132,6 +137,25 @@ LutKind default_lut(Isa isa) {
 }
 
 int force_lut(int kind) { return lut_override().exchange(kind); }
+
+namespace {
+// -1 auto, 0 off, 1 on (where supported). Auto is off: on the Xeon of docs/RESULTS.md the VBMI
+// lookups measured no faster than vpshufb (within noise at SmolLM2's shapes, 5-15% slower at
+// 4096x4096), so they stay an option (cpu_i8lut_lookup("on")), tested but not the default.
+std::atomic<int> vbmi_mode{-1};
+bool vbmi_supported() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  static const bool ok = isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512vbmi");
+  return ok;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+bool i8lut_vbmi() { return vbmi_supported() && vbmi_mode.load(std::memory_order_relaxed) == 1; }
+
+int force_i8lut_vbmi(int mode) { return vbmi_mode.exchange(mode); }
 
 }  // namespace cpu
 }  // namespace dbquant

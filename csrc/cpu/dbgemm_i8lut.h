@@ -19,10 +19,11 @@
 //
 // Lookup and accumulation. For 16 output rows at once, a nibble of each weight byte indexes
 // its unit's 16-byte table: pshufb (SSSE3 / AVX2 vpshufb ymm / AVX-512BW vpshufb zmm) does 16
-// such lookups per 128-bit lane, one (c, p) unit per lane. (AVX-512 VBMI's vpermb / vpermi2b,
-// whose indices cross lanes, would let the tables stay compact, 2 Kp bytes per row instead of
-// 2 Kp P, at the same number of lookups; with the expanded tables the in-lane vpshufb already
-// sees exactly its unit's table, so the AVX-512 path needs only AVX-512BW.) The low- and high-nibble results of
+// such lookups per 128-bit lane, one (c, p) unit per lane. On AVX-512 VBMI CPUs the AVX-512 path
+// can keep the tables compact instead (cpt: 32 bytes per byte column c, t_{2c} then t_{2c+1}, 2 Kp
+// bytes per row whatever P) and look them up across lanes with vpermb / vpermi2b, the lane's
+// column offset added to the nibble (dbgemm_i8lut_avx512_impl.h); the lookups give the same bytes.
+// It measured no faster than vpshufb here, so it is off unless asked for (force_i8lut_vbmi). The low- and high-nibble results of
 // a row are interleaved (punpcklbw / punpckhbw) and pmaddubsw with a vector of ones adds each
 // pair into int16: per row, column and plane t_{2c}[lo] + t_{2c+1}[hi] (|.| <= 254). These add
 // into int16 accumulators, which are reduced per plane and widened to int32 after at most
@@ -66,6 +67,7 @@ struct I8LutRow {
   float* gsum;   // [G] sum of the group's x (written and read only with an offset)
   int8_t* lo;    // [C8, P, 16] low-nibble tables, expanded to the weight's byte order
   int8_t* hi;    // [C8, P, 16] high-nibble tables
+  int8_t* cpt;   // [C8, 2, 16] compact tables (the VBMI path only; shares lo's bytes)
 };
 
 // Bytes of one activation row's tables (a multiple of 64, so rows stay 64-byte aligned).
@@ -80,6 +82,7 @@ void build_i8luts(Isa isa, const T16Weight& w, const float* x, uint8_t* buf, int
 void build_i8luts_scalar(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1);
 void build_i8luts_avx2(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1);
 void build_i8luts_avx512(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1);
+void build_i8luts_avx512vbmi(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1);
 
 // y[m, n] (float32 [M, N]) for all M rows and the output rows of tiles [t0, t1), from the tables
 // in buf. Tiles are independent: callers run disjoint ranges in parallel.
@@ -89,6 +92,14 @@ void gemm_tiles_i8(Isa isa, const T16Weight& w, const uint8_t* buf, int64_t M, f
 void gemm_tiles_i8_scalar(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1);
 void gemm_tiles_i8_avx2(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1);
 void gemm_tiles_i8_avx512(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1);
+void gemm_tiles_i8_avx512vbmi(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1);
+
+// Whether the AVX-512 path uses the VBMI lookups (compact tables): only when turned on and the CPU
+// has AVX-512 VBMI (auto = off, as measured). force_i8lut_vbmi(0 / 1 / -1: off / on where supported /
+// back to auto) returns the previous setting; build and lookups must see the same setting (tests
+// switch it between calls, never during one).
+bool i8lut_vbmi();
+int force_i8lut_vbmi(int mode);
 
 // gsum_j: the in-order float sum of x over group j (channels < K); read only with an offset.
 float group_sum(const float* xr, int64_t K, int64_t j, int64_t g);
