@@ -14,8 +14,8 @@
 // bytes and one of table bytes line up lane for lane with no shuffling of tables:
 //   lo[(c P + p) 16 + i] = t_{2c}[i]      hi[(c P + p) 16 + i] = t_{2c+1}[i]
 // for every byte column c (channels 8c..8c+7) and plane p: (lo, hi) are the tables of the low
-// and high nibble of weight byte planes[t, c, p, r]. Per activation row: 2 Kp P bytes of tables
-// (P planes), then the G scales s_j and the G sums gsum_j (see I8LutRow).
+// and high nibble of weight byte planes[t, c, p, r]. Per activation row (I8LutRow): the G scales
+// s_j and the G sums gsum_j, then 2 Kp P bytes of tables (P planes).
 //
 // Lookup and accumulation. For 16 output rows at once, a nibble of each weight byte indexes
 // its unit's 16-byte table: pshufb (SSSE3 / AVX2 vpshufb ymm / AVX-512BW vpshufb zmm) does 16
@@ -23,9 +23,9 @@
 // can keep the tables compact instead (cpt: 32 bytes per byte column c, t_{2c} then t_{2c+1}, 2 Kp
 // bytes per row whatever P) and look them up across lanes with vpermb / vpermi2b, the lane's
 // column offset added to the nibble (dbgemm_i8lut_avx512_impl.h); the lookups give the same bytes.
-// It measured no faster than vpshufb here, so it is off unless asked for (force_i8lut_vbmi). The low- and high-nibble results of
-// a row are interleaved (punpcklbw / punpckhbw) and pmaddubsw with a vector of ones adds each
-// pair into int16: per row, column and plane t_{2c}[lo] + t_{2c+1}[hi] (|.| <= 254). These add
+// It measured no faster than vpshufb here, so it is off unless asked for (force_i8lut_vbmi).
+// The low- and high-nibble results of a row are interleaved (punpcklbw / punpckhbw) and pmaddubsw
+// with a vector of ones adds each pair into int16: per row, column and plane t_{2c}[lo] + t_{2c+1}[hi] (|.| <= 254). These add
 // into int16 accumulators, which are reduced per plane and widened to int32 after at most
 // kI8SegmentCols byte columns (2 lookups of |t| <= 127 each: 128 * 254 = 32512 < 2^15, so no
 // int16 sum can overflow); the int32 sum S_pj over group j is exact:
