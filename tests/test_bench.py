@@ -16,15 +16,16 @@ def test_kernel_bench_json_and_plot(tmp_path, capsys):
     data = json.loads(js.read_text())
     rows = data["rows"]
     assert data["environment"]["isas"][-1] == "scalar"
-    # ref is skipped in stream mode: 2 shapes x 2 M x (4 cache + 3 stream backends)
-    assert len(rows) == 2 * 2 * 7
+    # ref is skipped in stream mode: 2 shapes x 2 M x (5 cache + 4 stream backends)
+    assert len(rows) == 2 * 2 * 9
     for r in rows:
         assert {"op", "n", "k", "m", "mode", "threads", "backend", "ms", "gbps", "bandwidth_gbps"} <= set(r)
         assert r["ms"] > 0 and r["gbps"] > 0 and r["bandwidth_gbps"] > 0
         assert r["speedup_vs_fp32"] > 0
     stream = [r for r in rows if r["mode"] == "stream"]
     assert all(r["copies"] > 1 for r in stream)  # rotated copies: every call reads DRAM
-    cpu = [r for r in rows if r["backend"] == "cpu"]
+    assert {r["backend"] for r in rows} == {"fp32", "bf16", "ref", "cpu", "cpu-i8lut"}  # float and int tables side by side
+    cpu = [r for r in rows if r["backend"] in ("cpu", "cpu-i8lut")]
     assert cpu and all(r["weight_bytes"] < r["n"] * r["k"] for r in cpu)  # < 8 bits per weight read
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "40x72" in out.replace(" ", "")

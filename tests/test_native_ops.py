@@ -79,6 +79,7 @@ def test_t16_round_trip():
 SHAPES = [(40, 5, 1, 8, 23, 16), (24, 2, 2, 12, 40, 8), (64, 4, 2, 16, 96, 32)]
 
 
+@pytest.mark.usefixtures("float_luts")  # compares with float references at fp32 tolerances
 @pytest.mark.parametrize("h,hq,hk,d,inter,g", SHAPES)
 @pytest.mark.parametrize("offset,bias", [(False, False), (True, True)])
 def test_decode_layer_cpu_matches_ref(h, hq, hk, d, inter, g, offset, bias):
@@ -105,6 +106,7 @@ def test_decode_layer_cpu_matches_ref(h, hq, hk, d, inter, g, offset, bias):
     assert torch.equal(a, b)
 
 
+@pytest.mark.usefixtures("float_luts")  # compares with float references at fp32 tolerances
 @pytest.mark.parametrize("mix", [[(1, 8), (3, 16), (4, 32), (2, 8)], [(4, 16), (1, 16), (2, 8), (3, 8)]])
 def test_decode_layer_cpu_mixed_planes_and_groups(mix):
     """One layer whose projections differ in k and group size: the fused op matches the reference."""
@@ -145,6 +147,7 @@ EXTRAS = ["qk_norm_per_head", "qk_norm_whole", "post_norms_only", "gelu_tanh", "
           "residual_scale", "gemma2"]
 
 
+@pytest.mark.usefixtures("float_luts")  # compares with float references at fp32 tolerances
 @pytest.mark.parametrize("h,hq,hk,d,inter,g", SHAPES[:2])
 @pytest.mark.parametrize("extra", EXTRAS)
 def test_decode_layer_switches_cpu_match_ref(h, hq, hk, d, inter, g, extra):

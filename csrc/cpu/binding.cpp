@@ -1,7 +1,9 @@
 // Torch binding of the CPU lookup-table kernel (any plane count k: planes [T, C8, k, 16]). Registers
 //   torch.ops.dbquant.dbgemm_cpu(Tensor x, Tensor planes, Tensor scales, Tensor? offset,
 //                                Tensor? bias, int out_features, int in_features,
-//                                int group_size, str isa="auto") -> Tensor
+//                                int group_size, str isa="auto", str lut="auto") -> Tensor
+//                                (lut: "float" tables (dbgemm_t16.h), "int8" tables (dbgemm_i8lut.h),
+//                                 or "auto": int8 for M = 1 where default_lut(isa) says so)
 //   torch.ops.dbquant.dequantize_cpu(Tensor planes, Tensor scales, Tensor? offset,
 //                                    int out_features, int in_features, int group_size)
 //                                    -> Tensor (float32 [N, K])
@@ -33,6 +35,12 @@
 //                                    KVPacked kv, int n_groups, int n_tail) -> ()
 //                                    (decode_layer_cpu with the packed cache)
 //   torch.ops.dbquant.cpu_isas() -> str[]       (supported ISA paths, fastest first)
+//   torch.ops.dbquant.cpu_default_lut(str isa="auto") -> str  ("float" or "int8": what lut="auto"
+//                                    picks for M = 1 on that path, DBQUANT_CPU_LUT included)
+//   torch.ops.dbquant.cpu_force_lut(str kind) -> str  (force "float"/"int8" or back to "auto",
+//                                    process-wide; returns the previous setting)
+//   torch.ops.dbquant.cpu_i8lut_lookup(str mode="query") -> str  ("vbmi" or "bw": the AVX-512
+//                                    integer-table lookups in use before the call; mode on/off/auto sets them)
 // The weight arguments are in the t16 kernel layout (dbgemm_t16.h, docs/FORMAT.md);
 // dbquant/backends/cpu.py builds it from the canonical format. This is the only file that
 // includes <torch/extension.h> (slow to compile); the arithmetic lives in the torch-free
@@ -51,6 +59,7 @@
 #include <vector>
 
 #include "dbgemm_t16.h"
+#include "dbgemm_i8lut.h"
 #include "gemv_int8.h"
 #include "decode_ops.h"
 #include "kv_attn.h"
@@ -58,6 +67,7 @@
 namespace {
 
 using dbquant::cpu::Isa;
+using dbquant::cpu::LutKind;
 
 // Cap on the lookup tables held at once (64 bytes per 4 input channels per activation
 // row); larger M is processed in slices of rows so memory stays bounded.
@@ -157,10 +167,31 @@ void recompute_nonfinite_rows(const at::Tensor& x, const dbquant::cpu::T16Weight
   }
 }
 
+// y = x @ W^T (+ bias) through the integer-table kernel (dbgemm_i8lut.h): tables of at most
+// kMaxLutBytes at a time, tiles split over threads as in the float path.
+void dbgemm_i8(const at::Tensor& x, const dbquant::cpu::T16Weight& w, Isa isa, at::Tensor& y) {
+  const int64_t M = x.size(0), rb = dbquant::cpu::i8lut_row_bytes(w), C8 = w.kp() / 8;
+  const int64_t m_slice = std::max<int64_t>(1, std::min<int64_t>(M, kMaxLutBytes / rb));
+  at::Tensor buf = at::empty({m_slice * rb}, x.options().dtype(at::kByte));
+  uint8_t* bp = buf.data_ptr<uint8_t>();
+  for (int64_t m0 = 0; m0 < M; m0 += m_slice) {
+    const int64_t mt = std::min(m_slice, M - m0);
+    const float* xt = x.data_ptr<float>() + m0 * w.K;
+    at::parallel_for(0, mt, std::max<int64_t>(1, (int64_t(1) << 16) / w.kp()),
+                     [&](int64_t b, int64_t e) { dbquant::cpu::build_i8luts(isa, w, xt, bp, b, e); });
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 13) / (4 * mt * C8 * w.P));
+    float* yt = y.data_ptr<float>() + m0 * w.N;
+    at::parallel_for(0, w.tiles(), grain, [&](int64_t t0, int64_t t1) {
+      dbquant::cpu::gemm_tiles_i8(isa, w, bp, mt, yt, t0, t1);
+    });
+  }
+}
+
 at::Tensor dbgemm_cpu(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& scales,
                       const std::optional<at::Tensor>& offset,
                       const std::optional<at::Tensor>& bias, int64_t out_features,
-                      int64_t in_features, int64_t group_size, const std::string& isa_arg) {
+                      int64_t in_features, int64_t group_size, const std::string& isa_arg,
+                      const std::string& lut_arg) {
   check_input(x, "x", at::kFloat);
   if (bias) check_input(*bias, "bias", at::kFloat);
   dbquant::cpu::T16Weight w =
@@ -169,12 +200,21 @@ at::Tensor dbgemm_cpu(const at::Tensor& x, const at::Tensor& planes, const at::T
               in_features, "] (in_features), got shape ", x.sizes());
   if (bias) check_shape(*bias, "bias", {out_features});
   const Isa isa = parse_isa(isa_arg);
+  TORCH_CHECK(lut_arg == "auto" || lut_arg == "float" || lut_arg == "int8", "dbgemm_cpu: unknown lut '", lut_arg,
+              "'; use auto, float or int8");
   w.bias = bias ? bias->data_ptr<float>() : nullptr;
   const int64_t T = w.tiles(), G = w.groups(), C8 = w.kp() / 8;
 
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, out_features}, x.options());
   if (M == 0) return y;
+  // auto: the integer tables only for the decode GEMV (M = 1), where they were measured
+  const bool int8 = lut_arg == "int8" || (lut_arg == "auto" && M == 1 && dbquant::cpu::default_lut(isa) == LutKind::Int8);
+  if (int8) {
+    dbgemm_i8(x, w, isa, y);
+    recompute_nonfinite_rows(x, w, y);
+    return y;
+  }
 
   const int64_t lf = dbquant::cpu::lut_floats(w);
   const int64_t m_slice = std::max<int64_t>(1, std::min<int64_t>(M, kMaxLutBytes / (lf * 4)));
@@ -303,14 +343,29 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& w, double eps) {
 }
 
 // y[N] = W x[K] for one activation row through the t16 kernel (W's bias included), with
-// caller-provided table scratch (lut: lut_floats(w) floats; gsum: groups() floats).
+// caller-provided table scratch (lut: lut_scratch_floats(w) floats; gsum: groups() floats), the
+// float or the integer tables as default_lut(isa) says (dbgemm_i8lut.h).
 void gemv_t16(Isa isa, const dbquant::cpu::T16Weight& w, const float* x, float* y, float* lut,
               float* gsum) {
+  if (dbquant::cpu::default_lut(isa) == LutKind::Int8) {
+    uint8_t* buf = reinterpret_cast<uint8_t*>(lut);
+    dbquant::cpu::build_i8luts(isa, w, x, buf, 0, 1);
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 13) / (4 * (w.kp() / 8) * w.P));
+    at::parallel_for(0, w.tiles(), grain, [&](int64_t t0, int64_t t1) {
+      dbquant::cpu::gemm_tiles_i8(isa, w, buf, 1, y, t0, t1);
+    });
+    return;
+  }
   dbquant::cpu::build_luts(isa, w, x, lut, w.offset ? gsum : nullptr, 0, 1);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 13) / (4 * (w.kp() / 8)));
   at::parallel_for(0, w.tiles(), grain, [&](int64_t t0, int64_t t1) {
     dbquant::cpu::gemm_tiles(isa, w, lut, w.offset ? gsum : nullptr, 1, y, t0, t1);
   });
+}
+
+// Floats of table scratch gemv_t16 needs for w: the float tables or the integer ones.
+int64_t lut_scratch_floats(const dbquant::cpu::T16Weight& w) {
+  return std::max(dbquant::cpu::lut_floats(w), (dbquant::cpu::i8lut_row_bytes(w) + 3) / 4);
 }
 
 // One Llama-family decoder layer's weights for decode_layer_cpu, built once per layer
@@ -455,8 +510,8 @@ void decode_layer_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeLayer>
   const Isa isa = dbquant::cpu::best_isa();
 
   const int64_t n = pos + 1;
-  const int64_t lf = std::max({dbquant::cpu::lut_floats(wqkv), dbquant::cpu::lut_floats(wo),
-                               dbquant::cpu::lut_floats(wgu), dbquant::cpu::lut_floats(wd)});
+  const int64_t lf = std::max({lut_scratch_floats(wqkv), lut_scratch_floats(wo), lut_scratch_floats(wgu),
+                               lut_scratch_floats(wd)});
   const int64_t G = std::max({wqkv.groups(), wo.groups(), wgu.groups(), wd.groups()});
   at::Tensor scratch = at::empty({lf + G + H + qkv_n + Hq * D + Hq * n + 2 * I + I + H}, x.options());
   float* lut = scratch.data_ptr<float>();
@@ -691,8 +746,8 @@ void decode_layer_kv_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeLay
   check_kv_counts("decode_layer_kv_cpu", kv, n_groups, n_tail + 1, 1);
   const dbquant::cpu::T16Weight &wqkv = ly.weights[0], &wo = ly.weights[1], &wgu = ly.weights[2], &wd = ly.weights[3];
   const Isa isa = dbquant::cpu::best_isa();
-  const int64_t lf = std::max({dbquant::cpu::lut_floats(wqkv), dbquant::cpu::lut_floats(wo),
-                               dbquant::cpu::lut_floats(wgu), dbquant::cpu::lut_floats(wd)});
+  const int64_t lf = std::max({lut_scratch_floats(wqkv), lut_scratch_floats(wo), lut_scratch_floats(wgu),
+                               lut_scratch_floats(wd)});
   const int64_t G = std::max({wqkv.groups(), wo.groups(), wgu.groups(), wd.groups()});
   at::Tensor scratch = at::empty({lf + G + H + wqkv.N + Hq * D + 2 * I + I + H}, x.options());
   float* lut = scratch.data_ptr<float>();
@@ -736,6 +791,31 @@ void decode_layer_kv_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeLay
   for (int64_t i = 0; i < H; ++i) xp[i] += tmp[i] * rs;
 }
 
+// "float" or "int8": the tables lut="auto" uses for the decode GEMV on an ISA path (dbgemm_i8lut.h).
+std::string cpu_default_lut(const std::string& isa) {
+  return dbquant::cpu::default_lut(parse_isa(isa)) == LutKind::Int8 ? "int8" : "float";
+}
+
+// Force the tables lut="auto" and the decode ops use ("float", "int8", or "auto": the measured
+// choice again), process-wide; returns the previous setting. For tests and benchmarks.
+std::string cpu_force_lut(const std::string& kind) {
+  TORCH_CHECK(kind == "auto" || kind == "float" || kind == "int8", "cpu_force_lut: unknown lut '", kind,
+              "'; use auto, float or int8");
+  const int prev = dbquant::cpu::force_lut(kind == "auto" ? -1 : kind == "int8" ? int(LutKind::Int8) : int(LutKind::Float));
+  return prev < 0 ? "auto" : prev == int(LutKind::Int8) ? "int8" : "float";
+}
+
+// The AVX-512 integer-table lookups: "vbmi" (vpermb / vpermi2b, compact tables) or "bw" (vpshufb, the
+// default); mode "on" (where the CPU has VBMI) / "off" / "auto" sets it (process-wide, for tests and
+// benchmarks), "query" only reads. Returns the lookups in use before the call.
+std::string cpu_i8lut_lookup(const std::string& mode) {
+  TORCH_CHECK(mode == "query" || mode == "auto" || mode == "on" || mode == "off", "cpu_i8lut_lookup: unknown mode '",
+              mode, "'; use query, auto, on or off");
+  const std::string now = dbquant::cpu::i8lut_vbmi() ? "vbmi" : "bw";
+  if (mode != "query") dbquant::cpu::force_i8lut_vbmi(mode == "auto" ? -1 : mode == "on" ? 1 : 0);
+  return now;
+}
+
 std::vector<std::string> cpu_isas() {
   std::vector<std::string> out;
   for (Isa i : {Isa::Avx512, Isa::Avx2, Isa::Scalar})
@@ -750,7 +830,7 @@ std::vector<std::string> cpu_isas() {
 TORCH_LIBRARY_FRAGMENT(dbquant, m) {
   m.def(
       "dbgemm_cpu(Tensor x, Tensor planes, Tensor scales, Tensor? offset, Tensor? bias, "
-      "int out_features, int in_features, int group_size, str isa=\"auto\") -> Tensor");
+      "int out_features, int in_features, int group_size, str isa=\"auto\", str lut=\"auto\") -> Tensor");
   m.def(
       "dequantize_cpu(Tensor planes, Tensor scales, Tensor? offset, int out_features, "
       "int in_features, int group_size) -> Tensor");
@@ -775,7 +855,10 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
   m.def(
       "decode_layer_kv_cpu(Tensor(a!) x, __torch__.torch.classes.dbquant.DecodeLayer layer, Tensor cos, "
       "Tensor sin, __torch__.torch.classes.dbquant.KVPacked kv, int n_groups, int n_tail) -> ()");
-  m.def("cpu_isas() -> str[]", &cpu_isas);  // no tensor arguments: a catch-all kernel
+  m.def("cpu_isas() -> str[]", &cpu_isas);
+  m.def("cpu_default_lut(str isa=\"auto\") -> str", &cpu_default_lut);
+  m.def("cpu_force_lut(str kind) -> str", &cpu_force_lut);
+  m.def("cpu_i8lut_lookup(str mode=\"query\") -> str", &cpu_i8lut_lookup);  // no tensor arguments: a catch-all kernel
 }
 
 TORCH_LIBRARY_IMPL(dbquant, CPU, m) {

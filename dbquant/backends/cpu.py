@@ -14,11 +14,12 @@ itself (C++ checks only).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
 
-from .checks import check_activations, check_decode_step, check_int8_head, check_packed, check_rms_norm, check_tensor
+from .checks import KernelInputError, check_activations, check_decode_step, check_int8_head, check_packed, check_rms_norm, check_tensor
 from .kvpack import CODE_FIELDS, FLOAT_FIELDS, PackedKVLayer, check_kv_attend
 from .reference import Q8_BLOCK
 from .t16 import TILE, CpuWeight, DecodeLayerWeights, prepare_cpu  # noqa: F401 - re-exported
@@ -30,6 +31,8 @@ LUT_MAX_ROWS = 32
 # Above this many queries (a prefill chunk) kv_attend decodes each packed group once and calls SDPA:
 # the codes kernel transforms every query per group, which costs more than one decode from ~4 on.
 KV_CODES_MAX_QUERIES = 4
+# The lookup tables run_cpu can be told to use (csrc/cpu/dbgemm_t16.h, dbgemm_i8lut.h).
+LUT_KINDS = ("auto", "float", "int8")
 
 _cpu_state: bool | None = None  # None: not tried yet
 _cpu_error: str | None = None
@@ -78,19 +81,20 @@ class _DbgemmLut(torch.autograd.Function):
     dequantized, dBias = column sums of dY. Used only when a gradient is wanted."""
 
     @staticmethod
-    def forward(ctx, x2, bias, w: CpuWeight, isa: str):
+    def forward(ctx, x2, bias, w: CpuWeight, isa: str, lut: str):
         ctx.w = w
         return torch.ops.dbquant.dbgemm_cpu(x2, w.planes, w.scales, w.offset, bias, w.out_features,
-                                            w.in_features, w.group_size, isa)
+                                            w.in_features, w.group_size, isa, lut)
 
     @staticmethod
     def backward(ctx, dy):
         dx = dy @ dequantize_cpu(ctx.w) if ctx.needs_input_grad[0] else None
         db = dy.sum(0) if ctx.needs_input_grad[1] else None
-        return dx, db, None, None
+        return dx, db, None, None, None
 
 
-def run_cpu(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None, isa: str = "auto") -> torch.Tensor:
+def run_cpu(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None, isa: str = "auto",
+            lut: str = "auto") -> torch.Tensor:
     """``y = x @ W.T (+ bias)`` with the prepared weight ``w``.
 
     Args:
@@ -99,6 +103,11 @@ def run_cpu(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None, isa: str =
         bias: float [N] or None.
         isa: "auto" (fastest this CPU supports; above LUT_MAX_ROWS rows, dequantize + BLAS),
             or force one lookup-table path: "avx512", "avx2" or "scalar".
+        lut: which tables: "float" (csrc/cpu/dbgemm_t16.h), "int8" (T-MAC style integer tables,
+            csrc/cpu/dbgemm_i8lut.h: not bit-identical, within that header's error bound), or
+            "auto": the integer tables for M = 1 on the ISA paths where they measured faster
+            (C++ ``default_lut``; the environment variable DBQUANT_CPU_LUT=float|int8 overrides it).
+            Either forced value also keeps M > LUT_MAX_ROWS on the lookup-table kernel.
     Returns: [..., N] in x's dtype; differentiable in x and bias.
     Raises: KernelInputError for another dtype, a 0-dim x, or K / bias shapes not matching ``w``.
     """
@@ -109,14 +118,36 @@ def run_cpu(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None, isa: str =
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
     b = None if bias is None else bias.to(torch.float32).contiguous()
-    if x2.shape[0] > LUT_MAX_ROWS and isa == "auto":
+    if lut not in LUT_KINDS:
+        raise KernelInputError(f"dbgemm_cpu: lut must be one of {LUT_KINDS}, got {lut!r}")
+    if x2.shape[0] > LUT_MAX_ROWS and isa == "auto" and lut == "auto":
         y = torch.nn.functional.linear(x2, dequantize_cpu(w), b)
     elif torch.is_grad_enabled() and (x2.requires_grad or (b is not None and b.requires_grad)):
-        y = _DbgemmLut.apply(x2, b, w, isa)
+        y = _DbgemmLut.apply(x2, b, w, isa, lut)
     else:
         y = torch.ops.dbquant.dbgemm_cpu(x2, w.planes, w.scales, w.offset, b, w.out_features,
-                                         w.in_features, w.group_size, isa)
+                                         w.in_features, w.group_size, isa, lut)
     return y.reshape(*lead, w.out_features).to(x.dtype)
+
+
+def default_lut(isa: str = "auto") -> str:
+    """"float" or "int8": the tables ``run_cpu(..., lut="auto")`` and the fused decode ops use for one
+    activation row on the ``isa`` path (C++ ``default_lut``: the measured table, or DBQUANT_CPU_LUT)."""
+    _require()
+    return torch.ops.dbquant.cpu_default_lut(isa)
+
+
+@contextlib.contextmanager
+def forced_lut(kind: str):
+    """Within the block, ``lut="auto"`` and the fused decode ops use ``kind`` ("float" or "int8")
+    tables on every ISA path (process-wide: the C++ setting that DBQUANT_CPU_LUT also sets);
+    the previous setting comes back on exit. For tests and benchmarks."""
+    _require()
+    prev = torch.ops.dbquant.cpu_force_lut(kind)
+    try:
+        yield
+    finally:
+        torch.ops.dbquant.cpu_force_lut(prev)
 
 
 def dequantize_cpu(w: CpuWeight) -> torch.Tensor:

@@ -243,3 +243,65 @@ def kv_attend_ref(q: torch.Tensor, kv: PackedKVLayer, n_groups: int, n_tail: int
     visible = torch.arange(n)[None] < (n - t + torch.arange(t) + 1)[:, None]  # [T, n]
     p = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
     return torch.einsum("thn,hnd->thd", p, vals)
+
+
+# ---- the integer lookup tables of csrc/cpu/dbgemm_i8lut.h (an emulation, and its error bound) ----
+
+
+def i8lut_tables_ref(x: torch.Tensor, in_features: int, group_size: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The int8 tables of csrc/cpu/dbgemm_i8lut.h, in torch.
+
+    Args: x float32 [M, K]; in_features K; group_size g (a multiple of 8).
+    Returns: (t int8 [M, Kp/4, 16], scale float32 [M, G], gsum float32 [M, G]) with
+        T[m, q, i] = (((0 + [i&1] x[4q]) + [i&2] x[4q+1]) + [i&4] x[4q+2]) + [i&8] x[4q+3],
+        scale = max_{q in group, i} |T| / 127, t = round_half_even(T * (127 / max)) (0 for a zero
+        group), gsum = the group's sum of x. Kp = ceil(K / g) g; channels past K are 0.
+    """
+    m, k = x.shape
+    kp = -(-k // group_size) * group_size
+    xp = torch.zeros(m, kp, dtype=torch.float32)
+    xp[:, :k] = x.float()
+    xs = xp.reshape(m, kp // 4, 4)
+    bits = (torch.arange(16)[:, None] >> torch.arange(4)) & 1  # [16, 4]
+    tab = torch.zeros(m, kp // 4, 16)
+    for j in range(4):  # the kernel's order of additions
+        tab = tab + torch.where(bits[:, j].bool(), xs[..., j:j + 1], torch.zeros(()))
+    mx = tab.abs().reshape(m, kp // group_size, -1).amax(-1)  # [M, G]
+    inv = torch.where(mx > 0, torch.tensor(127.0) / mx.clamp_min(torch.finfo(torch.float32).tiny),
+                      torch.zeros(()))
+    inv_q = inv.repeat_interleave(group_size // 4, dim=1)[..., None]
+    t = torch.round(tab * inv_q).to(torch.int8)
+    gsum = xp.reshape(m, kp // group_size, group_size).sum(-1)
+    return t, mx / 127.0, gsum
+
+
+def dbgemm_i8lut_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                     offset: torch.Tensor | None, bias: torch.Tensor | None, in_features: int,
+                     group_size: int) -> torch.Tensor:
+    """What the integer-table kernel computes (dbgemm_ref's signature; x float32 [M, K]):
+    y[m, n] = sum_j (sum_p alpha[n, j, p] S[m, p, n, j] scale[m, j] + beta[n, j] gsum[m, j]) + bias[n]
+    with S the exact integer sum of the tables t looked up by the weight's 4-bit indices
+    (i8lut_tables_ref). Equal to the kernel up to float32 summation order. Returns float32 [M, N]."""
+    check_packed("dbgemm_i8lut_ref", qweight, scales, offset, bias, in_features, group_size)
+    t, sc, gsum = i8lut_tables_ref(x, in_features, group_size)
+    p, n, c8 = qweight.shape
+    q = 2 * c8
+    nib = torch.stack([qweight & 15, qweight >> 4], dim=-1).reshape(p, n, q).long()  # chunk 2c: low nibble
+    m = x.shape[0]
+    vals = t.long()[:, None, None].expand(m, p, n, q, 16).gather(-1, nib[None, ..., None].expand(m, p, n, q, 1))
+    s = vals[..., 0].reshape(m, p, n, q // (group_size // 4), group_size // 4).sum(-1)  # [M, P, N, G] exact
+    y = torch.einsum("mpng,ngp,mg->mn", s.double(), scales.double(), sc.double())
+    if offset is not None:
+        y = y + gsum.double() @ offset.double().T
+    if bias is not None:
+        y = y + bias.double()
+    return y.float()
+
+
+def i8lut_error_bound(x: torch.Tensor, scales: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """The header's bound on |y_i8lut - y_ref| before float32 rounding (csrc/cpu/dbgemm_i8lut.h):
+    sum_j (scale[m, j] / 2) (g / 4) sum_p |alpha[n, j, p]|. x float32 [M, K], scales [N, G, k];
+    returns float32 [M, N]."""
+    _, sc, _ = i8lut_tables_ref(x, in_features, group_size)
+    return (sc / 2 * (group_size / 4)) @ scales.float().abs().sum(-1).T

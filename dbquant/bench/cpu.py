@@ -5,7 +5,8 @@ thread count and mode, the time of ``y = x @ W.T`` with
   fp32  torch dense float32 weight (``F.linear``)
   bf16  torch dense bfloat16 weight and activations
   ref   dbquant's pure-PyTorch reference (dequantize + matmul on every call: the oracle)
-  cpu   dbquant's C++ kernel on the load-time repacked weight (``dbquant.backends.cpu``)
+  cpu   dbquant's C++ kernel on the load-time repacked weight (``dbquant.backends.cpu``), float tables
+  cpu-i8lut  the same kernel layout with the integer (T-MAC style) tables (``run_cpu(lut="int8")``)
 Modes: ``cache`` reuses one weight (resident in cache when it fits); ``stream`` rotates
 through enough copies that every call reads its weight from DRAM (``STREAM_BYTES`` in
 all, several times the L3, or ``MAX_COPIES`` copies of a tiny weight). ``gbps`` counts only the bytes a kernel
@@ -40,7 +41,8 @@ from ..runtime.decode import LM_HEAD_DTYPES, FastDecoder
 SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 LLAMA7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 STREAM_BYTES = 256 << 20  # rotate copies until this many bytes: ~8x a 32 MiB L3
-BACKENDS = ("fp32", "bf16", "ref", "cpu")
+BACKENDS = ("fp32", "bf16", "ref", "cpu", "cpu-i8lut")
+NATIVE = {"cpu": "float", "cpu-i8lut": "int8"}  # backend -> run_cpu's lut
 
 
 def _median_ms(fn: Callable[[], object], min_time: float = 0.3, min_iters: int = 5, warmup: int = 3) -> float:
@@ -88,11 +90,11 @@ def kernel_bench(shapes: list[tuple[int, int]], ms: list[int], threads: list[int
     ``ref`` is skipped in ``stream`` mode (it dequantizes on every call, so it is compute-bound
     either way) and for weights over 16M elements (seconds per call).
     """
-    if "cpu" in backends and not cpu_backend.load_cpu():
+    if set(NATIVE) & set(backends) and not cpu_backend.load_cpu():
         raise RuntimeError("the cpu backend is not built; run `pip install --no-build-isolation -e .`")
     rows = []
     bw = {t: stream_bandwidth(t) for t in threads}
-    isa = torch.ops.dbquant.cpu_isas()[0] if "cpu" in backends else None
+    isa = torch.ops.dbquant.cpu_isas()[0] if set(NATIVE) & set(backends) else None
     for n, k in shapes:
         for mode in modes:
             weights = {}  # backend -> list of weights to rotate through
@@ -131,14 +133,15 @@ def kernel_bench(shapes: list[tuple[int, int]], ms: list[int], threads: list[int
                             fn = lambda: dbgemm_ref(x, *nxt(), None, None, k, group_size)  # noqa: E731
                             wbytes = ws[0][0].numel() + ws[0][1].numel() * 2
                         else:
-                            fn, wbytes = (lambda: cpu_backend.run_cpu(x, nxt(), None)), ws[0].nbytes
+                            fn = lambda: cpu_backend.run_cpu(x, nxt(), None, lut=NATIVE[b])  # noqa: E731
+                            wbytes = ws[0].nbytes
                         t_ms = _median_ms(fn)
                         moved = wbytes + m * k * 4 + m * n * 4
-                        row = dict(op="dbgemm" if b in ("ref", "cpu") else "linear", n=n, k=k, m=m, mode=mode,
+                        row = dict(op="linear" if b in ("fp32", "bf16") else "dbgemm", n=n, k=k, m=m, mode=mode,
                                    threads=t, backend=b, ms=round(t_ms, 5), gbps=round(moved / t_ms / 1e6, 3),
                                    bandwidth_gbps=round(bw[t], 3), pct_bw=round(100 * moved / t_ms / 1e6 / bw[t], 1),
-                                   weight_bytes=wbytes, group_size=group_size if b in ("ref", "cpu") else None,
-                                   copies=len(ws), isa=isa if b == "cpu" else None)
+                                   weight_bytes=wbytes, group_size=None if b in ("fp32", "bf16") else group_size,
+                                   copies=len(ws), isa=isa if b in NATIVE else None)
                         if b == "fp32":
                             base = t_ms
                         row["speedup_vs_fp32"] = round(base / t_ms, 3) if base else None
@@ -150,7 +153,7 @@ def kernel_bench(shapes: list[tuple[int, int]], ms: list[int], threads: list[int
 
 def format_row(r: dict) -> str:
     sp = f"{r['speedup_vs_fp32']:7.2f}x" if r.get("speedup_vs_fp32") else "       -"
-    return (f"{r['n']:>6}x{r['k']:<6} M={r['m']:<3} {r['mode']:<6} t={r['threads']} {r['backend']:<5} "
+    return (f"{r['n']:>6}x{r['k']:<6} M={r['m']:<3} {r['mode']:<6} t={r['threads']} {r['backend']:<9} "
             f"{r['ms']:9.4f} ms {r['gbps']:8.2f} GB/s {r['pct_bw']:6.1f}% bw {sp}")
 
 

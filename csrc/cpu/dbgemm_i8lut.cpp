@@ -1,0 +1,161 @@
+// The integer lookup-table kernel's shared parts (dbgemm_i8lut.h): table layout and build (one
+// portable implementation, so every ISA path reads the same bytes), the run-time ISA dispatch,
+// and the measured default choice between the float and the integer tables.
+
+#include "dbgemm_i8lut.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+namespace dbquant {
+namespace cpu {
+
+namespace {
+
+int64_t round_up64(int64_t n) { return (n + 63) / 64 * 64; }
+
+// The 16 float partial sums of chunk q (channels 4q..4q+3, zero past K), in the float path's order.
+void chunk_table(const float* xr, int64_t K, int64_t q, float* t) {
+  float xs[4];
+  for (int j = 0; j < 4; ++j) xs[j] = 4 * q + j < K ? xr[4 * q + j] : 0.0f;
+  for (int i = 0; i < 16; ++i) {
+    float v = 0.0f;
+    for (int j = 0; j < 4; ++j)
+      if (i >> j & 1) v += xs[j];
+    t[i] = v;
+  }
+}
+
+// Default table per ISA path (index: Isa) for the decode GEMV, from benchmarks/i8lut_vs_t16.py on
+// the 2-core Xeon (Sapphire Rapids class) of docs/RESULTS.md, "Integer lookup tables"
+// (docs/bench/i8lut_vs_t16.json; a loaded machine, one thread): the integer tables were faster on
+// every shape there, 1.10-1.18x on the AVX-512 path and 1.7-2.9x on the AVX2 path (end to end on
+// SmolLM2 only 1.03x, and greedy text can change: docs/RESULTS.md). The scalar path (a fallback,
+// not measured as a contender) keeps the float tables.
+constexpr LutKind kI8LutDefault[3] = {
+    /* scalar */ LutKind::Float,
+    /* avx2   */ LutKind::Int8,
+    /* avx512 */ LutKind::Int8,
+};
+
+}  // namespace
+
+float group_sum(const float* xr, int64_t K, int64_t j, int64_t g) {
+  float s = 0.0f;
+  for (int64_t k = j * g; k < std::min(K, (j + 1) * g); ++k) s += xr[k];
+  return s;
+}
+
+int64_t i8lut_row_bytes(const T16Weight& w) {
+  // expanded (lo, hi) or compact tables (+ 64 bytes: a VBMI zmm may read one column past the end)
+  const int64_t c8 = w.kp() / 8;
+  return round_up64(2 * w.groups() * int64_t(sizeof(float))) + round_up64(std::max(2 * c8 * w.P * 16, c8 * 32 + 64));
+}
+
+I8LutRow i8lut_row(const T16Weight& w, uint8_t* buf, int64_t m) {
+  uint8_t* base = buf + m * i8lut_row_bytes(w);
+  const int64_t G = w.groups(), units = (w.kp() / 8) * w.P;
+  I8LutRow r;
+  r.scale = reinterpret_cast<float*>(base);
+  r.gsum = r.scale + G;
+  r.lo = reinterpret_cast<int8_t*>(base + round_up64(2 * G * int64_t(sizeof(float))));
+  r.hi = r.lo + units * 16;
+  r.cpt = r.lo;
+  return r;
+}
+
+void build_i8luts_scalar(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1) {
+  const int64_t K = w.K, G = w.groups(), g = w.group_size, P = w.P;
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = x + m * K;
+    const I8LutRow row = i8lut_row(w, buf, m);
+    for (int64_t j = 0; j < G; ++j) {
+      float t[16];
+      // pass 1: the group's largest |partial sum|, which int8's +-127 must cover
+      float mx = 0.0f;
+      for (int64_t q = j * g / 4; q < (j + 1) * g / 4; ++q) {
+        chunk_table(xr, K, q, t);
+        for (int i = 0; i < 16; ++i) mx = std::max(mx, std::fabs(t[i]));
+      }
+      const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
+      row.scale[j] = mx / 127.0f;
+      if (w.offset) row.gsum[j] = group_sum(xr, K, j, g);
+      // pass 2: round, and write each byte column's (lo, hi) tables once per plane
+      for (int64_t c = j * g / 8; c < (j + 1) * g / 8; ++c) {
+        int8_t q8[2][16];
+        for (int h = 0; h < 2; ++h) {
+          chunk_table(xr, K, 2 * c + h, t);
+          for (int i = 0; i < 16; ++i) q8[h][i] = int8_t(std::nearbyint(t[i] * inv));
+        }
+        for (int64_t p = 0; p < P; ++p) {
+          std::memcpy(row.lo + (c * P + p) * 16, q8[0], 16);
+          std::memcpy(row.hi + (c * P + p) * 16, q8[1], 16);
+        }
+      }
+    }
+  }
+}
+
+void build_i8luts(Isa isa, const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1) {
+  switch (isa) {
+    case Isa::Avx512:
+      return i8lut_vbmi() ? build_i8luts_avx512vbmi(w, x, buf, m0, m1) : build_i8luts_avx512(w, x, buf, m0, m1);
+    case Isa::Avx2: return build_i8luts_avx2(w, x, buf, m0, m1);
+    default: return build_i8luts_scalar(w, x, buf, m0, m1);
+  }
+}
+
+void gemm_tiles_i8(Isa isa, const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0,
+                   int64_t t1) {
+  switch (isa) {
+    case Isa::Avx512:
+      return i8lut_vbmi() ? gemm_tiles_i8_avx512vbmi(w, buf, M, y, t0, t1) : gemm_tiles_i8_avx512(w, buf, M, y, t0, t1);
+    case Isa::Avx2: return gemm_tiles_i8_avx2(w, buf, M, y, t0, t1);
+    default: return gemm_tiles_i8_scalar(w, buf, M, y, t0, t1);
+  }
+}
+
+namespace {
+// -1: the measured table decides; 0 / 1: LutKind forced (DBQUANT_CPU_LUT at start-up, force_lut later).
+std::atomic<int>& lut_override() {
+  static std::atomic<int> v{[] {
+    const char* e = std::getenv("DBQUANT_CPU_LUT");
+    if (e && std::strcmp(e, "int8") == 0) return int(LutKind::Int8);
+    if (e && std::strcmp(e, "float") == 0) return int(LutKind::Float);
+    return -1;
+  }()};
+  return v;
+}
+}  // namespace
+
+LutKind default_lut(Isa isa) {
+  const int forced = lut_override().load(std::memory_order_relaxed);
+  return forced >= 0 ? LutKind(forced) : kI8LutDefault[int(isa)];
+}
+
+int force_lut(int kind) { return lut_override().exchange(kind); }
+
+namespace {
+// -1 auto, 0 off, 1 on (where supported). Auto is off: on the Xeon of docs/RESULTS.md the VBMI
+// lookups measured no faster than vpshufb (within noise at SmolLM2's shapes, 5-15% slower at
+// 4096x4096), so they stay an option (cpu_i8lut_lookup("on")), tested but not the default.
+std::atomic<int> vbmi_mode{-1};
+bool vbmi_supported() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  static const bool ok = isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512vbmi");
+  return ok;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+bool i8lut_vbmi() { return vbmi_supported() && vbmi_mode.load(std::memory_order_relaxed) == 1; }
+
+int force_i8lut_vbmi(int mode) { return vbmi_mode.exchange(mode); }
+
+}  // namespace cpu
+}  // namespace dbquant

@@ -1,0 +1,118 @@
+// Integer lookup-table (T-MAC style) GEMV for the dual-binary linear, on the same t16 weight
+// layout as the float-table kernel (dbgemm_t16.h; no repack, no second copy of the weight).
+//
+// Tables. As in dbgemm_t16.h, the 4 bits of one plane over a 4-channel chunk q index one of 16
+// partial sums T_q[i] = (((0 + [i&1] x[4q]) + [i&2] x[4q+1]) + [i&4] x[4q+2]) + [i&8] x[4q+3]
+// (float32, the float path's table). Here each group j (g channels, g/4 chunks) of an activation
+// row gets one fp32 scale and the tables are rounded to int8 with it:
+//   m_j = max over the group's chunks q and i of |T_q[i]|       (0 for an all-zero group)
+//   s_j = m_j / 127            inv_j = 127 / m_j (0 when m_j = 0)
+//   t_q[i] = int8(nearbyint(T_q[i] * inv_j))  in [-127, 127], round half to even; t_q[0] = 0
+// so the tables are what is quantized to int8, with one scale per group: the activations enter
+// only through their 4-channel partial sums (whose range is what the int8 code must cover).
+// The tables are stored expanded to the weight's byte order, so that one vector load of weight
+// bytes and one of table bytes line up lane for lane with no shuffling of tables:
+//   lo[(c P + p) 16 + i] = t_{2c}[i]      hi[(c P + p) 16 + i] = t_{2c+1}[i]
+// for every byte column c (channels 8c..8c+7) and plane p: (lo, hi) are the tables of the low
+// and high nibble of weight byte planes[t, c, p, r]. Per activation row (I8LutRow): the G scales
+// s_j and the G sums gsum_j, then 2 Kp P bytes of tables (P planes).
+//
+// Lookup and accumulation. For 16 output rows at once, a nibble of each weight byte indexes
+// its unit's 16-byte table: pshufb (SSSE3 / AVX2 vpshufb ymm / AVX-512BW vpshufb zmm) does 16
+// such lookups per 128-bit lane, one (c, p) unit per lane. On AVX-512 VBMI CPUs the AVX-512 path
+// can keep the tables compact instead (cpt: 32 bytes per byte column c, t_{2c} then t_{2c+1}, 2 Kp
+// bytes per row whatever P) and look them up across lanes with vpermb / vpermi2b, the lane's
+// column offset added to the nibble (dbgemm_i8lut_avx512_impl.h); the lookups give the same bytes.
+// It measured no faster than vpshufb here, so it is off unless asked for (force_i8lut_vbmi).
+// The low- and high-nibble results of a row are interleaved (punpcklbw / punpckhbw) and pmaddubsw
+// with a vector of ones adds each pair into int16: per row, column and plane t_{2c}[lo] + t_{2c+1}[hi] (|.| <= 254). These add
+// into int16 accumulators, which are reduced per plane and widened to int32 after at most
+// kI8SegmentCols byte columns (2 lookups of |t| <= 127 each: 128 * 254 = 32512 < 2^15, so no
+// int16 sum can overflow); the int32 sum S_pj over group j is exact:
+//   S_pj = sum over the group's columns c of t_{2c}[b & 15] + t_{2c+1}[b >> 4],  b = byte (c, p)
+// and the same integer on every path. Then, per group j, in this order (float32):
+//   y = fma(alpha_{1j}, float(S_1j) * s_j, y); ...; y = fma(alpha_{Pj}, float(S_Pj) * s_j, y)
+//   y = fma(beta_j, gsum_j, y)      (only with an offset; gsum_j = in-order float sum of x over
+//                                    group j: the offset's term is not quantized)
+//   and y + bias at the end. Scalar, AVX2 and AVX-512 perform exactly these operations, so they
+// agree bit for bit (tests/test_cpu_i8lut.py checks it).
+//
+// Error bound against ref (x @ W^T with W dequantized). Each lookup replaces T_q[i] by
+// s_j t_q[i] with |s_j t_q[i] - T_q[i]| <= s_j / 2 (a rounding to the nearest multiple of s_j;
+// index 0 is exact), and a group holds g / 4 chunks per plane, so per output element
+//   |y - y_ref| <= sum_j (s_j / 2) (g / 4) sum_p |alpha_pj|  +  float32 rounding,
+// with s_j <= 4 max_{k in j} |x_k| / 127. The float32 rounding is that of a K-term dot product
+// (FP32_REORDER_LONG in tests/tolerances.py). tests/test_cpu_i8lut.py checks this bound, per
+// element, against dbgemm_ref, and the integer result against a torch emulation of the tables.
+//
+// Padded channels (k >= K) have x = 0, so their table entries are 0 whatever the bits are.
+// NaN / Inf activations: the binding recomputes such rows densely, as for the float path.
+
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "dbgemm_t16.h"
+
+namespace dbquant {
+namespace cpu {
+
+// Byte columns per int16 accumulation segment (see the overflow argument above).
+constexpr int64_t kI8SegmentCols = 128;
+
+// Byte offsets of one activation row's integer tables inside its buffer of i8lut_row_bytes(w).
+struct I8LutRow {
+  float* scale;  // [G] s_j
+  float* gsum;   // [G] sum of the group's x (written and read only with an offset)
+  int8_t* lo;    // [C8, P, 16] low-nibble tables, expanded to the weight's byte order
+  int8_t* hi;    // [C8, P, 16] high-nibble tables
+  int8_t* cpt;   // [C8, 2, 16] compact tables (the VBMI path only; shares lo's bytes)
+};
+
+// Bytes of one activation row's tables (a multiple of 64, so rows stay 64-byte aligned).
+int64_t i8lut_row_bytes(const T16Weight& w);
+// The views of row m inside buf (buf: m rows of i8lut_row_bytes(w) bytes).
+I8LutRow i8lut_row(const T16Weight& w, uint8_t* buf, int64_t m);
+
+// Tables of activation rows [m0, m1) of x (float32 [M, K], row stride K) into buf. Every path
+// performs the same float operations (the adds in the order above, an exact max, one multiply,
+// round half to even), so the tables are the same bytes whichever path built them.
+void build_i8luts(Isa isa, const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1);
+void build_i8luts_scalar(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1);
+void build_i8luts_avx2(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1);
+void build_i8luts_avx512(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1);
+void build_i8luts_avx512vbmi(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1);
+
+// y[m, n] (float32 [M, N]) for all M rows and the output rows of tiles [t0, t1), from the tables
+// in buf. Tiles are independent: callers run disjoint ranges in parallel.
+void gemm_tiles_i8(Isa isa, const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0,
+                   int64_t t1);
+
+void gemm_tiles_i8_scalar(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1);
+void gemm_tiles_i8_avx2(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1);
+void gemm_tiles_i8_avx512(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1);
+void gemm_tiles_i8_avx512vbmi(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1);
+
+// Whether the AVX-512 path uses the VBMI lookups (compact tables): only when turned on and the CPU
+// has AVX-512 VBMI (auto = off, as measured). force_i8lut_vbmi(0 / 1 / -1: off / on where supported /
+// back to auto) returns the previous setting; build and lookups must see the same setting (tests
+// switch it between calls, never during one).
+bool i8lut_vbmi();
+int force_i8lut_vbmi(int mode);
+
+// gsum_j: the in-order float sum of x over group j (channels < K); read only with an offset.
+float group_sum(const float* xr, int64_t K, int64_t j, int64_t g);
+
+// Which table the decode GEMV uses when the caller leaves the choice to us ("auto").
+enum class LutKind : int { Float = 0, Int8 = 1 };
+// The measured choice per ISA path (kI8LutDefault in dbgemm_i8lut.cpp, docs/RESULTS.md), unless
+// one is forced: by the environment variable DBQUANT_CPU_LUT=float|int8 (read at first use), or
+// later by force_lut.
+LutKind default_lut(Isa isa);
+// Force kind (int(LutKind)), or -1 to go back to the measured choice, for the whole process;
+// returns the previous setting (-1, 0 or 1). For tests and benchmarks.
+int force_lut(int kind);
+
+}  // namespace cpu
+}  // namespace dbquant

@@ -1,0 +1,173 @@
+// AVX2 path of the integer lookup-table kernel (dbgemm_i8lut.h for tables, order and bound): the
+// AVX-512 path's scheme (dbgemm_i8lut_avx512.cpp) with 2 units per ymm (vpshufb looks up within
+// each 128-bit lane, which is exactly one unit's 16-byte table). Unit i of a segment belongs to
+// plane i % P, so with P = 3 or 4 the plane of a lane depends on the ymm's phase v mod P / 2.
+// Compiled for AVX2 + FMA + F16C by the pragma below; only called after a run-time check.
+
+#pragma GCC target("avx2,fma,f16c")
+
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "dbgemm_i8lut.h"
+
+namespace dbquant {
+namespace cpu {
+
+namespace {
+
+constexpr int gcd_c(int a, int b) { return b ? gcd_c(b, a % b) : a; }
+
+inline void unit_xmm(const uint8_t* wb, const int8_t* tl, const int8_t* th, __m128i& a0, __m128i& a1) {
+  const __m128i m4 = _mm_set1_epi8(15), ones = _mm_set1_epi8(1);
+  const __m128i b = _mm_loadu_si128((const __m128i*)wb);
+  const __m128i vl = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)tl), _mm_and_si128(b, m4));
+  const __m128i vh = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)th), _mm_and_si128(_mm_srli_epi16(b, 4), m4));
+  a0 = _mm_add_epi16(a0, _mm_maddubs_epi16(ones, _mm_unpacklo_epi8(vl, vh)));
+  a1 = _mm_add_epi16(a1, _mm_maddubs_epi16(ones, _mm_unpackhi_epi8(vl, vh)));
+}
+
+// y (rows 0..7 in y0, 8..15 in y1) of one tile and activation row.
+template <int P>
+inline void tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* tp, const uint16_t* ts,
+                     const uint16_t* to, __m256& y0, __m256& y1) {
+  constexpr int W = 2, NPH = P / gcd_c(W, P);
+  const int64_t G = w.groups(), cpg = w.group_size / 8;
+  const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi8(1);
+  y0 = y1 = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i S[P][2];
+    for (int p = 0; p < P; ++p) S[p][0] = S[p][1] = _mm256_setzero_si256();
+    for (int64_t c0 = g * cpg; c0 < (g + 1) * cpg; c0 += kI8SegmentCols) {
+      const int64_t c1 = std::min((g + 1) * cpg, c0 + kI8SegmentCols), n = (c1 - c0) * P, off0 = c0 * P * kTile;
+      const uint8_t* wb = tp + off0;
+      const int8_t* tl = row.lo + off0;
+      const int8_t* th = row.hi + off0;
+      __m256i acc[NPH][2];
+      for (int v = 0; v < NPH; ++v) acc[v][0] = acc[v][1] = _mm256_setzero_si256();
+      int64_t i = 0;
+      for (; i + W * NPH <= n; i += W * NPH) {
+        for (int v = 0; v < NPH; ++v) {
+          const int64_t o = (i + W * v) * kTile;
+          const __m256i b = _mm256_loadu_si256((const __m256i*)(wb + o));
+          const __m256i vl = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(tl + o)), _mm256_and_si256(b, m4));
+          const __m256i vh = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(th + o)),
+                                                 _mm256_and_si256(_mm256_srli_epi16(b, 4), m4));
+          acc[v][0] = _mm256_add_epi16(acc[v][0], _mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(vl, vh)));
+          acc[v][1] = _mm256_add_epi16(acc[v][1], _mm256_maddubs_epi16(ones, _mm256_unpackhi_epi8(vl, vh)));
+        }
+      }
+      __m128i ps[P][2];
+      for (int p = 0; p < P; ++p) ps[p][0] = ps[p][1] = _mm_setzero_si128();
+      for (; i < n; ++i) unit_xmm(wb + i * kTile, tl + i * kTile, th + i * kTile, ps[i % P][0], ps[i % P][1]);
+      for (int v = 0; v < NPH; ++v)
+        for (int h = 0; h < 2; ++h) {
+          const __m128i L[W] = {_mm256_castsi256_si128(acc[v][h]), _mm256_extracti128_si256(acc[v][h], 1)};
+          for (int j = 0; j < W; ++j) ps[(W * v + j) % P][h] = _mm_add_epi16(ps[(W * v + j) % P][h], L[j]);
+        }
+      for (int p = 0; p < P; ++p)
+        for (int h = 0; h < 2; ++h) S[p][h] = _mm256_add_epi32(S[p][h], _mm256_cvtepi16_epi32(ps[p][h]));
+    }
+    const __m256 s = _mm256_set1_ps(row.scale[g]);
+    for (int p = 0; p < P; ++p) {
+      const uint16_t* a = ts + (g * P + p) * kTile;
+      y0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)a)), _mm256_mul_ps(_mm256_cvtepi32_ps(S[p][0]), s), y0);
+      y1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(a + 8))),
+                           _mm256_mul_ps(_mm256_cvtepi32_ps(S[p][1]), s), y1);
+    }
+    if (to) {
+      const __m256 gs = _mm256_set1_ps(row.gsum[g]);
+      y0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(to + g * kTile))), gs, y0);
+      y1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(to + g * kTile + 8))), gs, y1);
+    }
+  }
+}
+
+template <int P>
+void tiles(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1) {
+  const int64_t G = w.groups(), C8 = w.kp() / 8;
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* tp = w.planes + t * C8 * P * kTile;
+    const uint16_t* ts = w.scales + t * G * P * kTile;
+    const uint16_t* to = w.offset ? w.offset + t * G * kTile : nullptr;
+    const int64_t n0 = t * kTile;
+    const int rows = int(std::min<int64_t>(kTile, w.N - n0));
+    for (int64_t m = 0; m < M; ++m) {
+      __m256 y0, y1;
+      tile_row<P>(w, i8lut_row(w, const_cast<uint8_t*>(buf), m), tp, ts, to, y0, y1);
+      alignas(32) float out[kTile];
+      _mm256_store_ps(out, y0);
+      _mm256_store_ps(out + 8, y1);
+      float* yr = y + m * w.N + n0;
+      for (int r = 0; r < rows; ++r) yr[r] = w.bias ? out[r] + w.bias[n0 + r] : out[r];
+    }
+  }
+}
+
+// Entries 0..7 (lo) and 8..15 (hi) of chunk q's float partial sums, in the scalar build's order:
+// lane i adds x[4q + j] when bit j of i is set (adding +0 elsewhere leaves a sum unchanged).
+inline void chunk_table(const float* xr, int64_t K, int64_t q, __m256& lo, __m256& hi) {
+  float v[4];
+  for (int j = 0; j < 4; ++j) v[j] = 4 * q + j < K ? xr[4 * q + j] : 0.0f;
+  const __m256 z = _mm256_setzero_ps();
+  lo = _mm256_add_ps(z, _mm256_blend_ps(z, _mm256_set1_ps(v[0]), 0xAA));
+  lo = _mm256_add_ps(lo, _mm256_blend_ps(z, _mm256_set1_ps(v[1]), 0xCC));
+  lo = _mm256_add_ps(lo, _mm256_blend_ps(z, _mm256_set1_ps(v[2]), 0xF0));
+  hi = _mm256_add_ps(lo, _mm256_set1_ps(v[3]));
+}
+
+// 16 int8 of round_half_even(lo * inv), round_half_even(hi * inv) (|.| <= 127 by construction).
+inline __m128i quantize16(__m256 lo, __m256 hi, __m256 inv) {
+  const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(lo, inv)), b = _mm256_cvtps_epi32(_mm256_mul_ps(hi, inv));
+  const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), _MM_SHUFFLE(3, 1, 2, 0));
+  return _mm_packs_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
+}
+
+}  // namespace
+
+void build_i8luts_avx2(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1) {
+  const int64_t K = w.K, G = w.groups(), g = w.group_size, P = w.P;
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = x + m * K;
+    const I8LutRow row = i8lut_row(w, buf, m);
+    for (int64_t j = 0; j < G; ++j) {
+      __m256 vmax = _mm256_setzero_ps(), lo, hi;
+      for (int64_t q = j * g / 4; q < (j + 1) * g / 4; ++q) {
+        chunk_table(xr, K, q, lo, hi);
+        vmax = _mm256_max_ps(vmax, _mm256_max_ps(_mm256_and_ps(lo, absmask), _mm256_and_ps(hi, absmask)));
+      }
+      alignas(32) float mv[8];
+      _mm256_store_ps(mv, vmax);
+      float mx = 0.0f;
+      for (float v : mv) mx = std::max(mx, v);
+      const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
+      row.scale[j] = mx / 127.0f;
+      if (w.offset) row.gsum[j] = group_sum(xr, K, j, g);
+      const __m256 vinv = _mm256_set1_ps(inv);
+      for (int64_t c = j * g / 8; c < (j + 1) * g / 8; ++c) {
+        chunk_table(xr, K, 2 * c, lo, hi);
+        const __m128i tl = quantize16(lo, hi, vinv);
+        chunk_table(xr, K, 2 * c + 1, lo, hi);
+        const __m128i th = quantize16(lo, hi, vinv);
+        for (int64_t p = 0; p < P; ++p) {
+          _mm_storeu_si128((__m128i*)(row.lo + (c * P + p) * kTile), tl);
+          _mm_storeu_si128((__m128i*)(row.hi + (c * P + p) * kTile), th);
+        }
+      }
+    }
+  }
+}
+
+void gemm_tiles_i8_avx2(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1) {
+  switch (w.P) {
+    case 1: return tiles<1>(w, buf, M, y, t0, t1);
+    case 2: return tiles<2>(w, buf, M, y, t0, t1);
+    case 3: return tiles<3>(w, buf, M, y, t0, t1);
+    default: return tiles<4>(w, buf, M, y, t0, t1);
+  }
+}
+
+}  // namespace cpu
+}  // namespace dbquant

@@ -1,0 +1,23 @@
+// AVX-512F/BW path of the integer lookup-table kernel: dbgemm_i8lut_avx512_impl.h with vpshufb on
+// tables expanded to the weight's byte order. Compiled for AVX-512F/BW + F16C + FMA by the pragma
+// below; only called after a run-time check.
+
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define I8_NS i8_avx512
+#define I8_VBMI 0
+#include "dbgemm_i8lut_avx512_impl.h"
+
+namespace dbquant {
+namespace cpu {
+
+void build_i8luts_avx512(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1) {
+  i8_avx512::build_rows(w, x, buf, m0, m1);
+}
+
+void gemm_tiles_i8_avx512(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1) {
+  i8_avx512::gemm_rows(w, buf, M, y, t0, t1);
+}
+
+}  // namespace cpu
+}  // namespace dbquant

@@ -1,0 +1,234 @@
+// The AVX-512 paths of the integer lookup-table kernel (dbgemm_i8lut.h for tables, order and bound),
+// included by two translation units, each compiled for its ISA by its own pragma:
+//   dbgemm_i8lut_avx512.cpp      (AVX-512F/BW)   I8_VBMI 0: tables expanded to the weight's byte
+//                                order, looked up in-lane by vpshufb zmm;
+//   dbgemm_i8lut_avx512vbmi.cpp  (+ AVX-512VBMI) I8_VBMI 1: compact tables, 32 bytes per byte column
+//                                (the low-nibble table, then the high-nibble one), looked up across
+//                                lanes by vpermb (a zmm spanning <= 2 columns, P >= 2) or vpermi2b
+//                                (4 columns, P = 1), the column of each lane added to the nibble.
+// Everything else (accumulation, reduction, scaling) is the same code, so both give the scalar
+// path's results bit for bit.
+// One zmm holds 4 consecutive 16-byte units (c, p) of a tile's weight bytes, i.e. 64 lookups per
+// instruction. Unit i of a segment (relative to its first byte column) belongs to plane i % P; lane
+// j of the v-th zmm of a step is unit 4v + j, so with P = 3 the plane of a lane depends on v mod 3
+// and the step covers 3 zmm (4 byte columns) with one int16 accumulator per phase v.
+// Needs I8_NS (the namespace of this copy) and I8_VBMI defined before inclusion.
+
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "dbgemm_i8lut.h"
+
+namespace dbquant {
+namespace cpu {
+namespace I8_NS {
+
+constexpr int gcd_c(int a, int b) { return b ? gcd_c(b, a % b) : a; }
+
+// One unit (16 rows of one byte column and plane) on xmm: a0 += rows 0..7, a1 += rows 8..15, from
+// its 16-byte low- and high-nibble tables tl, th.
+inline void unit_xmm(const uint8_t* wb, const int8_t* tl, const int8_t* th, __m128i& a0, __m128i& a1) {
+  const __m128i m4 = _mm_set1_epi8(15), ones = _mm_set1_epi8(1);
+  const __m128i b = _mm_loadu_si128((const __m128i*)wb);
+  const __m128i vl = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)tl), _mm_and_si128(b, m4));
+  const __m128i vh = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)th), _mm_and_si128(_mm_srli_epi16(b, 4), m4));
+  a0 = _mm_add_epi16(a0, _mm_maddubs_epi16(ones, _mm_unpacklo_epi8(vl, vh)));
+  a1 = _mm_add_epi16(a1, _mm_maddubs_epi16(ones, _mm_unpackhi_epi8(vl, vh)));
+}
+
+#if I8_VBMI
+// Byte column (relative to the zmm's first) of each lane of the v-th zmm of a step, times 32: the
+// offset of that column's tables in the compact row.
+template <int P>
+inline __m512i lane_base(int v) {
+  int b[4];
+  for (int j = 0; j < 4; ++j) b[j] = 32 * ((4 * v + j) / P - (4 * v) / P);
+  return _mm512_setr_epi32(b[0] * 0x01010101, b[0] * 0x01010101, b[0] * 0x01010101, b[0] * 0x01010101,
+                           b[1] * 0x01010101, b[1] * 0x01010101, b[1] * 0x01010101, b[1] * 0x01010101,
+                           b[2] * 0x01010101, b[2] * 0x01010101, b[2] * 0x01010101, b[2] * 0x01010101,
+                           b[3] * 0x01010101, b[3] * 0x01010101, b[3] * 0x01010101, b[3] * 0x01010101);
+}
+#endif
+
+template <int P>
+inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* tp, const uint16_t* ts,
+                       const uint16_t* to) {
+  constexpr int W = 4, NPH = P / gcd_c(W, P);  // lanes per zmm; accumulator phases
+  const int64_t G = w.groups(), cpg = w.group_size / 8;
+  const __m512i m4 = _mm512_set1_epi8(15), ones = _mm512_set1_epi8(1);
+#if I8_VBMI
+  __m512i blo[NPH], bhi[NPH];
+  for (int v = 0; v < NPH; ++v) {
+    blo[v] = lane_base<P>(v);
+    bhi[v] = _mm512_add_epi8(blo[v], _mm512_set1_epi8(16));
+  }
+#endif
+  __m512 y = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i S[P];
+    for (int p = 0; p < P; ++p) S[p] = _mm512_setzero_si512();
+    for (int64_t c0 = g * cpg; c0 < (g + 1) * cpg; c0 += kI8SegmentCols) {
+      const int64_t c1 = std::min((g + 1) * cpg, c0 + kI8SegmentCols), n = (c1 - c0) * P, off0 = c0 * P * kTile;
+      const uint8_t* wb = tp + off0;
+      __m512i acc[NPH][2];
+      for (int v = 0; v < NPH; ++v) acc[v][0] = acc[v][1] = _mm512_setzero_si512();
+      int64_t i = 0;
+      for (; i + W * NPH <= n; i += W * NPH) {
+        for (int v = 0; v < NPH; ++v) {
+          const int64_t o = (i + W * v) * kTile;
+          const __m512i b = _mm512_loadu_si512(wb + o);
+#if I8_VBMI
+          // 0xEA: (b & m4) | base, the lane's column offset added to its nibble
+          const int8_t* t = row.cpt + (c0 + (i + W * v) / P) * 32;
+          const __m512i il = _mm512_ternarylogic_epi32(b, m4, blo[v], 0xEA);
+          const __m512i ih = _mm512_ternarylogic_epi32(_mm512_srli_epi16(b, 4), m4, bhi[v], 0xEA);
+          __m512i vl, vh;
+          if constexpr (P == 1) {  // 4 columns, 128 bytes of tables
+            const __m512i t0 = _mm512_loadu_si512(t), t1 = _mm512_loadu_si512(t + 64);
+            vl = _mm512_permutex2var_epi8(t0, il, t1);
+            vh = _mm512_permutex2var_epi8(t0, ih, t1);
+          } else {  // at most 2 columns, 64 bytes
+            const __m512i t0 = _mm512_loadu_si512(t);
+            vl = _mm512_permutexvar_epi8(il, t0);
+            vh = _mm512_permutexvar_epi8(ih, t0);
+          }
+#else
+          const __m512i vl = _mm512_shuffle_epi8(_mm512_loadu_si512(row.lo + off0 + o), _mm512_and_si512(b, m4));
+          const __m512i vh =
+              _mm512_shuffle_epi8(_mm512_loadu_si512(row.hi + off0 + o), _mm512_and_si512(_mm512_srli_epi16(b, 4), m4));
+#endif
+          acc[v][0] = _mm512_add_epi16(acc[v][0], _mm512_maddubs_epi16(ones, _mm512_unpacklo_epi8(vl, vh)));
+          acc[v][1] = _mm512_add_epi16(acc[v][1], _mm512_maddubs_epi16(ones, _mm512_unpackhi_epi8(vl, vh)));
+        }
+      }
+      const int64_t n0_main = i;  // units done by the zmm loop; the rest (a short group's tail) on xmm
+      __m128i ps[P][2];  // per plane: int16 sums of rows 0..7, 8..15
+      for (int p = 0; p < P; ++p) ps[p][0] = ps[p][1] = _mm_setzero_si128();
+      for (; i < n; ++i) {
+#if I8_VBMI
+        const int8_t* t = row.cpt + (c0 + i / P) * 32;
+        unit_xmm(wb + i * kTile, t, t + 16, ps[i % P][0], ps[i % P][1]);
+#else
+        unit_xmm(wb + i * kTile, row.lo + off0 + i * kTile, row.hi + off0 + i * kTile, ps[i % P][0], ps[i % P][1]);
+#endif
+      }
+      if constexpr (W % P != 0)
+      for (int v = 0; v < NPH; ++v)
+        for (int h = 0; h < 2; ++h) {
+          const __m128i L[W] = {_mm512_castsi512_si128(acc[v][h]), _mm512_extracti32x4_epi32(acc[v][h], 1),
+                                _mm512_extracti32x4_epi32(acc[v][h], 2), _mm512_extracti32x4_epi32(acc[v][h], 3)};
+          for (int j = 0; j < W; ++j) ps[(W * v + j) % P][h] = _mm_add_epi16(ps[(W * v + j) % P][h], L[j]);
+        }
+      if constexpr (W % P == 0) {
+        // lane j holds plane j % P: fold the lanes of one plane together (P = 1, 2), then
+        // pair each plane's rows 0..7 (acc[0][0]) with its rows 8..15 (acc[0][1])
+        __m512i a0 = acc[0][0], a1 = acc[0][1];
+        if (P <= 2) {
+          a0 = _mm512_add_epi16(a0, _mm512_shuffle_i64x2(a0, a0, _MM_SHUFFLE(1, 0, 3, 2)));
+          a1 = _mm512_add_epi16(a1, _mm512_shuffle_i64x2(a1, a1, _MM_SHUFFLE(1, 0, 3, 2)));
+        }
+        if (P == 1) {
+          a0 = _mm512_add_epi16(a0, _mm512_shuffle_i64x2(a0, a0, _MM_SHUFFLE(2, 3, 0, 1)));
+          a1 = _mm512_add_epi16(a1, _mm512_shuffle_i64x2(a1, a1, _MM_SHUFFLE(2, 3, 0, 1)));
+        }
+        const __m512i z01 = _mm512_permutex2var_epi64(a0, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), a1);
+        S[0] = _mm512_add_epi32(S[0], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(z01)));
+        if (P >= 2) S[1 % P] = _mm512_add_epi32(S[1 % P], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(z01, 1)));
+        if (P == 4) {
+          const __m512i z23 = _mm512_permutex2var_epi64(a0, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), a1);
+          S[2 % P] = _mm512_add_epi32(S[2 % P], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(z23)));
+          S[3 % P] = _mm512_add_epi32(S[3 % P], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(z23, 1)));
+        }
+      }
+      if (W % P != 0 || i > n0_main) {
+        for (int p = 0; p < P; ++p)
+          S[p] = _mm512_add_epi32(S[p], _mm512_cvtepi16_epi32(_mm256_set_m128i(ps[p][1], ps[p][0])));
+      }
+    }
+    const __m512 s = _mm512_set1_ps(row.scale[g]);
+    for (int p = 0; p < P; ++p) {
+      const __m512 a = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ts + (g * P + p) * kTile)));
+      y = _mm512_fmadd_ps(a, _mm512_mul_ps(_mm512_cvtepi32_ps(S[p]), s), y);
+    }
+    if (to) {
+      const __m512 beta = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(to + g * kTile)));
+      y = _mm512_fmadd_ps(beta, _mm512_set1_ps(row.gsum[g]), y);
+    }
+  }
+  return y;
+}
+
+template <int P>
+void tiles(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1) {
+  const int64_t G = w.groups(), C8 = w.kp() / 8;
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* tp = w.planes + t * C8 * P * kTile;
+    const uint16_t* ts = w.scales + t * G * P * kTile;
+    const uint16_t* to = w.offset ? w.offset + t * G * kTile : nullptr;
+    const int64_t n0 = t * kTile;
+    const int rows = int(std::min<int64_t>(kTile, w.N - n0));
+    const __mmask16 keep = rows == kTile ? __mmask16(0xffff) : __mmask16((1u << rows) - 1);
+    for (int64_t m = 0; m < M; ++m) {
+      __m512 v = tile_row<P>(w, i8lut_row(w, const_cast<uint8_t*>(buf), m), tp, ts, to);
+      if (w.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(keep, w.bias + n0));
+      _mm512_mask_storeu_ps(y + m * w.N + n0, keep, v);
+    }
+  }
+}
+
+// The 16 float partial sums of chunk q (dbgemm_i8lut.h), in the scalar build's order: lane i adds
+// x[4q + j] when bit j of i is set.
+inline __m512 chunk_table(const float* xr, int64_t K, int64_t q) {
+  const __mmask16 bit[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};
+  __m512 t = _mm512_setzero_ps();
+  for (int j = 0; j < 4; ++j) {
+    const float v = 4 * q + j < K ? xr[4 * q + j] : 0.0f;
+    t = _mm512_mask_add_ps(t, bit[j], t, _mm512_set1_ps(v));
+  }
+  return t;
+}
+
+inline void build_rows(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1) {
+  const int64_t K = w.K, G = w.groups(), g = w.group_size, P = w.P;
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = x + m * K;
+    const I8LutRow row = i8lut_row(w, buf, m);
+    for (int64_t j = 0; j < G; ++j) {
+      __m512 vmax = _mm512_setzero_ps();
+      for (int64_t q = j * g / 4; q < (j + 1) * g / 4; ++q) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(chunk_table(xr, K, q)));
+      const float mx = _mm512_reduce_max_ps(vmax);
+      const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
+      row.scale[j] = mx / 127.0f;
+      if (w.offset) row.gsum[j] = group_sum(xr, K, j, g);
+      const __m512 vinv = _mm512_set1_ps(inv);
+      for (int64_t c = j * g / 8; c < (j + 1) * g / 8; ++c) {
+        // vcvtps2dq rounds half to even (the default MXCSR mode), as nearbyint does in the scalar build
+        const __m128i lo = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(chunk_table(xr, K, 2 * c), vinv)));
+        const __m128i hi = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(chunk_table(xr, K, 2 * c + 1), vinv)));
+#if I8_VBMI
+        _mm_storeu_si128((__m128i*)(row.cpt + c * 32), lo);
+        _mm_storeu_si128((__m128i*)(row.cpt + c * 32 + 16), hi);
+#else
+        for (int64_t p = 0; p < P; ++p) {
+          _mm_storeu_si128((__m128i*)(row.lo + (c * P + p) * kTile), lo);
+          _mm_storeu_si128((__m128i*)(row.hi + (c * P + p) * kTile), hi);
+        }
+#endif
+      }
+    }
+  }
+}
+
+inline void gemm_rows(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1) {
+  switch (w.P) {
+    case 1: return tiles<1>(w, buf, M, y, t0, t1);
+    case 2: return tiles<2>(w, buf, M, y, t0, t1);
+    case 3: return tiles<3>(w, buf, M, y, t0, t1);
+    default: return tiles<4>(w, buf, M, y, t0, t1);
+  }
+}
+
+}  // namespace I8_NS
+}  // namespace cpu
+}  // namespace dbquant

@@ -1,0 +1,42 @@
+// Portable scalar path of the integer lookup-table kernel (dbgemm_i8lut.h): the readable
+// statement of the integer sums and float operations the SIMD paths reproduce lane by lane.
+
+#include <cmath>
+
+#include "dbgemm_i8lut.h"
+
+namespace dbquant {
+namespace cpu {
+
+void gemm_tiles_i8_scalar(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1) {
+  const int64_t G = w.groups(), C8 = w.kp() / 8, cpg = w.group_size / 8, P = w.P;
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* tp = w.planes + t * C8 * P * kTile;
+    const uint16_t* ts = w.scales + t * G * P * kTile;
+    const uint16_t* to = w.offset ? w.offset + t * G * kTile : nullptr;
+    const int64_t n0 = t * kTile;
+    const int rows = int(w.N - n0 < kTile ? w.N - n0 : kTile);
+    for (int64_t m = 0; m < M; ++m) {
+      const I8LutRow row = i8lut_row(w, const_cast<uint8_t*>(buf), m);
+      float acc[kTile] = {};
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t p = 0; p < P; ++p) {
+          int32_t S[kTile] = {};  // exact: the SIMD paths' int16 segments widen before they could overflow
+          for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+            const int64_t u = (c * P + p) * kTile;
+            for (int r = 0; r < kTile; ++r) S[r] += row.lo[u + (tp[u + r] & 15)] + row.hi[u + (tp[u + r] >> 4)];
+          }
+          const uint16_t* a = ts + (g * P + p) * kTile;
+          for (int r = 0; r < kTile; ++r) acc[r] = std::fma(half_to_float(a[r]), float(S[r]) * row.scale[g], acc[r]);
+        }
+        if (to)
+          for (int r = 0; r < kTile; ++r) acc[r] = std::fma(half_to_float(to[g * kTile + r]), row.gsum[g], acc[r]);
+      }
+      float* yr = y + m * w.N + n0;
+      for (int r = 0; r < rows; ++r) yr[r] = w.bias ? acc[r] + w.bias[n0 + r] : acc[r];
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace dbquant

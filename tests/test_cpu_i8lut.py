@@ -1,0 +1,213 @@
+"""The integer lookup-table GEMV (csrc/cpu/dbgemm_i8lut.h, ``run_cpu(..., lut="int8")``).
+
+Each ISA path is forced and checked three ways: against a torch emulation of the int8 tables
+(``dbgemm_i8lut_ref``: the same integers, so only float32 summation order differs), against the
+``ref`` oracle within the header's stated error bound (``i8lut_error_bound``), and against the
+scalar path bit for bit (the header promises the same operations in the same order).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from dbquant.backends import cpu as cpu_backend
+from dbquant.backends.checks import KernelInputError
+from dbquant.backends.reference import dbgemm_i8lut_ref, dbgemm_ref, i8lut_error_bound
+from tests.test_cpu_kernel import prepared
+from tests.tolerances import FP32_REORDER_LONG
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    HAVE_NATIVE = cpu_backend.load_cpu()
+
+pytestmark = pytest.mark.skipif(not HAVE_NATIVE, reason="dbquant._C (C++ CPU kernel) is not built")
+ISAS = list(torch.ops.dbquant.cpu_isas()) if HAVE_NATIVE else []
+
+
+def _has_vbmi() -> bool:
+    torch.ops.dbquant.cpu_i8lut_lookup("on")  # takes effect only where the CPU has VBMI
+    got = torch.ops.dbquant.cpu_i8lut_lookup("auto")
+    return got == "vbmi"
+
+
+# (isa, AVX-512 lookup): every path this CPU runs; AVX-512 both with vpshufb ("bw") and, on a VBMI
+# CPU, with vpermb / vpermi2b on compact tables ("vbmi")
+PATHS = [(i, "bw" if i == "avx512" else None) for i in ISAS] + ([("avx512", "vbmi")] if HAVE_NATIVE and _has_vbmi() else [])
+
+
+def run_path(x, w, b, path):
+    """run_cpu with the int8 tables on one path (the AVX-512 lookup set for the call, then auto again)."""
+    isa, lookup = path
+    if lookup:
+        torch.ops.dbquant.cpu_i8lut_lookup("on" if lookup == "vbmi" else "off")
+    try:
+        return cpu_backend.run_cpu(x, w, b, isa, lut="int8")
+    finally:
+        torch.ops.dbquant.cpu_i8lut_lookup("auto")
+
+
+def check_all_isas(x, w, b, canon, k, g):
+    """Run every ISA path with the int8 tables; check emulation, bound and cross-ISA identity."""
+    emu = dbgemm_i8lut_ref(x, *canon, b, k, g)
+    ref = dbgemm_ref(x, *canon, b, k, g)
+    scale = ref.abs().max().clamp_min(1.0).item()
+    # the bound is on exact arithmetic; both sides also carry float32 rounding of K-term sums
+    bound = i8lut_error_bound(x, canon[1], k, g) + 2 * FP32_REORDER_LONG * scale
+    ys = {path: run_path(x, w, b, path) for path in PATHS}
+    for isa, y in ys.items():
+        assert y.shape == ref.shape and y.dtype == torch.float32, isa
+        torch.testing.assert_close(y, emu, rtol=FP32_REORDER_LONG, atol=FP32_REORDER_LONG * scale, msg=isa)
+        excess = ((y - ref).abs() - bound).max().item()
+        assert excess <= 0, f"{isa}: |y - ref| exceeds the stated bound by {excess}"
+        assert torch.equal(y, ys[("scalar", None)]), f"{isa} differs from scalar"
+    return ys[("scalar", None)], ref
+
+
+@pytest.mark.parametrize("planes", [1, 2, 3, 4])
+@pytest.mark.parametrize("m", [1, 2, 3, 17, 64])
+@pytest.mark.parametrize("k,g", [(24, 8), (100, 32), (200, 64), (576, 128), (1000, 64), (72, 24)])
+def test_every_isa_against_ref_within_bound(k, g, m, planes):
+    """Odd N and K (K not a multiple of the group: the format pads Kp = ceil(K / g) g with zero
+    bits), groups that leave the SIMD loops a tail of single units, every plane count, M up to 64."""
+    for n, offset, bias in itertools.product([1, 7, 33], [False, True], [False, True]):
+        w, b, canon = prepared(n, k, g, offset, bias, seed=k + g + n + planes, planes=planes)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k + planes))
+        check_all_isas(x, w, b, canon, k, g)
+
+
+def test_error_is_small_next_to_the_output():
+    """Not only within the bound: on Gaussian activations the int8 tables keep the output's
+    relative error well under 1% (a loose guard that the tables are not degenerate)."""
+    w, b, canon = prepared(256, 576, 64, True, False, seed=3, planes=2)
+    x = torch.randn(1, 576, generator=torch.Generator().manual_seed(4))
+    y, ref = check_all_isas(x, w, b, canon, 576, 64)
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("planes", [1, 2, 3, 4])
+def test_large_group_widens_before_int16_overflows(planes):
+    """A group of 2048 channels with every bit set and equal activations: each lookup is +127, so
+    one plane's group sum (512 lookups, 65024) overflows int16 unless the kernel widens every
+    kI8SegmentCols columns as its header says."""
+    k = g = 2048
+    w, b, canon = prepared(16, k, g, False, False, seed=1, planes=planes)
+    canon = (torch.full_like(canon[0], 255), canon[1], None)
+    w = cpu_backend.prepare_cpu(canon[0], canon[1], None, k, g)
+    x = torch.ones(1, k)
+    y, ref = check_all_isas(x, w, None, canon, k, g)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-3)
+
+
+def test_thread_count_does_not_change_result():
+    w, b, canon = prepared(1536, 576, 64, True, True, seed=6)
+    x = torch.randn(1, 576)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = cpu_backend.run_cpu(x, w, b, lut="int8")
+        torch.set_num_threads(max(2, old))
+        y2 = cpu_backend.run_cpu(x, w, b, lut="int8")
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(y1, y2)  # tables built once, each tile by one thread
+
+
+def test_zero_and_nonfinite_rows():
+    """An all-zero row gives zero scales (no division by zero); a NaN row comes out NaN as in ref."""
+    w, b, canon = prepared(33, 100, 32, True, True, seed=5)
+    x = torch.randn(3, 100)
+    x[0] = 0
+    x[2, 7] = float("nan")
+    for isa in PATHS:
+        y = run_path(x, w, b, isa)
+        torch.testing.assert_close(y[0], b)
+        assert torch.isnan(y[2]).all() and torch.isfinite(y[:2]).all(), isa
+
+
+def test_unknown_lut_is_refused():
+    w, b, _ = prepared(7, 24, 8, False, False)
+    with pytest.raises(KernelInputError, match="lut must be one of"):
+        cpu_backend.run_cpu(torch.randn(1, 24), w, b, lut="int4")
+    with pytest.raises(RuntimeError, match="unknown lut 'int4'"):
+        torch.ops.dbquant.dbgemm_cpu(torch.randn(1, 24), w.planes, w.scales, None, None, 7, 24, 8, "auto", "int4")
+
+
+_ENV_PROBE = """
+import torch
+from dbquant.backends import cpu
+from tests.test_cpu_kernel import prepared
+w, b, _ = prepared(33, 200, 64, True, True, seed=2)
+x = torch.randn(1, 200, generator=torch.Generator().manual_seed(0))
+auto = cpu.run_cpu(x, w, b)
+print(torch.equal(auto, cpu.run_cpu(x, w, b, lut="int8")), torch.equal(auto, cpu.run_cpu(x, w, b, lut="float")))
+"""
+
+
+@pytest.mark.parametrize("kind,expect", [("int8", "True False"), ("float", "False True")])
+def test_env_var_forces_the_auto_choice(kind, expect):
+    """DBQUANT_CPU_LUT (read once per process, hence a child process) decides lut="auto" at M = 1."""
+    env = dict(os.environ, DBQUANT_CPU_LUT=kind, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", _ENV_PROBE], env=env, capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip().splitlines()[-1] == expect
+
+
+@pytest.mark.parametrize("offset,bias", [(False, False), (True, True)])
+def test_decode_layer_with_int8_tables_matches_the_emulated_step(monkeypatch, offset, bias):
+    """The fused decode op with the integer tables forced computes decode_layer_ref whose
+    projections are the tables' emulation (dbgemm_i8lut_ref): the same integers, so only float
+    rounding differs; caches included."""
+    from dbquant.backends import reference, registry
+    from dbquant.backends.t16 import canonical
+    from tests.test_native_ops import close, make_layer
+
+    def project_i8(p, x):
+        w = p.weight
+        return dbgemm_i8lut_ref(x, *canonical(w), p.bias, w.in_features, w.group_size)
+
+    monkeypatch.setattr(reference, "_project", project_i8)
+    h, hq, hk, d, inter, g = 40, 5, 1, 8, 23, 16
+    layer = make_layer(h, hq, hk, d, inter, g, offset, bias, seed=3)
+    gen = torch.Generator().manual_seed(7)
+    angles = torch.rand(6, d // 2, generator=gen) * 3
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    caches = {b: [torch.zeros(1, hk, 6, d) for _ in range(2)] for b in ("ref", "cpu")}
+    with cpu_backend.forced_lut("int8"):
+        assert cpu_backend.default_lut() == "int8"
+        prepared_layer = cpu_backend.prepare_decode_layer(layer)
+        for pos in range(4):
+            x = torch.randn(1, h, generator=gen)
+            xs = {b: x.clone() for b in caches}
+            registry.get("decode_layer", "ref")(xs["ref"], layer, cos[pos], sin[pos], *caches["ref"], pos)
+            registry.get("decode_layer", "cpu").run(xs["cpu"], prepared_layer, cos[pos], sin[pos], *caches["cpu"], pos)
+            close(xs["cpu"], xs["ref"])
+            for c, r in zip(caches["cpu"], caches["ref"]):
+                close(c, r)
+
+
+def test_vbmi_lookups_only_when_asked():
+    """The AVX-512 path uses vpshufb by default (measured as fast); vpermb / vpermi2b when turned
+    on on a VBMI CPU (the tests above run both)."""
+    assert torch.ops.dbquant.cpu_i8lut_lookup("query") == "bw"
+    torch.ops.dbquant.cpu_i8lut_lookup("on")
+    want = "vbmi" if ("avx512", "vbmi") in PATHS else "bw"
+    assert torch.ops.dbquant.cpu_i8lut_lookup("auto") == want
+    with pytest.raises(RuntimeError, match="unknown mode 'fast'"):
+        torch.ops.dbquant.cpu_i8lut_lookup("fast")
+
+
+def test_forced_lut_restores_the_setting():
+    before = cpu_backend.default_lut()
+    with cpu_backend.forced_lut("float"):
+        assert cpu_backend.default_lut() == "float"
+        with cpu_backend.forced_lut("int8"):
+            assert all(cpu_backend.default_lut(i) == "int8" for i in ISAS)
+        assert cpu_backend.default_lut() == "float"
+    assert cpu_backend.default_lut() == before
