@@ -61,8 +61,9 @@ def _calib_source(text: str) -> str | None:
 
 EMBED_BITS = {"8": 8, "6": 6, "4": 4, "fp16": 16, "fp32": None}  # --embed-bits -> stored table bits (None: dense)
 # What ``--embed-bits auto`` stores in memory: the smallest table within +1% wiki PPL of the fp32 one
-# on SmolLM2's fast-preset checkpoint (6 bits: folder 150 -> 58 MB; docs/RESULTS.md, quantized tables).
-AUTO_EMBED_BITS = "6"
+# on SmolLM2's fast-preset checkpoint, 32 windows: 8 bits, +0.18% (folder 150 -> 65 MB); 6 bits
+# reaches 58 MB at +2.8% (docs/RESULTS.md, quantized tables).
+AUTO_EMBED_BITS = "8"
 HEAD_BITS = ("auto", "tied", "8", "fp16", "fp32")
 
 
