@@ -141,6 +141,9 @@ def test_kernel_json_has_the_machine_and_the_stream_sizing(tmp_path, capsys):
         assert r["rotating_bytes"] >= r["stream_set_bytes"] == 1 << 20  # the copies span the whole set
         assert r["peak_bw_gbps"] >= r["bandwidth_gbps"] > 0 and r["torch_bw_gbps"] > 0
         assert r["streamed"] is (r["rotating_bytes"] >= 2 * r["l3_bytes"])
+        # related to the better of the bandwidths measured before and after the rows
+        assert r["bandwidth_gbps"] == max(r["bw_before_gbps"], r["bw_after_gbps"])
+        assert 0 < r["ms_min"] <= r["ms"] and r["gbps_best"] >= r["gbps"]
 
 
 @pytest.mark.parametrize("kv", [False, True])
