@@ -20,7 +20,8 @@ and by the older ``torch.sum`` figure for reference. ``pct_bw`` relates ``gbps``
 thread count. The bandwidth is measured before and after the rows and each row is related to the
 better figure (``bw_before_gbps``/``bw_after_gbps`` keep both). Timings are the median of repeated
 calls after warm-up (``ms``; ``ms_min``/``gbps_best`` the fastest call, less sensitive to other jobs
-on a shared machine); compare rows of one run only (the machine is shared and noisy).
+on a shared machine, with ``pct_bw_best`` relating it to the fastest read call ``peak_bw_best_gbps``);
+compare rows of one run only (the machine is shared and noisy).
 
 End-to-end rows (:func:`e2e_bench`): prefill and decode tokens/s of the fp32 model and of
 a quantized checkpoint through :class:`dbquant.runtime.decode.FastDecoder`, same prompt, same run.
@@ -85,21 +86,24 @@ def stream_bandwidth(threads: int, nbytes: int | None = None, buf: torch.Tensor 
 def read_bandwidths(threads: list[int], nbytes: int) -> dict:
     """Read bandwidth in GB/s over one buffer of ``nbytes`` (make it larger than the L3).
 
-    Returns ``{"native": {t: GB/s}, "torch": {t: GB/s}, "peak": GB/s, "source": "native"|"torch",
-    "buffer_bytes": int, "isa": str|None}``. ``native`` covers the run's thread counts and all cores
-    (``os.cpu_count()``); ``peak`` is its best figure. Without the C++ extension ``native`` holds
-    the torch figures and ``source`` says "torch".
+    Returns ``{"native": {t: GB/s}, "native_best": {t: GB/s}, "torch": {t: GB/s}, "peak": GB/s,
+    "peak_best": GB/s, "source": "native"|"torch", "buffer_bytes": int, "isa": str|None}``. ``native``
+    (median call) and ``native_best`` (fastest call) cover the run's thread counts and all cores
+    (``os.cpu_count()``); ``peak``/``peak_best`` are their best figures. Without the C++ extension
+    they hold the torch figures and ``source`` says "torch".
     """
     buf = torch.ones(max(nbytes // 4, 1))  # written once: every page is backed by its own memory
     counts = sorted(set(threads) | {os.cpu_count() or 1})
     out = {"torch": {t: stream_bandwidth(t, buf=buf) for t in threads}, "buffer_bytes": buf.numel() * 4}
     if cpu_backend.load_cpu() and hasattr(torch.ops.dbquant, "stream_read_cpu"):
-        out["native"] = {t: buf.numel() * 4 / _median_ms(lambda t=t: cpu_backend.stream_read_cpu(buf, t),
-                                                          min_time=0.5) / 1e6 for t in counts}
+        times = {t: _times_ms(lambda t=t: cpu_backend.stream_read_cpu(buf, t), min_time=0.5) for t in counts}
+        out["native"] = {t: out["buffer_bytes"] / statistics.median(v) / 1e6 for t, v in times.items()}
+        out["native_best"] = {t: out["buffer_bytes"] / min(v) / 1e6 for t, v in times.items()}
         out["source"], out["isa"] = "native", torch.ops.dbquant.cpu_isas()[0]
     else:
         out["native"], out["source"], out["isa"] = dict(out["torch"]), "torch", None
-    out["peak"] = max(out["native"].values())
+        out["native_best"] = dict(out["torch"])
+    out["peak"], out["peak_best"] = max(out["native"].values()), max(out["native_best"].values())
     return out
 
 
@@ -223,9 +227,11 @@ def kernel_bench(shapes: list[tuple[int, int]], ms: list[int], threads: list[int
     # relate every row to the better of the two figures (the stricter percentage).
     after = read_bandwidths(threads, set_bytes)
     best = {key: {t: max(bw[key][t], after[key][t]) for t in bw[key]} for key in ("native", "torch")}
-    best.update(peak=max(bw["peak"], after["peak"]), source=bw["source"])
+    best.update(peak=max(bw["peak"], after["peak"]), peak_best=max(bw["peak_best"], after["peak_best"]),
+                source=bw["source"])
     for r, gbps in zip(rows, raw_gbps):
-        r.update(_bw_fields(gbps, r["threads"], best),
+        r.update(_bw_fields(gbps, r["threads"], best), peak_bw_best_gbps=round(best["peak_best"], 3),
+                 pct_bw_best=round(100 * r["gbps_best"] / best["peak_best"], 1),
                  bw_before_gbps=round(bw["native"][r["threads"]], 3), bw_after_gbps=round(after["native"][r["threads"]], 3))
     if progress:
         progress("read bandwidth after the rows: " + ", ".join(f"{t} thr {g:.1f} GB/s" for t, g in after["native"].items())
