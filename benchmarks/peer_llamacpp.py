@@ -53,6 +53,7 @@ from pathlib import Path
 from dbquant.bench import peers
 from dbquant.bench.machine import environment
 
+
 def print_table(rows: list, header: dict) -> None:
     bi = header.get("build_info", {})
     print(f"llama.cpp peer benchmark: llama-cpp-python {header['version']} sdist, llama.cpp commit "

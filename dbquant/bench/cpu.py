@@ -25,6 +25,8 @@ compare rows of one run only (the machine is shared and noisy).
 
 End-to-end rows (:func:`e2e_bench`): prefill and decode tokens/s of the fp32 model and of
 a quantized checkpoint through :class:`dbquant.runtime.decode.FastDecoder`, same prompt, same run.
+``--peers`` adds llama.cpp's rows of the same shape (:mod:`dbquant.bench.peers`); :func:`plot_e2e`
+draws both. Every JSON stores :func:`dbquant.bench.machine.environment` (CPU, ISA flags, caches).
 """
 
 from __future__ import annotations
