@@ -271,6 +271,7 @@ def cmd_bench(a) -> int:
                 rows += bench_peers.e2e_rows(prep, peer_types, threads, prompts, a.new_tokens, a.repeats)
             except Exception as e:  # noqa: BLE001 - any failure of the tool: say it, drop nothing silently
                 raise DbquantError(f"--peers: llama-bench failed: {e}") from e
+            bench_peers.add_ratios(rows)
         for r in rows:
             print(json.dumps(r))
     else:

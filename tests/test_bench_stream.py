@@ -211,6 +211,17 @@ def e2e_fixture() -> list[dict]:
     return rows
 
 
+def test_ratios_are_against_the_fastest_llamacpp_type_at_the_same_threads():
+    rows = e2e_fixture() + [dict(engine="llama.cpp", model="Q2_K", lm_head=None, threads=1, prompt_tokens=128,
+                                 new_tokens=64, prefill_tok_s=100.0, decode_tok_s=56.0)]
+    peers.add_ratios(rows)
+    w8a8_1, w8a8_2 = rows[0], rows[3]
+    assert w8a8_1["decode_vs_llamacpp_best"] == round(70 / 56, 3)  # Q2_K is the faster decoder at 1 thread
+    assert w8a8_1["prefill_vs_llamacpp_best"] == round(300 / 380, 3)  # Q4_0 the faster prefill
+    assert w8a8_2["decode_vs_llamacpp_best"] == round(140 / 110, 3)
+    assert all("decode_vs_llamacpp_best" not in r for r in rows if r["engine"] == "llama.cpp")
+
+
 def test_plot_e2e_writes_a_png(tmp_path):
     png = tmp_path / "e.png"
     bench.plot_e2e(e2e_fixture(), str(png))
@@ -240,4 +251,5 @@ def test_peers_rows_join_the_json_and_the_plot_lands_next_to_it(tmp_path, capsys
     assert code == 0, err
     rows = json.loads(js.read_text())["rows"]
     assert sorted(r["engine"] for r in rows) == sorted(r["engine"] for r in fx)
+    assert all(r["decode_vs_llamacpp_best"] > 0 for r in rows if r["engine"] != "llama.cpp")
     assert (tmp_path / "peers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
