@@ -38,16 +38,6 @@ from dbquant.model.plan import make_plan
 from dbquant.model.sources import load_fp_model
 
 
-def cpu_flags() -> list[str]:
-    """The bf16/AMX/VNNI/AVX-512 flags of /proc/cpuinfo (what decides which autocast can be native)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
-    return sorted(f for f in flags if f.startswith(("avx512", "amx", "avx_vnni")) or "bf16" in f)
-
-
 def student_and_teachers(seq_len: int, windows: int, topk: int):
     """(FakeQuant student, windows int64 [S, T], {teacher: signal}) for SmolLM2, built once."""
     model, tok = load_fp_model("smollm2-135m")
@@ -101,7 +91,7 @@ def main() -> None:
     for row in rows:
         print(f"{row['teacher'] + '/' + row['autocast'] + '/' + row['train']:<28} {row['median']:12.1f} "
               f"{row['min']:8.1f} {row['max']:8.1f} {row['ratio_vs_first']:9.3f}")
-    env = environment() | {"cpu_flags": cpu_flags(), "native_bf16": cpu_has_native_bf16(),
+    env = environment() | {"native_bf16": cpu_has_native_bf16(),  # environment() has the ISA flags
                            "threads": torch.get_num_threads(), "loadavg_after": os.getloadavg()}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{a.json}.tmp"

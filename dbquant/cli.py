@@ -23,6 +23,7 @@ from transformers import AutoTokenizer
 
 from .bench import cpu as bench
 from .bench import kv as bench_kv
+from .bench import peers as bench_peers
 from .bench.gpu import format_table, run_gpu_bench
 from .calibration import distributed
 from .calibration.distributed import is_writer
@@ -250,6 +251,8 @@ def cmd_bench(a) -> int:
         rows = run_gpu_bench(a.backend, shapes=shapes, ms=_ints(a.m, "--m") if a.m else None,
                              group_size=a.group_size, smoke=a.smoke)
         print(format_table(rows))
+    elif a.peers and (not a.e2e or a.kv):
+        raise DbquantError("--peers adds llama.cpp's rows to --e2e DIR (without --kv)")
     elif a.e2e and a.kv:  # fast decoder, float32 vs packed KV cache, long prompts (dbquant/bench/kv.py)
         rows = bench_kv.e2e_kv_bench(a.e2e, a.kv.split(","), _ints(a.prompt_tokens, "--prompt-tokens"),
                                      a.new_tokens, _ints(a.threads, "--threads"), progress=print)
@@ -257,25 +260,59 @@ def cmd_bench(a) -> int:
             print(json.dumps(r))
             rows.append(r)
     elif a.e2e:
-        rows = [r for t in _ints(a.threads, "--threads") for p in _ints(a.prompt_tokens, "--prompt-tokens")
+        threads, prompts = _ints(a.threads, "--threads"), _ints(a.prompt_tokens, "--prompt-tokens")
+        peer_types = _choices(a.peer_types, bench_peers.TYPES, "--peer-types") if a.peers else []
+        prep = _llamacpp(a.fp_model, peer_types) if a.peers else None  # first: fail before minutes of rows
+        rows = [r for t in threads for p in prompts
                 for r in bench.e2e_bench(a.e2e, fp_model=a.fp_model, prompt_tokens=p,
                                          new_tokens=a.new_tokens, threads=t, repeats=a.repeats)]
+        if prep is not None:
+            try:
+                rows += bench_peers.e2e_rows(prep, peer_types, threads, prompts, a.new_tokens, a.repeats)
+            except Exception as e:  # noqa: BLE001 - any failure of the tool: say it, drop nothing silently
+                raise DbquantError(f"--peers: llama-bench failed: {e}") from e
+            bench_peers.add_ratios(rows)
         for r in rows:
             print(json.dumps(r))
     else:
+        if a.stream_mib is not None and a.stream_mib < 1:
+            raise DbquantError(f"--stream-mib must be >= 1, got {a.stream_mib}")
+        stream_bytes = None if a.stream_mib is None else a.stream_mib << 20
         rows = bench.kernel_bench(_shapes(a.shapes), _ints(a.m or "1,16", "--m"), _ints(a.threads, "--threads"),
                                   _choices(a.mode, ("cache", "stream"), "--mode"),
                                   _choices(a.backends, bench.BACKENDS, "--backends"), a.group_size,
-                                  progress=print)
+                                  progress=print, stream_bytes=stream_bytes)
     if a.json:
         bench.write_json(a.json, rows)
         print(f"wrote {a.json}", file=sys.stderr)
-    if a.plot:
-        if a.e2e or a.backend in ("triton", "cuda"):
-            raise DbquantError("--plot draws kernel rows; run it without --e2e/--backend")
-        bench.plot(rows, a.plot)
-        print(f"wrote {a.plot}", file=sys.stderr)
+    plot = a.plot or (str(Path(a.json).with_suffix(".png")) if a.peers and a.json else None)
+    if plot:
+        if a.backend in ("triton", "cuda") or (a.e2e and a.kv):
+            raise DbquantError("--plot draws kernel rows or --e2e rows; not --backend triton/cuda nor --e2e --kv")
+        (bench.plot_e2e if a.e2e else bench.plot)(rows, plot)
+        print(f"wrote {plot}", file=sys.stderr)
     return 0
+
+
+def _llamacpp(fp_model: str, types: list[str]) -> dict:
+    """The cached llama.cpp build and GGUF files of ``fp_model`` for --peers (dbquant/bench/peers.py);
+    a DbquantError that says why when there are none."""
+    root = bench_peers.llamacpp_root()
+    try:
+        prep = bench_peers.build_llamacpp()
+    except Exception as e:  # noqa: BLE001 - pip, cmake or the compiler: all mean "no llama.cpp"
+        raise DbquantError(
+            f"--peers: llama.cpp could not be found or built in {root}: {e}\n"
+            f"It is built once from the llama-cpp-python {bench_peers.LLAMA_CPP_PYTHON_VERSION} sdist (pip "
+            "download from PyPI, cmake, a C++ compiler; ~9 min) and cached there. Fix the cause above, or run "
+            "`python benchmarks/peer_llamacpp.py` to see each step, or drop --peers for dbquant's rows alone."
+        ) from e
+    bench_peers.make_ggufs(prep, types, resolve_model(fp_model))
+    bad = {ty: f["error"] for ty, f in prep["files"].items() if "error" in f}
+    if bad:
+        raise DbquantError(f"--peers: llama.cpp's GGUF files of {fp_model} could not be made in {root / 'models'}: "
+                           + "; ".join(f"{ty}: {err}" for ty, err in bad.items()))
+    return prep
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -453,7 +490,16 @@ def _bench_parser(sub) -> None:
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--json", metavar="PATH", help="write the rows (and the environment) as JSON")
-    b.add_argument("--plot", metavar="PATH", help="write a PNG of the kernel rows")
+    b.add_argument("--plot", metavar="PATH", help="write a PNG of the kernel rows, or of the --e2e rows "
+                                                 "(decode and prefill tok/s per engine and thread count)")
+    b.add_argument("--stream-mib", type=int, metavar="MIB",
+                   help="stream mode's rotating set and bandwidth buffer in MiB (default: 4x the L3 read at "
+                        "run time, at most a quarter of MemAvailable)")
+    b.add_argument("--peers", action="store_true",
+                   help="--e2e: add llama.cpp's rows (llama-bench on GGUF files of --fp-model; built once into "
+                        "the cache, ~9 min) and draw the plot next to --json (or at --plot)")
+    b.add_argument("--peer-types", default="Q4_0,Q2_K,TQ2_0", help="--peers: comma list of GGUF types "
+                                                                   f"({', '.join(bench_peers.TYPES)})")
     b.set_defaults(fn=cmd_bench)
 
 

@@ -11,7 +11,7 @@ from tests.test_cli import run
 def test_kernel_bench_json_and_plot(tmp_path, capsys):
     js, png = tmp_path / "b.json", tmp_path / "b.png"
     code, out, _ = run(capsys, "bench", "--shapes", "40x72,16x200", "--m", "1,3", "--threads", "1",
-                       "--mode", "cache,stream", "--json", js, "--plot", png)
+                       "--mode", "cache,stream", "--stream-mib", 1, "--json", js, "--plot", png)
     assert code == 0
     data = json.loads(js.read_text())
     rows = data["rows"]
@@ -23,7 +23,8 @@ def test_kernel_bench_json_and_plot(tmp_path, capsys):
         assert r["ms"] > 0 and r["gbps"] > 0 and r["bandwidth_gbps"] > 0
         assert r["speedup_vs_fp32"] > 0
     stream = [r for r in rows if r["mode"] == "stream"]
-    assert all(r["copies"] > 1 for r in stream)  # rotated copies: every call reads DRAM
+    # rotated copies spanning the whole set (1 MiB here; by default 4x the L3, so every call reads DRAM)
+    assert all(r["copies"] > 1 and r["rotating_bytes"] >= 1 << 20 for r in stream)
     assert {r["backend"] for r in rows} == {"fp32", "bf16", "ref", "cpu", "cpu-i8lut"}  # float and int tables side by side
     cpu = [r for r in rows if r["backend"] in ("cpu", "cpu-i8lut")]
     assert cpu and all(r["weight_bytes"] < r["n"] * r["k"] for r in cpu)  # < 8 bits per weight read
@@ -37,6 +38,7 @@ def test_kernel_bench_json_and_plot(tmp_path, capsys):
     (["--threads", "two"], "--threads takes a comma list of integers"),
     (["--mode", "warm"], "--mode: unknown value"),
     (["--backends", "fp32,int4"], "--backends: unknown value"),
+    (["--stream-mib", "0"], "--stream-mib must be >= 1"),
 ])
 def test_bench_bad_options(capsys, argv, message):
     code, _, err = run(capsys, "bench", *argv)

@@ -34,6 +34,9 @@
 //   torch.ops.dbquant.decode_layer_kv_cpu(Tensor(a!) x, DecodeLayer layer, Tensor cos, Tensor sin,
 //                                    KVPacked kv, int n_groups, int n_tail) -> ()
 //                                    (decode_layer_cpu with the packed cache)
+//   torch.ops.dbquant.stream_read_cpu(Tensor buf, int threads, str isa="auto") -> int
+//                                    (XOR checksum of a buffer read on `threads` threads: the
+//                                    benchmark's read bandwidth, stream_read.h)
 //   torch.ops.dbquant.cpu_isas() -> str[]       (supported ISA paths, fastest first)
 //   torch.ops.dbquant.cpu_default_lut(str isa="auto") -> str  ("float" or "int8": what lut="auto"
 //                                    picks for M = 1 on that path, DBQUANT_CPU_LUT included)
@@ -63,6 +66,7 @@
 #include "gemv_int8.h"
 #include "decode_ops.h"
 #include "kv_attn.h"
+#include "stream_read.h"
 
 namespace {
 
@@ -816,6 +820,19 @@ std::string cpu_i8lut_lookup(const std::string& mode) {
   return now;
 }
 
+// XOR of buf's 8-byte words (stream_read.h), read by `threads` threads; the uint64 checksum
+// comes back bit-cast to int64 (a Python int).
+int64_t stream_read_cpu(const at::Tensor& buf, int64_t threads, const std::string& isa_arg) {
+  TORCH_CHECK(buf.device().is_cpu() && buf.is_contiguous(),
+              "stream_read_cpu: buf must be a contiguous CPU tensor, got device ", buf.device(),
+              ", strides ", buf.strides());
+  TORCH_CHECK(threads >= 1 && threads <= 4096, "stream_read_cpu: threads must be in 1..4096, got ", threads);
+  const Isa isa = parse_isa(isa_arg);
+  const uint64_t sum = dbquant::cpu::stream_read(isa, static_cast<const uint8_t*>(buf.data_ptr()),
+                                                 int64_t(buf.nbytes()), int(threads));
+  return static_cast<int64_t>(sum);
+}
+
 std::vector<std::string> cpu_isas() {
   std::vector<std::string> out;
   for (Isa i : {Isa::Avx512, Isa::Avx2, Isa::Scalar})
@@ -855,6 +872,7 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
   m.def(
       "decode_layer_kv_cpu(Tensor(a!) x, __torch__.torch.classes.dbquant.DecodeLayer layer, Tensor cos, "
       "Tensor sin, __torch__.torch.classes.dbquant.KVPacked kv, int n_groups, int n_tail) -> ()");
+  m.def("stream_read_cpu(Tensor buf, int threads, str isa=\"auto\") -> int");
   m.def("cpu_isas() -> str[]", &cpu_isas);
   m.def("cpu_default_lut(str isa=\"auto\") -> str", &cpu_default_lut);
   m.def("cpu_force_lut(str kind) -> str", &cpu_force_lut);
@@ -870,6 +888,7 @@ TORCH_LIBRARY_IMPL(dbquant, CPU, m) {
   m.impl("decode_layer_cpu", &decode_layer_cpu);
   m.impl("kv_attend_cpu", &kv_attend_cpu);
   m.impl("decode_layer_kv_cpu", &decode_layer_kv_cpu);
+  m.impl("stream_read_cpu", &stream_read_cpu);
 }
 
 // No Python functions: `import dbquant._C` exists only to load this library.

@@ -19,7 +19,8 @@ import warnings
 
 import torch
 
-from .checks import KernelInputError, check_activations, check_decode_step, check_int8_head, check_packed, check_rms_norm, check_tensor
+from .checks import (KernelInputError, check_activations, check_decode_step, check_int8_head, check_packed,
+                     check_rms_norm, check_tensor)
 from .kvpack import CODE_FIELDS, FLOAT_FIELDS, PackedKVLayer, check_kv_attend
 from .reference import Q8_BLOCK
 from .t16 import TILE, CpuWeight, DecodeLayerWeights, prepare_cpu  # noqa: F401 - re-exported
@@ -272,6 +273,29 @@ def decode_layer_kv_cpu(x: torch.Tensor, layer, cos: torch.Tensor, sin: torch.Te
     ``decode_layer_kv_cpu.run(x, layer, cos, sin, prepare_kv_packed(kv), n_groups, n_tail)`` per token."""
     _require()
     torch.ops.dbquant.decode_layer_kv_cpu(x, layer, cos, sin, prepare_kv_packed(kv), n_groups, n_tail)
+
+
+# ---- the benchmark's read bandwidth (csrc/cpu/stream_read.h) ---------------------------------
+
+
+def stream_read_cpu(buf: torch.Tensor, threads: int = 1, isa: str = "auto") -> int:
+    """Read every byte of ``buf`` on ``threads`` threads with the widest loads the CPU has and
+    return their XOR checksum (contract of :func:`dbquant.backends.reference.stream_read_ref`).
+    Timing this call on a buffer larger than the last-level cache gives the memory read bandwidth.
+
+    Args:
+        buf: any dtype, contiguous, on CPU (its raw bytes are read; not copied).
+        threads: OpenMP threads to split the buffer across (independent of torch's setting).
+        isa: "auto" or force "avx512", "avx2" or "scalar".
+    Returns: the uint64 checksum bit-cast to int64 (a Python int).
+    """
+    _require()
+    if not (isinstance(buf, torch.Tensor) and buf.device.type == "cpu" and buf.is_contiguous()):
+        raise KernelInputError(f"stream_read_cpu: buf must be a contiguous CPU tensor, got "
+                               f"{type(buf).__name__} {getattr(buf, 'device', '')}")
+    if not 1 <= int(threads) <= 4096:
+        raise KernelInputError(f"stream_read_cpu: threads must be in 1..4096, got {threads}")
+    return torch.ops.dbquant.stream_read_cpu(buf, int(threads), isa)
 
 
 def _attach_runs() -> None:

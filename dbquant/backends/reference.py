@@ -1,7 +1,8 @@
 """Pure-PyTorch reference kernels: the oracle every backend is tested against.
 
 Slow on purpose (unpack, dequantize, dense matmul); fp32 math on CPU. One ``*_ref`` per
-registered op (``dbquant.backends.registry.OPS``), each with the signature of that op.
+registered op (``dbquant.backends.registry.OPS``), each with the signature of that op, and
+:func:`stream_read_ref` for the benchmark's read kernel (no registry entry: no model calls it).
 """
 
 from __future__ import annotations
@@ -305,3 +306,20 @@ def i8lut_error_bound(x: torch.Tensor, scales: torch.Tensor, in_features: int, g
     returns float32 [M, N]."""
     _, sc, _ = i8lut_tables_ref(x, in_features, group_size)
     return (sc / 2 * (group_size / 4)) @ scales.float().abs().sum(-1).T
+
+
+def stream_read_ref(buf: torch.Tensor) -> int:
+    """The checksum of ``torch.ops.dbquant.stream_read_cpu`` (csrc/cpu/stream_read.h): XOR of the
+    buffer's bytes taken as 8-byte little-endian words, the last partial word zero-padded.
+
+    Args: buf: any dtype and shape, contiguous, on CPU (its raw bytes are read).
+    Returns: the uint64 checksum bit-cast to a signed int64, as a Python int (0 for no bytes).
+    """
+    raw = buf.detach().contiguous().reshape(-1).view(torch.uint8)
+    words = F.pad(raw, (0, -raw.numel() % 8)).view(torch.int64)
+    while words.numel() > 1:  # fold halves: XOR is associative and commutative, so exact
+        if words.numel() % 2:
+            words = F.pad(words, (0, 1))
+        half = words.numel() // 2
+        words = words[:half] ^ words[half:]
+    return int(words[0]) if words.numel() else 0

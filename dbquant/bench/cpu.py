@@ -7,23 +7,34 @@ thread count and mode, the time of ``y = x @ W.T`` with
   ref   dbquant's pure-PyTorch reference (dequantize + matmul on every call: the oracle)
   cpu   dbquant's C++ kernel on the load-time repacked weight (``dbquant.backends.cpu``), float tables
   cpu-i8lut  the same kernel layout with the integer (T-MAC style) tables (``run_cpu(lut="int8")``)
-Modes: ``cache`` reuses one weight (resident in cache when it fits); ``stream`` rotates
-through enough copies that every call reads its weight from DRAM (``STREAM_BYTES`` in
-all, several times the L3, or ``MAX_COPIES`` copies of a tiny weight). ``gbps`` counts only the bytes a kernel
-must read (weight in its stored width + activations + output); ``pct_bw`` relates it to
-the streaming read bandwidth measured in the same run (:func:`stream_bandwidth`).
-Timings are the median of repeated calls after warm-up; compare rows of one run only
-(the machine is shared and noisy).
+Modes: ``cache`` reuses one weight (resident in cache when it fits); ``stream`` cycles through
+distinct copies of it, together at least the rotating set of :func:`dbquant.bench.machine.stream_set_bytes`
+(4x the L3 read at run time, at most a quarter of MemAvailable), so a call comes back to a copy
+only after 4 L3s of other weights have passed: every call reads its weight from DRAM. Rows say
+``rotating_bytes`` and ``streamed`` (the copies span at least twice the L3).
+``gbps`` counts only the bytes a kernel must read (weight in its stored width + activations +
+output). The read bandwidth is measured in the same run over a buffer of the rotating set's size
+(:func:`read_bandwidths`): by the native read kernel (``dbquant.backends.cpu.stream_read_cpu``:
+AVX-512/AVX2 loads on every thread, a checksum) at each thread count of the run and at all cores,
+and by the older ``torch.sum`` figure for reference. ``pct_bw`` relates ``gbps`` to the peak
+(the best native figure over thread counts); ``pct_bw_threads`` to the native figure at the row's
+thread count. The bandwidth is measured before and after the rows and each row is related to the
+better figure (``bw_before_gbps``/``bw_after_gbps`` keep both). Timings are the median of repeated
+calls after warm-up (``ms``; ``ms_min``/``gbps_best`` the fastest call, less sensitive to other jobs
+on a shared machine, with ``pct_bw_best`` relating it to the fastest read call ``peak_bw_best_gbps``);
+compare rows of one run only (the machine is shared and noisy).
 
 End-to-end rows (:func:`e2e_bench`): prefill and decode tokens/s of the fp32 model and of
 a quantized checkpoint through :class:`dbquant.runtime.decode.FastDecoder`, same prompt, same run.
+``--peers`` adds llama.cpp's rows of the same shape (:mod:`dbquant.bench.peers`); :func:`plot_e2e`
+draws both. Every JSON stores :func:`dbquant.bench.machine.environment` (CPU, ISA flags, caches).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import platform
 import statistics
 import time
 from typing import Callable
@@ -37,15 +48,18 @@ from ..model.checkpoint import load
 from ..model.embedding import int8_rows
 from ..model.sources import load_fp_model
 from ..runtime.decode import LM_HEAD_DTYPES, FastDecoder
+from .machine import environment, stream_set_bytes
 
 SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 LLAMA7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
-STREAM_BYTES = 256 << 20  # rotate copies until this many bytes: ~8x a 32 MiB L3
 BACKENDS = ("fp32", "bf16", "ref", "cpu", "cpu-i8lut")
 NATIVE = {"cpu": "float", "cpu-i8lut": "int8"}  # backend -> run_cpu's lut
+MAX_COPIES = 1 << 16  # bounds the Python objects for a tiny weight (rows say when it bound the set)
+READ_CHUNK = 16 << 20  # bytes per timed call of the read kernel (a 4096x4096 fp32 weight is 64 MiB)
 
 
-def _median_ms(fn: Callable[[], object], min_time: float = 0.3, min_iters: int = 5, warmup: int = 3) -> float:
+def _times_ms(fn: Callable[[], object], min_time: float = 0.3, min_iters: int = 5, warmup: int = 3) -> list[float]:
+    """Milliseconds of each timed call of ``fn`` (after ``warmup`` calls), for at least ``min_time`` s."""
     for _ in range(warmup):
         fn()
     times = []
@@ -53,18 +67,56 @@ def _median_ms(fn: Callable[[], object], min_time: float = 0.3, min_iters: int =
     while len(times) < min_iters or time.perf_counter() - start < min_time:
         t = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append((time.perf_counter() - t) * 1e3)
         if len(times) >= 10_000:
             break
-    return statistics.median(times) * 1e3
+    return times
 
 
-def stream_bandwidth(threads: int, nbytes: int = STREAM_BYTES) -> float:
-    """Streaming read bandwidth in GB/s: sum over a float32 buffer of ``nbytes`` (> L3)."""
+def _median_ms(fn: Callable[[], object], min_time: float = 0.3, min_iters: int = 5, warmup: int = 3) -> float:
+    return statistics.median(_times_ms(fn, min_time, min_iters, warmup))
+
+
+def stream_bandwidth(threads: int, nbytes: int | None = None, buf: torch.Tensor | None = None) -> float:
+    """The older read figure, GB/s: ``torch.sum`` over a float32 buffer (``buf``, or ``nbytes`` of ones;
+    default the rotating set). Kept beside the native figure: it stays below the memory's peak
+    (one reduction's loads, torch's own threading)."""
     torch.set_num_threads(threads)
-    buf = torch.ones(nbytes // 4)
+    if buf is None:
+        buf = torch.ones((nbytes or stream_set_bytes()["bytes"]) // 4)
     ms = _median_ms(lambda: buf.sum(), min_time=0.5)
-    return nbytes / ms / 1e6
+    return buf.numel() * buf.element_size() / ms / 1e6
+
+
+def read_bandwidths(threads: list[int], nbytes: int) -> dict:
+    """Read bandwidth in GB/s over one buffer of ``nbytes`` (make it larger than the L3), the native
+    kernel timed per call of ``READ_CHUNK`` bytes, round robin over the buffer.
+
+    Returns ``{"native": {t: GB/s}, "native_best": {t: GB/s}, "torch": {t: GB/s}, "peak": GB/s,
+    "peak_best": GB/s, "source": "native"|"torch", "buffer_bytes": int, "isa": str|None}``. ``native``
+    (median call) and ``native_best`` (fastest call) cover the run's thread counts and all cores
+    (``os.cpu_count()``); ``peak``/``peak_best`` are their best figures. Without the C++ extension
+    they hold the torch figures and ``source`` says "torch".
+    """
+    buf = torch.ones(max(nbytes // 4, 1))  # written once: every page is backed by its own memory
+    counts = sorted(set(threads) | {os.cpu_count() or 1})
+    out = {"torch": {t: stream_bandwidth(t, buf=buf) for t in threads}, "buffer_bytes": buf.numel() * 4}
+    if cpu_backend.load_cpu() and hasattr(torch.ops.dbquant, "stream_read_cpu"):
+        # calls of READ_CHUNK bytes cycling through the whole buffer: still read from DRAM, and timed
+        # at the granularity of a large GEMV call, so median and fastest call compare like for like
+        chunks = list(torch.split(buf, max(READ_CHUNK // 4, 1)))
+        nxt = _rotation(chunks)
+        times = {t: _times_ms(lambda t=t: cpu_backend.stream_read_cpu(nxt(), t), min_time=0.5) for t in counts}
+        each = chunks[0].numel() * 4
+        out["native"] = {t: each / statistics.median(v) / 1e6 for t, v in times.items()}
+        out["native_best"] = {t: each / min(v) / 1e6 for t, v in times.items()}
+        out["chunk_bytes"] = each
+        out["source"], out["isa"] = "native", torch.ops.dbquant.cpu_isas()[0]
+    else:
+        out["native"], out["source"], out["isa"] = dict(out["torch"]), "torch", None
+        out["native_best"] = dict(out["torch"])
+    out["peak"], out["peak_best"] = max(out["native"].values()), max(out["native_best"].values())
+    return out
 
 
 def _packed_layer(n: int, k: int, group_size: int, seed: int):
@@ -76,79 +128,134 @@ def _packed_layer(n: int, k: int, group_size: int, seed: int):
     return qweight, scales
 
 
-MAX_COPIES = 2048  # SmolLM2's smallest packed weight (192x576, 35 KB) x 2048 = 72 MB > L3
+def _copies(bytes_each: int, mode: str, set_bytes: int) -> int:
+    """How many distinct copies of a weight of ``bytes_each`` a call rotates through."""
+    return 1 if mode == "cache" else min(MAX_COPIES, max(2, -(-set_bytes // max(bytes_each, 1))))
 
 
-def _copies(bytes_each: int, mode: str) -> int:
-    return 1 if mode == "cache" else min(MAX_COPIES, max(2, -(-STREAM_BYTES // max(bytes_each, 1))))
+def _weights(b: str, n: int, k: int, group_size: int, mode: str, set_bytes: int) -> tuple[list, int]:
+    """(the weights backend ``b`` rotates through, bytes one call reads of one of them).
+
+    Copies are clones of one random weight (a memcpy each; their contents do not matter to the
+    timing), each in memory of its own.
+    """
+    if b in ("fp32", "bf16"):
+        dt = torch.float32 if b == "fp32" else torch.bfloat16
+        w = (torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02).to(dt)
+        each = w.numel() * w.element_size()
+        return [w] + [w.clone() for _ in range(_copies(each, mode, set_bytes) - 1)], each
+    q, sc = _packed_layer(n, k, group_size, 0)
+    if b == "ref":  # one copy: it dequantizes on every call, compute-bound either way
+        return [(q, sc)], q.numel() + sc.numel() * 2
+    w = cpu_backend.prepare_cpu(q, sc, None, k, group_size)
+    clones = [dataclasses.replace(w, planes=w.planes.clone(), scales=w.scales.clone(),
+                                  offset=None if w.offset is None else w.offset.clone())
+              for _ in range(_copies(w.nbytes, mode, set_bytes) - 1)]
+    return [w] + clones, w.nbytes
+
+
+def _rotation(ws: list) -> Callable[[], object]:
+    """A function returning the next of ``ws`` on each call, round robin over the distinct copies."""
+    i = [0]
+
+    def nxt():
+        i[0] = (i[0] + 1) % len(ws)
+        return ws[i[0]]
+
+    return nxt
+
+
+def _timed_call(b: str, x: torch.Tensor, nxt: Callable[[], object], k: int, group_size: int) -> Callable[[], object]:
+    """The call timed for backend ``b``: ``x @ W.T`` with x float32 [M, K] and W = ``nxt()``."""
+    if b == "fp32":
+        return lambda: F.linear(x, nxt())
+    if b == "bf16":
+        xb = x.bfloat16()
+        return lambda: F.linear(xb, nxt())
+    if b == "ref":
+        return lambda: dbgemm_ref(x, *nxt(), None, None, k, group_size)
+    return lambda: cpu_backend.run_cpu(x, nxt(), None, lut=NATIVE[b])
 
 
 def kernel_bench(shapes: list[tuple[int, int]], ms: list[int], threads: list[int], modes: list[str],
-                 backends: list[str], group_size: int = 64, progress: Callable[[str], None] | None = None) -> list[dict]:
+                 backends: list[str], group_size: int = 64, progress: Callable[[str], None] | None = None,
+                 stream_bytes: int | None = None) -> list[dict]:
     """Time every (shape, M, threads, mode, backend); returns one dict per row (see module doc).
 
-    ``ref`` is skipped in ``stream`` mode (it dequantizes on every call, so it is compute-bound
-    either way) and for weights over 16M elements (seconds per call).
+    ``stream_bytes``: the rotating set (and bandwidth buffer) in bytes; default
+    :func:`dbquant.bench.machine.stream_set_bytes` (4x L3, capped by memory). Only one backend's
+    copies are held at a time. ``ref`` is skipped in ``stream`` mode (it dequantizes on every
+    call, so it is compute-bound either way) and for weights over 16M elements (seconds per call).
     """
     if set(NATIVE) & set(backends) and not cpu_backend.load_cpu():
         raise RuntimeError("the cpu backend is not built; run `pip install --no-build-isolation -e .`")
-    rows = []
-    bw = {t: stream_bandwidth(t) for t in threads}
+    sizing = stream_set_bytes()
+    if stream_bytes is not None:
+        sizing.update(bytes=stream_bytes, capped_by_memory=False, given=True)
+    set_bytes = sizing["bytes"]
+    bw = read_bandwidths(threads, set_bytes)
+    if progress:
+        progress(f"read bandwidth ({bw['source']}, {bw['buffer_bytes'] >> 20} MiB buffer, L3 "
+                 f"{sizing['l3_bytes'] >> 20} MiB): " + ", ".join(f"{t} thr {g:.1f} GB/s" for t, g in bw["native"].items())
+                 + "; torch.sum: " + ", ".join(f"{t} thr {g:.1f} GB/s" for t, g in bw["torch"].items()))
     isa = torch.ops.dbquant.cpu_isas()[0] if set(NATIVE) & set(backends) else None
-    for n, k in shapes:
-        for mode in modes:
-            weights = {}  # backend -> list of weights to rotate through
-            for b in backends:
+    rows, order, raw_gbps = [], [], []
+    for si, (n, k) in enumerate(shapes):
+        xs = {m: torch.randn(m, k, generator=torch.Generator().manual_seed(m)) for m in ms}
+        for mi, mode in enumerate(modes):
+            base = {}  # (m, threads) -> fp32 ms
+            for b in [b for b in BACKENDS if b in backends]:  # fp32 first: the speedups' base
                 if b == "ref" and (mode == "stream" or n * k > 16 << 20):
                     continue
-                if b in ("fp32", "bf16"):
-                    dt = torch.float32 if b == "fp32" else torch.bfloat16
-                    each = n * k * (4 if b == "fp32" else 2)
-                    weights[b] = [torch.randn(n, k, generator=torch.Generator().manual_seed(i)).to(dt) * 0.02
-                                  for i in range(_copies(each, mode))]
-                else:
-                    kp = -(-k // group_size) * group_size
-                    each = 2 * n * kp // 8 + n * (kp // group_size) * 2 * 2
-                    layers = [_packed_layer(n, k, group_size, i) for i in range(_copies(each, mode))]
-                    weights[b] = layers if b == "ref" else [
-                        cpu_backend.prepare_cpu(q, s, None, k, group_size) for q, s in layers]
-            for m in ms:
-                x = torch.randn(m, k)
-                for t in threads:
-                    torch.set_num_threads(t)
-                    base = None
-                    for b, ws in weights.items():
-                        i = [0]
-
-                        def nxt():
-                            i[0] = (i[0] + 1) % len(ws)
-                            return ws[i[0]]
-
-                        if b == "fp32":
-                            fn, wbytes = (lambda: F.linear(x, nxt())), n * k * 4
-                        elif b == "bf16":
-                            xb = x.bfloat16()
-                            fn, wbytes = (lambda: F.linear(xb, nxt())), n * k * 2
-                        elif b == "ref":
-                            fn = lambda: dbgemm_ref(x, *nxt(), None, None, k, group_size)  # noqa: E731
-                            wbytes = ws[0][0].numel() + ws[0][1].numel() * 2
-                        else:
-                            fn = lambda: cpu_backend.run_cpu(x, nxt(), None, lut=NATIVE[b])  # noqa: E731
-                            wbytes = ws[0].nbytes
-                        t_ms = _median_ms(fn)
+                ws, wbytes = _weights(b, n, k, group_size, mode, set_bytes)
+                nxt = _rotation(ws)
+                for xi, m in enumerate(ms):
+                    for ti, t in enumerate(threads):
+                        torch.set_num_threads(t)
+                        fn = _timed_call(b, xs[m], nxt, k, group_size)
+                        times = _times_ms(fn)
+                        t_ms = statistics.median(times)
                         moved = wbytes + m * k * 4 + m * n * 4
-                        row = dict(op="linear" if b in ("fp32", "bf16") else "dbgemm", n=n, k=k, m=m, mode=mode,
-                                   threads=t, backend=b, ms=round(t_ms, 5), gbps=round(moved / t_ms / 1e6, 3),
-                                   bandwidth_gbps=round(bw[t], 3), pct_bw=round(100 * moved / t_ms / 1e6 / bw[t], 1),
-                                   weight_bytes=wbytes, group_size=None if b in ("fp32", "bf16") else group_size,
-                                   copies=len(ws), isa=isa if b in NATIVE else None)
+                        rotating = wbytes * len(ws)
+                        row = dict(op="dbgemm" if b in ("ref", *NATIVE) else "linear", n=n, k=k, m=m, mode=mode,
+                                   threads=t, backend=b, ms=round(t_ms, 5), ms_min=round(min(times), 5),
+                                   gbps=round(moved / t_ms / 1e6, 3), gbps_best=round(moved / min(times) / 1e6, 3),
+                                   moved_bytes=moved, **_bw_fields(moved / t_ms / 1e6, t, bw),
+                                   weight_bytes=wbytes, group_size=group_size if b in ("ref", *NATIVE) else None,
+                                   copies=len(ws), rotating_bytes=rotating,
+                                   streamed=len(ws) > 1 and rotating >= 2 * sizing["l3_bytes"],
+                                   stream_set_bytes=set_bytes, stream_set_capped_by_memory=sizing["capped_by_memory"],
+                                   l3_bytes=sizing["l3_bytes"], isa=isa if b in NATIVE else None)
                         if b == "fp32":
-                            base = t_ms
-                        row["speedup_vs_fp32"] = round(base / t_ms, 3) if base else None
+                            base[m, t] = t_ms
+                        row["speedup_vs_fp32"] = round(base[m, t] / t_ms, 3) if (m, t) in base else None
                         rows.append(row)
+                        raw_gbps.append(moved / t_ms / 1e6)  # unrounded, for the bandwidth fields below
+                        order.append((si, mi, xi, ti, BACKENDS.index(b)))
                         if progress:
                             progress(format_row(row))
-    return rows
+                ws = nxt = fn = None  # free this backend's copies before the next one's are made
+    # On a shared machine the bandwidth moves during the run: measure it again after the rows and
+    # relate every row to the better of the two figures (the stricter percentage).
+    after = read_bandwidths(threads, set_bytes)
+    best = {key: {t: max(bw[key][t], after[key][t]) for t in bw[key]} for key in ("native", "torch")}
+    best.update(peak=max(bw["peak"], after["peak"]), peak_best=max(bw["peak_best"], after["peak_best"]),
+                source=bw["source"])
+    for r, gbps in zip(rows, raw_gbps):
+        r.update(_bw_fields(gbps, r["threads"], best), peak_bw_best_gbps=round(best["peak_best"], 3),
+                 pct_bw_best=round(100 * r["gbps_best"] / best["peak_best"], 1),
+                 bw_before_gbps=round(bw["native"][r["threads"]], 3), bw_after_gbps=round(after["native"][r["threads"]], 3))
+    if progress:
+        progress("read bandwidth after the rows: " + ", ".join(f"{t} thr {g:.1f} GB/s" for t, g in after["native"].items())
+                 + f"; pct_bw in the JSON is of the best figure before/after: {best['peak']:.1f} GB/s")
+    return [r for _, r in sorted(zip(order, rows), key=lambda p: p[0])]
+
+
+def _bw_fields(gbps: float, threads: int, bw: dict) -> dict:
+    """A row's bandwidth fields from :func:`read_bandwidths`' dict (GB/s)."""
+    return dict(bandwidth_gbps=round(bw["native"][threads], 3), torch_bw_gbps=round(bw["torch"][threads], 3),
+                peak_bw_gbps=round(bw["peak"], 3), bw_source=bw["source"], pct_bw=round(100 * gbps / bw["peak"], 1),
+                pct_bw_threads=round(100 * gbps / bw["native"][threads], 1))
 
 
 def format_row(r: dict) -> str:
@@ -222,26 +329,6 @@ def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int
     return rows
 
 
-def environment() -> dict:
-    """Machine facts stored with every result file."""
-    isas = []
-    try:
-
-        if cpu_backend.load_cpu():
-            isas = list(torch.ops.dbquant.cpu_isas())
-    except Exception:  # noqa: BLE001 - informational only
-        pass
-    cpu = platform.processor() or platform.machine()
-    try:  # Linux: the model name says more than the architecture
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return dict(torch=torch.__version__, cpu=cpu, cores=os.cpu_count(),
-                isas=isas, loadavg=os.getloadavg() if hasattr(os, "getloadavg") else None,
-                time=time.strftime("%Y-%m-%dT%H:%M:%S"))
-
-
 def write_json(path: str, rows: list[dict]) -> None:
     """Atomic write of ``{"environment": ..., "rows": [...]}``."""
     tmp = f"{path}.tmp"
@@ -250,8 +337,8 @@ def write_json(path: str, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def plot(rows: list[dict], path: str) -> None:
-    """PNG: time per call by backend for each (shape, M, mode) at the highest thread count."""
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     try:
         import matplotlib
 
@@ -259,6 +346,18 @@ def plot(rows: list[dict], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise RuntimeError("--plot needs matplotlib (`pip install matplotlib`)") from e
+    return plt
+
+
+def _save(fig, path: str) -> None:
+    tmp = f"{path}.tmp.png"  # atomic: a reader never sees half a PNG
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """PNG: time per call by backend for each (shape, M, mode) at the highest thread count."""
+    plt = _pyplot()
     tmax = max(r["threads"] for r in rows)
     rows = [r for r in rows if r["threads"] == tmax]
     keys = list(dict.fromkeys((r["n"], r["k"], r["m"], r["mode"]) for r in rows))
@@ -280,6 +379,48 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_title(f"dbquant bench: y = x W^T, {tmax} threads (lower is better)")
     ax.legend()
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def e2e_label(r: dict) -> str:
+    """The series name of an end-to-end row: ``llama.cpp Q4_0``, ``dbquant w8a8 head``, ``fp32-hf-generate``."""
+    if r["engine"] == "llama.cpp":
+        return f"llama.cpp {r['model']}"
+    if r["engine"] == "dbquant.runtime.decode":
+        return f"{r['model']} {r['lm_head']} head"
+    return r["engine"]
+
+
+def plot_e2e(rows: list[dict], path: str) -> None:
+    """PNG of end-to-end rows (dbquant's and, with --peers, llama.cpp's): decode and prefill tokens/s,
+    one bar per engine/type, grouped by thread count (and prompt length when several); higher is better."""
+    plt = _pyplot()
+    rows = [r for r in rows if r.get("decode_tok_s") and r.get("prefill_tok_s")]
+    if not rows:
+        raise RuntimeError("no end-to-end rows with decode_tok_s and prefill_tok_s to plot")
+    groups = sorted({(r["threads"], r["prompt_tokens"]) for r in rows})
+    several_p = len({p for _, p in groups}) > 1
+    series = list(dict.fromkeys(e2e_label(r) for r in rows))
+    width = 0.8 / len(series)
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.2 * len(groups) * len(series) / 2), 5))
+    for ax, key, title in ((axes[0], "decode_tok_s", "decode"), (axes[1], "prefill_tok_s", "prefill")):
+        for j, name in enumerate(series):
+            xs, ys = [], []
+            for i, (t, p) in enumerate(groups):
+                hit = [r[key] for r in rows if e2e_label(r) == name and r["threads"] == t and r["prompt_tokens"] == p]
+                if hit:
+                    xs.append(i + j * width)
+                    ys.append(hit[0])
+            ax.bar(xs, ys, width, label=name)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+        ax.set_xticklabels([f"{t} thread{'s' if t > 1 else ''}" + (f"\n{p}-token prompt" if several_p else "")
+                            for t, p in groups])
+        ax.set_ylabel("tokens/s (higher is better)")
+        ax.set_title(f"{title} tokens/s")
+    axes[0].legend(fontsize=7)
+    new_tokens = rows[0].get("new_tokens")
+    fig.suptitle(f"dbquant bench --e2e: {new_tokens} new tokens" + ("" if several_p else f", {groups[0][1]}-token prompt"))
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
