@@ -49,20 +49,27 @@ def test_packed_fused_matches_hf_forward(model_type, tmp_path):
     _assert_chunked_logits_match(model)
 
 
+def _prefilled_pair(model):
+    """(native decoder, Python-step decoder, ids [1, T], HF logits [T, V]), both prefilled with 4 tokens
+    (the same Python path in both); their one-token steps are what the tests compare."""
+    native, python = FastDecoder(model, max_len=32), FastDecoder(model, max_len=32)
+    python.native = None
+    ids = IDS[:1]
+    with torch.no_grad():
+        ref = model(ids).logits[0]
+    for dec in (native, python):
+        dec._alloc(1)
+        dec.forward(ids[:, :4], 0)
+    return native, python, ids, ref
+
+
 def test_native_step_with_int8_tables_matches_the_python_step():
     """With the integer tables forced, the C++ step and the Python step (whose one-row linears take
     the same tables through run_cpu's lut="auto") agree to fp32 rounding, caches included; HF's float
     forward is only near (the tables' int8 error, csrc/cpu/dbgemm_i8lut.h), and its greedy token is kept."""
     model = _packed("llama")
     with cpu_backend.forced_lut("int8"):
-        native, python = FastDecoder(model, max_len=32), FastDecoder(model, max_len=32)
-        python.native = None
-        ids = IDS[:1]
-        with torch.no_grad():
-            ref = model(ids).logits[0]
-        for dec in (native, python):
-            dec._alloc(1)
-            dec.forward(ids[:, :4], 0)
+        native, python, ids, ref = _prefilled_pair(model)
         scale = ref.abs().max().item()
         for p in range(4, ids.shape[1]):
             a, b = native.forward(ids[:, p:p + 1], p), python.forward(ids[:, p:p + 1], p)
@@ -78,15 +85,8 @@ def test_native_layer_step_matches_the_python_step(model_type, cfg):
     """A one-token step through decode_layer_cpu (one C++ call per layer) gives the Python step's
     logits and cache contents, position after position, and HF's forward at every position."""
     model = _packed(model_type, **cfg)
-    native, python = FastDecoder(model, max_len=32), FastDecoder(model, max_len=32)
+    native, python, ids, ref = _prefilled_pair(model)
     assert native.native is not None and len(native.native) == model.config.num_hidden_layers
-    python.native = None
-    ids = IDS[:1]
-    with torch.no_grad():
-        ref = model(ids).logits[0]
-    for dec in (native, python):
-        dec._alloc(1)
-        dec.forward(ids[:, :4], 0)  # prefill: the same (Python) path in both
     scale = ref.abs().max().item()
     for p in range(4, ids.shape[1]):
         a, b = native.forward(ids[:, p:p + 1], p), python.forward(ids[:, p:p + 1], p)
