@@ -138,15 +138,17 @@ def _cpuinfo_flags() -> set[str]:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16).
+    """Whether bf16 autocast pays on this CPU: AMX-BF16 tiles.
 
-    torch's own probes where the build has them (``torch._C._cpu``), else /proc/cpuinfo.
-    Without native bf16, oneDNN emulates it and autocast would slow training down.
+    AVX512-BF16 alone is not enough: on a Sapphire-Rapids-class VM without AMX, DAD under bf16
+    autocast ran at 0.82x the fp32 tokens/s (docs/RESULTS.md, "Calibration throughput"), and
+    without either oneDNN emulates bf16. torch's own probe where the build has it
+    (``torch._C._cpu``), else /proc/cpuinfo.
     """
-    probes = [getattr(torch._C._cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if any(p is not None for p in probes):
-        return any(p() for p in probes if p is not None)
-    return bool(_cpuinfo_flags() & {"avx512_bf16", "amx_bf16"})
+    probe = getattr(torch._C._cpu, "_is_amx_tile_supported", None)
+    if probe is not None:
+        return bool(probe())
+    return "amx_bf16" in _cpuinfo_flags()
 
 
 def native_bf16(device) -> bool:
