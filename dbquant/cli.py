@@ -148,7 +148,8 @@ def cmd_quantize(a) -> int:
 def _quantize_in_memory(a, opts) -> int:
     model, tok = _load_fp(a.model)
     alloc: dict = {}
-    plan, tables = make_plan(model, opts, tok, report=alloc), make_table_plan(model, opts)
+    plan = make_plan(model, opts, tok, report=alloc)
+    tables = make_table_plan(model, opts, plan)
     _print_plan(plan, planlib.bits_summary(plan, model, tables), out=sys.stderr if a.json else sys.stdout,
                 tables=tables)
     if alloc:

@@ -249,11 +249,29 @@ def make_plan(model, opts: QuantizeOptions, tokenizer=None, progress: bool = Tru
     return plan
 
 
-def make_table_plan(model, opts: QuantizeOptions) -> list[TablePlan]:
-    """The input embedding / output projection tables ``--embed-bits`` / ``--head-bits`` store."""
+def make_table_plan(model, opts: QuantizeOptions, plan: list[planlib.LinearPlan] | None = None) -> list[TablePlan]:
+    """The input embedding / output projection tables ``--embed-bits`` / ``--head-bits`` store.
+
+    With the linear ``plan``: tables that would leave the model without any floating-point
+    parameter (e.g. OLMo, whose norms hold no weights, with a tied embedding) are dropped under
+    ``auto`` and refused when asked for, because transformers' ``save_pretrained`` reads the
+    model's dtype from such a parameter.
+    """
     bits = AUTO_EMBED_BITS if opts.embed_bits == "auto" else opts.embed_bits
-    return embedlib.make_table_plan(model, EMBED_BITS[bits], opts.embed_group, opts.head_bits,
-                                    head_packed="lm_head" in opts.modules)
+    tables = embedlib.make_table_plan(model, EMBED_BITS[bits], opts.embed_group, opts.head_bits,
+                                      head_packed="lm_head" in opts.modules)
+    if not tables or plan is None:
+        return tables
+    packed = {f"{p.name}.weight" for p in plan}
+    stored = tuple(f"{t.name}." for t in tables)
+    if any(prm.is_floating_point() and n not in packed and not n.startswith(stored)
+           for n, prm in model.named_parameters()):
+        return tables
+    if opts.embed_bits == "auto" and opts.head_bits == "auto":
+        return []
+    raise DbquantError(f"--embed-bits {opts.embed_bits} / --head-bits {opts.head_bits} would leave this model "
+                       "without a floating-point parameter (its norms hold no weights), which transformers' "
+                       "save_pretrained needs; use --embed-bits fp32")
 
 
 def _init_only(model, tokenizer, plan, opts: QuantizeOptions, times: dict, progress: bool):
@@ -287,7 +305,7 @@ def quantize(model, tokenizer, opts: QuantizeOptions, progress: bool = True, mod
     alloc: dict = {}
     if plan is None:  # the CLI passes the plan it printed (--target-bpw measures once)
         plan = make_plan(model, opts, tokenizer, progress, alloc)
-    tables = make_table_plan(model, opts)
+    tables = make_table_plan(model, opts, plan)
     bits = planlib.bits_summary(plan, model, tables)
     # kept before calibration: fdb-dad trains the latent weights in place
     fp_weights = {p.name: model.get_submodule(p.name).weight.detach().float().clone() for p in plan}

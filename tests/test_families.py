@@ -169,3 +169,15 @@ def test_a_model_without_decoder_blocks_is_refused():
 
     with pytest.raises(DbquantError, match="no repeated list of decoder blocks"):
         make_plan(Flat())
+
+
+def test_tables_that_would_leave_no_float_parameter():
+    """OLMo's norms hold no weights: with its tied embedding stored as a table nothing floating-point
+    is left, and transformers' save_pretrained needs one. ``auto`` keeps the embedding dense (the
+    family's round trip above saves and loads); asking for a table is refused with the reason."""
+    model = tiny("olmo")
+    with pytest.raises(DbquantError, match="without a floating-point parameter"):
+        quantize(model, None, QuantizeOptions(method="fdb", calib=None, group_size=32, embed_bits="8"),
+                 progress=False)
+    quantize(model, None, QuantizeOptions(method="fdb", calib=None, group_size=32), progress=False)
+    assert isinstance(model.get_input_embeddings(), torch.nn.Embedding)

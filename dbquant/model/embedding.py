@@ -16,6 +16,8 @@ rebuild the same modules); :func:`quantize_tables` swaps them into a full-precis
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -143,11 +145,16 @@ class TablePlan:
     name: str
     kind: str
     layout: TableLayout | None
+    # An embedding's output multiplier (Gemma scales by sqrt(hidden)). Recorded at quantize time:
+    # a loading skeleton's own buffer is on the meta device and cannot be read.
+    embed_scale: float = 1.0
 
     def to_dict(self) -> dict:
         d = {"module": self.name, "kind": self.kind}
         if self.layout is not None:
             d.update(bits=self.layout.bits, group_size=self.layout.group_size)
+        if self.embed_scale != 1.0:
+            d["embed_scale"] = self.embed_scale
         return d
 
     @classmethod
@@ -164,7 +171,11 @@ class TablePlan:
         if d["kind"] == "tied_head":
             return cls(d["module"], "tied_head", None)
         rows, dim = _table_shape(mod, d["module"])
-        return cls(d["module"], d["kind"], TableLayout(rows, dim, d.get("bits"), d.get("group_size")))
+        scale = d.get("embed_scale", 1.0)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+            raise DbquantError(f"quantization_config.tables entry {d['module']!r}: embed_scale {scale!r} is not a "
+                               "finite number")
+        return cls(d["module"], d["kind"], TableLayout(rows, dim, d.get("bits"), d.get("group_size")), float(scale))
 
 
 def _table_shape(mod: nn.Module, name: str) -> tuple[int, int]:
@@ -207,8 +218,10 @@ def make_table_plan(model: nn.Module, embed_bits: int | None, embed_group: int |
     if embed_bits is not None:
         emb = model.get_submodule(emb_name)
         group = embed_group or (emb.embedding_dim if embed_bits in (8, 6) else 32)
+        scale = getattr(emb, "embed_scale", 1.0)
         plan.append(TablePlan(emb_name, "embedding", TableLayout(emb.num_embeddings, emb.embedding_dim,
-                                                                 embed_bits, min(group, emb.embedding_dim))))
+                                                                 embed_bits, min(group, emb.embedding_dim)),
+                              float(scale.item() if isinstance(scale, torch.Tensor) else scale)))
     if head_packed:
         if head != "auto":
             raise DbquantError(f"--head-bits {head} and --modules lm_head both choose how the output projection is "
@@ -278,9 +291,7 @@ def _dense_weight(model: nn.Module, name: str) -> torch.Tensor:
 def _new_module(model: nn.Module, p: TablePlan, device) -> nn.Module:
     old = model.get_submodule(p.name)
     if p.kind == "embedding":
-        scale = getattr(old, "embed_scale", 1.0)
-        scale = float(scale.item() if isinstance(scale, torch.Tensor) else scale)
-        return QuantEmbedding(p.layout, getattr(old, "padding_idx", None), scale, device=device)
+        return QuantEmbedding(p.layout, getattr(old, "padding_idx", None), p.embed_scale, device=device)
     return QuantHead(p.layout, device=device)
 
 
