@@ -215,3 +215,20 @@ def test_version_1_checkpoint_still_loads(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(DbquantError, match="layers needs format_version >= 2"):
         dbquant.load(out)
+
+
+def test_config_backend_is_checked(tmp_path):
+    """quantization_config.backend is a run-time kernel choice: a valid one loads (kernels agree to
+    float rounding), an unknown one is refused by name (the loader fuzz leaves this field to here)."""
+    model, out = _quantized_dir(tmp_path)
+    expect = model(IDS).logits
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"]["backend"] = "ref"
+    cfg_path.write_text(json.dumps(cfg))
+    got = dbquant.load(out)(IDS).logits
+    torch.testing.assert_close(got, expect, rtol=FP32_REORDER_LONG, atol=FP32_REORDER_LONG * expect.abs().max().item())
+    cfg["quantization_config"]["backend"] = "fpga"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(DbquantError, match="backend 'fpga' is unknown"):
+        dbquant.load(out)

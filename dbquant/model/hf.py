@@ -79,6 +79,8 @@ class DbquantConfig(QuantizationConfigMixin):
         if tables is not None and not isinstance(tables, (list, tuple)):
             raise DbquantError(f"quantization_config.tables must be a list, got {str(tables)[:120]}")
         self.tables = list(tables or [])
+        if layers is not None and not isinstance(layers, dict):
+            raise DbquantError(f"quantization_config.layers must be an object, got {str(layers)[:120]}")
         self.layers = dict(layers or {})
         self.post_init()
         if backend != "auto" and backend not in BACKENDS:
