@@ -249,10 +249,10 @@ def make_plan(model, opts: QuantizeOptions, tokenizer=None, progress: bool = Tru
     return plan
 
 
-def make_table_plan(model, opts: QuantizeOptions, plan: list[planlib.LinearPlan] | None = None) -> list[TablePlan]:
+def make_table_plan(model, opts: QuantizeOptions, plan: list[planlib.LinearPlan]) -> list[TablePlan]:
     """The input embedding / output projection tables ``--embed-bits`` / ``--head-bits`` store.
 
-    With the linear ``plan``: tables that would leave the model without any floating-point
+    Given the linear ``plan`` (whose weights will be packed): tables that would leave the model without any floating-point
     parameter (e.g. OLMo, whose norms hold no weights, with a tied embedding) are dropped under
     ``auto`` and refused when asked for, because transformers' ``save_pretrained`` reads the
     model's dtype from such a parameter.
@@ -260,7 +260,7 @@ def make_table_plan(model, opts: QuantizeOptions, plan: list[planlib.LinearPlan]
     bits = AUTO_EMBED_BITS if opts.embed_bits == "auto" else opts.embed_bits
     tables = embedlib.make_table_plan(model, EMBED_BITS[bits], opts.embed_group, opts.head_bits,
                                       head_packed="lm_head" in opts.modules)
-    if not tables or plan is None:
+    if not tables:
         return tables
     packed = {f"{p.name}.weight" for p in plan}
     stored = tuple(f"{t.name}." for t in tables)

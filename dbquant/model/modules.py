@@ -47,12 +47,8 @@ class FakeQuantLinear(nn.Module):
 
     def quantized_weight(self) -> torch.Tensor:
         """float32 [N, K]: the fake-quantized weight (differentiable in scales and, by STE, weight)."""
-        n, g = self.out_features, self.group_size
-        if self.in_features % g == 0:  # no padding: a view, so no copy of the weight every step
-            wg = self.weight.view(n, self.in_features // g, g)
-        else:
-            wg = fdb.to_groups(self.weight, g)
-        return fdb.fake_quant(wg, self.alpha, self.offset).reshape(n, -1)[:, : self.in_features]
+        wg = fdb.to_groups(self.weight, self.group_size)
+        return fdb.fake_quant(wg, self.alpha, self.offset).reshape(self.out_features, -1)[:, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))

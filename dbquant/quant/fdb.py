@@ -60,9 +60,15 @@ class DualBinaryWeight:
 # ---------------------------------------------------------------- grouping helpers
 
 def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """float [N, K] -> float32 [N, G, g], zero-padded at the end of K."""
+    """float [N, K] -> float32 [N, G, g], zero-padded at the end of K.
+
+    Without padding a contiguous float32 ``w`` comes back as a view (no copy: calibration groups
+    every latent weight on every step), so callers read the groups and never write into them.
+    """
     n, k = w.shape
     g = LinearLayout(n, k, group_size).groups
+    if g * group_size == k and w.dtype == torch.float32 and w.is_contiguous():
+        return w.view(n, g, group_size)
     wp = torch.zeros(n, g * group_size, dtype=torch.float32, device=w.device)
     wp[:, :k] = w
     return wp.view(n, g, group_size)
