@@ -36,7 +36,7 @@ from .model.checkpoint import is_dbquant_dir, load, measured_bits
 from .model.inspect import layer_stats, load_source, stats_summary, table_stats
 from .model.sources import load_fp_model, resolve_model
 from .model.vlm import processor_files
-from .quantize import (QuantizeOptions, check_output, drop_work_dir, make_plan, make_table_plan, quantize,
+from .quantize import (QuantizeOptions, budgeted, check_output, drop_work_dir, make_plan, make_table_plan, quantize,
                        save_output)
 from .runtime.decode import LM_HEAD_DTYPES
 from .runtime.generate import ENGINES, GenerateOptions, generate
@@ -138,6 +138,9 @@ def cmd_quantize(a) -> int:
             if opts.target_bpw is not None:
                 raise DbquantError("--target-bpw measures every linear's sensitivity on the whole model; it does "
                                    "not run with --streaming")
+            if opts.time_budget is not None:
+                raise DbquantError("--time-budget is fitted to the in-memory pipeline's stages; give --streaming "
+                                   "its --bw-steps instead")
             return _quantize_streaming(a, opts)
         return _quantize_in_memory(a, opts)
     finally:
@@ -156,6 +159,15 @@ def _quantize_in_memory(a, opts) -> int:
         info = alloc["allocation"]
         print(f"--target-bpw {info['target_bpw']}: {info['bpw']:.4f} bits/weight chosen by {info['sensitivity']} "
               f"sensitivity in {info['seconds']:.0f} s; layouts {info['layouts']}",
+              file=sys.stderr if a.json else sys.stdout)
+    if opts.method == "fdb-dad":  # quantize() fits the same steps again: the fit is deterministic
+        info = budgeted(model, opts, plan)[1]
+        head = ""
+        if "steps" in info:
+            head = f"--time-budget {opts.time_budget:g} min: " + ", ".join(
+                f"{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in info["steps"].items()) + "; "
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in info["predicted_s"].items())
+        print(f"{head}predicted {info['predicted_total_s'] / 60:.1f} min on the reference 2-core CPU ({stages})",
               file=sys.stderr if a.json else sys.stdout)
     if a.dry_run:
         return 0

@@ -19,6 +19,7 @@ from .calibration import METHODS, init_weights, input_second_moments
 from .calibration.blockwise import INPUT_MODES
 from .calibration.dad import DADConfig
 from .calibration.pipeline import calibration_sampler, run_fdb_dad, self_gen_config
+from .calibration import budget as budgetlib
 from .calibration.presets import preset_values
 from .calibration.runstate import discard_checkpoints
 from .calibration.sensitivity import SENSITIVITIES, allocate_plan
@@ -129,6 +130,10 @@ class QuantizeOptions:
     # ---- fdb-dad stages (None = take the preset's value; see dbquant.calibration.presets)
     preset: str = option("default", "fast (~5 min on a 2-core CPU for SmolLM2), default (~18 min), best (hours on CPU)",
                          section="fdb-dad")
+    time_budget: float | None = option(None, "minutes: scale the preset's --bw-steps and --dad-steps (those not "
+                                       "given) to fit this wall time on the reference 2-core CPU; deterministic "
+                                       "(a cost model of the model's shapes, not a clock)", section="fdb-dad",
+                                       metavar="MIN")
     blockwise: bool | None = stage_option("run block-wise reconstruction (--no-blockwise: skip it)",
                                           action=argparse.BooleanOptionalAction)
     bw_samples: int | None = stage_option("calibration windows for block-wise")
@@ -194,6 +199,9 @@ class QuantizeOptions:
             raise DbquantError("--calib-images feeds block-wise reconstruction and DAD: it needs --method fdb-dad "
                                "with block-wise or DAD on and calibration text (images fill the start of each "
                                "sample)")
+        if self.time_budget is not None and (self.method != "fdb-dad" or not self.time_budget > 0):
+            raise DbquantError(f"--time-budget {self.time_budget}: needs minutes > 0 and --method fdb-dad (the "
+                               "budget scales its training steps)")
         if self.method == "fdb-dad":
             r = self.resolved()
             bad = [f"{k}={getattr(r, k)}" for k in ("bw_samples", "bw_steps", "bw_batch", "dad_samples",
@@ -274,6 +282,20 @@ def make_table_plan(model, opts: QuantizeOptions, plan: list[planlib.LinearPlan]
                        "save_pretrained needs; use --embed-bits fp32")
 
 
+def budgeted(model, opts: QuantizeOptions, plan: list[planlib.LinearPlan]) -> tuple[QuantizeOptions, dict]:
+    """Resolved ``fdb-dad`` options, with ``--time-budget`` applied (``calibration/budget.py``).
+
+    Returns (options, the time model's report: predicted seconds per stage on the reference
+    CPU, and with a budget the steps it chose). Deterministic: the same options and model
+    shapes give the same step counts, so the CLI's printed plan is what ``quantize`` runs.
+    """
+    r, shapes = opts.resolved(), budgetlib.Shapes.of(model, plan)
+    if opts.time_budget is None:
+        return r, budgetlib.prediction(r, shapes)
+    given = {k for k in budgetlib.SCALED if getattr(opts, k) is not None}
+    return budgetlib.fit(r, shapes, given)
+
+
 def _init_only(model, tokenizer, plan, opts: QuantizeOptions, times: dict, progress: bool):
     """The FDB/RTN init stage alone (activation-weighted when calibration text is given)."""
     importance = None
@@ -299,12 +321,13 @@ def quantize(model, tokenizer, opts: QuantizeOptions, progress: bool = True, mod
     (``calib=None``) is the data-free FDB init.
     """
     opts.check()
-    if opts.method == "fdb-dad":
-        opts = opts.resolved()
     t0 = time.perf_counter()
     alloc: dict = {}
     if plan is None:  # the CLI passes the plan it printed (--target-bpw measures once)
         plan = make_plan(model, opts, tokenizer, progress, alloc)
+    timing = None
+    if opts.method == "fdb-dad":
+        opts, timing = budgeted(model, opts, plan)
     tables = make_table_plan(model, opts, plan)
     bits = planlib.bits_summary(plan, model, tables)
     # kept before calibration: fdb-dad trains the latent weights in place
@@ -327,6 +350,8 @@ def quantize(model, tokenizer, opts: QuantizeOptions, progress: bool = True, mod
                                 tables=[t.to_dict() for t in tables], layers=planlib.layer_rows(plan),
                                 format_version=FORMAT_VERSION))
     times["total_s"] = time.perf_counter() - t0
+    if timing is not None:
+        report["time_model"] = timing  # beside "times": predicted (reference CPU) vs measured
     return {"options": asdict(opts), **bits, "layers": len(plan), "rel_weight_error": errors, "times": times,
             **alloc, **report}
 

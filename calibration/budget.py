@@ -1,0 +1,155 @@
+"""``--time-budget MIN``: the preset's step counts scaled to fit a wall time, by a cost model.
+
+The fit is deterministic: it reads the options and the model's shapes, never a clock, so
+the same command trains the same steps on every machine (and ``--resume`` finds the same
+fingerprint). What it predicts is the wall time on the reference CPU, where the constants
+below were measured; another machine takes longer or shorter by its speed ratio, and the
+report holds the prediction beside the measured stage times so the two can be compared.
+
+The model counts work in token x parameter units (a linear's forward is ~2 FLOPs per
+weight and token, so every compute-bound stage is linear in it):
+
+- teacher cache: ``dad_samples * dad_seq_len`` tokens through the whole model (forward);
+- block-wise, per decoder block: two forwards of every calibration token (the fp target,
+  with the statistics of the in-block init, and the quantized chain's next inputs), the FDB
+  init of the block's weights, and ``bw_steps`` training steps of ``bw_batch * bw_seq_len``
+  tokens;
+- DAD: ``dad_steps`` steps of ``dad_batch * dad_seq_len`` tokens through the whole model
+  (the output head included), times the teacher signal's measured cost;
+- without block-wise: one statistics forward and the init of every planned linear;
+- ``--target-bpw``: the sensitivity pass (forward and backward of ``alloc_samples`` windows).
+
+Only ``bw_steps`` and ``dad_steps`` are scaled, both by one factor (the preset's balance
+between the stages is kept); a step count given on the command line is kept as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from torch import nn
+
+from dbquant.errors import DbquantError
+from dbquant.model.plan import LinearPlan, decoder_blocks
+
+REFERENCE_CPU = ("quiet 2-core Intel Xeon (Sapphire Rapids class: AVX-512 VNNI/BF16, no AMX), 2 threads, fp32; "
+                 "SmolLM2-135M `fast` preset, 2026-12-02 (docs/CALIBRATION.md, time budget)")
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Seconds on the reference CPU; ``*_tp``: per token x parameter, ``init_p``: per quantized weight.
+
+    Measured on the ``fast`` preset's quiet run (runs/main-quiet, dbquant-log.jsonl): teacher
+    32.9 s for 12,288 tokens over 134.5M parameters; a block-wise step 0.148 s for 512 tokens
+    over a 3.54M-parameter block; the quantized chain's forward 0.54 s per block for 8,192
+    tokens; the rest of a block's 2.32 s outside its steps (the target forward with statistics,
+    the FDB init, the block's checkpoint) less that forward gives ``init_p``; a DAD step 4.25 s
+    for 512 tokens over 134.5M. The stage totals come out at 32 / 105 / 145 s, as measured.
+    """
+
+    forward_tp: float = 1.95e-11
+    block_step_tp: float = 8.2e-11
+    init_p: float = 3.4e-7
+    dad_step_tp: float = 6.2e-11
+    fixed_s: float = 8.0  # data windows, packing, the validating save
+    # DAD step cost of each teacher signal relative to topk (docs/RESULTS.md, training tokens/s)
+    teacher_factor: tuple = (("topk", 1.0), ("online", 1.22), ("sample", 0.94))
+
+
+COSTS = Costs()
+SCALED = ("bw_steps", "dad_steps")
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Parameter counts the cost model needs: each decoder block's planned linear weights,
+    and the whole model's compute (planned linears + output head)."""
+
+    block_params: tuple[int, ...]
+    compute_params: int
+
+    @classmethod
+    def of(cls, model: nn.Module, plan: list[LinearPlan]) -> Shapes:
+        blocks = decoder_blocks(model)
+        owner = {id(m): i for i, b in enumerate(blocks) for m in b.modules()}
+        per = [0] * len(blocks)
+        total = 0
+        for p in plan:
+            m = model.get_submodule(p.name)
+            n = p.layout.out_features * p.layout.in_features
+            total += n
+            if id(m) in owner:
+                per[owner[id(m)]] += n
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is not None and not any(p.name.endswith("lm_head") for p in plan):
+            total += head.weight.numel()
+        return cls(tuple(per), total)
+
+
+def predict(opts, shapes: Shapes, costs: Costs = COSTS) -> dict[str, float]:
+    """Predicted seconds per stage on the reference CPU of resolved options ``opts``."""
+    c = costs
+    out = {"fixed": c.fixed_s}
+    if opts.target_bpw is not None and opts.sensitivity != "weight":
+        out["sensitivity"] = opts.alloc_samples * opts.calib_seq_len * shapes.compute_params * c.block_step_tp
+    planned = sum(shapes.block_params)
+    if opts.blockwise:
+        tokens = opts.bw_samples * opts.bw_seq_len
+        out["blockwise"] = sum(p * (2 * tokens * c.forward_tp + c.init_p
+                                    + opts.bw_steps * opts.bw_batch * opts.bw_seq_len * c.block_step_tp)
+                               for p in shapes.block_params)
+    else:
+        out["init"] = opts.calib_samples * opts.calib_seq_len * shapes.compute_params * c.forward_tp \
+            + planned * c.init_p
+    if opts.dad and opts.dad_steps:
+        factor = dict(c.teacher_factor).get(opts.dad_teacher, 1.0)
+        if opts.dad_teacher != "online":
+            out["teacher"] = opts.dad_samples * opts.dad_seq_len * shapes.compute_params * c.forward_tp
+        out["dad"] = opts.dad_steps * opts.dad_batch * opts.dad_seq_len * shapes.compute_params * c.dad_step_tp * factor
+    return out
+
+
+def prediction(opts, shapes: Shapes, costs: Costs = COSTS) -> dict:
+    """The report's record of a run without a budget: predicted seconds per stage and in all."""
+    pred = predict(opts, shapes, costs)
+    return {"predicted_s": {k: round(v, 1) for k, v in pred.items()}, "predicted_total_s": round(sum(pred.values()), 1),
+            "reference_cpu": REFERENCE_CPU}
+
+
+def fit(opts, shapes: Shapes, given: set[str] = frozenset(), costs: Costs = COSTS):
+    """Scale the step counts not in ``given`` so the predicted total is <= ``opts.time_budget`` minutes.
+
+    Returns (options with the scaled step counts, a report: budget, factor, steps before and
+    after, predicted seconds per stage, the reference CPU). Raises :class:`DbquantError` when
+    no step count can be scaled, or when even one step per scaled stage does not fit.
+    """
+    budget = opts.time_budget * 60.0
+    scalable = [k for k in SCALED if k not in given and getattr(opts, _stage(k)) and getattr(opts, k) > 0]
+    if not scalable:
+        raise DbquantError("--time-budget scales --bw-steps and --dad-steps, but both are given on the command line "
+                           "(or their stages are off); leave one of them to the budget")
+
+    def total(f: float) -> tuple[float, object]:
+        o = replace(opts, **{k: max(1, int(getattr(opts, k) * f)) for k in scalable})
+        return sum(predict(o, shapes, costs).values()), o
+
+    floor_s, _ = total(0.0)
+    if floor_s > budget:
+        raise DbquantError(f"--time-budget {opts.time_budget:g} min is below this run's floor: one step per scaled "
+                           f"stage is predicted to take {floor_s / 60:.1f} min on the reference CPU")
+    lo, hi = 0.0, 1.0
+    while total(hi)[0] <= budget and hi < 1e6:  # grow until over, then bisect the factor
+        lo, hi = hi, hi * 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if total(mid)[0] <= budget else (lo, mid)
+    out = total(lo)[1]
+    info = {"minutes": opts.time_budget, "factor": round(lo, 4),
+            "steps": {k: [getattr(opts, k), getattr(out, k)] for k in scalable},
+            **prediction(out, shapes, costs), "costs": asdict(costs)}
+    return out, info
+
+
+def _stage(step_option: str) -> str:
+    return "blockwise" if step_option == "bw_steps" else "dad"

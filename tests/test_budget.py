@@ -1,0 +1,88 @@
+"""--time-budget: the cost model's fit is deterministic, fits, keeps given options, refuses the impossible."""
+
+import pytest
+
+from .conftest import make_tiny_model
+from dbquant.calibration import budget
+from dbquant.errors import DbquantError
+from dbquant.quantize import QuantizeOptions, budgeted, make_plan, quantize
+
+# SmolLM2-135M: 30 blocks of 7 planned linears (3,538,944 weights each) and a 49152 x 576 head
+SMOLLM2 = budget.Shapes(block_params=(3_538_944,) * 30, compute_params=30 * 3_538_944 + 49152 * 576)
+
+
+def test_constants_reproduce_the_measured_fast_run():
+    """The stage times of the quiet fast run the constants were measured on (teacher 32.9 s,
+    block-wise 104.9 s, DAD 144.7 s, total 289.7 s; docs/CALIBRATION.md), within 5%."""
+    pred = budget.predict(QuantizeOptions(preset="fast").resolved(), SMOLLM2)
+    for stage, seconds in (("teacher", 32.9), ("blockwise", 104.9), ("dad", 144.7)):
+        assert pred[stage] == pytest.approx(seconds, rel=0.05), (stage, pred)
+    assert sum(pred.values()) == pytest.approx(289.7, rel=0.05)
+
+
+@pytest.mark.parametrize("minutes", [4, 10, 20, 60])
+def test_fit_stays_within_the_budget_and_is_deterministic(minutes):
+    opts = QuantizeOptions(preset="default", time_budget=minutes).resolved()
+    a, info = budget.fit(opts, SMOLLM2)
+    b, _ = budget.fit(opts, SMOLLM2)
+    assert (a.bw_steps, a.dad_steps) == (b.bw_steps, b.dad_steps)
+    assert info["predicted_total_s"] <= minutes * 60
+    assert sum(budget.predict(a, SMOLLM2).values()) <= minutes * 60
+    # one more step of each stage would not fit: the budget is used, not just respected
+    more = a.__class__(**{**a.__dict__, "bw_steps": a.bw_steps + 1, "dad_steps": a.dad_steps + 1})
+    assert sum(budget.predict(more, SMOLLM2).values()) > minutes * 60
+
+
+def test_more_minutes_buy_more_steps_in_the_preset_balance():
+    fits = [budget.fit(QuantizeOptions(preset="default", time_budget=m).resolved(), SMOLLM2)[0]
+            for m in (5, 10, 20, 40)]
+    assert [f.dad_steps for f in fits] == sorted(f.dad_steps for f in fits)
+    assert len({f.dad_steps for f in fits}) == 4
+    for f in fits[1:]:  # both stages scaled by one factor: 40 : 150
+        assert f.dad_steps / f.bw_steps == pytest.approx(150 / 40, rel=0.1)
+
+
+def test_a_step_count_given_on_the_command_line_is_kept():
+    opts = QuantizeOptions(preset="default", time_budget=15, dad_steps=100).resolved()
+    out, info = budget.fit(opts, SMOLLM2, given={"dad_steps"})
+    assert out.dad_steps == 100 and "dad_steps" not in info["steps"] and out.bw_steps != 40
+    with pytest.raises(DbquantError, match="both are given"):
+        budget.fit(opts, SMOLLM2, given={"dad_steps", "bw_steps"})
+
+
+def test_a_budget_below_the_floor_is_refused_with_the_floor():
+    with pytest.raises(DbquantError, match=r"below this run's floor: .* \d+\.\d min"):
+        budget.fit(QuantizeOptions(preset="default", time_budget=0.5).resolved(), SMOLLM2)
+
+
+@pytest.mark.parametrize("kw", [dict(time_budget=0), dict(time_budget=-3), dict(time_budget=5, method="fdb")])
+def test_bad_budget_options(kw):
+    with pytest.raises(DbquantError, match="--time-budget"):
+        QuantizeOptions(**kw).check()
+
+
+def test_the_online_teacher_costs_more_and_caches_nothing():
+    topk = budget.predict(QuantizeOptions(preset="fast").resolved(), SMOLLM2)
+    online = budget.predict(QuantizeOptions(preset="fast", dad_teacher="online").resolved(), SMOLLM2)
+    assert "teacher" not in online and online["dad"] > topk["dad"]
+
+
+def test_quantize_runs_the_fitted_steps(tiny_tokenizer, text_file):
+    """End to end on a tiny model: the report records the budget and the options it trained with."""
+    model = make_tiny_model(vocab_size=len(tiny_tokenizer))
+    base = dict(group_size=32, calib=text_file, preset="fast", bw_samples=4, bw_seq_len=24, bw_batch=2,
+                dad_samples=4, dad_seq_len=24, dad_batch=2, dad_topk=8)
+    plan = make_plan(model, QuantizeOptions(**base))
+    shapes = budget.Shapes.of(model, plan)
+    assert shapes.block_params == tuple(sum(p.layout.out_features * p.layout.in_features for p in plan
+                                            if p.name.startswith(f"model.layers.{i}.")) for i in range(2))
+    # a budget that the cost model fills with ~3 block-wise and ~6 DAD steps on this model
+    target = QuantizeOptions(**base, bw_steps=3, dad_steps=6).resolved()
+    minutes = sum(budget.predict(target, shapes).values()) / 60
+    opts = QuantizeOptions(**base, time_budget=minutes)
+    fitted, info = budgeted(model, opts, plan)
+    assert sum(budget.predict(fitted, shapes).values()) <= minutes * 60 and 1 <= fitted.dad_steps <= 12
+    report = quantize(model, tiny_tokenizer, opts, progress=False, model_id="tiny", plan=plan)
+    assert report["time_model"]["steps"] == info["steps"]
+    assert (report["options"]["bw_steps"], report["options"]["dad_steps"]) == (fitted.bw_steps, fitted.dad_steps)
+    assert report["calibration"]["dad"]["steps"] == fitted.dad_steps
