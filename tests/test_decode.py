@@ -53,7 +53,7 @@ def _prefilled_pair(model):
     """(native decoder, Python-step decoder, ids [1, T], HF logits [T, V]), both prefilled with 4 tokens
     (the same Python path in both); their one-token steps are what the tests compare."""
     native, python = FastDecoder(model, max_len=32), FastDecoder(model, max_len=32)
-    python.native = None
+    python.native = python.stack = None
     ids = IDS[:1]
     with torch.no_grad():
         ref = model(ids).logits[0]
@@ -82,20 +82,39 @@ def test_native_step_with_int8_tables_matches_the_python_step():
 @pytest.mark.parametrize("model_type,cfg", [("llama", {}), ("qwen2", {}),  # qwen2: q/k/v biases
                                              ("llama", {"num_key_value_heads": 4})])  # no GQA
 def test_native_layer_step_matches_the_python_step(model_type, cfg):
-    """A one-token step through decode_layer_cpu (one C++ call per layer) gives the Python step's
-    logits and cache contents, position after position, and HF's forward at every position."""
+    """A one-token step through decode_step_cpu (one C++ call for every layer) gives the Python
+    step's logits and cache contents, position after position, and HF's forward at every position;
+    so does decode_layer_cpu called once per layer."""
     model = _packed(model_type, **cfg)
     native, python, ids, ref = _prefilled_pair(model)
     assert native.native is not None and len(native.native) == model.config.num_hidden_layers
     scale = ref.abs().max().item()
+    steps = []
     for p in range(4, ids.shape[1]):
         a, b = native.forward(ids[:, p:p + 1], p), python.forward(ids[:, p:p + 1], p)
+        steps.append(a)
         torch.testing.assert_close(a, b, rtol=FP32_REORDER, atol=FP32_REORDER * scale)
         torch.testing.assert_close(a[0], ref[p], rtol=FP32_REORDER_LONG, atol=FP32_REORDER * scale)
     torch.testing.assert_close(native.k_cache, python.k_cache, rtol=FP32_REORDER, atol=FP32_ULP)
     torch.testing.assert_close(native.v_cache, python.v_cache, rtol=FP32_REORDER, atol=FP32_ULP)
     assert all(L.native is native.native[i] for i, L in enumerate(native.layers))
-    # bad input is refused by the op, not computed
+    assert native.stack.size() == model.config.num_hidden_layers
+    # the per-layer op, one call per layer from the same prefilled caches: the same arithmetic, bit for bit
+    per_layer, _, _, _ = _prefilled_pair(model)
+    for p, want in zip(range(4, ids.shape[1]), steps):
+        x = per_layer.embed(ids[:, p:p + 1]).float().reshape(1, -1)
+        for i, L in enumerate(per_layer.layers):
+            per_layer.decode_layer.run(x, L.native, L.cos[p], L.sin[p], per_layer.k_cache[i], per_layer.v_cache[i], p)
+        assert torch.equal(per_layer._logits(per_layer._rms(x, per_layer.norm)), want)
+    assert torch.equal(per_layer.k_cache, native.k_cache) and torch.equal(per_layer.v_cache, native.v_cache)
+    # bad input is refused by the ops, not computed
+    step = cpu_backend.decode_step_cpu.run
+    with pytest.raises(RuntimeError, match=r"pos 32 is outside the RoPE tables \(max_len 32\)"):
+        step(torch.zeros(1, model.config.hidden_size), native.stack, native.k_cache, native.v_cache, 32)
+    with pytest.raises(RuntimeError, match=r"decode_step_cpu: caches must be \["):
+        step(torch.zeros(1, model.config.hidden_size), native.stack, native.k_cache[1:], native.v_cache[1:], 0)
+    with pytest.raises(RuntimeError, match=r"decode_step_cpu: x must be \[1, 64\]"):
+        step(torch.zeros(1, 63), native.stack, native.k_cache, native.v_cache, 0)
     run, layer = native.decode_layer.run, native.native[0]
     x = torch.zeros(1, model.config.hidden_size)
     with pytest.raises(RuntimeError, match=r"pos 32 is outside the cache \(max_len 32\)"):

@@ -5,6 +5,7 @@ rounding and greedy tokens are equal."""
 import pytest
 import torch
 
+from dbquant.backends import cpu as cpu_backend
 from dbquant.errors import DbquantError
 from dbquant.quantize import QuantizeOptions, quantize
 from dbquant.runtime.decode import FastDecoder
@@ -51,7 +52,7 @@ def test_logits_match_hf_forward_with_the_same_cache(packed, kv):
     model = _packed_model() if packed else make_tiny_model()
     spec = parse_kv(kv, group=8, residual=4)
     dec = FastDecoder(model, max_len=64, kv=spec)
-    assert (dec.decode_layer_kv is not None) == packed  # packed: one native call per layer and token
+    assert (dec.decode_step_kv is not None) == packed  # packed: one native call per token, every layer in it
     got = _decoder_logits(dec, IDS, 21)
     want = _hf_logits(model, IDS, 21, spec)
     assert dec.kv_cache.n_groups == (IDS.shape[1] - 1 - spec.residual) // spec.group  # groups were packed
@@ -76,11 +77,17 @@ def test_greedy_tokens_equal_hf_generate_with_the_same_cache(packed):
 def test_native_step_matches_the_python_step():
     model = _packed_model(num_key_value_heads=1)  # 4 query heads on one kv head
     native, python = FastDecoder(model, max_len=64, kv=SPEC), FastDecoder(model, max_len=64, kv=SPEC)
-    python.decode_layer_kv = None
+    python.decode_step_kv = None
     a, b = _decoder_logits(native, IDS, 9), _decoder_logits(python, IDS, 9)
     torch.testing.assert_close(a, b, rtol=FP32_REORDER, atol=FP32_REORDER * b.abs().max().item())
     for name in ("vtrits", "kcodes", "nbits", "sink_k"):  # the same codes were packed
         assert torch.equal(native.kv_cache.bufs[name], python.kv_cache.bufs[name]), name
+    # a stack whose layers were never given their packed caches is refused, not run
+    bare = cpu_backend.prepare_decode_stack([(L.native, L.cos, L.sin) for L in native.layers])
+    with pytest.raises(RuntimeError, match="layer 0 has no packed cache"):
+        cpu_backend.decode_step_kv_cpu.run(torch.zeros(1, model.config.hidden_size), bare, 0, 0, 0)
+    with pytest.raises(RuntimeError, match="n_groups 99 and n_tail"):
+        cpu_backend.decode_step_kv_cpu.run(torch.zeros(1, model.config.hidden_size), native.stack, 0, 99, 0)
 
 
 def test_long_prefill_is_quantized_group_by_group():

@@ -34,6 +34,15 @@
 //   torch.ops.dbquant.decode_layer_kv_cpu(Tensor(a!) x, DecodeLayer layer, Tensor cos, Tensor sin,
 //                                    KVPacked kv, int n_groups, int n_tail) -> ()
 //                                    (decode_layer_cpu with the packed cache)
+//   torch.classes.dbquant.DecodeStack().add(DecodeLayer layer, Tensor cos, Tensor sin)
+//                                    .set_kv(int i, KVPacked kv)
+//                                    (a decoder's layers with their RoPE tables [max_len, D])
+//   torch.ops.dbquant.decode_step_cpu(Tensor(a!) x, DecodeStack stack, Tensor(b!) k_cache,
+//                                    Tensor(c!) v_cache, int pos) -> ()
+//                                    (every layer for one token, in place; caches
+//                                    [n_layers, 1, Hk, max_len, D])
+//   torch.ops.dbquant.decode_step_kv_cpu(Tensor(a!) x, DecodeStack stack, int pos, int n_groups,
+//                                    int n_tail) -> ()   (the same on the packed caches of set_kv)
 //   torch.ops.dbquant.stream_read_cpu(Tensor buf, int threads, str isa="auto") -> int
 //                                    (XOR checksum of a buffer read on `threads` threads: the
 //                                    benchmark's read bandwidth, stream_read.h)
@@ -480,62 +489,37 @@ struct DecodeLayer : torch::CustomClassHolder {
   double softcap = 0.0, residual_scale = 1.0;
 };
 
-// One Llama-family decoder layer for one token (batch 1), in place on x float32 [1, H]:
-//   x += o(attn(rope(q), rope(k), v)) with q, k, v = qkv(rms(x, ln1)); k, v appended to the
-//   caches at `pos`; then x += down(silu(gate) * up) with gate, up = gate_up(rms(x, ln2)),
-//   with the family switches of set_extras (DecodeLayer above).
-// layer: the weights (DecodeLayer above). k_cache, v_cache: float32 [1, Hk, L, D] (this
-// layer's); cos, sin: float32 [D] at `pos`.
-// Every piece computes what decode_layer_ref (dbquant/backends/reference.py) computes, up
-// to float rounding order; the gain is one call instead of ~20 framework ops.
-void decode_layer_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeLayer>& layer, const at::Tensor& cos,
-                      const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos) {
-  using dbquant::cpu::T16Weight;
-  const DecodeLayer& ly = *layer;
-  ly.check_complete();
+// One Llama-family decoder layer for one token (batch 1), in place on xp float32 [H]:
+//   x += o(attn(rope(q), rope(k), v)) with q, k, v = qkv(rms(x, ln1)); then
+//   x += down(silu(gate) * up) with gate, up = gate_up(rms(x, ln2)),
+//   with the family switches of set_extras (DecodeLayer above). cos, sin: float32 [D] at the
+// token's position. attend(q, k, v, att): stores the token's k, v (float32 [Hk, D] each) in the
+// layer's cache and writes the attention of q (float32 [Hq, D]) into att (float32 [Hq, D]); the
+// one part that differs between the float32 cache and the packed VidKV cache.
+// Every piece computes what decode_layer_ref (dbquant/backends/reference.py) computes, up to
+// float rounding order; the gain is one call instead of ~20 framework ops.
+template <typename Attend>
+void layer_step(const DecodeLayer& ly, float* xp, const float* cos, const float* sin, const at::TensorOptions& opts,
+                Attend&& attend) {
   const int64_t H = ly.H, Hq = ly.Hq, Hk = ly.Hk, D = ly.D, I = ly.I;
-  check_input(x, "x", at::kFloat);
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.size(1) == H, "decode_layer_cpu: x must be [1, ", H,
-              "] (hidden), got ", x.sizes());
-  check_input(cos, "cos", at::kFloat);
-  check_input(sin, "sin", at::kFloat);
-  check_shape(cos, "cos", {D});
-  check_shape(sin, "sin", {D});
-  check_input(k_cache, "k_cache", at::kFloat);
-  check_input(v_cache, "v_cache", at::kFloat);
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == 1 && k_cache.size(1) == Hk && k_cache.size(3) == D &&
-                  v_cache.sizes() == k_cache.sizes(),
-              "decode_layer_cpu: caches must be [1, ", Hk, ", max_len, ", D, "], got ", k_cache.sizes(), " and ",
-              v_cache.sizes());
-  const int64_t L = k_cache.size(2);
-  TORCH_CHECK(pos >= 0 && pos < L, "decode_layer_cpu: pos ", pos, " is outside the cache (max_len ", L, ")");
-  const T16Weight &wqkv = ly.weights[0], &wo = ly.weights[1], &wgu = ly.weights[2], &wd = ly.weights[3];
-  const int64_t qkv_n = wqkv.N;
+  const dbquant::cpu::T16Weight &wqkv = ly.weights[0], &wo = ly.weights[1], &wgu = ly.weights[2], &wd = ly.weights[3];
   const Isa isa = dbquant::cpu::best_isa();
-
-  const int64_t n = pos + 1;
   const int64_t lf = std::max({lut_scratch_floats(wqkv), lut_scratch_floats(wo), lut_scratch_floats(wgu),
                                lut_scratch_floats(wd)});
   const int64_t G = std::max({wqkv.groups(), wo.groups(), wgu.groups(), wd.groups()});
-  at::Tensor scratch = at::empty({lf + G + H + qkv_n + Hq * D + Hq * n + 2 * I + I + H}, x.options());
+  at::Tensor scratch = at::empty({lf + G + H + wqkv.N + Hq * D + 2 * I + I + H}, opts);
   float* lut = scratch.data_ptr<float>();
   float* gsum = lut + lf;
   float* h = gsum + G;
   float* qkv = h + H;
-  float* att = qkv + qkv_n;
-  float* scores = att + Hq * D;
-  float* gu = scores + Hq * n;
+  float* att = qkv + wqkv.N;
+  float* gu = att + Hq * D;
   float* act = gu + 2 * I;
   float* tmp = act + I;
-  float* xp = x.data_ptr<float>();
-  const float eps = float(ly.eps);
-
-  const float rs = float(ly.residual_scale);
+  const float eps = float(ly.eps), rs = float(ly.residual_scale);
   // attention half
-  if (ly.pre_norm)
-    dbquant::cpu::rms_norm_rows(xp, ly.ln1.data_ptr<float>(), eps, H, h, 0, 1);
-  else
-    std::copy(xp, xp + H, h);
+  if (ly.pre_norm) dbquant::cpu::rms_norm_rows(xp, ly.ln1.data_ptr<float>(), eps, H, h, 0, 1);
+  else std::copy(xp, xp + H, h);
   gemv_t16(isa, wqkv, h, qkv, lut, gsum);
   float* q = qkv;
   float* k = qkv + Hq * D;
@@ -545,37 +529,74 @@ void decode_layer_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeLayer>
     dbquant::cpu::rms_norm_rows(q, ly.q_norm.data_ptr<float>(), eps, qd, q, 0, Hq * D / qd);
     dbquant::cpu::rms_norm_rows(k, ly.k_norm.data_ptr<float>(), eps, kd, k, 0, Hk * D / kd);
   }
-  dbquant::cpu::rope_rows(q, cos.data_ptr<float>(), sin.data_ptr<float>(), Hq, D);
-  dbquant::cpu::rope_rows(k, cos.data_ptr<float>(), sin.data_ptr<float>(), Hk, D);
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
-  for (int64_t j = 0; j < Hk; ++j) {
-    std::copy(k + j * D, k + (j + 1) * D, kc + (j * L + pos) * D);
-    std::copy(v + j * D, v + (j + 1) * D, vc + (j * L + pos) * D);
-  }
-  // a sliding window reads positions first..pos: the caches from row `first` on
-  const int64_t first = ly.window > 0 ? std::max<int64_t>(0, pos - ly.window + 1) : 0;
-  const int64_t seen = n - first;
-  at::parallel_for(0, Hq, std::max<int64_t>(1, (int64_t(1) << 14) / (seen * D)), [&](int64_t h0, int64_t h1) {
-    dbquant::cpu::attend_one_token(q, kc + first * D, vc + first * D, Hq, Hk, L, D, seen, float(ly.scale),
-                                   float(ly.softcap), scores, att, h0, h1);
-  });
+  dbquant::cpu::rope_rows(q, cos, sin, Hq, D);
+  dbquant::cpu::rope_rows(k, cos, sin, Hk, D);
+  attend(q, k, v, att, isa);
   gemv_t16(isa, wo, att, tmp, lut, gsum);
   if (ly.post_attn.defined()) dbquant::cpu::rms_norm_rows(tmp, ly.post_attn.data_ptr<float>(), eps, H, tmp, 0, 1);
   for (int64_t i = 0; i < H; ++i) xp[i] += tmp[i] * rs;
   // MLP half
-  if (ly.pre_norm)
-    dbquant::cpu::rms_norm_rows(xp, ly.ln2.data_ptr<float>(), eps, H, h, 0, 1);
-  else
-    std::copy(xp, xp + H, h);
+  if (ly.pre_norm) dbquant::cpu::rms_norm_rows(xp, ly.ln2.data_ptr<float>(), eps, H, h, 0, 1);
+  else std::copy(xp, xp + H, h);
   gemv_t16(isa, wgu, h, gu, lut, gsum);
-  if (ly.gelu)
-    dbquant::cpu::gelu_tanh_mul(gu, I, act);
-  else
-    dbquant::cpu::silu_mul(gu, I, act);
+  if (ly.gelu) dbquant::cpu::gelu_tanh_mul(gu, I, act);
+  else dbquant::cpu::silu_mul(gu, I, act);
   gemv_t16(isa, wd, act, tmp, lut, gsum);
   if (ly.post_ffn.defined()) dbquant::cpu::rms_norm_rows(tmp, ly.post_ffn.data_ptr<float>(), eps, H, tmp, 0, 1);
   for (int64_t i = 0; i < H; ++i) xp[i] += tmp[i] * rs;
+}
+
+// The float32 cache's attention of layer_step: the token's k, v go to row `pos` of kc, vc
+// (float32 [Hk, L, D]), then q attends to rows first..pos (a sliding window starts late).
+void attend_float_cache(const DecodeLayer& ly, float* kc, float* vc, int64_t L, int64_t pos, const float* q,
+                        const float* k, const float* v, float* att, const at::TensorOptions& opts) {
+  const int64_t Hq = ly.Hq, Hk = ly.Hk, D = ly.D;
+  for (int64_t j = 0; j < Hk; ++j) {
+    std::copy(k + j * D, k + (j + 1) * D, kc + (j * L + pos) * D);
+    std::copy(v + j * D, v + (j + 1) * D, vc + (j * L + pos) * D);
+  }
+  const int64_t first = ly.window > 0 ? std::max<int64_t>(0, pos - ly.window + 1) : 0;
+  const int64_t seen = pos + 1 - first;
+  at::Tensor sc = at::empty({Hq * seen}, opts);
+  float* scores = sc.data_ptr<float>();
+  at::parallel_for(0, Hq, std::max<int64_t>(1, (int64_t(1) << 14) / (seen * D)), [&](int64_t h0, int64_t h1) {
+    dbquant::cpu::attend_one_token(q, kc + first * D, vc + first * D, Hq, Hk, L, D, seen, float(ly.scale),
+                                   float(ly.softcap), scores, att, h0, h1);
+  });
+}
+
+void check_token_args(const char* op, const DecodeLayer& ly, const at::Tensor& x, const at::Tensor& cos,
+                      const at::Tensor& sin) {
+  ly.check_complete();
+  check_input(x, "x", at::kFloat);
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.size(1) == ly.H, op, ": x must be [1, ", ly.H, "] (hidden), got ",
+              x.sizes());
+  check_input(cos, "cos", at::kFloat);
+  check_input(sin, "sin", at::kFloat);
+  check_shape(cos, "cos", {ly.D});
+  check_shape(sin, "sin", {ly.D});
+}
+
+// One decoder layer for one token, in place on x float32 [1, H] (layer_step above), its k, v
+// appended at `pos` to k_cache, v_cache: float32 [1, Hk, L, D] (this layer's); cos, sin: float32
+// [D] at `pos`.
+void decode_layer_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeLayer>& layer, const at::Tensor& cos,
+                      const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos) {
+  const DecodeLayer& ly = *layer;
+  check_token_args("decode_layer_cpu", ly, x, cos, sin);
+  check_input(k_cache, "k_cache", at::kFloat);
+  check_input(v_cache, "v_cache", at::kFloat);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == 1 && k_cache.size(1) == ly.Hk && k_cache.size(3) == ly.D &&
+                  v_cache.sizes() == k_cache.sizes(),
+              "decode_layer_cpu: caches must be [1, ", ly.Hk, ", max_len, ", ly.D, "], got ", k_cache.sizes(), " and ",
+              v_cache.sizes());
+  const int64_t L = k_cache.size(2);
+  TORCH_CHECK(pos >= 0 && pos < L, "decode_layer_cpu: pos ", pos, " is outside the cache (max_len ", L, ")");
+  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  layer_step(ly, x.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), x.options(),
+             [&](const float* q, const float* k, const float* v, float* att, Isa) {
+               attend_float_cache(ly, kc, vc, L, pos, q, k, v, att, x.options());
+             });
 }
 
 // ---- attention on a packed VidKV cache (kv_attn.h; dbquant/runtime/kv/packed.py) -------------
@@ -725,74 +746,137 @@ at::Tensor kv_attend_cpu(const at::Tensor& q, const c10::intrusive_ptr<KVPacked>
   return out;
 }
 
-// decode_layer_cpu with the attention on a packed VidKV cache: the token's k, v are written to the
-// tail at row n_tail, then attended with the n_groups packed groups, the sink and tail rows 0..n_tail.
-// The same layer math as decode_layer_cpu otherwise (kept beside it rather than sharing its halves,
-// so that function stays as it is for the concurrent weight-format work; merge them afterwards).
+// The packed cache's attention of layer_step: the token's k, v go to tail row n_tail, then q
+// attends to the n_groups packed groups, the sink and tail rows 0..n_tail.
+void attend_packed_cache(const DecodeLayer& ly, const dbquant::cpu::KVPackedView& kv, int64_t n_groups,
+                         int64_t n_tail, const float* q, const float* k, const float* v, float* att,
+                         const at::TensorOptions& opts, Isa isa) {
+  const int64_t Hk = ly.Hk, D = ly.D;
+  for (int64_t j = 0; j < Hk; ++j) {
+    std::copy(k + j * D, k + (j + 1) * D, kv.tail_k + (j * kv.TC + n_tail) * D);
+    std::copy(v + j * D, v + (j + 1) * D, kv.tail_v + (j * kv.TC + n_tail) * D);
+  }
+  kv_attend_into(kv, q, 1, ly.Hq, n_groups, n_tail + 1, float(ly.scale), att, opts, isa);
+}
+
+void check_packed_layer(const char* op, const DecodeLayer& ly, const dbquant::cpu::KVPackedView& kv, int64_t n_groups,
+                        int64_t n_tail) {
+  TORCH_CHECK(kv.Hk == ly.Hk && kv.D == ly.D, op, ": the cache holds ", kv.Hk, " kv heads of ", kv.D,
+              " channels; the layer has ", ly.Hk, " of ", ly.D);
+  TORCH_CHECK(ly.window == 0 && ly.softcap == 0.0, op, ": sliding windows and soft-capping are not served by the "
+              "packed cache (window ", ly.window, ", softcap ", ly.softcap, ")");
+  check_kv_counts(op, kv, n_groups, n_tail + 1, 1);
+}
+
+// decode_layer_cpu with the attention on a packed VidKV cache (attend_packed_cache).
 void decode_layer_kv_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeLayer>& layer, const at::Tensor& cos,
                          const at::Tensor& sin, const c10::intrusive_ptr<KVPacked>& kvp, int64_t n_groups,
                          int64_t n_tail) {
   const DecodeLayer& ly = *layer;
   const auto& kv = kvp->view;
-  ly.check_complete();
-  const int64_t H = ly.H, Hq = ly.Hq, Hk = ly.Hk, D = ly.D, I = ly.I;
-  check_input(x, "x", at::kFloat);
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.size(1) == H, "decode_layer_kv_cpu: x must be [1, ", H,
-              "] (hidden), got ", x.sizes());
-  check_input(cos, "cos", at::kFloat);
-  check_input(sin, "sin", at::kFloat);
-  check_shape(cos, "cos", {D});
-  check_shape(sin, "sin", {D});
-  TORCH_CHECK(kv.Hk == Hk && kv.D == D, "decode_layer_kv_cpu: the cache holds ", kv.Hk, " kv heads of ", kv.D,
-              " channels; the layer has ", Hk, " of ", D);
-  TORCH_CHECK(ly.window == 0 && ly.softcap == 0.0, "decode_layer_kv_cpu: sliding windows and soft-capping are "
-              "not served by the packed cache (window ", ly.window, ", softcap ", ly.softcap, ")");
-  check_kv_counts("decode_layer_kv_cpu", kv, n_groups, n_tail + 1, 1);
-  const dbquant::cpu::T16Weight &wqkv = ly.weights[0], &wo = ly.weights[1], &wgu = ly.weights[2], &wd = ly.weights[3];
-  const Isa isa = dbquant::cpu::best_isa();
-  const int64_t lf = std::max({lut_scratch_floats(wqkv), lut_scratch_floats(wo), lut_scratch_floats(wgu),
-                               lut_scratch_floats(wd)});
-  const int64_t G = std::max({wqkv.groups(), wo.groups(), wgu.groups(), wd.groups()});
-  at::Tensor scratch = at::empty({lf + G + H + wqkv.N + Hq * D + 2 * I + I + H}, x.options());
-  float* lut = scratch.data_ptr<float>();
-  float* gsum = lut + lf;
-  float* h = gsum + G;
-  float* qkv = h + H;
-  float* att = qkv + wqkv.N;
-  float* gu = att + Hq * D;
-  float* act = gu + 2 * I;
-  float* tmp = act + I;
+  check_token_args("decode_layer_kv_cpu", ly, x, cos, sin);
+  check_packed_layer("decode_layer_kv_cpu", ly, kv, n_groups, n_tail);
+  layer_step(ly, x.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), x.options(),
+             [&](const float* q, const float* k, const float* v, float* att, Isa isa) {
+               attend_packed_cache(ly, kv, n_groups, n_tail, q, k, v, att, x.options(), isa);
+             });
+}
+
+// ---- the whole one-token step: every layer in one call ------------------------------------------
+
+// A decoder's layers in order, each with its RoPE tables (float32 [max_len, D]; Gemma-3's local
+// and global layers differ) and, for the packed cache, its KVPacked (set once per sequence).
+// Built once per decoder (dbquant/backends/cpu.py: prepare_decode_stack).
+struct DecodeStack : torch::CustomClassHolder {
+  void add(const c10::intrusive_ptr<DecodeLayer>& layer, at::Tensor cos, at::Tensor sin) {
+    layer->check_complete();
+    check_input(cos, "cos", at::kFloat);
+    check_input(sin, "sin", at::kFloat);
+    TORCH_CHECK(cos.dim() == 2 && cos.size(1) == layer->D && sin.sizes() == cos.sizes(),
+                "DecodeStack.add: cos, sin must be float32 [max_len, ", layer->D, "] alike, got ", cos.sizes(), " and ",
+                sin.sizes());
+    TORCH_CHECK(layers.empty() || layer->H == layers[0]->H, "DecodeStack.add: hidden size ", layer->H,
+                " differs from the first layer's ", layers[0]->H);
+    layers.push_back(layer);
+    tables.emplace_back(std::move(cos), std::move(sin));
+    packed.emplace_back();
+  }
+
+  void set_kv(int64_t i, const c10::intrusive_ptr<KVPacked>& kv) {
+    TORCH_CHECK(i >= 0 && i < int64_t(layers.size()), "DecodeStack.set_kv: layer ", i, " of ", layers.size());
+    check_packed_layer("DecodeStack.set_kv", *layers[i], kv->view, 0, 0);
+    packed[i] = kv;
+  }
+
+  int64_t size() const { return int64_t(layers.size()); }
+
+  // x float32 [1, H] and a position every table reaches.
+  void check_step(const char* op, const at::Tensor& x, int64_t pos) const {
+    TORCH_CHECK(!layers.empty(), op, ": the stack has no layers");
+    check_input(x, "x", at::kFloat);
+    TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.size(1) == layers[0]->H, op, ": x must be [1, ", layers[0]->H,
+                "] (hidden), got ", x.sizes());
+    for (const auto& t : tables)
+      TORCH_CHECK(pos >= 0 && pos < t.first.size(0), op, ": pos ", pos, " is outside the RoPE tables (max_len ",
+                  t.first.size(0), ")");
+  }
+
+  std::vector<c10::intrusive_ptr<DecodeLayer>> layers;
+  std::vector<std::pair<at::Tensor, at::Tensor>> tables;
+  std::vector<c10::intrusive_ptr<KVPacked>> packed;  // empty until set_kv
+};
+
+// Every layer of `stack` for one token at `pos`, in place on x float32 [1, H]; layer i's k, v
+// go to k_cache[i], v_cache[i] (float32 [n_layers, 1, Hk, L, D]: the decoder's caches as one
+// tensor). The same arithmetic as one decode_layer_cpu call per layer, in one call.
+void decode_step_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeStack>& stack, const at::Tensor& k_cache,
+                     const at::Tensor& v_cache, int64_t pos) {
+  const DecodeStack& st = *stack;
+  st.check_step("decode_step_cpu", x, pos);
+  const int64_t n = st.size();
+  const DecodeLayer& l0 = *st.layers[0];
+  check_input(k_cache, "k_cache", at::kFloat);
+  check_input(v_cache, "v_cache", at::kFloat);
+  TORCH_CHECK(k_cache.dim() == 5 && k_cache.size(0) == n && k_cache.size(1) == 1 && k_cache.size(2) == l0.Hk &&
+                  k_cache.size(4) == l0.D && v_cache.sizes() == k_cache.sizes(),
+              "decode_step_cpu: caches must be [", n, ", 1, ", l0.Hk, ", max_len, ", l0.D, "], got ", k_cache.sizes(),
+              " and ", v_cache.sizes());
+  for (const auto& ly : st.layers)
+    TORCH_CHECK(ly->Hk == l0.Hk && ly->D == l0.D, "decode_step_cpu: every layer must have ", l0.Hk, " kv heads of ",
+                l0.D, " channels (one cache tensor holds them all)");
+  const int64_t L = k_cache.size(3), per = l0.Hk * L * l0.D;
+  TORCH_CHECK(pos < L, "decode_step_cpu: pos ", pos, " is outside the cache (max_len ", L, ")");
+  float *xp = x.data_ptr<float>(), *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    const DecodeLayer& ly = *st.layers[i];
+    const int64_t D = ly.D;
+    layer_step(ly, xp, st.tables[i].first.data_ptr<float>() + pos * D, st.tables[i].second.data_ptr<float>() + pos * D,
+               x.options(), [&](const float* q, const float* k, const float* v, float* att, Isa) {
+                 attend_float_cache(ly, kc + i * per, vc + i * per, L, pos, q, k, v, att, x.options());
+               });
+  }
+}
+
+// decode_step_cpu on the packed VidKV caches given with DecodeStack.set_kv: every layer's token
+// goes to tail row n_tail and attends to n_groups packed groups, the sink and tail rows 0..n_tail.
+void decode_step_kv_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeStack>& stack, int64_t pos,
+                        int64_t n_groups, int64_t n_tail) {
+  const DecodeStack& st = *stack;
+  st.check_step("decode_step_kv_cpu", x, pos);
+  for (int64_t i = 0; i < st.size(); ++i) {
+    TORCH_CHECK(st.packed[i], "decode_step_kv_cpu: layer ", i, " has no packed cache (DecodeStack.set_kv)");
+    check_packed_layer("decode_step_kv_cpu", *st.layers[i], st.packed[i]->view, n_groups, n_tail);
+  }
   float* xp = x.data_ptr<float>();
-  const float eps = float(ly.eps), rs = float(ly.residual_scale);
-  if (ly.pre_norm) dbquant::cpu::rms_norm_rows(xp, ly.ln1.data_ptr<float>(), eps, H, h, 0, 1);
-  else std::copy(xp, xp + H, h);
-  gemv_t16(isa, wqkv, h, qkv, lut, gsum);
-  float* q = qkv;
-  float* k = qkv + Hq * D;
-  float* v = k + Hk * D;
-  if (ly.q_norm.defined()) {
-    const int64_t qd = ly.qk_whole ? Hq * D : D, kd = ly.qk_whole ? Hk * D : D;
-    dbquant::cpu::rms_norm_rows(q, ly.q_norm.data_ptr<float>(), eps, qd, q, 0, Hq * D / qd);
-    dbquant::cpu::rms_norm_rows(k, ly.k_norm.data_ptr<float>(), eps, kd, k, 0, Hk * D / kd);
+  for (int64_t i = 0; i < st.size(); ++i) {
+    const DecodeLayer& ly = *st.layers[i];
+    const auto& kv = st.packed[i]->view;
+    const int64_t D = ly.D;
+    layer_step(ly, xp, st.tables[i].first.data_ptr<float>() + pos * D, st.tables[i].second.data_ptr<float>() + pos * D,
+               x.options(), [&](const float* q, const float* k, const float* v, float* att, Isa isa) {
+                 attend_packed_cache(ly, kv, n_groups, n_tail, q, k, v, att, x.options(), isa);
+               });
   }
-  dbquant::cpu::rope_rows(q, cos.data_ptr<float>(), sin.data_ptr<float>(), Hq, D);
-  dbquant::cpu::rope_rows(k, cos.data_ptr<float>(), sin.data_ptr<float>(), Hk, D);
-  for (int64_t j = 0; j < Hk; ++j) {
-    std::copy(k + j * D, k + (j + 1) * D, kv.tail_k + (j * kv.TC + n_tail) * D);
-    std::copy(v + j * D, v + (j + 1) * D, kv.tail_v + (j * kv.TC + n_tail) * D);
-  }
-  kv_attend_into(kv, q, 1, Hq, n_groups, n_tail + 1, float(ly.scale), att, x.options(), isa);
-  gemv_t16(isa, wo, att, tmp, lut, gsum);
-  if (ly.post_attn.defined()) dbquant::cpu::rms_norm_rows(tmp, ly.post_attn.data_ptr<float>(), eps, H, tmp, 0, 1);
-  for (int64_t i = 0; i < H; ++i) xp[i] += tmp[i] * rs;
-  if (ly.pre_norm) dbquant::cpu::rms_norm_rows(xp, ly.ln2.data_ptr<float>(), eps, H, h, 0, 1);
-  else std::copy(xp, xp + H, h);
-  gemv_t16(isa, wgu, h, gu, lut, gsum);
-  if (ly.gelu) dbquant::cpu::gelu_tanh_mul(gu, I, act);
-  else dbquant::cpu::silu_mul(gu, I, act);
-  gemv_t16(isa, wd, act, tmp, lut, gsum);
-  if (ly.post_ffn.defined()) dbquant::cpu::rms_norm_rows(tmp, ly.post_ffn.data_ptr<float>(), eps, H, tmp, 0, 1);
-  for (int64_t i = 0; i < H; ++i) xp[i] += tmp[i] * rs;
 }
 
 // "float" or "int8": the tables lut="auto" uses for the decode GEMV on an ISA path (dbgemm_i8lut.h).
@@ -872,6 +956,17 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
   m.def(
       "decode_layer_kv_cpu(Tensor(a!) x, __torch__.torch.classes.dbquant.DecodeLayer layer, Tensor cos, "
       "Tensor sin, __torch__.torch.classes.dbquant.KVPacked kv, int n_groups, int n_tail) -> ()");
+  m.class_<DecodeStack>("DecodeStack")
+      .def(torch::init<>())
+      .def("add", &DecodeStack::add)
+      .def("set_kv", &DecodeStack::set_kv)
+      .def("size", &DecodeStack::size);
+  m.def(
+      "decode_step_cpu(Tensor(a!) x, __torch__.torch.classes.dbquant.DecodeStack stack, Tensor(b!) k_cache, "
+      "Tensor(c!) v_cache, int pos) -> ()");
+  m.def(
+      "decode_step_kv_cpu(Tensor(a!) x, __torch__.torch.classes.dbquant.DecodeStack stack, int pos, int n_groups, "
+      "int n_tail) -> ()");
   m.def("stream_read_cpu(Tensor buf, int threads, str isa=\"auto\") -> int");
   m.def("cpu_isas() -> str[]", &cpu_isas);
   m.def("cpu_default_lut(str isa=\"auto\") -> str", &cpu_default_lut);
@@ -888,6 +983,8 @@ TORCH_LIBRARY_IMPL(dbquant, CPU, m) {
   m.impl("decode_layer_cpu", &decode_layer_cpu);
   m.impl("kv_attend_cpu", &kv_attend_cpu);
   m.impl("decode_layer_kv_cpu", &decode_layer_kv_cpu);
+  m.impl("decode_step_cpu", &decode_step_cpu);
+  m.impl("decode_step_kv_cpu", &decode_step_kv_cpu);
   m.impl("stream_read_cpu", &stream_read_cpu);
 }
 

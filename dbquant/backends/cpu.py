@@ -275,6 +275,41 @@ def decode_layer_kv_cpu(x: torch.Tensor, layer, cos: torch.Tensor, sin: torch.Te
     torch.ops.dbquant.decode_layer_kv_cpu(x, layer, cos, sin, prepare_kv_packed(kv), n_groups, n_tail)
 
 
+# ---- the whole one-token step (every layer in one native call) --------------------------------
+
+
+def prepare_decode_stack(layers: list[tuple]):
+    """The C++ decoder stack (``torch.classes.dbquant.DecodeStack``), built once per decoder.
+
+    Args:
+        layers: per decoder layer, in order: (prepared ``DecodeLayer`` from
+            ``decode_layer_cpu.prepare``, cos, sin: float32 [max_len, D], its RoPE tables).
+    ``decode_step_cpu.run(x, stack, k_cache, v_cache, pos)`` then runs every layer for one token
+    (caches float32 [n_layers, 1, Hk, max_len, D]); after ``stack.set_kv(i, prepare_kv_packed(kv_i))``
+    for every layer, ``decode_step_kv_cpu.run(x, stack, pos, n_groups, n_tail)`` does so on the
+    packed caches. Each is the same arithmetic as one ``decode_layer_cpu`` (``decode_layer_kv_cpu``)
+    call per layer.
+    """
+    _require()
+    stack = torch.classes.dbquant.DecodeStack()
+    for layer, cos, sin in layers:
+        stack.add(layer, cos.float().contiguous(), sin.float().contiguous())
+    return stack
+
+
+def decode_step_cpu(x: torch.Tensor, stack, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> None:
+    """Every layer of a prepared stack for one token, in place on x float32 [1, H]
+    (C++ ``decode_step_cpu``, which checks its arguments)."""
+    _require()
+    torch.ops.dbquant.decode_step_cpu(x, stack, k_cache, v_cache, int(pos))
+
+
+def decode_step_kv_cpu(x: torch.Tensor, stack, pos: int, n_groups: int, n_tail: int) -> None:
+    """:func:`decode_step_cpu` on the packed caches given with ``stack.set_kv`` (C++ ``decode_step_kv_cpu``)."""
+    _require()
+    torch.ops.dbquant.decode_step_kv_cpu(x, stack, int(pos), int(n_groups), int(n_tail))
+
+
 # ---- the benchmark's read bandwidth (csrc/cpu/stream_read.h) ---------------------------------
 
 
@@ -307,4 +342,6 @@ def _attach_runs() -> None:
     rms_norm_cpu.run = ops.rms_norm_cpu
     decode_layer_cpu.run = ops.decode_layer_cpu
     decode_layer_kv_cpu.run = ops.decode_layer_kv_cpu
+    decode_step_cpu.run = ops.decode_step_cpu
+    decode_step_kv_cpu.run = ops.decode_step_kv_cpu
 

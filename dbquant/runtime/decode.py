@@ -217,7 +217,7 @@ class FastDecoder:
             C++ kernel directly).
         kv: a packed VidKV cache (a :class:`KVSpec` or ``--kv`` spelling such as ``"1.5/1.58"``;
             None or ``"fp"``: the float32 cache). Attention then reads the past as codes (the
-            registry's ``kv_attend`` op; one ``decode_layer_kv`` call per layer and token when the
+            registry's ``kv_attend`` op; one ``decode_step_kv`` call per token when the
             layers run natively), no float copy of it is kept, and a prompt is prefilled group by
             group (:class:`dbquant.runtime.kv.packed.PackedKVCache`). Batch 1 only.
     """
@@ -253,6 +253,9 @@ class FastDecoder:
         self.rms_norm = registry.get("rms_norm", "cpu").run if native else None
         self.decode_layer = registry.get("decode_layer", "cpu") if native else None
         self.native = self._native_layers() if native else None
+        # every layer of a one-token step in one native call (the Python loop cost ~15 us a layer)
+        self.stack = None if self.native is None else cpu_backend.prepare_decode_stack(
+            [(L.native, L.cos, L.sin) for L in self.layers])
         self._init_kv(kv, native)
 
     def _build_head(self, head: nn.Module, lm_head_dtype, backend: str) -> None:
@@ -353,10 +356,8 @@ class FastDecoder:
         x = self.embed(tokens).float().reshape(b * t, -1)  # [B*T, hidden]
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
-        if self.native is not None and b == 1 and t == 1:  # one token: one native call per layer
-            run = self.decode_layer.run
-            for i, L in enumerate(self.layers):
-                run(x, L.native, L.cos[pos], L.sin[pos], self.k_cache[i], self.v_cache[i], pos)
+        if self.stack is not None and b == 1 and t == 1:  # one token: one native call for every layer
+            cpu_backend.decode_step_cpu.run(x, self.stack, self.k_cache, self.v_cache, pos)
         else:
             for i, L in enumerate(self.layers):
                 x = self._layer(x, i, L, b, t, pos)
@@ -445,7 +446,7 @@ class FastDecoder:
             return
         check_kv_supported(self.model, self.kv_spec)
         self.kv_attend_op = registry.get("kv_attend", "auto", self.device)
-        self.decode_layer_kv = cpu_backend.decode_layer_kv_cpu.run if native and self.native is not None else None
+        self.decode_step_kv = cpu_backend.decode_step_kv_cpu.run if native and self.stack is not None else None
 
     def _alloc_kv(self, batch: int) -> None:
         if batch != 1:
@@ -454,9 +455,9 @@ class FastDecoder:
             raise DbquantError(f"the packed KV cache runs on the CPU, the model is on {self.device}")
         self.kv_cache = PackedKVCache(self.kv_spec, len(self.layers), self.n_kv, self.head_dim, self.max_len,
                                       chunk=self.kv_spec.group)
-        if self.decode_layer_kv is not None:
-            for layer in self.kv_cache.layers:
-                cpu_backend.prepare_kv_packed(layer)
+        if self.decode_step_kv is not None:
+            for i, layer in enumerate(self.kv_cache.layers):
+                self.stack.set_kv(i, cpu_backend.prepare_kv_packed(layer))
 
     def _forward_kv(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """Run tokens (int64 [1, T]) at pos.. through the layers on the packed cache, one group of
@@ -473,9 +474,8 @@ class FastDecoder:
             x = self.embed(chunk).float().reshape(t, -1)
             if self.embed_scale != 1.0:
                 x = x * self.embed_scale
-            if self.decode_layer_kv is not None and t == 1:
-                for i, L in enumerate(self.layers):
-                    self.decode_layer_kv(x, L.native, L.cos[p], L.sin[p], c.layers[i].native, c.n_groups, c.n_tail)
+            if self.decode_step_kv is not None and t == 1:
+                self.decode_step_kv(x, self.stack, p, c.n_groups, c.n_tail)
             else:
                 for i, L in enumerate(self.layers):
                     x = self._layer(x, i, L, 1, t, p)
