@@ -52,9 +52,14 @@ class Costs:
     block_step_tp: float = 8.2e-11
     init_p: float = 3.4e-7
     dad_step_tp: float = 6.2e-11
-    fixed_s: float = 8.0  # data windows, packing, the validating save
+    fixed_s: float = 8.0  # data windows, packing, the validating save (loading the model, ~15 s, is not counted)
     # DAD step cost of each teacher signal relative to topk (docs/RESULTS.md, training tokens/s)
     teacher_factor: tuple = (("topk", 1.0), ("online", 1.22), ("sample", 0.94))
+    # a DAD step that also trains the latent weights (the quiet `default` run: 4.87 s a step
+    # against 4.25 s for scales only), and the --target-bpw Fisher pass (73 s for 8 windows
+    # of 512 there) per token x parameter
+    weights_factor: float = 1.15
+    sensitivity_tp: float = 1.33e-10
 
 
 COSTS = Costs()
@@ -92,7 +97,7 @@ def predict(opts, shapes: Shapes, costs: Costs = COSTS) -> dict[str, float]:
     c = costs
     out = {"fixed": c.fixed_s}
     if opts.target_bpw is not None and opts.sensitivity != "weight":
-        out["sensitivity"] = opts.alloc_samples * opts.calib_seq_len * shapes.compute_params * c.block_step_tp
+        out["sensitivity"] = opts.alloc_samples * opts.calib_seq_len * shapes.compute_params * c.sensitivity_tp
     planned = sum(shapes.block_params)
     if opts.blockwise:
         tokens = opts.bw_samples * opts.bw_seq_len
@@ -104,6 +109,7 @@ def predict(opts, shapes: Shapes, costs: Costs = COSTS) -> dict[str, float]:
             + planned * c.init_p
     if opts.dad and opts.dad_steps:
         factor = dict(c.teacher_factor).get(opts.dad_teacher, 1.0)
+        factor *= c.weights_factor if opts.dad_train == "scales+weights" else 1.0
         if opts.dad_teacher != "online":
             out["teacher"] = opts.dad_samples * opts.dad_seq_len * shapes.compute_params * c.forward_tp
         out["dad"] = opts.dad_steps * opts.dad_batch * opts.dad_seq_len * shapes.compute_params * c.dad_step_tp * factor

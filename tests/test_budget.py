@@ -38,14 +38,15 @@ def test_more_minutes_buy_more_steps_in_the_preset_balance():
             for m in (5, 10, 20, 40)]
     assert [f.dad_steps for f in fits] == sorted(f.dad_steps for f in fits)
     assert len({f.dad_steps for f in fits}) == 4
-    for f in fits[1:]:  # both stages scaled by one factor: 40 : 150
-        assert f.dad_steps / f.bw_steps == pytest.approx(150 / 40, rel=0.1)
+    preset = QuantizeOptions(preset="default").resolved()
+    for f in fits[1:]:  # both stages scaled by one factor: the preset's balance is kept
+        assert f.dad_steps / f.bw_steps == pytest.approx(preset.dad_steps / preset.bw_steps, rel=0.1)
 
 
 def test_a_step_count_given_on_the_command_line_is_kept():
     opts = QuantizeOptions(preset="default", time_budget=15, dad_steps=100).resolved()
     out, info = budget.fit(opts, SMOLLM2, given={"dad_steps"})
-    assert out.dad_steps == 100 and "dad_steps" not in info["steps"] and out.bw_steps != 40
+    assert out.dad_steps == 100 and "dad_steps" not in info["steps"] and out.bw_steps != opts.bw_steps
     with pytest.raises(DbquantError, match="both are given"):
         budget.fit(opts, SMOLLM2, given={"dad_steps", "bw_steps"})
 
@@ -59,6 +60,12 @@ def test_a_budget_below_the_floor_is_refused_with_the_floor():
 def test_bad_budget_options(kw):
     with pytest.raises(DbquantError, match="--time-budget"):
         QuantizeOptions(**kw).check()
+
+
+def test_the_default_preset_fits_its_budget_with_target_bpw():
+    """The cost model, corrected by the quiet default-preset run, keeps `default` within 20 min."""
+    opts = QuantizeOptions(preset="default", target_bpw=2.5).resolved()
+    assert sum(budget.predict(opts, SMOLLM2).values()) <= 20 * 60
 
 
 def test_the_online_teacher_costs_more_and_caches_nothing():
