@@ -165,7 +165,7 @@ def _quantize_in_memory(a, opts) -> int:
         head = ""
         if "steps" in info:
             head = f"--time-budget {opts.time_budget:g} min: " + ", ".join(
-                f"{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in info["steps"].items()) + "; "
+                f"{k.replace('_', '-')} {before} -> {after}" for k, (before, after) in info["steps"].items()) + "; "
         stages = ", ".join(f"{k} {v:.0f} s" for k, v in info["predicted_s"].items())
         print(f"{head}predicted {info['predicted_total_s'] / 60:.1f} min on the reference 2-core CPU ({stages})",
               file=sys.stderr if a.json else sys.stdout)

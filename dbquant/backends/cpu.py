@@ -220,8 +220,8 @@ def decode_layer_cpu(x: torch.Tensor, layer: DecodeLayerWeights, cos: torch.Tens
                      k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> None:
     """One decoder layer for one token, in place (C++ ``decode_layer_cpu``); contract of
     :func:`dbquant.backends.reference.decode_layer_ref`. Builds the C++ layer on every call
-    (for tests); a decoder calls ``decode_layer_cpu.prepare`` once per layer and
-    ``decode_layer_cpu.run(x, prepared, cos, sin, k_cache, v_cache, pos)`` per token."""
+    (for tests); a decoder calls ``decode_layer_cpu.prepare`` once per layer, puts the prepared
+    layers in a :func:`prepare_decode_stack`, and runs ``decode_step_cpu.run`` once per token."""
     check_decode_step("decode_layer_cpu", x, layer, cos, sin, k_cache, v_cache, pos)
     torch.ops.dbquant.decode_layer_cpu(x, prepare_decode_layer(layer), cos, sin, k_cache, v_cache, pos)
 
@@ -269,8 +269,9 @@ def decode_layer_kv_cpu(x: torch.Tensor, layer, cos: torch.Tensor, sin: torch.Te
     """One decoder layer for one token, in place, attending on a packed VidKV cache (C++
     ``decode_layer_kv_cpu``): the token's k, v go to tail row ``n_tail``; then the layer is
     :func:`dbquant.backends.reference.decode_layer_ref` with :func:`kv_attend_ref` as its attention.
-    ``layer``: a prepared ``DecodeLayer`` (``decode_layer_cpu.prepare``). A decoder calls
-    ``decode_layer_kv_cpu.run(x, layer, cos, sin, prepare_kv_packed(kv), n_groups, n_tail)`` per token."""
+    ``layer``: a prepared ``DecodeLayer`` (``decode_layer_cpu.prepare``). A decoder gives its
+    stack every layer's cache (``stack.set_kv(i, prepare_kv_packed(kv_i))``) and runs
+    ``decode_step_kv_cpu.run`` once per token."""
     _require()
     torch.ops.dbquant.decode_layer_kv_cpu(x, layer, cos, sin, prepare_kv_packed(kv), n_groups, n_tail)
 
