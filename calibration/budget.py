@@ -2,7 +2,9 @@
 
 The fit is deterministic: it reads the options and the model's shapes, never a clock, so
 the same command trains the same steps on every machine (and ``--resume`` finds the same
-fingerprint). What it predicts is the wall time on the reference CPU, where the constants
+fingerprint). One exception, still no clock: under bf16 autocast (``--dad-autocast bf16``, or
+``auto`` where it resolves to bf16) a DAD step's cost depends on whether this CPU's bf16 is fast
+(:func:`dbquant.backends.cpuinfo.fast_bf16_cpu`, a fixed reading of /proc/cpuinfo). What it predicts is the wall time on the reference CPU, where the constants
 below were measured; another machine takes longer or shorter by its speed ratio, and the
 report holds the prediction beside the measured stage times so the two can be compared.
 
@@ -29,6 +31,7 @@ from dataclasses import asdict, dataclass, replace
 
 from torch import nn
 
+from dbquant.backends.cpuinfo import fast_bf16_cpu
 from dbquant.errors import DbquantError
 from dbquant.model.plan import LinearPlan, decoder_blocks
 
@@ -60,6 +63,11 @@ class Costs:
     # of 512 there) per token x parameter
     weights_factor: float = 1.15
     sensitivity_tp: float = 1.33e-10
+    # a DAD step under bf16 autocast against fp32 (benchmarks/dad_throughput.py, scales+weights):
+    # 2.15x the tokens/s on a CPU whose bf16 is fast (AMD Zen 5; its fp32 DAD ran at the reference
+    # CPU's speed, 106.8 vs 110.7 tokens/s), 0.82x on one where it is not (the reference CPU itself)
+    bf16_fast_factor: float = 0.465
+    bf16_slow_factor: float = 1.22
 
 
 COSTS = Costs()
@@ -110,6 +118,8 @@ def predict(opts, shapes: Shapes, costs: Costs = COSTS) -> dict[str, float]:
     if opts.dad and opts.dad_steps:
         factor = dict(c.teacher_factor).get(opts.dad_teacher, 1.0)
         factor *= c.weights_factor if opts.dad_train == "scales+weights" else 1.0
+        if opts.dad_autocast == "bf16" or (opts.dad_autocast == "auto" and fast_bf16_cpu()):
+            factor *= c.bf16_fast_factor if fast_bf16_cpu() else c.bf16_slow_factor
         if opts.dad_teacher != "online":
             out["teacher"] = opts.dad_samples * opts.dad_seq_len * shapes.compute_params * c.forward_tp
         out["dad"] = opts.dad_steps * opts.dad_batch * opts.dad_seq_len * shapes.compute_params * c.dad_step_tp * factor

@@ -41,13 +41,13 @@ import contextlib
 import functools
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from dbquant.backends.cpuinfo import fast_bf16_cpu
 from dbquant.calibration import distributed
 from dbquant.calibration.blockwise import (
     batch_indices,
@@ -128,27 +128,13 @@ class DADConfig:
 
 # ---------------------------------------------------------------- mixed precision
 
-def _cpuinfo_flags() -> set[str]:
-    """The CPU feature flags of /proc/cpuinfo (empty where there is none: macOS, Windows)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
-
-
 def cpu_has_native_bf16() -> bool:
-    """Whether bf16 autocast pays on this CPU: AMX-BF16 tiles.
+    """Whether bf16 autocast pays on this CPU: AMX-BF16 tiles, or AMD Zen 5's full-width AVX512-BF16.
 
-    AVX512-BF16 alone is not enough: on a Sapphire-Rapids-class VM without AMX, DAD under bf16
-    autocast ran at 0.82x the fp32 tokens/s (docs/RESULTS.md, "Calibration throughput"), and
-    without either oneDNN emulates bf16. torch's own probe where the build has it
-    (``torch._C._cpu``), else /proc/cpuinfo.
+    The rule and what it rests on are in :mod:`dbquant.backends.cpuinfo` (AVX512-BF16 without AMX on
+    a Sapphire-Rapids-class VM ran DAD at 0.82x the fp32 tokens/s; Zen 5 at 2.15x).
     """
-    probe = getattr(torch._C._cpu, "_is_amx_tile_supported", None)
-    if probe is not None:
-        return bool(probe())
-    return "amx_bf16" in _cpuinfo_flags()
+    return fast_bf16_cpu()
 
 
 def native_bf16(device) -> bool:

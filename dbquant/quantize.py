@@ -199,9 +199,9 @@ class QuantizeOptions:
             raise DbquantError("--calib-images feeds block-wise reconstruction and DAD: it needs --method fdb-dad "
                                "with block-wise or DAD on and calibration text (images fill the start of each "
                                "sample)")
-        if self.time_budget is not None and (self.method != "fdb-dad" or not self.time_budget > 0):
-            raise DbquantError(f"--time-budget {self.time_budget}: needs minutes > 0 and --method fdb-dad (the "
-                               "budget scales its training steps)")
+        if self.time_budget is not None and (self.method != "fdb-dad" or not self.calib or not self.time_budget > 0):
+            raise DbquantError(f"--time-budget {self.time_budget}: needs minutes > 0, --method fdb-dad and "
+                               "calibration text (the budget scales the training steps; --calib none trains none)")
         if self.method == "fdb-dad":
             r = self.resolved()
             bad = [f"{k}={getattr(r, k)}" for k in ("bw_samples", "bw_steps", "bw_batch", "dad_samples",

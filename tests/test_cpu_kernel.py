@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from dbquant.backends import cpu as cpu_backend
+from dbquant.backends.checks import KernelInputError
 from dbquant.backends.reference import dbgemm_ref, dequantize_ref, i8lut_error_bound
 from tests.tolerances import FP32_REORDER_LONG
 
@@ -246,6 +247,38 @@ def test_dequantize_equals_reference(n, k, g, offset):
     dense = cpu_backend.dequantize_cpu(w)
     assert dense.shape == (n, k) and dense.dtype == torch.float32
     assert torch.equal(dense, dequantize_ref(*canon, k))
+
+
+@pytest.mark.parametrize("planes", [1, 2, 3, 4])
+@pytest.mark.parametrize("n,k,g,offset", [(37, 200, 64, True), (1536, 576, 64, False), (5, 24, 8, True), (16, 40, 8, False)])
+def test_transposed_dequantize_equals_reference(n, k, g, offset, planes):
+    """dequantize_t_cpu: every ISA path gives the reference's weight transposed, bit for bit in float32,
+    and torch's own float32 -> bfloat16 rounding of it in bf16 (odd shapes: partial tiles, K not a
+    multiple of 8 or of the group, garbage in the padding)."""
+    w, _, canon = prepared(n, k, g, offset, False, pad_garbage=True, planes=planes)
+    want = dequantize_ref(*canon, k).t()
+    for isa in ISAS:
+        for bf16 in (False, True):
+            wt = torch.ops.dbquant.dequantize_t_cpu(w.planes, w.scales, w.offset, n, k, g, bf16, isa)
+            assert wt.shape == (k, n) and wt.dtype == (torch.bfloat16 if bf16 else torch.float32)
+            assert torch.equal(wt, want.to(wt.dtype)), (isa, bf16)
+
+
+def test_bf16_gemm_is_close_and_fp32_exact():
+    """dense_gemm: fp32 is F.linear on the dequantized weight bit for bit; bf16 (weights and activations
+    rounded, a bf16 result) stays within bf16 rounding of it; auto follows the CPU."""
+    n, k, g = 96, 200, 64
+    w, b, canon = prepared(n, k, g, True, True)
+    x = torch.randn(48, k, generator=torch.Generator().manual_seed(4))
+    exact = torch.nn.functional.linear(x, dequantize_ref(*canon, k), b)
+    assert torch.equal(cpu_backend.dense_gemm(x, w, b, "fp32"), exact)
+    y = cpu_backend.dense_gemm(x, w, b, "bf16")
+    assert y.dtype == torch.float32
+    err = ((y - exact).norm() / exact.norm()).item()
+    assert 0 < err < 1e-2, err  # bf16 keeps 8 bits: ~2^-9 per rounding, three roundings
+    assert cpu_backend.resolve_gemm("auto") == ("bf16" if cpu_backend.fast_bf16_cpu() else "fp32")
+    with pytest.raises(KernelInputError, match="gemm must be one of"):
+        cpu_backend.dense_gemm(x, w, b, "fp16")
 
 
 def test_long_inputs_use_dequantize_and_blas():

@@ -7,6 +7,11 @@
 //   torch.ops.dbquant.dequantize_cpu(Tensor planes, Tensor scales, Tensor? offset,
 //                                    int out_features, int in_features, int group_size)
 //                                    -> Tensor (float32 [N, K])
+//   torch.ops.dbquant.dequantize_t_cpu(Tensor planes, Tensor scales, Tensor? offset,
+//                                    int out_features, int in_features, int group_size,
+//                                    bool bf16=False, str isa="auto")
+//                                    -> Tensor (the transpose, [K, N], float32 or bfloat16:
+//                                       dequant_t16.h; for prefill GEMMs)
 //   torch.ops.dbquant.linear_int8_cpu(Tensor x, Tensor wq, Tensor s, str isa="auto") -> Tensor
 //                                    (dense int8-weight projection, gemv_int8.h)
 //   torch.ops.dbquant.linear_w8a8_cpu(Tensor x, Tensor wq, Tensor s, str isa="auto") -> Tensor
@@ -76,6 +81,7 @@
 #include "decode_ops.h"
 #include "kv_attn.h"
 #include "stream_read.h"
+#include "dequant_t16.h"
 
 namespace {
 
@@ -262,6 +268,22 @@ at::Tensor dequantize_cpu(const at::Tensor& planes, const at::Tensor& scales,
   const dbquant::cpu::T16Weight w =
       t16_weight("dequantize_cpu", planes, scales, offset, out_features, in_features, group_size);
   return dequantize_t16(w, planes.options());
+}
+
+// The transposed dense weight Wt [K, N], float32 or bfloat16 (dequant_t16.h): what a prefill
+// GEMM y = x @ Wt reads. Columns of one tile are written by one thread.
+at::Tensor dequantize_t_cpu(const at::Tensor& planes, const at::Tensor& scales,
+                            const std::optional<at::Tensor>& offset, int64_t out_features,
+                            int64_t in_features, int64_t group_size, bool bf16, const std::string& isa_arg) {
+  const dbquant::cpu::T16Weight w =
+      t16_weight("dequantize_t_cpu", planes, scales, offset, out_features, in_features, group_size);
+  const Isa isa = parse_isa(isa_arg);
+  at::Tensor out = at::empty({w.K, w.N}, planes.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  void* op = out.data_ptr();
+  // ~16k weights a chunk, as dequantize_t16: enough work to amortise a task, many tasks a weight
+  at::parallel_for(0, w.tiles(), std::max<int64_t>(1, (int64_t(1) << 14) / (dbquant::cpu::kTile * w.kp())),
+                   [&](int64_t t0, int64_t t1) { dbquant::cpu::dequantize_t(isa, w, op, bf16, t0, t1); });
+  return out;
 }
 
 // y = x @ (s * wq)^T for a dense int8-weight projection (gemv_int8.h).
@@ -935,6 +957,9 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
   m.def(
       "dequantize_cpu(Tensor planes, Tensor scales, Tensor? offset, int out_features, "
       "int in_features, int group_size) -> Tensor");
+  m.def(
+      "dequantize_t_cpu(Tensor planes, Tensor scales, Tensor? offset, int out_features, "
+      "int in_features, int group_size, bool bf16=False, str isa=\"auto\") -> Tensor");
   m.def("linear_int8_cpu(Tensor x, Tensor wq, Tensor s, str isa=\"auto\") -> Tensor");
   m.def("rms_norm_cpu(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("linear_w8a8_cpu(Tensor x, Tensor wq, Tensor s, str isa=\"auto\") -> Tensor");
@@ -977,6 +1002,7 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
 TORCH_LIBRARY_IMPL(dbquant, CPU, m) {
   m.impl("dbgemm_cpu", &dbgemm_cpu);
   m.impl("dequantize_cpu", &dequantize_cpu);
+  m.impl("dequantize_t_cpu", &dequantize_t_cpu);
   m.impl("linear_int8_cpu", &linear_int8_cpu);
   m.impl("rms_norm_cpu", &rms_norm_cpu);
   m.impl("linear_w8a8_cpu", &linear_w8a8_cpu);

@@ -23,6 +23,7 @@ from .checks import (KernelInputError, check_activations, check_decode_step, che
                      check_rms_norm, check_tensor)
 from .kvpack import CODE_FIELDS, FLOAT_FIELDS, PackedKVLayer, check_kv_attend
 from .reference import Q8_BLOCK
+from .cpuinfo import fast_bf16_cpu
 from .t16 import TILE, CpuWeight, DecodeLayerWeights, prepare_cpu  # noqa: F401 - re-exported
 
 BUILD_HINT = "pip install --no-build-isolation -e ."
@@ -34,6 +35,11 @@ LUT_MAX_ROWS = 32
 KV_CODES_MAX_QUERIES = 4
 # The lookup tables run_cpu can be told to use (csrc/cpu/dbgemm_t16.h, dbgemm_i8lut.h).
 LUT_KINDS = ("auto", "float", "int8")
+# The GEMM above LUT_MAX_ROWS rows: "fp32" (the weight dequantized to float32: exact, what `eval`
+# measures), "bf16" (weight and activations rounded to bfloat16 into torch's bf16 GEMM: fp32
+# accumulation, a bf16 result), or "auto" = bf16 where this CPU's bf16 is fast
+# (backends/cpuinfo.py: ~4x the fp32 GEMM on Zen 5), else fp32. The fast decoder's prefill uses auto.
+GEMM_DTYPES = ("auto", "fp32", "bf16")
 
 _cpu_state: bool | None = None  # None: not tried yet
 _cpu_error: str | None = None
@@ -95,7 +101,7 @@ class _DbgemmLut(torch.autograd.Function):
 
 
 def run_cpu(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None, isa: str = "auto",
-            lut: str = "auto") -> torch.Tensor:
+            lut: str = "auto", gemm: str = "fp32") -> torch.Tensor:
     """``y = x @ W.T (+ bias)`` with the prepared weight ``w``.
 
     Args:
@@ -109,6 +115,7 @@ def run_cpu(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None, isa: str =
             "auto": the integer tables for M = 1 on the ISA paths where they measured faster
             (C++ ``default_lut``; the environment variable DBQUANT_CPU_LUT=float|int8 overrides it).
             Either forced value also keeps M > LUT_MAX_ROWS on the lookup-table kernel.
+        gemm: the precision of the dequantize + GEMM path above LUT_MAX_ROWS rows (GEMM_DTYPES).
     Returns: [..., N] in x's dtype; differentiable in x and bias.
     Raises: KernelInputError for another dtype, a 0-dim x, or K / bias shapes not matching ``w``.
     """
@@ -122,7 +129,7 @@ def run_cpu(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None, isa: str =
     if lut not in LUT_KINDS:
         raise KernelInputError(f"dbgemm_cpu: lut must be one of {LUT_KINDS}, got {lut!r}")
     if x2.shape[0] > LUT_MAX_ROWS and isa == "auto" and lut == "auto":
-        y = torch.nn.functional.linear(x2, dequantize_cpu(w), b)
+        y = dense_gemm(x2, w, b, gemm)
     elif torch.is_grad_enabled() and (x2.requires_grad or (b is not None and b.requires_grad)):
         y = _DbgemmLut.apply(x2, b, w, isa, lut)
     else:
@@ -149,6 +156,29 @@ def forced_lut(kind: str):
         yield
     finally:
         torch.ops.dbquant.cpu_force_lut(prev)
+
+
+def resolve_gemm(gemm: str) -> str:
+    """"fp32" or "bf16": what ``gemm`` (one of GEMM_DTYPES) means on this CPU."""
+    if gemm not in GEMM_DTYPES:
+        raise KernelInputError(f"dbgemm_cpu: gemm must be one of {GEMM_DTYPES}, got {gemm!r}")
+    return ("bf16" if fast_bf16_cpu() else "fp32") if gemm == "auto" else gemm
+
+
+def dense_gemm(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None, gemm: str = "fp32") -> torch.Tensor:
+    """``x @ W.T (+ bias)`` by one BLAS GEMM on the dequantized weight, for many rows (a prefill).
+
+    x: float32 [M, K] contiguous; bias: float32 [N] or None. ``gemm`` (GEMM_DTYPES): "fp32" is exact
+    up to summation order; "bf16" rounds x and W to bfloat16 (the product accumulates in fp32 inside
+    the GEMM; its result is rounded to bf16 and returned as float32). Returns float32 [M, N].
+    """
+    bf16 = resolve_gemm(gemm) == "bf16"
+    wt = torch.ops.dbquant.dequantize_t_cpu(w.planes, w.scales, w.offset, w.out_features, w.in_features,
+                                            w.group_size, bf16)  # [K, N]: BLAS reads it as W^T
+    if bf16:
+        y = (x.to(torch.bfloat16) @ wt).float()
+        return y if bias is None else y + bias
+    return x @ wt if bias is None else torch.addmm(bias, x, wt)  # what F.linear(x, W, bias) calls
 
 
 def dequantize_cpu(w: CpuWeight) -> torch.Tensor:

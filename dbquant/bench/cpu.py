@@ -271,7 +271,9 @@ def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int
 
     Each configuration: one warm-up generation, then ``repeats`` timed ones (median reported).
     Also times the dense output projection alone (one token), to say how much of a decode
-    step it takes.
+    step it takes. The quantized rows prefill with ``prefill_gemm="auto"`` (bf16 where this CPU's
+    bf16 GEMM is fast); there one more row, with the first head type, prefills in exact fp32, so both
+    are in one run. Each row records its ``prefill_gemm`` as resolved.
     """
     torch.set_num_threads(threads)
     qmodel = load(model_dir)
@@ -279,10 +281,12 @@ def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(100, min(qmodel.config.vocab_size, 20000), (1, prompt_tokens), generator=gen)
     rows = []
-    configs = [("fp32", fpmodel, "float32")] + [("dbquant", qmodel, d) for d in lm_head_dtypes]
-    configs.append(("fp32-hf-generate", fpmodel, "float32"))
-    configs.append(("dbquant-hf-generate", qmodel, "float32"))
-    for name, model, head in configs:
+    configs = [("fp32", fpmodel, "float32", "fp32")] + [("dbquant", qmodel, d, "auto") for d in lm_head_dtypes]
+    if cpu_backend.resolve_gemm("auto") != "fp32":
+        configs.append(("dbquant", qmodel, lm_head_dtypes[0], "fp32"))
+    configs.append(("fp32-hf-generate", fpmodel, "float32", "fp32"))
+    configs.append(("dbquant-hf-generate", qmodel, "float32", "fp32"))
+    for name, model, head, prefill in configs:
         stats = []
         if name.endswith("hf-generate"):
             for _ in range(1 + repeats):
@@ -298,7 +302,7 @@ def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int
                 stats.append((prompt_tokens / pre, (new_tokens - 1) / max(total - pre, 1e-9), None))
         else:
             dec = FastDecoder(model, max_len=prompt_tokens + new_tokens + 8,
-                              lm_head_dtype=LM_HEAD_DTYPES[head])
+                              lm_head_dtype=LM_HEAD_DTYPES[head], prefill_gemm=prefill)
             for _ in range(1 + repeats):
                 _, st = dec.generate(ids, new_tokens, min_new_tokens=new_tokens)
                 stats.append((st.prefill_tok_s, st.decode_tok_s, statistics.median(st.per_step_s) * 1e3))
@@ -313,7 +317,8 @@ def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int
                         head_ms = _median_ms(lambda: F.linear(xh, dec.lm_head))
         stats = stats[1:]
         row = dict(engine=name if "hf" in name else "dbquant.runtime.decode", model=name.split("-")[0],
-                   lm_head=head, threads=threads, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                   lm_head=head, prefill_gemm=cpu_backend.resolve_gemm(prefill), threads=threads,
+                   prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                    prefill_tok_s=round(statistics.median(s[0] for s in stats), 2),
                    decode_tok_s=round(statistics.median(s[1] for s in stats), 2),
                    decode_tok_s_all=[round(s[1], 2) for s in stats])
@@ -388,7 +393,8 @@ def e2e_label(r: dict) -> str:
     if r["engine"] == "llama.cpp":
         return f"llama.cpp {r['model']}"
     if r["engine"] == "dbquant.runtime.decode":
-        return f"{r['model']} {r['lm_head']} head"
+        gemm = r.get("prefill_gemm", "fp32")
+        return f"{r['model']} {r['lm_head']} head" + ("" if r["model"] == "fp32" or gemm == "fp32" else f", {gemm} prefill")
     return r["engine"]
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..backends import cpu as cpu_backend
+from ..backends.cpuinfo import cpu_info, fast_bf16_cpu
 
 SYSFS_CACHE = "/sys/devices/system/cpu/cpu0/cache"
 # The flags that decide which paths dbquant's and llama.cpp's CPU kernels can take.
@@ -126,8 +127,9 @@ def cpu_model_and_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, list[str]]
 
 
 def environment() -> dict:
-    """Machine facts stored with every result file: torch version, CPU model, cores, ISA flags,
-    dbquant's built kernel paths (``isas``, fastest first), cache sizes (bytes), load average, time."""
+    """Machine facts stored with every result file: torch version, CPU model, vendor and family, cores,
+    ISA flags, dbquant's built kernel paths (``isas``, fastest first), whether bf16 GEMMs count as fast
+    here (``fast_bf16``: backends/cpuinfo.py), cache sizes (bytes), load average, time."""
     isas = []
     try:
         if cpu_backend.load_cpu():
@@ -136,7 +138,9 @@ def environment() -> dict:
         pass
     model, flags = cpu_model_and_flags()
     caches = cache_sizes()
-    return dict(torch=torch.__version__, cpu=model, cores=os.cpu_count(), isa_flags=flags, isas=isas,
+    info = cpu_info()
+    return dict(torch=torch.__version__, cpu=model, cpu_vendor=info["vendor"], cpu_family=info["family"],
+                cores=os.cpu_count(), isa_flags=flags, isas=isas, fast_bf16=fast_bf16_cpu(),
                 l1d_bytes=caches["l1d"], l2_bytes=caches["l2"], l3_bytes=caches["l3"], cache_source=caches["source"],
                 mem_available=mem_available(),
                 loadavg=os.getloadavg() if hasattr(os, "getloadavg") else None,

@@ -90,7 +90,8 @@ class _Proj:
     anything else is called module by module.
     """
 
-    def __init__(self, parts: list[nn.Module], backend: str = "auto"):
+    def __init__(self, parts: list[nn.Module], backend: str = "auto", gemm: str = "fp32"):
+        self.gemm = gemm  # packed parts above LUT_MAX_ROWS rows: cpu_backend.GEMM_DTYPES, resolved
         self.sizes = [m.out_features for m in parts]
         self.dense = None
         self.packed = None
@@ -139,7 +140,7 @@ class _Proj:
             if x.shape[0] <= cpu_backend.LUT_MAX_ROWS:  # decode: straight to the op (checked at build)
                 return torch.ops.dbquant.dbgemm_cpu(x, w.planes, w.scales, w.offset, self.bias,
                                                     w.out_features, w.in_features, w.group_size, "auto")
-            return cpu_backend.run_cpu(x, w, self.bias)
+            return cpu_backend.dense_gemm(x, w, self.bias, self.gemm)
         return torch.cat([m(x) for m in self.modules], dim=-1)
 
 
@@ -220,10 +221,15 @@ class FastDecoder:
             registry's ``kv_attend`` op; one ``decode_step_kv`` call per token when the
             layers run natively), no float copy of it is kept, and a prompt is prefilled group by
             group (:class:`dbquant.runtime.kv.packed.PackedKVCache`). Batch 1 only.
+        prefill_gemm: the precision of a packed projection's GEMM on a prompt chunk of more than
+            ``cpu_backend.LUT_MAX_ROWS`` tokens (``cpu_backend.GEMM_DTYPES``): ``"auto"`` (default)
+            rounds weights and activations to bfloat16 where this CPU's bf16 GEMM is fast
+            (``dbquant.backends.cpuinfo``), else float32; ``"fp32"`` always exact. Decoding a token
+            never uses it.
     """
 
     def __init__(self, model, max_len: int = 2048, lm_head_dtype: torch.dtype | str = torch.float32,
-                 backend: str = "auto", kv: KVSpec | str | None = None):
+                 backend: str = "auto", kv: KVSpec | str | None = None, prefill_gemm: str = "auto"):
         cfg = model.config
         check_supported(model)
         self.model = model
@@ -240,8 +246,9 @@ class FastDecoder:
         self.max_len = max_len
         tables = _rope_tables(inner, max_len, self.device)
         self.cos, self.sin = next(iter(tables.values()))  # [max_len, head_dim] (Gemma-3: the first type's)
+        self.prefill_gemm = cpu_backend.resolve_gemm(prefill_gemm)  # "fp32" or "bf16"
         self.layers: list[DecoderLayer] = [
-            _build_layer(layer, i, mt, cfg, tables, backend) for i, layer in enumerate(inner.layers)]
+            _build_layer(layer, i, mt, cfg, tables, backend, self.prefill_gemm) for i, layer in enumerate(inner.layers)]
         self.norm = _norm(inner.norm, mt in ONE_PLUS_W)
         self.lm_head = self.lm_head_scale = self.lm_head_bias = self.lm_head_proj = None
         self.lm_head_op = None  # the native op of an int8 output projection (its unchecked `run`)
@@ -596,7 +603,7 @@ def _window(att, cfg) -> int:
     return int(w or 0)
 
 
-def _build_layer(layer, i: int, mt: str, cfg, tables: dict, backend: str) -> DecoderLayer:
+def _build_layer(layer, i: int, mt: str, cfg, tables: dict, backend: str, gemm: str) -> DecoderLayer:
     """One HF decoder layer's :class:`DecoderLayer`: norms placed by :data:`NORM_LAYOUT`, the
     switches read from the modules themselves where they carry them."""
     att, mlp = layer.self_attn, layer.mlp
@@ -610,14 +617,14 @@ def _build_layer(layer, i: int, mt: str, cfg, tables: dict, backend: str) -> Dec
     types = getattr(cfg, "layer_types", None)
     cos, sin = tables[types[i]] if None not in tables else tables[None]
     if hasattr(att, "qkv_proj"):  # Phi-3: q, k, v and gate, up already fused, in the same order
-        qkv, gate_up = _Proj([att.qkv_proj], backend), _Proj([mlp.gate_up_proj], backend)
+        qkv, gate_up = _Proj([att.qkv_proj], backend, gemm), _Proj([mlp.gate_up_proj], backend, gemm)
         gate_up.sizes = [gate_up.sizes[0] // 2] * 2
     else:
-        qkv = _Proj([att.q_proj, att.k_proj, att.v_proj], backend)
-        gate_up = _Proj([mlp.gate_proj, mlp.up_proj], backend)
+        qkv = _Proj([att.q_proj, att.k_proj, att.v_proj], backend, gemm)
+        gate_up = _Proj([mlp.gate_proj, mlp.up_proj], backend, gemm)
     return DecoderLayer(
-        ln1=ln1, ln2=_norm(ln2, one), qkv=qkv, o=_Proj([att.o_proj], backend), gate_up=gate_up,
-        down=_Proj([mlp.down_proj], backend),
+        ln1=ln1, ln2=_norm(ln2, one), qkv=qkv, o=_Proj([att.o_proj], backend, gemm), gate_up=gate_up,
+        down=_Proj([mlp.down_proj], backend, gemm),
         q_norm=q_norm, k_norm=_norm(getattr(att, "k_norm", None), one),
         qk_whole=q_norm is not None and q_norm.weight.shape[0] != head_dim,
         post_attn=_norm(layer.post_attention_layernorm, one) if layout != "pre" else None,

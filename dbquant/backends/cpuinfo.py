@@ -1,0 +1,59 @@
+"""Which CPUs compute bf16 matmuls fast enough to be worth the rounding.
+
+One rule, used by DAD's ``--dad-autocast auto`` and by the CPU backend's bf16 prefill GEMM. It is a
+fixed reading of ``/proc/cpuinfo`` (vendor, family, flags), never a timing, so the choice, and with it
+every number a calibration produces, is the same on every run of one machine.
+
+What was measured (docs/RESULTS.md, ``benchmarks/dad_throughput.py``):
+- AMD Zen 5 (family 26) with AVX512-BF16: DAD under bf16 autocast at 2.15x the fp32 tokens/s, and
+  torch's bf16 GEMM at ~4x its fp32 one (full-width ``vdpbf16ps``);
+- Intel Sapphire-Rapids class with AVX512-BF16 but no AMX: 0.82x, slower; it does not count;
+- AMX-BF16 counts (oneDNN's tile GEMM), not yet measured here;
+- AMD Zen 4 (family 25, AVX512-BF16 on a 256-bit datapath): not measured, so it does not count.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+ZEN5_FAMILY = 26  # AMD "cpu family" 0x1A
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> dict:
+    """``{"vendor": str, "family": int | None, "flags": set[str]}`` of the first CPU in
+    /proc/cpuinfo (empty vendor and flags where there is none: macOS, Windows)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"vendor": "", "family": None, "flags": set()}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the first processor's block is enough: every core of a VM is the same model
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    family = fields.get("cpu family", "")
+    return {"vendor": fields.get("vendor_id", ""), "family": int(family) if family.isdigit() else None,
+            "flags": set(fields.get("flags", "").split())}
+
+
+def fast_bf16_cpu(info: dict | None = None) -> bool:
+    """Whether this CPU's bf16 matmuls beat fp32 ones by enough to use them (the rule above).
+
+    info: a :func:`cpu_info` dict (default: this machine's). AMX is asked of torch's own probe where
+    the build has it and no ``info`` is given, else read from the flags.
+    """
+    if info is None:
+        probe = getattr(torch._C._cpu, "_is_amx_tile_supported", None)
+        if probe is not None and probe():
+            return True
+        info = cpu_info()
+    flags = info["flags"]
+    if "amx_bf16" in flags:
+        return True
+    return (info["vendor"] == "AuthenticAMD" and (info["family"] or 0) >= ZEN5_FAMILY
+            and "avx512_bf16" in flags)
