@@ -39,7 +39,7 @@ PRESETS: dict[str, dict] = {
 # Values shared by every preset (an explicit option still wins).
 COMMON = dict(dad_lr=5e-3, dad_lr_weight=2e-3, dad_train="scales", dad_weighting="uniform",
               dad_temperature=1.0, dad_ce_weight=0.0, dad_topk=64, grad_clip=1.0,
-              dad_teacher="topk", dad_autocast="off")
+              dad_teacher="topk", dad_autocast="auto")
 
 
 def preset_values(name: str) -> dict:

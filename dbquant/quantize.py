@@ -159,8 +159,9 @@ class QuantizeOptions:
     dad_teacher: str | None = stage_option("teacher signal: topk (cached top-k + remaining mass), online (fp teacher "
                                            "run every step, exact full-vocabulary KL) or sample (cached k draws "
                                            "from the teacher, importance-weighted)")
-    dad_autocast: str | None = stage_option("bf16 autocast of the student's forward/backward: auto (where the CPU "
-                                            "or GPU computes bf16 natively), bf16 or off")
+    dad_autocast: str | None = stage_option("bf16 autocast of the student's forward/backward: auto (a GPU with "
+                                            "bf16, or a CPU whose bf16 is fast: AMX or AMD Zen 5; there the preset's "
+                                            "DAD steps grow by what it saves), bf16 or off")
     grad_clip: float | None = stage_option("max gradient norm (0: off)")
     # ---- run hygiene (not part of the result's fingerprint)
     device: str = option("auto", "auto (CUDA when present), cpu, cuda, cuda:N", section="fdb-dad")
@@ -283,15 +284,17 @@ def make_table_plan(model, opts: QuantizeOptions, plan: list[planlib.LinearPlan]
 
 
 def budgeted(model, opts: QuantizeOptions, plan: list[planlib.LinearPlan]) -> tuple[QuantizeOptions, dict]:
-    """Resolved ``fdb-dad`` options, with ``--time-budget`` applied (``calibration/budget.py``).
+    """Resolved ``fdb-dad`` options, with ``--time-budget`` applied (``calibration/budget.py``), or
+    else, where bf16 autocast is fast, the preset's DAD steps grown by what it saves (``bf16_dividend``;
+    not a ``--dad-steps`` given on the command line).
 
     Returns (options, the time model's report: predicted seconds per stage on the reference
-    CPU, and with a budget the steps it chose). Deterministic: the same options and model
-    shapes give the same step counts, so the CLI's printed plan is what ``quantize`` runs.
+    CPU, and the steps it chose). Deterministic: the same options, model shapes and CPU class give
+    the same step counts, so the CLI's printed plan is what ``quantize`` runs.
     """
     r, shapes = opts.resolved(), budgetlib.Shapes.of(model, plan)
     if opts.time_budget is None:
-        return r, budgetlib.prediction(r, shapes)
+        return (r, budgetlib.prediction(r, shapes)) if opts.dad_steps is not None else budgetlib.bf16_dividend(r, shapes)
     given = {k for k in budgetlib.SCALED if getattr(opts, k) is not None}
     return budgetlib.fit(r, shapes, given)
 

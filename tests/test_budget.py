@@ -11,6 +11,12 @@ from dbquant.quantize import QuantizeOptions, budgeted, make_plan, quantize
 SMOLLM2 = budget.Shapes(block_params=(3_538_944,) * 30, compute_params=30 * 3_538_944 + 49152 * 576)
 
 
+@pytest.fixture(autouse=True)
+def fp32_cpu(monkeypatch):
+    """The reference CPU's answers (no fast bf16) whatever this machine is; tests of bf16 set their own."""
+    monkeypatch.setattr(budget, "fast_bf16_cpu", lambda: False)
+
+
 def test_constants_reproduce_the_measured_fast_run():
     """The stage times of the quiet fast run the constants were measured on (teacher 32.9 s,
     block-wise 104.9 s, DAD 144.7 s, total 289.7 s; docs/CALIBRATION.md), within 5%."""
@@ -86,6 +92,29 @@ def test_bf16_autocast_costs_what_this_cpu_measured(monkeypatch, fast):
     assert bf16["dad"] == pytest.approx(off["dad"] * (0.465 if fast else 1.22))
     assert auto == (bf16 if fast else off)
     assert {k: v for k, v in bf16.items() if k != "dad"} == {k: v for k, v in off.items() if k != "dad"}
+
+
+@pytest.mark.parametrize("preset", ["fast", "default"])
+def test_bf16_dividend_buys_dad_steps_at_the_fp32_wall_time(monkeypatch, preset):
+    """Where bf16 is fast the preset's DAD steps grow by 1 / 0.465 and the predicted time stays the fp32
+    preset's (within one step); elsewhere, or with --dad-steps given, nothing changes."""
+    opts = QuantizeOptions(preset=preset).resolved()
+    same, info = budget.bf16_dividend(opts, SMOLLM2)
+    assert same is opts and "bf16_dividend" not in info
+    monkeypatch.setattr(budget, "fast_bf16_cpu", lambda: True)
+    out, info = budget.bf16_dividend(opts, SMOLLM2)
+    assert out.dad_steps == int(opts.dad_steps / 0.465) and info["bf16_dividend"]["dad_steps"] == [opts.dad_steps,
+                                                                                                  out.dad_steps]
+    fp32 = sum(budget.predict(QuantizeOptions(preset=preset, dad_autocast="off").resolved(), SMOLLM2).values())
+    step = budget.predict(out, SMOLLM2)["dad"] / out.dad_steps
+    assert fp32 - step <= info["predicted_total_s"] <= fp32 + step
+    off, _ = budget.bf16_dividend(QuantizeOptions(preset=preset, dad_autocast="off").resolved(), SMOLLM2)
+    assert off.dad_steps == opts.dad_steps
+    model = make_tiny_model()
+    plan = make_plan(model, QuantizeOptions(preset=preset, group_size=32))
+    assert budgeted(model, QuantizeOptions(preset=preset, group_size=32, dad_steps=7), plan)[0].dad_steps == 7
+    grown, _ = budgeted(model, QuantizeOptions(preset=preset, group_size=32), plan)
+    assert grown.dad_steps == int(opts.dad_steps / 0.465)
 
 
 def test_quantize_runs_the_fitted_steps(tiny_tokenizer, text_file):

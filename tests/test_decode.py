@@ -151,6 +151,15 @@ def test_native_layer_step_matches_the_python_step(model_type, cfg):
         run(x, layer, native.cos[0, :8].contiguous(), native.sin[0], native.k_cache[0], native.v_cache[0], 0)
 
 
+def test_decode_stack_refuses_layers_of_unequal_kv_heads():
+    """One cache tensor holds every layer's k, v: DecodeStack.add checks it once, not every step."""
+    a = FastDecoder(_packed("llama"), max_len=32)
+    b = FastDecoder(_packed("llama", num_key_value_heads=4), max_len=32)
+    with pytest.raises(RuntimeError, match="every layer must have the first layer's 2 kv heads of 16 channels, "
+                                           "got 4 of 16"):
+        cpu_backend.prepare_decode_stack([(L.native, L.cos, L.sin) for L in (a.layers[0], b.layers[0])])
+
+
 def test_native_layer_step_needs_fused_packed_layers():
     assert FastDecoder(make_tiny_model()).native is None  # dense
     assert FastDecoder(_packed("llama", hidden_size=72)).native is None  # unfusable shapes

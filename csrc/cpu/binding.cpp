@@ -520,19 +520,29 @@ struct DecodeLayer : torch::CustomClassHolder {
 // one part that differs between the float32 cache and the packed VidKV cache.
 // Every piece computes what decode_layer_ref (dbquant/backends/reference.py) computes, up to
 // float rounding order; the gain is one call instead of ~20 framework ops.
+// layer_step's scratch: the tables (lf floats) and group sums (G) of the layer's largest GEMV, then
+// h [H], qkv [N_qkv], att [Hq D], gate_up [2 I], act [I], tmp [H].
+struct StepScratch {
+  int64_t lf, G, total;
+  explicit StepScratch(const DecodeLayer& ly) {
+    const auto& w = ly.weights;
+    lf = std::max({lut_scratch_floats(w[0]), lut_scratch_floats(w[1]), lut_scratch_floats(w[2]),
+                   lut_scratch_floats(w[3])});
+    G = std::max({w[0].groups(), w[1].groups(), w[2].groups(), w[3].groups()});
+    total = lf + G + ly.H + w[0].N + ly.Hq * ly.D + 3 * ly.I + ly.H;
+  }
+};
+
+// scratch: StepScratch(ly).total floats, owned by the caller (one allocation serves a whole step).
 template <typename Attend>
-void layer_step(const DecodeLayer& ly, float* xp, const float* cos, const float* sin, const at::TensorOptions& opts,
-                Attend&& attend) {
+void layer_step(const DecodeLayer& ly, float* xp, const float* cos, const float* sin, float* scratch, Attend&& attend) {
   const int64_t H = ly.H, Hq = ly.Hq, Hk = ly.Hk, D = ly.D, I = ly.I;
   const dbquant::cpu::T16Weight &wqkv = ly.weights[0], &wo = ly.weights[1], &wgu = ly.weights[2], &wd = ly.weights[3];
   const Isa isa = dbquant::cpu::best_isa();
-  const int64_t lf = std::max({lut_scratch_floats(wqkv), lut_scratch_floats(wo), lut_scratch_floats(wgu),
-                               lut_scratch_floats(wd)});
-  const int64_t G = std::max({wqkv.groups(), wo.groups(), wgu.groups(), wd.groups()});
-  at::Tensor scratch = at::empty({lf + G + H + wqkv.N + Hq * D + 2 * I + I + H}, opts);
-  float* lut = scratch.data_ptr<float>();
-  float* gsum = lut + lf;
-  float* h = gsum + G;
+  const StepScratch sz(ly);
+  float* lut = scratch;
+  float* gsum = lut + sz.lf;
+  float* h = gsum + sz.G;
   float* qkv = h + H;
   float* att = qkv + wqkv.N;
   float* gu = att + Hq * D;
@@ -570,8 +580,9 @@ void layer_step(const DecodeLayer& ly, float* xp, const float* cos, const float*
 
 // The float32 cache's attention of layer_step: the token's k, v go to row `pos` of kc, vc
 // (float32 [Hk, L, D]), then q attends to rows first..pos (a sliding window starts late).
+// scores: at least Hq * (pos + 1) floats of scratch.
 void attend_float_cache(const DecodeLayer& ly, float* kc, float* vc, int64_t L, int64_t pos, const float* q,
-                        const float* k, const float* v, float* att, const at::TensorOptions& opts) {
+                        const float* k, const float* v, float* att, float* scores) {
   const int64_t Hq = ly.Hq, Hk = ly.Hk, D = ly.D;
   for (int64_t j = 0; j < Hk; ++j) {
     std::copy(k + j * D, k + (j + 1) * D, kc + (j * L + pos) * D);
@@ -579,8 +590,6 @@ void attend_float_cache(const DecodeLayer& ly, float* kc, float* vc, int64_t L, 
   }
   const int64_t first = ly.window > 0 ? std::max<int64_t>(0, pos - ly.window + 1) : 0;
   const int64_t seen = pos + 1 - first;
-  at::Tensor sc = at::empty({Hq * seen}, opts);
-  float* scores = sc.data_ptr<float>();
   at::parallel_for(0, Hq, std::max<int64_t>(1, (int64_t(1) << 14) / (seen * D)), [&](int64_t h0, int64_t h1) {
     dbquant::cpu::attend_one_token(q, kc + first * D, vc + first * D, Hq, Hk, L, D, seen, float(ly.scale),
                                    float(ly.softcap), scores, att, h0, h1);
@@ -615,9 +624,12 @@ void decode_layer_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeLayer>
   const int64_t L = k_cache.size(2);
   TORCH_CHECK(pos >= 0 && pos < L, "decode_layer_cpu: pos ", pos, " is outside the cache (max_len ", L, ")");
   float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
-  layer_step(ly, x.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), x.options(),
+  const int64_t own = StepScratch(ly).total;
+  at::Tensor scratch = at::empty({own + ly.Hq * (pos + 1)}, x.options());
+  float* sp = scratch.data_ptr<float>();
+  layer_step(ly, x.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), sp,
              [&](const float* q, const float* k, const float* v, float* att, Isa) {
-               attend_float_cache(ly, kc, vc, L, pos, q, k, v, att, x.options());
+               attend_float_cache(ly, kc, vc, L, pos, q, k, v, att, sp + own);
              });
 }
 
@@ -798,7 +810,8 @@ void decode_layer_kv_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeLay
   const auto& kv = kvp->view;
   check_token_args("decode_layer_kv_cpu", ly, x, cos, sin);
   check_packed_layer("decode_layer_kv_cpu", ly, kv, n_groups, n_tail);
-  layer_step(ly, x.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), x.options(),
+  at::Tensor scratch = at::empty({StepScratch(ly).total}, x.options());
+  layer_step(ly, x.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), scratch.data_ptr<float>(),
              [&](const float* q, const float* k, const float* v, float* att, Isa isa) {
                attend_packed_cache(ly, kv, n_groups, n_tail, q, k, v, att, x.options(), isa);
              });
@@ -819,6 +832,10 @@ struct DecodeStack : torch::CustomClassHolder {
                 sin.sizes());
     TORCH_CHECK(layers.empty() || layer->H == layers[0]->H, "DecodeStack.add: hidden size ", layer->H,
                 " differs from the first layer's ", layers[0]->H);
+    // checked once here, not per step: decode_step_cpu's one cache tensor holds every layer alike
+    TORCH_CHECK(layers.empty() || (layer->Hk == layers[0]->Hk && layer->D == layers[0]->D),
+                "DecodeStack.add: every layer must have the first layer's ", layers[0]->Hk, " kv heads of ",
+                layers[0]->D, " channels, got ", layer->Hk, " of ", layer->D);
     layers.push_back(layer);
     tables.emplace_back(std::move(cos), std::move(sin));
     packed.emplace_back();
@@ -863,18 +880,20 @@ void decode_step_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeStack>&
                   k_cache.size(4) == l0.D && v_cache.sizes() == k_cache.sizes(),
               "decode_step_cpu: caches must be [", n, ", 1, ", l0.Hk, ", max_len, ", l0.D, "], got ", k_cache.sizes(),
               " and ", v_cache.sizes());
-  for (const auto& ly : st.layers)
-    TORCH_CHECK(ly->Hk == l0.Hk && ly->D == l0.D, "decode_step_cpu: every layer must have ", l0.Hk, " kv heads of ",
-                l0.D, " channels (one cache tensor holds them all)");
   const int64_t L = k_cache.size(3), per = l0.Hk * L * l0.D;
   TORCH_CHECK(pos < L, "decode_step_cpu: pos ", pos, " is outside the cache (max_len ", L, ")");
   float *xp = x.data_ptr<float>(), *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  // one scratch for the whole step: the largest layer's, then the attention scores
+  int64_t own = 0, hq = 0;
+  for (const auto& ly : st.layers) own = std::max(own, StepScratch(*ly).total), hq = std::max(hq, ly->Hq);
+  at::Tensor scratch = at::empty({own + hq * (pos + 1)}, x.options());
+  float* sp = scratch.data_ptr<float>();
   for (int64_t i = 0; i < n; ++i) {
     const DecodeLayer& ly = *st.layers[i];
     const int64_t D = ly.D;
     layer_step(ly, xp, st.tables[i].first.data_ptr<float>() + pos * D, st.tables[i].second.data_ptr<float>() + pos * D,
-               x.options(), [&](const float* q, const float* k, const float* v, float* att, Isa) {
-                 attend_float_cache(ly, kc + i * per, vc + i * per, L, pos, q, k, v, att, x.options());
+               sp, [&](const float* q, const float* k, const float* v, float* att, Isa) {
+                 attend_float_cache(ly, kc + i * per, vc + i * per, L, pos, q, k, v, att, sp + own);
                });
   }
 }
@@ -890,12 +909,15 @@ void decode_step_kv_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeStac
     check_packed_layer("decode_step_kv_cpu", *st.layers[i], st.packed[i]->view, n_groups, n_tail);
   }
   float* xp = x.data_ptr<float>();
+  int64_t own = 0;
+  for (const auto& ly : st.layers) own = std::max(own, StepScratch(*ly).total);
+  at::Tensor scratch = at::empty({own}, x.options());
   for (int64_t i = 0; i < st.size(); ++i) {
     const DecodeLayer& ly = *st.layers[i];
     const auto& kv = st.packed[i]->view;
     const int64_t D = ly.D;
     layer_step(ly, xp, st.tables[i].first.data_ptr<float>() + pos * D, st.tables[i].second.data_ptr<float>() + pos * D,
-               x.options(), [&](const float* q, const float* k, const float* v, float* att, Isa isa) {
+               scratch.data_ptr<float>(), [&](const float* q, const float* k, const float* v, float* att, Isa isa) {
                  attend_packed_cache(ly, kv, n_groups, n_tail, q, k, v, att, x.options(), isa);
                });
   }
