@@ -7,6 +7,8 @@ thread count and mode, the time of ``y = x @ W.T`` with
   ref   dbquant's pure-PyTorch reference (dequantize + matmul on every call: the oracle)
   cpu   dbquant's C++ kernel on the load-time repacked weight (``dbquant.backends.cpu``), float tables
   cpu-i8lut  the same kernel layout with the integer (T-MAC style) tables (``run_cpu(lut="int8")``)
+  cpu-gemm, cpu-gemm-bf16  the prefill path: the weight dequantized (transposed) on every call, then
+        one torch GEMM in float32 or bfloat16 (``cpu_backend.dense_gemm``)
 Modes: ``cache`` reuses one weight (resident in cache when it fits); ``stream`` cycles through
 distinct copies of it, together at least the rotating set of :func:`dbquant.bench.machine.stream_set_bytes`
 (4x the L3 read at run time, at most a quarter of MemAvailable), so a call comes back to a copy
@@ -52,8 +54,9 @@ from .machine import environment, stream_set_bytes
 
 SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 LLAMA7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
-BACKENDS = ("fp32", "bf16", "ref", "cpu", "cpu-i8lut")
+BACKENDS = ("fp32", "bf16", "ref", "cpu", "cpu-i8lut", "cpu-gemm", "cpu-gemm-bf16")
 NATIVE = {"cpu": "float", "cpu-i8lut": "int8"}  # backend -> run_cpu's lut
+GEMM = {"cpu-gemm": "fp32", "cpu-gemm-bf16": "bf16"}  # backend -> dense_gemm's precision
 MAX_COPIES = 1 << 16  # bounds the Python objects for a tiny weight (rows say when it bound the set)
 READ_CHUNK = 16 << 20  # bytes per timed call of the read kernel (a 4096x4096 fp32 weight is 64 MiB)
 
@@ -174,6 +177,8 @@ def _timed_call(b: str, x: torch.Tensor, nxt: Callable[[], object], k: int, grou
         return lambda: F.linear(xb, nxt())
     if b == "ref":
         return lambda: dbgemm_ref(x, *nxt(), None, None, k, group_size)
+    if b in GEMM:
+        return lambda: cpu_backend.dense_gemm(x, nxt(), None, GEMM[b])
     return lambda: cpu_backend.run_cpu(x, nxt(), None, lut=NATIVE[b])
 
 
@@ -187,7 +192,8 @@ def kernel_bench(shapes: list[tuple[int, int]], ms: list[int], threads: list[int
     copies are held at a time. ``ref`` is skipped in ``stream`` mode (it dequantizes on every
     call, so it is compute-bound either way) and for weights over 16M elements (seconds per call).
     """
-    if set(NATIVE) & set(backends) and not cpu_backend.load_cpu():
+    packed = {*NATIVE, *GEMM}  # the backends on dbquant's packed weight
+    if packed & set(backends) and not cpu_backend.load_cpu():
         raise RuntimeError("the cpu backend is not built; run `pip install --no-build-isolation -e .`")
     sizing = stream_set_bytes()
     if stream_bytes is not None:
@@ -198,7 +204,7 @@ def kernel_bench(shapes: list[tuple[int, int]], ms: list[int], threads: list[int
         progress(f"read bandwidth ({bw['source']}, {bw['buffer_bytes'] >> 20} MiB buffer, L3 "
                  f"{sizing['l3_bytes'] >> 20} MiB): " + ", ".join(f"{t} thr {g:.1f} GB/s" for t, g in bw["native"].items())
                  + "; torch.sum: " + ", ".join(f"{t} thr {g:.1f} GB/s" for t, g in bw["torch"].items()))
-    isa = torch.ops.dbquant.cpu_isas()[0] if set(NATIVE) & set(backends) else None
+    isa = torch.ops.dbquant.cpu_isas()[0] if packed & set(backends) else None
     rows, order, raw_gbps = [], [], []
     for si, (n, k) in enumerate(shapes):
         xs = {m: torch.randn(m, k, generator=torch.Generator().manual_seed(m)) for m in ms}
@@ -217,15 +223,15 @@ def kernel_bench(shapes: list[tuple[int, int]], ms: list[int], threads: list[int
                         t_ms = statistics.median(times)
                         moved = wbytes + m * k * 4 + m * n * 4
                         rotating = wbytes * len(ws)
-                        row = dict(op="dbgemm" if b in ("ref", *NATIVE) else "linear", n=n, k=k, m=m, mode=mode,
+                        row = dict(op="dbgemm" if b in ("ref", *packed) else "linear", n=n, k=k, m=m, mode=mode,
                                    threads=t, backend=b, ms=round(t_ms, 5), ms_min=round(min(times), 5),
                                    gbps=round(moved / t_ms / 1e6, 3), gbps_best=round(moved / min(times) / 1e6, 3),
                                    moved_bytes=moved, **_bw_fields(moved / t_ms / 1e6, t, bw),
-                                   weight_bytes=wbytes, group_size=group_size if b in ("ref", *NATIVE) else None,
+                                   weight_bytes=wbytes, group_size=group_size if b in ("ref", *packed) else None,
                                    copies=len(ws), rotating_bytes=rotating,
                                    streamed=len(ws) > 1 and rotating >= 2 * sizing["l3_bytes"],
                                    stream_set_bytes=set_bytes, stream_set_capped_by_memory=sizing["capped_by_memory"],
-                                   l3_bytes=sizing["l3_bytes"], isa=isa if b in NATIVE else None)
+                                   l3_bytes=sizing["l3_bytes"], isa=isa if b in packed else None)
                         if b == "fp32":
                             base[m, t] = t_ms
                         row["speedup_vs_fp32"] = round(base[m, t] / t_ms, 3) if (m, t) in base else None
