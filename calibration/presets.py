@@ -20,14 +20,15 @@ PRESETS: dict[str, dict] = {
     "fast": dict(blockwise=True, bw_samples=32, bw_seq_len=256, bw_steps=8, bw_batch=2,
                  bw_lr=1e-2, bw_lr_weight=5e-3, bw_inputs="quant",
                  dad=True, dad_samples=48, dad_seq_len=256, dad_steps=34, dad_batch=2),
-    # <= 20 min on a quiet 2-core CPU: block-wise, then DAD training scales and latent weights.
-    # With --target-bpw 2.5 (docs/RESULTS.md, issue 14 default rows, 1 thread): 34.08 with weights
-    # trained (36.96 scales only, uniform layout); moving time to DAD (16 block-wise / 200 DAD
-    # steps on 160 windows) gave 34.62 and ran past the budget; 16 / 250 on 256 windows 32.99 in
-    # ~25 min.
-    "default": dict(blockwise=True, bw_samples=64, bw_seq_len=256, bw_steps=40, bw_batch=2,
+    # <= 20 min on a quiet 2-core CPU: block-wise, then DAD training scales and latent weights, on
+    # 256 windows. Steps set for fp32 on the reference CPU (predicted 19.9 min with --target-bpw);
+    # where bf16 is fast, DAD gets 113 / 0.465 = 243 steps in the same time (calibration/budget.py,
+    # bf16_dividend). With --target-bpw 2.5 (docs/RESULTS.md, issue 14 default rows): on AMD Zen 5
+    # that balance, 64 block-wise / 243 DAD steps, gave wiki PPL 31.99 against 32.93 for 16 / 338
+    # and 34.33 for the former 40 / 150 on 128 windows; on the Xeon the former preset gave 34.13.
+    "default": dict(blockwise=True, bw_samples=64, bw_seq_len=256, bw_steps=64, bw_batch=2,
                     bw_lr=1e-2, bw_lr_weight=5e-3, bw_inputs="quant",
-                    dad=True, dad_samples=128, dad_seq_len=256, dad_steps=150, dad_batch=2,
+                    dad=True, dad_samples=256, dad_seq_len=256, dad_steps=113, dad_batch=2,
                     dad_train="scales+weights"),
     # hours on this CPU (minutes on a GPU): more data, more steps, longer DAD training weights too.
     "best": dict(blockwise=True, bw_samples=128, bw_seq_len=512, bw_steps=300, bw_batch=4,
