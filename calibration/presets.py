@@ -24,8 +24,9 @@ PRESETS: dict[str, dict] = {
     # 256 windows. Steps set for fp32 on the reference CPU (predicted 19.9 min with --target-bpw);
     # where bf16 is fast, DAD gets 113 / 0.465 = 243 steps in the same time (calibration/budget.py,
     # bf16_dividend). With --target-bpw 2.5 (docs/RESULTS.md, issue 14 default rows): on AMD Zen 5
-    # that balance, 64 block-wise / 243 DAD steps, gave wiki PPL 31.99 against 32.93 for 16 / 338
-    # and 34.33 for the former 40 / 150 on 128 windows; on the Xeon the former preset gave 34.13.
+    # that balance, 64 block-wise / 243 DAD steps, gave wiki PPL 31.99 (1 thread; 32.21 in the timed
+    # 2-thread run, 19 min 11 s) against 32.93 for 16 / 338 and 34.33 for the former 40 / 150 on 128
+    # windows; on the Xeon the former preset gave 34.13.
     "default": dict(blockwise=True, bw_samples=64, bw_seq_len=256, bw_steps=64, bw_batch=2,
                     bw_lr=1e-2, bw_lr_weight=5e-3, bw_inputs="quant",
                     dad=True, dad_samples=256, dad_seq_len=256, dad_steps=113, dad_batch=2,
