@@ -67,6 +67,18 @@ struct T16Weight {
   int64_t tiles() const { return (N + kTile - 1) / kTile; }
 };
 
+// Where tile t's planes, scales and offset (nullptr when absent) start in the t16 layout.
+struct TilePtrs {
+  const uint8_t* planes;
+  const uint16_t* scales;
+  const uint16_t* offset;
+};
+inline TilePtrs tile_ptrs(const T16Weight& w, int64_t t) {
+  const int64_t G = w.groups();
+  return {w.planes + t * (w.kp() / 8) * w.P * kTile, w.scales + t * G * w.P * kTile,
+          w.offset ? w.offset + t * G * kTile : nullptr};
+}
+
 // Floats of lookup table per activation row: 16 per 4-channel chunk of Kp.
 inline int64_t lut_floats(const T16Weight& w) { return w.kp() / 4 * 16; }
 

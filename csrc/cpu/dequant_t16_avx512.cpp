@@ -25,13 +25,11 @@ inline __m256i to_bf16(__m512 v) {
 }  // namespace
 
 void dequantize_t_avx512(const T16Weight& w, void* out, bool bf16, int64_t t0, int64_t t1) {
-  const int64_t G = w.groups(), C8 = w.kp() / 8, cpg = w.group_size / 8, P = w.P, N = w.N;
+  const int64_t G = w.groups(), cpg = w.group_size / 8, P = w.P, N = w.N;
   float* of = static_cast<float*>(out);
   uint16_t* ob = static_cast<uint16_t*>(out);
   for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* tp = w.planes + t * C8 * P * kTile;
-    const uint16_t* ts = w.scales + t * G * P * kTile;
-    const uint16_t* to = w.offset ? w.offset + t * G * kTile : nullptr;
+    const auto [tp, ts, to] = tile_ptrs(w, t);
     const int64_t n0 = t * kTile;
     const int rows = int(N - n0 < kTile ? N - n0 : kTile);
     const __mmask16 keep = __mmask16((1u << rows) - 1);

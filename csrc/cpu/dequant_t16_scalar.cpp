@@ -11,13 +11,11 @@ void dequantize_t(Isa isa, const T16Weight& w, void* out, bool bf16, int64_t t0,
 }
 
 void dequantize_t_scalar(const T16Weight& w, void* out, bool bf16, int64_t t0, int64_t t1) {
-  const int64_t G = w.groups(), C8 = w.kp() / 8, cpg = w.group_size / 8, P = w.P;
+  const int64_t G = w.groups(), cpg = w.group_size / 8, P = w.P;
   float* of = static_cast<float*>(out);
   uint16_t* ob = static_cast<uint16_t*>(out);
   for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* tp = w.planes + t * C8 * P * kTile;
-    const uint16_t* ts = w.scales + t * G * P * kTile;
-    const uint16_t* to = w.offset ? w.offset + t * G * kTile : nullptr;
+    const auto [tp, ts, to] = tile_ptrs(w, t);
     for (int r = 0; r < kTile && t * kTile + r < w.N; ++r) {
       const int64_t n = t * kTile + r;
       for (int64_t g = 0; g < G; ++g) {
