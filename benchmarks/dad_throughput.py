@@ -30,7 +30,7 @@ import torch
 
 from dbquant.bench.cpu import environment
 from dbquant.calibration.blockwise import to_fakequant
-from dbquant.calibration.dad import DADConfig, cpu_has_native_bf16, distill, teacher_cache
+from dbquant.calibration.dad import DADConfig, distill, teacher_cache
 from dbquant.calibration.init import init_weights
 from dbquant.calibration.runstate import RunState, make_fingerprint
 from dbquant.eval.data import calibration_batches, wiki_split
@@ -91,8 +91,8 @@ def main() -> None:
     for row in rows:
         print(f"{row['teacher'] + '/' + row['autocast'] + '/' + row['train']:<28} {row['median']:12.1f} "
               f"{row['min']:8.1f} {row['max']:8.1f} {row['ratio_vs_first']:9.3f}")
-    env = environment() | {"native_bf16": cpu_has_native_bf16(),  # environment() has the ISA flags
-                           "threads": torch.get_num_threads(), "loadavg_after": os.getloadavg()}
+    # environment() has the ISA flags and fast_bf16 (what --dad-autocast auto reads)
+    env = environment() | {"threads": torch.get_num_threads(), "loadavg_after": os.getloadavg()}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{a.json}.tmp"
     with open(tmp, "w") as f:

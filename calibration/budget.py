@@ -118,8 +118,10 @@ def predict(opts, shapes: Shapes, costs: Costs = COSTS) -> dict[str, float]:
     if opts.dad and opts.dad_steps:
         factor = dict(c.teacher_factor).get(opts.dad_teacher, 1.0)
         factor *= c.weights_factor if opts.dad_train == "scales+weights" else 1.0
-        if opts.dad_autocast == "bf16" or (opts.dad_autocast == "auto" and fast_bf16_cpu()):
-            factor *= c.bf16_fast_factor if fast_bf16_cpu() else c.bf16_slow_factor
+        if bf16_fast(opts):
+            factor *= c.bf16_fast_factor
+        elif opts.dad_autocast == "bf16":  # forced where bf16 is slow
+            factor *= c.bf16_slow_factor
         if opts.dad_teacher != "online":
             out["teacher"] = opts.dad_samples * opts.dad_seq_len * shapes.compute_params * c.forward_tp
         out["dad"] = opts.dad_steps * opts.dad_batch * opts.dad_seq_len * shapes.compute_params * c.dad_step_tp * factor

@@ -128,21 +128,12 @@ class DADConfig:
 
 # ---------------------------------------------------------------- mixed precision
 
-def cpu_has_native_bf16() -> bool:
-    """Whether bf16 autocast pays on this CPU: AMX-BF16 tiles, or AMD Zen 5's full-width AVX512-BF16.
-
-    The rule and what it rests on are in :mod:`dbquant.backends.cpuinfo` (AVX512-BF16 without AMX on
-    a Sapphire-Rapids-class VM ran DAD at 0.82x the fp32 tokens/s; Zen 5 at 2.15x).
-    """
-    return fast_bf16_cpu()
-
-
 def native_bf16(device) -> bool:
     """Whether ``device`` (a torch.device or its name) runs bf16 matmuls natively."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_native_bf16()
+    return device.type == "cpu" and fast_bf16_cpu()  # the rule and its measurements: backends/cpuinfo.py
 
 
 def autocast_dtype(mode: str, device) -> torch.dtype | None:

@@ -158,7 +158,7 @@ def test_cpuinfo_reads_the_first_processor(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("native", [False, True])
 def test_autocast_auto_follows_the_cpu(monkeypatch, tmp_path, native):
-    monkeypatch.setattr(dad, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(dad, "fast_bf16_cpu", lambda: native)
     model, _, plan, data, fp_weights, init = _setup(2, 8)
     teacher = _teacher("topk", model, data, fp_weights)
     to_fakequant(model, [p.name for p in plan], init)

@@ -839,6 +839,8 @@ struct DecodeStack : torch::CustomClassHolder {
     layers.push_back(layer);
     tables.emplace_back(std::move(cos), std::move(sin));
     packed.emplace_back();
+    scratch_floats = std::max(scratch_floats, StepScratch(*layer).total);
+    max_hq = std::max(max_hq, layer->Hq);
   }
 
   void set_kv(int64_t i, const c10::intrusive_ptr<KVPacked>& kv) {
@@ -863,6 +865,8 @@ struct DecodeStack : torch::CustomClassHolder {
   std::vector<c10::intrusive_ptr<DecodeLayer>> layers;
   std::vector<std::pair<at::Tensor, at::Tensor>> tables;
   std::vector<c10::intrusive_ptr<KVPacked>> packed;  // empty until set_kv
+  // sized once here, not per step: the largest layer's layer_step scratch, and the most query heads
+  int64_t scratch_floats = 0, max_hq = 0;
 };
 
 // Every layer of `stack` for one token at `pos`, in place on x float32 [1, H]; layer i's k, v
@@ -884,9 +888,8 @@ void decode_step_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeStack>&
   TORCH_CHECK(pos < L, "decode_step_cpu: pos ", pos, " is outside the cache (max_len ", L, ")");
   float *xp = x.data_ptr<float>(), *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
   // one scratch for the whole step: the largest layer's, then the attention scores
-  int64_t own = 0, hq = 0;
-  for (const auto& ly : st.layers) own = std::max(own, StepScratch(*ly).total), hq = std::max(hq, ly->Hq);
-  at::Tensor scratch = at::empty({own + hq * (pos + 1)}, x.options());
+  const int64_t own = st.scratch_floats;
+  at::Tensor scratch = at::empty({own + st.max_hq * (pos + 1)}, x.options());
   float* sp = scratch.data_ptr<float>();
   for (int64_t i = 0; i < n; ++i) {
     const DecodeLayer& ly = *st.layers[i];
@@ -909,9 +912,7 @@ void decode_step_kv_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeStac
     check_packed_layer("decode_step_kv_cpu", *st.layers[i], st.packed[i]->view, n_groups, n_tail);
   }
   float* xp = x.data_ptr<float>();
-  int64_t own = 0;
-  for (const auto& ly : st.layers) own = std::max(own, StepScratch(*ly).total);
-  at::Tensor scratch = at::empty({own}, x.options());
+  at::Tensor scratch = at::empty({st.scratch_floats}, x.options());
   for (int64_t i = 0; i < st.size(); ++i) {
     const DecodeLayer& ly = *st.layers[i];
     const auto& kv = st.packed[i]->view;
