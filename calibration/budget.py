@@ -19,7 +19,9 @@ weight and token, so every compute-bound stage is linear in it):
 - DAD: ``dad_steps`` steps of ``dad_batch * dad_seq_len`` tokens through the whole model
   (the output head included), times the teacher signal's measured cost;
 - without block-wise: one statistics forward and the init of every planned linear;
-- ``--target-bpw``: the sensitivity pass (forward and backward of ``alloc_samples`` windows).
+- ``--target-bpw``: the sensitivity pass (forward and backward of ``alloc_samples`` windows);
+- ``self`` / ``chat`` in ``--calib``: the fp model writing ``calib_self_samples`` sequences of
+  ``calib_self_len`` tokens (sampled generation with the KV cache, before any stage).
 
 Only ``bw_steps`` and ``dad_steps`` are scaled, both by one factor (the preset's balance
 between the stages is kept); a step count given on the command line is kept as it is.
@@ -32,6 +34,7 @@ from dataclasses import asdict, dataclass, replace
 from torch import nn
 
 from dbquant.backends.cpuinfo import fast_bf16_cpu
+from dbquant.calibration.sources import uses_generated
 from dbquant.errors import DbquantError
 from dbquant.model.plan import LinearPlan, decoder_blocks
 
@@ -68,6 +71,10 @@ class Costs:
     # CPU's speed, 106.8 vs 110.7 tokens/s), 0.82x on one where it is not (the reference CPU itself)
     bf16_fast_factor: float = 0.465
     bf16_slow_factor: float = 1.22
+    # the fp model writing calibration text (--calib chat, 16 conversations of <= 192 tokens at batch 16:
+    # 29.0 s, quiet, 2 threads, AMD Zen 5, whose fp32 runs at the reference CPU's speed), per
+    # (sequences x length) token x parameter
+    generate_tp: float = 7.0e-11
 
 
 COSTS = Costs()
@@ -106,6 +113,8 @@ def predict(opts, shapes: Shapes, costs: Costs = COSTS) -> dict[str, float]:
     out = {"fixed": c.fixed_s}
     if opts.target_bpw is not None and opts.sensitivity != "weight":
         out["sensitivity"] = opts.alloc_samples * opts.calib_seq_len * shapes.compute_params * c.sensitivity_tp
+    if uses_generated(opts.calib):
+        out["generate"] = opts.calib_self_samples * opts.calib_self_len * shapes.compute_params * c.generate_tp
     planned = sum(shapes.block_params)
     if opts.blockwise:
         tokens = opts.bw_samples * opts.bw_seq_len

@@ -19,7 +19,7 @@ PRESETS: dict[str, dict] = {
     # block-wise alone (16 steps, no DAD) was 90.4 (docs/RESULTS.md, issue 14 rows).
     "fast": dict(blockwise=True, bw_samples=32, bw_seq_len=256, bw_steps=8, bw_batch=2,
                  bw_lr=1e-2, bw_lr_weight=5e-3, bw_inputs="quant",
-                 dad=True, dad_samples=48, dad_seq_len=256, dad_steps=34, dad_batch=2),
+                 dad=True, dad_samples=48, dad_seq_len=256, dad_steps=28, dad_batch=2),
     # <= 20 min on a quiet 2-core CPU: block-wise, then DAD training scales and latent weights, on
     # 256 windows. Steps set for fp32 on the reference CPU (predicted 19.9 min with --target-bpw);
     # where bf16 is fast, DAD gets 113 / 0.465 = 243 steps in the same time (calibration/budget.py,
@@ -29,7 +29,7 @@ PRESETS: dict[str, dict] = {
     # windows; on the Xeon the former preset gave 34.13.
     "default": dict(blockwise=True, bw_samples=64, bw_seq_len=256, bw_steps=64, bw_batch=2,
                     bw_lr=1e-2, bw_lr_weight=5e-3, bw_inputs="quant",
-                    dad=True, dad_samples=256, dad_seq_len=256, dad_steps=113, dad_batch=2,
+                    dad=True, dad_samples=256, dad_seq_len=256, dad_steps=106, dad_batch=2,
                     dad_train="scales+weights"),
     # hours on this CPU (minutes on a GPU): more data, more steps, longer DAD training weights too.
     "best": dict(blockwise=True, bw_samples=128, bw_seq_len=512, bw_steps=300, bw_batch=4,

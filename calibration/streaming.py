@@ -315,7 +315,7 @@ def quantize_streaming(model_dir: str | os.PathLike, tokenizer, opts, output: st
     holds the finished shards until the end. Returns the report written as
     ``dbquant-report.json`` (options, bits, per-layer weight errors, times).
     """
-    opts = opts.check().resolved()
+    opts = opts.check().with_calib(tokenizer, streaming=True).resolved()
     check_streaming(opts)
     if opts.work_dir is None:
         raise DbquantError("--streaming needs a work dir (it keeps the finished blocks there)")

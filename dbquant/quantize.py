@@ -66,6 +66,13 @@ EMBED_BITS = {"8": 8, "6": 6, "4": 4, "fp16": 16, "fp32": None}  # --embed-bits 
 # reaches 58 MB at +2.8% (docs/RESULTS.md, quantized tables).
 AUTO_EMBED_BITS = "8"
 HEAD_BITS = ("auto", "tied", "8", "fp16", "fp32")
+# ``--calib auto`` (the default; :func:`resolve_calib`): wiki text, plus a quarter of chat conversations
+# (the fp model's answers in its own chat template) where fdb-dad trains an instruction-tuned model.
+# Trained on wiki text alone, SmolLM2-Instruct's 2-bit student closes its turn at once on the demo
+# prompt; with this mix the `fast` preset answers in sentences at the same wiki PPL (43.29 vs 43.24,
+# docs/RESULTS.md, issue 14 chat rows). Generating the 16 default conversations takes ~30 s.
+AUTO_CALIB = "auto"
+AUTO_CHAT_MIX = "wiki:0.75,chat:0.25"
 
 
 @dataclass
@@ -112,18 +119,19 @@ class QuantizeOptions:
                                     "scale per row: the fast decoder's int8 head as stored), fp16, fp32; auto: tied "
                                     "when the model ties it and --embed-bits quantizes, else fp32",
                             choices=HEAD_BITS)
-    calib: str | None = option("wiki", "calibration text: wiki, a text file/folder, hf:NAME[:CONFIG]:SPLIT, self "
-                                       "(the fp model's own samples), chat (the fp model's answers in its chat "
-                                       "template), none, or a mix by ratio: "
-                                       "SOURCE:RATIO,SOURCE:RATIO (e.g. wiki:0.5,self:0.5)", type=_calib_source)
+    calib: str | None = option(AUTO_CALIB, "calibration text: wiki, a text file/folder, hf:NAME[:CONFIG]:SPLIT, "
+                                           "self (the fp model's own samples), chat (the fp model's answers in its "
+                                           "chat template), none, or a mix by ratio: SOURCE:RATIO,SOURCE:RATIO (e.g. "
+                                           f"wiki:0.5,self:0.5); auto: {AUTO_CHAT_MIX} where fdb-dad trains a model "
+                                           "with a chat template, else wiki", type=_calib_source)
     calib_images: str | None = option(None, "VLMs: images with a same-name .txt caption; block-wise reconstruction "
                                             "and DAD then run on image+text samples through the whole VLM "
                                             "(calibration/images.py)", metavar="DIR")
     calib_samples: int = option(32, "calibration windows for the activation statistics")
     calib_seq_len: int = option(512, "tokens per calibration window")
-    calib_self_samples: int = option(64, "--calib self/chat: sequences the fp model generates (cached in the work dir)")
-    calib_self_len: int = option(256, "--calib self/chat: tokens per generated sequence (chat: conversation), prompt included")
-    calib_self_temperature: float = option(1.0, "--calib self/chat: sampling temperature (> 0)")
+    calib_self_samples: int = option(16, "--calib self/chat: sequences the fp model generates (cached in the work dir)")
+    calib_self_len: int = option(192, "--calib self/chat: tokens per generated sequence (chat: conversation), prompt included")
+    calib_self_temperature: float = option(0.7, "--calib self/chat: sampling temperature (> 0)")
     calib_self_prompt_len: int = option(8, "--calib self: prompt tokens, taken from the calibration text")
     iters: int = option(8, "FDB least-squares refinement iterations")
     seed: int = option(0, "seed of the calibration windows")
@@ -191,7 +199,7 @@ class QuantizeOptions:
         if self.iters < 0 or self.calib_samples < 1 or self.calib_seq_len < 2:
             raise DbquantError(f"out-of-range option: iters={self.iters} (>= 0), calib_samples="
                                f"{self.calib_samples} (>= 1), calib_seq_len={self.calib_seq_len} (>= 2)")
-        if self.calib:
+        if self.calib and self.calib != AUTO_CALIB:
             parse_mix(self.calib)  # a malformed mix fails here, before any work
             if uses_generated(self.calib):
                 self_gen_config(self).check()
@@ -235,6 +243,17 @@ class QuantizeOptions:
                                "dbquant.calibration.presets")
         return out
 
+    def with_calib(self, tokenizer, streaming: bool = False) -> QuantizeOptions:
+        """A copy with ``calib="auto"`` made concrete (any other value is kept): :data:`AUTO_CHAT_MIX`
+        where fdb-dad trains (block-wise or DAD, in memory, text only) and ``tokenizer`` has a chat
+        template and an EOS token, else ``wiki``. The report and the run's fingerprint hold the result."""
+        if self.calib != AUTO_CALIB:
+            return self
+        r = self.resolved() if self.method == "fdb-dad" else None
+        trains = r is not None and (r.blockwise or (r.dad and r.dad_steps)) and not streaming and not self.calib_images
+        chat = bool(getattr(tokenizer, "chat_template", None)) and getattr(tokenizer, "eos_token_id", None) is not None
+        return replace(self, calib=AUTO_CHAT_MIX if trains and chat else "wiki")
+
     @property
     def uses_offset(self) -> bool:
         return self.offset or self.method == "rtn"
@@ -248,6 +267,7 @@ def make_plan(model, opts: QuantizeOptions, tokenizer=None, progress: bool = Tru
     plan = planlib.make_plan(model, opts.group_size, opts.uses_offset, tuple(opts.modules))
     if opts.target_bpw is None:
         return plan
+    opts = opts.with_calib(tokenizer)
     batches = None
     if opts.sensitivity != "weight":
         batches = calibration_sampler(model, tokenizer, opts, progress=progress)(opts.alloc_samples,
@@ -323,7 +343,7 @@ def quantize(model, tokenizer, opts: QuantizeOptions, progress: bool = True, mod
     errors, and the wall time of each stage. ``fdb-dad`` without calibration text
     (``calib=None``) is the data-free FDB init.
     """
-    opts.check()
+    opts = opts.check().with_calib(tokenizer)
     t0 = time.perf_counter()
     alloc: dict = {}
     if plan is None:  # the CLI passes the plan it printed (--target-bpw measures once)

@@ -5,7 +5,7 @@ import pytest
 from .conftest import make_tiny_model
 from dbquant.calibration import budget
 from dbquant.errors import DbquantError
-from dbquant.quantize import QuantizeOptions, budgeted, make_plan, quantize
+from dbquant.quantize import AUTO_CHAT_MIX, QuantizeOptions, budgeted, make_plan, quantize
 
 # SmolLM2-135M: 30 blocks of 7 planned linears (3,538,944 weights each) and a 49152 x 576 head
 SMOLLM2 = budget.Shapes(block_params=(3_538_944,) * 30, compute_params=30 * 3_538_944 + 49152 * 576)
@@ -19,8 +19,9 @@ def fp32_cpu(monkeypatch):
 
 def test_constants_reproduce_the_measured_fast_run():
     """The stage times of the quiet fast run the constants were measured on (teacher 32.9 s,
-    block-wise 104.9 s, DAD 144.7 s, total 289.7 s; docs/CALIBRATION.md), within 5%."""
-    pred = budget.predict(QuantizeOptions(preset="fast").resolved(), SMOLLM2)
+    block-wise 104.9 s, DAD 144.7 s, total 289.7 s; docs/CALIBRATION.md), within 5%: the preset
+    then had 34 DAD steps and wiki text only."""
+    pred = budget.predict(QuantizeOptions(preset="fast", dad_steps=34, calib="wiki").resolved(), SMOLLM2)
     for stage, seconds in (("teacher", 32.9), ("blockwise", 104.9), ("dad", 144.7)):
         assert pred[stage] == pytest.approx(seconds, rel=0.05), (stage, pred)
     assert sum(pred.values()) == pytest.approx(289.7, rel=0.05)
@@ -69,10 +70,24 @@ def test_bad_budget_options(kw):
         QuantizeOptions(**kw).check()
 
 
-def test_the_default_preset_fits_its_budget_with_target_bpw():
-    """The cost model, corrected by the quiet default-preset run, keeps `default` within 20 min."""
-    opts = QuantizeOptions(preset="default", target_bpw=2.5).resolved()
-    assert sum(budget.predict(opts, SMOLLM2).values()) <= 20 * 60
+@pytest.mark.parametrize("preset, minutes", [("fast", 5), ("default", 20)])
+def test_each_preset_fits_its_budget_with_chat_text_and_target_bpw(preset, minutes):
+    """The cost model, corrected by the quiet preset runs, keeps `fast` within 5 min and `default`
+    within 20, with what `--calib auto` resolves to for SmolLM2 (the chat text it generates counted)."""
+    opts = QuantizeOptions(preset=preset, target_bpw=2.5 if preset == "default" else None,
+                           calib=AUTO_CHAT_MIX).resolved()
+    pred = budget.predict(opts, SMOLLM2)
+    assert pred["generate"] > 0 and sum(pred.values()) <= minutes * 60
+
+
+def test_generated_calibration_text_is_counted_by_its_size():
+    """16 conversations of 192 tokens: the measured 29 s (within 5%); twice the sequences, twice the time;
+    text sources alone generate nothing."""
+    chat = budget.predict(QuantizeOptions(preset="fast", calib="wiki:0.75,chat:0.25").resolved(), SMOLLM2)
+    assert chat["generate"] == pytest.approx(29.0, rel=0.05)
+    more = budget.predict(QuantizeOptions(preset="fast", calib="self", calib_self_samples=32).resolved(), SMOLLM2)
+    assert more["generate"] == pytest.approx(2 * chat["generate"])
+    assert "generate" not in budget.predict(QuantizeOptions(preset="fast", calib="wiki").resolved(), SMOLLM2)
 
 
 def test_the_online_teacher_costs_more_and_caches_nothing():

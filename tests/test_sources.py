@@ -8,7 +8,7 @@ from dbquant.calibration import sources
 from dbquant.calibration.sources import SelfGenConfig, mix_sampler, parse_mix, split_counts
 from dbquant.errors import DbquantError
 from dbquant.eval import data
-from dbquant.quantize import QuantizeOptions
+from dbquant.quantize import AUTO_CHAT_MIX, QuantizeOptions, quantize
 
 from .conftest import TINY_TEXT, make_tiny_model
 
@@ -235,3 +235,33 @@ def test_chat_text_cache_reused_and_refused_on_resume(tmp_path, chat_tokenizer, 
     with pytest.raises(DbquantError, match="seed"):
         sources.chat_text(model, chat_tokenizer, texts, SelfGenConfig(count=3, length=24, seed=9), tmp_path,
                           resume=True, progress=False)
+
+
+def test_calib_auto_adds_chat_only_where_fdb_dad_trains_a_chat_model(tiny_tokenizer, chat_tokenizer):
+    """--calib auto (the default): the chat mix for an instruction-tuned model that fdb-dad trains;
+    wiki for a base model, for the init-only methods, without training stages and under --streaming.
+    A source given explicitly is kept."""
+    assert QuantizeOptions().calib == "auto"
+    assert QuantizeOptions(preset="fast").with_calib(chat_tokenizer).calib == AUTO_CHAT_MIX == "wiki:0.75,chat:0.25"
+    assert QuantizeOptions(preset="fast").with_calib(chat_tokenizer, streaming=True).calib == "wiki"
+    for opts in (QuantizeOptions(method="fdb"), QuantizeOptions(method="rtn"),
+                 QuantizeOptions(blockwise=False, dad=False)):
+        assert opts.with_calib(chat_tokenizer).calib == "wiki", opts
+    for calib in ("wiki", "self", None, "wiki:0.5,chat:0.5"):
+        assert QuantizeOptions(calib=calib).with_calib(chat_tokenizer).calib == calib
+
+
+def test_calib_auto_is_wiki_without_a_chat_template(tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(tiny_tokenizer, "chat_template", None, raising=False)
+    assert QuantizeOptions(preset="fast").with_calib(tiny_tokenizer).calib == "wiki"
+
+
+def test_quantize_trains_on_the_chat_mix_auto_resolves_to(chat_tokenizer, small_wiki, tmp_path):
+    """The run's report (and so its fingerprint) holds the resolved mix, and the chat text was
+    generated and cached in the work dir."""
+    model = make_tiny_model(vocab_size=len(chat_tokenizer))
+    opts = QuantizeOptions(preset="fast", bw_samples=4, bw_seq_len=32, bw_steps=1, dad_samples=4, dad_seq_len=32,
+                           dad_steps=1, calib_self_samples=3, calib_self_len=40, work_dir=str(tmp_path / "w"))
+    report = quantize(model, chat_tokenizer, opts, progress=False)
+    assert report["options"]["calib"] == AUTO_CHAT_MIX
+    assert (tmp_path / "w" / sources.CACHE_FILES["chat"]).is_file()
