@@ -150,7 +150,7 @@ def cmd_quantize(a) -> int:
 
 def _quantize_in_memory(a, opts) -> int:
     model, tok = _load_fp(a.model)
-    opts = opts.with_calib(tok)  # --calib auto: wiki, or wiki plus chat for a model with a chat template
+    opts = opts.with_calib(tok, model)  # --calib auto: wiki, or wiki plus chat for a model with a chat template
     alloc: dict = {}
     plan = make_plan(model, opts, tok, report=alloc)
     tables = make_table_plan(model, opts, plan)

@@ -32,6 +32,7 @@ from .format.layout import FORMAT_VERSION
 from .model import embedding as embedlib
 from .model.embedding import TablePlan
 from .model.hf import DbquantConfig, attach
+from .model.vlm import is_vlm
 
 
 def option(default: Any, help: str, *, section: str = "main", flag: str | None = None, **argparse_kw) -> Any:
@@ -243,14 +244,16 @@ class QuantizeOptions:
                                "dbquant.calibration.presets")
         return out
 
-    def with_calib(self, tokenizer, streaming: bool = False) -> QuantizeOptions:
+    def with_calib(self, tokenizer, model=None, streaming: bool = False) -> QuantizeOptions:
         """A copy with ``calib="auto"`` made concrete (any other value is kept): :data:`AUTO_CHAT_MIX`
-        where fdb-dad trains (block-wise or DAD, in memory, text only) and ``tokenizer`` has a chat
-        template and an EOS token, else ``wiki``. The report and the run's fingerprint hold the result."""
+        where fdb-dad trains (block-wise or DAD, in memory, text only) a language model (not a VLM,
+        whose chat templates take structured turns) whose ``tokenizer`` has a chat template and an
+        EOS token, else ``wiki``. The report and the run's fingerprint hold the result."""
         if self.calib != AUTO_CALIB:
             return self
         r = self.resolved() if self.method == "fdb-dad" else None
         trains = r is not None and (r.blockwise or (r.dad and r.dad_steps)) and not streaming and not self.calib_images
+        trains = trains and not (model is not None and is_vlm(model))
         chat = bool(getattr(tokenizer, "chat_template", None)) and getattr(tokenizer, "eos_token_id", None) is not None
         return replace(self, calib=AUTO_CHAT_MIX if trains and chat else "wiki")
 
@@ -267,7 +270,7 @@ def make_plan(model, opts: QuantizeOptions, tokenizer=None, progress: bool = Tru
     plan = planlib.make_plan(model, opts.group_size, opts.uses_offset, tuple(opts.modules))
     if opts.target_bpw is None:
         return plan
-    opts = opts.with_calib(tokenizer)
+    opts = opts.with_calib(tokenizer, model)
     batches = None
     if opts.sensitivity != "weight":
         batches = calibration_sampler(model, tokenizer, opts, progress=progress)(opts.alloc_samples,
@@ -343,7 +346,7 @@ def quantize(model, tokenizer, opts: QuantizeOptions, progress: bool = True, mod
     errors, and the wall time of each stage. ``fdb-dad`` without calibration text
     (``calib=None``) is the data-free FDB init.
     """
-    opts = opts.check().with_calib(tokenizer)
+    opts = opts.check().with_calib(tokenizer, model)
     t0 = time.perf_counter()
     alloc: dict = {}
     if plan is None:  # the CLI passes the plan it printed (--target-bpw measures once)

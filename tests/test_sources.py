@@ -1,6 +1,8 @@
 """Calibration mixes (calibration/sources.py): spelling, self-generated text and its cache, determinism,
 and the EVAL articles never entering calibration through any source."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -239,7 +241,7 @@ def test_chat_text_cache_reused_and_refused_on_resume(tmp_path, chat_tokenizer, 
 
 def test_calib_auto_adds_chat_only_where_fdb_dad_trains_a_chat_model(tiny_tokenizer, chat_tokenizer):
     """--calib auto (the default): the chat mix for an instruction-tuned model that fdb-dad trains;
-    wiki for a base model, for the init-only methods, without training stages and under --streaming.
+    wiki for a base model, a VLM, for the init-only methods, without training stages and under --streaming.
     A source given explicitly is kept."""
     assert QuantizeOptions().calib == "auto"
     assert QuantizeOptions(preset="fast").with_calib(chat_tokenizer).calib == AUTO_CHAT_MIX == "wiki:0.75,chat:0.25"
@@ -249,6 +251,9 @@ def test_calib_auto_adds_chat_only_where_fdb_dad_trains_a_chat_model(tiny_tokeni
         assert opts.with_calib(chat_tokenizer).calib == "wiki", opts
     for calib in ("wiki", "self", None, "wiki:0.5,chat:0.5"):
         assert QuantizeOptions(calib=calib).with_calib(chat_tokenizer).calib == calib
+    vlm = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace()))  # is_vlm reads only this
+    assert QuantizeOptions(preset="fast").with_calib(chat_tokenizer, vlm).calib == "wiki"
+    assert QuantizeOptions(preset="fast").with_calib(chat_tokenizer, make_tiny_model()).calib == AUTO_CHAT_MIX
 
 
 def test_calib_auto_is_wiki_without_a_chat_template(tiny_tokenizer, monkeypatch):
