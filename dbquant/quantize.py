@@ -67,8 +67,9 @@ EMBED_BITS = {"8": 8, "6": 6, "4": 4, "fp16": 16, "fp32": None}  # --embed-bits 
 # reaches 58 MB at +2.8% (docs/RESULTS.md, quantized tables).
 AUTO_EMBED_BITS = "8"
 HEAD_BITS = ("auto", "tied", "8", "fp16", "fp32")
-# ``--calib auto`` (the default; :func:`resolve_calib`): wiki text, plus a quarter of chat conversations
-# (the fp model's answers in its own chat template) where fdb-dad trains an instruction-tuned model.
+# ``--calib auto`` (the default; ``QuantizeOptions.with_calib``): wiki text, plus a quarter of chat
+# conversations (the fp model's answers in its own chat template) where fdb-dad trains an
+# instruction-tuned language model (not a VLM).
 # Trained on wiki text alone, SmolLM2-Instruct's 2-bit student closes its turn at once on the demo
 # prompt; with this mix the `fast` preset answers in sentences at the same wiki PPL (43.29 vs 43.24,
 # docs/RESULTS.md, issue 14 chat rows). Generating the 16 default conversations takes ~30 s.
