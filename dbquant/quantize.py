@@ -205,8 +205,7 @@ class QuantizeOptions:
             parse_mix(self.calib)  # a malformed mix fails here, before any work
             if uses_generated(self.calib):
                 self_gen_config(self).check()
-        if self.calib_images and (self.method != "fdb-dad" or not self.calib or not (
-                self.resolved().blockwise or (self.resolved().dad and self.resolved().dad_steps))):
+        if self.calib_images and (not self.calib or not self.trains):
             raise DbquantError("--calib-images feeds block-wise reconstruction and DAD: it needs --method fdb-dad "
                                "with block-wise or DAD on and calibration text (images fill the start of each "
                                "sample)")
@@ -252,11 +251,15 @@ class QuantizeOptions:
         EOS token, else ``wiki``. The report and the run's fingerprint hold the result."""
         if self.calib != AUTO_CALIB:
             return self
-        r = self.resolved() if self.method == "fdb-dad" else None
-        trains = r is not None and (r.blockwise or (r.dad and r.dad_steps)) and not streaming and not self.calib_images
-        trains = trains and not (model is not None and is_vlm(model))
+        trains = self.trains and not streaming and not self.calib_images and not (model is not None and is_vlm(model))
         chat = bool(getattr(tokenizer, "chat_template", None)) and getattr(tokenizer, "eos_token_id", None) is not None
         return replace(self, calib=AUTO_CHAT_MIX if trains and chat else "wiki")
+
+    @property
+    def trains(self) -> bool:
+        """Whether a training stage runs: ``fdb-dad`` with block-wise, or DAD with steps."""
+        r = self.resolved() if self.method == "fdb-dad" else None
+        return r is not None and bool(r.blockwise or (r.dad and r.dad_steps))
 
     @property
     def uses_offset(self) -> bool:
