@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from dbquant.calibration.precision import autocast_dtype, autocast_to
 from dbquant.calibration.runstate import RunState, check_finite
 from dbquant.errors import DbquantError
 from dbquant.model.convert import replace_module
@@ -37,7 +38,9 @@ class BlockwiseConfig:
     scales (alpha, offset); lr_weight: Adam LR of the latent weights (0 = scales only);
     (both relative to each tensor's mean |value|, see :func:`param_groups`);
     inputs: ``quant`` or ``fp`` (see module doc); grad_clip: max grad norm (0 = off);
-    seed: for the batch order."""
+    seed: for the batch order; autocast: the block's forward/backward in training under bf16
+    (``auto``: where fast, ``bf16``, ``off``; :mod:`dbquant.calibration.precision`): the fp
+    targets, the loss and the next block's inputs stay float32."""
 
     steps: int = 100
     batch_size: int = 4
@@ -46,6 +49,7 @@ class BlockwiseConfig:
     inputs: str = "quant"
     grad_clip: float = 1.0
     seed: int = 0
+    autocast: str = "off"
 
 
 # ---------------------------------------------------------------- module swapping
@@ -502,13 +506,15 @@ def _train_block(job: BlockRun, prefix: str, block: nn.Module, i: int, x_in: tor
         opt.load_state_dict(state["optimizer"])
         step0 = state["position"]["step"]
     mods = fq_modules(block, prefix + ".")
+    amp = autocast_dtype(cfg.autocast, device)
     first_loss = last_loss = None
     for step in range(step0, cfg.steps):
         f = cosine_factor(step, cfg.steps)
         for g, base_lr in zip(opt.param_groups, base_lrs):
             g["lr"] = base_lr * f
         idx = batch_indices(len(x_in), cfg.batch_size, step, cfg.seed, salt=i)
-        out = call_block(block, x_in[idx].to(device), kwargs, idx.to(device))
+        with autocast_to(device, amp):
+            out = call_block(block, x_in[idx].to(device), kwargs, idx.to(device))
         loss = F.mse_loss(out.float(), y_fp[idx].to(device)) / denom
         check_finite(loss, "block-wise", f"block {i} ({prefix})", step, mods)
         loss.backward()

@@ -2,9 +2,9 @@
 
 The fit is deterministic: it reads the options and the model's shapes, never a clock, so
 the same command trains the same steps on every machine (and ``--resume`` finds the same
-fingerprint). One exception, still no clock: under bf16 autocast (``--dad-autocast bf16``, or
-``auto`` where it resolves to bf16) a DAD step's cost depends on whether this CPU's bf16 is fast
-(:func:`dbquant.backends.cpuinfo.fast_bf16_cpu`, a fixed reading of /proc/cpuinfo). What it predicts is the wall time on the reference CPU, where the constants
+fingerprint). One exception, still no clock: under bf16 autocast (``--dad-autocast`` / ``--bw-autocast``
+bf16, or auto where it resolves to bf16) a training step's cost depends on the kind of fast bf16 this
+CPU has (:func:`dbquant.backends.cpuinfo.bf16_kind`, a fixed reading of /proc/cpuinfo). What it predicts is the wall time on the reference CPU, where the constants
 below were measured; another machine takes longer or shorter by its speed ratio, and the
 report holds the prediction beside the measured stage times so the two can be compared.
 
@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, replace
 
 from torch import nn
 
-from dbquant.backends.cpuinfo import fast_bf16_cpu
+from dbquant.backends.cpuinfo import bf16_kind
 from dbquant.calibration.sources import uses_generated
 from dbquant.errors import DbquantError
 from dbquant.model.plan import LinearPlan, decoder_blocks
@@ -66,12 +66,18 @@ class Costs:
     # of 512 there) per token x parameter
     weights_factor: float = 1.15
     sensitivity_tp: float = 1.33e-10
-    # a DAD step under bf16 autocast against fp32, where bf16 is fast (AMD Zen 5, whose fp32 DAD runs
-    # at the reference CPU's speed: 106.8 vs 110.7 tokens/s): in whole quiet runs a step took 2.83 s
-    # (`default`, scales+weights; 0.576x the model's fp32 4.91 s) and 2.67 s (`fast`, scales only;
-    # 0.625x of 4.27 s), so 0.6, not the 0.465 (2.15x) that benchmarks/dad_throughput.py measures
-    # on the step alone; 0.82x the tokens/s (1.22) on a CPU where bf16 is not fast (the reference CPU)
-    bf16_fast_factor: float = 0.6
+    # where bf16 is fast (cpuinfo.bf16_kind), a training step under bf16 autocast against fp32, per kind.
+    # DAD: AMD Zen 5, whose fp32 DAD runs at the reference CPU's speed (106.8 vs 110.7 tokens/s), took
+    # 2.83 s a step in whole quiet runs (`default`, scales+weights; 0.576x the model's fp32 4.91 s) and
+    # 2.67 s (`fast`, scales only; 0.625x of 4.27 s), so 0.6, not the 0.465 (2.15x) that
+    # benchmarks/dad_throughput.py measures on the step alone; AMX (a Xeon whose fp32 runs at 0.87x the
+    # reference CPU's): 0.76x (`fast`) and 0.825x (`default`) of its fp32 step in whole quiet runs, 0.62x
+    # on the step alone. Block-wise, a block's training step: AMX 0.62x alone, ~0.76x inside the quiet
+    # `default` run (370 s for its stage); not measured on Zen 5, so no credit there (1.0).
+    # docs/CALIBRATION.md (the time model) has the table.
+    bf16_dad_factor: tuple = (("zen5", 0.6), ("amx", 0.8))
+    bf16_block_factor: tuple = (("zen5", 1.0), ("amx", 0.76))
+    # 0.82x the tokens/s (1.22) under forced bf16 on a CPU where it is not fast (the reference CPU; DAD)
     bf16_slow_factor: float = 1.22
     # the fp model writing calibration text (--calib chat, 16 conversations of <= 192 tokens at batch 16:
     # 29.0 s, quiet, 2 threads, AMD Zen 5, whose fp32 runs at the reference CPU's speed), per
@@ -120,8 +126,9 @@ def predict(opts, shapes: Shapes, costs: Costs = COSTS) -> dict[str, float]:
     planned = sum(shapes.block_params)
     if opts.blockwise:
         tokens = opts.bw_samples * opts.bw_seq_len
+        step = c.block_step_tp * bf16_factor(opts.bw_autocast, c.bf16_block_factor, c)
         out["blockwise"] = sum(p * (2 * tokens * c.forward_tp + c.init_p
-                                    + opts.bw_steps * opts.bw_batch * opts.bw_seq_len * c.block_step_tp)
+                                    + opts.bw_steps * opts.bw_batch * opts.bw_seq_len * step)
                                for p in shapes.block_params)
     else:
         out["init"] = opts.calib_samples * opts.calib_seq_len * shapes.compute_params * c.forward_tp \
@@ -129,10 +136,7 @@ def predict(opts, shapes: Shapes, costs: Costs = COSTS) -> dict[str, float]:
     if opts.dad and opts.dad_steps:
         factor = dict(c.teacher_factor).get(opts.dad_teacher, 1.0)
         factor *= c.weights_factor if opts.dad_train == "scales+weights" else 1.0
-        if bf16_fast(opts):
-            factor *= c.bf16_fast_factor
-        elif opts.dad_autocast == "bf16":  # forced where bf16 is slow
-            factor *= c.bf16_slow_factor
+        factor *= bf16_factor(opts.dad_autocast, c.bf16_dad_factor, c)
         if opts.dad_teacher != "online":
             out["teacher"] = opts.dad_samples * opts.dad_seq_len * shapes.compute_params * c.forward_tp
         out["dad"] = opts.dad_steps * opts.dad_batch * opts.dad_seq_len * shapes.compute_params * c.dad_step_tp * factor
@@ -180,23 +184,34 @@ def fit(opts, shapes: Shapes, given: set[str] = frozenset(), costs: Costs = COST
     return out, info
 
 
-def bf16_fast(opts) -> bool:
-    """Whether resolved ``opts`` run DAD under bf16 autocast on a CPU whose bf16 is fast."""
-    return opts.dad_autocast in ("auto", "bf16") and fast_bf16_cpu()
+def bf16_factor(mode: str, per_kind: tuple, costs: Costs = COSTS) -> float:
+    """A training step's cost under autocast ``mode`` against fp32 on this CPU: the kind's factor in
+    ``per_kind`` where bf16 is fast and the mode uses it (auto, bf16), ``bf16_slow_factor`` where bf16
+    is forced on a CPU where it is not fast, else 1."""
+    kind = bf16_kind()
+    if mode in ("auto", "bf16") and kind is not None:
+        return dict(per_kind).get(kind, 1.0)
+    return costs.bf16_slow_factor if mode == "bf16" else 1.0
 
 
 def bf16_dividend(opts, shapes: Shapes, costs: Costs = COSTS):
-    """Spend on DAD what bf16 autocast saves: where it is fast (:func:`bf16_fast`), the preset's
-    ``dad_steps`` grow by 1 / ``bf16_fast_factor`` (1.67x), so the predicted wall time is the fp32
-    preset's. A preset's step counts are set for fp32 (the reference CPU); without this, a CPU with
-    fast bf16 would finish early with the same training. Deterministic (a fixed /proc/cpuinfo reading).
+    """Spend on DAD what bf16 autocast saves: where it is fast (:func:`bf16_factor` < 1 in block-wise or
+    DAD), the preset's ``dad_steps`` grow until the predicted wall time is the fp32 preset's (within a
+    step). A preset's step counts are set for fp32 (the reference CPU); without this, a CPU with fast bf16
+    would finish early with the same training. Deterministic (a fixed /proc/cpuinfo reading).
 
     Returns (options, the report: the time model's prediction, and ``bf16_dividend`` with the DAD
     steps before and after when it applies).
     """
-    if not (opts.dad and opts.dad_steps and bf16_fast(opts)):
+    if not (opts.dad and opts.dad_steps):
         return opts, prediction(opts, shapes, costs)
-    out = replace(opts, dad_steps=int(opts.dad_steps / costs.bf16_fast_factor))
+    pred = predict(opts, shapes, costs)
+    fp32 = sum(predict(replace(opts, dad_autocast="off", bw_autocast="off"), shapes, costs).values())
+    step = pred["dad"] / opts.dad_steps
+    extra = int((fp32 - sum(pred.values())) / step)
+    if extra <= 0:
+        return opts, prediction(opts, shapes, costs)
+    out = replace(opts, dad_steps=opts.dad_steps + extra)
     return out, {**prediction(out, shapes, costs), "bf16_dividend": {"dad_steps": [opts.dad_steps, out.dad_steps]}}
 
 

@@ -21,9 +21,9 @@ The teacher signal (``DADConfig.teacher``, ``TEACHERS``):
     ``sum_i w_i (log p_T(x_i) - log p_S(x_i))`` is an unbiased estimate of KL(p_T || p_S) and
     its gradient in the student's logits is unbiased for the full KL's.
 
-Mixed precision (``DADConfig.autocast``): the student's forward (and so its backward) runs
-under bf16 autocast where the device computes bf16 natively (:func:`native_bf16`); the
-loss, the teacher and the optimizer stay in fp32.
+Mixed precision (``DADConfig.autocast``, ``calibration/precision.py``): the student's forward (and
+so its backward) runs under bf16 autocast where the device's bf16 is fast; the loss, the teacher
+and the optimizer stay in fp32.
 
 Weightings (``WEIGHTINGS``):
   * ``uniform``          w = 1 (plain knowledge distillation; the default, by measured ablation);
@@ -47,7 +47,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from dbquant.backends.cpuinfo import fast_bf16_cpu
 from dbquant.calibration import distributed
 from dbquant.calibration.blockwise import (
     batch_indices,
@@ -57,6 +56,7 @@ from dbquant.calibration.blockwise import (
     set_trainable,
     to_device,
 )
+from dbquant.calibration.precision import AUTOCAST_MODES, autocast_dtype, autocast_to
 from dbquant.calibration.runstate import RunState, check_finite
 from dbquant.errors import DbquantError
 
@@ -84,7 +84,6 @@ WEIGHTINGS = {"uniform": weight_uniform, "teacher-entropy": weight_teacher_entro
               "deviation": weight_deviation}
 TRAIN_SETS = ("scales", "scales+weights")
 TEACHERS = ("topk", "online", "sample")
-AUTOCAST_MODES = ("auto", "bf16", "off")
 
 
 @dataclass
@@ -94,7 +93,7 @@ class DADConfig:
     weight of the ground-truth cross-entropy term; topk: teacher logits kept per token;
     warmup: LR warmup steps before the cosine decay; grad_clip: max grad norm (0 = off);
     teacher: a key of TEACHERS (topk / sample cache ``topk`` tokens per position); autocast:
-    ``auto`` (bf16 where native), ``bf16`` or ``off`` (:func:`autocast_dtype`)."""
+    ``auto`` (bf16 where fast), ``bf16`` or ``off`` (:func:`precision.autocast_dtype`)."""
 
     steps: int = 100
     batch_size: int = 4
@@ -124,33 +123,6 @@ class DADConfig:
             raise DbquantError(f"out-of-range DAD option: temperature={self.temperature} (> 0), "
                                f"topk={self.topk} (>= 1)")
         return self
-
-
-# ---------------------------------------------------------------- mixed precision
-
-def native_bf16(device) -> bool:
-    """Whether ``device`` (a torch.device or its name) runs bf16 matmuls natively."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and fast_bf16_cpu()  # the rule and its measurements: backends/cpuinfo.py
-
-
-def autocast_dtype(mode: str, device) -> torch.dtype | None:
-    """The autocast dtype of the student's forward: bf16 or None (fp32).
-
-    ``auto``: bf16 where :func:`native_bf16`, else None; ``bf16``: always (emulated where not
-    native: slower, same numbers); ``off``: None.
-    """
-    if mode not in AUTOCAST_MODES:
-        raise DbquantError(f"unknown DAD autocast mode {mode!r}; choose from {AUTOCAST_MODES}")
-    if mode == "off" or (mode == "auto" and not native_bf16(device)):
-        return None
-    return torch.bfloat16
-
-
-def _autocast(device, dtype: torch.dtype | None):
-    return contextlib.nullcontext() if dtype is None else torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 # ---------------------------------------------------------------- teacher cache
@@ -460,7 +432,7 @@ def _accumulate_step(net: nn.Module, batches, source: _TeacherSource, idx: torch
         j = idx[rows]
         inputs = to_device(inputs, device)
         signal = source.signal(j, inputs)
-        with _autocast(device, amp):
+        with autocast_to(device, amp):
             logits = net(**inputs, use_cache=False).logits
         loss, part = distill_loss(logits, signal, cfg, inputs["input_ids"])
         share = len(j) / len(idx)

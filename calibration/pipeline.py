@@ -77,7 +77,7 @@ def blockwise_config(opts) -> BlockwiseConfig:
     """The block-wise stage's settings from resolved options (in-memory and streaming alike)."""
     return BlockwiseConfig(steps=opts.bw_steps, batch_size=opts.bw_batch, lr=opts.bw_lr,
                            lr_weight=opts.bw_lr_weight, inputs=opts.bw_inputs, grad_clip=opts.grad_clip,
-                           seed=opts.seed)
+                           seed=opts.seed, autocast=opts.bw_autocast)
 
 
 def dad_config(opts) -> DADConfig:

@@ -329,7 +329,10 @@ def _llamacpp(fp_model: str, types: list[str]) -> dict:
     if bad:
         raise DbquantError(f"--peers: llama.cpp's GGUF files of {fp_model} could not be made in {root / 'models'}: "
                            + "; ".join(f"{ty}: {err}" for ty, err in bad.items()))
-    return prep
+    try:
+        return bench_peers.ensure_runnable(prep)
+    except Exception as e:  # noqa: BLE001 - the no-AMX rebuild failed
+        raise DbquantError(f"--peers: llama.cpp's native build dies on this CPU and the no-AMX build failed: {e}") from e
 
 
 def _ints(text: str, flag: str) -> list[int]:

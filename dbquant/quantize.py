@@ -17,6 +17,7 @@ from typing import Any
 
 from .calibration import METHODS, init_weights, input_second_moments
 from .calibration.blockwise import INPUT_MODES
+from .calibration.precision import AUTOCAST_MODES
 from .calibration.dad import DADConfig
 from .calibration.pipeline import calibration_sampler, run_fdb_dad, self_gen_config
 from .calibration import budget as budgetlib
@@ -153,6 +154,8 @@ class QuantizeOptions:
     bw_lr: float | None = stage_option("block-wise Adam LR of the scales")
     bw_lr_weight: float | None = stage_option("block-wise Adam LR of the latent weights (0: scales only)")
     bw_inputs: str | None = stage_option("quant (train on the quantized chain's activations) or fp")
+    bw_autocast: str | None = stage_option("bf16 autocast of a block's forward/backward in training: auto (as "
+                                           "--dad-autocast auto), bf16 or off; targets stay float32")
     dad: bool | None = stage_option("run deviation-aware distillation (--no-dad: skip it)",
                                     action=argparse.BooleanOptionalAction)
     dad_samples: int | None = stage_option("calibration windows for DAD")
@@ -223,6 +226,8 @@ class QuantizeOptions:
 
             if r.bw_inputs not in INPUT_MODES:
                 raise DbquantError(f"unknown block-wise input mode {r.bw_inputs!r}; choose from {INPUT_MODES}")
+            if r.bw_autocast not in AUTOCAST_MODES:
+                raise DbquantError(f"unknown block-wise autocast mode {r.bw_autocast!r}; choose from {AUTOCAST_MODES}")
             DADConfig(weighting=r.dad_weighting, train=r.dad_train, temperature=r.dad_temperature,
                       topk=r.dad_topk, teacher=r.dad_teacher, autocast=r.dad_autocast).check()
         return self

@@ -199,6 +199,29 @@ def test_peers_missing_gguf_is_an_error_not_a_dropped_row(tmp_path, capsys, monk
     assert code == 2 and "Q2_K: producing Q2_K: boom" in err
 
 
+@pytest.mark.parametrize("dies", [True, False])
+def test_a_native_llama_cpp_that_dies_of_sigill_gives_way_to_the_no_amx_build(tmp_path, monkeypatch, dies):
+    fake = tmp_path / "llama-bench"
+    fake.write_text("#!/bin/sh\n" + ("kill -ILL $$\n" if dies else "exit 0\n"))
+    fake.chmod(0o755)
+    built = []
+
+    def build(root, tree, commit, jobs, rebuild, variant=""):
+        built.append(variant)
+        return {"variant": variant, "cmake_flags": [f"-DCMAKE_CXX_FLAGS={peers.NO_AMX}"]}
+
+    monkeypatch.setattr(peers, "build", build)
+    prep = {"root": tmp_path, "tree": tmp_path, "commit": "c", "bench_bin": fake, "quant_bin": fake,
+            "build_info": {"variant": "native"}, "files": {"Q2_K": {"error": "x"}, "Q4_0": {"path": tmp_path / "q.gguf"}}}
+    out = peers.ensure_runnable(prep)
+    if dies:
+        assert built == ["no-amx"]
+        assert out["bench_bin"] == tmp_path / "build-no-amx" / "bin" / "llama-bench"
+        assert "SIGILL" in out["build_info"]["native_build_failed"] and out["build_info"]["variant"] == "no-amx"
+    else:
+        assert built == [] and out["bench_bin"] == fake and out["build_info"] == {"variant": "native"}
+
+
 def e2e_fixture() -> list[dict]:
     rows = []
     for t in (1, 2):

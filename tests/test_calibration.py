@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dbquant.calibration import runstate
+from dbquant.calibration import precision, runstate
 from dbquant.calibration.blockwise import (
     BlockwiseConfig,
     batch_indices,
@@ -55,6 +55,32 @@ def test_blockwise_lowers_each_blocks_loss_and_exports_shapes():
         assert q.b1.shape == q.b2.shape == (p.layout.out_features, p.layout.padded_in_features)
         assert q.alpha.shape == (p.layout.out_features, p.layout.groups, 2)
         assert q.dequantize().shape == (p.layout.out_features, p.layout.in_features)
+
+
+@pytest.mark.parametrize("mode,fast,want", [("auto", False, torch.float32), ("auto", True, torch.bfloat16),
+                                             ("bf16", False, torch.bfloat16), ("off", True, torch.float32)])
+def test_blockwise_trains_under_the_autocast_it_is_given(monkeypatch, mode, fast, want):
+    """`auto` is bf16 exactly where this CPU's bf16 is fast (calibration/precision.py); the fp targets and
+    the next block's inputs stay float32 whatever the mode, and the loss still falls."""
+    monkeypatch.setattr(precision, "fast_bf16_cpu", lambda: fast)
+    model = make_tiny_model()
+    plan = make_plan(model, QuantizeOptions(group_size=32))
+    seen = []
+
+    def hook(m, args, out):
+        if isinstance(m, (torch.nn.Linear, FakeQuantLinear)):
+            seen.append((torch.is_grad_enabled(), out.dtype))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        rep = blockwise_reconstruct(model, plan, {}, _batches(), BlockwiseConfig(steps=25, batch_size=8,
+                                                                                 autocast=mode), _run(), progress=False)
+    finally:
+        handle.remove()
+    assert {dt for grad, dt in seen if grad} == {want}  # training steps: the mode's dtype
+    assert {dt for grad, dt in seen if not grad} == {torch.float32}  # targets and the chain's next inputs
+    for b in rep["blocks"]:
+        assert b["last_loss"] < 0.8 * b["first_loss"], b
 
 
 def test_batch_indices_are_a_pure_function_and_cover_epochs():
@@ -182,6 +208,10 @@ def test_bad_stage_options():
         QuantizeOptions(preset="huge").check()
     with pytest.raises(DbquantError, match="out-of-range"):
         QuantizeOptions(bw_steps=-1).check()
+    with pytest.raises(DbquantError, match="block-wise autocast mode 'fp8'.*auto"):
+        QuantizeOptions(bw_autocast="fp8").check()
+    with pytest.raises(DbquantError, match="autocast mode 'fp8'.*auto"):
+        QuantizeOptions(dad_autocast="fp8").check()
 
 
 def testcli_fdb_dad_argv_end_to_end(tmp_path, tiny_model_dir, text_file, capsys):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dbquant.backends import cpuinfo
-from dbquant.calibration import dad, runstate, sources
+from dbquant.calibration import dad, precision, runstate, sources
 from dbquant.calibration.blockwise import to_fakequant
 from dbquant.calibration.dad import DADConfig, distill, distill_loss, fp_forward, sample_tokens, teacher_cache
 from dbquant.calibration.runstate import Interrupted, RunState, make_fingerprint
@@ -138,9 +138,9 @@ INTEL, AMD = "GenuineIntel", "AuthenticAMD"
     ("", None, set(), False)])
 def test_cpu_bf16_detection(monkeypatch, no_torch_probe, vendor, family, flags, native):
     monkeypatch.setattr(cpuinfo, "cpu_info", lambda: {"vendor": vendor, "family": family, "flags": flags})
-    assert dad.native_bf16("cpu") is native
-    assert dad.autocast_dtype("auto", "cpu") == (torch.bfloat16 if native else None)
-    assert dad.autocast_dtype("bf16", "cpu") == torch.bfloat16 and dad.autocast_dtype("off", "cpu") is None
+    assert precision.native_bf16("cpu") is native
+    assert precision.autocast_dtype("auto", "cpu") == (torch.bfloat16 if native else None)
+    assert precision.autocast_dtype("bf16", "cpu") == torch.bfloat16 and precision.autocast_dtype("off", "cpu") is None
 
 
 def test_cpuinfo_reads_the_first_processor(tmp_path, monkeypatch):
@@ -158,7 +158,7 @@ def test_cpuinfo_reads_the_first_processor(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("native", [False, True])
 def test_autocast_auto_follows_the_cpu(monkeypatch, tmp_path, native):
-    monkeypatch.setattr(dad, "fast_bf16_cpu", lambda: native)
+    monkeypatch.setattr(precision, "fast_bf16_cpu", lambda: native)
     model, _, plan, data, fp_weights, init = _setup(2, 8)
     teacher = _teacher("topk", model, data, fp_weights)
     to_fakequant(model, [p.name for p in plan], init)

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -132,10 +133,18 @@ def llama_cpp_commit(tree: Path, version: str) -> str:
     return "unknown"
 
 
-def build(root: Path, tree: Path, commit: str, jobs: int, rebuild: bool) -> dict:
-    """Configure and build llama-bench + llama-quantize; reuse an existing build. Returns build info."""
-    bdir = root / "build"
-    info_path = root / "build-info.json"
+# Compiler flags of a build without llama.cpp's AMX kernels (see ensure_runnable): with GGML_NATIVE=ON the
+# ISA comes from -march=native, and GCC's explicit -mno-* flags win over it whatever their order.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+def build(root: Path, tree: Path, commit: str, jobs: int, rebuild: bool, variant: str = "") -> dict:
+    """Configure and build llama-bench + llama-quantize; reuse an existing build. Returns build info.
+
+    variant: "" (the build a user compiling on this machine gets) or "no-amx" (:data:`NO_AMX`, in
+    ``build-no-amx/``)."""
+    bdir = root / ("build" + (f"-{variant}" if variant else ""))
+    info_path = root / f"build-info{'-' + variant if variant else ''}.json"
     bins = {t: bdir / "bin" / t for t in ("llama-bench", "llama-quantize")}
     if rebuild:
         shutil.rmtree(bdir, ignore_errors=True)
@@ -148,16 +157,21 @@ def build(root: Path, tree: Path, commit: str, jobs: int, rebuild: bool) -> dict
              "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
              "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",
              f"-DLLAMA_BUILD_COMMIT={commit}"]
+    if variant == "no-amx":
+        flags += [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
+    elif variant:
+        raise ValueError(f"unknown llama.cpp build variant {variant!r}")
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     log(f"cmake configure ({' '.join(flags)})")
     t = time.perf_counter()
-    run(["cmake", "-S", tree, "-B", bdir, *gen, *flags], root / "cmake-configure.log")
-    log(f"cmake --build --target llama-bench llama-quantize -j {jobs} (log: {root / 'cmake-build.log'})")
+    suffix = f"-{variant}" if variant else ""
+    run(["cmake", "-S", tree, "-B", bdir, *gen, *flags], root / f"cmake-configure{suffix}.log")
+    log(f"cmake --build --target llama-bench llama-quantize -j {jobs} (log: {root / f'cmake-build{suffix}.log'})")
     run(["cmake", "--build", bdir, "--target", "llama-bench", "llama-quantize", "-j", str(jobs)],
-        root / "cmake-build.log")
+        root / f"cmake-build{suffix}.log")
     cxx = subprocess.run(["c++", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     info = {"cmake_flags": flags, "generator": gen[1] if gen else "default", "jobs": jobs,
-            "compiler": cxx, "build_s": round(time.perf_counter() - t, 1), "reused": False}
+            "compiler": cxx, "build_s": round(time.perf_counter() - t, 1), "reused": False, "variant": variant or "native"}
     info_path.write_text(json.dumps(info, indent=1))
     return {**info, **configure_versions(root)}
 
@@ -313,10 +327,35 @@ def make_ggufs(prep: dict, types: list[str], hf_dir: Path, jobs: int = 2) -> dic
     return prep
 
 
+def ensure_runnable(prep: dict, jobs: int = 2) -> dict:
+    """Swap in the no-AMX build where the native one cannot run on this CPU; returns ``prep``.
+
+    llama.cpp's AMX kernels (ggml-cpu/amx, compiled in when -march=native targets AMX) died with SIGILL
+    on ``tilezero`` on a Xeon VM whose CPU lists AMX-TILE (2026-12-02, commit 0c1e57098), where torch's
+    oneDNN runs its AMX tiles fine. A 2-token llama-bench call on the first file made tells; if it dies
+    of SIGILL, the ``no-amx`` build (:func:`build`) replaces the native one for every row, and
+    ``prep["build_info"]["native_build_failed"]`` says why (llama.cpp then runs its AVX-512 kernels).
+    """
+    f = next((f for f in prep.get("files", {}).values() if "error" not in f), None)
+    if f is None or "bench_bin" not in prep or prep.get("build_info", {}).get("variant") == "no-amx":
+        return prep
+    cmd = [str(c) for c in (prep["bench_bin"], "-m", f["path"], "-t", 1, "-p", 8, "-n", 2, "-r", 1)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != -signal.SIGILL:
+        return prep
+    why = f"`{' '.join(cmd)}` died of SIGILL (llama.cpp's AMX kernels on this CPU); the no-AMX build ({NO_AMX}) is used"
+    log(why)
+    info = build(prep["root"], prep["tree"], prep["commit"], jobs, False, "no-amx")
+    bdir = prep["root"] / "build-no-amx" / "bin"
+    prep.update(bench_bin=bdir / "llama-bench", quant_bin=bdir / "llama-quantize",
+                build_info={**info, "native_build_failed": why})
+    return prep
+
+
 def prepare(types: list[str], hf_dir: Path, version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int = 2,
             rebuild: bool = False) -> dict:
     """Steps 1-2: :func:`build_llamacpp` (raises when there is no build) then :func:`make_ggufs`."""
-    return make_ggufs(build_llamacpp(version, jobs, rebuild), types, hf_dir, jobs)
+    return ensure_runnable(make_ggufs(build_llamacpp(version, jobs, rebuild), types, hf_dir, jobs), jobs)
 
 
 def bench_file(prep: dict, ty: str, threads: int, prompt_tokens: int, gen_tokens: int, reps: int,
@@ -350,7 +389,9 @@ def e2e_rows(prep: dict, types: list[str], threads: list[int], prompt_tokens: li
                 rows.append({"engine": "llama.cpp", "model": ty, "lm_head": None, "threads": t, "prompt_tokens": p,
                              "new_tokens": new_tokens, "prefill_tok_s": r["pp_tok_s"], "decode_tok_s": r["tg_tok_s"],
                              "decode_tok_s_all": r["tg_samples"], "protocol": "llama-bench: tg decodes from an empty "
-                             "context, pp is one batch", "llama_bench": r})
+                             "context, pp is one batch", "llama_bench": r,
+                             "llama_cpp_build": {k: prep.get("build_info", {}).get(k)
+                                                 for k in ("variant", "native_build_failed", "cmake_flags")}})
     return rows
 
 
