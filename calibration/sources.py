@@ -252,11 +252,21 @@ def chat_requests(texts: list[str], cfg: SelfGenConfig) -> list[str]:
     return out
 
 
+def chat_unsupported(tokenizer) -> str | None:
+    """Why ``tokenizer`` cannot frame ``--calib chat`` conversations (None: it can). A chat template
+    makes the turns; an EOS token ends an answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        return ("--calib chat needs a tokenizer with a chat template (an instruction-tuned model); "
+                "use --calib self for a base model")
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        return "--calib chat needs a tokenizer with an EOS token (the end of an answer)"
+    return None
+
+
 def chat_prompts(tokenizer, requests: list[str]) -> list[torch.Tensor]:
     """Each request as one user turn in the tokenizer's chat template, ready for the answer (int64 [L_i])."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise DbquantError("--calib chat needs a tokenizer with a chat template (an instruction-tuned model); "
-                           "use --calib self for a base model")
+    if why := chat_unsupported(tokenizer):
+        raise DbquantError(why)
     return [torch.tensor(tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": r}], tokenize=False,
                                                                  add_generation_prompt=True),
                                    add_special_tokens=False).input_ids, dtype=torch.int64) for r in requests]
@@ -281,9 +291,9 @@ def generate_chat(model: nn.Module, tokenizer, prompts: list[torch.Tensor], cfg:
     """The fp model's answer to each prompt (int64 [L_i], :func:`chat_prompts`), sampled at ``cfg.temperature``
     with one generator per conversation seeded (``cfg.seed``, i); a conversation ends at EOS or at
     ``cfg.length`` tokens. Returns int64 [T]: the conversations, each ending with EOS, joined."""
+    if why := chat_unsupported(tokenizer):
+        raise DbquantError(why)
     eos = tokenizer.eos_token_id
-    if eos is None:
-        raise DbquantError("--calib chat needs a tokenizer with an EOS token (the end of an answer)")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     gens = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + i) for i in range(len(prompts))]
     orig, was_training = next(model.parameters()).device, model.training

@@ -17,14 +17,14 @@ from typing import Any
 
 from .calibration import METHODS, init_weights, input_second_moments
 from .calibration.blockwise import INPUT_MODES
-from .calibration.precision import AUTOCAST_MODES
 from .calibration.dad import DADConfig
 from .calibration.pipeline import calibration_sampler, run_fdb_dad, self_gen_config
+from .calibration.precision import AUTOCAST_MODES
 from .calibration import budget as budgetlib
 from .calibration.presets import preset_values
 from .calibration.runstate import discard_checkpoints
 from .calibration.sensitivity import SENSITIVITIES, allocate_plan
-from .calibration.sources import parse_mix, uses_generated
+from .calibration.sources import chat_unsupported, parse_mix, uses_generated
 from .errors import DbquantError
 from .model import plan as planlib
 from .model.checkpoint import load, save
@@ -257,8 +257,7 @@ class QuantizeOptions:
         if self.calib != AUTO_CALIB:
             return self
         trains = self.trains and not streaming and not self.calib_images and not (model is not None and is_vlm(model))
-        chat = bool(getattr(tokenizer, "chat_template", None)) and getattr(tokenizer, "eos_token_id", None) is not None
-        return replace(self, calib=AUTO_CHAT_MIX if trains and chat else "wiki")
+        return replace(self, calib=AUTO_CHAT_MIX if trains and chat_unsupported(tokenizer) is None else "wiki")
 
     @property
     def trains(self) -> bool:
