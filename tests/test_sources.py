@@ -225,6 +225,19 @@ def test_chat_needs_a_chat_template(tiny_tokenizer, monkeypatch):
         sources.chat_prompts(tiny_tokenizer, ["What is a cat?"])
 
 
+def test_chat_needs_a_template_and_an_eos_token_and_auto_follows():
+    """One predicate (`chat_unsupported`) for the chat generator and for `--calib auto`."""
+    fine = SimpleNamespace(chat_template="{{ x }}", eos_token_id=2)
+    no_eos = SimpleNamespace(chat_template="{{ x }}", eos_token_id=None)
+    assert sources.chat_unsupported(fine) is None
+    assert "EOS token" in sources.chat_unsupported(no_eos)
+    assert "chat template" in sources.chat_unsupported(SimpleNamespace(eos_token_id=2))
+    with pytest.raises(DbquantError, match="EOS token"):
+        sources.chat_prompts(no_eos, ["What is a cat?"])
+    opts = QuantizeOptions(preset="fast")
+    assert opts.with_calib(fine).calib == AUTO_CHAT_MIX and opts.with_calib(no_eos).calib == "wiki"
+
+
 def test_chat_text_cache_reused_and_refused_on_resume(tmp_path, chat_tokenizer, monkeypatch):
     model = make_tiny_model(vocab_size=len(chat_tokenizer))
     texts = data.load_text("wiki", "calibration")[:5]
