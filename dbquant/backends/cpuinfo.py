@@ -1,8 +1,8 @@
 """Which CPUs compute bf16 matmuls fast enough to be worth the rounding.
 
-One rule, used by DAD's ``--dad-autocast auto`` and by the CPU backend's bf16 prefill GEMM. It is a
-fixed reading of ``/proc/cpuinfo`` (vendor, family, flags), never a timing, so the choice, and with it
-every number a calibration produces, is the same on every run of one machine.
+One rule, used by ``--dad-autocast auto``, ``--bw-autocast auto`` and the CPU backend's bf16 prefill
+GEMM. It is a fixed reading of ``/proc/cpuinfo`` (vendor, family, flags), never a timing, so the
+choice, and with it every number a calibration produces, is the same on every run of one machine.
 
 What was measured (docs/RESULTS.md, ``benchmarks/dad_throughput.py``):
 - AMD Zen 5 (family 26) with AVX512-BF16: DAD under bf16 autocast at 2.15x the fp32 tokens/s, and
