@@ -4,9 +4,10 @@ The fit is deterministic: it reads the options and the model's shapes, never a c
 the same command trains the same steps on every machine (and ``--resume`` finds the same
 fingerprint). One exception, still no clock: under bf16 autocast (``--dad-autocast`` / ``--bw-autocast``
 bf16, or auto where it resolves to bf16) a training step's cost depends on the kind of fast bf16 this
-CPU has (:func:`dbquant.backends.cpuinfo.bf16_kind`, a fixed reading of /proc/cpuinfo). What it predicts is the wall time on the reference CPU, where the constants
-below were measured; another machine takes longer or shorter by its speed ratio, and the
-report holds the prediction beside the measured stage times so the two can be compared.
+CPU has (:func:`dbquant.backends.cpuinfo.bf16_kind`, a fixed reading of /proc/cpuinfo). What it
+predicts is the wall time on the reference CPU, where the constants below were measured, and for a
+bf16 step the time measured on a CPU of that kind; another machine takes longer or shorter by its
+speed ratio, and the report holds the prediction beside the measured stage times.
 
 The model counts work in token x parameter units (a linear's forward is ~2 FLOPs per
 weight and token, so every compute-bound stage is linear in it):
@@ -66,17 +67,18 @@ class Costs:
     # of 512 there) per token x parameter
     weights_factor: float = 1.15
     sensitivity_tp: float = 1.33e-10
-    # where bf16 is fast (cpuinfo.bf16_kind), a training step under bf16 autocast against fp32, per kind.
-    # DAD: AMD Zen 5, whose fp32 DAD runs at the reference CPU's speed (106.8 vs 110.7 tokens/s), took
-    # 2.83 s a step in whole quiet runs (`default`, scales+weights; 0.576x the model's fp32 4.91 s) and
-    # 2.67 s (`fast`, scales only; 0.625x of 4.27 s), so 0.6, not the 0.465 (2.15x) that
-    # benchmarks/dad_throughput.py measures on the step alone; AMX (a Xeon whose fp32 runs at 0.87x the
-    # reference CPU's): 0.76x (`fast`) and 0.825x (`default`) of its fp32 step in whole quiet runs, 0.62x
-    # on the step alone. Block-wise, a block's training step: AMX 0.62x alone, ~0.76x inside the quiet
-    # `default` run (370 s for its stage); not measured on Zen 5, so no credit there (1.0).
+    # where bf16 is fast (cpuinfo.bf16_kind), a training step under bf16 autocast against the REFERENCE CPU's
+    # fp32 step of the same work (not this CPU's fp32 step: the dividend aims at the reference's fp32 wall
+    # time), per kind, from whole quiet runs (a step benchmark alone is ~25% more optimistic on both kinds).
+    # DAD, (scales only, scales + latent weights): AMD Zen 5 (fp32 at the reference's speed) 2.67 s a step
+    # in `fast` (0.625x of 4.27 s) and 2.83 s in `default` (0.576x of 4.91 s): 0.6 for both. AMX (a Xeon
+    # whose fp32 DAD runs at 0.87x the reference's tokens/s): 3.75 s in `fast` (0.88x) and 4.67 s in
+    # `default` (0.95x: the Adam update of the latent weights stays fp32, so bf16 saves less there).
+    # Block-wise, a block's training step: AMX 0.93x (`default`: 370 s for the stage, its 104 s of
+    # forwards and inits as predicted); not measured on Zen 5, so no credit there (1.0).
     # docs/CALIBRATION.md (the time model) has the table.
-    bf16_dad_factor: tuple = (("zen5", 0.6), ("amx", 0.8))
-    bf16_block_factor: tuple = (("zen5", 1.0), ("amx", 0.76))
+    bf16_dad_factor: tuple = (("zen5", (0.6, 0.6)), ("amx", (0.88, 0.95)))
+    bf16_block_factor: tuple = (("zen5", 1.0), ("amx", 0.93))
     # 0.82x the tokens/s (1.22) under forced bf16 on a CPU where it is not fast (the reference CPU; DAD)
     bf16_slow_factor: float = 1.22
     # the fp model writing calibration text (--calib chat, 16 conversations of <= 192 tokens at batch 16:
@@ -134,9 +136,10 @@ def predict(opts, shapes: Shapes, costs: Costs = COSTS) -> dict[str, float]:
         out["init"] = opts.calib_samples * opts.calib_seq_len * shapes.compute_params * c.forward_tp \
             + planned * c.init_p
     if opts.dad and opts.dad_steps:
-        factor = dict(c.teacher_factor).get(opts.dad_teacher, 1.0)
-        factor *= c.weights_factor if opts.dad_train == "scales+weights" else 1.0
-        factor *= bf16_factor(opts.dad_autocast, c.bf16_dad_factor, c)
+        weights = opts.dad_train == "scales+weights"
+        factor = dict(c.teacher_factor).get(opts.dad_teacher, 1.0) * (c.weights_factor if weights else 1.0)
+        per_kind = tuple((kind, f[weights]) for kind, f in c.bf16_dad_factor)
+        factor *= bf16_factor(opts.dad_autocast, per_kind, c)
         if opts.dad_teacher != "online":
             out["teacher"] = opts.dad_samples * opts.dad_seq_len * shapes.compute_params * c.forward_tp
         out["dad"] = opts.dad_steps * opts.dad_batch * opts.dad_seq_len * shapes.compute_params * c.dad_step_tp * factor
@@ -185,7 +188,7 @@ def fit(opts, shapes: Shapes, given: set[str] = frozenset(), costs: Costs = COST
 
 
 def bf16_factor(mode: str, per_kind: tuple, costs: Costs = COSTS) -> float:
-    """A training step's cost under autocast ``mode`` against fp32 on this CPU: the kind's factor in
+    """A training step's cost under autocast ``mode`` against the reference CPU's fp32 step: the kind's factor in
     ``per_kind`` where bf16 is fast and the mode uses it (auto, bf16), ``bf16_slow_factor`` where bf16
     is forced on a CPU where it is not fast, else 1."""
     kind = bf16_kind()
