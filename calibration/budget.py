@@ -12,7 +12,8 @@ speed ratio, and the report holds the prediction beside the measured stage times
 The model counts work in token x parameter units (a linear's forward is ~2 FLOPs per
 weight and token, so every compute-bound stage is linear in it):
 
-- teacher cache: ``dad_samples * dad_seq_len`` tokens through the whole model (forward);
+- teacher cache: ``dad_samples * dad_seq_len`` tokens through the whole model (forward, under
+  DAD's autocast);
 - block-wise, per decoder block: two forwards of every calibration token (the fp target,
   with the statistics of the in-block init, and the quantized chain's next inputs), the FDB
   init of the block's weights, and ``bw_steps`` training steps of ``bw_batch * bw_seq_len``
@@ -79,6 +80,9 @@ class Costs:
     # docs/CALIBRATION.md (the time model) has the table.
     bf16_dad_factor: tuple = (("zen5", (0.6, 0.6)), ("amx", (0.88, 0.95)))
     bf16_block_factor: tuple = (("zen5", 1.0), ("amx", 0.93))
+    # the cached teacher's forward under DAD's bf16 autocast: AMX 0.52x (8 windows of 256, 1 thread,
+    # side by side); not measured on Zen 5 (1.0)
+    bf16_forward_factor: tuple = (("zen5", 1.0), ("amx", 0.52))
     # 0.82x the tokens/s (1.22) under forced bf16 on a CPU where it is not fast (the reference CPU; DAD)
     bf16_slow_factor: float = 1.22
     # the fp model writing calibration text (--calib chat, 16 conversations of <= 192 tokens at batch 16:
@@ -141,7 +145,8 @@ def predict(opts, shapes: Shapes, costs: Costs = COSTS) -> dict[str, float]:
         per_kind = tuple((kind, f[weights]) for kind, f in c.bf16_dad_factor)
         factor *= bf16_factor(opts.dad_autocast, per_kind, c)
         if opts.dad_teacher != "online":
-            out["teacher"] = opts.dad_samples * opts.dad_seq_len * shapes.compute_params * c.forward_tp
+            out["teacher"] = opts.dad_samples * opts.dad_seq_len * shapes.compute_params * c.forward_tp \
+                * bf16_factor(opts.dad_autocast, c.bf16_forward_factor, c)
         out["dad"] = opts.dad_steps * opts.dad_batch * opts.dad_seq_len * shapes.compute_params * c.dad_step_tp * factor
     return out
 

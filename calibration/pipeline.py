@@ -31,6 +31,7 @@ from dbquant.calibration.blockwise import (
 from dbquant.calibration.dad import DADConfig, distill, teacher_cache
 from dbquant.calibration.images import multimodal_samples
 from dbquant.calibration.init import init_weights
+from dbquant.calibration.precision import autocast_dtype
 from dbquant.calibration.runstate import RunState, make_fingerprint, model_digest, tensor_digest
 from dbquant.calibration.sources import SelfGenConfig, mix_sampler
 from dbquant.calibration.stats import input_second_moments
@@ -234,7 +235,8 @@ def _teacher_stage(model, plan: list[LinearPlan], opts, run: RunState, dad_b, de
         t = time.perf_counter()
         model.to(device)
         teacher = teacher_cache(model, dad_b, opts.dad_topk, device, progress=progress,
-                                temperature=opts.dad_temperature, mode=opts.dad_teacher, seed=opts.seed)
+                                temperature=opts.dad_temperature, mode=opts.dad_teacher, seed=opts.seed,
+                                autocast=autocast_dtype(opts.dad_autocast, device))
         model.to("cpu")
         times["teacher_s"] = time.perf_counter() - t
         run.save("teacher.pt", teacher)

@@ -101,20 +101,23 @@ def test_the_online_teacher_costs_more_and_caches_nothing():
 def test_bf16_autocast_costs_what_this_cpu_kind_measured(monkeypatch, kind, preset):
     """A training step under bf16 costs its CPU kind's measured factor against the reference CPU's fp32
     step (DAD: 0.6 on Zen 5; with AMX 0.88 training scales (`fast`), 0.95 with the latent weights
-    (`default`); block-wise: 1.0, i.e. not measured, on Zen 5, 0.93 with AMX) where bf16 is fast, 1.22x
-    where it is not; `auto` is fp32 on a CPU without fast bf16. Nothing else moves."""
+    (`default`); block-wise: 1.0, i.e. not measured, on Zen 5, 0.93 with AMX; the cached teacher's
+    forward: 1.0 on Zen 5, 0.52 with AMX) where bf16 is fast, 1.22x where it is not; `auto` is fp32 on a
+    CPU without fast bf16. Nothing else moves."""
     monkeypatch.setattr(budget, "bf16_kind", lambda: kind)
     weights = preset == "default"
-    dad_f, bw_f = {"zen5": (0.6, 1.0), "amx": (0.95 if weights else 0.88, 0.93), None: (1.22, 1.22)}[kind]
+    dad_f, bw_f, fw_f = {"zen5": (0.6, 1.0, 1.0), "amx": (0.95 if weights else 0.88, 0.93, 0.52),
+                         None: (1.22, 1.22, 1.22)}[kind]
     off = budget.predict(QuantizeOptions(preset=preset, dad_autocast="off", bw_autocast="off").resolved(), SMOLLM2)
     bf16 = budget.predict(QuantizeOptions(preset=preset, dad_autocast="bf16", bw_autocast="bf16").resolved(), SMOLLM2)
     auto = budget.predict(QuantizeOptions(preset=preset).resolved(), SMOLLM2)
     assert bf16["dad"] == pytest.approx(off["dad"] * dad_f)
     steps = budget.predict(QuantizeOptions(preset=preset, bw_autocast="off", bw_steps=0).resolved(), SMOLLM2)
     assert bf16["blockwise"] - steps["blockwise"] == pytest.approx((off["blockwise"] - steps["blockwise"]) * bw_f)
+    assert bf16["teacher"] == pytest.approx(off["teacher"] * fw_f)
     assert auto == (bf16 if kind else off)
-    assert {k: v for k, v in bf16.items() if k not in ("dad", "blockwise")} == \
-        {k: v for k, v in off.items() if k not in ("dad", "blockwise")}
+    moved = ("dad", "blockwise", "teacher")
+    assert {k: v for k, v in bf16.items() if k not in moved} == {k: v for k, v in off.items() if k not in moved}
 
 
 @pytest.mark.parametrize("preset", ["fast", "default"])

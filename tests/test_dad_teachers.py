@@ -175,6 +175,33 @@ def test_autocast_auto_follows_the_cpu(monkeypatch, tmp_path, native):
     assert all(r["tok_s"] > 0 and r["tokens"] == 16 for r in log if "step" in r)
 
 
+
+@pytest.mark.parametrize("mode", ["topk", "sample"])
+def test_teacher_cache_runs_under_the_given_autocast(mode):
+    """The cached teacher's forward runs in bf16 when asked (the pipeline passes DAD's autocast), and its
+    float32 log-probs stay those of the fp32 teacher to within bf16's rounding: the same top-1 token on
+    nearly every position, a small KL between the two cached distributions."""
+    model, _, _, data, _, _ = _setup(4, 24)
+    dtypes = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
+    fp32 = teacher_cache(model, data, topk=300, progress=False, mode=mode, seed=1)
+    assert set(dtypes) == {torch.float32}
+    dtypes.clear()
+    bf16 = teacher_cache(model, data, topk=300, progress=False, mode=mode, seed=1, autocast=torch.bfloat16)
+    hook.remove()
+    assert set(dtypes) == {torch.bfloat16}
+    assert all(v.dtype == fp32[k].dtype and v.shape == fp32[k].shape for k, v in bf16.items())
+    assert bf16["values"].dtype == torch.float32
+    if mode == "topk":  # k = the whole vocabulary: the full distributions, sorted
+        p = fp32["values"].exp()
+        q_fp = torch.full_like(p, -1e9).scatter(-1, fp32["indices"].long(), fp32["values"])
+        q_bf = torch.full_like(p, -1e9).scatter(-1, bf16["indices"].long(), bf16["values"])
+        kl = (q_fp.exp() * (q_fp - q_bf)).sum(-1)
+        assert 0 < kl.mean() < 1e-2 and kl.max() < 5e-2
+        assert (fp32["indices"][..., 0] == bf16["indices"][..., 0]).float().mean() > 0.9
+    assert (fp32["entropy"] - bf16["entropy"]).abs().max() < 0.1
+
+
 # ---------------------------------------------------------------- the pipeline: kill and resume
 
 def _opts(calib, work_dir, **kw):
