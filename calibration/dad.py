@@ -167,7 +167,7 @@ def teacher_cache(model: nn.Module, batches, topk: int, device="cpu", batch_size
     """The cached teacher signal: top-k or sampled log-probabilities (at ``temperature``) and exact entropy (at 1).
 
     The model's forward runs under ``autocast`` (None: float32; the pipeline passes DAD's own, so the
-    teacher is computed as precisely as the student it trains: with AMX bf16 takes 0.52x the time and
+    teacher is computed as precisely as the student it trains: with AMX bf16 takes 0.78x the time and
     moves the teacher by KL 0.0007 nats a token, docs/RESULTS.md); the softmax, top-k and sampling
     are float32.
 

@@ -18,7 +18,7 @@ PRESETS: dict[str, dict] = {
     # block-wise (16 -> 8 steps/block) to DAD (24 -> 34 steps) measured wiki PPL 49.6 -> 47.0;
     # block-wise alone (16 steps, no DAD) was 90.4 (docs/RESULTS.md, issue 14 rows). 34 -> 28 DAD
     # steps pay for the ~30 s of chat text that --calib auto generates (46 steps where bf16 is fast:
-    # 45.14 in 242.6 s of quantize on AMD Zen 5, RESULTS' chat-text section; 36 with AMX, where
+    # 45.14 in 242.6 s of quantize on AMD Zen 5, RESULTS' chat-text section; 34 with AMX, where
     # block-wise and the teacher run in bf16 too: 46.80 in 296.8 s with 38 and an fp32 teacher).
     "fast": dict(blockwise=True, bw_samples=32, bw_seq_len=256, bw_steps=8, bw_batch=2,
                  bw_lr=1e-2, bw_lr_weight=5e-3, bw_inputs="quant",
@@ -27,8 +27,8 @@ PRESETS: dict[str, dict] = {
     # 256 windows. Steps set for fp32 on the reference CPU (predicted 19.8 min with --target-bpw and
     # the chat text of --calib auto, which took 113 -> 106 steps); where bf16 is fast, DAD gets
     # what it saves in the same time (calibration/budget.py, bf16_dividend: 176 steps on AMD Zen 5,
-    # 133 with AMX, whose bf16 steps are only ~0.95x the reference's fp32 ones but whose teacher pass
-    # is 0.52x: 160 steps with an fp32 teacher gave 32.96 in 23.5 min there). With
+    # 123 with AMX, whose bf16 steps are only ~0.95x the reference's fp32 ones: 133 took 22.2 min
+    # there (33.80), 160 steps with an fp32 teacher gave 32.96 in 23.5 min there). With
     # --target-bpw 2.5 (docs/RESULTS.md, issue 14 default rows): on AMD Zen 5 that balance, 64
     # block-wise / 243 DAD steps on wiki alone, gave wiki PPL 31.99 (1 thread; 32.21 in the timed
     # 2-thread run, 19 min 11 s) against 32.93 for 16 / 338 and 34.33 for the former 40 / 150 on 128
