@@ -81,7 +81,7 @@ class Costs:
     bf16_dad_factor: tuple = (("zen5", (0.6, 0.6)), ("amx", (0.88, 0.95)))
     bf16_block_factor: tuple = (("zen5", 1.0), ("amx", 0.93))
     # the cached teacher's forward under DAD's bf16 autocast: AMX 0.78x (the quiet `default` run, 2 threads:
-    # 131 s against 168 s in fp32; 0.52x on 8 windows at 1 thread); not measured on Zen 5 (1.0)
+    # 131 s against 168 s in fp32; 0.68x on 8 windows at 1 thread, benchmarks/teacher_bf16.py); not measured on Zen 5 (1.0)
     bf16_forward_factor: tuple = (("zen5", 1.0), ("amx", 0.78))
     # 0.82x the tokens/s (1.22) under forced bf16 on a CPU where it is not fast (the reference CPU; DAD)
     bf16_slow_factor: float = 1.22
