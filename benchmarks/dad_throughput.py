@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from dbquant.bench.cpu import environment
+from dbquant.format.files import write_json
 from dbquant.calibration.blockwise import to_fakequant
 from dbquant.calibration.dad import DADConfig, distill, teacher_cache
 from dbquant.calibration.init import init_weights
@@ -94,11 +94,8 @@ def main() -> None:
     # environment() has the ISA flags and fast_bf16 (what --dad-autocast auto reads)
     env = environment() | {"threads": torch.get_num_threads(), "loadavg_after": os.getloadavg()}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{a.json}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"environment": env, "command": " ".join(sys.argv), "rows": rows,
-                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=1)
-    os.replace(tmp, a.json)
+    write_json(a.json, {"environment": env, "command": " ".join(sys.argv), "rows": rows,
+                        "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
     print(f"wrote {a.json}")
 
 

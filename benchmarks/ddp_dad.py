@@ -87,10 +87,9 @@ def main() -> None:
     print(json.dumps(cmp), flush=True)
     out = {"runs": runs, "comparison": cmp, "machine": {"cpus": os.cpu_count(),
                                                         "note": "2-core development VM, shared with other jobs"}}
-    tmp = f"{a.json}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(tmp, a.json)
+    from dbquant.format.files import write_json
+
+    write_json(a.json, out)
     print(f"wrote {a.json}")
 
 

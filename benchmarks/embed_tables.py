@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 
@@ -96,12 +94,10 @@ def main(argv=None) -> int:
         print(json.dumps(rows[-1]), flush=True)
         del model
     if a.json:
-        path = Path(a.json)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-            json.dump({"benchmark": "embed_tables", "checkpoint": a.checkpoint, "fp": a.fp, "windows": a.windows,
-                       "rows": rows},
-                      f, indent=1)
-        os.replace(f.name, path)
+        from dbquant.format.files import write_json
+
+        write_json(a.json, {"benchmark": "embed_tables", "checkpoint": a.checkpoint, "fp": a.fp,
+                            "windows": a.windows, "rows": rows})
     return 0
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from dbquant.bench.cpu import environment
+from dbquant.format.files import write_json
 from dbquant.calibration.blockwise import to_fakequant
 from dbquant.calibration.init import init_weights
 from dbquant.model.modules import FakeQuantLinear
@@ -99,9 +100,7 @@ def main() -> None:
            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     print(json.dumps(out["median_s"]), "speedup", out["speedup"])
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{a.json}.tmp"
-    Path(tmp).write_text(json.dumps(out, indent=1))
-    os.replace(tmp, a.json)
+    write_json(a.json, out)
     print(f"wrote {a.json}")
 
 

@@ -25,7 +25,6 @@ the median decode tokens/s of each and whether the two greedy continuations are 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -36,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dbquant.backends import cpu as cpu_backend  # noqa: E402
 from dbquant.bench.cpu import _median_ms, environment  # noqa: E402
+from dbquant.format.files import write_json  # noqa: E402
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (4096, 4096)]
 
@@ -52,10 +52,7 @@ def packed(n: int, k: int, g: int, planes: int, seed: int = 0):
 def _dump(path: str, rows: list[dict], env0) -> None:
     env = environment()
     env["loadavg_before"] = env0
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump({"environment": env, "rows": rows}, fh, indent=1)
-    os.replace(tmp, path)
+    write_json(path, {"environment": env, "rows": rows})
     print(f"wrote {path}")
 
 

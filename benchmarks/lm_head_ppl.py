@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
 
@@ -56,11 +53,10 @@ def main(argv=None) -> int:
         if hook is not None:
             hook.remove()
     if a.json:
-        path = Path(a.json)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-            json.dump({"benchmark": "lm_head_ppl", "checkpoint": a.checkpoint, "windows": a.windows, "rows": rows},
-                      f, indent=1)
-        os.replace(f.name, path)
+        from dbquant.format.files import write_json
+
+        write_json(a.json, {"benchmark": "lm_head_ppl", "checkpoint": a.checkpoint, "windows": a.windows,
+                            "rows": rows})
     return 0
 
 

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -70,10 +67,9 @@ def main(argv=None) -> int:
         rows.append({"init": variant, "wiki_ppl": ppl, "seconds": round(time.perf_counter() - t, 1)})
         print(json.dumps(rows[-1]), flush=True)
     if a.json:
-        path = Path(a.json)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-            json.dump({"benchmark": "rotation_init", "model": "smollm2-135m", "group": 64, "rows": rows}, f, indent=1)
-        os.replace(f.name, path)
+        from dbquant.format.files import write_json
+
+        write_json(a.json, {"benchmark": "rotation_init", "model": "smollm2-135m", "group": 64, "rows": rows})
     return 0
 
 

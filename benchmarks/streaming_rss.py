@@ -106,13 +106,6 @@ def build_synthetic(folder: Path, layers: int, hidden: int, intermediate: int) -
     return folder
 
 
-def write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         return child(sys.argv[2:])
@@ -168,6 +161,8 @@ def main() -> None:
             torch.equal(s[k], m[k]) for k in m)
         print("smollm2 streaming == in-memory:", out["runs"][f"smollm2_identical_lrw{a.lr_weight}"], flush=True)
     out["machine"] = {"cpus": os.cpu_count(), "note": "2-core development VM, shared with other jobs"}
+    from dbquant.format.files import write_json
+
     write_json(a.json, out)
     print(f"wrote {a.json}")
 

@@ -22,6 +22,7 @@ import time
 import torch
 
 from dbquant.bench.cpu import environment
+from dbquant.format.files import write_json
 from dbquant.calibration.dad import teacher_cache
 from dbquant.eval.data import calibration_batches, wiki_split
 from dbquant.model.sources import load_fp_model
@@ -59,10 +60,7 @@ def main() -> None:
     print(json.dumps(res, indent=1))
     if a.json:
         env = environment() | {"threads": torch.get_num_threads(), "loadavg_after": os.getloadavg()}
-        tmp = a.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"environment": env, "command": " ".join(sys.argv), "result": res}, f, indent=1)
-        os.replace(tmp, a.json)
+        write_json(a.json, {"environment": env, "command": " ".join(sys.argv), "result": res})
 
 
 if __name__ == "__main__":

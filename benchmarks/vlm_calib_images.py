@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -79,10 +78,9 @@ def main(argv=None) -> int:
     result = {"benchmark": "vlm_calib_images", "model": "smolvlm-testbed", "images": a.images,
               "options": BUDGET, "rows": rows, "torch_threads": os.cpu_count()}
     if a.json:
-        path = Path(a.json)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-            json.dump(result, f, indent=1)
-        os.replace(f.name, path)
+        from dbquant.format.files import write_json
+
+        write_json(a.json, result)
     return 0
 
 

@@ -24,9 +24,7 @@ relevance score are those of random features. Run:
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import platform
 import sys
 import time
@@ -179,11 +177,10 @@ def main(argv=None) -> int:
               f"(fp {r['suffix_ppl_fp']:.3f}), {r['bytes_per_token']:.0f} B/token; values rel MSE at STP "
               f"tokens {r['value_rel_mse_stp_tokens']:.4f}, all visual {r['value_rel_mse_visual']:.4f}")
     if a.json:
-        out = Path(a.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=1) + "\n")
-        os.replace(tmp, out)  # atomic
+        from dbquant.format.files import write_json
+
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        write_json(a.json, res)
     return 0
 
 

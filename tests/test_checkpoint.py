@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import dbquant
 from dbquant.errors import DbquantError
-from dbquant.format.files import atomic_dir, read_header
+from dbquant.format.files import atomic_dir, read_header, write_json
 from dbquant.model.modules import PackedLinear
 from dbquant.quantize import QuantizeOptions, quantize
 from tests.conftest import make_tiny_model
@@ -142,6 +142,23 @@ def test_atomic_dir_refuses_existing_and_leaves_nothing_on_failure(tmp_path):
     with atomic_dir(out, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
     assert sorted(os.listdir(out)) == ["new.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_write_json_is_atomic_and_keeps_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "result.json"
+    write_json(path, {"rows": [1, 2]})
+    assert json.loads(path.read_text()) == {"rows": [1, 2]}
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_current_umask())  # not mkstemp's 0600
+    with pytest.raises(TypeError):
+        write_json(path, {"rows": [object()]})  # fails mid-dump, after the temp file has some bytes
+    assert json.loads(path.read_text()) == {"rows": [1, 2]}
+    assert sorted(os.listdir(tmp_path)) == ["result.json"]  # no temp file left behind
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_save_refuses_unpacked_model(tmp_path):

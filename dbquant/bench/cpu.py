@@ -35,7 +35,6 @@ draws both. Every JSON stores :func:`dbquant.bench.machine.environment` (CPU, IS
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import time
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 
 from ..backends import cpu as cpu_backend
 from ..backends.reference import dbgemm_ref
+from ..format import files
 from ..model.checkpoint import load
 from ..model.embedding import int8_rows
 from ..model.sources import load_fp_model
@@ -342,10 +342,7 @@ def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int
 
 def write_json(path: str, rows: list[dict]) -> None:
     """Atomic write of ``{"environment": ..., "rows": [...]}``."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"environment": environment(), "rows": rows}, f, indent=1)
-    os.replace(tmp, path)
+    files.write_json(path, {"environment": environment(), "rows": rows})
 
 
 def _pyplot():

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DbquantError
+from ..format.files import write_json
 from ..model.sources import cache_dir
 
 WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -64,9 +65,7 @@ def wiki_articles() -> list[str]:
         pass
     articles = _parse_wiki()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{id(articles)}")
-    tmp.write_text(json.dumps(articles))
-    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+    write_json(path, articles, indent=None)  # atomic: a concurrent reader never sees half a file
     return articles
 
 

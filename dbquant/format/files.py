@@ -1,4 +1,4 @@
-"""Checkpoint files on disk: atomic output folders and safetensors header checks.
+"""Files on disk: atomic output folders and JSON files, and safetensors header checks.
 
 Torch-only and model-free: what is checked here is the bytes (a whole file, a sane header,
 every tensor a packed layout needs, at its shape and dtype), not what the tensors mean.
@@ -91,6 +91,26 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, obj, indent: int | None = 1) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically: a reader never sees half a file, and a run
+    killed mid-write leaves the previous file whole.
+
+    The temp file sits beside ``path`` (same file system, so the rename is atomic) under a unique
+    name, so two writers of one path never write into each other's temp file.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=indent)
+            f.write("\n")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would not
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager
