@@ -1,7 +1,9 @@
 """What the decoder's cheaper output projections cost in perplexity (``--lm-head-dtype``).
 
-The lean decoder can compute a dense output projection from an int8 copy of its weight
-(``int8``) and, in addition, from int8 activations per block of 32 channels (``w8a8``). The
+The lean decoder can compute a dense output projection in bfloat16 (``bfloat16``: weight and
+input rounded to bf16, fp32 accumulation, the logits rounded to bf16, as ``F.linear`` on bf16
+tensors returns them), from an int8 copy of its weight (``int8``) and, in addition, from int8
+activations per block of 32 channels (``w8a8``). The
 wiki protocol runs through the Hugging Face forward, so this script gives the checkpoint's
 ``lm_head`` the same numerics there: the weight replaced by its per-row int8 rounding, and
 for ``w8a8`` a forward pre-hook rounding the head's input per block of 32 as the C++ kernel
@@ -28,6 +30,13 @@ def round_input_q8(_module, args):
     return ((q * d).reshape(x.shape),)
 
 
+def round_bf16(_module, args, out=None):
+    """A forward (pre-)hook: the head's input (or its output) rounded to bfloat16, kept in float32."""
+    x = args[0] if out is None else out
+    y = x.to(torch.bfloat16).float()
+    return (y,) if out is None else y
+
+
 def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
@@ -44,14 +53,20 @@ def main(argv=None) -> int:
     head = model.lm_head
     codes, scale = quantize_rows_int8(head.weight.detach())
     rows = []
-    for mode in ("float32", "int8", "w8a8"):
-        if mode == "int8":  # (a tied head gets its own weight: the embedding stays exact)
-            head.weight = torch.nn.Parameter(codes.float() * scale[:, None], requires_grad=False)
-        hook = head.register_forward_pre_hook(round_input_q8) if mode == "w8a8" else None
+    exact = head.weight.detach().clone()
+    for mode in ("float32", "bfloat16", "int8", "w8a8"):
+        # (a tied head gets its own weight: the embedding stays exact)
+        if mode == "bfloat16":
+            head.weight = torch.nn.Parameter(exact.to(torch.bfloat16).float(), requires_grad=False)
+            hooks = [head.register_forward_pre_hook(round_bf16), head.register_forward_hook(round_bf16)]
+        else:
+            if mode == "int8":
+                head.weight = torch.nn.Parameter(codes.float() * scale[:, None], requires_grad=False)
+            hooks = [head.register_forward_pre_hook(round_input_q8)] if mode == "w8a8" else []
         rows.append({"lm_head_dtype": mode, "wiki_ppl": evaluate(model, tok, n_windows=a.windows, progress=False)["ppl"]})
         print(json.dumps(rows[-1]), flush=True)
-        if hook is not None:
-            hook.remove()
+        for h in hooks:
+            h.remove()
     if a.json:
         from dbquant.format.files import write_json
 

@@ -7,6 +7,11 @@ FDB-quantized (activation-weighted, a short refinement) and the error it leaves 
 - ``fisher`` (default): sum F * (W - W_q)^2 with F the empirical Fisher diagonal, the mean
   over calibration windows of (dLoss/dW)^2 of the full-precision model under next-token cross
   entropy: a second-order estimate of the *loss* increase, comparable across layers.
+- ``kfac``: sum_n G_n * d_n^T C d_n with d_n = W_n - W_q,n a row's error, G_n = E[(dLoss/dy_n)^2]
+  the per-token output-gradient second moment and C = E[x x^T] the input second-moment matrix (the
+  Kronecker-factored Fisher, its output factor kept diagonal): the loss increase with the input
+  channels' correlations, which the diagonal Fisher drops; both factors from one forward and
+  backward pass per window.
 - ``output``: sum E[x^2] * (W - W_q)^2, the layer's own output error (diagonal of X^T X),
   not comparable across layers (a layer's output scale is not its effect on the loss).
 - ``weight``: plain sum (W - W_q)^2 (no calibration data).
@@ -34,7 +39,7 @@ from .stats import input_second_moments
 
 PLANES = (1, 2, 3, 4)
 GROUPS = (32, 64, 128)
-SENSITIVITIES = ("fisher", "output", "weight")
+SENSITIVITIES = ("fisher", "kfac", "output", "weight")
 
 
 def candidates(lay: LinearLayout, offset: bool) -> list[LinearLayout]:
@@ -78,27 +83,80 @@ def fisher_diagonal(model: nn.Module, names: list[str], batches: torch.Tensor,
     return {n: f / len(batches) for n, f in fisher.items()}
 
 
+def kfac_factors(model: nn.Module, names: list[str], batches: torch.Tensor,
+                 progress: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Kronecker factors of each named linear's Fisher: the output gradient's and the input's second moments.
+
+    Args:
+        batches: int64 [S, T] token windows; one forward and backward pass per window (next-token CE).
+    Returns:
+        ``{name: (G float32 [N], C float32 [K, K])}``: G_n = mean over tokens of (dLoss/dy_n)^2,
+        C = mean over tokens of x x^T.
+    """
+    mods = {n: model.get_submodule(n) for n in names}
+    grad2 = {n: torch.zeros(m.out_features) for n, m in mods.items()}
+    cov = {n: torch.zeros(m.in_features, m.in_features) for n, m in mods.items()}
+    tokens = 0
+
+    def hook(name):
+        def fn(_mod, inp, out):
+            x = inp[0].detach().float().reshape(-1, inp[0].shape[-1])
+            cov[name] += x.T @ x
+
+            def on_grad(g):  # dLoss/dy for every token of the window
+                grad2[name] += g.detach().float().reshape(-1, g.shape[-1]).square().sum(0)
+            out.register_hook(on_grad)
+        return fn
+
+    dev = next(model.parameters()).device
+    keep = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in keep:
+        p.requires_grad_(False)
+    for m in mods.values():
+        m.weight.requires_grad_(True)  # puts every linear's output on the graph; only the hooks read it
+    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+    try:
+        for i in tqdm(range(len(batches)), desc="k-fac", disable=not progress):
+            ids = batches[i:i + 1].to(dev)
+            logits = model(ids).logits.float()
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            torch.autograd.grad(loss, [m.weight for m in mods.values()])
+            tokens += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, k in keep:
+            p.requires_grad_(k)
+    return {n: (grad2[n].cpu() / tokens, cov[n].cpu() / tokens) for n in names}
+
+
 SAMPLE_ROWS = 64  # output rows quantized per option: rows quantize independently, so a sample estimates the sum
 
 
 @torch.no_grad()
 def option_errors(w: torch.Tensor, layouts: list[LinearLayout], importance: torch.Tensor | None,
-                  score: torch.Tensor | None, rows: int = SAMPLE_ROWS) -> list[float]:
+                  score: torch.Tensor | None, rows: int = SAMPLE_ROWS, cov: torch.Tensor | None = None) -> list[float]:
     """Scored error of each layout for weight ``w`` float32 [N, K], estimated on ``rows`` evenly
     spaced output rows and scaled by N / rows (12 layouts x every linear of a model at full size
     would take hours on a small CPU; the sample's estimate is unbiased over rows).
 
     importance: float32 [K] E[x^2] (weights the FDB fit, as the init does) or None;
-    score: float32 [N, K] or [K] per-weight factor of the squared error (None: 1).
+    score: float32 [N, K] or [K] per-weight factor of the squared error (None: 1); with ``cov``, float32 [N]
+    a per-row factor; cov: float32 [K, K] or None: a row's error d is scored d^T cov d instead of sum d^2.
     """
     n = w.shape[0]
     idx = torch.linspace(0, n - 1, min(n, rows)).round().long().unique()
     ws = w[idx]
-    sc = None if score is None else score[idx] if score.dim() == 2 else score
+    sc = None if score is None else score[idx] if score.dim() == 2 or cov is not None else score
     out = []
     for lay in layouts:
         q = fdb.quantize_fdb(ws, lay.group_size, importance, lay.offset, iters=2, grid=8, planes=lay.planes)
-        d2 = (ws - q.dequantize()).square()
+        d = ws - q.dequantize()
+        if cov is not None:
+            row = ((d @ cov) * d).sum(1)
+            out.append(float(row.sum() if sc is None else (row * sc).sum()) * n / len(idx))
+            continue
+        d2 = d.square()
         out.append(float((d2 if sc is None else d2 * sc).sum()) * n / len(idx))
     return out
 
@@ -123,6 +181,7 @@ def allocate_plan(model: nn.Module, plan: list[LinearPlan], target_bpw: float, s
     names = [p.name for p in plan]
     imp = input_second_moments(model, names, batches, progress=progress) if batches is not None else {}
     fisher = fisher_diagonal(model, names, batches, progress) if sensitivity == "fisher" else {}
+    kfac = kfac_factors(model, names, batches, progress) if sensitivity == "kfac" else {}
     costs, errors, options = [], [], []
     threads = torch.get_num_threads()
     # The per-option tensors are small (SAMPLE_ROWS rows): intra-op threads cost more than they save
@@ -133,7 +192,10 @@ def allocate_plan(model: nn.Module, plan: list[LinearPlan], target_bpw: float, s
             lays = candidates(p.layout, offset)
             w = model.get_submodule(p.name).weight.detach().float()
             score = {"fisher": fisher.pop(p.name, None), "output": imp.get(p.name)}.get(sensitivity)
-            errors.append(option_errors(w, lays, imp.get(p.name), score))
+            cov = None
+            if sensitivity == "kfac":
+                score, cov = kfac.pop(p.name)
+            errors.append(option_errors(w, lays, imp.get(p.name), score, cov=cov))
             costs.append([lay.storage_bits() for lay in lays])
             options.append(lays)
     finally:

@@ -108,8 +108,9 @@ class QuantizeOptions:
                                             "quantized linears, every scale counted, is <= B (ignores --group-size)",
                                       metavar="B")
     sensitivity: str = option("fisher", "--target-bpw: how a linear's error is scored: fisher (empirical Fisher "
-                                        "diagonal of the loss), output (its own output error, E[x^2]-weighted) or "
-                                        "weight (plain; no calibration data)")
+                                        "diagonal of the loss), kfac (Kronecker-factored Fisher: output-gradient "
+                                        "and input-correlation second moments), output (its own output error, "
+                                        "E[x^2]-weighted) or weight (plain; no calibration data)")
     alloc_samples: int = option(8, "--target-bpw: calibration windows of the sensitivity measurement")
     modules: tuple[str, ...] = option(("decoder",), "comma list of: decoder, lm_head, vision", type=_comma_tuple)
     embed_bits: str = option("auto", "input embedding storage: 8, 6 or 4 (group-wise int with float16 scales, rows "

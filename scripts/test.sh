@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-DBQUANT_REQUIRE_NATIVE=1 .venv/bin/python -m pytest -q "$@"
+# One worker per core (pytest-xdist), each test file whole on one worker (its module fixtures built once).
+DBQUANT_REQUIRE_NATIVE=1 .venv/bin/python -m pytest -q -n auto --dist loadfile "$@"

@@ -4,13 +4,17 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbquant.calibration.sensitivity import candidates, option_errors
+from dbquant.calibration.sensitivity import allocate_plan, candidates, kfac_factors, option_errors
 from dbquant.errors import DbquantError
 from dbquant.format.layout import LinearLayout
+from dbquant.model.plan import make_plan
+from dbquant.quant import fdb
 from dbquant.quant.allocate import allocate, hull
+from tests.conftest import make_tiny_model
 
 option = st.tuples(st.integers(1, 400), st.floats(0.0, 1e3, allow_nan=False))
 linears = st.lists(st.lists(option, min_size=1, max_size=6), min_size=1, max_size=8)
@@ -72,3 +76,53 @@ def test_sensitive_linear_gets_the_bits():
     picks = allocate(costs, errors, budget).picks
     assert lays[picks[1]].bits_per_weight() > lays[picks[0]].bits_per_weight()
     assert sum(costs[0][p] for p in picks) <= budget
+
+
+def test_kfac_factors_are_the_per_token_second_moments():
+    """G is the mean over tokens of (dLoss/dy)^2 and C the mean of x x^T, checked against autograd on
+    the linear's output computed one window at a time."""
+    model = make_tiny_model(vocab_size=50)
+    name = "model.layers.1.mlp.down_proj"
+    batches = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(1))
+    g2, cov = kfac_factors(model, [name], batches, progress=False)[name]
+    lin = model.get_submodule(name)
+    want_g, want_c = torch.zeros(lin.out_features), torch.zeros(lin.in_features, lin.in_features)
+    seen = {}
+    h = lin.register_forward_hook(lambda _m, i, o: seen.update(x=i[0].detach(), y=o))
+    try:
+        for ids in batches:
+            logits = model(ids[None]).logits
+            loss = F.cross_entropy(logits[0, :-1], ids[1:])
+            (gy,) = torch.autograd.grad(loss, seen["y"])
+            want_g += gy.reshape(-1, gy.shape[-1]).square().sum(0)
+            x = seen["x"].reshape(-1, seen["x"].shape[-1])
+            want_c += x.T @ x
+    finally:
+        h.remove()
+    assert torch.allclose(g2, want_g / batches.numel(), rtol=1e-5, atol=1e-12)
+    assert torch.allclose(cov, want_c / batches.numel(), rtol=1e-5, atol=1e-6)
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())  # grads taken, none stored
+
+
+def test_kfac_score_is_the_output_error():
+    """With unit output weights, a layout's k-fac score is the mean over tokens of ||(W - W_q) x||^2,
+    every row kept (rows = N)."""
+    gen = torch.Generator().manual_seed(2)
+    w, x = torch.randn(24, 128, generator=gen) * 0.02, torch.randn(300, 128, generator=gen)
+    lays = candidates(LinearLayout(24, 128, 64), False)[:4]
+    cov = x.T @ x / len(x)
+    got = option_errors(w, lays, None, torch.ones(24), rows=24, cov=cov)
+    for lay, g in zip(lays, got):
+        q = fdb.quantize_fdb(w, lay.group_size, None, lay.offset, iters=2, grid=8, planes=lay.planes).dequantize()
+        assert g == pytest.approx(float(((w - q) @ x.T).square().sum(0).mean()), rel=1e-4)
+
+
+@pytest.mark.parametrize("sensitivity", ["fisher", "kfac"])
+def test_allocate_plan_on_a_model_stays_within_the_target(sensitivity):
+    model = make_tiny_model(vocab_size=50)
+    plan = make_plan(model, group_size=64)
+    batches = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(3))
+    new, info = allocate_plan(model, plan, 2.5, sensitivity, batches, progress=False)
+    weights = sum(p.layout.out_features * p.layout.in_features for p in new)
+    assert info["bpw"] <= 2.5 and sum(p.layout.storage_bits() for p in new) / weights == pytest.approx(info["bpw"])
+    assert [p.name for p in new] == [p.name for p in plan] and sum(info["layouts"].values()) == len(plan)
