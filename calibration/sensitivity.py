@@ -48,6 +48,27 @@ def candidates(lay: LinearLayout, offset: bool) -> list[LinearLayout]:
     return [LinearLayout(lay.out_features, lay.in_features, g, offset or k == 1, k) for k in PLANES for g in GROUPS]
 
 
+def _window_grads(model: nn.Module, weights: list[torch.Tensor], batches: torch.Tensor, desc: str, progress: bool):
+    """Yield, window by window of int64 [S, T] ``batches``, the gradients of the window's next-token cross
+    entropy with respect to ``weights``. Only they require grad meanwhile (less memory and time); every
+    parameter's flag is restored when the loop ends."""
+    keep = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in keep:
+        p.requires_grad_(False)
+    for w in weights:
+        w.requires_grad_(True)
+    dev = next(model.parameters()).device
+    try:
+        for i in tqdm(range(len(batches)), desc=desc, disable=not progress):
+            ids = batches[i:i + 1].to(dev)
+            logits = model(ids).logits.float()
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            yield torch.autograd.grad(loss, weights)
+    finally:
+        for p, k in keep:
+            p.requires_grad_(k)
+
+
 def fisher_diagonal(model: nn.Module, names: list[str], batches: torch.Tensor,
                     progress: bool = True) -> dict[str, torch.Tensor]:
     """Empirical Fisher diagonal of each named linear's weight: mean over windows of grad^2.
@@ -57,30 +78,12 @@ def fisher_diagonal(model: nn.Module, names: list[str], batches: torch.Tensor,
     Returns:
         ``{name: float32 [N, K]}``.
     """
-    params = {n: model.get_submodule(n).weight for n in names}
-    was = {n: p.requires_grad for n, p in params.items()}
-    others = [p for p in model.parameters() if all(p is not q for q in params.values())]
-    keep = [p.requires_grad for p in others]
-    for p in others:
-        p.requires_grad_(False)  # gradients of the linears only: less memory and time
-    for p in params.values():
-        p.requires_grad_(True)
-    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-    dev = next(model.parameters()).device
-    try:
-        for i in tqdm(range(len(batches)), desc="fisher", disable=not progress):
-            ids = batches[i:i + 1].to(dev)
-            logits = model(ids).logits.float()
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-            grads = torch.autograd.grad(loss, list(params.values()))
-            for (n, _), g in zip(params.items(), grads):
-                fisher[n] += g.float().square()
-    finally:
-        for n, p in params.items():
-            p.requires_grad_(was[n])
-        for p, k in zip(others, keep):
-            p.requires_grad_(k)
-    return {n: f / len(batches) for n, f in fisher.items()}
+    weights = [model.get_submodule(n).weight for n in names]
+    fisher = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    for grads in _window_grads(model, weights, batches, "fisher", progress):
+        for f, g in zip(fisher, grads):
+            f += g.float().square()
+    return {n: f / len(batches) for n, f in zip(names, fisher)}
 
 
 def kfac_factors(model: nn.Module, names: list[str], batches: torch.Tensor,
@@ -96,38 +99,26 @@ def kfac_factors(model: nn.Module, names: list[str], batches: torch.Tensor,
     mods = {n: model.get_submodule(n) for n in names}
     grad2 = {n: torch.zeros(m.out_features) for n, m in mods.items()}
     cov = {n: torch.zeros(m.in_features, m.in_features) for n, m in mods.items()}
-    tokens = 0
 
     def hook(name):
         def fn(_mod, inp, out):
             x = inp[0].detach().float().reshape(-1, inp[0].shape[-1])
-            cov[name] += x.T @ x
+            cov[name] += (x.T @ x).cpu()
 
             def on_grad(g):  # dLoss/dy for every token of the window
-                grad2[name] += g.detach().float().reshape(-1, g.shape[-1]).square().sum(0)
+                grad2[name] += g.detach().float().reshape(-1, g.shape[-1]).square().sum(0).cpu()
             out.register_hook(on_grad)
         return fn
 
-    dev = next(model.parameters()).device
-    keep = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in keep:
-        p.requires_grad_(False)
-    for m in mods.values():
-        m.weight.requires_grad_(True)  # puts every linear's output on the graph; only the hooks read it
     handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
     try:
-        for i in tqdm(range(len(batches)), desc="k-fac", disable=not progress):
-            ids = batches[i:i + 1].to(dev)
-            logits = model(ids).logits.float()
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-            torch.autograd.grad(loss, [m.weight for m in mods.values()])
-            tokens += ids.numel()
+        # the weights' own gradients are dropped: requiring them puts every linear's output on the graph
+        for _ in _window_grads(model, [m.weight for m in mods.values()], batches, "k-fac", progress):
+            pass
     finally:
         for h in handles:
             h.remove()
-        for p, k in keep:
-            p.requires_grad_(k)
-    return {n: (grad2[n].cpu() / tokens, cov[n].cpu() / tokens) for n in names}
+    return {n: (grad2[n] / batches.numel(), cov[n] / batches.numel()) for n in names}
 
 
 SAMPLE_ROWS = 64  # output rows quantized per option: rows quantize independently, so a sample estimates the sum
