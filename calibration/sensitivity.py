@@ -1,7 +1,7 @@
 """``--target-bpw``: measure each linear's sensitivity and choose its (k, group size) under a budget.
 
-For every planned linear and every candidate layout (k planes in 1..4, group size in
-``GROUPS``; k = 1 always with an offset, the scaled binary of the issue), the weight is
+For every planned linear and every candidate layout (k planes in ``--alloc-planes``, group size
+in ``GROUPS``; k = 1 always with an offset, the scaled binary of the issue), the weight is
 FDB-quantized (activation-weighted, a short refinement) and the error it leaves is scored:
 
 - ``fisher`` (default): sum F * (W - W_q)^2 with F the empirical Fisher diagonal, the mean
@@ -38,14 +38,42 @@ from ..quant.allocate import allocate
 from .stats import input_second_moments
 
 PLANES = (1, 2, 3, 4)
+# --alloc-planes auto: k = 1 only where the target needs it. A k = 1 layer loses more to calibration's
+# end than its init error says: after the `fast` preset at 2.5 bpw, choosing among k = 2..4 gave wiki PPL
+# 42.00 against 43.76 with k = 1 allowed (uniform k = 2: 46.99; docs/RESULTS.md, issue 15 rows).
+AUTO_PLANES = (2, 3, 4)
 GROUPS = (32, 64, 128)
 SENSITIVITIES = ("fisher", "kfac", "output", "weight")
 
 
-def candidates(lay: LinearLayout, offset: bool) -> list[LinearLayout]:
-    """Every layout ``--target-bpw`` may choose for a linear: k in PLANES x g in GROUPS (k = 1 with
+def candidates(lay: LinearLayout, offset: bool, planes: tuple[int, ...] = PLANES) -> list[LinearLayout]:
+    """Every layout ``--target-bpw`` may choose for a linear: k in ``planes`` x g in GROUPS (k = 1 with
     an offset; k >= 2 with ``offset`` as the user asked)."""
-    return [LinearLayout(lay.out_features, lay.in_features, g, offset or k == 1, k) for k in PLANES for g in GROUPS]
+    return [LinearLayout(lay.out_features, lay.in_features, g, offset or k == 1, k) for k in planes for g in GROUPS]
+
+
+def parse_planes(spec: str) -> tuple[int, ...] | None:
+    """``--alloc-planes``: ``auto`` (None) or a comma list of plane counts in 1..4, sorted."""
+    if spec == "auto":
+        return None
+    try:
+        planes = tuple(sorted({int(x) for x in spec.split(",")}))
+    except ValueError:
+        planes = ()
+    if not planes or not set(planes) <= set(PLANES):
+        raise DbquantError(f"--alloc-planes {spec!r}: give auto or a comma list of plane counts in {PLANES}")
+    return planes
+
+
+def resolve_planes(spec: str, plan: list[LinearPlan], target_bpw: float, offset: bool) -> tuple[int, ...]:
+    """The plane counts the allocation chooses among: ``spec`` as given, or for ``auto`` AUTO_PLANES when
+    their cheapest layouts fit ``target_bpw`` (2.25 bpw at g128 without offsets), else every k in PLANES."""
+    planes = parse_planes(spec)
+    if planes is not None:
+        return planes
+    weights = sum(p.layout.out_features * p.layout.in_features for p in plan)
+    cheapest = sum(min(lay.storage_bits() for lay in candidates(p.layout, offset, AUTO_PLANES)) for p in plan)
+    return AUTO_PLANES if cheapest <= int(target_bpw * weights) else PLANES
 
 
 def _window_grads(model: nn.Module, weights: list[torch.Tensor], batches: torch.Tensor, desc: str, progress: bool):
@@ -154,14 +182,15 @@ def option_errors(w: torch.Tensor, layouts: list[LinearLayout], importance: torc
 
 def allocate_plan(model: nn.Module, plan: list[LinearPlan], target_bpw: float, sensitivity: str,
                   batches: torch.Tensor | None, offset: bool = False,
-                  progress: bool = True) -> tuple[list[LinearPlan], dict]:
+                  progress: bool = True, planes: str = "auto") -> tuple[list[LinearPlan], dict]:
     """The plan with each linear's layout chosen so the average bits per weight is <= ``target_bpw``.
 
     Args:
         batches: int64 [S, T] calibration windows (None only with ``sensitivity="weight"``).
+        planes: ``--alloc-planes``, the plane counts to choose among (:func:`resolve_planes`).
     Returns:
         (new plan, report) where the report holds the achieved bpw, the sensitivity used, the
-        chosen (k, g) counts and the time taken.
+        plane counts allowed, the chosen (k, g) counts and the time taken.
     """
     if sensitivity not in SENSITIVITIES:
         raise DbquantError(f"unknown sensitivity {sensitivity!r}; choose from {SENSITIVITIES}")
@@ -169,6 +198,7 @@ def allocate_plan(model: nn.Module, plan: list[LinearPlan], target_bpw: float, s
         raise DbquantError(f"--sensitivity {sensitivity} needs calibration text (--calib); with --calib none "
                            "use --sensitivity weight")
     t0 = time.perf_counter()
+    allowed = resolve_planes(planes, plan, target_bpw, offset)
     names = [p.name for p in plan]
     imp = input_second_moments(model, names, batches, progress=progress) if batches is not None else {}
     fisher = fisher_diagonal(model, names, batches, progress) if sensitivity == "fisher" else {}
@@ -180,7 +210,7 @@ def allocate_plan(model: nn.Module, plan: list[LinearPlan], target_bpw: float, s
     torch.set_num_threads(1)
     try:
         for p in tqdm(plan, desc="sensitivity", disable=not progress):
-            lays = candidates(p.layout, offset)
+            lays = candidates(p.layout, offset, allowed)
             w = model.get_submodule(p.name).weight.detach().float()
             score = {"fisher": fisher.pop(p.name, None), "output": imp.get(p.name)}.get(sensitivity)
             cov = None
@@ -199,4 +229,5 @@ def allocate_plan(model: nn.Module, plan: list[LinearPlan], target_bpw: float, s
         key = f"k{p.layout.planes}g{p.layout.group_size}"
         counts[key] = counts.get(key, 0) + 1
     return new, {"target_bpw": target_bpw, "bpw": choice.bits / weights, "sensitivity": sensitivity,
+                 "planes": list(allowed),
                  "layouts": dict(sorted(counts.items())), "seconds": time.perf_counter() - t0}

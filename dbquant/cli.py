@@ -159,7 +159,7 @@ def _quantize_in_memory(a, opts) -> int:
     if alloc:
         info = alloc["allocation"]
         print(f"--target-bpw {info['target_bpw']}: {info['bpw']:.4f} bits/weight chosen by {info['sensitivity']} "
-              f"sensitivity in {info['seconds']:.0f} s; layouts {info['layouts']}",
+              f"sensitivity among k in {info['planes']} in {info['seconds']:.0f} s; layouts {info['layouts']}",
               file=sys.stderr if a.json else sys.stdout)
     if opts.method == "fdb-dad":  # quantize() fits the same steps again: the fit is deterministic
         info = budgeted(model, opts, plan)[1]

@@ -23,7 +23,7 @@ from .calibration.precision import AUTOCAST_MODES
 from .calibration import budget as budgetlib
 from .calibration.presets import preset_values
 from .calibration.runstate import discard_checkpoints
-from .calibration.sensitivity import SENSITIVITIES, allocate_plan
+from .calibration.sensitivity import SENSITIVITIES, allocate_plan, parse_planes
 from .calibration.sources import chat_unsupported, parse_mix, uses_generated
 from .errors import DbquantError
 from .model import plan as planlib
@@ -87,7 +87,7 @@ class QuantizeOptions:
     None (``bw_*``: block-wise, ``dad_*``: distillation). work_dir / resume /
     checkpoint_every / device: run hygiene (see ``dbquant.calibration.runstate``).
     group_size: g. offset: store a per-group beta
-    (always on for ``rtn``). target_bpw / sensitivity / alloc_samples: choose k and g per linear
+    (always on for ``rtn``). target_bpw / sensitivity / alloc_samples / alloc_planes: choose k and g per linear
     under an average-bits budget (``dbquant.calibration.sensitivity``). modules: module sets
     (``decoder``, ``lm_head``).
     calib: text source whose activation statistics weight the FDB error (None: data-free).
@@ -112,6 +112,9 @@ class QuantizeOptions:
                                         "and input-correlation second moments), output (its own output error, "
                                         "E[x^2]-weighted) or weight (plain; no calibration data)")
     alloc_samples: int = option(8, "--target-bpw: calibration windows of the sensitivity measurement")
+    alloc_planes: str = option("auto", "--target-bpw: plane counts k to choose among, a comma list of 1..4; auto: "
+                                       "2,3,4 where the target allows (>= 2.25 bpw), else 1,2,3,4 (a k = 1 layer "
+                                       "costs more after training than its error says)")
     modules: tuple[str, ...] = option(("decoder",), "comma list of: decoder, lm_head, vision", type=_comma_tuple)
     embed_bits: str = option("auto", "input embedding storage: 8, 6 or 4 (group-wise int with float16 scales, rows "
                                      "dequantized on lookup), fp16, fp32 (dense, as the model has it); auto: "
@@ -202,6 +205,7 @@ class QuantizeOptions:
                                    "none use --sensitivity weight")
             if self.alloc_samples < 1:
                 raise DbquantError(f"out-of-range option: alloc_samples={self.alloc_samples} (>= 1)")
+            parse_planes(self.alloc_planes)
         if self.iters < 0 or self.calib_samples < 1 or self.calib_seq_len < 2:
             raise DbquantError(f"out-of-range option: iters={self.iters} (>= 0), calib_samples="
                                f"{self.calib_samples} (>= 1), calib_seq_len={self.calib_seq_len} (>= 2)")
@@ -284,7 +288,8 @@ def make_plan(model, opts: QuantizeOptions, tokenizer=None, progress: bool = Tru
     if opts.sensitivity != "weight":
         batches = calibration_sampler(model, tokenizer, opts, progress=progress)(opts.alloc_samples,
                                                                                  opts.calib_seq_len, opts.seed)
-    plan, info = allocate_plan(model, plan, opts.target_bpw, opts.sensitivity, batches, opts.uses_offset, progress)
+    plan, info = allocate_plan(model, plan, opts.target_bpw, opts.sensitivity, batches, opts.uses_offset, progress,
+                               opts.alloc_planes)
     if report is not None:
         report["allocation"] = info
     return plan

@@ -8,10 +8,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbquant.calibration.sensitivity import allocate_plan, candidates, kfac_factors, option_errors
+from dbquant.calibration.sensitivity import (allocate_plan, candidates, kfac_factors, option_errors, parse_planes,
+                                             resolve_planes)
 from dbquant.errors import DbquantError
 from dbquant.format.layout import LinearLayout
 from dbquant.model.plan import make_plan
+from dbquant.quantize import QuantizeOptions
 from dbquant.quant import fdb
 from dbquant.quant.allocate import allocate, hull
 from tests.conftest import make_tiny_model
@@ -78,6 +80,10 @@ def test_sensitive_linear_gets_the_bits():
     assert sum(costs[0][p] for p in picks) <= budget
 
 
+# rows of 256 and 512 inputs: whole groups of 128, so k = 2 at g128 costs 2.25 bpw as on a real model
+WIDE = dict(hidden_size=256, intermediate_size=512)
+
+
 def test_kfac_factors_are_the_per_token_second_moments():
     """G is the mean over tokens of (dLoss/dy)^2 and C the mean of x x^T, checked against autograd on
     the linear's output computed one window at a time."""
@@ -119,10 +125,32 @@ def test_kfac_score_is_the_output_error():
 
 @pytest.mark.parametrize("sensitivity", ["fisher", "kfac"])
 def test_allocate_plan_on_a_model_stays_within_the_target(sensitivity):
-    model = make_tiny_model(vocab_size=50)
+    model = make_tiny_model(vocab_size=50, **WIDE)
     plan = make_plan(model, group_size=64)
     batches = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(3))
     new, info = allocate_plan(model, plan, 2.5, sensitivity, batches, progress=False)
     weights = sum(p.layout.out_features * p.layout.in_features for p in new)
     assert info["bpw"] <= 2.5 and sum(p.layout.storage_bits() for p in new) / weights == pytest.approx(info["bpw"])
     assert [p.name for p in new] == [p.name for p in plan] and sum(info["layouts"].values()) == len(plan)
+    assert info["planes"] == [2, 3, 4] and all(p.layout.planes >= 2 for p in new)  # auto at 2.5: no k = 1
+
+
+def test_alloc_planes_auto_keeps_k1_only_where_the_target_needs_it():
+    plan = make_plan(make_tiny_model(vocab_size=50, **WIDE), group_size=64)
+    assert resolve_planes("auto", plan, 2.5, False) == (2, 3, 4)
+    assert resolve_planes("auto", plan, 2.3, False) == (2, 3, 4)  # k = 2 at g128 is 2.25 bpw
+    assert resolve_planes("auto", plan, 2.2, False) == (1, 2, 3, 4)
+    assert resolve_planes("auto", plan, 2.3, True) == (1, 2, 3, 4)  # offsets cost 16 more bits a group
+    assert resolve_planes("3,1", plan, 2.5, False) == (1, 3)
+    for bad in ("0,2", "5", "two", "", "2,,3"):
+        with pytest.raises(DbquantError, match="--alloc-planes"):
+            parse_planes(bad)
+    with pytest.raises(DbquantError, match="--alloc-planes"):
+        QuantizeOptions(method="fdb", target_bpw=2.5, alloc_planes="1,8").check()
+
+
+def test_allocation_with_only_k1_and_k4_picks_from_them():
+    model = make_tiny_model(vocab_size=50)
+    new, info = allocate_plan(model, make_plan(model, group_size=64), 2.0, "weight", None, progress=False,
+                              planes="1,4")
+    assert info["planes"] == [1, 4] and {p.layout.planes for p in new} <= {1, 4} and info["bpw"] <= 2.0
