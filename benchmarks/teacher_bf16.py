@@ -22,9 +22,9 @@ import time
 import torch
 
 from dbquant.bench.cpu import environment
-from dbquant.format.files import write_json
 from dbquant.calibration.dad import teacher_cache
 from dbquant.eval.data import calibration_batches, wiki_split
+from dbquant.format.files import write_json
 from dbquant.model.sources import load_fp_model
 
 
