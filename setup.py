@@ -37,10 +37,12 @@ def _native_build():
         return [], {}
 
     unix = sys.platform != "win32"
-    cxx = ["-O3", "-fopenmp"] if unix else ["/O2", "/openmp"]  # OpenMP: at::parallel_for
+    # OpenMP: at::parallel_for and `omp simd`. -fno-trapping-math: nothing here reads floating-point
+    # exception flags, and without it GCC keeps a loop with a clamp (fast_exp's) scalar on AVX2 and SSE2.
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"] if unix else ["/O2", "/openmp"]
     exts = [CppExtension(
         "dbquant._C",
-        ["csrc/cpu/binding.cpp"] + sorted(glob.glob("csrc/cpu/dbgemm_t16*.cpp") + glob.glob("csrc/cpu/dbgemm_i8lut*.cpp") + glob.glob("csrc/cpu/gemv_int8*.cpp") + glob.glob("csrc/cpu/kv_attn*.cpp") + glob.glob("csrc/cpu/stream_read*.cpp") + glob.glob("csrc/cpu/dequant_t16*.cpp")) + ["csrc/cpu/decode_ops.cpp"],
+        ["csrc/cpu/binding.cpp"] + sorted(glob.glob("csrc/cpu/dbgemm_t16*.cpp") + glob.glob("csrc/cpu/dbgemm_i8lut*.cpp") + glob.glob("csrc/cpu/gemv_int8*.cpp") + glob.glob("csrc/cpu/kv_attn*.cpp") + glob.glob("csrc/cpu/stream_read*.cpp") + glob.glob("csrc/cpu/dequant_t16*.cpp") + glob.glob("csrc/cpu/decode_ops*.cpp")),
         include_dirs=[os.path.join(HERE, "csrc", "cpu")],
         extra_compile_args={"cxx": cxx},
         extra_link_args=["-fopenmp"] if unix else [],

@@ -154,6 +154,24 @@ def test_unknown_isa():
     w, b, _ = prepared(16, 64, 64, False, False)
     with pytest.raises(RuntimeError, match="unknown isa 'sse9'; use auto, avx512, avx2 or scalar"):
         cpu_backend.run_cpu(torch.randn(1, 64), w, b, "sse9")
+    with pytest.raises(RuntimeError, match="unknown isa 'sse9'"), cpu_backend.forced_isa("sse9"):
+        pass
+
+
+def test_forced_isa_runs_that_path_and_restores_auto():
+    """forced_isa makes "auto" run the named path (bit for bit its explicit result) and gives the
+    previous setting back on exit; a path this CPU lacks is refused."""
+    w, b, _ = prepared(33, 200, 64, True, True)
+    x = torch.randn(1, 200, generator=torch.Generator().manual_seed(4))
+    for isa in ISAS:
+        with cpu_backend.forced_isa(isa):
+            assert torch.equal(cpu_backend.run_cpu(x, w, b, "auto", lut="float"),
+                               cpu_backend.run_cpu(x, w, b, isa, lut="float"))
+            assert torch.ops.dbquant.cpu_force_isa(isa) == isa  # the setting in force, put back unchanged
+    assert torch.ops.dbquant.cpu_force_isa("auto") == "auto"
+    for isa in {"avx512", "avx2"} - set(ISAS):
+        with pytest.raises(RuntimeError, match=f"isa='{isa}' is not supported by this CPU"):
+            torch.ops.dbquant.cpu_force_isa(isa)
 
 
 def test_t16_layout_golden():

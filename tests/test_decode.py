@@ -104,13 +104,30 @@ def test_native_step_with_int8_tables_matches_the_python_step():
         torch.testing.assert_close(native.k_cache, python.k_cache, rtol=FP32_REORDER, atol=FP32_ULP)
 
 
+def _on_every_isa(check, *args):
+    """check(*args) on every ISA path this CPU can run, each forced for the whole check."""
+    assert cpu_backend.load_cpu()
+    for isa in torch.ops.dbquant.cpu_isas():
+        with cpu_backend.forced_isa(isa):
+            try:
+                check(*args)
+            except AssertionError as e:
+                raise AssertionError(f"isa={isa}: {e}") from e
+
+
 @pytest.mark.usefixtures("float_luts")  # compares with float references at fp32 tolerances
 @pytest.mark.parametrize("model_type,cfg", [("llama", {}), ("qwen2", {}),  # qwen2: q/k/v biases
-                                             ("llama", {"num_key_value_heads": 4})])  # no GQA
+                                             ("llama", {"num_key_value_heads": 4}),  # no GQA
+                                             ("llama", {"head_dim": 24})])  # vectors' tails (AVX-512: 16 + 8)
 def test_native_layer_step_matches_the_python_step(model_type, cfg):
     """A one-token step through decode_step_cpu (one C++ call for every layer) gives the Python
     step's logits and cache contents, position after position, and HF's forward at every position;
-    so does decode_layer_cpu called once per layer."""
+    so does decode_layer_cpu called once per layer. On each ISA path, forced for both steps (the
+    decode ops' attention, norms and activations are compiled once per ISA: csrc/cpu/decode_ops_impl.h)."""
+    _on_every_isa(_native_step_matches, model_type, cfg)
+
+
+def _native_step_matches(model_type, cfg):
     model = _packed(model_type, **cfg)
     native, python, ids, ref = _prefilled_pair(model)
     assert native.native is not None and len(native.native) == model.config.num_hidden_layers
@@ -139,15 +156,16 @@ def test_native_layer_step_matches_the_python_step(model_type, cfg):
         step(torch.zeros(1, model.config.hidden_size), native.stack, native.k_cache, native.v_cache, 32)
     with pytest.raises(RuntimeError, match=r"decode_step_cpu: caches must be \["):
         step(torch.zeros(1, model.config.hidden_size), native.stack, native.k_cache[1:], native.v_cache[1:], 0)
-    with pytest.raises(RuntimeError, match=r"decode_step_cpu: x must be \[1, 64\]"):
-        step(torch.zeros(1, 63), native.stack, native.k_cache, native.v_cache, 0)
+    H, D = model.config.hidden_size, native.head_dim
+    with pytest.raises(RuntimeError, match=rf"decode_step_cpu: x must be \[1, {H}\]"):
+        step(torch.zeros(1, H - 1), native.stack, native.k_cache, native.v_cache, 0)
     run, layer = native.decode_layer.run, native.native[0]
     x = torch.zeros(1, model.config.hidden_size)
     with pytest.raises(RuntimeError, match=r"pos 32 is outside the cache \(max_len 32\)"):
         run(x, layer, native.cos[0], native.sin[0], native.k_cache[0], native.v_cache[0], 32)
-    with pytest.raises(RuntimeError, match=r"x must be \[1, 64\] \(hidden\), got \[1, 63\]"):
-        run(x[:, :63].contiguous(), layer, native.cos[0], native.sin[0], native.k_cache[0], native.v_cache[0], 0)
-    with pytest.raises(RuntimeError, match=r"cos must have shape \[16\]"):
+    with pytest.raises(RuntimeError, match=rf"x must be \[1, {H}\] \(hidden\), got \[1, {H - 1}\]"):
+        run(x[:, :H - 1].contiguous(), layer, native.cos[0], native.sin[0], native.k_cache[0], native.v_cache[0], 0)
+    with pytest.raises(RuntimeError, match=rf"cos must have shape \[{D}\]"):
         run(x, layer, native.cos[0, :8].contiguous(), native.sin[0], native.k_cache[0], native.v_cache[0], 0)
 
 

@@ -56,6 +56,8 @@
 //                                    picks for M = 1 on that path, DBQUANT_CPU_LUT included)
 //   torch.ops.dbquant.cpu_force_lut(str kind) -> str  (force "float"/"int8" or back to "auto",
 //                                    process-wide; returns the previous setting)
+//   torch.ops.dbquant.cpu_force_isa(str isa) -> str  (force the path "auto" runs, the decode step's
+//                                    included, or back to "auto"; process-wide; returns the previous one)
 //   torch.ops.dbquant.cpu_i8lut_lookup(str mode="query") -> str  ("vbmi" or "bw": the AVX-512
 //                                    integer-table lookups in use before the call; mode on/off/auto sets them)
 // The weight arguments are in the t16 kernel layout (dbgemm_t16.h, docs/FORMAT.md);
@@ -144,7 +146,7 @@ Isa parse_isa(const std::string& isa) {
     if (isa == dbquant::cpu::isa_name(i)) {
       TORCH_CHECK(dbquant::cpu::isa_supported(i), "dbgemm_cpu: isa='", isa,
                   "' is not supported by this CPU (supported: ",
-                  dbquant::cpu::isa_name(dbquant::cpu::best_isa()), " and below)");
+                  dbquant::cpu::isa_name(dbquant::cpu::fastest_isa()), " and below)");
       return i;
     }
   }
@@ -371,8 +373,9 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& w, double eps) {
   const int64_t R = D ? x.numel() / D : 0;
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  const Isa isa = dbquant::cpu::best_isa();
   at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
-    dbquant::cpu::rms_norm_rows(xp, w.data_ptr<float>(), float(eps), D, yp, b, e);
+    dbquant::cpu::rms_norm_rows(isa, xp, w.data_ptr<float>(), float(eps), D, yp, b, e);
   });
   return y;
 }
@@ -550,7 +553,7 @@ void layer_step(const DecodeLayer& ly, float* xp, const float* cos, const float*
   float* tmp = act + I;
   const float eps = float(ly.eps), rs = float(ly.residual_scale);
   // attention half
-  if (ly.pre_norm) dbquant::cpu::rms_norm_rows(xp, ly.ln1.data_ptr<float>(), eps, H, h, 0, 1);
+  if (ly.pre_norm) dbquant::cpu::rms_norm_rows(isa, xp, ly.ln1.data_ptr<float>(), eps, H, h, 0, 1);
   else std::copy(xp, xp + H, h);
   gemv_t16(isa, wqkv, h, qkv, lut, gsum);
   float* q = qkv;
@@ -558,31 +561,31 @@ void layer_step(const DecodeLayer& ly, float* xp, const float* cos, const float*
   float* v = k + Hk * D;
   if (ly.q_norm.defined()) {  // in place: per head rows of D, or the whole projection as one row
     const int64_t qd = ly.qk_whole ? Hq * D : D, kd = ly.qk_whole ? Hk * D : D;
-    dbquant::cpu::rms_norm_rows(q, ly.q_norm.data_ptr<float>(), eps, qd, q, 0, Hq * D / qd);
-    dbquant::cpu::rms_norm_rows(k, ly.k_norm.data_ptr<float>(), eps, kd, k, 0, Hk * D / kd);
+    dbquant::cpu::rms_norm_rows(isa, q, ly.q_norm.data_ptr<float>(), eps, qd, q, 0, Hq * D / qd);
+    dbquant::cpu::rms_norm_rows(isa, k, ly.k_norm.data_ptr<float>(), eps, kd, k, 0, Hk * D / kd);
   }
-  dbquant::cpu::rope_rows(q, cos, sin, Hq, D);
-  dbquant::cpu::rope_rows(k, cos, sin, Hk, D);
+  dbquant::cpu::rope_rows(isa, q, cos, sin, Hq, D);
+  dbquant::cpu::rope_rows(isa, k, cos, sin, Hk, D);
   attend(q, k, v, att, isa);
   gemv_t16(isa, wo, att, tmp, lut, gsum);
-  if (ly.post_attn.defined()) dbquant::cpu::rms_norm_rows(tmp, ly.post_attn.data_ptr<float>(), eps, H, tmp, 0, 1);
-  for (int64_t i = 0; i < H; ++i) xp[i] += tmp[i] * rs;
+  if (ly.post_attn.defined()) dbquant::cpu::rms_norm_rows(isa, tmp, ly.post_attn.data_ptr<float>(), eps, H, tmp, 0, 1);
+  dbquant::cpu::add_scaled(isa, xp, tmp, rs, H);
   // MLP half
-  if (ly.pre_norm) dbquant::cpu::rms_norm_rows(xp, ly.ln2.data_ptr<float>(), eps, H, h, 0, 1);
+  if (ly.pre_norm) dbquant::cpu::rms_norm_rows(isa, xp, ly.ln2.data_ptr<float>(), eps, H, h, 0, 1);
   else std::copy(xp, xp + H, h);
   gemv_t16(isa, wgu, h, gu, lut, gsum);
-  if (ly.gelu) dbquant::cpu::gelu_tanh_mul(gu, I, act);
-  else dbquant::cpu::silu_mul(gu, I, act);
+  if (ly.gelu) dbquant::cpu::gelu_tanh_mul(isa, gu, I, act);
+  else dbquant::cpu::silu_mul(isa, gu, I, act);
   gemv_t16(isa, wd, act, tmp, lut, gsum);
-  if (ly.post_ffn.defined()) dbquant::cpu::rms_norm_rows(tmp, ly.post_ffn.data_ptr<float>(), eps, H, tmp, 0, 1);
-  for (int64_t i = 0; i < H; ++i) xp[i] += tmp[i] * rs;
+  if (ly.post_ffn.defined()) dbquant::cpu::rms_norm_rows(isa, tmp, ly.post_ffn.data_ptr<float>(), eps, H, tmp, 0, 1);
+  dbquant::cpu::add_scaled(isa, xp, tmp, rs, H);
 }
 
 // The float32 cache's attention of layer_step: the token's k, v go to row `pos` of kc, vc
 // (float32 [Hk, L, D]), then q attends to rows first..pos (a sliding window starts late).
 // scores: at least Hq * (pos + 1) floats of scratch.
-void attend_float_cache(const DecodeLayer& ly, float* kc, float* vc, int64_t L, int64_t pos, const float* q,
-                        const float* k, const float* v, float* att, float* scores) {
+void attend_float_cache(Isa isa, const DecodeLayer& ly, float* kc, float* vc, int64_t L, int64_t pos,
+                        const float* q, const float* k, const float* v, float* att, float* scores) {
   const int64_t Hq = ly.Hq, Hk = ly.Hk, D = ly.D;
   for (int64_t j = 0; j < Hk; ++j) {
     std::copy(k + j * D, k + (j + 1) * D, kc + (j * L + pos) * D);
@@ -591,7 +594,7 @@ void attend_float_cache(const DecodeLayer& ly, float* kc, float* vc, int64_t L, 
   const int64_t first = ly.window > 0 ? std::max<int64_t>(0, pos - ly.window + 1) : 0;
   const int64_t seen = pos + 1 - first;
   at::parallel_for(0, Hq, std::max<int64_t>(1, (int64_t(1) << 14) / (seen * D)), [&](int64_t h0, int64_t h1) {
-    dbquant::cpu::attend_one_token(q, kc + first * D, vc + first * D, Hq, Hk, L, D, seen, float(ly.scale),
+    dbquant::cpu::attend_one_token(isa, q, kc + first * D, vc + first * D, Hq, Hk, L, D, seen, float(ly.scale),
                                    float(ly.softcap), scores, att, h0, h1);
   });
 }
@@ -628,8 +631,8 @@ void decode_layer_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeLayer>
   at::Tensor scratch = at::empty({own + ly.Hq * (pos + 1)}, x.options());
   float* sp = scratch.data_ptr<float>();
   layer_step(ly, x.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), sp,
-             [&](const float* q, const float* k, const float* v, float* att, Isa) {
-               attend_float_cache(ly, kc, vc, L, pos, q, k, v, att, sp + own);
+             [&](const float* q, const float* k, const float* v, float* att, Isa isa) {
+               attend_float_cache(isa, ly, kc, vc, L, pos, q, k, v, att, sp + own);
              });
 }
 
@@ -895,8 +898,8 @@ void decode_step_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeStack>&
     const DecodeLayer& ly = *st.layers[i];
     const int64_t D = ly.D;
     layer_step(ly, xp, st.tables[i].first.data_ptr<float>() + pos * D, st.tables[i].second.data_ptr<float>() + pos * D,
-               sp, [&](const float* q, const float* k, const float* v, float* att, Isa) {
-                 attend_float_cache(ly, kc + i * per, vc + i * per, L, pos, q, k, v, att, sp + own);
+               sp, [&](const float* q, const float* k, const float* v, float* att, Isa isa) {
+                 attend_float_cache(isa, ly, kc + i * per, vc + i * per, L, pos, q, k, v, att, sp + own);
                });
   }
 }
@@ -927,6 +930,13 @@ void decode_step_kv_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeStac
 // "float" or "int8": the tables lut="auto" uses for the decode GEMV on an ISA path (dbgemm_i8lut.h).
 std::string cpu_default_lut(const std::string& isa) {
   return dbquant::cpu::default_lut(parse_isa(isa)) == LutKind::Int8 ? "int8" : "float";
+}
+
+// Force the ISA path "auto" runs ("avx512", "avx2", "scalar" where this CPU has it, or "auto": the fastest
+// again), process-wide, the decode-step ops included; returns the previous setting. For tests and benchmarks.
+std::string cpu_force_isa(const std::string& isa) {
+  const int prev = dbquant::cpu::force_isa(isa == "auto" ? -1 : int(parse_isa(isa)));
+  return prev < 0 ? "auto" : dbquant::cpu::isa_name(Isa(prev));
 }
 
 // Force the tables lut="auto" and the decode ops use ("float", "int8", or "auto": the measured
@@ -1019,6 +1029,7 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
   m.def("cpu_isas() -> str[]", &cpu_isas);
   m.def("cpu_default_lut(str isa=\"auto\") -> str", &cpu_default_lut);
   m.def("cpu_force_lut(str kind) -> str", &cpu_force_lut);
+  m.def("cpu_force_isa(str isa) -> str", &cpu_force_isa);
   m.def("cpu_i8lut_lookup(str mode=\"query\") -> str", &cpu_i8lut_lookup);  // no tensor arguments: a catch-all kernel
 }
 

@@ -4,6 +4,8 @@
 
 #include "dbgemm_t16.h"
 
+#include <atomic>
+
 namespace dbquant {
 namespace cpu {
 
@@ -31,12 +33,26 @@ bool isa_supported(Isa isa) {
 #endif
 }
 
-Isa best_isa() {
+Isa fastest_isa() {
   static const Isa best = isa_supported(Isa::Avx512) ? Isa::Avx512
                           : isa_supported(Isa::Avx2) ? Isa::Avx2
                                                      : Isa::Scalar;
   return best;
 }
+
+namespace {
+std::atomic<int>& isa_override() {
+  static std::atomic<int> forced{-1};
+  return forced;
+}
+}  // namespace
+
+Isa best_isa() {
+  const int forced = isa_override().load(std::memory_order_relaxed);
+  return forced >= 0 ? Isa(forced) : fastest_isa();
+}
+
+int force_isa(int isa) { return isa_override().exchange(isa); }
 
 void build_luts(Isa isa, const T16Weight& w, const float* x, float* lut, float* gsum, int64_t m0,
                 int64_t m1) {

@@ -52,7 +52,14 @@ const char* isa_name(Isa isa);
 // Whether this CPU can run `isa` (checked at run time: the build has no -march).
 bool isa_supported(Isa isa);
 // The fastest supported path.
+Isa fastest_isa();
+// The path "auto" runs (every kernel and decode-step op asked for "auto"): the one forced by
+// force_isa, else fastest_isa().
 Isa best_isa();
+// Force "auto" to `isa` (int(Isa), supported by this CPU) process-wide, or back to the fastest path
+// with -1; returns the previous setting (-1 or int(Isa)). For tests and benchmarks (the CLI never
+// sets it): the ops of a decode step take no ISA argument.
+int force_isa(int isa);
 
 // A t16 weight (pointers into caller-owned memory; see the layout above).
 struct T16Weight {

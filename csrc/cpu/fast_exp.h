@@ -14,13 +14,18 @@ namespace {
 
 // exp(x) to a few float ulps for x in [-87, 88] (clamped outside): Cephes' expf
 // polynomial on x - n ln2, times 2^n built in the exponent bits. Branch- and call-free, so
-// `omp simd` loops vectorise it; libm's expf is a scalar call (~25 ns here), and a decode
+// `omp simd` loops vectorise it (a rounding written as a conditional or an int conversion kept
+// GCC from it: such loops ran scalar); libm's expf is a scalar call (~25 ns here), and a decode
 // step takes ~100k of them (softmax and SiLU).
 inline float fast_exp(float x) {
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: fx + kRound rounds fx to an integer (half to even)
   x = std::min(std::max(x, -87.0f), 88.0f);
   const float fx = x * 1.44269504088896341f;
-  const int32_t n = static_cast<int32_t>(fx + (fx >= 0.0f ? 0.5f : -0.5f));  // nearest integer
-  const float nf = static_cast<float>(n);
+  const float t = fx + kRound;  // in [2^23, 2^24): its mantissa's low bits hold n = round(fx)
+  int32_t tb;
+  std::memcpy(&tb, &t, sizeof tb);
+  const int32_t n = tb - 0x4B400000;  // the bits of kRound
+  const float nf = t - kRound;        // exact
   const float r = (x - nf * 0.693359375f) - nf * -2.12194440e-4f;  // ln2 in two parts
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;

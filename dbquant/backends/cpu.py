@@ -158,6 +158,20 @@ def forced_lut(kind: str):
         torch.ops.dbquant.cpu_force_lut(prev)
 
 
+@contextlib.contextmanager
+def forced_isa(isa: str):
+    """Within the block, every kernel and decode-step op asked for ``isa="auto"`` runs the ``isa`` path
+    ("avx512", "avx2" or "scalar", one this CPU has; torch.ops.dbquant.cpu_isas()), process-wide;
+    the previous setting comes back on exit. For tests and benchmarks: the decode step's ops take no
+    ISA argument."""
+    _require()
+    prev = torch.ops.dbquant.cpu_force_isa(isa)
+    try:
+        yield
+    finally:
+        torch.ops.dbquant.cpu_force_isa(prev)
+
+
 def resolve_gemm(gemm: str) -> str:
     """"fp32" or "bf16": what ``gemm`` (one of GEMM_DTYPES) means on this CPU."""
     if gemm not in GEMM_DTYPES:

@@ -1,0 +1,221 @@
+// The loops of the decode-step ops (decode_ops.h), included by three translation units, each compiled
+// for its ISA by its own pragma (decode_ops_scalar.cpp: the build's SSE2; decode_ops_avx2.cpp;
+// decode_ops_avx512.cpp), as kv_attn_impl.h is. Plain C++: `omp simd` (the build has -fopenmp) lets
+// the compiler vectorise the elementwise loops at the width its pragma allows. The attention is written
+// with one small vector type (Vec, AVX-512 or AVX2) instead: GCC 12 ends an `omp simd` dot product with
+// 16 dependent scalar adds through the stack, and keeps `o += p v` in memory from one row to the next.
+// (Compiled for the build's SSE2 only, the attention of a SmolLM2 step took ~2 ms of its ~10 at 1
+// thread and 160 positions; docs/RESULTS.md.)
+// Needs DO_NS (the namespace of this copy) defined before inclusion, and DO_VEC as 512 or 256 in the
+// AVX-512 and AVX2 copies (GCC's target pragma does not define __AVX512F__ / __AVX2__).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "fast_exp.h"
+
+#if defined(DO_VEC)
+#include <immintrin.h>
+#endif
+
+namespace dbquant {
+namespace cpu {
+namespace DO_NS {
+
+namespace {
+
+// tanh(x) = 1 - 2 / (exp(2x) + 1), through fast_exp (exact limits +-1 where it clamps).
+inline float fast_tanh(float x) { return 1.0f - 2.0f / (fast_exp(2.0f * x) + 1.0f); }
+
+inline float dot(const float* a, const float* b, int64_t D) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < D; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// W float lanes; load/store take the count of valid lanes n (the rest read as 0, not written).
+#if DO_VEC == 512
+struct Vec {
+  static constexpr int64_t W = 16;
+  __m512 v;
+  static __mmask16 mask(int64_t n) { return n >= W ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
+  static Vec zero() { return {_mm512_setzero_ps()}; }
+  static Vec set1(float x) { return {_mm512_set1_ps(x)}; }
+  static Vec load(const float* p, int64_t n) { return {_mm512_maskz_loadu_ps(mask(n), p)}; }
+  void store(float* p, int64_t n) const { _mm512_mask_storeu_ps(p, mask(n), v); }
+  static Vec fma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  float sum() const { return _mm512_reduce_add_ps(v); }
+};
+#elif DO_VEC == 256
+struct Vec {
+  static constexpr int64_t W = 8;
+  __m256 v;
+  static __m256i mask(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::min<int64_t>(n, W))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static Vec zero() { return {_mm256_setzero_ps()}; }
+  static Vec set1(float x) { return {_mm256_set1_ps(x)}; }
+  static Vec load(const float* p, int64_t n) { return {n >= W ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask(n))}; }
+  void store(float* p, int64_t n) const {
+    if (n >= W) _mm256_storeu_ps(p, v);
+    else _mm256_maskstore_ps(p, mask(n), v);
+  }
+  static Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  float sum() const {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+};
+#endif
+
+#if defined(DO_VEC)
+
+// s[h * n + t] = <q_h, k_t> * scale for heads [a, b) and positions t < n: each key row is read once for
+// all heads, and each dot ends in one horizontal sum.
+inline void scores_vec(const float* q, const float* kh, int64_t D, int64_t n, float scale, float* s, int64_t a,
+                       int64_t b) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float* kt = kh + t * D;
+    for (int64_t h = a; h < b; ++h) {
+      const float* qh = q + h * D;
+      Vec acc = Vec::zero();
+      for (int64_t i = 0; i < D; i += Vec::W) acc = Vec::fma(Vec::load(qh + i, D - i), Vec::load(kt + i, D - i), acc);
+      s[h * n + t] = acc.sum() * scale;
+    }
+  }
+}
+
+// o_h = sum_t p[h * n + t] v_t for heads [a, b): four vectors of o_h at a time stay in registers over
+// all n rows (four independent FMA chains).
+inline void values_vec(const float* p, const float* vh, int64_t D, int64_t n, float* out, int64_t a, int64_t b) {
+  constexpr int64_t W = Vec::W;
+  for (int64_t h = a; h < b; ++h) {
+    const float* ph = p + h * n;
+    for (int64_t i = 0; i < D; i += 4 * W) {
+      Vec o0 = Vec::zero(), o1 = Vec::zero(), o2 = Vec::zero(), o3 = Vec::zero();
+      const int64_t r0 = D - i, r1 = r0 - W, r2 = r0 - 2 * W, r3 = r0 - 3 * W;  // lanes left (<= 0: none)
+      for (int64_t t = 0; t < n; ++t) {
+        const float* vt = vh + t * D + i;
+        const Vec pt = Vec::set1(ph[t]);
+        o0 = Vec::fma(pt, Vec::load(vt, r0), o0);
+        if (r1 > 0) o1 = Vec::fma(pt, Vec::load(vt + W, r1), o1);
+        if (r2 > 0) o2 = Vec::fma(pt, Vec::load(vt + 2 * W, r2), o2);
+        if (r3 > 0) o3 = Vec::fma(pt, Vec::load(vt + 3 * W, r3), o3);
+      }
+      float* o = out + h * D + i;
+      o0.store(o, r0);
+      if (r1 > 0) o1.store(o + W, r1);
+      if (r2 > 0) o2.store(o + 2 * W, r2);
+      if (r3 > 0) o3.store(o + 3 * W, r3);
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+void rms_norm_rows(const float* x, const float* w, float eps, int64_t D, float* y, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * D;
+    float* yr = y + r * D;
+    const float inv = 1.0f / std::sqrt(dot(xr, xr, D) / float(D) + eps);  // the sum reassociated: fine for a norm
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) yr[i] = xr[i] * inv * w[i];
+  }
+}
+
+void rope_rows(float* x, const float* cos, const float* sin, int64_t heads, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* xr = x + h * D;
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = xr[i], b = xr[i + half];
+      xr[i] = a * cos[i] - b * sin[i];
+      xr[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+  }
+}
+
+// The query heads of one kv head are done together (grouped-query attention): each key and value row
+// is read once for all of them, while it is in L1.
+void attend_one_token(const float* q, const float* k, const float* v, int64_t Hq, int64_t Hk, int64_t L,
+                      int64_t D, int64_t n, float scale, float softcap, float* scores, float* out, int64_t h0,
+                      int64_t h1) {
+  const int64_t group = Hq / Hk;
+  for (int64_t a = h0; a < h1;) {
+    const int64_t j = a / group, b = std::min(h1, (j + 1) * group);  // heads [a, b) read kv head j
+    const float* kh = k + j * L * D;
+    const float* vh = v + j * L * D;
+#ifdef DO_VEC
+    scores_vec(q, kh, D, n, scale, scores, a, b);
+#else
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t h = a; h < b; ++h) scores[h * n + t] = dot(q + h * D, kh + t * D, D) * scale;
+#endif
+    for (int64_t h = a; h < b; ++h) {
+      float* s = scores + h * n;
+      if (softcap > 0.0f) {
+#pragma omp simd
+        for (int64_t t = 0; t < n; ++t) s[t] = softcap * fast_tanh(s[t] / softcap);
+      }
+      float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+      for (int64_t t = 0; t < n; ++t) mx = std::max(mx, s[t]);
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < n; ++t) {
+        s[t] = fast_exp(s[t] - mx);
+        sum += s[t];
+      }
+      const float inv = 1.0f / sum;
+#pragma omp simd
+      for (int64_t t = 0; t < n; ++t) s[t] *= inv;
+    }
+#ifdef DO_VEC
+    values_vec(scores, vh, D, n, out, a, b);
+#else
+    for (int64_t h = a; h < b; ++h) std::fill(out + h * D, out + (h + 1) * D, 0.0f);
+    for (int64_t t = 0; t < n; ++t) {
+      const float* vt = vh + t * D;
+      for (int64_t h = a; h < b; ++h) {
+        const float p = scores[h * n + t];
+        float* o = out + h * D;
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) o[i] += p * vt[i];
+      }
+    }
+#endif
+    a = b;
+  }
+}
+
+void silu_mul(const float* gu, int64_t I, float* y) {
+#pragma omp simd
+  for (int64_t i = 0; i < I; ++i) {
+    const float g = gu[i];
+    y[i] = g / (1.0f + fast_exp(-g)) * gu[I + i];
+  }
+}
+
+void gelu_tanh_mul(const float* gu, int64_t I, float* y) {
+  const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+#pragma omp simd
+  for (int64_t i = 0; i < I; ++i) {
+    const float g = gu[i];
+    y[i] = 0.5f * g * (1.0f + fast_tanh(c * (g + 0.044715f * g * g * g))) * gu[I + i];
+  }
+}
+
+void add_scaled(float* x, const float* y, float s, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] += y[i] * s;
+}
+
+}  // namespace DO_NS
+}  // namespace cpu
+}  // namespace dbquant
