@@ -263,6 +263,7 @@ def cmd_generate(a) -> int:
 # ---------------------------------------------------------------- bench, inspect
 
 def cmd_bench(a) -> int:
+    extra = {}  # more top-level JSON fields: --rounds' per-round rows
     if a.backend in ("triton", "cuda"):
         shapes = None if a.smoke and a.shapes == "all" else _shapes(a.shapes)
         rows = run_gpu_bench(a.backend, shapes=shapes, ms=_ints(a.m, "--m") if a.m else None,
@@ -280,15 +281,23 @@ def cmd_bench(a) -> int:
         threads, prompts = _ints(a.threads, "--threads"), _ints(a.prompt_tokens, "--prompt-tokens")
         peer_types = _choices(a.peer_types, bench_peers.TYPES, "--peer-types") if a.peers else []
         prep = _llamacpp(a.fp_model, peer_types) if a.peers else None  # first: fail before minutes of rows
-        rows = [r for t in threads for p in prompts
-                for r in bench.e2e_bench(a.e2e, fp_model=a.fp_model, prompt_tokens=p,
-                                         new_tokens=a.new_tokens, threads=t, repeats=a.repeats)]
+        if a.rounds < 1:
+            raise DbquantError(f"--rounds must be >= 1, got {a.rounds}")
+        rows = []
+        for rnd in range(a.rounds):  # each round: every dbquant row, then every llama.cpp row
+            got = [r for t in threads for p in prompts
+                   for r in bench.e2e_bench(a.e2e, fp_model=a.fp_model, prompt_tokens=p,
+                                            new_tokens=a.new_tokens, threads=t, repeats=a.repeats)]
+            if prep is not None:
+                try:
+                    got += bench_peers.e2e_rows(prep, peer_types, threads, prompts, a.new_tokens, a.repeats)
+                except Exception as e:  # noqa: BLE001 - any failure of the tool: say it, drop nothing silently
+                    raise DbquantError(f"--peers: llama-bench failed: {e}") from e
+            rows += [dict(r, round=rnd) for r in got]
         if prep is not None:
-            try:
-                rows += bench_peers.e2e_rows(prep, peer_types, threads, prompts, a.new_tokens, a.repeats)
-            except Exception as e:  # noqa: BLE001 - any failure of the tool: say it, drop nothing silently
-                raise DbquantError(f"--peers: llama-bench failed: {e}") from e
             bench_peers.add_ratios(rows)
+        if a.rounds > 1:
+            extra["per_round"], rows = rows, bench.merge_rounds(rows)
         for r in rows:
             print(json.dumps(r))
     else:
@@ -300,7 +309,7 @@ def cmd_bench(a) -> int:
                                   _choices(a.backends, bench.BACKENDS, "--backends"), a.group_size,
                                   progress=print, stream_bytes=stream_bytes)
     if a.json:
-        bench.write_json(a.json, rows)
+        bench.write_json(a.json, rows, **extra)
         print(f"wrote {a.json}", file=sys.stderr)
     plot = a.plot or (str(Path(a.json).with_suffix(".png")) if a.peers and a.json else None)
     if plot:
@@ -509,6 +518,10 @@ def _bench_parser(sub) -> None:
                                "(kv, prompt length, threads) with decode tok/s, cache bytes and peak RSS")
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--rounds", type=int, default=1,
+                   help="--e2e: run every row this many times, round after round (with --peers: dbquant's rows, then "
+                        "llama.cpp's, in each round), and report the median per row and of each round's ratio: on a "
+                        "shared machine both engines then see the same minutes")
     b.add_argument("--json", metavar="PATH", help="write the rows (and the environment) as JSON")
     b.add_argument("--plot", metavar="PATH", help="write a PNG of the kernel rows, or of the --e2e rows "
                                                  "(decode and prefill tok/s per engine and thread count)")

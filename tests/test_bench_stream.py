@@ -276,3 +276,85 @@ def test_peers_rows_join_the_json_and_the_plot_lands_next_to_it(tmp_path, capsys
     assert sorted(r["engine"] for r in rows) == sorted(r["engine"] for r in fx)
     assert all(r["decode_vs_llamacpp_best"] > 0 for r in rows if r["engine"] != "llama.cpp")
     assert (tmp_path / "peers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ratios_pair_rows_of_the_same_round():
+    """With ``round`` on the rows (bench --rounds), each dbquant row is compared with the llama.cpp rows of its
+    own round only; merge_rounds then gives one row per configuration: the median figures and ratio, every
+    sample, and each round's ratio."""
+    fx = [r for r in e2e_fixture() if r["threads"] == 1]
+    rows = [dict(r, round=0) for r in fx]
+    rows += [dict(r, round=1, decode_tok_s=r["decode_tok_s"] * (2 if r["engine"] == "llama.cpp" else 1.5))
+             for r in fx]
+    rows += [dict(r, round=2, decode_tok_s=r["decode_tok_s"] * 3) for r in fx]
+    peers.add_ratios(rows)
+    w8a8 = [r for r in rows if r["lm_head"] == "w8a8"]
+    assert [r["decode_vs_llamacpp_best"] for r in w8a8] == [round(70 / 55, 3), round(105 / 110, 3), round(70 / 55, 3)]
+    merged = bench.merge_rounds(rows)
+    assert len(merged) == len(fx) and all(m["rounds"] == 3 and "round" not in m for m in merged)
+    m = next(m for m in merged if m["lm_head"] == "w8a8")
+    assert m["decode_tok_s"] == 105.0  # median of 70, 105, 210
+    assert m["decode_vs_llamacpp_best"] == round(70 / 55, 3)  # median of the rounds' own ratios
+    assert m["decode_vs_llamacpp_best_rounds"] == [r["decode_vs_llamacpp_best"] for r in w8a8]
+    assert m["decode_tok_s_all"] == [70.0, 105.0, 210.0]
+
+
+def test_rounds_interleave_the_engines_and_keep_every_round(tmp_path, capsys, monkeypatch):
+    fx = e2e_fixture()
+    calls = []
+    monkeypatch.setattr(peers, "build_llamacpp", lambda: {"root": tmp_path})
+
+    def ggufs(prep, types, hf_dir, jobs=2):
+        prep["files"] = {t: {"path": tmp_path / f"{t}.gguf"} for t in types}
+        return prep
+
+    def ours(*a, threads, **k):
+        calls.append("dbquant")
+        return [dict(r) for r in fx if r["engine"] != "llama.cpp" and r["threads"] == threads]
+
+    def theirs(prep, types, threads, prompts, n, reps):
+        calls.append("llama.cpp")
+        return [dict(r) for r in fx if r["engine"] == "llama.cpp" and r["threads"] in threads]
+
+    monkeypatch.setattr(peers, "make_ggufs", ggufs)
+    monkeypatch.setattr("dbquant.cli.resolve_model", lambda name: tmp_path)
+    monkeypatch.setattr(bench, "e2e_bench", ours)
+    monkeypatch.setattr(peers, "e2e_rows", theirs)
+    js = tmp_path / "rounds.json"
+    code, _, err = run(capsys, "bench", "--e2e", tmp_path, "--peers", "--threads", "1,2", "--rounds", "2",
+                       "--json", js, "--plot", tmp_path / "r.png")
+    assert code == 0, err
+    assert calls == ["dbquant", "dbquant", "llama.cpp"] * 2  # round after round, both engines in each
+    data = json.loads(js.read_text())
+    assert len(data["per_round"]) == 2 * len(fx) and {r["round"] for r in data["per_round"]} == {0, 1}
+    assert len(data["rows"]) == len(fx) and all(r["rounds"] == 2 for r in data["rows"])
+    assert all(len(r["decode_vs_llamacpp_best_rounds"]) == 2 for r in data["rows"] if r["engine"] != "llama.cpp")
+    code, _, err = run(capsys, "bench", "--e2e", tmp_path, "--rounds", "0")
+    assert code == 2 and "--rounds must be >= 1, got 0" in err
+
+
+def test_a_stored_int8_head_gets_one_row_not_one_per_label(tmp_path, tiny_tokenizer):
+    """A checkpoint whose tied head is a stored int8 table runs it for float32 / bfloat16 / int8 alike: e2e_bench
+    gives it the rows int8 (stored) and w8a8 only; a dense head keeps every head type."""
+    from dbquant.quantize import QuantizeOptions, quantize, save_output
+    from tests.conftest import make_tiny_model
+
+    assert cpu_backend.load_cpu()
+    fp = make_tiny_model(vocab_size=len(tiny_tokenizer))
+    fp.save_pretrained(tmp_path / "fp")
+    tiny_tokenizer.save_pretrained(tmp_path / "fp")
+    heads = {}
+    for bits in ("8", "fp32"):
+        model = make_tiny_model(vocab_size=len(tiny_tokenizer))
+        model.load_state_dict(fp.state_dict())
+        quantize(model, None, QuantizeOptions(method="fdb", calib=None, group_size=32, embed_bits=bits), progress=False)
+        save_output(model, tmp_path / bits, tiny_tokenizer, False, {}, None)
+        rows = bench.e2e_bench(str(tmp_path / bits), fp_model=str(tmp_path / "fp"), prompt_tokens=8, new_tokens=4,
+                               threads=1, repeats=1)
+        ours = [r for r in rows if r["engine"] == "dbquant.runtime.decode" and r["model"] == "dbquant"]
+        heads[bits] = sorted({r["lm_head"] for r in ours})
+        assert all(r["lm_head_stored_int8"] == (bits == "8" and r["lm_head"] == "int8")
+                   or r["lm_head"] == "w8a8" for r in ours)
+    assert heads == {"8": ["int8", "w8a8"], "fp32": ["bfloat16", "float32", "int8", "w8a8"]}
+    assert bench.e2e_label(dict(engine="dbquant.runtime.decode", model="dbquant", lm_head="int8",
+                                lm_head_stored_int8=True, prefill_gemm="fp32")) == "dbquant int8 (stored) head"

@@ -279,7 +279,10 @@ def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int
     Also times the dense output projection alone (one token), to say how much of a decode
     step it takes. The quantized rows prefill with ``prefill_gemm="auto"`` (bf16 where this CPU's
     bf16 GEMM is fast); there one more row, with the first head type, prefills in exact fp32, so both
-    are in one run. Each row records its ``prefill_gemm`` as resolved.
+    are in one run. Each row records its ``prefill_gemm`` as resolved. A checkpoint that stores its
+    output projection as an int8 table runs that table whatever ``lm_head_dtype`` asks but w8a8
+    (:class:`FastDecoder`), so it gets two rows, ``int8`` (stored) and ``w8a8``, instead of several
+    labels for one configuration.
     """
     torch.set_num_threads(threads)
     qmodel = load(model_dir)
@@ -287,6 +290,8 @@ def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(100, min(qmodel.config.vocab_size, 20000), (1, prompt_tokens), generator=gen)
     rows = []
+    if int8_rows(qmodel.lm_head) is not None and cpu_backend.load_cpu():
+        lm_head_dtypes = ("int8", "w8a8")
     configs = [("fp32", fpmodel, "float32", "fp32")] + [("dbquant", qmodel, d, "auto") for d in lm_head_dtypes]
     if cpu_backend.resolve_gemm("auto") != "fp32":
         configs.append(("dbquant", qmodel, lm_head_dtypes[0], "fp32"))
@@ -340,9 +345,38 @@ def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int
     return rows
 
 
-def write_json(path: str, rows: list[dict]) -> None:
-    """Atomic write of ``{"environment": ..., "rows": [...]}``."""
-    files.write_json(path, {"environment": environment(), "rows": rows})
+# the figures of an end-to-end row that merge_rounds takes the median of, over rounds
+ROUND_MEDIANS = ("prefill_tok_s", "decode_tok_s", "step_ms", "lm_head_ms", "decode_speedup_vs_fp32",
+                 "decode_vs_llamacpp_best", "prefill_vs_llamacpp_best")
+
+
+def merge_rounds(rows: list[dict]) -> list[dict]:
+    """One row per configuration (engine, model, head, prefill GEMM, threads, prompt) from end-to-end rows
+    tagged with their ``round``: each figure of ROUND_MEDIANS is the median over the rounds (a ratio the
+    median of each round's own ratio, both engines measured minutes apart at most), ``decode_tok_s_all``
+    every sample, ``rounds`` their count, and ``decode_vs_llamacpp_best_rounds`` each round's ratio."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        key = (r["engine"], r["model"], r.get("lm_head"), r.get("prefill_gemm"), r["threads"], r["prompt_tokens"])
+        groups.setdefault(key, []).append(r)
+    out = []
+    for rs in groups.values():
+        m = {k: v for k, v in rs[0].items() if k != "round"}
+        m["rounds"] = len(rs)
+        for k in ROUND_MEDIANS:
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            if vals:
+                m[k] = round(statistics.median(vals), 3)
+        m["decode_tok_s_all"] = [x for r in rs for x in r.get("decode_tok_s_all", [r["decode_tok_s"]])]
+        if any("decode_vs_llamacpp_best" in r for r in rs):
+            m["decode_vs_llamacpp_best_rounds"] = [r.get("decode_vs_llamacpp_best") for r in rs]
+        out.append(m)
+    return out
+
+
+def write_json(path: str, rows: list[dict], **extra) -> None:
+    """Atomic write of ``{"environment": ..., "rows": [...], **extra}``."""
+    files.write_json(path, {"environment": environment(), "rows": rows, **extra})
 
 
 def _pyplot():
@@ -397,7 +431,8 @@ def e2e_label(r: dict) -> str:
         return f"llama.cpp {r['model']}"
     if r["engine"] == "dbquant.runtime.decode":
         gemm = r.get("prefill_gemm", "fp32")
-        return f"{r['model']} {r['lm_head']} head" + ("" if r["model"] == "fp32" or gemm == "fp32" else f", {gemm} prefill")
+        head = f"{r['lm_head']} (stored)" if r.get("lm_head_stored_int8") and r["lm_head"] == "int8" else r["lm_head"]
+        return f"{r['model']} {head} head" + ("" if r["model"] == "fp32" or gemm == "fp32" else f", {gemm} prefill")
     return r["engine"]
 
 

@@ -398,16 +398,17 @@ def e2e_rows(prep: dict, types: list[str], threads: list[int], prompt_tokens: li
 def add_ratios(rows: list[dict]) -> list[dict]:
     """Set ``decode_vs_llamacpp_best`` and ``prefill_vs_llamacpp_best`` on every non-llama.cpp row: its
     tokens/s over the fastest llama.cpp type's at the same thread count and prompt length (issue 19's
-    "fastest of Q4_0 / Q2_K / TQ2_0"); rows without a llama.cpp row to compare with are left alone.
-    Returns ``rows`` (changed in place)."""
+    "fastest of Q4_0 / Q2_K / TQ2_0"), of the same ``round`` when rows carry one (``bench --rounds``);
+    rows without a llama.cpp row to compare with are left alone. Returns ``rows`` (changed in place)."""
     best: dict[tuple, dict] = {}
     for r in rows:
         if r.get("engine") == "llama.cpp":
-            b = best.setdefault((r["threads"], r["prompt_tokens"]), {"decode_tok_s": 0.0, "prefill_tok_s": 0.0})
+            b = best.setdefault((r["threads"], r["prompt_tokens"], r.get("round")),
+                                {"decode_tok_s": 0.0, "prefill_tok_s": 0.0})
             for key in b:
                 b[key] = max(b[key], r[key])
     for r in rows:
-        b = best.get((r.get("threads"), r.get("prompt_tokens")))
+        b = best.get((r.get("threads"), r.get("prompt_tokens"), r.get("round")))
         if r.get("engine") != "llama.cpp" and b and r.get("decode_tok_s"):
             r["decode_vs_llamacpp_best"] = round(r["decode_tok_s"] / b["decode_tok_s"], 3)
             r["prefill_vs_llamacpp_best"] = round(r["prefill_tok_s"] / b["prefill_tok_s"], 3)
