@@ -1,0 +1,92 @@
+"""Decode tokens/s of two builds of dbquant side by side: alternating processes, one build each.
+
+A kernel change is judged against the build before it, on the same machine in the same minutes: the
+VMs this project runs on are shared, and their speed moves by 10-20% within minutes, so two separate
+benchmark runs cannot rank builds a few percent apart. Each round starts one process per build
+(``PYTHONPATH`` = that tree, whose ``dbquant/_C*.so`` must be built: ``python setup.py build_ext
+--inplace`` in a ``git worktree`` of the older commit), which loads CHECKPOINT, prefills a 128-token
+prompt and decodes ``--tokens`` greedy tokens ``--gens`` times through ``FastDecoder``; the median of
+all but the first generation is the round's figure. Reported per build: every round's tok/s, the
+median, and the median of the per-round ratios (B over A); plus the greedy tokens, so a change of
+output shows.
+
+Usage: python benchmarks/ab_builds.py TREE_A TREE_B CHECKPOINT [--threads 1,2] [--rounds 4] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+
+def child(checkpoint: str, threads: int, tokens: int, gens: int) -> dict:
+    import torch
+
+    import dbquant
+    from dbquant.runtime.decode import FastDecoder
+
+    torch.set_num_threads(threads)
+    model = dbquant.load(checkpoint)
+    ids = torch.randint(100, 20000, (1, 128), generator=torch.Generator().manual_seed(0))
+    dec = FastDecoder(model, max_len=128 + tokens + 8)
+    rates = []
+    for _ in range(gens):
+        out, st = dec.generate(ids, tokens, min_new_tokens=tokens)
+        rates.append(st.decode_tok_s)
+    return {"dbquant": dbquant.__file__, "tok_s": statistics.median(rates[1:]), "tokens": out[0, 128:].tolist()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("a", help="source tree of build A (the baseline)")
+    ap.add_argument("b", help="source tree of build B")
+    ap.add_argument("checkpoint")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--gens", type=int, default=4)
+    ap.add_argument("--json")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:  # one measurement, in the build on PYTHONPATH
+        print(json.dumps(child(a.checkpoint, int(a.threads), a.tokens, a.gens)))
+        return 0
+    trees = {"a": os.path.abspath(a.a), "b": os.path.abspath(a.b)}
+    checkpoint = os.path.abspath(a.checkpoint)
+    rows = []
+    for threads in [int(t) for t in a.threads.split(",")]:
+        got = {"a": [], "b": []}
+        for _ in range(a.rounds):
+            for side, tree in trees.items():
+                env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS=str(threads))
+                p = subprocess.run([sys.executable, os.path.abspath(__file__), "x", "x", checkpoint, "--child",
+                                    "--threads", str(threads), "--tokens", str(a.tokens), "--gens", str(a.gens)],
+                                   env=env, cwd="/", capture_output=True, text=True, check=True)
+                r = json.loads(p.stdout.strip().splitlines()[-1])
+                if not r["dbquant"].startswith(tree):
+                    raise RuntimeError(f"build {side} imported {r['dbquant']}, not from {tree}")
+                got[side].append(r)
+        row = {"threads": threads, "rounds": a.rounds,
+               **{f"{s}_tok_s": [round(r["tok_s"], 2) for r in got[s]] for s in got},
+               **{f"{s}_median": round(statistics.median(r["tok_s"] for r in got[s]), 2) for s in got},
+               "b_over_a_rounds": [round(rb["tok_s"] / ra["tok_s"], 3) for ra, rb in zip(got["a"], got["b"])],
+               "same_tokens": got["a"][0]["tokens"] == got["b"][0]["tokens"]}
+        row["b_over_a"] = round(statistics.median(row["b_over_a_rounds"]), 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if a.json:
+        sys.path.insert(0, trees["b"])
+        from dbquant.bench.cpu import environment
+        from dbquant.format.files import write_json
+
+        write_json(a.json, {"benchmark": "ab_builds", "a": trees["a"], "b": trees["b"], "checkpoint": checkpoint,
+                            "tokens": a.tokens, "environment": environment(), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
