@@ -9,7 +9,12 @@ wiki protocol runs through the Hugging Face forward, so this script gives the ch
 for ``w8a8`` a forward pre-hook rounding the head's input per block of 32 as the C++ kernel
 does (tests/test_decode.py pins the kernel to that definition).
 
-Usage: python benchmarks/lm_head_ppl.py CHECKPOINT [--windows 16] [--json PATH]
+Two 4-bit modes ask whether a head half the int8 bytes is possible (the decoder has no kernel for
+them): ``int4sym32`` (llama.cpp Q4_0's shape: per group of 32, codes -8..7 with the scale
+max|w| / 7, fp16 scale) and ``int4asym32`` (Q4_1's: per group of 32, 16 levels between min and max,
+fp16 scale and minimum), both applied to the weight.
+
+Usage: python benchmarks/lm_head_ppl.py CHECKPOINT [--windows 16] [--modes float32,bfloat16,int8,w8a8] [--json PATH]
 """
 
 from __future__ import annotations
@@ -37,6 +42,21 @@ def round_bf16(_module, args, out=None):
     return (y,) if out is None else y
 
 
+def int4_groups(w: torch.Tensor, g: int, symmetric: bool) -> torch.Tensor:
+    """w float32 [N, K] (K a multiple of g) rounded to 4 bits per group of g along K, as float32 [N, K]."""
+    wb = w.reshape(w.shape[0], -1, g)
+    if symmetric:
+        d = (wb.abs().amax(-1, keepdim=True) / 7).half().float()
+        q = torch.clamp(torch.round(wb / d.clamp_min(1e-30)), -8, 7)
+        return (q * d).reshape(w.shape)
+    lo = wb.amin(-1, keepdim=True).half().float()
+    d = ((wb.amax(-1, keepdim=True) - lo) / 15).half().float().clamp_min(1e-30)
+    return (torch.clamp(torch.round((wb - lo) / d), 0, 15) * d + lo).reshape(w.shape)
+
+
+MODES = ("float32", "bfloat16", "int8", "w8a8", "int4sym32", "int4asym32")
+
+
 def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
@@ -47,21 +67,29 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint")
     ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--modes", default="float32,bfloat16,int8,w8a8", help=f"comma list of {', '.join(MODES)}")
     ap.add_argument("--json", help="write the results here (atomically)")
     a = ap.parse_args(argv)
+    modes = a.modes.split(",")
+    if not set(modes) <= set(MODES):
+        ap.error(f"--modes: unknown {sorted(set(modes) - set(MODES))}; use {', '.join(MODES)}")
     model, tok = dbquant.load(a.checkpoint), AutoTokenizer.from_pretrained(a.checkpoint)
     head = model.lm_head
     codes, scale = quantize_rows_int8(head.weight.detach())
     rows = []
     exact = head.weight.detach().clone()
-    for mode in ("float32", "bfloat16", "int8", "w8a8"):
+    for mode in modes:
         # (a tied head gets its own weight: the embedding stays exact)
         if mode == "bfloat16":
             head.weight = torch.nn.Parameter(exact.to(torch.bfloat16).float(), requires_grad=False)
             hooks = [head.register_forward_pre_hook(round_bf16), head.register_forward_hook(round_bf16)]
         else:
-            if mode == "int8":
+            if mode in ("int8", "w8a8"):
                 head.weight = torch.nn.Parameter(codes.float() * scale[:, None], requires_grad=False)
+            elif mode.startswith("int4"):
+                head.weight = torch.nn.Parameter(int4_groups(exact, 32, mode == "int4sym32"), requires_grad=False)
+            else:
+                head.weight = torch.nn.Parameter(exact, requires_grad=False)
             hooks = [head.register_forward_pre_hook(round_input_q8)] if mode == "w8a8" else []
         rows.append({"lm_head_dtype": mode, "wiki_ppl": evaluate(model, tok, n_windows=a.windows, progress=False)["ppl"]})
         print(json.dumps(rows[-1]), flush=True)
