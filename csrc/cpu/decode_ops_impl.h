@@ -163,18 +163,7 @@ void attend_one_token(const float* q, const float* k, const float* v, int64_t Hq
 #pragma omp simd
         for (int64_t t = 0; t < n; ++t) s[t] = softcap * fast_tanh(s[t] / softcap);
       }
-      float mx = -INFINITY;
-#pragma omp simd reduction(max : mx)
-      for (int64_t t = 0; t < n; ++t) mx = std::max(mx, s[t]);
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t t = 0; t < n; ++t) {
-        s[t] = fast_exp(s[t] - mx);
-        sum += s[t];
-      }
-      const float inv = 1.0f / sum;
-#pragma omp simd
-      for (int64_t t = 0; t < n; ++t) s[t] *= inv;
+      softmax_inplace(s, n);
     }
 #ifdef DO_VEC
     values_vec(scores, vh, D, n, out, a, b);

@@ -1,10 +1,11 @@
-// exp(x) for the torch-free CPU ops (decode_ops.cpp, kv_attn_impl.h), header-only on purpose:
+// exp(x) and softmax for the torch-free CPU ops (decode_ops_impl.h, kv_attn_impl.h), header-only on purpose:
 // the function has internal linkage (anonymous namespace), so each translation unit compiles its
 // own copy for the ISA its `#pragma GCC target` names, and the linker never picks an AVX-512 copy
 // for the scalar path.
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -38,6 +39,22 @@ inline float fast_exp(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
+}
+
+// s[0..n) <- softmax(s) in place: the max subtracted, fast_exp, one division (the sum in `omp simd` order).
+inline void softmax_inplace(float* s, int64_t n) {
+  float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = fast_exp(s[j] - mx);
+    sum += s[j];
+  }
+  const float inv = 1.0f / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) s[j] *= inv;
 }
 
 }  // namespace

@@ -219,18 +219,7 @@ void scores_tail_softmax(const KVPackedView& kv, const float* q, int64_t T, int6
       const float* kt = kv.tail_k + (h / gq) * kv.TC * D;
       float* s = scores + (t * Hq + h) * ld;
       for (int64_t j = 0; j < vis; ++j) s[np + j] = dot(qh, kt + j * D, D) * scale;
-      const int64_t n = np + vis;
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < n; ++j) {
-        s[j] = fast_exp(s[j] - mx);
-        sum += s[j];
-      }
-      const float inv = 1.0f / sum;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+      softmax_inplace(s, np + vis);
     }
   }
 }

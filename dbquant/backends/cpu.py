@@ -146,30 +146,31 @@ def default_lut(isa: str = "auto") -> str:
 
 
 @contextlib.contextmanager
+def _forced(op_name: str, value: str):
+    """Within the block, the process-wide C++ setting ``torch.ops.dbquant.<op_name>`` sets is ``value``;
+    the previous one (which the op returns) comes back on exit."""
+    _require()
+    op = getattr(torch.ops.dbquant, op_name)
+    prev = op(value)
+    try:
+        yield
+    finally:
+        op(prev)
+
+
 def forced_lut(kind: str):
-    """Within the block, ``lut="auto"`` and the fused decode ops use ``kind`` ("float" or "int8")
-    tables on every ISA path (process-wide: the C++ setting that DBQUANT_CPU_LUT also sets);
+    """Within the block (a context manager), ``lut="auto"`` and the fused decode ops use ``kind`` ("float"
+    or "int8") tables on every ISA path (process-wide: the C++ setting that DBQUANT_CPU_LUT also sets);
     the previous setting comes back on exit. For tests and benchmarks."""
-    _require()
-    prev = torch.ops.dbquant.cpu_force_lut(kind)
-    try:
-        yield
-    finally:
-        torch.ops.dbquant.cpu_force_lut(prev)
+    return _forced("cpu_force_lut", kind)
 
 
-@contextlib.contextmanager
 def forced_isa(isa: str):
-    """Within the block, every kernel and decode-step op asked for ``isa="auto"`` runs the ``isa`` path
-    ("avx512", "avx2" or "scalar", one this CPU has; torch.ops.dbquant.cpu_isas()), process-wide;
-    the previous setting comes back on exit. For tests and benchmarks: the decode step's ops take no
-    ISA argument."""
-    _require()
-    prev = torch.ops.dbquant.cpu_force_isa(isa)
-    try:
-        yield
-    finally:
-        torch.ops.dbquant.cpu_force_isa(prev)
+    """Within the block (a context manager), every kernel and decode-step op asked for ``isa="auto"`` runs
+    the ``isa`` path ("avx512", "avx2" or "scalar", one this CPU has; torch.ops.dbquant.cpu_isas()),
+    process-wide; the previous setting comes back on exit. For tests and benchmarks: the decode step's
+    ops take no ISA argument."""
+    return _forced("cpu_force_isa", isa)
 
 
 def resolve_gemm(gemm: str) -> str:
