@@ -279,10 +279,10 @@ def cmd_bench(a) -> int:
             rows.append(r)
     elif a.e2e:
         threads, prompts = _ints(a.threads, "--threads"), _ints(a.prompt_tokens, "--prompt-tokens")
-        peer_types = _choices(a.peer_types, bench_peers.TYPES, "--peer-types") if a.peers else []
-        prep = _llamacpp(a.fp_model, peer_types) if a.peers else None  # first: fail before minutes of rows
         if a.rounds < 1:
             raise DbquantError(f"--rounds must be >= 1, got {a.rounds}")
+        peer_types = _choices(a.peer_types, bench_peers.TYPES, "--peer-types") if a.peers else []
+        prep = _llamacpp(a.fp_model, peer_types) if a.peers else None  # first: fail before minutes of rows
         rows = []
         for rnd in range(a.rounds):  # each round: every dbquant row, then every llama.cpp row
             got = [r for t in threads for p in prompts

@@ -74,19 +74,11 @@ struct Vec {
 
 #if defined(DO_VEC)
 
-// s[h * n + t] = <q_h, k_t> * scale for heads [a, b) and positions t < n: each key row is read once for
-// all heads, and each dot ends in one horizontal sum.
-inline void scores_vec(const float* q, const float* kh, int64_t D, int64_t n, float scale, float* s, int64_t a,
-                       int64_t b) {
-  for (int64_t t = 0; t < n; ++t) {
-    const float* kt = kh + t * D;
-    for (int64_t h = a; h < b; ++h) {
-      const float* qh = q + h * D;
-      Vec acc = Vec::zero();
-      for (int64_t i = 0; i < D; i += Vec::W) acc = Vec::fma(Vec::load(qh + i, D - i), Vec::load(kt + i, D - i), acc);
-      s[h * n + t] = acc.sum() * scale;
-    }
-  }
+// <a, b> over D floats with one horizontal sum at the end (the attention's dot products).
+inline float dot_vec(const float* a, const float* b, int64_t D) {
+  Vec acc = Vec::zero();
+  for (int64_t i = 0; i < D; i += Vec::W) acc = Vec::fma(Vec::load(a + i, D - i), Vec::load(b + i, D - i), acc);
+  return acc.sum();
 }
 
 // o_h = sum_t p[h * n + t] v_t for heads [a, b): four vectors of o_h at a time stay in registers over
@@ -115,6 +107,15 @@ inline void values_vec(const float* p, const float* vh, int64_t D, int64_t n, fl
   }
 }
 #endif
+
+// The attention's dot product: the Vec one where this copy has it.
+inline float attn_dot(const float* a, const float* b, int64_t D) {
+#ifdef DO_VEC
+  return dot_vec(a, b, D);
+#else
+  return dot(a, b, D);
+#endif
+}
 
 }  // namespace
 
@@ -151,12 +152,8 @@ void attend_one_token(const float* q, const float* k, const float* v, int64_t Hq
     const int64_t j = a / group, b = std::min(h1, (j + 1) * group);  // heads [a, b) read kv head j
     const float* kh = k + j * L * D;
     const float* vh = v + j * L * D;
-#ifdef DO_VEC
-    scores_vec(q, kh, D, n, scale, scores, a, b);
-#else
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t h = a; h < b; ++h) scores[h * n + t] = dot(q + h * D, kh + t * D, D) * scale;
-#endif
+    for (int64_t t = 0; t < n; ++t)  // each key row read once for all the heads
+      for (int64_t h = a; h < b; ++h) scores[h * n + t] = attn_dot(q + h * D, kh + t * D, D) * scale;
     for (int64_t h = a; h < b; ++h) {
       float* s = scores + h * n;
       if (softcap > 0.0f) {
