@@ -11,6 +11,7 @@
 #include <algorithm>
 
 #include "dbgemm_i8lut.h"
+#include "prefetch.h"
 
 namespace dbquant {
 namespace cpu {
@@ -51,6 +52,7 @@ inline void tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* tp,
         for (int v = 0; v < NPH; ++v) {
           const int64_t o = (i + W * v) * kTile;
           const __m256i b = _mm256_loadu_si256((const __m256i*)(wb + o));
+          prefetch_ahead(wb + o);
           const __m256i vl = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(tl + o)), _mm256_and_si256(b, m4));
           const __m256i vh = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(th + o)),
                                                  _mm256_and_si256(_mm256_srli_epi16(b, 4), m4));

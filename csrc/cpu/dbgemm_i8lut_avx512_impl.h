@@ -19,6 +19,7 @@
 #include <algorithm>
 
 #include "dbgemm_i8lut.h"
+#include "prefetch.h"
 
 namespace dbquant {
 namespace cpu {
@@ -78,6 +79,7 @@ inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* t
         for (int v = 0; v < NPH; ++v) {
           const int64_t o = (i + W * v) * kTile;
           const __m512i b = _mm512_loadu_si512(wb + o);
+          prefetch_ahead(wb + o);
 #if I8_VBMI
           // 0xEA: (b & m4) | base, the lane's column offset added to its nibble
           const int8_t* t = row.cpt + (c0 + (i + W * v) / P) * 32;

@@ -24,6 +24,7 @@
 #include <algorithm>
 
 #include "dbgemm_t16.h"
+#include "prefetch.h"
 
 namespace dbquant {
 namespace cpu {
@@ -40,7 +41,9 @@ inline __m256 plane_pass(const T16Weight& w, const float* lut2, const uint8_t* t
   const int64_t P = w.P, cpg = w.group_size / 8;
   __m256 e[NP], o[NP];
   for (int q = 0; q < NP; ++q) e[q] = o[q] = _mm256_setzero_ps();
+  prefetch_ahead(ts + (g * P + p0) * kTile);
   for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+    prefetch_ahead(tp + (c * P + p0) * kTile);
     const float* tq = lut2 + 16 * c;  // chunks 4c..4c+3, 4 floats each
     const __m256 t0 = _mm256_broadcast_ps((const __m128*)(tq + 0));
     const __m256 t1 = _mm256_broadcast_ps((const __m128*)(tq + 4));

@@ -11,6 +11,7 @@
 #include <algorithm>
 
 #include "dbgemm_t16.h"
+#include "prefetch.h"
 
 namespace dbquant {
 namespace cpu {
@@ -32,7 +33,9 @@ inline void plane_pass(const T16Weight& w, const float* const* L, const uint8_t*
   __m512 lo[NP][MB], hi[NP][MB];
   for (int q = 0; q < NP; ++q)
     for (int i = 0; i < MB; ++i) lo[q][i] = hi[q][i] = _mm512_setzero_ps();
+  prefetch_ahead(ts + (g * P + p0) * kTile);
   for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+    prefetch_ahead(tp + (c * P + p0) * kTile);
     // 16 bytes (one per row) of each plane -> 16 int32 lanes; vpermps reads only the
     // low 4 bits of each lane, so the low nibble needs no masking.
     __m512i b[NP], bh[NP];

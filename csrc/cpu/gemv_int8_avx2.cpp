@@ -9,6 +9,7 @@
 #include <immintrin.h>
 
 #include "gemv_int8.h"
+#include "prefetch.h"
 
 namespace dbquant {
 namespace cpu {
@@ -38,6 +39,7 @@ void gemv_int8_rows_avx2(const float* x, const int8_t* wq, const float* s, int64
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       for (int64_t k = 0; k < kv; k += 8) {
         const __m256 xv = _mm256_loadu_ps(xr + k);
+        prefetch_ahead(w0 + 4 * k);  // the four rows' 4K bytes, half a line per step
         a0 = _mm256_fmadd_ps(xv, widen(w0 + k), a0);
         a1 = _mm256_fmadd_ps(xv, widen(w0 + K + k), a1);
         a2 = _mm256_fmadd_ps(xv, widen(w0 + 2 * K + k), a2);
@@ -66,6 +68,7 @@ void gemv_w8a8_rows_avx2(const int8_t* xq, const float* xs, const int8_t* wq, co
       for (int64_t b = 0; b < B; ++b) {
         const __m256i xv = _mm256_loadu_si256((const __m256i*)(xr + b * kQ8Block));
         const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + b * kQ8Block));
+        prefetch_ahead(w + b * kQ8Block);
         // |x| (unsigned) times w * sign(x) (signed) = x * w; pairs summed in int16 (at most
         // 2 * 127 * 127: no saturation), then pairs of pairs in int32: the block's exact dot
         const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv),

@@ -10,6 +10,7 @@
 #include <immintrin.h>
 
 #include "gemv_int8.h"
+#include "prefetch.h"
 
 namespace dbquant {
 namespace cpu {
@@ -38,6 +39,7 @@ void gemv_int8_rows_avx512(const float* x, const int8_t* wq, const float* s, int
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       for (int64_t k = 0; k < kv; k += 16) {
         const __m512 xv = _mm512_loadu_ps(xr + k);
+        prefetch_ahead(w0 + 4 * k);  // the four rows' 4K bytes, one line per step
         a0 = _mm512_fmadd_ps(xv, widen(w0 + k), a0);
         a1 = _mm512_fmadd_ps(xv, widen(w0 + K + k), a1);
         a2 = _mm512_fmadd_ps(xv, widen(w0 + 2 * K + k), a2);
