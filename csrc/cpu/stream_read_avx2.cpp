@@ -6,6 +6,7 @@
 
 #include <immintrin.h>
 
+#include "prefetch.h"
 #include "stream_read.h"
 
 namespace dbquant {
@@ -15,6 +16,8 @@ uint64_t xor_words_avx2(const uint8_t* p, int64_t nbytes) {
   __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
   int64_t i = 0;
   for (; i + 128 <= nbytes; i += 128) {
+    prefetch_ahead(p + i);  // as the GEMV kernels do (stream_read_avx512.cpp)
+    prefetch_ahead(p + i + 64);
     a0 = _mm256_xor_si256(a0, _mm256_loadu_si256((const __m256i*)(p + i)));
     a1 = _mm256_xor_si256(a1, _mm256_loadu_si256((const __m256i*)(p + i + 32)));
     a2 = _mm256_xor_si256(a2, _mm256_loadu_si256((const __m256i*)(p + i + 64)));
