@@ -169,6 +169,42 @@ def _native_step_matches(model_type, cfg):
         run(x, layer, native.cos[0, :8].contiguous(), native.sin[0], native.k_cache[0], native.v_cache[0], 0)
 
 
+def _steps_on_threads(model, threads):
+    """The residual streams after decode_step_cpu at positions 4..10 (after a 4-token prefill on one
+    thread: BLAS may round differently on more) and the caches, the steps run with `threads` torch
+    threads."""
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        dec = FastDecoder(model, max_len=32)
+        assert dec.stack is not None
+        dec._alloc(1)
+        dec.forward(IDS[:1, :4], 0)
+        torch.set_num_threads(threads)
+        xs = []
+        for p in range(4, IDS.shape[1]):
+            x = dec.embed(IDS[:1, p:p + 1]).float().reshape(1, -1)
+            cpu_backend.decode_step_cpu.run(x, dec.stack, dec.k_cache, dec.v_cache, p)
+            xs.append(x)
+        return torch.cat(xs), dec.k_cache.clone(), dec.v_cache.clone()
+    finally:
+        torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])  # gemma2: post-branch norms, window, soft-capping
+def test_native_step_is_bit_identical_on_any_thread_count(model_type):
+    """The step splits each GEMV's tiles and the attention's query heads among the threads, and no sum
+    crosses a split: 2 and 3 threads (shares of unequal size, more threads than this CPU's cores) give the
+    1-thread hidden states and caches bit for bit."""
+    assert cpu_backend.load_cpu()
+    model = _family_model(model_type, packed=True) if model_type != "llama" else _packed("llama", head_dim=24)
+    want = _steps_on_threads(model, 1)
+    for threads in (2, 3):
+        got = _steps_on_threads(model, threads)
+        for name, a, b in zip(("hidden states", "k_cache", "v_cache"), got, want):
+            assert torch.equal(a, b), f"{threads} threads: {name} differ by {(a - b).abs().max().item()}"
+
+
 def test_decode_stack_refuses_layers_of_unequal_kv_heads():
     """One cache tensor holds every layer's k, v: DecodeStack.add checks it once, not every step."""
     a = FastDecoder(_packed("llama"), max_len=32)
