@@ -41,6 +41,11 @@ def child(checkpoint: str, threads: int, tokens: int, gens: int) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:  # one measurement, in the build on PYTHONPATH: --child CHECKPOINT THREADS TOKENS GENS
+        checkpoint, threads, tokens, gens = argv[1:5]
+        print(json.dumps(child(checkpoint, int(threads), int(tokens), int(gens))))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("a", help="source tree of build A (the baseline)")
     ap.add_argument("b", help="source tree of build B")
@@ -50,11 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--gens", type=int, default=4)
     ap.add_argument("--json")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    if a.child:  # one measurement, in the build on PYTHONPATH
-        print(json.dumps(child(a.checkpoint, int(a.threads), a.tokens, a.gens)))
-        return 0
     trees = {"a": os.path.abspath(a.a), "b": os.path.abspath(a.b)}
     checkpoint = os.path.abspath(a.checkpoint)
     rows = []
@@ -63,8 +64,8 @@ def main(argv=None) -> int:
         for _ in range(a.rounds):
             for side, tree in trees.items():
                 env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS=str(threads))
-                p = subprocess.run([sys.executable, os.path.abspath(__file__), "x", "x", checkpoint, "--child",
-                                    "--threads", str(threads), "--tokens", str(a.tokens), "--gens", str(a.gens)],
+                p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", checkpoint, str(threads),
+                                    str(a.tokens), str(a.gens)],
                                    env=env, cwd="/", capture_output=True, text=True, check=True)
                 r = json.loads(p.stdout.strip().splitlines()[-1])
                 if not r["dbquant"].startswith(tree):
