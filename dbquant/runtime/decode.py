@@ -30,7 +30,7 @@ forward to float32 rounding and greedy tokens equal HF ``generate()`` (``tests/t
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ from torch import nn
 
 from ..backends import cpu as cpu_backend
 from ..backends import registry
+from ..backends.hugepages import into_huge_pages, zeros_in_huge_pages
 from ..backends.t16 import CpuWeight, DecodeLayerWeights, Projection, widen
 from ..errors import DbquantError
 from ..model.embedding import head_weight, int8_rows
@@ -253,6 +254,8 @@ class FastDecoder:
         self.lm_head = self.lm_head_scale = self.lm_head_bias = self.lm_head_proj = None
         self.lm_head_op = None  # the native op of an int8 output projection (its unchecked `run`)
         self._build_head(model.lm_head, lm_head_dtype, backend)
+        if self.device.type == "cpu":
+            self._into_huge_pages()
         self.k_cache = self.v_cache = None
 
         # The fused C++ RMSNorm on the CPU (one call instead of ~8 framework ops per norm).
@@ -294,6 +297,21 @@ class FastDecoder:
             self.lm_head = weight.to(lm_head_dtype)
             self.lm_head_bias = None if bias is None else bias.detach().to(lm_head_dtype)
 
+    def _into_huge_pages(self) -> None:
+        """Every fused packed projection's t16 tensors and an int8 head's codes, copied side by side into
+        one mapping advised for transparent huge pages (backends/hugepages.py): a decode step streams them
+        all once per token, and in 4 KiB pages each page would cost a TLB miss."""
+        projs = [p for L in self.layers for p in (L.qkv, L.o, L.gate_up, L.down) if p.packed is not None]
+        head = [self.lm_head] if self.lm_head_op is not None else []
+        moved = iter(into_huge_pages(
+            [t for p in projs for t in (p.packed.planes, p.packed.scales, p.packed.offset) if t is not None] + head))
+        for p in projs:
+            w = p.packed
+            p.packed = replace(w, planes=next(moved), scales=next(moved),
+                               offset=None if w.offset is None else next(moved))
+        if head:
+            self.lm_head = next(moved)
+
     def _native_layers(self) -> list | None:
         """Per layer, the ``decode_layer`` op's prepared form (built once here), or None when
         some layer cannot run natively (a dense or unfused projection, a gate/up pair of
@@ -332,8 +350,11 @@ class FastDecoder:
             return
         shape = (len(self.layers), batch, self.n_kv, self.max_len, self.head_dim)
         if self.k_cache is None or self.k_cache.shape != shape:
-            self.k_cache = torch.zeros(shape, device=self.device)
-            self.v_cache = torch.zeros(shape, device=self.device)
+            if self.device.type == "cpu":  # read every step, as the weights are (_into_huge_pages)
+                self.k_cache, self.v_cache = zeros_in_huge_pages(shape), zeros_in_huge_pages(shape)
+            else:
+                self.k_cache = torch.zeros(shape, device=self.device)
+                self.v_cache = torch.zeros(shape, device=self.device)
 
     def _rms(self, x: torch.Tensor, norm: Norm) -> torch.Tensor:
         """RMSNorm of x (float32 [..., D]) with ``norm``: the registry's fused ``rms_norm`` on
