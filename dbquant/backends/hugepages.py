@@ -22,21 +22,27 @@ ALIGN = 64  # each tensor starts on a cache line
 _PRIVATE = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
 
 
+def _advised(nbytes: int) -> torch.Tensor:
+    """uint8 [nbytes] at the start of a fresh private anonymous mapping, 2 MiB-aligned and advised for
+    huge pages before anything touches it (its pages read as zero until written)."""
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=_PRIVATE)
+    buf = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive
+    start = -buf.data_ptr() % HUGE_PAGE  # a multiple of 4 KiB: mmap returns page-aligned memory
+    region.madvise(mmap.MADV_HUGEPAGE, start, max(nbytes, 1))
+    return buf[start:start + nbytes]
+
+
 def into_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Copies of ``tensors`` (CPU; any dtype and shape, contiguous in the result) side by side in one
     mapping advised for huge pages; the copies keep the mapping alive. Where ``mmap.MADV_HUGEPAGE`` does
     not exist (not Linux), or for an empty list, the tensors come back as they are."""
-    sizes = [t.numel() * t.element_size() for t in tensors]
     if not tensors or not hasattr(mmap, "MADV_HUGEPAGE"):
         return list(tensors)
     if any(t.device.type != "cpu" for t in tensors):
         raise ValueError("into_huge_pages: CPU tensors only")
-    total = sum(-(-n // ALIGN) * ALIGN for n in sizes)
-    region = mmap.mmap(-1, total + HUGE_PAGE, flags=_PRIVATE)  # its pages are untouched until the copies
-    buf = torch.frombuffer(region, dtype=torch.uint8)
-    start = -buf.data_ptr() % HUGE_PAGE  # a multiple of 4 KiB: mmap returns page-aligned memory
-    region.madvise(mmap.MADV_HUGEPAGE, start, total)
-    out, off = [], start
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    buf = _advised(sum(-(-n // ALIGN) * ALIGN for n in sizes))
+    out, off = [], 0
     for t, n in zip(tensors, sizes):
         copy = buf[off:off + n].view(t.dtype).view(t.shape)
         copy.copy_(t)
@@ -47,14 +53,7 @@ def into_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def zeros_in_huge_pages(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A zero tensor in a mapping advised for huge pages (anonymous pages read as zero: nothing to copy)."""
-    n = 1
-    for d in shape:
-        n *= d
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.zeros(shape, dtype=dtype)
-    nbytes = n * torch.empty((), dtype=dtype).element_size()
-    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=_PRIVATE)
-    buf = torch.frombuffer(region, dtype=torch.uint8)
-    start = -buf.data_ptr() % HUGE_PAGE
-    region.madvise(mmap.MADV_HUGEPAGE, start, max(nbytes, 1))
-    return buf[start:start + nbytes].view(dtype).view(shape)
+    n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    return _advised(n).view(dtype).view(shape)
