@@ -192,10 +192,10 @@ def test_fast_decoder_runs_the_stored_int8_head(tmp_path, tiny_tokenizer):
         dec = FastDecoder(model, max_len=64)
         if dec.lm_head_op is None:
             pytest.skip("the C++ CPU extension is not built")
-        if embed_bits == "6":  # the stored codes, widened: the same values
-            assert torch.equal(dec.lm_head, fmt.unpack_sextets(table.codes))
-        else:
-            assert dec.lm_head.data_ptr() == table.codes.data_ptr()  # the stored codes, not a requantized copy
+        # the stored codes (6-bit ones widened), not requantized: the same values, copied into the decoder's
+        # huge-page mapping (dbquant/backends/hugepages.py)
+        stored = fmt.unpack_sextets(table.codes) if embed_bits == "6" else table.codes
+        assert dec.lm_head.dtype == torch.int8 and torch.equal(dec.lm_head, stored)
         assert torch.equal(dec.lm_head_scale, table.code_scales[:, 0].float())
         with torch.inference_mode():
             hf = model.generate(IDS[:, :6], max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
