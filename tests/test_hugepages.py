@@ -39,8 +39,8 @@ def test_zeros_and_refusals():
 
 
 def test_the_decoder_streams_its_weights_from_one_mapping():
-    """FastDecoder's fused projections and int8 head live in the huge-page mapping, and its greedy
-    text is what the same model's modules give (tests/test_decode.py compares the numbers in depth)."""
+    """FastDecoder's fused projections and int8 head live in one huge-page mapping, its KV cache in
+    another (tests/test_decode.py compares this decoder's numbers with HF's and the Python step's)."""
     from dbquant.runtime.decode import FastDecoder
     from tests.test_decode import _packed
 

@@ -41,13 +41,14 @@ def into_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     if any(t.device.type != "cpu" for t in tensors):
         raise ValueError("into_huge_pages: CPU tensors only")
     sizes = [t.numel() * t.element_size() for t in tensors]
-    buf = _advised(sum(-(-n // ALIGN) * ALIGN for n in sizes))
+    slots = [-(-n // ALIGN) * ALIGN for n in sizes]  # each size rounded up to ALIGN
+    buf = _advised(sum(slots))
     out, off = [], 0
-    for t, n in zip(tensors, sizes):
+    for t, n, slot in zip(tensors, sizes, slots):
         copy = buf[off:off + n].view(t.dtype).view(t.shape)
         copy.copy_(t)
         out.append(copy)
-        off += -(-n // ALIGN) * ALIGN
+        off += slot
     return out
 
 
