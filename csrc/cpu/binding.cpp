@@ -18,6 +18,10 @@
 //                                    (the same with int8 activations per block of 32, gemv_int8.h)
 //   torch.ops.dbquant.rms_norm_cpu(Tensor x, Tensor w, float eps) -> Tensor
 //                                    (fused RMSNorm over the last dim, decode_ops.h)
+//   torch.ops.dbquant.attend_cpu(Tensor q, Tensor k, Tensor v, int n, float scale, float softcap=0,
+//                                str isa="auto") -> Tensor
+//                                    (one token's attention over a float cache: the decode step's
+//                                     kernel on its own, for tests; decode_ops.h)
 //   torch.classes.dbquant.DecodeLayer(Tensor ln1, Tensor ln2, float eps, int n_heads, int n_kv,
 //                                    int head_dim, int intermediate, float scale)
 //                                    .set_proj(str name, Tensor planes, Tensor scales,
@@ -599,6 +603,29 @@ void attend_float_cache(Isa isa, const DecodeLayer& ly, float* kc, float* vc, in
   });
 }
 
+// One token's attention over a float cache, the kernel of attend_float_cache on its own (for tests and
+// benchmarks): q float32 [Hq, D]; k, v float32 [Hk, L, D] with rows 0..n-1 filled; Hq a multiple of Hk.
+// Returns float32 [Hq, D]: softmax(scale q k^T (softcap tanh(. / softcap) where softcap > 0)) v.
+at::Tensor attend_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t n, double scale,
+                      double softcap, const std::string& isa_arg) {
+  const Isa isa = parse_isa(isa_arg);
+  check_input(q, "q", at::kFloat);
+  check_input(k, "k", at::kFloat);
+  check_input(v, "v", at::kFloat);
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 3 && k.sizes() == v.sizes() && k.size(2) == q.size(1) && k.size(0) > 0 &&
+                  q.size(0) % k.size(0) == 0,
+              "attend_cpu: q must be [Hq, D] and k, v [Hk, L, D] with Hq a multiple of Hk, got ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(1 <= n && n <= k.size(1), "attend_cpu: n must be in 1..", k.size(1), ", got ", n);
+  const int64_t Hq = q.size(0), Hk = k.size(0), L = k.size(1), D = q.size(1);
+  at::Tensor out = at::empty_like(q);
+  at::Tensor scores = at::empty({Hq * n}, q.options());
+  dbquant::cpu::attend_one_token(isa, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), Hq, Hk, L, D,
+                                 n, float(scale), float(softcap), scores.data_ptr<float>(), out.data_ptr<float>(), 0,
+                                 Hq);
+  return out;
+}
+
 void check_token_args(const char* op, const DecodeLayer& ly, const at::Tensor& x, const at::Tensor& cos,
                       const at::Tensor& sin) {
   ly.check_complete();
@@ -995,6 +1022,7 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
       "int in_features, int group_size, bool bf16=False, str isa=\"auto\") -> Tensor");
   m.def("linear_int8_cpu(Tensor x, Tensor wq, Tensor s, str isa=\"auto\") -> Tensor");
   m.def("rms_norm_cpu(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("attend_cpu(Tensor q, Tensor k, Tensor v, int n, float scale, float softcap=0., str isa=\"auto\") -> Tensor");
   m.def("linear_w8a8_cpu(Tensor x, Tensor wq, Tensor s, str isa=\"auto\") -> Tensor");
   // The class comes before the op whose schema names it.
   m.class_<DecodeLayer>("DecodeLayer")
@@ -1039,6 +1067,7 @@ TORCH_LIBRARY_IMPL(dbquant, CPU, m) {
   m.impl("dequantize_t_cpu", &dequantize_t_cpu);
   m.impl("linear_int8_cpu", &linear_int8_cpu);
   m.impl("rms_norm_cpu", &rms_norm_cpu);
+  m.impl("attend_cpu", &attend_cpu);
   m.impl("linear_w8a8_cpu", &linear_w8a8_cpu);
   m.impl("decode_layer_cpu", &decode_layer_cpu);
   m.impl("kv_attend_cpu", &kv_attend_cpu);

@@ -3,6 +3,8 @@
 
 #include "decode_ops.h"
 
+#include "flush_denormals.h"
+
 namespace dbquant {
 namespace cpu {
 
@@ -42,9 +44,16 @@ void attend_one_token(Isa isa, const float* q, const float* k, const float* v, i
   DO_DISPATCH(attend_one_token, q, k, v, Hq, Hk, L, D, n, scale, softcap, scores, out, h0, h1)
 }
 
-void silu_mul(Isa isa, const float* gu, int64_t I, float* y) { DO_DISPATCH(silu_mul, gu, I, y) }
+// The gated activations under FlushDenormals: their vectorised fast_exp makes subnormals (flush_denormals.h).
+void silu_mul(Isa isa, const float* gu, int64_t I, float* y) {
+  const FlushDenormals ftz;
+  DO_DISPATCH(silu_mul, gu, I, y)
+}
 
-void gelu_tanh_mul(Isa isa, const float* gu, int64_t I, float* y) { DO_DISPATCH(gelu_tanh_mul, gu, I, y) }
+void gelu_tanh_mul(Isa isa, const float* gu, int64_t I, float* y) {
+  const FlushDenormals ftz;
+  DO_DISPATCH(gelu_tanh_mul, gu, I, y)
+}
 
 void add_scaled(Isa isa, float* x, const float* y, float s, int64_t n) { DO_DISPATCH(add_scaled, x, y, s, n) }
 

@@ -36,6 +36,17 @@ inline float dot(const float* a, const float* b, int64_t D) {
   return s;
 }
 
+// s[0..n) <- softmax(softcap tanh(s / softcap)) (no cap where softcap <= 0), in place.
+inline void softcap_softmax(float* s, int64_t n, float softcap) {
+  if (softcap > 0.0f) {
+#pragma omp simd
+    for (int64_t t = 0; t < n; ++t) s[t] = softcap * fast_tanh(s[t] / softcap);
+  }
+  softmax_inplace(s, n);
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 // W float lanes; load/store take the count of valid lanes n (the rest read as 0, not written).
 #if DO_VEC == 512
 struct Vec {
@@ -47,7 +58,27 @@ struct Vec {
   static Vec load(const float* p, int64_t n) { return {_mm512_maskz_loadu_ps(mask(n), p)}; }
   void store(float* p, int64_t n) const { _mm512_mask_storeu_ps(p, mask(n), v); }
   static Vec fma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  static Vec mul(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  static Vec add(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
   float sum() const { return _mm512_reduce_add_ps(v); }
+  // Lane i = the sum of a[i]'s lanes, for all W vectors at once: a transpose-add (45 shuffles and adds
+  // where W separate horizontal sums take ~130 and scalar stores).
+  static Vec sums(const Vec* a) {
+    __m512 y[4];
+    for (int j = 0; j < 4; ++j) {  // y[j]'s 128-bit block b holds block b's sums of a[4j..4j+3]
+      const __m512 *p = &a[4 * j].v, *r = &a[4 * j + 2].v;
+      const __m512 x01 = _mm512_add_ps(_mm512_unpacklo_ps(p[0], p[1]), _mm512_unpackhi_ps(p[0], p[1]));
+      const __m512 x23 = _mm512_add_ps(_mm512_unpacklo_ps(r[0], r[1]), _mm512_unpackhi_ps(r[0], r[1]));
+      y[j] = _mm512_add_ps(_mm512_shuffle_ps(x01, x23, _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm512_shuffle_ps(x01, x23, _MM_SHUFFLE(3, 2, 3, 2)));
+    }
+    const __m512 v01 = _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 v23 = _mm512_add_ps(_mm512_shuffle_f32x4(y[2], y[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(y[2], y[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    return {_mm512_add_ps(_mm512_shuffle_f32x4(v01, v23, _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_f32x4(v01, v23, _MM_SHUFFLE(3, 1, 3, 1)))};
+  }
 };
 #elif DO_VEC == 256
 struct Vec {
@@ -64,6 +95,20 @@ struct Vec {
     else _mm256_maskstore_ps(p, mask(n), v);
   }
   static Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  static Vec mul(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  static Vec add(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
+  // Lane i = the sum of a[i]'s lanes, for all W vectors at once (a transpose-add, as the AVX-512 one).
+  static Vec sums(const Vec* a) {
+    __m256 y[2];
+    for (int j = 0; j < 2; ++j) {  // y[j]'s 128-bit half h holds half h's sums of a[4j..4j+3]
+      const __m256 *p = &a[4 * j].v, *r = &a[4 * j + 2].v;
+      const __m256 x01 = _mm256_add_ps(_mm256_unpacklo_ps(p[0], p[1]), _mm256_unpackhi_ps(p[0], p[1]));
+      const __m256 x23 = _mm256_add_ps(_mm256_unpacklo_ps(r[0], r[1]), _mm256_unpackhi_ps(r[0], r[1]));
+      y[j] = _mm256_add_ps(_mm256_shuffle_ps(x01, x23, _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm256_shuffle_ps(x01, x23, _MM_SHUFFLE(3, 2, 3, 2)));
+    }
+    return {_mm256_add_ps(_mm256_permute2f128_ps(y[0], y[1], 0x20), _mm256_permute2f128_ps(y[0], y[1], 0x31))};
+  }
   float sum() const {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -106,6 +151,87 @@ inline void values_vec(const float* p, const float* vh, int64_t D, int64_t n, fl
     }
   }
 }
+
+// The attention for heads of at most kMaxRowVecs vectors, unrolled at compile time on ND, the vectors
+// a head's row takes (D in ((ND - 1) W, ND W]; the last one masked): wider heads take the loops above.
+// The runtime-D loops spent most of their time on loop control and one horizontal sum per dot product
+// (SmolLM2, 9 heads of 64 over 160 positions: 27 us a layer; docs/RESULTS.md has the step's figures).
+constexpr int kMaxRowVecs = 16;
+constexpr int kVecRegs = Vec::W == 16 ? 32 : 16;  // zmm / ymm registers
+
+// scores[h * n + t] = scale <q_h, k_t> for heads [a, b) and key rows t < n of kh (rows of D floats):
+// W rows' products in W registers, then one transpose-add (Vec::sums) for their W sums.
+template <int ND>
+void scores_nd(const float* q, const float* kh, int64_t D, int64_t n, float scale, float* scores, int64_t a,
+               int64_t b) {
+  constexpr int64_t W = Vec::W;
+  const int64_t last = D - (ND - 1) * W;  // lanes of a row's last vector
+  const Vec vscale = Vec::set1(scale);
+  for (int64_t h = a; h < b; ++h) {
+    Vec qv[ND];
+    for (int d = 0; d < ND; ++d) qv[d] = Vec::load(q + h * D + d * W, d + 1 < ND ? W : last);
+    float* s = scores + h * n;
+    for (int64_t t0 = 0; t0 < n; t0 += W) {
+      const int64_t rows = std::min<int64_t>(W, n - t0);
+      Vec acc[W];
+      for (int64_t r = 0; r < W; ++r) {
+        acc[r] = Vec::zero();
+        if (r >= rows) continue;
+        const float* kt = kh + (t0 + r) * D;
+        for (int d = 0; d < ND; ++d) acc[r] = Vec::fma(qv[d], Vec::load(kt + d * W, d + 1 < ND ? W : last), acc[r]);
+      }
+      Vec::mul(Vec::sums(acc), vscale).store(s + t0, rows);
+    }
+  }
+}
+
+// out_h = sum_t p[h * n + t] v_t for heads [a, b): o_h's ND vectors stay in registers, and two rows
+// at a time (2 ND FMA chains) where the registers hold them.
+template <int ND>
+void values_nd(const float* p, const float* vh, int64_t D, int64_t n, float* out, int64_t a, int64_t b) {
+  constexpr int64_t W = Vec::W;
+  constexpr bool kTwoRows = 4 * ND <= kVecRegs;
+  const int64_t last = D - (ND - 1) * W;
+  for (int64_t h = a; h < b; ++h) {
+    const float* ph = p + h * n;
+    Vec o0[ND], o1[ND];
+    for (int d = 0; d < ND; ++d) o0[d] = o1[d] = Vec::zero();
+    int64_t t = 0;
+    if (kTwoRows) {
+      for (; t + 1 < n; t += 2) {
+        const Vec p0 = Vec::set1(ph[t]), p1 = Vec::set1(ph[t + 1]);
+        const float *v0 = vh + t * D, *v1 = v0 + D;
+        for (int d = 0; d < ND; ++d) {
+          const int64_t m = d + 1 < ND ? W : last;
+          o0[d] = Vec::fma(p0, Vec::load(v0 + d * W, m), o0[d]);
+          o1[d] = Vec::fma(p1, Vec::load(v1 + d * W, m), o1[d]);
+        }
+      }
+    }
+    for (; t < n; ++t) {
+      const Vec p0 = Vec::set1(ph[t]);
+      for (int d = 0; d < ND; ++d) o0[d] = Vec::fma(p0, Vec::load(vh + t * D + d * W, d + 1 < ND ? W : last), o0[d]);
+    }
+    for (int d = 0; d < ND; ++d) Vec::add(o0[d], o1[d]).store(out + h * D + d * W, d + 1 < ND ? W : last);
+  }
+}
+
+// Heads [a, b) of one kv head through scores_nd and values_nd for the ND of D (nd = ceil(D / W));
+// false, with nothing done, where D is wider than they unroll.
+template <int ND = 1>
+bool attend_nd(int64_t nd, const float* q, const float* kh, const float* vh, int64_t D, int64_t n, float scale,
+               float softcap, float* scores, float* out, int64_t a, int64_t b) {
+  if constexpr (ND > kMaxRowVecs) {
+    return false;
+  } else {
+    if (nd != ND) return attend_nd<ND + 1>(nd, q, kh, vh, D, n, scale, softcap, scores, out, a, b);
+    scores_nd<ND>(q, kh, D, n, scale, scores, a, b);
+    for (int64_t h = a; h < b; ++h) softcap_softmax(scores + h * n, n, softcap);
+    values_nd<ND>(scores, vh, D, n, out, a, b);
+    return true;
+  }
+}
+
 #endif
 
 // The attention's dot product: the Vec one where this copy has it.
@@ -152,16 +278,15 @@ void attend_one_token(const float* q, const float* k, const float* v, int64_t Hq
     const int64_t j = a / group, b = std::min(h1, (j + 1) * group);  // heads [a, b) read kv head j
     const float* kh = k + j * L * D;
     const float* vh = v + j * L * D;
+#ifdef DO_VEC
+    if (attend_nd(ceil_div(D, Vec::W), q, kh, vh, D, n, scale, softcap, scores, out, a, b)) {
+      a = b;
+      continue;
+    }
+#endif
     for (int64_t t = 0; t < n; ++t)  // each key row read once for all the heads
       for (int64_t h = a; h < b; ++h) scores[h * n + t] = attn_dot(q + h * D, kh + t * D, D) * scale;
-    for (int64_t h = a; h < b; ++h) {
-      float* s = scores + h * n;
-      if (softcap > 0.0f) {
-#pragma omp simd
-        for (int64_t t = 0; t < n; ++t) s[t] = softcap * fast_tanh(s[t] / softcap);
-      }
-      softmax_inplace(s, n);
-    }
+    for (int64_t h = a; h < b; ++h) softcap_softmax(scores + h * n, n, softcap);
 #ifdef DO_VEC
     values_vec(scores, vh, D, n, out, a, b);
 #else

@@ -45,7 +45,7 @@ inline float fast_exp(float x) {
 inline void softmax_inplace(float* s, int64_t n) {
   float mx = -INFINITY;
 #pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+  for (int64_t j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;  // std::max (a reference) kept GCC 12 scalar here
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
