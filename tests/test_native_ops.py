@@ -23,7 +23,7 @@ from dbquant.runtime.decode import quantize_rows_int8
 from tests.tolerances import FP32_REORDER, FP32_REORDER_LONG
 
 pytestmark = pytest.mark.skipif(not registry.available("cpu"), reason="dbquant._C is not built")
-OPS = ("decode_layer", "kv_attend", "linear_int8", "linear_w8a8", "rms_norm")
+OPS = ("decode_layer", "kv_attend", "linear_int8", "linear_w8a8", "rms_norm", "table_rows", "argmax")
 
 
 def close(a, b):
@@ -290,6 +290,47 @@ def test_rms_norm_cpu_matches_ref(shape):
     ref = registry.get("rms_norm", "ref")(x, w, 1e-5)
     close(ref, F.rms_norm(x, (shape[-1],), w, 1e-5))
     close(registry.get("rms_norm", "cpu")(x, w, 1e-5), ref)
+
+
+@pytest.mark.parametrize("rows,dp,groups,dim", [(49, 576, 1, 576), (30, 96, 3, 90), (7, 64, 8, 61)])
+def test_table_rows_cpu_matches_ref_and_the_table(rows, dp, groups, dim):
+    """The decoder's embedding lookup: rows of an 8-bit table (one or several groups a row, a padded
+    last group) equal the table module's own dequantized rows, exactly."""
+    from dbquant.format.embedding import TableLayout, dequantize, pack
+    from dbquant.quant.table import quantize_table
+
+    layout = TableLayout(rows=rows, dim=dim, bits=8, group_size=dp // groups)
+    t = pack(*quantize_table(torch.randn(rows, dim, generator=torch.Generator().manual_seed(rows)), layout), layout)
+    assert t["codes"].shape == (rows, dp) and t["code_scales"].shape == (rows, groups)
+    ids = torch.tensor([0, rows - 1, 3, 3])
+    ref = registry.get("table_rows", "ref")(t["codes"], t["code_scales"], ids, dim, 1.5)
+    torch.testing.assert_close(ref, dequantize(t, layout)[ids] * 1.5, rtol=0, atol=0)
+    assert torch.equal(registry.get("table_rows", "cpu")(t["codes"], t["code_scales"], ids, dim, 1.5), ref)
+    with pytest.raises(DbquantError, match=rf"ids must be in 0..{rows - 1}"):
+        registry.get("table_rows", "cpu")(t["codes"], t["code_scales"], torch.tensor([rows]), dim)
+    with pytest.raises(RuntimeError, match="outside the table"):  # the unchecked .run checks too
+        cpu_backend.table_rows_cpu.run(t["codes"], t["code_scales"], torch.tensor([-1]), dim, 1.0)
+
+
+def test_argmax_cpu_is_torch_argmax():
+    """First maximum on ties (within and across the kernel's 512-wide blocks), -inf rows, the first
+    NaN where a row has one, odd widths."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 49153, generator=gen)
+    x[1, 100] = x[1, 3000] = x[1, 40000] = 50.0  # tie across blocks: the first
+    x[2, 700] = x[2, 701] = 50.0  # tie inside a block
+    x[3] = float("-inf")
+    x[4, 9000], x[4, 20000], x[4, 5] = float("nan"), float("nan"), 99.0  # NaN wins, the first one
+    x[5, -1] = 60.0  # the last element
+    want = x.argmax(-1)
+    assert want.tolist()[1:] == [100, 700, 0, 9000, 49152]
+    assert torch.equal(registry.get("argmax", "cpu")(x), want)
+    assert torch.equal(registry.get("argmax", "ref")(x), want)
+    for v in (1, 7, 513):
+        y = torch.randn(3, v, generator=gen)
+        assert torch.equal(registry.get("argmax", "cpu")(y), y.argmax(-1))
+    with pytest.raises(DbquantError, match="x must be float32"):
+        registry.get("argmax", "cpu")(x.double())
 
 
 @pytest.mark.parametrize("op", ["linear_int8", "linear_w8a8", "rms_norm"])

@@ -18,6 +18,10 @@
 //                                    (the same with int8 activations per block of 32, gemv_int8.h)
 //   torch.ops.dbquant.rms_norm_cpu(Tensor x, Tensor w, float eps) -> Tensor
 //                                    (fused RMSNorm over the last dim, decode_ops.h)
+//   torch.ops.dbquant.table_rows_cpu(Tensor codes, Tensor code_scales, Tensor ids, int dim,
+//                                    float scale=1) -> Tensor
+//                                    (rows of an 8-bit group-wise table, float32 [n, dim])
+//   torch.ops.dbquant.argmax_cpu(Tensor x) -> Tensor (torch.argmax(x, -1) of float32 [B, V])
 //   torch.ops.dbquant.attend_cpu(Tensor q, Tensor k, Tensor v, int n, float scale, float softcap=0,
 //                                str isa="auto") -> Tensor
 //                                    (one token's attention over a float cache: the decode step's
@@ -603,6 +607,51 @@ void attend_float_cache(Isa isa, const DecodeLayer& ly, float* kc, float* vc, in
   });
 }
 
+// Rows `ids` of an 8-bit group-wise table (dbquant/format/embedding.py): codes int8 [R, Dp], code_scales
+// float16 [R, G] (G groups of Dp / G channels), ids int64 [n] in 0..R-1 -> float32 [n, dim] (dim <= Dp) =
+// codes * their group's scale * `scale`. One call for the decoder's per-token lookup, where the
+// torch ops of QuantEmbedding.forward cost ~0.2 ms (each one runs cold after a step's weight stream).
+at::Tensor table_rows_cpu(const at::Tensor& codes, const at::Tensor& code_scales, const at::Tensor& ids,
+                          int64_t dim, double scale) {
+  check_input(codes, "codes", at::kChar);
+  check_input(code_scales, "code_scales", at::kHalf);
+  check_input(ids, "ids", at::kLong);
+  TORCH_CHECK(codes.dim() == 2 && code_scales.dim() == 2 && code_scales.size(0) == codes.size(0) &&
+                  code_scales.size(1) > 0 && codes.size(1) % code_scales.size(1) == 0 && ids.dim() == 1 &&
+                  0 < dim && dim <= codes.size(1),
+              "table_rows_cpu: codes must be int8 [R, Dp], code_scales float16 [R, G] with G dividing Dp, ids int64 "
+              "[n] and 0 < dim <= Dp; got ", codes.sizes(), ", ", code_scales.sizes(), ", ", ids.sizes(), ", dim ", dim);
+  const int64_t R = codes.size(0), Dp = codes.size(1), G = code_scales.size(1), g = Dp / G, n = ids.size(0);
+  at::Tensor out = at::empty({n, dim}, codes.options().dtype(at::kFloat));
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const int8_t* c = codes.data_ptr<int8_t>();
+  const at::Half* sc = code_scales.data_ptr<at::Half>();
+  float* o = out.data_ptr<float>();
+  for (int64_t r = 0; r < n; ++r) {
+    TORCH_CHECK(0 <= id[r] && id[r] < R, "table_rows_cpu: id ", id[r], " is outside the table's ", R, " rows");
+    const int8_t* cr = c + id[r] * Dp;
+    for (int64_t j = 0; j < G && j * g < dim; ++j) {
+      const float s = float(sc[id[r] * G + j]) * float(scale);
+      const int64_t e = std::min(dim, (j + 1) * g);
+#pragma omp simd
+      for (int64_t i = j * g; i < e; ++i) o[r * dim + i] = float(cr[i]) * s;
+    }
+  }
+  return out;
+}
+
+// torch.argmax(x, -1) of float32 [B, V] (V >= 1) -> int64 [B]: the first maximum of each row, or its
+// first NaN (decode_ops.h: argmax_row).
+at::Tensor argmax_cpu(const at::Tensor& x) {
+  check_input(x, "x", at::kFloat);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, "argmax_cpu: x must be float32 [B, V] with V >= 1, got ", x.sizes());
+  const int64_t B = x.size(0), V = x.size(1);
+  at::Tensor out = at::empty({B}, x.options().dtype(at::kLong));
+  const Isa isa = dbquant::cpu::best_isa();
+  for (int64_t b = 0; b < B; ++b) out.data_ptr<int64_t>()[b] = dbquant::cpu::argmax_row(isa, x.data_ptr<float>() + b * V, V);
+  return out;
+}
+
 // One token's attention over a float cache, the kernel of attend_float_cache on its own (for tests and
 // benchmarks): q float32 [Hq, D]; k, v float32 [Hk, L, D] with rows 0..n-1 filled; Hq a multiple of Hk.
 // Returns float32 [Hq, D]: softmax(scale q k^T (softcap tanh(. / softcap) where softcap > 0)) v.
@@ -1022,6 +1071,8 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
       "int in_features, int group_size, bool bf16=False, str isa=\"auto\") -> Tensor");
   m.def("linear_int8_cpu(Tensor x, Tensor wq, Tensor s, str isa=\"auto\") -> Tensor");
   m.def("rms_norm_cpu(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("table_rows_cpu(Tensor codes, Tensor code_scales, Tensor ids, int dim, float scale=1.) -> Tensor");
+  m.def("argmax_cpu(Tensor x) -> Tensor");
   m.def("attend_cpu(Tensor q, Tensor k, Tensor v, int n, float scale, float softcap=0., str isa=\"auto\") -> Tensor");
   m.def("linear_w8a8_cpu(Tensor x, Tensor wq, Tensor s, str isa=\"auto\") -> Tensor");
   // The class comes before the op whose schema names it.
@@ -1068,6 +1119,8 @@ TORCH_LIBRARY_IMPL(dbquant, CPU, m) {
   m.impl("linear_int8_cpu", &linear_int8_cpu);
   m.impl("rms_norm_cpu", &rms_norm_cpu);
   m.impl("attend_cpu", &attend_cpu);
+  m.impl("table_rows_cpu", &table_rows_cpu);
+  m.impl("argmax_cpu", &argmax_cpu);
   m.impl("linear_w8a8_cpu", &linear_w8a8_cpu);
   m.impl("decode_layer_cpu", &decode_layer_cpu);
   m.impl("kv_attend_cpu", &kv_attend_cpu);

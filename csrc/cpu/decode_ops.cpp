@@ -17,6 +17,7 @@ namespace cpu {
   void silu_mul(const float*, int64_t, float*);                                                              \
   void gelu_tanh_mul(const float*, int64_t, float*);                                                         \
   void add_scaled(float*, const float*, float, int64_t);                                                     \
+  int64_t argmax_row(const float*, int64_t);                                                                 \
   }
 DO_DECLARE(do_scalar)
 DO_DECLARE(do_avx2)
@@ -56,6 +57,8 @@ void gelu_tanh_mul(Isa isa, const float* gu, int64_t I, float* y) {
 }
 
 void add_scaled(Isa isa, float* x, const float* y, float s, int64_t n) { DO_DISPATCH(add_scaled, x, y, s, n) }
+
+int64_t argmax_row(Isa isa, const float* x, int64_t n) { DO_DISPATCH(argmax_row, x, n) }
 
 #undef DO_DISPATCH
 

@@ -45,5 +45,9 @@ void gelu_tanh_mul(Isa isa, const float* gu, int64_t I, float* y);
 // x[i] += y[i] * s for i < n (a branch joining the residual stream).
 void add_scaled(Isa isa, float* x, const float* y, float s, int64_t n);
 
+// torch.argmax(x[0..n)) for n >= 1: the index of the first maximum, or of the first NaN if any
+// (greedy decoding's pick from the logits).
+int64_t argmax_row(Isa isa, const float* x, int64_t n);
+
 }  // namespace cpu
 }  // namespace dbquant

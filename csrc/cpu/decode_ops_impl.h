@@ -305,6 +305,31 @@ void attend_one_token(const float* q, const float* k, const float* v, int64_t Hq
   }
 }
 
+// torch.argmax of one row: blocks of 512 get their maximum (and whether they hold a NaN) in vector
+// loops, then the first block holding the overall maximum is searched for its first occurrence.
+int64_t argmax_row(const float* x, int64_t n) {
+  constexpr int64_t kBlock = 512;
+  float best = -INFINITY;
+  int64_t best_block = -1;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t e = std::min(n, b0 + kBlock);
+    float mx = -INFINITY;
+    int nan = 0;
+#pragma omp simd reduction(max : mx) reduction(| : nan)
+    for (int64_t i = b0; i < e; ++i) {
+      mx = x[i] > mx ? x[i] : mx;
+      nan |= x[i] != x[i];
+    }
+    if (nan) {  // torch's argmax takes the first NaN as the maximum
+      for (int64_t i = b0; i < e; ++i)
+        if (x[i] != x[i]) return i;
+    }
+    if (best_block < 0 || mx > best) best = mx, best_block = b0;  // ties: the earlier block
+  }
+  for (int64_t i = best_block;; ++i)
+    if (x[i] == best) return i;
+}
+
 void silu_mul(const float* gu, int64_t I, float* y) {
 #pragma omp simd
   for (int64_t i = 0; i < I; ++i) {

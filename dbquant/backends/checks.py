@@ -95,6 +95,21 @@ def check_rms_norm(op: str, x, w) -> None:
     check_tensor(op, "w", w, (torch.float32,), (x.shape[-1],))
 
 
+def check_table_rows(op: str, codes, code_scales, ids, dim: int) -> None:
+    """codes int8 [R, Dp], code_scales float16 [R, G] with G dividing Dp, ids int64 [n] in 0..R-1,
+    0 < dim <= Dp."""
+    check_tensor(op, "codes", codes, (torch.int8,), dim=2)
+    check_tensor(op, "code_scales", code_scales, (torch.float16,), dim=2)
+    check_tensor(op, "ids", ids, (torch.int64,), dim=1)
+    r, dp = codes.shape
+    if code_scales.shape[0] != r or dp % code_scales.shape[1]:
+        fail(op, f"code_scales {tuple(code_scales.shape)} must be [{r}, G] with G dividing {dp}")
+    if not 0 < dim <= dp:
+        fail(op, f"dim must be in 1..{dp}, got {dim}")
+    if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < r):
+        fail(op, f"ids must be in 0..{r - 1}, got {ids.min().item()}..{ids.max().item()}")
+
+
 def check_decode_step(op: str, x, layer, cos, sin, k_cache, v_cache, pos) -> None:
     """The per-token arguments of ``decode_layer`` against ``layer``'s sizes (a ``t16.DecodeLayerWeights``)."""
     h, hk, d = layer.hidden, layer.n_kv, layer.head_dim

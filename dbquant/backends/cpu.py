@@ -20,7 +20,7 @@ import warnings
 import torch
 
 from .checks import (KernelInputError, check_activations, check_decode_step, check_int8_head, check_packed,
-                     check_rms_norm, check_tensor)
+                     check_rms_norm, check_table_rows, check_tensor)
 from .kvpack import CODE_FIELDS, FLOAT_FIELDS, PackedKVLayer, check_kv_attend
 from .reference import Q8_BLOCK
 from .cpuinfo import fast_bf16_cpu
@@ -246,6 +246,25 @@ def rms_norm_cpu(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.ops.dbquant.rms_norm_cpu(x.contiguous(), w.contiguous(), float(eps))
 
 
+def table_rows_cpu(codes: torch.Tensor, code_scales: torch.Tensor, ids: torch.Tensor, dim: int,
+                   scale: float = 1.0) -> torch.Tensor:
+    """Rows of an 8-bit group-wise table (C++ ``table_rows_cpu``); contract of
+    :func:`dbquant.backends.reference.table_rows_ref`. ``.run`` skips the Python checks (the C++ op
+    checks shapes and ids itself): the decoder's per-token embedding lookup."""
+    _require()
+    check_table_rows("table_rows_cpu", codes, code_scales, ids, dim)
+    return torch.ops.dbquant.table_rows_cpu(codes.contiguous(), code_scales.contiguous(), ids.contiguous(), int(dim),
+                                            float(scale))
+
+
+def argmax_cpu(x: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(x, -1) of float32 [B, V] (C++ ``argmax_cpu``); contract of
+    :func:`dbquant.backends.reference.argmax_ref`."""
+    _require()
+    check_tensor("argmax_cpu", "x", x, (torch.float32,), dim=2)
+    return torch.ops.dbquant.argmax_cpu(x.contiguous())
+
+
 def prepare_decode_layer(layer: DecodeLayerWeights):
     """The C++ form of a decoder layer (``torch.classes.dbquant.DecodeLayer``), built once per
     layer: it holds the layer's tensors (already checked) for :func:`decode_layer_cpu`'s ``run``."""
@@ -386,6 +405,8 @@ def _attach_runs() -> None:
     linear_int8_cpu.run = ops.linear_int8_cpu
     linear_w8a8_cpu.run = ops.linear_w8a8_cpu
     rms_norm_cpu.run = ops.rms_norm_cpu
+    table_rows_cpu.run = ops.table_rows_cpu
+    argmax_cpu.run = ops.argmax_cpu
     decode_layer_cpu.run = ops.decode_layer_cpu
     decode_layer_kv_cpu.run = ops.decode_layer_kv_cpu
     decode_step_cpu.run = ops.decode_step_cpu

@@ -17,6 +17,8 @@ from .checks import (
     check_int8_head,
     check_packed,
     check_rms_norm,
+    check_table_rows,
+    check_tensor,
 )
 from .kvpack import PackedKVLayer, check_kv_attend
 from .t16 import DecodeLayerWeights, Projection, canonical
@@ -104,6 +106,22 @@ def rms_norm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim: x float32 [..., D], w float32 [D] -> float32 [..., D]."""
     check_rms_norm("rms_norm_ref", x, w)
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * w
+
+
+def table_rows_ref(codes: torch.Tensor, code_scales: torch.Tensor, ids: torch.Tensor, dim: int,
+                   scale: float = 1.0) -> torch.Tensor:
+    """Rows ``ids`` (int64 [n]) of an 8-bit group-wise table: codes int8 [R, Dp], code_scales float16
+    [R, G] -> float32 [n, dim] = codes x their group's scale x ``scale`` (dbquant/format/embedding.py)."""
+    check_table_rows("table_rows_ref", codes, code_scales, ids, dim)
+    c, s = codes.index_select(0, ids).float(), code_scales.index_select(0, ids).float()
+    g = codes.shape[1] // code_scales.shape[1]
+    return (c * s.repeat_interleave(g, dim=1))[:, :dim] * scale
+
+
+def argmax_ref(x: torch.Tensor) -> torch.Tensor:
+    """Greedy pick: float32 [B, V] -> int64 [B], torch.argmax over the last dim."""
+    check_tensor("argmax_ref", "x", x, (torch.float32,), dim=2)
+    return x.argmax(-1)
 
 
 def _project(p: Projection, x: torch.Tensor) -> torch.Tensor:

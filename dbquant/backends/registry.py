@@ -14,6 +14,8 @@ Ops (:data:`OPS`); every function registered for an op has the signature of its 
 * ``linear_int8``, ``linear_w8a8``: the int8-weight output projection, with float or int8
   activations (``ref``, ``cpu``);
 * ``rms_norm``: RMSNorm over the last dim (``ref``, ``cpu``);
+* ``table_rows``: rows of an 8-bit group-wise table, the decoder's embedding lookup (``ref``, ``cpu``);
+* ``argmax``: the greedy pick from float32 logits (``ref``, ``cpu``);
 * ``kv_attend``: attention of a few query tokens on a packed VidKV cache, read as codes
   (``ref``, ``cpu``; layout in ``dbquant.backends.kvpack``).
 
@@ -35,7 +37,7 @@ import torch
 from ..errors import DbquantError
 from . import cpu, cuda, reference, triton
 
-OPS = ("dbgemm", "decode_layer", "kv_attend", "linear_int8", "linear_w8a8", "rms_norm")
+OPS = ("dbgemm", "decode_layer", "kv_attend", "linear_int8", "linear_w8a8", "rms_norm", "table_rows", "argmax")
 BACKENDS = ("ref", "cpu", "triton", "cuda")
 # Best first, per device type. ``ref`` closes every list so ``auto`` always resolves.
 PREFERENCE = {"cpu": ("cpu", "ref"), "cuda": ("cuda", "triton", "ref")}
@@ -73,6 +75,8 @@ def _load_cpu() -> None:
         register("linear_w8a8", "cpu")(cpu.linear_w8a8_cpu)
         register("rms_norm", "cpu")(cpu.rms_norm_cpu)
         register("kv_attend", "cpu")(cpu.kv_attend_cpu)
+        register("table_rows", "cpu")(cpu.table_rows_cpu)
+        register("argmax", "cpu")(cpu.argmax_cpu)
     else:
         _UNAVAILABLE["cpu"] = cpu._cpu_error
 
@@ -100,6 +104,8 @@ register("linear_int8", "ref")(reference.linear_int8_ref)
 register("linear_w8a8", "ref")(reference.linear_w8a8_ref)
 register("rms_norm", "ref")(reference.rms_norm_ref)
 register("kv_attend", "ref")(reference.kv_attend_ref)
+register("table_rows", "ref")(reference.table_rows_ref)
+register("argmax", "ref")(reference.argmax_ref)
 
 
 def available(backend: str, op: str = "dbgemm") -> bool:

@@ -41,7 +41,7 @@ from ..backends import registry
 from ..backends.hugepages import into_huge_pages, zeros_in_huge_pages
 from ..backends.t16 import CpuWeight, DecodeLayerWeights, Projection, widen
 from ..errors import DbquantError
-from ..model.embedding import head_weight, int8_rows
+from ..model.embedding import QuantEmbedding, head_weight, int8_rows
 from ..model.modules import PackedLinear
 from .kv.packed import PackedKVCache, check_packable
 from .kv.spec import KVSpec, parse_kv
@@ -262,6 +262,10 @@ class FastDecoder:
         native = self.device.type == "cpu" and registry.available("cpu")
         self.rms_norm = registry.get("rms_norm", "cpu").run if native else None
         self.decode_layer = registry.get("decode_layer", "cpu") if native else None
+        # A token's embedding lookup and greedy pick in one native call each: their torch ops cost
+        # ~0.2 ms apiece per token, every one running cold after the step's weight stream.
+        self.embed_rows = self._native_embed_rows() if native else None
+        self.argmax = registry.get("argmax", "cpu").run if native else None
         self.native = self._native_layers() if native else None
         # every layer of a one-token step in one native call (the Python loop cost ~15 us a layer)
         self.stack = None if self.native is None else cpu_backend.prepare_decode_stack(
@@ -356,6 +360,24 @@ class FastDecoder:
                 self.k_cache = torch.zeros(shape, device=self.device)
                 self.v_cache = torch.zeros(shape, device=self.device)
 
+    def _native_embed_rows(self):
+        """ids int64 [n] -> float32 [n, hidden] through the registry's ``table_rows`` when the input
+        embedding is an 8-bit table (the default), else None (the module's own forward)."""
+        emb = self.embed
+        if not isinstance(emb, QuantEmbedding) or emb.layout.bits != 8:
+            return None
+        t, dim, scale = emb.tensors(), emb.layout.dim, emb.embed_scale
+        rows = registry.get("table_rows", "cpu").run
+        return lambda ids: rows(t["codes"], t["code_scales"], ids, dim, scale)
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens int64 [B, T] -> float32 [B*T, hidden] (Granite's multiplier included)."""
+        if self.embed_rows is not None and tokens.dtype == torch.int64:
+            x = self.embed_rows(tokens.reshape(-1).contiguous())
+        else:
+            x = self.embed(tokens).float().reshape(tokens.numel(), -1)
+        return x * self.embed_scale if self.embed_scale != 1.0 else x
+
     def _rms(self, x: torch.Tensor, norm: Norm) -> torch.Tensor:
         """RMSNorm of x (float32 [..., D]) with ``norm``: the registry's fused ``rms_norm`` on
         the CPU, else torch's rms_norm."""
@@ -381,9 +403,7 @@ class FastDecoder:
             raise DbquantError(f"sequence of {pos + t} tokens exceeds the decoder's max_len={self.max_len}")
         if self.kv_cache is not None:
             return self._logits(self._rms(self._forward_kv(tokens, pos), self.norm))
-        x = self.embed(tokens).float().reshape(b * t, -1)  # [B*T, hidden]
-        if self.embed_scale != 1.0:
-            x = x * self.embed_scale
+        x = self._embed(tokens)  # [B*T, hidden]
         if self.stack is not None and b == 1 and t == 1:  # one token: one native call for every layer
             cpu_backend.decode_step_cpu.run(x, self.stack, self.k_cache, self.v_cache, pos)
         else:
@@ -499,9 +519,7 @@ class FastDecoder:
         for s in range(0, tokens.shape[1], g):
             chunk = tokens[:, s:s + g]
             t, p = chunk.shape[1], pos + s
-            x = self.embed(chunk).float().reshape(t, -1)
-            if self.embed_scale != 1.0:
-                x = x * self.embed_scale
+            x = self._embed(chunk)
             if self.decode_step_kv is not None and t == 1:
                 self.decode_step_kv(x, self.stack, p, c.n_groups, c.n_tail)
             else:
@@ -561,11 +579,10 @@ class FastDecoder:
         seq = torch.cat([ids, torch.stack(out, dim=1)], dim=1)
         return seq, DecodeStats(t, len(out), prefill_s, decode_s, b, steps)
 
-    @staticmethod
-    def _pick(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
+    def _pick(self, logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
         """Next token per row from float32 logits [B, vocab]."""
         if not do_sample:
-            return logits.argmax(-1)
+            return logits.argmax(-1) if self.argmax is None else self.argmax(logits.contiguous())
         logits = logits / max(temperature, 1e-5)
         if top_k and top_k < logits.shape[-1]:
             kth = logits.topk(top_k, dim=-1).values[:, -1:]
