@@ -563,18 +563,20 @@ class FastDecoder:
         nxt = self._pick(logits, do_sample, temperature, top_k, top_p, generator)
         prefill_s = time.perf_counter() - t0
         out = [nxt]
-        done = torch.tensor([int(v) in eos for v in nxt.tolist()])
+        # plain Python bools: a torch op per token costs tens of us here (it runs cold after a step)
+        done = [v in eos for v in nxt.tolist()]
         steps = []
         t1 = time.perf_counter()
         for i in range(1, max_new_tokens):
-            if i >= min_new_tokens and bool(done.all()):
+            if i >= min_new_tokens and all(done):
                 break
             s = time.perf_counter()
             logits = self.forward(nxt[:, None], t + i - 1)
             nxt = self._pick(logits, do_sample, temperature, top_k, top_p, generator)
             steps.append(time.perf_counter() - s)
             out.append(nxt)
-            done |= torch.tensor([int(v) in eos for v in nxt.tolist()])
+            if eos:
+                done = [d or v in eos for d, v in zip(done, nxt.tolist())]
         decode_s = time.perf_counter() - t1
         seq = torch.cat([ids, torch.stack(out, dim=1)], dim=1)
         return seq, DecodeStats(t, len(out), prefill_s, decode_s, b, steps)
