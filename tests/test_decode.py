@@ -159,6 +159,8 @@ def _native_step_matches(model_type, cfg):
     H, D = model.config.hidden_size, native.head_dim
     with pytest.raises(RuntimeError, match=rf"decode_step_cpu: x must be \[1, {H}\]"):
         step(torch.zeros(1, H - 1), native.stack, native.k_cache, native.v_cache, 0)
+    with pytest.raises(RuntimeError, match=rf"set_final_norm: w must be float32 \[{H}\]"):
+        native.stack.set_final_norm(torch.ones(H - 1), 1e-5)
     run, layer = native.decode_layer.run, native.native[0]
     x = torch.zeros(1, model.config.hidden_size)
     with pytest.raises(RuntimeError, match=r"pos 32 is outside the cache \(max_len 32\)"):
@@ -170,7 +172,7 @@ def _native_step_matches(model_type, cfg):
 
 
 def _steps_on_threads(model, threads):
-    """The residual streams after decode_step_cpu at positions 4..10 (after a 4-token prefill on one
+    """The hidden states after decode_step_cpu (the final norm included) at positions 4..10 (after a 4-token prefill on one
     thread: BLAS may round differently on more) and the caches, the steps run with `threads` torch
     threads."""
     prev = torch.get_num_threads()

@@ -49,7 +49,9 @@
 //                                    (decode_layer_cpu with the packed cache)
 //   torch.classes.dbquant.DecodeStack().add(DecodeLayer layer, Tensor cos, Tensor sin)
 //                                    .set_kv(int i, KVPacked kv)
-//                                    (a decoder's layers with their RoPE tables [max_len, D])
+//                                    .set_final_norm(Tensor w, float eps)
+//                                    (a decoder's layers with their RoPE tables [max_len, D]; with a
+//                                     final norm, both step ops end with it)
 //   torch.ops.dbquant.decode_step_cpu(Tensor(a!) x, DecodeStack stack, Tensor(b!) k_cache,
 //                                    Tensor(c!) v_cache, int pos) -> ()
 //                                    (every layer for one token, in place; caches
@@ -928,6 +930,25 @@ struct DecodeStack : torch::CustomClassHolder {
     packed[i] = kv;
   }
 
+  // The model's final RMSNorm (float32 [H], folded into the norm's weight as dbquant/runtime/decode.py
+  // folds Gemma's 1 + w), applied in place after the last layer by both step ops once set: a token's
+  // separate norm op cost ~0.09-0.15 ms in the framework, cold after the step's weight stream.
+  void set_final_norm(at::Tensor w, double eps) {
+    check_input(w, "final_norm", at::kFloat);
+    TORCH_CHECK(!layers.empty() && w.dim() == 1 && w.size(0) == layers[0]->H,
+                "DecodeStack.set_final_norm: w must be float32 [", layers.empty() ? 0 : layers[0]->H,
+                "] after the layers are added, got ", w.sizes());
+    final_norm = std::move(w);
+    final_eps = eps;
+  }
+
+  // x float32 [1, H] through the final norm, in place, if one is set.
+  void apply_final_norm(float* xp) const {
+    if (final_norm.defined())
+      dbquant::cpu::rms_norm_rows(dbquant::cpu::best_isa(), xp, final_norm.data_ptr<float>(), float(final_eps),
+                                  layers[0]->H, xp, 0, 1);
+  }
+
   int64_t size() const { return int64_t(layers.size()); }
 
   // x float32 [1, H] and a position every table reaches.
@@ -946,6 +967,8 @@ struct DecodeStack : torch::CustomClassHolder {
   std::vector<c10::intrusive_ptr<KVPacked>> packed;  // empty until set_kv
   // sized once here, not per step: the largest layer's layer_step scratch, and the most query heads
   int64_t scratch_floats = 0, max_hq = 0;
+  at::Tensor final_norm;  // undefined until set_final_norm
+  double final_eps = 0.0;
 };
 
 // Every layer of `stack` for one token at `pos`, in place on x float32 [1, H]; layer i's k, v
@@ -978,6 +1001,7 @@ void decode_step_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeStack>&
                  attend_float_cache(isa, ly, kc + i * per, vc + i * per, L, pos, q, k, v, att, sp + own);
                });
   }
+  st.apply_final_norm(xp);
 }
 
 // decode_step_cpu on the packed VidKV caches given with DecodeStack.set_kv: every layer's token
@@ -1001,6 +1025,7 @@ void decode_step_kv_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeStac
                  attend_packed_cache(ly, kv, n_groups, n_tail, q, k, v, att, x.options(), isa);
                });
   }
+  st.apply_final_norm(xp);
 }
 
 // "float" or "int8": the tables lut="auto" uses for the decode GEMV on an ISA path (dbgemm_i8lut.h).
@@ -1097,6 +1122,7 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
       .def(torch::init<>())
       .def("add", &DecodeStack::add)
       .def("set_kv", &DecodeStack::set_kv)
+      .def("set_final_norm", &DecodeStack::set_final_norm)
       .def("size", &DecodeStack::size);
   m.def(
       "decode_step_cpu(Tensor(a!) x, __torch__.torch.classes.dbquant.DecodeStack stack, Tensor(b!) k_cache, "

@@ -343,12 +343,14 @@ def decode_layer_kv_cpu(x: torch.Tensor, layer, cos: torch.Tensor, sin: torch.Te
 # ---- the whole one-token step (every layer in one native call) --------------------------------
 
 
-def prepare_decode_stack(layers: list[tuple]):
+def prepare_decode_stack(layers: list[tuple], final_norm: tuple[torch.Tensor, float] | None = None):
     """The C++ decoder stack (``torch.classes.dbquant.DecodeStack``), built once per decoder.
 
     Args:
         layers: per decoder layer, in order: (prepared ``DecodeLayer`` from
             ``decode_layer_cpu.prepare``, cos, sin: float32 [max_len, D], its RoPE tables).
+        final_norm: (weight float32 [H], eps) of the model's final RMSNorm, or None. When given, both
+            step ops below end with it, in place: x comes back ready for the output projection.
     ``decode_step_cpu.run(x, stack, k_cache, v_cache, pos)`` then runs every layer for one token
     (caches float32 [n_layers, 1, Hk, max_len, D]); after ``stack.set_kv(i, prepare_kv_packed(kv_i))``
     for every layer, ``decode_step_kv_cpu.run(x, stack, pos, n_groups, n_tail)`` does so on the
@@ -359,6 +361,8 @@ def prepare_decode_stack(layers: list[tuple]):
     stack = torch.classes.dbquant.DecodeStack()
     for layer, cos, sin in layers:
         stack.add(layer, cos.float().contiguous(), sin.float().contiguous())
+    if final_norm is not None:
+        stack.set_final_norm(final_norm[0].float().contiguous(), float(final_norm[1]))
     return stack
 
 

@@ -268,8 +268,9 @@ class FastDecoder:
         self.argmax = registry.get("argmax", "cpu").run if native else None
         self.native = self._native_layers() if native else None
         # every layer of a one-token step in one native call (the Python loop cost ~15 us a layer)
+        # (the final norm inside it too: one framework op less a token)
         self.stack = None if self.native is None else cpu_backend.prepare_decode_stack(
-            [(L.native, L.cos, L.sin) for L in self.layers])
+            [(L.native, L.cos, L.sin) for L in self.layers], final_norm=(self.norm.weight, self.norm.eps))
         self._init_kv(kv, native)
 
     def _build_head(self, head: nn.Module, lm_head_dtype, backend: str) -> None:
@@ -402,13 +403,13 @@ class FastDecoder:
         if pos + t > self.max_len:
             raise DbquantError(f"sequence of {pos + t} tokens exceeds the decoder's max_len={self.max_len}")
         if self.kv_cache is not None:
-            return self._logits(self._rms(self._forward_kv(tokens, pos), self.norm))
+            return self._logits(self._forward_kv(tokens, pos))
         x = self._embed(tokens)  # [B*T, hidden]
-        if self.stack is not None and b == 1 and t == 1:  # one token: one native call for every layer
+        if self.stack is not None and b == 1 and t == 1:  # one token: one native call, every layer and the final norm
             cpu_backend.decode_step_cpu.run(x, self.stack, self.k_cache, self.v_cache, pos)
-        else:
-            for i, L in enumerate(self.layers):
-                x = self._layer(x, i, L, b, t, pos)
+            return self._logits(x)
+        for i, L in enumerate(self.layers):
+            x = self._layer(x, i, L, b, t, pos)
         last = x.view(b, t, -1)[:, -1]
         return self._logits(self._rms(last, self.norm))
 
@@ -510,7 +511,7 @@ class FastDecoder:
     def _forward_kv(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """Run tokens (int64 [1, T]) at pos.. through the layers on the packed cache, one group of
         tokens at a time (a long prompt is quantized as it goes: the tail never holds more than
-        residual + 2 groups); returns the last position's hidden state, float32 [1, H]."""
+        residual + 2 groups); returns the last position's hidden state after the final norm, float32 [1, H]."""
         c = self.kv_cache
         if pos != c.n_groups * c.spec.group + c.n_tail:
             raise DbquantError(f"the packed KV cache holds {c.n_groups * c.spec.group + c.n_tail} tokens; "
@@ -520,14 +521,15 @@ class FastDecoder:
             chunk = tokens[:, s:s + g]
             t, p = chunk.shape[1], pos + s
             x = self._embed(chunk)
-            if self.decode_step_kv is not None and t == 1:
+            normed = self.decode_step_kv is not None and t == 1  # the native step ends with the final norm
+            if normed:
                 self.decode_step_kv(x, self.stack, p, c.n_groups, c.n_tail)
             else:
                 for i, L in enumerate(self.layers):
                     x = self._layer(x, i, L, 1, t, p)
             c.n_tail += t
             c.flush()
-        return x[-1:]
+        return x[-1:] if normed else self._rms(x[-1:], self.norm)
 
     def _kv_attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, L: DecoderLayer) -> torch.Tensor:
         """Layer i's attention on the packed cache: k, v float32 [1, Hk, T, D] appended to its tail,
