@@ -308,6 +308,8 @@ def test_table_rows_cpu_matches_ref_and_the_table(rows, dp, groups, dim):
     assert torch.equal(registry.get("table_rows", "cpu")(t["codes"], t["code_scales"], ids, dim, 1.5), ref)
     with pytest.raises(DbquantError, match=rf"ids must be in 0..{rows - 1}"):
         registry.get("table_rows", "cpu")(t["codes"], t["code_scales"], torch.tensor([rows]), dim)
+    with pytest.raises(DbquantError, match=r"dim must be in \d+\.\.\d+ \(codes of"):  # more than a group of padding
+        registry.get("table_rows", "ref")(t["codes"], t["code_scales"], ids, dp - dp // groups, 1.0)
     with pytest.raises(RuntimeError, match="outside the table"):  # the unchecked .run checks too
         cpu_backend.table_rows_cpu.run(t["codes"], t["code_scales"], torch.tensor([-1]), dim, 1.0)
 

@@ -97,15 +97,16 @@ def check_rms_norm(op: str, x, w) -> None:
 
 def check_table_rows(op: str, codes, code_scales, ids, dim: int) -> None:
     """codes int8 [R, Dp], code_scales float16 [R, G] with G dividing Dp, ids int64 [n] in 0..R-1,
-    0 < dim <= Dp."""
+    and Dp the table's padded width for dim: Dp - Dp / G < dim <= Dp (dbquant/format/embedding.py)."""
     check_tensor(op, "codes", codes, (torch.int8,), dim=2)
     check_tensor(op, "code_scales", code_scales, (torch.float16,), dim=2)
     check_tensor(op, "ids", ids, (torch.int64,), dim=1)
     r, dp = codes.shape
     if code_scales.shape[0] != r or dp % code_scales.shape[1]:
         fail(op, f"code_scales {tuple(code_scales.shape)} must be [{r}, G] with G dividing {dp}")
-    if not 0 < dim <= dp:
-        fail(op, f"dim must be in 1..{dp}, got {dim}")
+    g = dp // code_scales.shape[1]
+    if not dp - g < dim <= dp:
+        fail(op, f"dim must be in {dp - g + 1}..{dp} (codes of {dp} channels in groups of {g}), got {dim}")
     if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < r):
         fail(op, f"ids must be in 0..{r - 1}, got {ids.min().item()}..{ids.max().item()}")
 

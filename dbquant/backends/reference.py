@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..format import embedding as table_format
 from ..format import layout
+from ..format.embedding import TableLayout
 from .checks import (
     check_activations,
     check_decode_step,
@@ -113,9 +115,9 @@ def table_rows_ref(codes: torch.Tensor, code_scales: torch.Tensor, ids: torch.Te
     """Rows ``ids`` (int64 [n]) of an 8-bit group-wise table: codes int8 [R, Dp], code_scales float16
     [R, G] -> float32 [n, dim] = codes x their group's scale x ``scale`` (dbquant/format/embedding.py)."""
     check_table_rows("table_rows_ref", codes, code_scales, ids, dim)
-    c, s = codes.index_select(0, ids).float(), code_scales.index_select(0, ids).float()
-    g = codes.shape[1] // code_scales.shape[1]
-    return (c * s.repeat_interleave(g, dim=1))[:, :dim] * scale
+    table = TableLayout(rows=codes.shape[0], dim=dim, bits=8, group_size=codes.shape[1] // code_scales.shape[1])
+    rows = {"codes": codes.index_select(0, ids), "code_scales": code_scales.index_select(0, ids)}
+    return table_format.dequantize(rows, table) * scale  # the format's own definition, as QuantEmbedding's lookup
 
 
 def argmax_ref(x: torch.Tensor) -> torch.Tensor:
