@@ -11,8 +11,8 @@ What was measured (docs/RESULTS.md, ``benchmarks/dad_throughput.py``):
 - an Intel Xeon with AMX-BF16 (oneDNN's tile GEMM; 2026-12-02): DAD 1.60x, a block-wise training step
   1.62x, the fp32 teacher's forward 2.07x under bf16;
 - AMD Zen 4 (family 25 with AVX512-BF16, 512-bit ops on a 256-bit datapath; 2026-12-04): DAD 1.53x
-  with the latent weights, 1.54x scales only, and torch's bf16 GEMM 1.4-2.9x its fp32 one at prefill
-  shapes. Zen 3 is family 25 too, but has no AVX512-BF16, so the flag tells them apart.
+  with the latent weights, 1.54x scales only, and the decoder's 128-token prefill 1.9-2.0x by the bf16
+  GEMM (``bench --e2e``). Zen 3 is family 25 too, but has no AVX512-BF16, so the flag tells them apart.
 """
 
 from __future__ import annotations
