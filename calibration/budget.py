@@ -85,8 +85,8 @@ class Costs:
     bf16_dad_factor: tuple = (("zen5", (0.6, 0.6)), ("amx", (0.88, 0.95)), ("zen4", (0.67, 0.64)))
     bf16_block_factor: tuple = (("zen5", 1.0), ("amx", 0.93), ("zen4", 0.64))
     # the cached teacher's forward under DAD's bf16 autocast: AMX 0.78x (the quiet `default` run, 2 threads:
-    # 131 s against 168 s in fp32; 0.68x on 8 windows at 1 thread, benchmarks/teacher_bf16.py); not measured on Zen 5 (1.0);
-    # Zen 4 0.6 of the reference's fp32 prediction (`fast` 26.0 s against 32.2 s, `default` 89.1 s against
+    # 131 s against 168 s in fp32; 0.68x on 8 windows at 1 thread, benchmarks/teacher_bf16.py); not measured on
+    # Zen 5 (1.0); Zen 4 0.6 of the reference's fp32 prediction (`fast` 26.0 s against 32.2 s, `default` 89.1 s against
     # 171.6 s: ~11 s fixed and 0.45x per window; 0.6 keeps both presets inside their budgets)
     bf16_forward_factor: tuple = (("zen5", 1.0), ("amx", 0.78), ("zen4", 0.6))
     # 0.82x the tokens/s (1.22) under forced bf16 on a CPU where it is not fast (the reference CPU; DAD)

@@ -102,8 +102,8 @@ def test_bf16_autocast_costs_what_this_cpu_kind_measured(monkeypatch, kind, pres
     """A training step under bf16 costs its CPU kind's measured factor against the reference CPU's fp32
     step (DAD: 0.6 on Zen 5; with AMX 0.88 training scales (`fast`), 0.95 with the latent weights
     (`default`); on Zen 4 0.67 / 0.64; block-wise: 1.0, i.e. not measured, on Zen 5, 0.93 with AMX, 0.64 on
-    Zen 4; the cached teacher's forward: 1.0 on Zen 5, 0.78 with AMX, 0.6 on Zen 4) where bf16 is fast, 1.22x where it is not; `auto` is fp32 on a
-    CPU without fast bf16. Nothing else moves."""
+    Zen 4; the cached teacher's forward: 1.0 on Zen 5, 0.78 with AMX, 0.6 on Zen 4) where bf16 is fast, 1.22x
+    where it is not; `auto` is fp32 on a CPU without fast bf16. Nothing else moves."""
     monkeypatch.setattr(budget, "bf16_kind", lambda: kind)
     weights = preset == "default"
     dad_f, bw_f, fw_f = {"zen5": (0.6, 1.0, 1.0), "amx": (0.95 if weights else 0.88, 0.93, 0.78),

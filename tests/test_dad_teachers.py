@@ -145,6 +145,14 @@ def test_cpu_bf16_detection(monkeypatch, no_torch_probe, vendor, family, flags, 
     assert precision.autocast_dtype("bf16", "cpu") == torch.bfloat16 and precision.autocast_dtype("off", "cpu") is None
 
 
+@pytest.mark.parametrize("vendor,family,flags,kind", [
+    (INTEL, 6, {"avx512_bf16", "amx_bf16"}, "amx"), (AMD, 26, {"avx512_bf16"}, "zen5"),
+    (AMD, 27, {"avx512_bf16"}, "zen5"), (AMD, 25, {"avx512_bf16"}, "zen4"), (AMD, 25, {"avx2"}, None)])
+def test_bf16_kind_names_the_cpu(no_torch_probe, vendor, family, flags, kind):
+    """The kind picks the time model's factors (calibration/budget.py), so Zen 4 must not pass for Zen 5."""
+    assert cpuinfo.bf16_kind({"vendor": vendor, "family": family, "flags": flags}) == kind
+
+
 def test_cpuinfo_reads_the_first_processor(tmp_path, monkeypatch):
     text = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nflags\t\t: fpu avx2 avx512_bf16\n\n"
             "processor\t: 1\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nflags\t\t: fpu\n")

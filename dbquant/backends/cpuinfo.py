@@ -47,8 +47,8 @@ def cpu_info() -> dict:
 
 def bf16_kind(info: dict | None = None) -> str | None:
     """Which kind of fast bf16 this CPU has: ``"amx"`` (AMX-BF16 tiles), ``"zen5"`` (AMD family >= 26
-    with AVX512-BF16), ``"zen4"`` (AMD family 25 with AVX512-BF16), or None where bf16 matmuls do not pay (the rule above). The time model
-    (calibration/budget.py) keeps one measured cost factor per kind.
+    with AVX512-BF16), ``"zen4"`` (AMD family 25 with AVX512-BF16), or None where bf16 matmuls do not
+    pay (the rule above). The time model (calibration/budget.py) keeps one measured cost factor per kind.
 
     info: a :func:`cpu_info` dict (default: this machine's). AMX is asked of torch's own probe where
     the build has it and no ``info`` is given, else read from the flags.
