@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from dbquant.calibration.precision import autocast_dtype, autocast_to
 from dbquant.calibration.runstate import RunState, check_finite
 from dbquant.errors import DbquantError
+from dbquant.format.layout import LinearLayout
 from dbquant.model.convert import replace_module
 from dbquant.model.modules import FakeQuantLinear
 from dbquant.model.plan import LinearPlan, block_path, decoder_blocks
@@ -64,12 +65,12 @@ def to_fakequant(model: nn.Module, names: list[str], init: dict[str, fdb.DualBin
         replace_module(model, n, fq)
 
 
-def placeholder(linear: nn.Module, group_size: int, offset: bool, planes: int = 2) -> fdb.DualBinaryWeight:
-    """A zero-scale DualBinaryWeight of the right shapes (its values are overwritten by a load)."""
+def placeholder(linear: nn.Module, lay: LinearLayout) -> fdb.DualBinaryWeight:
+    """A zero-scale DualBinaryWeight of ``lay``'s shapes (its values are overwritten by a load)."""
     w = linear.weight.detach().float()
-    g = fdb.to_groups(w, group_size)
-    return fdb.finalize(g, torch.zeros(*g.shape[:2], planes), torch.zeros(g.shape[:2]) if offset else None,
-                        w.shape[1])
+    g = fdb.to_groups(w, lay.group_size)
+    return fdb.finalize(g, torch.zeros(*g.shape[:2], lay.planes), torch.zeros(g.shape[:2]) if lay.offset else None,
+                        w.shape[1], lay.scale_bits)
 
 
 @torch.no_grad()
@@ -350,7 +351,7 @@ def blockwise_reconstruct(model: nn.Module, plan: list[LinearPlan], init: dict[s
         for n in names_i:
             if n not in init:
                 p = plan_by_name[n]
-                init[n] = placeholder(model.get_submodule(n), p.layout.group_size, p.layout.offset, p.layout.planes)
+                init[n] = placeholder(model.get_submodule(n), p.layout)
 
     # Finished blocks come back from their files; the quantized chain's activations from acts-NNN.pt.
     for i in range(start_block):
@@ -484,7 +485,8 @@ def _targets_and_init(job: BlockRun, prefix: str, block: nn.Module, names_i: lis
         p = job.plan_by_name[n]
         w = job.model.get_submodule(n).weight.detach().float()
         job.init[n] = fdb.quantize_fdb(w, p.layout.group_size, imp[n].to(w.device), p.layout.offset, job.iters,
-                                       grid=10, planes=p.layout.planes)  # training follows: a coarser search suffices
+                                       grid=10, planes=p.layout.planes, scale_bits=p.layout.scale_bits)
+        # (grid 10: training follows, a coarser search suffices)
     return y_fp, stats_s
 
 
@@ -556,8 +558,7 @@ def load_finished_blocks(model: nn.Module, plan: list[LinearPlan], run: RunState
     names = block_names(model, plan)
     plan_by_name = {p.name: p for p in plan}
     for i, block in enumerate(blocks):
-        to_fakequant(model, names[i], {n: placeholder(model.get_submodule(n), plan_by_name[n].layout.group_size,
-                                                      plan_by_name[n].layout.offset, plan_by_name[n].layout.planes)
+        to_fakequant(model, names[i], {n: placeholder(model.get_submodule(n), plan_by_name[n].layout)
                                        for n in names[i]})
         saved = run.load(f"block-{i:03d}.pt")
         if saved is None:

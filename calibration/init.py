@@ -32,8 +32,9 @@ def init_weights(model: nn.Module, plan: list[LinearPlan], method: str = "fdb",
     for p in tqdm(plan, desc=f"{method} init", unit="linear", disable=not progress):
         w = model.get_submodule(p.name).weight.detach().float()
         if method == "rtn":
-            out[p.name] = fdb.quantize_rtn(w, p.layout.group_size, p.layout.planes)
+            out[p.name] = fdb.quantize_rtn(w, p.layout.group_size, p.layout.planes, p.layout.scale_bits)
         else:
             h = None if importance is None else importance[p.name]
-            out[p.name] = fdb.quantize_fdb(w, p.layout.group_size, h, p.layout.offset, iters, planes=p.layout.planes)
+            out[p.name] = fdb.quantize_fdb(w, p.layout.group_size, h, p.layout.offset, iters, planes=p.layout.planes,
+                                           scale_bits=p.layout.scale_bits)
     return out

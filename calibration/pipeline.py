@@ -58,7 +58,8 @@ def _init_from_scales(model, plan: list[LinearPlan], saved: dict) -> dict[str, f
     for p in plan:
         w = model.get_submodule(p.name).weight.detach().float()
         alpha, offset = saved[p.name]
-        out[p.name] = fdb.finalize(fdb.to_groups(w, p.layout.group_size), alpha, offset, p.layout.in_features)
+        out[p.name] = fdb.finalize(fdb.to_groups(w, p.layout.group_size), alpha, offset, p.layout.in_features,
+                                   p.layout.scale_bits)
     return out
 
 

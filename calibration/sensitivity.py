@@ -49,7 +49,8 @@ SENSITIVITIES = ("fisher", "kfac", "output", "weight")
 def candidates(lay: LinearLayout, offset: bool, planes: tuple[int, ...] = PLANES) -> list[LinearLayout]:
     """Every layout ``--target-bpw`` may choose for a linear: k in ``planes`` x g in GROUPS (k = 1 with
     an offset; k >= 2 with ``offset`` as the user asked)."""
-    return [LinearLayout(lay.out_features, lay.in_features, g, offset or k == 1, k) for k in planes for g in GROUPS]
+    return [LinearLayout(lay.out_features, lay.in_features, g, offset or k == 1, k, lay.scale_bits)
+            for k in planes for g in GROUPS]
 
 
 def parse_planes(spec: str) -> tuple[int, ...] | None:
@@ -169,7 +170,8 @@ def option_errors(w: torch.Tensor, layouts: list[LinearLayout], importance: torc
     sc = None if score is None else score[idx] if score.dim() == 2 or cov is not None else score
     out = []
     for lay in layouts:
-        q = fdb.quantize_fdb(ws, lay.group_size, importance, lay.offset, iters=2, grid=8, planes=lay.planes)
+        q = fdb.quantize_fdb(ws, lay.group_size, importance, lay.offset, iters=2, grid=8, planes=lay.planes,
+                             scale_bits=lay.scale_bits)
         d = ws - q.dequantize()
         if cov is not None:
             row = ((d @ cov) * d).sum(1)

@@ -94,15 +94,15 @@ def _options(cls, a: argparse.Namespace, **override):
 # ---------------------------------------------------------------- quantize
 
 def _print_plan(plan, bits, out=sys.stdout, tables=()) -> None:
-    print(f"{'module':<48} {'shape':>12} {'k':>2} {'group':>6} {'offset':>6} {'bpw':>6}", file=out)
+    print(f"{'module':<48} {'shape':>12} {'k':>2} {'group':>6} {'scale':>5} {'offset':>6} {'bpw':>6}", file=out)
     for p in plan:
         lay = p.layout
         print(f"{p.name:<48} {f'{lay.out_features}x{lay.in_features}':>12} {lay.planes:>2} {lay.group_size:>6} "
-              f"{str(lay.offset).lower():>6} {lay.bits_per_weight():>6.3f}", file=out)
+              f"{lay.scale_bits:>5} {str(lay.offset).lower():>6} {lay.bits_per_weight():>6.3f}", file=out)
     for t in tables:
         lay = t.layout
         print(f"{t.name:<48} {'(reads the embedding)' if lay is None else f'{lay.rows}x{lay.dim}':>12} {'':>2} "
-              f"{'' if lay is None else lay.group_size:>6} {'':>6} "
+              f"{'' if lay is None else lay.group_size:>6} {'':>5} {'':>6} "
               f"{'' if lay is None else f'{lay.bits_per_weight():.3f}':>6}  {t.kind}", file=out)
     print(f"{len(plan)} linears, {bits['quantized_weights']:,} weights: {bits['bpw']:.4f} bits/weight; "
           f"whole checkpoint {bits['checkpoint_bpw']:.3f} bits/weight, "
@@ -388,17 +388,19 @@ def cmd_inspect(a) -> int:
     if a.json:
         print(json.dumps({"layers": rows, "tables": tables, **summary}))
         return 0
-    hdr = f"{'module':<48} {'shape':>10} {'k':>2} {'g':>4} {'offset':>6} {'bpw':>6}  ones per plane"
+    hdr = f"{'module':<48} {'shape':>10} {'k':>2} {'g':>4} {'scale':>5} {'offset':>6} {'bpw':>6}  ones per plane"
     print(hdr + (f" {'rel err':>9}" if source is not None else ""))
     for r in rows:
         line = (f"{r['module']:<48} {'x'.join(map(str, r['shape'])):>10} {r['planes']:>2} {r['group']:>4} "
-                f"{'yes' if r['offset'] else 'no':>6} {r['bpw']:>6.3f}  {' '.join(f'{d:.3f}' for d in r['density']):<24}")
+                f"{r['scale_bits']:>5} {'yes' if r['offset'] else 'no':>6} {r['bpw']:>6.3f}  {' '.join(f'{d:.3f}' for d in r['density']):<24}")
         print(line + (f" {r['rel_error']:>9.4f}" if source is not None else ""))
     for t in tables:
         if t["bits"] is None:
-            print(f"{t['module']:<48} {'tied':>10} {'':>2} {'':>4} {'':>6} {'':>6}  output projection reads the embedding's table")
+            print(f"{t['module']:<48} {'tied':>10} {'':>2} {'':>4} {'':>5} {'':>6} {'':>6}  "
+                  "output projection reads the embedding's table")
         else:
-            print(f"{t['module']:<48} {'x'.join(map(str, t['shape'])):>10} {'':>2} {t['group']:>4} {'':>6} {t['bpw']:>6.3f}  "
+            print(f"{t['module']:<48} {'x'.join(map(str, t['shape'])):>10} {'':>2} {t['group']:>4} {'':>5} {'':>6} "
+                  f"{t['bpw']:>6.3f}  "
                   f"{t['kind']} table, {t['bits']}-bit{' float' if t['bits'] == 16 else ' int'}")
     print(f"{len(rows)} packed linears: {summary['bpw']:.4f} bits/weight; whole checkpoint "
           f"{summary['checkpoint_bpw']:.3f} bits/parameter ({summary['checkpoint_bytes']:,} bytes of safetensors, "

@@ -29,7 +29,7 @@ from .errors import DbquantError
 from .model import plan as planlib
 from .model.checkpoint import load, save
 from .model.convert import pack_into
-from .format.layout import FORMAT_VERSION
+from .format.layout import FORMAT_VERSION, SCALE_BITS
 from .model import embedding as embedlib
 from .model.embedding import TablePlan
 from .model.hf import DbquantConfig, attach
@@ -103,6 +103,9 @@ class QuantizeOptions:
                                     "fdb (init only), rtn")
     group_size: int = option(64, "input channels per scale group")
     offset: bool = option(False, "store a per-group offset beta (+16 bits/group)")
+    scale_bits: int = option(16, "stored width of each group scale: 16 (float16) or 8 (int8 codes on a float16 "
+                                 "maximum per row: k = 2 at g64 is 2.28 bits per weight instead of 2.5)",
+                             choices=SCALE_BITS)
     target_bpw: float | None = option(None, "choose each linear's bit planes k (1..4) and group size (32/64/128) "
                                             "from its measured sensitivity so the average bits per weight over the "
                                             "quantized linears, every scale counted, is <= B (ignores --group-size)",
@@ -280,7 +283,7 @@ def make_plan(model, opts: QuantizeOptions, tokenizer=None, progress: bool = Tru
     """The linears to quantize and their layouts: uniform (``group_size``, k = 2), or with
     ``target_bpw`` chosen per linear from measured sensitivity (``calibration.sensitivity``);
     the allocation's summary goes into ``report["allocation"]`` when a dict is given."""
-    plan = planlib.make_plan(model, opts.group_size, opts.uses_offset, tuple(opts.modules))
+    plan = planlib.make_plan(model, opts.group_size, opts.uses_offset, tuple(opts.modules), opts.scale_bits)
     if opts.target_bpw is None:
         return plan
     opts = opts.with_calib(tokenizer, model)

@@ -42,7 +42,7 @@ def test_from_pretrained_equals_dbquant_load(tmp_path, modules, offset, method):
     # save_pretrained of a loaded model round-trips, metadata included
     b.save_pretrained(tmp_path / "again")
     meta = json.loads(read_header(tmp_path / "again" / "model.safetensors")["__metadata__"]["dbquant"])
-    assert meta["format_version"] == 2 and meta["group_size"] == 32
+    assert meta["format_version"] == 3 and meta["group_size"] == 32
     assert torch.equal(dbquant.load(tmp_path / "again")(IDS).logits, expect)
 
 
@@ -169,18 +169,20 @@ def test_save_refuses_unpacked_model(tmp_path):
 # ---------------------------------------------------------------- format version 2: k planes per layer
 
 MIXED = [(1, 32, True), (3, 64, False), (4, 32, False), (2, 128, False), (3, 32, True), (2, 64, False)]
+SCALE_BITS = [16, 8, 8, 16, 8]  # cycled beside MIXED (coprime lengths: every pairing occurs)
 
 
 def _mixed_dir(tmp_path, model_type="llama"):
-    """A tiny model quantized with a hand-made plan cycling through MIXED (k, g, offset) layouts."""
+    """A tiny model quantized with a hand-made plan cycling through MIXED (k, g, offset) layouts and
+    SCALE_BITS scale widths."""
     from dataclasses import replace
 
     from dbquant.format.layout import LinearLayout
     from dbquant.model.plan import make_plan
 
     model = make_tiny_model(model_type)
-    plan = [replace(p, layout=LinearLayout(p.layout.out_features, p.layout.in_features, g, off, k))
-            for p, (k, g, off) in zip(make_plan(model, 32), itertools.cycle(MIXED))]
+    plan = [replace(p, layout=LinearLayout(p.layout.out_features, p.layout.in_features, g, off, k, sb))
+            for p, (k, g, off), sb in zip(make_plan(model, 32), itertools.cycle(MIXED), itertools.cycle(SCALE_BITS))]
     quantize(model, None, QuantizeOptions(method="fdb", calib=None, group_size=32), progress=False, plan=plan)
     out = tmp_path / f"mixed-{model_type}"
     dbquant.save(model, out)
@@ -190,15 +192,18 @@ def _mixed_dir(tmp_path, model_type="llama"):
 def test_mixed_checkpoint_loads_identically_both_ways(tmp_path):
     model, out, plan = _mixed_dir(tmp_path)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert cfg["format_version"] == 2
+    assert cfg["format_version"] == 3
     assert {(r["planes"], r["group_size"], r["offset"]) for r in cfg["layers"].values()} == set(MIXED)
+    assert {r["scale_bits"] for r in cfg["layers"].values()} == {8, 16}
     expect = model(IDS).logits
     a, b = dbquant.load(out), AutoModelForCausalLM.from_pretrained(out)
     for p in plan:
         m = b.get_submodule(p.name)
-        assert (m.planes, m.group_size, m.offset is not None) == (p.layout.planes, p.layout.group_size,
-                                                                   p.layout.offset)
+        assert (m.planes, m.group_size, m.offset is not None, m.scale_bits) == (
+            p.layout.planes, p.layout.group_size, p.layout.offset, p.layout.scale_bits)
         assert m.qweight.shape[0] == p.layout.planes and m.scales.shape[-1] == p.layout.planes
+        assert m.scales.dtype == (torch.int8 if p.layout.scale_bits == 8 else torch.float16)
+        assert m.float_scales().dtype == torch.float16
     assert torch.equal(a(IDS).logits, expect) and torch.equal(b(IDS).logits, expect)
     ref = dbquant.load(out, backend="ref")(IDS).logits  # the oracle kernel agrees to float rounding
     torch.testing.assert_close(ref, expect, rtol=FP32_REORDER_LONG, atol=FP32_REORDER_LONG * expect.abs().max().item())
@@ -231,6 +236,57 @@ def test_version_1_checkpoint_still_loads(tmp_path):
     qc["layers"] = {qc["modules"][0]: {"planes": 3}}
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(DbquantError, match="layers needs format_version >= 2"):
+        dbquant.load(out)
+
+
+def test_version_2_checkpoint_still_loads(tmp_path):
+    """A format-2 file (float16 scales, no ``scale_bits`` in its layers): version 3's tensors with 16-bit scales."""
+    from safetensors.torch import load_file, save_file
+
+    model, out = _quantized_dir(tmp_path)
+    expect = model(IDS).logits
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    qc = cfg["quantization_config"]
+    qc["format_version"] = 2
+    for row in qc["layers"].values():
+        assert row.pop("scale_bits") == 16
+    cfg_path.write_text(json.dumps(cfg))
+    f = out / "model.safetensors"
+    header = read_header(f)["__metadata__"]
+    meta = json.loads(header["dbquant"])
+    meta["format_version"] = 2
+    save_file(load_file(f), f, metadata={**header, "dbquant": json.dumps(meta)})
+    a = dbquant.load(out)
+    assert a.config.quantization_config.format_version == 2
+    assert all(m.scale_bits == 16 for m in a.modules() if isinstance(m, PackedLinear))
+    assert torch.equal(a(IDS).logits, expect)
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(IDS).logits, expect)
+    # a version-2 config cannot ask for 8-bit scales
+    qc["layers"][qc["modules"][0]]["scale_bits"] = 8
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(DbquantError, match="scale_bits, which needs format_version >= 3"):
+        dbquant.load(out)
+
+
+def test_eight_bit_scales_checkpoint(tmp_path):
+    """--scale-bits 8: int8 codes on disk, the same logits both ways, 2.25 bits + a row maximum per weight,
+    and a truncated scale_max is refused by name."""
+    from safetensors.torch import load_file, save_file
+
+    model, out = _quantized_dir(tmp_path, scale_bits=8)
+    expect = model(IDS).logits
+    a, b = dbquant.load(out), AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(a(IDS).logits, expect) and torch.equal(b(IDS).logits, expect)
+    m = a.model.layers[0].mlp.down_proj
+    assert m.scales.dtype == torch.int8 and m.scale_max.shape == (m.out_features,)
+    k = m.in_features
+    assert m.layout.bits_per_weight() == pytest.approx(2 + 2 * 8 / 32 + 16 / k)
+    tensors = load_file(out / "model.safetensors")
+    name = next(n for n in tensors if n.endswith("scale_max"))
+    tensors[name] = tensors[name][:-1].clone()
+    save_file(tensors, out / "model.safetensors", metadata=read_header(out / "model.safetensors")["__metadata__"])
+    with pytest.raises(DbquantError, match="scale_max"):
         dbquant.load(out)
 
 

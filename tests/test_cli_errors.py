@@ -87,7 +87,8 @@ def test_inspect_source_reports_relative_error(rtn_dir, tiny_model_dir, capsys):
         assert r["rel_error"] == pytest.approx(expect[r["module"]], rel=1e-4), r["module"]
     code, out, _ = run(capsys, "inspect", rtn_dir, "--source", tiny_model_dir)
     assert code == 0 and "rel err" in out.splitlines()[0]
-    assert out.splitlines()[0].split()[4] == "offset" and out.splitlines()[1].split()[4] == "yes"  # rtn stores beta
+    assert out.splitlines()[0].split()[5] == "offset" and out.splitlines()[1].split()[5] == "yes"  # rtn stores beta
+    assert out.splitlines()[0].split()[4] == "scale" and out.splitlines()[1].split()[4] == "16"
 
 
 def test_inspect_source_without_tokenizer_works(rtn_dir, no_tokenizer_dir, capsys):

@@ -154,7 +154,7 @@ def test_round_trip_both_loaders(tmp_path, tiny_tokenizer, embed_bits, head_bits
     assert ("lm_head.codes" in stored) == (head is QuantHead)
     has_tables = emb_q or head is QuantHead
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["format_version"] == 2 and bool(qc["tables"]) == has_tables
+    assert qc["format_version"] == layout.FORMAT_VERSION and bool(qc["tables"]) == has_tables
     # checkpoint_bpw: every stored byte over all parameters (a tied matrix once)
     size = measured_bits(out, a)
     files_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
@@ -244,7 +244,7 @@ def test_table_config_is_checked(tmp_path, tiny_tokenizer, monkeypatch):
     cfg_path.write_text(json.dumps(cfg))
     # a reader that knows only version 1 refuses the file by its version, not by its tensors
     monkeypatch.setattr(layout, "SUPPORTED_VERSIONS", (1,))
-    with pytest.raises(DbquantError, match="version 2 is not supported"):
+    with pytest.raises(DbquantError, match=f"version {layout.FORMAT_VERSION} is not supported"):
         load(out)
 
 
@@ -253,8 +253,8 @@ def test_v1_checkpoint_still_loads(tmp_path, tiny_tokenizer):
     model, out, _ = _quantized(tmp_path, tiny_tokenizer, "fp32", "auto")
     cfg = json.loads((out / "config.json").read_text())
     qc = cfg["quantization_config"]
-    assert qc["format_version"] == 2 and not qc["tables"] and all(
-        row.get("planes", 2) == 2 for row in qc.get("layers", {}).values())
+    assert qc["format_version"] == 3 and not qc["tables"] and all(
+        row.get("planes", 2) == 2 and row.get("scale_bits", 16) == 16 for row in qc.get("layers", {}).values())
     qc["format_version"] = 1
     qc.pop("tables")
     qc.pop("layers", None)

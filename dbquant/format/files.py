@@ -29,7 +29,7 @@ _ST_WIDTH = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, 
              "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
-PACKED_SUFFIXES = ("qweight", "scales", "offset")  # tensor names of a packed linear (layout.tensor_specs)
+PACKED_SUFFIXES = ("qweight", "scales", "offset", "scale_max")  # tensor names of a packed linear (layout.tensor_specs)
 METADATA_KEY = "dbquant"  # safetensors header metadata key holding the format facts (JSON)
 # Facts of the header metadata that must agree with config.json's quantization_config.
 _META_FACTS = ("format", "format_version", "group_size", "offset", "bit_order")

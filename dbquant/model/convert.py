@@ -40,7 +40,7 @@ def empty_packed_modules(model: nn.Module, plan: list[LinearPlan], backend: str 
         replace_module(model, p.name, PackedLinear(p.layout.in_features, p.layout.out_features, p.layout.group_size,
                                              bias=p.bias, offset=p.layout.offset, device=dev,
                                              dtype=old.weight.dtype, backend=backend,
-                                             planes=p.layout.planes))
+                                             planes=p.layout.planes, scale_bits=p.layout.scale_bits))
 
 
 def pack_into(model: nn.Module, weights: dict[str, DualBinaryWeight], backend: str = "auto") -> None:

@@ -45,8 +45,9 @@ class DbquantConfig(QuantizationConfigMixin):
         modules: module paths of the packed linears.
         group_size: g; offset: whether each group stores a beta (the defaults of every module).
         layers: format version 2: module path -> ``{"planes": k, "group_size": g, "offset": bool}``,
-            that module's own layout (any key left out takes the default above; k defaults to 2).
-            Version 1 has none: every module is k = 2 at ``group_size``.
+            that module's own layout (any key left out takes the default above; k defaults to 2);
+            version 3 adds ``"scale_bits"`` (16 or 8; 16 when left out). Version 1 has none: every
+            module is k = 2 at ``group_size``.
         method: how the weights were obtained (``fdb``, ``rtn``, ...); informational.
         format / format_version: the packed format (``dbquant.format.layout``).
         bpw: effective-bits summary recorded at quantize time; informational.
@@ -108,9 +109,14 @@ class DbquantConfig(QuantizationConfigMixin):
             if name not in listed:
                 raise DbquantError(f"quantization_config.layers names {name!r}, which quantization_config.modules "
                                    "does not list; the config is inconsistent — re-quantize")
-            if not isinstance(row, dict) or set(row) - {"planes", "group_size", "offset"}:
+            if not isinstance(row, dict) or set(row) - {"planes", "group_size", "offset", "scale_bits"}:
                 raise DbquantError(f"quantization_config.layers[{name!r}] = {str(row)[:120]} is not an object of "
-                                   "planes/group_size/offset")
+                                   "planes/group_size/offset/scale_bits")
+            if "scale_bits" in row and int(self.format_version) < layout.SCALE_BITS_VERSION:
+                raise DbquantError(f"quantization_config.layers[{name!r}] gives scale_bits, which needs "
+                                   f"format_version >= {layout.SCALE_BITS_VERSION}; the config says "
+                                   f"{self.format_version!r} — re-quantize")
+            layout.check_scale_bits(row.get("scale_bits", 16))
             layout.check_planes(row.get("planes", layout.PLANES))
             layout.check_group_size(row.get("group_size", self.group_size))
             if not isinstance(row.get("offset", False), bool):
@@ -121,7 +127,8 @@ class DbquantConfig(QuantizationConfigMixin):
         """The packed layout of module ``name`` (its ``layers`` row over the defaults)."""
         row = self.layers.get(name, {})
         return LinearLayout(out_features, in_features, row.get("group_size", self.group_size),
-                            row.get("offset", self.offset), row.get("planes", layout.PLANES))
+                            row.get("offset", self.offset), row.get("planes", layout.PLANES),
+                            row.get("scale_bits", 16))
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)

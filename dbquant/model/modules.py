@@ -36,6 +36,7 @@ class FakeQuantLinear(nn.Module):
         n, k = weight.shape
         self.in_features, self.out_features = k, n
         self.group_size = q.layout.group_size
+        self.scale_bits = q.layout.scale_bits  # the scales train in float32; export rounds them to this width
         self.weight = nn.Parameter(weight.detach().float().clone())
         self.alpha = nn.Parameter(q.alpha.detach().clone())
         self.offset = None if q.offset is None else nn.Parameter(q.offset.detach().clone())
@@ -58,14 +59,16 @@ class FakeQuantLinear(nn.Module):
         """Planes and stored-precision scales of the current state (for packing)."""
         wg = fdb.to_groups(self.weight, self.group_size)
         return fdb.finalize(wg, self.alpha.detach().float(), None if self.offset is None
-                           else self.offset.detach().float(), self.in_features)
+                            else self.offset.detach().float(), self.in_features, self.scale_bits)
 
 
 class PackedLinear(nn.Module):
     """Inference linear over the canonical packed format (``dbquant.format.layout``).
 
     Buffers (the state-dict names are the on-disk names):
-        qweight: uint8 [k, N, Kp/8]; scales: float16 [N, G, k]; offset: float16 [N, G] (optional).
+        qweight: uint8 [k, N, Kp/8]; scales: float16 [N, G, k], or with ``scale_bits`` 8 int8 codes
+        [N, G, k] and scale_max: float16 [N]; offset: float16 [N, G] (optional). Kernels take the
+        float16 scales of :meth:`float_scales`.
     Parameter:
         bias: [N] (optional; same dtype as the model's dense params).
 
@@ -73,10 +76,11 @@ class PackedLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
-                 offset: bool = False, device=None, dtype=None, backend: str = "auto", planes: int = layout.PLANES):
+                 offset: bool = False, device=None, dtype=None, backend: str = "auto", planes: int = layout.PLANES,
+                 scale_bits: int = 16):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.planes = planes
+        self.planes, self.scale_bits = planes, layout.check_scale_bits(scale_bits)
         self.backend = backend
         for name, (shape, dt) in self.layout_for(offset).tensor_specs().items():
             self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
@@ -85,7 +89,8 @@ class PackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
     def layout_for(self, offset: bool) -> LinearLayout:
-        return LinearLayout(self.out_features, self.in_features, self.group_size, offset, self.planes)
+        return LinearLayout(self.out_features, self.in_features, self.group_size, offset, self.planes,
+                            self.scale_bits)
 
     @property
     def layout(self) -> LinearLayout:
@@ -96,38 +101,53 @@ class PackedLinear(nn.Module):
                     backend: str = "auto") -> "PackedLinear":
         lay = q.layout
         mod = cls(lay.in_features, lay.out_features, lay.group_size, bias is not None, lay.offset,
-                  dtype=None if bias is None else bias.dtype, backend=backend, planes=lay.planes)
+                  dtype=None if bias is None else bias.dtype, backend=backend, planes=lay.planes,
+                  scale_bits=lay.scale_bits)
         for name, t in layout.pack(q.planes, q.alpha, q.offset, lay).items():
             getattr(mod, name).copy_(t)
         if bias is not None:
             mod.bias.data.copy_(bias.detach())
         return mod
 
+    def float_scales(self) -> torch.Tensor:
+        """float16 [N, G, k]: the scales kernels take (the stored ones, or 8-bit codes decoded;
+        the decoded copy is kept until the buffers change)."""
+        if self.scale_bits == 16:
+            return self.scales
+        key = (_identity(self.scales), _identity(self.scale_max))
+        cached = self.__dict__.get("_scales_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, layout.float_scales(self.scales, self.scale_max))
+            self.__dict__["_scales_cache"] = cached  # a plain attribute: not in the state dict
+        return cached[1]
+
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K] weight this module computes with."""
-        return dequantize_ref(self.qweight, self.scales, self.offset, self.in_features)
+        return dequantize_ref(self.qweight, self.float_scales(), self.offset, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = registry.get("dbgemm", self.backend, x.device, registry.rows_of(x))
         if getattr(kernel, "prepare", None) is None:
-            return kernel(x, self.qweight, self.scales, self.offset, self.bias, self.in_features,
+            return kernel(x, self.qweight, self.float_scales(), self.offset, self.bias, self.in_features,
                           self.group_size)
         return kernel.run(x, self._prepared(kernel), self.bias)
 
     def _prepared(self, kernel):
         """The weight in ``kernel``'s own layout, built on first use and rebuilt only when
         the buffers change (moved, reloaded or modified in place)."""
-        key = (kernel, *(_identity(t) for t in (self.qweight, self.scales, self.offset)))
+        bufs = (self.qweight, self.scales, self.offset, getattr(self, "scale_max", None))
+        key = (kernel, *(_identity(t) for t in bufs))
         cached = self.__dict__.get("_prepared_cache")
         if cached is None or cached[0] != key:
-            cached = (key, kernel.prepare(self.qweight, self.scales, self.offset, self.in_features,
+            cached = (key, kernel.prepare(self.qweight, self.float_scales(), self.offset, self.in_features,
                                           self.group_size))
             self.__dict__["_prepared_cache"] = cached  # a plain attribute: not in the state dict
         return cached[1]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, planes={self.planes}, offset={self.offset is not None}, "
+                f"group_size={self.group_size}, planes={self.planes}, scale_bits={self.scale_bits}, "
+                f"offset={self.offset is not None}, "
                 f"bias={self.bias is not None}, backend={self.backend}")
 
 

@@ -106,7 +106,7 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def make_plan(model: nn.Module, group_size: int = 64, offset: bool = False,
-              modules: tuple[str, ...] = ("decoder",)) -> list[LinearPlan]:
+              modules: tuple[str, ...] = ("decoder",), scale_bits: int = 16) -> list[LinearPlan]:
     """List the linears to quantize, in model order.
 
     Args:
@@ -133,7 +133,7 @@ def make_plan(model: nn.Module, group_size: int = 64, offset: bool = False,
         if name in wanted:
             if not isinstance(mod, nn.Linear):
                 raise DbquantError(f"{name} is a {type(mod).__name__}, not an nn.Linear; it cannot be quantized")
-            lay = LinearLayout(mod.out_features, mod.in_features, group_size, offset)
+            lay = LinearLayout(mod.out_features, mod.in_features, group_size, offset, scale_bits=scale_bits)
             plan.append(LinearPlan(name, lay, mod.bias is not None))
     return plan
 
@@ -166,7 +166,7 @@ def bits_summary(plan: list[LinearPlan], model: nn.Module, tables: tuple = ()) -
 
 
 def layer_rows(plan: list[LinearPlan]) -> dict[str, dict]:
-    """``quantization_config.layers`` (format version 2) of a plan: each module's own k, group
-    size and offset, ``{name: {"planes": k, "group_size": g, "offset": bool}}``."""
-    return {p.name: {"planes": p.layout.planes, "group_size": p.layout.group_size, "offset": p.layout.offset}
-            for p in plan}
+    """``quantization_config.layers`` (format version 3) of a plan: each module's own k, group
+    size, offset and scale width, ``{name: {"planes": k, "group_size": g, "offset": bool, "scale_bits": b}}``."""
+    return {p.name: {"planes": p.layout.planes, "group_size": p.layout.group_size, "offset": p.layout.offset,
+                     "scale_bits": p.layout.scale_bits} for p in plan}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..format.layout import SCALE_DTYPE, LinearLayout, check_group_size, check_planes, dequantize
+from ..format.layout import LinearLayout, check_group_size, check_planes, check_scale_bits, dequantize, storable_scales
 
 
 @dataclass
@@ -29,15 +29,18 @@ class DualBinaryWeight:
 
     Attributes:
         planes: uint8 [k, N, Kp] bit planes (padded channels are 0).
-        alpha: float32 [N, G, k] scales, already representable in float16.
-        offset: float32 [N, G] or None.
+        alpha: float32 [N, G, k] scales, already representable at ``scale_bits`` (float16, or int8
+            codes with a float16 row maximum: ``dbquant.format.layout.storable_scales``).
+        offset: float32 [N, G] or None (representable in float16).
         in_features: K (the unpadded width).
+        scale_bits: 16 or 8, the width the scales are stored at.
     """
 
     planes: torch.Tensor
     alpha: torch.Tensor
     offset: torch.Tensor | None
     in_features: int
+    scale_bits: int = 16
 
     @property
     def b1(self) -> torch.Tensor:
@@ -50,7 +53,8 @@ class DualBinaryWeight:
     @property
     def layout(self) -> LinearLayout:
         k, n, kp = self.planes.shape
-        return LinearLayout(n, self.in_features, kp // self.alpha.shape[1], self.offset is not None, k)
+        return LinearLayout(n, self.in_features, kp // self.alpha.shape[1], self.offset is not None, k,
+                            self.scale_bits)
 
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K]."""
@@ -305,12 +309,10 @@ def solve_scales(wg, planes, h, with_offset: bool):
     return sol[..., :k], (sol[..., k] if with_offset else None)
 
 
-def to_storable(x: torch.Tensor | None) -> torch.Tensor | None:
-    """Round to what the format stores (float16), back in float32, so bits fit the stored scales."""
-    if x is None:
-        return None
-    fmax = torch.finfo(SCALE_DTYPE).max
-    return x.clamp(-fmax, fmax).to(SCALE_DTYPE).float()
+def to_storable(x: torch.Tensor | None, scale_bits: int = 16) -> torch.Tensor | None:
+    """Round scales (or an offset, always float16) to what the format stores, back in float32, so
+    bits fit the stored scales."""
+    return None if x is None else storable_scales(x, scale_bits)
 
 
 def refine(wg, h, alpha, offset=None, iters: int = 8):
@@ -345,19 +347,20 @@ def refine(wg, h, alpha, offset=None, iters: int = 8):
 
 # ---------------------------------------------------------------- entry points
 
-def finalize(wg, alpha, offset, in_features) -> DualBinaryWeight:
-    """Round scales to their stored precision, reassign bits against them, clear padding."""
-    alpha, offset = to_storable(alpha), to_storable(offset)
+def finalize(wg, alpha, offset, in_features, scale_bits: int = 16) -> DualBinaryWeight:
+    """Round scales to their stored precision (``scale_bits``), reassign bits against them, clear padding."""
+    alpha, offset = to_storable(alpha, check_scale_bits(scale_bits)), to_storable(offset)
     planes = assign_bits(wg, alpha, offset)
     n, g, gs = wg.shape
     pad = (torch.arange(g * gs, device=wg.device) >= in_features).view(g, gs)
     planes = planes.masked_fill(pad, 0)
-    return DualBinaryWeight(planes.reshape(planes.shape[0], n, g * gs), alpha, offset, in_features)
+    return DualBinaryWeight(planes.reshape(planes.shape[0], n, g * gs), alpha, offset, in_features, scale_bits)
 
 
 @torch.no_grad()
 def quantize_fdb(w: torch.Tensor, group_size: int = 64, importance: torch.Tensor | None = None,
-                 offset: bool = False, iters: int = 8, grid: int = 20, planes: int = 2) -> DualBinaryWeight:
+                 offset: bool = False, iters: int = 8, grid: int = 20, planes: int = 2,
+                 scale_bits: int = 16) -> DualBinaryWeight:
     """FDB-quantize one weight: scale search (or RTN start with an offset), then refinement.
 
     Args:
@@ -368,6 +371,7 @@ def quantize_fdb(w: torch.Tensor, group_size: int = 64, importance: torch.Tensor
         iters: refinement iterations (0 = the searched init only).
         grid: number of candidate steps per orientation in the scale search.
         planes: k, the number of bit planes (1..4; 2 = dual binary).
+        scale_bits: the stored width of the scales (16, or 8: rounded to it after refinement).
     """
     check_group_size(group_size)
     check_planes(planes)
@@ -380,11 +384,11 @@ def quantize_fdb(w: torch.Tensor, group_size: int = 64, importance: torch.Tensor
     alpha, beta = to_storable(alpha), to_storable(beta)
     if iters:
         _, alpha, beta, _ = refine(wg, h, alpha, beta, iters)
-    return finalize(wg, alpha, beta, w.shape[1])
+    return finalize(wg, alpha, beta, w.shape[1], scale_bits)
 
 
 @torch.no_grad()
-def quantize_rtn(w: torch.Tensor, group_size: int = 64, planes: int = 2) -> DualBinaryWeight:
+def quantize_rtn(w: torch.Tensor, group_size: int = 64, planes: int = 2, scale_bits: int = 16) -> DualBinaryWeight:
     """Plain k-bit round-to-nearest on the asymmetric min/max grid (the ablation's baseline).
 
     Stored in the k-plane format with an offset (k = 2: alpha1 = 2s, alpha2 = s, beta = min).
@@ -393,4 +397,4 @@ def quantize_rtn(w: torch.Tensor, group_size: int = 64, planes: int = 2) -> Dual
     check_planes(planes)
     wg = to_groups(w, group_size)
     alpha, beta = rtn_init(wg, group_importance(None, w.shape[1], group_size, w.device) > 0, planes)
-    return finalize(wg, alpha, beta, w.shape[1])
+    return finalize(wg, alpha, beta, w.shape[1], scale_bits)
