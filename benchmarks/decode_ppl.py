@@ -27,6 +27,7 @@ def decode_nll(decoder, windows: torch.Tensor) -> tuple[float, int]:
     """Sum of next-token NLL (nats, float64) and token count over int64 [n, T] ``windows``, each token
     fed alone through ``decoder.forward`` at its position (the first of a window is not predicted)."""
     total, count = 0.0, 0
+    decoder._alloc(1)  # the cache generate() would allocate (batch 1)
     for w in windows:
         for t in range(w.numel() - 1):
             logits = decoder.forward(w[t].view(1, 1), t)  # float32 [1, vocab]

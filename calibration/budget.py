@@ -95,6 +95,11 @@ class Costs:
     # 29.0 s, quiet, 2 threads, AMD Zen 5, whose fp32 runs at the reference CPU's speed), per
     # (sequences x length) token x parameter
     generate_tp: float = 7.0e-11
+    # a bit plane beyond k = 2 (fewer for k = 1), per training step and weight: the fake-quant forward and
+    # backward walk 2^k levels (float32 under any autocast). AMD Zen 4, quiet `default` at --target-bpw 2.5,
+    # 8-bit scales (22.3M plane-weights beyond k = 2) against float16 scales (5.2M): DAD 721 s against 690 s
+    # for 220 steps, block-wise 259 s against 250 s for 64 steps a block: 8.2e-9 s from either stage.
+    plane_p: float = 8.2e-9
 
 
 COSTS = Costs()
@@ -104,16 +109,23 @@ SCALED = ("bw_steps", "dad_steps")
 @dataclass(frozen=True)
 class Shapes:
     """Parameter counts the cost model needs: each decoder block's planned linear weights,
-    and the whole model's compute (planned linears + output head)."""
+    the whole model's compute (planned linears + output head), and each block's bit planes beyond
+    k = 2 (sum over its linears of weights x (k - 2): what a plan with more planes adds to a step)."""
 
     block_params: tuple[int, ...]
     compute_params: int
+    block_extra_planes: tuple[int, ...] = ()
+
+    def uniform(self) -> Shapes:
+        """The same model with every planned linear at k = 2 (what a preset's step counts were set for)."""
+        return replace(self, block_extra_planes=())
 
     @classmethod
     def of(cls, model: nn.Module, plan: list[LinearPlan]) -> Shapes:
         blocks = decoder_blocks(model)
         owner = {id(m): i for i, b in enumerate(blocks) for m in b.modules()}
         per = [0] * len(blocks)
+        planes = [0] * len(blocks)
         total = 0
         for p in plan:
             m = model.get_submodule(p.name)
@@ -121,10 +133,11 @@ class Shapes:
             total += n
             if id(m) in owner:
                 per[owner[id(m)]] += n
+                planes[owner[id(m)]] += n * (p.layout.planes - 2)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if head is not None and not any(p.name.endswith("lm_head") for p in plan):
             total += head.weight.numel()
-        return cls(tuple(per), total)
+        return cls(tuple(per), total, tuple(planes) if any(planes) else ())
 
 
 def predict(opts, shapes: Shapes, costs: Costs = COSTS) -> dict[str, float]:
@@ -141,7 +154,8 @@ def predict(opts, shapes: Shapes, costs: Costs = COSTS) -> dict[str, float]:
         step = c.block_step_tp * bf16_factor(opts.bw_autocast, c.bf16_block_factor, c)
         out["blockwise"] = sum(p * (2 * tokens * c.forward_tp + c.init_p
                                     + opts.bw_steps * opts.bw_batch * opts.bw_seq_len * step)
-                               for p in shapes.block_params)
+                               for p in shapes.block_params) \
+            + opts.bw_steps * sum(shapes.block_extra_planes) * c.plane_p
     else:
         out["init"] = opts.calib_samples * opts.calib_seq_len * shapes.compute_params * c.forward_tp \
             + planned * c.init_p
@@ -153,7 +167,8 @@ def predict(opts, shapes: Shapes, costs: Costs = COSTS) -> dict[str, float]:
         if opts.dad_teacher != "online":
             out["teacher"] = opts.dad_samples * opts.dad_seq_len * shapes.compute_params * c.forward_tp \
                 * bf16_factor(opts.dad_autocast, c.bf16_forward_factor, c)
-        out["dad"] = opts.dad_steps * opts.dad_batch * opts.dad_seq_len * shapes.compute_params * c.dad_step_tp * factor
+        out["dad"] = opts.dad_steps * (opts.dad_batch * opts.dad_seq_len * shapes.compute_params * c.dad_step_tp * factor
+                                       + sum(shapes.block_extra_planes) * c.plane_p)
     return out
 
 
@@ -210,9 +225,10 @@ def bf16_factor(mode: str, per_kind: tuple, costs: Costs = COSTS) -> float:
 
 def bf16_dividend(opts, shapes: Shapes, costs: Costs = COSTS):
     """Spend on DAD what bf16 autocast saves: where it is fast (:func:`bf16_factor` < 1 in block-wise or
-    DAD), the preset's ``dad_steps`` grow until the predicted wall time is the fp32 preset's (within a
-    step). A preset's step counts are set for fp32 (the reference CPU); without this, a CPU with fast bf16
-    would finish early with the same training. Deterministic (a fixed /proc/cpuinfo reading).
+    DAD), the preset's ``dad_steps`` grow until the predicted wall time is the fp32 preset's on a uniform
+    k = 2 plan (within a step): the wall time its step counts were set for. A plan with more bit planes
+    (``--target-bpw``) costs more a step, so it gets fewer of the extra steps. Without this, a CPU with
+    fast bf16 would finish early with the same training. Deterministic (a fixed /proc/cpuinfo reading).
 
     Returns (options, the report: the time model's prediction, and ``bf16_dividend`` with the DAD
     steps before and after when it applies).
@@ -220,7 +236,7 @@ def bf16_dividend(opts, shapes: Shapes, costs: Costs = COSTS):
     if not (opts.dad and opts.dad_steps):
         return opts, prediction(opts, shapes, costs)
     pred = predict(opts, shapes, costs)
-    fp32 = sum(predict(replace(opts, dad_autocast="off", bw_autocast="off"), shapes, costs).values())
+    fp32 = sum(predict(replace(opts, dad_autocast="off", bw_autocast="off"), shapes.uniform(), costs).values())
     step = pred["dad"] / opts.dad_steps
     extra = int((fp32 - sum(pred.values())) / step)
     if extra <= 0:

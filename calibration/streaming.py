@@ -331,7 +331,7 @@ def quantize_streaming(model_dir: str | os.PathLike, tokenizer, opts, output: st
     device = pick_device(opts.device)
     reader = ShardReader(model_dir)
     model = skeleton(model_dir)
-    plan = planlib.make_plan(model, opts.group_size, opts.uses_offset, tuple(opts.modules), opts.scale_bits)
+    plan = planlib.make_plan(model, opts.group_size, opts.uses_offset, tuple(opts.modules), opts.stored_scale_bits)
     bits = planlib.bits_summary(plan, model)
 
     t = time.perf_counter()

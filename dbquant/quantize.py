@@ -103,9 +103,10 @@ class QuantizeOptions:
                                     "fdb (init only), rtn")
     group_size: int = option(64, "input channels per scale group")
     offset: bool = option(False, "store a per-group offset beta (+16 bits/group)")
-    scale_bits: int = option(16, "stored width of each group scale: 16 (float16) or 8 (int8 codes on a float16 "
-                                 "maximum per row: k = 2 at g64 is 2.28 bits per weight instead of 2.5)",
-                             choices=SCALE_BITS)
+    scale_bits: str = option("auto", "stored width of each group scale: 16 (float16) or 8 (int8 codes on a float16 "
+                                     "maximum per row: k = 2 at g64 is 2.28 bits per weight instead of 2.5); auto: 8 "
+                                     "with --target-bpw, which spends the bits saved on sensitive layers, else 16",
+                             choices=("auto", *map(str, SCALE_BITS)))
     target_bpw: float | None = option(None, "choose each linear's bit planes k (1..4) and group size (32/64/128) "
                                             "from its measured sensitivity so the average bits per weight over the "
                                             "quantized linears, every scale counted, is <= B (ignores --group-size)",
@@ -277,13 +278,22 @@ class QuantizeOptions:
     def uses_offset(self) -> bool:
         return self.offset or self.method == "rtn"
 
+    @property
+    def stored_scale_bits(self) -> int:
+        """``scale_bits`` as a width: ``auto`` is 8 under ``--target-bpw`` (at 2.5 bpw after ``fast`` that
+        measured wiki PPL 34.42 against 40.49 with float16 scales; docs/RESULTS.md, issue 15), else 16
+        (a uniform k = 2 g64 plan stays the 2.5 bits per weight it always was)."""
+        if self.scale_bits == "auto":
+            return 8 if self.target_bpw is not None else 16
+        return int(self.scale_bits)
+
 
 def make_plan(model, opts: QuantizeOptions, tokenizer=None, progress: bool = True,
               report: dict | None = None) -> list[planlib.LinearPlan]:
     """The linears to quantize and their layouts: uniform (``group_size``, k = 2), or with
     ``target_bpw`` chosen per linear from measured sensitivity (``calibration.sensitivity``);
     the allocation's summary goes into ``report["allocation"]`` when a dict is given."""
-    plan = planlib.make_plan(model, opts.group_size, opts.uses_offset, tuple(opts.modules), opts.scale_bits)
+    plan = planlib.make_plan(model, opts.group_size, opts.uses_offset, tuple(opts.modules), opts.stored_scale_bits)
     if opts.target_bpw is None:
         return plan
     opts = opts.with_calib(tokenizer, model)

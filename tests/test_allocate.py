@@ -123,16 +123,29 @@ def test_kfac_score_is_the_output_error():
         assert g == pytest.approx(float(((w - q) @ x.T).square().sum(0).mean()), rel=1e-4)
 
 
-@pytest.mark.parametrize("sensitivity", ["fisher", "kfac"])
-def test_allocate_plan_on_a_model_stays_within_the_target(sensitivity):
+@pytest.mark.parametrize("sensitivity,scale_bits", [("fisher", 16), ("kfac", 16), ("fisher", 8)])
+def test_allocate_plan_on_a_model_stays_within_the_target(sensitivity, scale_bits):
     model = make_tiny_model(vocab_size=50, **WIDE)
-    plan = make_plan(model, group_size=64)
+    plan = make_plan(model, group_size=64, scale_bits=scale_bits)
     batches = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(3))
     new, info = allocate_plan(model, plan, 2.5, sensitivity, batches, progress=False)
     weights = sum(p.layout.out_features * p.layout.in_features for p in new)
     assert info["bpw"] <= 2.5 and sum(p.layout.storage_bits() for p in new) / weights == pytest.approx(info["bpw"])
     assert [p.name for p in new] == [p.name for p in plan] and sum(info["layouts"].values()) == len(plan)
     assert info["planes"] == [2, 3, 4] and all(p.layout.planes >= 2 for p in new)  # auto at 2.5: no k = 1
+    assert all(p.layout.scale_bits == scale_bits for p in new)  # every candidate keeps the plan's scale width
+
+
+def test_scale_bits_auto_is_eight_where_bits_are_allocated():
+    assert QuantizeOptions(method="fdb").stored_scale_bits == 16  # uniform k = 2 g64: 2.5 bits per weight
+    assert QuantizeOptions(method="fdb", target_bpw=2.5).stored_scale_bits == 8
+    assert QuantizeOptions(method="fdb", scale_bits="16", target_bpw=2.5).stored_scale_bits == 16
+    assert QuantizeOptions(method="fdb", scale_bits="8").stored_scale_bits == 8
+    model = make_tiny_model(vocab_size=50, **WIDE)
+    # 8-bit scales leave k = 2 at g64 with bits to spare under 2.5: the allocation upgrades more linears
+    rich = allocate_plan(model, make_plan(model, group_size=64, scale_bits=8), 2.5, "weight", None, progress=False)[0]
+    lean = allocate_plan(model, make_plan(model, group_size=64), 2.5, "weight", None, progress=False)[0]
+    assert sum(p.layout.planes for p in rich) > sum(p.layout.planes for p in lean)
 
 
 def test_alloc_planes_auto_keeps_k1_only_where_the_target_needs_it():

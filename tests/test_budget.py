@@ -149,6 +149,26 @@ def test_bf16_dividend_buys_dad_steps_at_the_fp32_wall_time(monkeypatch, preset,
     assert grown.dad_steps > opts.dad_steps
 
 
+def test_more_bit_planes_cost_more_and_get_fewer_dividend_steps(monkeypatch):
+    """A plan with planes beyond k = 2 (the 8-bit-scale allocation at 2.5 bpw: 22.3M plane-weights on
+    SmolLM2) adds plane_p per plane-weight to every block-wise and DAD step, and the bf16 dividend aims at
+    the uniform plan's fp32 time, so the richer plan gets fewer extra DAD steps and the same predicted total
+    (within a step)."""
+    rich = budget.Shapes(SMOLLM2.block_params, SMOLLM2.compute_params, (744_653,) * 30)
+    opts = QuantizeOptions(preset="default", target_bpw=2.5).resolved()
+    base, more = budget.predict(opts, SMOLLM2), budget.predict(opts, rich)
+    planes = 30 * 744_653
+    assert more["dad"] - base["dad"] == pytest.approx(opts.dad_steps * planes * budget.COSTS.plane_p)
+    assert more["blockwise"] - base["blockwise"] == pytest.approx(opts.bw_steps * planes * budget.COSTS.plane_p)
+    assert rich.uniform() == SMOLLM2
+    monkeypatch.setattr(budget, "bf16_kind", lambda: "zen4")
+    uni, uni_info = budget.bf16_dividend(opts, SMOLLM2)
+    out, info = budget.bf16_dividend(opts, rich)
+    assert opts.dad_steps < out.dad_steps < uni.dad_steps
+    step = budget.predict(out, rich)["dad"] / out.dad_steps
+    assert abs(info["predicted_total_s"] - uni_info["predicted_total_s"]) <= step
+
+
 def test_quantize_runs_the_fitted_steps(tiny_tokenizer, text_file):
     """End to end on a tiny model: the report records the budget and the options it trained with."""
     model = make_tiny_model(vocab_size=len(tiny_tokenizer))

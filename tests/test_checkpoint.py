@@ -274,7 +274,7 @@ def test_eight_bit_scales_checkpoint(tmp_path):
     and a truncated scale_max is refused by name."""
     from safetensors.torch import load_file, save_file
 
-    model, out = _quantized_dir(tmp_path, scale_bits=8)
+    model, out = _quantized_dir(tmp_path, scale_bits="8")
     expect = model(IDS).logits
     a, b = dbquant.load(out), AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(a(IDS).logits, expect) and torch.equal(b(IDS).logits, expect)

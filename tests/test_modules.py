@@ -130,3 +130,26 @@ def test_fake_quant_training_lowers_output_error():
         loss.backward()
         opt.step()
     assert loss.item() < 0.9 * loss0
+
+
+def test_eight_bit_scales_export_and_pack():
+    """A FakeQuantLinear of an 8-bit-scale weight trains float32 scales; export rounds them onto the
+    8-bit grid and reassigns the bits against the rounded ones, and the packed module computes exactly
+    that weight (its float16 scales are the decoded codes)."""
+    from dbquant.format import layout
+
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(24, 100, generator=gen) * 0.05
+    fq = FakeQuantLinear(w, fdb.quantize_fdb(w, 32, scale_bits=8))
+    with torch.no_grad():
+        fq.alpha.mul_(1.0 + 0.01 * torch.randn(fq.alpha.shape, generator=gen))  # off the grid, as training leaves it
+    q = fq.export()
+    assert q.scale_bits == 8 and q.layout.scale_bits == 8
+    assert torch.equal(q.alpha, layout.storable_scales(q.alpha, 8))  # on the grid
+    wg = fdb.to_groups(fq.weight.detach(), 32)
+    want = fdb.assign_bits(wg, q.alpha, None).reshape(2, 24, -1)
+    want[:, :, 100:] = 0
+    assert torch.equal(q.planes, want)
+    m = PackedLinear.from_weight(q)
+    assert m.scales.dtype == torch.int8 and torch.equal(m.float_scales().float(), q.alpha)
+    assert torch.equal(m.dequantize(), q.dequantize())
