@@ -96,10 +96,12 @@ class Costs:
     # (sequences x length) token x parameter
     generate_tp: float = 7.0e-11
     # a bit plane beyond k = 2 (fewer for k = 1), per training step and weight: the fake-quant forward and
-    # backward walk 2^k levels (float32 under any autocast). AMD Zen 4, quiet `default` at --target-bpw 2.5,
-    # 8-bit scales (22.3M plane-weights beyond k = 2) against float16 scales (5.2M): DAD 721 s against 690 s
-    # for 220 steps, block-wise 259 s against 250 s for 64 steps a block: 8.2e-9 s from either stage.
-    plane_p: float = 8.2e-9
+    # backward walk 2^k levels (float32 under any autocast). The op alone (fdb.fake_quant, forward + backward
+    # of 7.1M weights at g64, 2 threads, AMD Zen 4): 7.1 ns a weight at k = 2, 11.6 at k = 3 and at k = 4, so
+    # 4.5e-9 s for the first extra plane (an upper figure for the second). Whole quiet `default` runs could
+    # not resolve it: the 8-bit-scale plan (22.3M plane-weights beyond k = 2) took 3.28 s and then 3.02 s a
+    # DAD step, the float16-scale plan (5.2M) 3.14 s (docs/CALIBRATION.md, time budget).
+    plane_p: float = 4.5e-9
 
 
 COSTS = Costs()
