@@ -209,63 +209,53 @@ def test_mixed_checkpoint_loads_identically_both_ways(tmp_path):
     torch.testing.assert_close(ref, expect, rtol=FP32_REORDER_LONG, atol=FP32_REORDER_LONG * expect.abs().max().item())
 
 
-def test_version_1_checkpoint_still_loads(tmp_path):
-    """A format-1 file (k = 2 everywhere, no ``layers``; the tensors are version 2's with k = 2)."""
+def _as_version(out, version: int, edit) -> tuple[dict, object]:
+    """Make checkpoint ``out`` say format ``version`` in config.json and the safetensors header, after
+    ``edit(quantization_config)`` removed what that version lacks. Returns (config, its path)."""
     from safetensors.torch import load_file, save_file
 
-    model, out = _quantized_dir(tmp_path, embed_bits="fp32")  # version 1 had no quantized tables
-    expect = model(IDS).logits
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())
     qc = cfg["quantization_config"]
-    assert "tables" not in qc or not qc["tables"]
-    qc["format_version"] = 1
-    del qc["layers"]
+    qc["format_version"] = version
+    edit(qc)
     cfg_path.write_text(json.dumps(cfg))
     f = out / "model.safetensors"
     header = read_header(f)["__metadata__"]
     meta = json.loads(header["dbquant"])
-    meta["format_version"] = 1
+    meta["format_version"] = version
     save_file(load_file(f), f, metadata={**header, "dbquant": json.dumps(meta)})
-    a = dbquant.load(out)
-    assert a.config.quantization_config.format_version == 1
-    assert all(m.planes == 2 for m in a.modules() if isinstance(m, PackedLinear))
-    assert torch.equal(a(IDS).logits, expect)
-    assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(IDS).logits, expect)
-    # a version-1 config cannot carry per-layer layouts
-    qc["layers"] = {qc["modules"][0]: {"planes": 3}}
-    cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(DbquantError, match="layers needs format_version >= 2"):
-        dbquant.load(out)
+    return cfg, cfg_path
 
 
-def test_version_2_checkpoint_still_loads(tmp_path):
-    """A format-2 file (float16 scales, no ``scale_bits`` in its layers): version 3's tensors with 16-bit scales."""
-    from safetensors.torch import load_file, save_file
+def _v1(qc):  # version 1: k = 2 everywhere, no ``layers``, no tables
+    assert "tables" not in qc or not qc["tables"]
+    del qc["layers"]
 
-    model, out = _quantized_dir(tmp_path)
-    expect = model(IDS).logits
-    cfg_path = out / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    qc = cfg["quantization_config"]
-    qc["format_version"] = 2
+
+def _v2(qc):  # version 2: float16 scales, no ``scale_bits`` in the layers
     for row in qc["layers"].values():
         assert row.pop("scale_bits") == 16
-    cfg_path.write_text(json.dumps(cfg))
-    f = out / "model.safetensors"
-    header = read_header(f)["__metadata__"]
-    meta = json.loads(header["dbquant"])
-    meta["format_version"] = 2
-    save_file(load_file(f), f, metadata={**header, "dbquant": json.dumps(meta)})
+
+
+@pytest.mark.parametrize("version,edit,is_old,newer,refusal", [
+    (1, _v1, lambda m: m.planes == 2, {"planes": 3}, "layers needs format_version >= 2"),
+    (2, _v2, lambda m: m.scale_bits == 16, {"scale_bits": 8}, "scale_bits, which needs format_version >= 3")])
+def test_older_version_checkpoint_still_loads(tmp_path, version, edit, is_old, newer, refusal):
+    """A version-1 / version-2 file (the tensors are version 3's with k = 2 / with 16-bit scales) loads both ways
+    with the same logits; its config cannot carry what the next version added."""
+    model, out = _quantized_dir(tmp_path, embed_bits="fp32")  # version 1 had no quantized tables
+    expect = model(IDS).logits
+    cfg, cfg_path = _as_version(out, version, edit)
     a = dbquant.load(out)
-    assert a.config.quantization_config.format_version == 2
-    assert all(m.scale_bits == 16 for m in a.modules() if isinstance(m, PackedLinear))
+    assert a.config.quantization_config.format_version == version
+    assert all(is_old(m) for m in a.modules() if isinstance(m, PackedLinear))
     assert torch.equal(a(IDS).logits, expect)
     assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(IDS).logits, expect)
-    # a version-2 config cannot ask for 8-bit scales
-    qc["layers"][qc["modules"][0]]["scale_bits"] = 8
+    qc = cfg["quantization_config"]
+    qc.setdefault("layers", {}).setdefault(qc["modules"][0], {}).update(newer)
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(DbquantError, match="scale_bits, which needs format_version >= 3"):
+    with pytest.raises(DbquantError, match=refusal):
         dbquant.load(out)
 
 
