@@ -169,7 +169,8 @@ def predict(opts, shapes: Shapes, costs: Costs = COSTS) -> dict[str, float]:
         if opts.dad_teacher != "online":
             out["teacher"] = opts.dad_samples * opts.dad_seq_len * shapes.compute_params * c.forward_tp \
                 * bf16_factor(opts.dad_autocast, c.bf16_forward_factor, c)
-        out["dad"] = opts.dad_steps * (opts.dad_batch * opts.dad_seq_len * shapes.compute_params * c.dad_step_tp * factor
+        step_tokens = opts.dad_batch * opts.dad_seq_len
+        out["dad"] = opts.dad_steps * (step_tokens * shapes.compute_params * c.dad_step_tp * factor
                                        + sum(shapes.block_extra_planes) * c.plane_p)
     return out
 

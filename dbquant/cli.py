@@ -392,7 +392,8 @@ def cmd_inspect(a) -> int:
     print(hdr + (f" {'rel err':>9}" if source is not None else ""))
     for r in rows:
         line = (f"{r['module']:<48} {'x'.join(map(str, r['shape'])):>10} {r['planes']:>2} {r['group']:>4} "
-                f"{r['scale_bits']:>5} {'yes' if r['offset'] else 'no':>6} {r['bpw']:>6.3f}  {' '.join(f'{d:.3f}' for d in r['density']):<24}")
+                f"{r['scale_bits']:>5} {'yes' if r['offset'] else 'no':>6} {r['bpw']:>6.3f}  "
+                f"{' '.join(f'{d:.3f}' for d in r['density']):<24}")
         print(line + (f" {r['rel_error']:>9.4f}" if source is not None else ""))
     for t in tables:
         if t["bits"] is None:

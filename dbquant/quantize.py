@@ -29,7 +29,7 @@ from .errors import DbquantError
 from .model import plan as planlib
 from .model.checkpoint import load, save
 from .model.convert import pack_into
-from .format.layout import FORMAT_VERSION, SCALE_BITS
+from .format.layout import FLOAT_SCALE_BITS, FORMAT_VERSION, SCALE_BITS
 from .model import embedding as embedlib
 from .model.embedding import TablePlan
 from .model.hf import DbquantConfig, attach
@@ -284,7 +284,7 @@ class QuantizeOptions:
         measured wiki PPL 34.42 against 40.49 with float16 scales; docs/RESULTS.md, issue 15), else 16
         (a uniform k = 2 g64 plan stays the 2.5 bits per weight it always was)."""
         if self.scale_bits == "auto":
-            return 8 if self.target_bpw is not None else 16
+            return 8 if self.target_bpw is not None else FLOAT_SCALE_BITS
         return int(self.scale_bits)
 
 

@@ -110,7 +110,8 @@ def test_golden_vector_v3_eight_bit_scales():
 
 
 @pytest.mark.parametrize("kk", [1, 2, 4])
-@pytest.mark.parametrize("n,k,g,offset", [(1, 8, 8, False), (3, 13, 8, True), (5, 576, 64, True), (33, 1000, 24, False)])
+@pytest.mark.parametrize("n,k,g,offset", [(1, 8, 8, False), (3, 13, 8, True), (5, 576, 64, True),
+                                          (33, 1000, 24, False)])
 def test_pack_unpack_exact_eight_bit(n, k, g, offset, kk):
     """Scales on the 8-bit grid (decoded codes) survive pack -> unpack -> pack bit for bit."""
     gen = torch.Generator().manual_seed(n * 1000 + k + kk)
@@ -141,11 +142,13 @@ def test_eight_bit_scales_round_trip_and_error(magnitude):
     alpha = torch.randn(500, 9, 3, generator=gen) * magnitude * (0.1 + torch.rand(500, 1, 1, generator=gen))
     codes, m = layout.quantize_scales(alpha)
     dec = layout.float_scales(codes, m)
-    assert dec.dtype == torch.float16 and torch.equal(codes.abs().amax(dim=(1, 2)), torch.full((500,), 127, dtype=torch.int8))
+    assert dec.dtype == torch.float16
+    assert torch.equal(codes.abs().amax(dim=(1, 2)), torch.full((500,), 127, dtype=torch.int8))
     c2, m2 = layout.quantize_scales(dec.float())
     assert torch.equal(c2, codes) and torch.equal(m2, m)
     step = m.float()[:, None, None] / 127
-    assert ((dec.float() - alpha).abs() <= step / 2 + alpha.abs() * 2.0 ** -10 + m.float()[:, None, None] * 2.0 ** -11).all()
+    bound = step / 2 + alpha.abs() * 2.0 ** -10 + m.float()[:, None, None] * 2.0 ** -11
+    assert ((dec.float() - alpha).abs() <= bound).all()
     assert torch.equal(layout.storable_scales(alpha, 8), dec.float())
 
 

@@ -56,6 +56,7 @@ MAX_PLANES = 4  # k in 1..MAX_PLANES
 CONTAINER_DTYPE = torch.uint8
 SCALE_DTYPE = torch.float16
 SCALE_BITS = (16, 8)  # float16 scales, or int8 codes with a float16 maximum per row
+FLOAT_SCALE_BITS = 16  # the default width (and the only one of format versions 1 and 2)
 SCALE_CODE_DTYPE = torch.int8
 SCALE_CODE_MAX = 127  # codes in -127..127: symmetric, so a scale of either sign has the same grid
 BIT_ORDER = "lsb-first"  # bit j of byte i <-> input channel 8*i + j
@@ -118,7 +119,7 @@ class LinearLayout:
     group_size: int
     offset: bool = False
     planes: int = PLANES
-    scale_bits: int = 16
+    scale_bits: int = FLOAT_SCALE_BITS
 
     @property
     def padded_in_features(self) -> int:
@@ -255,7 +256,7 @@ def float_scales(scales: torch.Tensor, scale_max: torch.Tensor | None = None) ->
     return (scales.float() * scale_max.float()[:, None, None] / SCALE_CODE_MAX).to(SCALE_DTYPE)
 
 
-def storable_scales(alpha: torch.Tensor, scale_bits: int = 16) -> torch.Tensor:
+def storable_scales(alpha: torch.Tensor, scale_bits: int = FLOAT_SCALE_BITS) -> torch.Tensor:
     """float32 [N, G, k]: ``alpha`` rounded to what ``scale_bits``-bit storage holds (what unpack returns)."""
     if scale_bits == 8:
         return float_scales(*quantize_scales(alpha)).float()

@@ -116,7 +116,7 @@ class DbquantConfig(QuantizationConfigMixin):
                 raise DbquantError(f"quantization_config.layers[{name!r}] gives scale_bits, which needs "
                                    f"format_version >= {layout.SCALE_BITS_VERSION}; the config says "
                                    f"{self.format_version!r} — re-quantize")
-            layout.check_scale_bits(row.get("scale_bits", 16))
+            layout.check_scale_bits(row.get("scale_bits", layout.FLOAT_SCALE_BITS))
             layout.check_planes(row.get("planes", layout.PLANES))
             layout.check_group_size(row.get("group_size", self.group_size))
             if not isinstance(row.get("offset", False), bool):
@@ -128,7 +128,7 @@ class DbquantConfig(QuantizationConfigMixin):
         row = self.layers.get(name, {})
         return LinearLayout(out_features, in_features, row.get("group_size", self.group_size),
                             row.get("offset", self.offset), row.get("planes", layout.PLANES),
-                            row.get("scale_bits", 16))
+                            row.get("scale_bits", layout.FLOAT_SCALE_BITS))
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)

@@ -65,7 +65,8 @@ def layer_stats(model: nn.Module, source: nn.Module | None = None) -> list[dict]
         ones = unpack_bits(m.qweight).sum(dim=(1, 2)).double() / (m.out_features * m.in_features)
         dens = ones.tolist()
         row = {"module": name, "shape": [m.out_features, m.in_features], "group": m.group_size,
-               "planes": m.planes, "scale_bits": m.scale_bits, "offset": m.offset is not None, "bpw": m.layout.bits_per_weight(),
+               "planes": m.planes, "scale_bits": m.scale_bits, "offset": m.offset is not None,
+               "bpw": m.layout.bits_per_weight(),
                "density": dens, "density_b1": dens[0], "density_b2": dens[1] if len(dens) > 1 else None}
         if source is not None:
             w = _source_weight(source, name, m)

@@ -77,7 +77,7 @@ class PackedLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
                  offset: bool = False, device=None, dtype=None, backend: str = "auto", planes: int = layout.PLANES,
-                 scale_bits: int = 16):
+                 scale_bits: int = layout.FLOAT_SCALE_BITS):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.planes, self.scale_bits = planes, layout.check_scale_bits(scale_bits)
@@ -112,14 +112,10 @@ class PackedLinear(nn.Module):
     def float_scales(self) -> torch.Tensor:
         """float16 [N, G, k]: the scales kernels take (the stored ones, or 8-bit codes decoded;
         the decoded copy is kept until the buffers change)."""
-        if self.scale_bits == 16:
+        if self.scale_bits == layout.FLOAT_SCALE_BITS:
             return self.scales
-        key = (_identity(self.scales), _identity(self.scale_max))
-        cached = self.__dict__.get("_scales_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, layout.float_scales(self.scales, self.scale_max))
-            self.__dict__["_scales_cache"] = cached  # a plain attribute: not in the state dict
-        return cached[1]
+        return self._memo("_scales_cache", (self.scales, self.scale_max),
+                          lambda: layout.float_scales(self.scales, self.scale_max))
 
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K] weight this module computes with."""
@@ -135,13 +131,20 @@ class PackedLinear(nn.Module):
     def _prepared(self, kernel):
         """The weight in ``kernel``'s own layout, built on first use and rebuilt only when
         the buffers change (moved, reloaded or modified in place)."""
-        bufs = (self.qweight, self.scales, self.offset, getattr(self, "scale_max", None))
-        key = (kernel, *(_identity(t) for t in bufs))
-        cached = self.__dict__.get("_prepared_cache")
+        stored = (self.qweight, self.scales, self._buffers.get("scale_max"), self.offset)  # not the decoded copy:
+        # a rebuilt one may reuse a freed copy's address with the same version counter
+        return self._memo("_prepared_cache", stored,
+                          lambda: kernel.prepare(self.qweight, self.float_scales(), self.offset, self.in_features,
+                                                 self.group_size), kernel)
+
+    def _memo(self, slot: str, tensors: tuple, build, *extra):
+        """``build()``, kept in the plain attribute ``slot`` (not in the state dict) until one of
+        ``tensors`` changes (storage or version counter) or ``extra`` differs."""
+        key = (*extra, *(_identity(t) for t in tensors))
+        cached = self.__dict__.get(slot)
         if cached is None or cached[0] != key:
-            cached = (key, kernel.prepare(self.qweight, self.float_scales(), self.offset, self.in_features,
-                                          self.group_size))
-            self.__dict__["_prepared_cache"] = cached  # a plain attribute: not in the state dict
+            cached = (key, build())
+            self.__dict__[slot] = cached
         return cached[1]
 
     def extra_repr(self) -> str:

@@ -13,7 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import DbquantError
-from ..format.layout import LinearLayout, check_group_size
+from ..format.layout import FLOAT_SCALE_BITS, LinearLayout, check_group_size
 from .modules import FakeQuantLinear, PackedLinear
 from .vlm import vision_linears, vlm_family
 
@@ -106,7 +106,7 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def make_plan(model: nn.Module, group_size: int = 64, offset: bool = False,
-              modules: tuple[str, ...] = ("decoder",), scale_bits: int = 16) -> list[LinearPlan]:
+              modules: tuple[str, ...] = ("decoder",), scale_bits: int = FLOAT_SCALE_BITS) -> list[LinearPlan]:
     """List the linears to quantize, in model order.
 
     Args:

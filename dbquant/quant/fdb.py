@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..format.layout import LinearLayout, check_group_size, check_planes, check_scale_bits, dequantize, storable_scales
+from ..format.layout import (FLOAT_SCALE_BITS, LinearLayout, check_group_size, check_planes, check_scale_bits,
+                             dequantize, storable_scales)
 
 
 @dataclass
@@ -40,7 +41,7 @@ class DualBinaryWeight:
     alpha: torch.Tensor
     offset: torch.Tensor | None
     in_features: int
-    scale_bits: int = 16
+    scale_bits: int = FLOAT_SCALE_BITS
 
     @property
     def b1(self) -> torch.Tensor:
@@ -309,7 +310,7 @@ def solve_scales(wg, planes, h, with_offset: bool):
     return sol[..., :k], (sol[..., k] if with_offset else None)
 
 
-def to_storable(x: torch.Tensor | None, scale_bits: int = 16) -> torch.Tensor | None:
+def to_storable(x: torch.Tensor | None, scale_bits: int = FLOAT_SCALE_BITS) -> torch.Tensor | None:
     """Round scales (or an offset, always float16) to what the format stores, back in float32, so
     bits fit the stored scales."""
     return None if x is None else storable_scales(x, scale_bits)
@@ -347,7 +348,7 @@ def refine(wg, h, alpha, offset=None, iters: int = 8):
 
 # ---------------------------------------------------------------- entry points
 
-def finalize(wg, alpha, offset, in_features, scale_bits: int = 16) -> DualBinaryWeight:
+def finalize(wg, alpha, offset, in_features, scale_bits: int = FLOAT_SCALE_BITS) -> DualBinaryWeight:
     """Round scales to their stored precision (``scale_bits``), reassign bits against them, clear padding."""
     alpha, offset = to_storable(alpha, check_scale_bits(scale_bits)), to_storable(offset)
     planes = assign_bits(wg, alpha, offset)
@@ -360,7 +361,7 @@ def finalize(wg, alpha, offset, in_features, scale_bits: int = 16) -> DualBinary
 @torch.no_grad()
 def quantize_fdb(w: torch.Tensor, group_size: int = 64, importance: torch.Tensor | None = None,
                  offset: bool = False, iters: int = 8, grid: int = 20, planes: int = 2,
-                 scale_bits: int = 16) -> DualBinaryWeight:
+                 scale_bits: int = FLOAT_SCALE_BITS) -> DualBinaryWeight:
     """FDB-quantize one weight: scale search (or RTN start with an offset), then refinement.
 
     Args:
@@ -388,7 +389,8 @@ def quantize_fdb(w: torch.Tensor, group_size: int = 64, importance: torch.Tensor
 
 
 @torch.no_grad()
-def quantize_rtn(w: torch.Tensor, group_size: int = 64, planes: int = 2, scale_bits: int = 16) -> DualBinaryWeight:
+def quantize_rtn(w: torch.Tensor, group_size: int = 64, planes: int = 2,
+                 scale_bits: int = FLOAT_SCALE_BITS) -> DualBinaryWeight:
     """Plain k-bit round-to-nearest on the asymmetric min/max grid (the ablation's baseline).
 
     Stored in the k-plane format with an offset (k = 2: alpha1 = 2s, alpha2 = s, beta = min).

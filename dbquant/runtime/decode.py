@@ -108,7 +108,8 @@ class _Proj:
             return
         if all(isinstance(m, PackedLinear) for m in parts) and self._cpu_fusable(parts, backend):
 
-            ws = [cpu_backend.prepare_cpu(m.qweight, m.float_scales(), m.offset, m.in_features, m.group_size) for m in parts]
+            ws = [cpu_backend.prepare_cpu(m.qweight, m.float_scales(), m.offset, m.in_features, m.group_size)
+                  for m in parts]
             k, g = max(w.planes_count for w in ws), min(w.group_size for w in ws)
             off = any(w.offset is not None for w in ws)
             if any((w.planes_count, w.group_size, w.offset is not None) != (k, g, off) for w in ws):
