@@ -29,18 +29,26 @@ void chunk_table(const float* xr, int64_t K, int64_t q, float* t) {
   }
 }
 
-// Default table per ISA path (index: Isa) for the decode GEMV, from benchmarks/i8lut_vs_t16.py on
-// the 2-core Xeon (Sapphire Rapids class) of docs/RESULTS.md, "Integer lookup tables"
+// C_q[i] = T_q[i] - h_q (dbgemm_i8lut.h): the table centred on half the chunk's sum.
+void centred_table(const float* xr, int64_t K, int64_t q, float* t) {
+  chunk_table(xr, K, q, t);
+  const float h = chunk_centre(xr, K, q);
+  for (int i = 0; i < 16; ++i) t[i] -= h;
+}
+
+// Default table per ISA path (index: Isa) for the decode GEMV. benchmarks/i8lut_vs_t16.py on the
+// 2-core Xeon (Sapphire Rapids class) of docs/RESULTS.md, "Integer lookup tables"
 // (docs/bench/i8lut_vs_t16.json; a loaded machine, one thread): the integer tables were faster on
-// every shape there, 1.10-1.18x on the AVX-512 path and 1.7-2.9x on the AVX2 path (end to end on
-// SmolLM2 only 1.03x, and greedy text can change: docs/RESULTS.md). The AVX-512 path keeps the float
-// tables: 1.03x end to end does not pay for greedy text that differs from the float path's (the
-// demo answer of one fast-preset checkpoint changed). The AVX2 path, 1.7-2.9x, takes the integer
-// tables. The scalar path (a fallback, not measured as a contender) keeps the float tables.
+// every shape there, 1.10-1.18x on the AVX-512 path and 1.7-2.9x on the AVX2 path; end to end on
+// SmolLM2 1.03x on the Xeon with AMX and ~1.16x on AMD Zen 4. Their cost in perplexity through the
+// decode path (benchmarks/decode_ppl.py, the `fast` checkpoint on Zen 4) was +0.22 with uncentred
+// tables, which kept the AVX-512 path on float tables; the centred tables (the header) cost +0.06,
+// inside the 0.1 allowed an output head, so every SIMD path takes them now. The scalar path (a
+// fallback, not measured as a contender) keeps the float tables.
 constexpr LutKind kI8LutDefault[3] = {
     /* scalar */ LutKind::Float,
     /* avx2   */ LutKind::Int8,
-    /* avx512 */ LutKind::Float,
+    /* avx512 */ LutKind::Int8,
 };
 
 }  // namespace
@@ -76,20 +84,20 @@ void build_i8luts_scalar(const T16Weight& w, const float* x, uint8_t* buf, int64
     const I8LutRow row = i8lut_row(w, buf, m);
     for (int64_t j = 0; j < G; ++j) {
       float t[16];
-      // pass 1: the group's largest |partial sum|, which int8's +-127 must cover
+      // pass 1: the group's largest |centred partial sum|, which int8's +-127 must cover
       float mx = 0.0f;
       for (int64_t q = j * g / 4; q < (j + 1) * g / 4; ++q) {
-        chunk_table(xr, K, q, t);
+        centred_table(xr, K, q, t);
         for (int i = 0; i < 16; ++i) mx = std::max(mx, std::fabs(t[i]));
       }
       const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
       row.scale[j] = mx / 127.0f;
-      if (w.offset) row.gsum[j] = group_sum(xr, K, j, g);
+      row.gsum[j] = group_sum(xr, K, j, g);
       // pass 2: round, and write each byte column's (lo, hi) tables once per plane
       for (int64_t c = j * g / 8; c < (j + 1) * g / 8; ++c) {
         int8_t q8[2][16];
         for (int h = 0; h < 2; ++h) {
-          chunk_table(xr, K, 2 * c + h, t);
+          centred_table(xr, K, 2 * c + h, t);
           for (int i = 0; i < 16; ++i) q8[h][i] = int8_t(std::nearbyint(t[i] * inv));
         }
         for (int64_t p = 0; p < P; ++p) {

@@ -3,13 +3,20 @@
 //
 // Tables. As in dbgemm_t16.h, the 4 bits of one plane over a 4-channel chunk q index one of 16
 // partial sums T_q[i] = (((0 + [i&1] x[4q]) + [i&2] x[4q+1]) + [i&4] x[4q+2]) + [i&8] x[4q+3]
-// (float32, the float path's table). Here each group j (g channels, g/4 chunks) of an activation
-// row gets one fp32 scale and the tables are rounded to int8 with it:
-//   m_j = max over the group's chunks q and i of |T_q[i]|       (0 for an all-zero group)
+// (float32, the float path's table). Here the tables are centred first: with h_q = 0.5 T_q[15]
+// (half the chunk's sum),
+//   C_q[i] = T_q[i] - h_q = sum_k ([i has bit k] - 1/2) x[4q+k]        (C_q[15 - i] = -C_q[i])
+// so |C_q[i]| <= (1/2) sum_k |x[4q+k]|: half the range of T_q when one channel dominates the chunk
+// (an outlier), which halves the rounding step below. Each group j (g channels, g/4 chunks) of an
+// activation row gets one fp32 scale and the centred tables are rounded to int8 with it:
+//   m_j = max over the group's chunks q and i of |C_q[i]|       (0 for an all-zero group)
 //   s_j = m_j / 127            inv_j = 127 / m_j (0 when m_j = 0)
-//   t_q[i] = int8(nearbyint(T_q[i] * inv_j))  in [-127, 127], round half to even; t_q[0] = 0
+//   t_q[i] = int8(nearbyint(C_q[i] * inv_j))  in [-127, 127], round half to even
 // so the tables are what is quantized to int8, with one scale per group: the activations enter
-// only through their 4-channel partial sums (whose range is what the int8 code must cover).
+// only through their 4-channel partial sums (whose range is what the int8 code must cover). What
+// the centring takes out comes back per group: a plane's lookups over group j add up to
+// sum_q T_q = sum_q C_q + sum_q h_q, and sum_q h_q = gsum_j / 2 (gsum_j: the in-order float sum
+// of x over group j), which is kept in float32.
 // The tables are stored expanded to the weight's byte order, so that one vector load of weight
 // bytes and one of table bytes line up lane for lane with no shuffling of tables:
 //   lo[(c P + p) 16 + i] = t_{2c}[i]      hi[(c P + p) 16 + i] = t_{2c+1}[i]
@@ -31,19 +38,20 @@
 // int16 sum can overflow); the int32 sum S_pj over group j is exact:
 //   S_pj = sum over the group's columns c of t_{2c}[b & 15] + t_{2c+1}[b >> 4],  b = byte (c, p)
 // and the same integer on every path. Then, per group j, in this order (float32):
-//   y = fma(alpha_{1j}, float(S_1j) * s_j, y); ...; y = fma(alpha_{Pj}, float(S_Pj) * s_j, y)
-//   y = fma(beta_j, gsum_j, y)      (only with an offset; gsum_j = in-order float sum of x over
-//                                    group j: the offset's term is not quantized)
+//   h = 0.5 gsum_j
+//   y = fma(alpha_{1j}, fma(float(S_1j), s_j, h), y); ...; y = fma(alpha_{Pj}, fma(float(S_Pj), s_j, h), y)
+//   y = fma(beta_j, gsum_j, y)      (only with an offset: the offset's term is not quantized)
 //   and y + bias at the end. Scalar, AVX2 and AVX-512 perform exactly these operations, so they
 // agree bit for bit (tests/test_cpu_i8lut.py checks it).
 //
-// Error bound against ref (x @ W^T with W dequantized). Each lookup replaces T_q[i] by
-// s_j t_q[i] with |s_j t_q[i] - T_q[i]| <= s_j / 2 (a rounding to the nearest multiple of s_j;
-// index 0 is exact), and a group holds g / 4 chunks per plane, so per output element
+// Error bound against ref (x @ W^T with W dequantized). Each lookup replaces C_q[i] by
+// s_j t_q[i] with |s_j t_q[i] - C_q[i]| <= s_j / 2 (a rounding to the nearest multiple of s_j),
+// and a group holds g / 4 chunks per plane, so per output element
 //   |y - y_ref| <= sum_j (s_j / 2) (g / 4) sum_p |alpha_pj|  +  float32 rounding,
-// with s_j <= 4 max_{k in j} |x_k| / 127. The float32 rounding is that of a K-term dot product
-// (FP32_REORDER_LONG in tests/tolerances.py). tests/test_cpu_i8lut.py checks this bound, per
-// element, against dbgemm_ref, and the integer result against a torch emulation of the tables.
+// with s_j <= 2 max_{k in j} |x_k| / 127 (4 max |x_k| / 127 for uncentred tables). The float32
+// rounding is that of a K-term dot product (FP32_REORDER_LONG in tests/tolerances.py).
+// tests/test_cpu_i8lut.py checks this bound, per element, against dbgemm_ref, and the integer
+// result against a torch emulation of the tables.
 //
 // Padded channels (k >= K) have x = 0, so their table entries are 0 whatever the bits are.
 // NaN / Inf activations: the binding recomputes such rows densely, as for the float path.
@@ -64,7 +72,7 @@ constexpr int64_t kI8SegmentCols = 128;
 // Byte offsets of one activation row's integer tables inside its buffer of i8lut_row_bytes(w).
 struct I8LutRow {
   float* scale;  // [G] s_j
-  float* gsum;   // [G] sum of the group's x (written and read only with an offset)
+  float* gsum;   // [G] gsum_j, the in-order sum of the group's x (the centring's term, and the offset's)
   int8_t* lo;    // [C8, P, 16] low-nibble tables, expanded to the weight's byte order
   int8_t* hi;    // [C8, P, 16] high-nibble tables
   int8_t* cpt;   // [C8, 2, 16] compact tables (the VBMI path only; shares lo's bytes)
@@ -101,8 +109,17 @@ void gemm_tiles_i8_avx512vbmi(const T16Weight& w, const uint8_t* buf, int64_t M,
 bool i8lut_vbmi();
 int force_i8lut_vbmi(int mode);
 
-// gsum_j: the in-order float sum of x over group j (channels < K); read only with an offset.
+// gsum_j: the in-order float sum of x over group j (channels < K).
 float group_sum(const float* xr, int64_t K, int64_t j, int64_t g);
+
+// h_q = 0.5 T_q[15], with T_q[15] = (((0 + x[4q]) + x[4q+1]) + x[4q+2]) + x[4q+3] (zero past K): the
+// centre every path subtracts from chunk q's 16 partial sums (the same float operations, so the
+// same tables).
+inline float chunk_centre(const float* xr, int64_t K, int64_t q) {
+  float s = 0.0f;
+  for (int64_t k = 4 * q; k < 4 * q + 4; ++k) s += k < K ? xr[k] : 0.0f;
+  return 0.5f * s;
+}
 
 // Which table the decode GEMV uses when the caller leaves the choice to us ("auto").
 enum class LutKind : int { Float = 0, Int8 = 1 };

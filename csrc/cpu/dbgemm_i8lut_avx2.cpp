@@ -71,12 +71,13 @@ inline void tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* tp,
       for (int p = 0; p < P; ++p)
         for (int h = 0; h < 2; ++h) S[p][h] = _mm256_add_epi32(S[p][h], _mm256_cvtepi16_epi32(ps[p][h]));
     }
-    const __m256 s = _mm256_set1_ps(row.scale[g]);
+    const __m256 s = _mm256_set1_ps(row.scale[g]), h = _mm256_set1_ps(0.5f * row.gsum[g]);  // the centring's term
     for (int p = 0; p < P; ++p) {
       const uint16_t* a = ts + (g * P + p) * kTile;
-      y0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)a)), _mm256_mul_ps(_mm256_cvtepi32_ps(S[p][0]), s), y0);
+      y0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)a)),
+                           _mm256_fmadd_ps(_mm256_cvtepi32_ps(S[p][0]), s, h), y0);
       y1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(a + 8))),
-                           _mm256_mul_ps(_mm256_cvtepi32_ps(S[p][1]), s), y1);
+                           _mm256_fmadd_ps(_mm256_cvtepi32_ps(S[p][1]), s, h), y1);
     }
     if (to) {
       const __m256 gs = _mm256_set1_ps(row.gsum[g]);
@@ -107,16 +108,18 @@ void tiles(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t 
   }
 }
 
-// Entries 0..7 (lo) and 8..15 (hi) of chunk q's float partial sums, in the scalar build's order:
-// lane i adds x[4q + j] when bit j of i is set (adding +0 elsewhere leaves a sum unchanged).
+// Entries 0..7 (lo) and 8..15 (hi) of chunk q's centred partial sums C_q (dbgemm_i8lut.h), in the
+// scalar build's order: lane i adds x[4q + j] when bit j of i is set (adding +0 elsewhere leaves a
+// sum unchanged), then the centre h_q is subtracted.
 inline void chunk_table(const float* xr, int64_t K, int64_t q, __m256& lo, __m256& hi) {
   float v[4];
   for (int j = 0; j < 4; ++j) v[j] = 4 * q + j < K ? xr[4 * q + j] : 0.0f;
-  const __m256 z = _mm256_setzero_ps();
+  const __m256 z = _mm256_setzero_ps(), h = _mm256_set1_ps(chunk_centre(xr, K, q));
   lo = _mm256_add_ps(z, _mm256_blend_ps(z, _mm256_set1_ps(v[0]), 0xAA));
   lo = _mm256_add_ps(lo, _mm256_blend_ps(z, _mm256_set1_ps(v[1]), 0xCC));
   lo = _mm256_add_ps(lo, _mm256_blend_ps(z, _mm256_set1_ps(v[2]), 0xF0));
-  hi = _mm256_add_ps(lo, _mm256_set1_ps(v[3]));
+  hi = _mm256_sub_ps(_mm256_add_ps(lo, _mm256_set1_ps(v[3])), h);
+  lo = _mm256_sub_ps(lo, h);
 }
 
 // 16 int8 of round_half_even(lo * inv), round_half_even(hi * inv) (|.| <= 127 by construction).
@@ -146,7 +149,7 @@ void build_i8luts_avx2(const T16Weight& w, const float* x, uint8_t* buf, int64_t
       for (float v : mv) mx = std::max(mx, v);
       const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
       row.scale[j] = mx / 127.0f;
-      if (w.offset) row.gsum[j] = group_sum(xr, K, j, g);
+      row.gsum[j] = group_sum(xr, K, j, g);
       const __m256 vinv = _mm256_set1_ps(inv);
       for (int64_t c = j * g / 8; c < (j + 1) * g / 8; ++c) {
         chunk_table(xr, K, 2 * c, lo, hi);

@@ -148,10 +148,10 @@ inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* t
           S[p] = _mm512_add_epi32(S[p], _mm512_cvtepi16_epi32(_mm256_set_m128i(ps[p][1], ps[p][0])));
       }
     }
-    const __m512 s = _mm512_set1_ps(row.scale[g]);
+    const __m512 s = _mm512_set1_ps(row.scale[g]), h = _mm512_set1_ps(0.5f * row.gsum[g]);  // the centring's term
     for (int p = 0; p < P; ++p) {
       const __m512 a = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ts + (g * P + p) * kTile)));
-      y = _mm512_fmadd_ps(a, _mm512_mul_ps(_mm512_cvtepi32_ps(S[p]), s), y);
+      y = _mm512_fmadd_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(S[p]), s, h), y);
     }
     if (to) {
       const __m512 beta = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(to + g * kTile)));
@@ -179,8 +179,8 @@ void tiles(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t 
   }
 }
 
-// The 16 float partial sums of chunk q (dbgemm_i8lut.h), in the scalar build's order: lane i adds
-// x[4q + j] when bit j of i is set.
+// The 16 centred partial sums C_q of chunk q (dbgemm_i8lut.h), in the scalar build's order: lane i
+// adds x[4q + j] when bit j of i is set, then the centre h_q is subtracted.
 inline __m512 chunk_table(const float* xr, int64_t K, int64_t q) {
   const __mmask16 bit[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};
   __m512 t = _mm512_setzero_ps();
@@ -188,7 +188,7 @@ inline __m512 chunk_table(const float* xr, int64_t K, int64_t q) {
     const float v = 4 * q + j < K ? xr[4 * q + j] : 0.0f;
     t = _mm512_mask_add_ps(t, bit[j], t, _mm512_set1_ps(v));
   }
-  return t;
+  return _mm512_sub_ps(t, _mm512_set1_ps(chunk_centre(xr, K, q)));
 }
 
 inline void build_rows(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1) {
@@ -202,7 +202,7 @@ inline void build_rows(const T16Weight& w, const float* x, uint8_t* buf, int64_t
       const float mx = _mm512_reduce_max_ps(vmax);
       const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
       row.scale[j] = mx / 127.0f;
-      if (w.offset) row.gsum[j] = group_sum(xr, K, j, g);
+      row.gsum[j] = group_sum(xr, K, j, g);
       const __m512 vinv = _mm512_set1_ps(inv);
       for (int64_t c = j * g / 8; c < (j + 1) * g / 8; ++c) {
         // vcvtps2dq rounds half to even (the default MXCSR mode), as nearbyint does in the scalar build

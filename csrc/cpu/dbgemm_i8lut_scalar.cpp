@@ -27,7 +27,9 @@ void gemm_tiles_i8_scalar(const T16Weight& w, const uint8_t* buf, int64_t M, flo
             for (int r = 0; r < kTile; ++r) S[r] += row.lo[u + (tp[u + r] & 15)] + row.hi[u + (tp[u + r] >> 4)];
           }
           const uint16_t* a = ts + (g * P + p) * kTile;
-          for (int r = 0; r < kTile; ++r) acc[r] = std::fma(half_to_float(a[r]), float(S[r]) * row.scale[g], acc[r]);
+          const float h = 0.5f * row.gsum[g];  // what the centred tables leave out (dbgemm_i8lut.h)
+          for (int r = 0; r < kTile; ++r)
+            acc[r] = std::fma(half_to_float(a[r]), std::fma(float(S[r]), row.scale[g], h), acc[r]);
         }
         if (to)
           for (int r = 0; r < kTile; ++r) acc[r] = std::fma(half_to_float(to[g * kTile + r]), row.gsum[g], acc[r]);

@@ -276,8 +276,9 @@ def i8lut_tables_ref(x: torch.Tensor, in_features: int, group_size: int
     Args: x float32 [M, K]; in_features K; group_size g (a multiple of 8).
     Returns: (t int8 [M, Kp/4, 16], scale float32 [M, G], gsum float32 [M, G]) with
         T[m, q, i] = (((0 + [i&1] x[4q]) + [i&2] x[4q+1]) + [i&4] x[4q+2]) + [i&8] x[4q+3],
-        scale = max_{q in group, i} |T| / 127, t = round_half_even(T * (127 / max)) (0 for a zero
-        group), gsum = the group's sum of x. Kp = ceil(K / g) g; channels past K are 0.
+        the centred C = T - T[..., 15] / 2, scale = max_{q in group, i} |C| / 127,
+        t = round_half_even(C * (127 / max)) (0 for a zero group), gsum = the group's sum of x
+        (the tables leave out gsum / 2 per plane and group). Kp = ceil(K / g) g; channels past K are 0.
     """
     m, k = x.shape
     kp = -(-k // group_size) * group_size
@@ -288,6 +289,7 @@ def i8lut_tables_ref(x: torch.Tensor, in_features: int, group_size: int
     tab = torch.zeros(m, kp // 4, 16)
     for j in range(4):  # the kernel's order of additions
         tab = tab + torch.where(bits[:, j].bool(), xs[..., j:j + 1], torch.zeros(()))
+    tab = tab - tab[..., 15:] * 0.5  # centred: T[15] is the chunk's sum in the same order
     mx = tab.abs().reshape(m, kp // group_size, -1).amax(-1)  # [M, G]
     inv = torch.where(mx > 0, torch.tensor(127.0) / mx.clamp_min(torch.finfo(torch.float32).tiny),
                       torch.zeros(()))
@@ -301,8 +303,9 @@ def dbgemm_i8lut_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
                      offset: torch.Tensor | None, bias: torch.Tensor | None, in_features: int,
                      group_size: int) -> torch.Tensor:
     """What the integer-table kernel computes (dbgemm_ref's signature; x float32 [M, K]):
-    y[m, n] = sum_j (sum_p alpha[n, j, p] S[m, p, n, j] scale[m, j] + beta[n, j] gsum[m, j]) + bias[n]
-    with S the exact integer sum of the tables t looked up by the weight's 4-bit indices
+    y[m, n] = sum_j (sum_p alpha[n, j, p] (S[m, p, n, j] scale[m, j] + gsum[m, j] / 2)
+                     + beta[n, j] gsum[m, j]) + bias[n]
+    with S the exact integer sum of the centred tables t looked up by the weight's 4-bit indices
     (i8lut_tables_ref). Equal to the kernel up to float32 summation order. Returns float32 [M, N]."""
     check_packed("dbgemm_i8lut_ref", qweight, scales, offset, bias, in_features, group_size)
     t, sc, gsum = i8lut_tables_ref(x, in_features, group_size)
@@ -312,7 +315,8 @@ def dbgemm_i8lut_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     m = x.shape[0]
     vals = t.long()[:, None, None].expand(m, p, n, q, 16).gather(-1, nib[None, ..., None].expand(m, p, n, q, 1))
     s = vals[..., 0].reshape(m, p, n, q // (group_size // 4), group_size // 4).sum(-1)  # [M, P, N, G] exact
-    y = torch.einsum("mpng,ngp,mg->mn", s.double(), scales.double(), sc.double())
+    y = torch.einsum("mpng,ngp,mg->mn", s.double(), scales.double(), sc.double()) \
+        + torch.einsum("mg,ngp->mn", gsum.double() / 2, scales.double())
     if offset is not None:
         y = y + gsum.double() @ offset.double().T
     if bias is not None:
