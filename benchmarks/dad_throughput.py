@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 
 from dbquant.bench.cpu import environment
-from dbquant.format.files import write_json
 from dbquant.calibration.blockwise import to_fakequant
 from dbquant.calibration.dad import DADConfig, distill, teacher_cache
 from dbquant.calibration.init import init_weights
 from dbquant.calibration.runstate import RunState, make_fingerprint
 from dbquant.eval.data import calibration_batches, wiki_split
+from dbquant.format.files import write_json
 from dbquant.model.plan import make_plan
 from dbquant.model.sources import load_fp_model
 

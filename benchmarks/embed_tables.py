@@ -26,6 +26,8 @@ from pathlib import Path
 
 def retable(checkpoint: str, out: Path, embed_bits: str, head_bits: str, group: int | None):
     """Load ``checkpoint``, store its tables as asked, save to ``out``; return the reloaded model."""
+    from transformers import AutoTokenizer
+
     import dbquant
     from dbquant.format.embedding import TABLE_VERSION
     from dbquant.model import embedding as embedlib
@@ -33,12 +35,12 @@ def retable(checkpoint: str, out: Path, embed_bits: str, head_bits: str, group: 
     from dbquant.model.modules import PackedLinear
     from dbquant.model.plan import LinearPlan, bits_summary
     from dbquant.quantize import EMBED_BITS
-    from transformers import AutoTokenizer
 
     model = dbquant.load(checkpoint)
     tables = embedlib.make_table_plan(model, EMBED_BITS[embed_bits], group, head_bits)
     embedlib.quantize_tables(model, tables)
-    plan = [LinearPlan(n, m.layout, m.bias is not None) for n, m in model.named_modules() if isinstance(m, PackedLinear)]
+    plan = [LinearPlan(n, m.layout, m.bias is not None) for n, m in model.named_modules()
+            if isinstance(m, PackedLinear)]
     old = model.config.quantization_config.to_dict()
     old.pop("quant_method", None)
     cfg = DbquantConfig(**{**old, "tables": [t.to_dict() for t in tables], "bpw": bits_summary(plan, model, tables),

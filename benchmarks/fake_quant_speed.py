@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from dbquant.bench.cpu import environment
-from dbquant.format.files import write_json
 from dbquant.calibration.blockwise import to_fakequant
 from dbquant.calibration.init import init_weights
+from dbquant.format.files import write_json
 from dbquant.model.modules import FakeQuantLinear
 from dbquant.model.plan import make_plan
 from dbquant.model.sources import load_fp_model

@@ -78,7 +78,8 @@ def e2e(a) -> int:
         f, i = statistics.median(tok_s["float"]), statistics.median(tok_s["int8"])
         rows.append(dict(model=a.e2e, threads=t, prompt_tokens=128, new_tokens=64, isa=torch.ops.dbquant.cpu_isas()[0],
                          float_tok_s=round(f, 2), int8_tok_s=round(i, 2), int8_speedup=round(i / f, 3),
-                         float_rounds=[round(v, 2) for v in tok_s["float"]], int8_rounds=[round(v, 2) for v in tok_s["int8"]],
+                         float_rounds=[round(v, 2) for v in tok_s["float"]],
+                         int8_rounds=[round(v, 2) for v in tok_s["int8"]],
                          same_greedy_tokens=bool(torch.equal(seqs["float"], seqs["int8"]))))
         print(f"e2e t={t}  float {f:6.1f} tok/s  int8 {i:6.1f} tok/s  int8 speedup {i / f:5.2f}x  "
               f"same tokens: {rows[-1]['same_greedy_tokens']}", flush=True)
@@ -120,7 +121,8 @@ def main() -> int:
                     for _ in range(a.rounds):
                         for lut in got:
                             torch.ops.dbquant.cpu_i8lut_lookup("on" if lut == "int8_vbmi" else "auto")
-                            fn = lambda: cpu_backend.run_cpu(x, w, None, isa, lut[:4] if lut != "float" else lut)  # noqa: E731
+                            fn = lambda: cpu_backend.run_cpu(x, w, None, isa,  # noqa: E731
+                                                             lut[:4] if lut != "float" else lut)
                             got[lut].append(1e3 * _median_ms(fn, min_time=0.15))
                     torch.ops.dbquant.cpu_i8lut_lookup("auto")  # vpshufb, the default
                     f, i = statistics.median(got["float"]), statistics.median(got["int8"])

@@ -91,7 +91,8 @@ def main(argv=None) -> int:
             else:
                 head.weight = torch.nn.Parameter(exact, requires_grad=False)
             hooks = [head.register_forward_pre_hook(round_input_q8)] if mode == "w8a8" else []
-        rows.append({"lm_head_dtype": mode, "wiki_ppl": evaluate(model, tok, n_windows=a.windows, progress=False)["ppl"]})
+        rows.append({"lm_head_dtype": mode,
+                     "wiki_ppl": evaluate(model, tok, n_windows=a.windows, progress=False)["ppl"]})
         print(json.dumps(rows[-1]), flush=True)
         for h in hooks:
             h.remove()

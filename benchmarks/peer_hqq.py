@@ -1,6 +1,7 @@
 """Peer row: HQQ 2-bit g64 (calibration-free) on SmolLM2's decoder linears, scored by dbquant's wiki protocol.
 
-Needs hqq (pinned in requirements.txt for the tests and peer rows; not a dependency of the dbquant package). Usage: python benchmarks/peer_hqq.py [N_WINDOWS]
+Needs hqq (pinned in requirements.txt for the tests and peer rows; not a dependency of the dbquant
+package). Usage: python benchmarks/peer_hqq.py [N_WINDOWS]
 Prints one JSON object. HQQ keeps its scale and zero in the compute dtype; bpw is counted as
 peers report it, with both at 16 bits: 2 + 32/64 = 2.5.
 """

@@ -77,7 +77,8 @@ def print_table(rows: list, header: dict) -> None:
         if r.get("source", "").startswith("requantized"):
             notes = "REQUANTIZED from shipped Q4_1; " + notes
         print(f"{r['type']:<6} {r['threads']:>3} {r['pp_tok_s']:>8.1f} ±{r['pp_std']:>5.1f} "
-              f"{r['tg_tok_s']:>6.1f} ±{r['tg_std']:>4.1f} {r['tg_median']:>6.1f} {r['file_mb']:>8.1f} {r['bpw_file']:>6.2f}  "
+              f"{r['tg_tok_s']:>6.1f} ±{r['tg_std']:>4.1f} {r['tg_median']:>6.1f} "
+              f"{r['file_mb']:>8.1f} {r['bpw_file']:>6.2f}  "
               f"{r['loadavg_before']:>4.2f}/{r['loadavg_after']:<4.2f}  {notes}")
     print(f"pp: {header['prompt_tokens']}-token prompt; tg: {header['gen_tokens']} tokens decoded from an "
           "empty context; ± = std over runs, med = median; bpw = whole file bytes*8 / parameters; "
@@ -154,7 +155,8 @@ def finish(rows: list, header: dict, args, t_start: float) -> int:
     header["uptime_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print_table(rows, header)
     if header.get("conversion_error"):
-        print(f"HF -> GGUF conversion FAILED, rows requantize the shipped Q4_1 file: {header['conversion_error'].strip()}")
+        print("HF -> GGUF conversion FAILED, rows requantize the shipped Q4_1 file: "
+              f"{header['conversion_error'].strip()}")
     print(f"wall {header['wall_s']} s; uptime at start: {header['uptime_start']}; at end: {header['uptime_end']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -131,7 +131,8 @@ def main() -> None:
         src = build_synthetic(Path(a.synthetic_dir), a.layers, a.hidden, a.intermediate)
         layer = src / "layer-00000.safetensors"
         r = measure(["quantize", str(src), "--streaming", "--output", str(work / "synthetic"), *opts])
-        r.update(model_bytes=dir_bytes(src), block_bytes=layer.stat().st_size, output_bytes=dir_bytes(work / "synthetic"),
+        r.update(model_bytes=dir_bytes(src), block_bytes=layer.stat().st_size,
+                 output_bytes=dir_bytes(work / "synthetic"),
                  config={"layers": a.layers, "hidden": a.hidden, "intermediate": a.intermediate})
         r["model_gib"] = round(r["model_bytes"] / 2**30, 3)
         r["rss_over_model"] = round(r["peak_rss_mib"] * 2**20 / r["model_bytes"], 3)

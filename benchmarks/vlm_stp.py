@@ -11,8 +11,9 @@ relative MSE = sum (a - a_fp)^2 / sum a_fp^2, per layer. Also the suffix's NLL.
 Caches compared, all VidKV 1.5-bit keys / 1.58-bit values with the same residual:
 ``none`` (no protection), ``stp`` (dbquant.runtime.kv.stp.vlm_protected_tokens: the top ``ratio``
 visual tokens by similarity of their merged embeddings to the mean text embedding get
-~2.85-bit values: their ternary code plus a sign bit per value, see VidKVCodec), ``random`` (the same number of visual tokens per window, chosen uniformly;
-several seeds). stp and random hold the same bytes (measured with cache_nbytes).
+~2.85-bit values: their ternary code plus a sign bit per value, see VidKVCodec), ``random`` (the same
+number of visual tokens per window, chosen uniformly; several seeds). stp and random hold the same
+bytes (measured with cache_nbytes).
 
 The test bed's vision tower and connector are random (docs/PROTOCOLS.md): which visual tokens
 matter is decided by the real SmolLM2 backbone's attention, but the "semantics" of the
@@ -46,7 +47,8 @@ def make_window(model, tok, text_ids: torch.Tensor, seed: int) -> tuple[dict, to
     n_img = testbed.tokens_per_image()
     parts = []
     for i in range(N_IMAGES):
-        parts += [torch.full((n_img,), model.config.image_token_id), text_ids[i * TEXT_PER_IMAGE:(i + 1) * TEXT_PER_IMAGE]]
+        parts += [torch.full((n_img,), model.config.image_token_id),
+                  text_ids[i * TEXT_PER_IMAGE:(i + 1) * TEXT_PER_IMAGE]]
     prefix = torch.cat(parts)[None]
     suffix = text_ids[N_IMAGES * TEXT_PER_IMAGE:N_IMAGES * TEXT_PER_IMAGE + SUFFIX][None]
     return {"input_ids": prefix, "pixel_values": pixels}, suffix
@@ -145,7 +147,8 @@ def main(argv=None) -> int:
                                                  "value_rel_mse_stp_tokens": v_err,
                                                  "value_rel_mse_visual": v_err_visual,
                                                  "bytes_per_token": nb["total"] / nb["tokens"],
-                                                 "quantized_bytes": nb["quantized"], "protected": int(k if mask is not None else 0)})
+                                                 "quantized_bytes": nb["quantized"],
+                                                 "protected": int(k if mask is not None else 0)})
                 print(f"residual {residual} window {w} {name:>8}: mean rel MSE {sum(rel) / len(rel):.4f}, "
                       f"NLL {nll:.4f} (fp {nll_fp:.4f}); values rel MSE at STP tokens {v_err:.4f}, "
                       f"all visual {v_err_visual:.4f}", file=sys.stderr)

@@ -90,8 +90,9 @@ TEACHERS = ("topk", "online", "sample")
 @dataclass
 class DADConfig:
     """steps / batch_size (sequences per step); lr (scales) and lr_weight (latent weights, used
-    when train == "scales+weights"), relative to each tensor's mean |value|; weighting: a key of WEIGHTINGS; temperature; ce_weight:
-    weight of the ground-truth cross-entropy term; topk: teacher logits kept per token;
+    when train == "scales+weights"), relative to each tensor's mean |value|; weighting: a key of
+    WEIGHTINGS; temperature; ce_weight: weight of the ground-truth cross-entropy term; topk: teacher
+    logits kept per token;
     warmup: LR warmup steps before the cosine decay; grad_clip: max grad norm (0 = off);
     teacher: a key of TEACHERS (topk / sample cache ``topk`` tokens per position); autocast:
     ``auto`` (bf16 where fast), ``bf16`` or ``off`` (:func:`precision.autocast_dtype`)."""

@@ -88,10 +88,12 @@ def multimodal_samples(model, tokenizer, model_folder, images_dir, text_windows:
         n_image = int((sample == model.config.image_token_id).sum())
         if sample.numel() > t:  # cut the caption, never the image's placeholder tokens
             if n_image >= t:
-                raise DbquantError(f"an image takes {n_image} tokens; a sequence length of {t} (--bw-seq-len, --dad-seq-len) leaves no room for text")
+                raise DbquantError(f"an image takes {n_image} tokens; a sequence length of {t} "
+                                   "(--bw-seq-len, --dad-seq-len) leaves no room for text")
             sample = sample[:t]
             if int((sample == model.config.image_token_id).sum()) != n_image:
-                raise DbquantError(f"{path.name}: its image tokens end beyond the sequence length {t}; raise --bw-seq-len / --dad-seq-len")
+                raise DbquantError(f"{path.name}: its image tokens end beyond the sequence length {t}; "
+                                   "raise --bw-seq-len / --dad-seq-len")
         ids[i, :sample.numel()] = sample  # the rest of the row keeps its calibration text
         # ... except the image token id, which the model would take for an image's placeholder
         tail = ids[i, sample.numel():]

@@ -36,8 +36,16 @@ from .model.checkpoint import is_dbquant_dir, load, measured_bits
 from .model.inspect import layer_stats, load_source, stats_summary, table_stats
 from .model.sources import load_fp_model, resolve_model
 from .model.vlm import processor_files
-from .quantize import (QuantizeOptions, budgeted, check_output, drop_work_dir, make_plan, make_table_plan, quantize,
-                       save_output)
+from .quantize import (
+    QuantizeOptions,
+    budgeted,
+    check_output,
+    drop_work_dir,
+    make_plan,
+    make_table_plan,
+    quantize,
+    save_output,
+)
 from .runtime.decode import LM_HEAD_DTYPES
 from .runtime.generate import ENGINES, GenerateOptions, generate
 from .runtime.kv.quantizers import SCALE_DTYPES
@@ -341,7 +349,8 @@ def _llamacpp(fp_model: str, types: list[str]) -> dict:
     try:
         return bench_peers.ensure_runnable(prep)
     except Exception as e:  # noqa: BLE001 - the no-AMX rebuild failed
-        raise DbquantError(f"--peers: llama.cpp's native build dies on this CPU and the no-AMX build failed: {e}") from e
+        raise DbquantError("--peers: llama.cpp's native build dies on this CPU and "
+                           f"the no-AMX build failed: {e}") from e
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -504,7 +513,8 @@ def _generate_parser(sub) -> None:
 
 
 def _bench_parser(sub) -> None:
-    b = sub.add_parser("bench", help="kernel microbenchmarks (CPU; --backend triton|cuda for GPUs) or --e2e decode speed")
+    b = sub.add_parser("bench",
+                       help="kernel microbenchmarks (CPU; --backend triton|cuda for GPUs) or --e2e decode speed")
     b.add_argument("--shapes", default="all", help="smollm2, llama7b, all, or NxK list (out x in), e.g. 4096x4096")
     b.add_argument("--m", help="activation rows, comma list (default 1,16)")
     b.add_argument("--threads", default="1,2", help="comma list of thread counts")
@@ -514,7 +524,8 @@ def _bench_parser(sub) -> None:
     b.add_argument("--backend", default="cpu", choices=("cpu", "triton", "cuda"),
                    help="cpu: the CPU kernel rows above; triton/cuda: the GPU benchmark vs torch fp16/bf16")
     b.add_argument("--smoke", action="store_true", help="GPU benchmark at a tiny shape (runs under TRITON_INTERPRET=1)")
-    b.add_argument("--e2e", metavar="DIR", help="end-to-end prefill/decode tokens/s of checkpoint DIR vs the fp32 model")
+    b.add_argument("--e2e", metavar="DIR",
+                   help="end-to-end prefill/decode tokens/s of checkpoint DIR vs the fp32 model")
     b.add_argument("--fp-model", default=DEFAULT_MODEL, help="the fp32 model --e2e compares against")
     b.add_argument("--prompt-tokens", default="128", help="comma list of prompt lengths (--e2e)")
     b.add_argument("--kv", help="--e2e: comma list of KV caches for the fast decoder, e.g. fp,1.5/1.58: one row per "

@@ -16,21 +16,21 @@ from pathlib import Path
 from typing import Any
 
 from .calibration import METHODS, init_weights, input_second_moments
+from .calibration import budget as budgetlib
 from .calibration.blockwise import INPUT_MODES
 from .calibration.dad import DADConfig
 from .calibration.pipeline import calibration_sampler, run_fdb_dad, self_gen_config
 from .calibration.precision import AUTOCAST_MODES
-from .calibration import budget as budgetlib
 from .calibration.presets import preset_values
 from .calibration.runstate import discard_checkpoints
 from .calibration.sensitivity import SENSITIVITIES, allocate_plan, parse_planes
 from .calibration.sources import chat_unsupported, parse_mix, uses_generated
 from .errors import DbquantError
+from .format.layout import FLOAT_SCALE_BITS, FORMAT_VERSION, SCALE_BITS
+from .model import embedding as embedlib
 from .model import plan as planlib
 from .model.checkpoint import load, save
 from .model.convert import pack_into
-from .format.layout import FLOAT_SCALE_BITS, FORMAT_VERSION, SCALE_BITS
-from .model import embedding as embedlib
 from .model.embedding import TablePlan
 from .model.hf import DbquantConfig, attach
 from .model.vlm import is_vlm
@@ -141,7 +141,8 @@ class QuantizeOptions:
     calib_samples: int = option(32, "calibration windows for the activation statistics")
     calib_seq_len: int = option(512, "tokens per calibration window")
     calib_self_samples: int = option(16, "--calib self/chat: sequences the fp model generates (cached in the work dir)")
-    calib_self_len: int = option(192, "--calib self/chat: tokens per generated sequence (chat: conversation), prompt included")
+    calib_self_len: int = option(192, "--calib self/chat: tokens per generated sequence (chat: conversation), "
+                                      "prompt included")
     calib_self_temperature: float = option(0.7, "--calib self/chat: sampling temperature (> 0)")
     calib_self_prompt_len: int = option(8, "--calib self: prompt tokens, taken from the calibration text")
     iters: int = option(8, "FDB least-squares refinement iterations")
@@ -311,8 +312,8 @@ def make_plan(model, opts: QuantizeOptions, tokenizer=None, progress: bool = Tru
 def make_table_plan(model, opts: QuantizeOptions, plan: list[planlib.LinearPlan]) -> list[TablePlan]:
     """The input embedding / output projection tables ``--embed-bits`` / ``--head-bits`` store.
 
-    Given the linear ``plan`` (whose weights will be packed): tables that would leave the model without any floating-point
-    parameter (e.g. OLMo, whose norms hold no weights, with a tied embedding) are dropped under
+    Given the linear ``plan`` (whose weights will be packed): tables that would leave the model without any
+    floating-point parameter (e.g. OLMo, whose norms hold no weights, with a tied embedding) are dropped under
     ``auto`` and refused when asked for, because transformers' ``save_pretrained`` reads the
     model's dtype from such a parameter.
     """
@@ -344,7 +345,8 @@ def budgeted(model, opts: QuantizeOptions, plan: list[planlib.LinearPlan]) -> tu
     """
     r, shapes = opts.resolved(), budgetlib.Shapes.of(model, plan)
     if opts.time_budget is None:
-        return (r, budgetlib.prediction(r, shapes)) if opts.dad_steps is not None else budgetlib.bf16_dividend(r, shapes)
+        return ((r, budgetlib.prediction(r, shapes)) if opts.dad_steps is not None
+                else budgetlib.bf16_dividend(r, shapes))
     given = {k for k in budgetlib.SCALED if getattr(opts, k) is not None}
     return budgetlib.fit(r, shapes, given)
 

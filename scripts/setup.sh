@@ -20,4 +20,5 @@ if [ -n "$so" ] && .venv/bin/python -c "import dbquant" 2>/dev/null \
 else
   "${PIP[@]}" install --no-build-isolation -e .
 fi
-.venv/bin/python -c "import dbquant, dbquant.backends.registry as o; print('dbquant', dbquant.__version__, '| C++ cpu backend:', o.available('cpu'))"
+.venv/bin/python -c "import dbquant, dbquant.backends.registry as o; \
+print('dbquant', dbquant.__version__, '| C++ cpu backend:', o.available('cpu'))"

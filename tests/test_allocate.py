@@ -8,14 +8,20 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbquant.calibration.sensitivity import (allocate_plan, candidates, kfac_factors, option_errors, parse_planes,
-                                             resolve_planes)
+from dbquant.calibration.sensitivity import (
+    allocate_plan,
+    candidates,
+    kfac_factors,
+    option_errors,
+    parse_planes,
+    resolve_planes,
+)
 from dbquant.errors import DbquantError
 from dbquant.format.layout import LinearLayout
 from dbquant.model.plan import make_plan
-from dbquant.quantize import QuantizeOptions
 from dbquant.quant import fdb
 from dbquant.quant.allocate import allocate, hull
+from dbquant.quantize import QuantizeOptions
 from tests.conftest import make_tiny_model
 
 option = st.tuples(st.integers(1, 400), st.floats(0.0, 1e3, allow_nan=False))

@@ -27,7 +27,8 @@ def attend_ref(q, k, v, n, scale, softcap=0.0):
 
 def _case(hq, hk, d, L, seed):
     gen = torch.Generator().manual_seed(seed)
-    q, k, v = torch.randn(hq, d, generator=gen), torch.randn(hk, L, d, generator=gen), torch.randn(hk, L, d, generator=gen)
+    q, k, v = (torch.randn(hq, d, generator=gen), torch.randn(hk, L, d, generator=gen),
+               torch.randn(hk, L, d, generator=gen))
     return q, k, v
 
 

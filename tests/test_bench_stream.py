@@ -82,7 +82,8 @@ def test_cpu_model_and_flags_from_cpuinfo(tmp_path):
     info.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu sse2 avx2 fma avx512f avx512vbmi "
                     "avx512_vnni amx_tile\n\nprocessor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n")
     assert machine.cpu_model_and_flags(str(info)) == ("Test CPU 9000",
-                                                      ["avx2", "fma", "avx512f", "avx512vbmi", "avx512_vnni", "amx_tile"])
+                                                      ["avx2", "fma", "avx512f", "avx512vbmi", "avx512_vnni",
+                                                       "amx_tile"])
 
 
 # ---- the native read kernel against its reference ---------------------------------------------
@@ -212,7 +213,8 @@ def test_a_native_llama_cpp_that_dies_of_sigill_gives_way_to_the_no_amx_build(tm
 
     monkeypatch.setattr(peers, "build", build)
     prep = {"root": tmp_path, "tree": tmp_path, "commit": "c", "bench_bin": fake, "quant_bin": fake,
-            "build_info": {"variant": "native"}, "files": {"Q2_K": {"error": "x"}, "Q4_0": {"path": tmp_path / "q.gguf"}}}
+            "build_info": {"variant": "native"},
+            "files": {"Q2_K": {"error": "x"}, "Q4_0": {"path": tmp_path / "q.gguf"}}}
     out = peers.ensure_runnable(prep)
     if dies:
         assert built == ["no-amx"]

@@ -2,10 +2,11 @@
 
 import pytest
 
-from .conftest import make_tiny_model
 from dbquant.calibration import budget
 from dbquant.errors import DbquantError
 from dbquant.quantize import AUTO_CHAT_MIX, QuantizeOptions, budgeted, make_plan, quantize
+
+from .conftest import make_tiny_model
 
 # SmolLM2-135M: 30 blocks of 7 planned linears (3,538,944 weights each) and a 49152 x 576 head
 SMOLLM2 = budget.Shapes(block_params=(3_538_944,) * 30, compute_params=30 * 3_538_944 + 49152 * 576)

@@ -253,7 +253,8 @@ def test_cli_failed_save_keeps_calibration_and_resume_writes_same_bytes(tmp_path
     stderr = capsys.readouterr().err
     err = [line for line in stderr.splitlines() if line.startswith("dbquant:")]  # progress bars aside
     work = tmp_path / "out.work"
-    assert "Traceback" not in stderr and len(err) == 1 and err[0].startswith("dbquant: error: saving") and "--resume" in err[0], err
+    assert ("Traceback" not in stderr and len(err) == 1 and err[0].startswith("dbquant: error: saving")
+            and "--resume" in err[0]), err
     assert str(work) in err[0] and (work / "final.pt").is_file() and not (tmp_path / "out").exists()
     monkeypatch.setattr(quantize_mod, "save", real_save)
     monkeypatch.setitem(runstate.TEST_HOOKS, "interrupt_after_steps", 0)  # resume must not recalibrate

@@ -39,7 +39,8 @@ def _has_vbmi() -> bool:
 
 # (isa, AVX-512 lookup): every path this CPU runs; AVX-512 both with vpshufb ("bw") and, on a VBMI
 # CPU, with vpermb / vpermi2b on compact tables ("vbmi")
-PATHS = [(i, "bw" if i == "avx512" else None) for i in ISAS] + ([("avx512", "vbmi")] if HAVE_NATIVE and _has_vbmi() else [])
+PATHS = ([(i, "bw" if i == "avx512" else None) for i in ISAS]
+         + ([("avx512", "vbmi")] if HAVE_NATIVE and _has_vbmi() else []))
 
 
 def run_path(x, w, b, path):

@@ -248,7 +248,8 @@ def test_padding_bits_are_ignored():
     x = torch.randn(4, k)
     for isa in ISAS:
         for lut in ("float", "int8"):
-            assert torch.equal(cpu_backend.run_cpu(x, dirty, None, isa, lut=lut), cpu_backend.run_cpu(x, clean, None, isa, lut=lut))
+            assert torch.equal(cpu_backend.run_cpu(x, dirty, None, isa, lut=lut),
+                               cpu_backend.run_cpu(x, clean, None, isa, lut=lut))
 
 
 def test_many_rows_uses_several_table_slices():
@@ -268,7 +269,8 @@ def test_dequantize_equals_reference(n, k, g, offset):
 
 
 @pytest.mark.parametrize("planes", [1, 2, 3, 4])
-@pytest.mark.parametrize("n,k,g,offset", [(37, 200, 64, True), (1536, 576, 64, False), (5, 24, 8, True), (16, 40, 8, False)])
+@pytest.mark.parametrize("n,k,g,offset", [(37, 200, 64, True), (1536, 576, 64, False), (5, 24, 8, True),
+                                          (16, 40, 8, False)])
 def test_transposed_dequantize_equals_reference(n, k, g, offset, planes):
     """dequantize_t_cpu: every ISA path gives the reference's weight transposed, bit for bit in float32,
     and torch's own float32 -> bfloat16 rounding of it in bf16 (odd shapes: partial tiles, K not a

@@ -172,9 +172,9 @@ def _native_step_matches(model_type, cfg):
 
 
 def _steps_on_threads(model, threads):
-    """The hidden states after decode_step_cpu (the final norm included) at positions 4..10 (after a 4-token prefill on one
-    thread: BLAS may round differently on more) and the caches, the steps run with `threads` torch
-    threads."""
+    """The hidden states after decode_step_cpu (the final norm included) at positions 4..10 (after a 4-token
+    prefill on one thread: BLAS may round differently on more) and the caches, the steps run with `threads`
+    torch threads."""
     prev = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -381,7 +381,8 @@ def test_fused_rms_norm_matches_torch(shape):
     assert cpu_backend.load_cpu()
     x, w = torch.randn(*shape), torch.randn(shape[-1])
     y = torch.ops.dbquant.rms_norm_cpu(x, w, 1e-5)
-    torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (shape[-1],), w, 1e-5), rtol=FP32_REORDER, atol=FP32_REORDER)
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (shape[-1],), w, 1e-5),
+                               rtol=FP32_REORDER, atol=FP32_REORDER)
     with pytest.raises(RuntimeError, match=r"w must be a contiguous float32 \[" + str(shape[-1])):
         torch.ops.dbquant.rms_norm_cpu(x, torch.randn(shape[-1] + 1), 1e-5)
 

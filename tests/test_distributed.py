@@ -103,7 +103,8 @@ def test_two_processes_resume_and_only_rank0_writes(tmp_path):
     assert _spawn(tmp_path, "killed", str(work), interrupt=3) == [{}, {}]
     assert (work / "state.pt").is_file()
     logged = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged if r.get("stage") == "dad" and "step" in r] == [0, 1, 2, 3]  # one writer: no duplicates
+    # one writer: no duplicates
+    assert [r["step"] for r in logged if r.get("stage") == "dad" and "step" in r] == [0, 1, 2, 3]
     r0, _ = _spawn(tmp_path, "resumed", str(work), resume=True)
     _assert_close(_dad_run(), r0)
 
@@ -137,6 +138,7 @@ def test_torchrun_cli_matches_single_process(tmp_path, tiny_model_dir, nproc):
         if k.endswith("qweight"):
             assert torch.equal(one[k], ddp[k]), k
         else:
-            torch.testing.assert_close(one[k].float(), ddp[k].float(), rtol=FP16_SCALE, atol=ACCUMULATED_GRAD_ATOL, msg=k)
+            torch.testing.assert_close(one[k].float(), ddp[k].float(), rtol=FP16_SCALE, atol=ACCUMULATED_GRAD_ATOL,
+                                       msg=k)
     log = (tmp_path / "ddp" / "dbquant-log.jsonl").read_text()
     assert '"stage": "dad"' in log

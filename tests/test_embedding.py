@@ -262,7 +262,8 @@ def test_v1_checkpoint_still_loads(tmp_path, tiny_tokenizer):
     with safe_open(out / "model.safetensors", "pt") as f:  # the header metadata says the version too
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open
     facts = json.loads(meta["dbquant"])
-    save_file(tensors, out / "model.safetensors", metadata={**meta, "dbquant": json.dumps({**facts, "format_version": 1})})
+    save_file(tensors, out / "model.safetensors",
+              metadata={**meta, "dbquant": json.dumps({**facts, "format_version": 1})})
     with torch.no_grad():
         assert torch.equal(load(out)(IDS).logits, model(IDS).logits)
 

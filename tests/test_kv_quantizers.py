@@ -194,7 +194,8 @@ def test_triton_dequant_kernels_match_pytorch(scale_dtype):
     qt, qa, qs = (Q.quantize_ternary(x, scale_dtype), Q.quantize_asym2(x, scale_dtype),
                   Q.quantize_sign1(x, scale_dtype))
     assert torch.allclose(T.dequantize_ternary(qt, G), Q.dequantize_ternary(qt, G), atol=FP32_ULP, rtol=0)
-    assert torch.allclose(T.dequantize_asym2(qa), Q.dequantize_asym2(qa), atol=FP32_REORDER, rtol=FP32_ULP)  # FMA on GPUs
+    # FMA on GPUs
+    assert torch.allclose(T.dequantize_asym2(qa), Q.dequantize_asym2(qa), atol=FP32_REORDER, rtol=FP32_ULP)
     assert torch.allclose(T.dequantize_sign1(qs), Q.dequantize_sign1(qs), atol=FP32_ULP, rtol=0)
 
 

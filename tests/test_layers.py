@@ -23,7 +23,8 @@ SOURCES = {ROOT / "dbquant": "dbquant", ROOT / "calibration": "dbquant.calibrati
 # Layer -> rank. A module may import from its own layer and from layers of a lower rank;
 # layers of equal rank (quant, backends) may not import each other.
 LAYERS = {
-    "dbquant._version": 0, "dbquant.errors": 0, "dbquant.faults": 0, "dbquant.kernels": 0, "dbquant._C": 0, "dbquant._C_cuda": 0,
+    "dbquant._version": 0, "dbquant.errors": 0, "dbquant.faults": 0, "dbquant.kernels": 0, "dbquant._C": 0,
+    "dbquant._C_cuda": 0,
     "dbquant.format": 1,
     "dbquant.quant": 2, "dbquant.backends": 2,
     "dbquant.model": 3,

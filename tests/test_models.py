@@ -139,7 +139,8 @@ def test_perplexity_matches_hf_loss():
     windows = torch.randint(0, 128, (3, 32))
     with torch.no_grad():
         loss = model(input_ids=windows, labels=windows).loss  # mean over all predicted positions
-    assert perplexity(model, windows, batch_size=2, progress=False)["nll"] == pytest.approx(loss.item(), rel=FP32_REORDER)
+    assert (perplexity(model, windows, batch_size=2, progress=False)["nll"]
+            == pytest.approx(loss.item(), rel=FP32_REORDER))
 
 
 @pytest.mark.slow

@@ -71,7 +71,8 @@ def test_t16_round_trip():
     q, s, o = canonical(w)
     assert q.shape == (2, 21, 16) and s.shape == (21, 4, 2) and o.shape == (21, 4)
     again = prepare_cpu(q, s, o, 100, 32)
-    assert all(torch.equal(a, b) for a, b in zip((w.planes, w.scales, w.offset), (again.planes, again.scales, again.offset)))
+    assert all(torch.equal(a, b) for a, b in zip((w.planes, w.scales, w.offset),
+                                                 (again.planes, again.scales, again.offset)))
 
 
 # (hidden, query heads, kv heads, head dim, MLP width, group size): odd sizes, partial tiles
@@ -345,7 +346,8 @@ def test_native_op_wrappers_refuse_bad_input(op):
         "linear_w8a8": [((torch.randn(2, 40), codes[:, :40], scale), r"K=40 must be a multiple of 32"),
                         ((torch.randn(64), codes, scale), r"x must have 2 dims, got shape \(64,\)")],
         "rms_norm": [((torch.tensor(1.0), torch.ones(1), 1e-5), r"x must have at least 1 dim"),
-                     ((torch.ones(2, 3, dtype=torch.int32), torch.ones(3), 1e-5), r"x must be float32, got torch.int32"),
+                     ((torch.ones(2, 3, dtype=torch.int32), torch.ones(3), 1e-5),
+                      r"x must be float32, got torch.int32"),
                      ((torch.ones(2, 3), torch.ones(4), 1e-5), r"w must have shape \(3,\), got \(4,\)")],
     }[op]
     for backend in ("ref", "cpu"):

@@ -48,7 +48,8 @@ def test_fdb_beats_rtn_on_real_layers(smol):
     moments = input_second_moments(model, LAYERS, batches, progress=False)
     for name in LAYERS:
         w, x = model.get_submodule(name).weight.detach(), acts[name]
-        out_err = lambda q: ((x @ (w - q.dequantize()).T).square().mean() / (x @ w.T).square().mean()).item()  # noqa: E731
+        out_err = lambda q: ((x @ (w - q.dequantize()).T).square().mean()  # noqa: E731
+                             / (x @ w.T).square().mean()).item()
         rtn = out_err(fdb.quantize_rtn(w, 64))
         plain = out_err(fdb.quantize_fdb(w, 64))
         weighted = out_err(fdb.quantize_fdb(w, 64, importance=moments[name]))

@@ -202,9 +202,11 @@ def test_input_validation():
         run(x[:, :199], qweight, scales, off, b, k, g)
     with pytest.raises(ValueError, match=r"group_size must be a positive multiple of 8, got 12"):
         run(x, qweight, scales, off, b, k, 12)
-    with pytest.raises(ValueError, match=r"qweight must be uint8 \[k, N, 32\] \(k in 1..4\).*got torch.uint8 \(2, 37, 31\)"):
+    with pytest.raises(ValueError,
+                       match=r"qweight must be uint8 \[k, N, 32\] \(k in 1..4\).*got torch.uint8 \(2, 37, 31\)"):
         run(x, qweight[..., :31], scales, off, b, k, g)
-    with pytest.raises(ValueError, match=r"qweight must be uint8 \[k, N, 32\] \(k in 1..4\).*got torch.uint8 \(5, 37, 32\)"):
+    with pytest.raises(ValueError,
+                       match=r"qweight must be uint8 \[k, N, 32\] \(k in 1..4\).*got torch.uint8 \(5, 37, 32\)"):
         run(x, qweight[[0, 1, 0, 1, 0]], scales, off, b, k, g)  # five planes: more than the format holds
     with pytest.raises(ValueError, match=r"scales must have shape \(37, 4, 3\) .*got \(37, 4, 2\)"):
         run(x, qweight[[0, 1, 0]], scales, off, b, k, g)  # three planes, two scales per group

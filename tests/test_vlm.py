@@ -109,7 +109,8 @@ def test_unknown_vlm_family_is_refused():
     cfg = T.LlavaNextVideoConfig(text_config=T.LlamaConfig(**TEXT), vision_config=T.CLIPVisionConfig(**CLIP_LIKE),
                                  image_token_id=IMAGE_TOKEN, video_token_id=291, image_grid_pinpoints=[[32, 32]])
     model = T.LlavaNextVideoForConditionalGeneration(cfg)
-    with pytest.raises(DbquantError, match="LlavaNextVideoForConditionalGeneration.*VLM_FAMILIES in dbquant/model/vlm.py"):
+    with pytest.raises(DbquantError,
+                       match="LlavaNextVideoForConditionalGeneration.*VLM_FAMILIES in dbquant/model/vlm.py"):
         make_plan(model, 32)
     with pytest.raises(DbquantError, match="unsupported vision-language model"):
         quantize(model, None, QuantizeOptions(method="fdb", calib=None), progress=False)
@@ -236,7 +237,8 @@ def test_generate_with_image_through_the_folders_full_processor(tmp_path, capsys
     tok = make_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     cfg = T.LlavaConfig(text_config=T.LlamaConfig(**dict(TEXT, vocab_size=len(tok))),
-                        vision_config=T.CLIPVisionConfig(**CLIP_LIKE), image_token_id=tok.convert_tokens_to_ids("<image>"))
+                        vision_config=T.CLIPVisionConfig(**CLIP_LIKE),
+                        image_token_id=tok.convert_tokens_to_ids("<image>"))
     torch.manual_seed(0)
     model = T.LlavaForConditionalGeneration(cfg).eval()
     template = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"

@@ -102,7 +102,8 @@ def image_inputs(model, text_ids: list[int] | None = None, seed: int = 0) -> dic
         return {"input_ids": torch.tensor([[IMAGE_TOKEN] * n_tokens + text_ids]), "pixel_values": pix[:, None]}
     if mt == "gemma3":
         return {"input_ids": torch.tensor([[IMAGE_TOKEN] * GEMMA3_IMAGE_TOKENS + text_ids]), "pixel_values": pix}
-    if mt in ("paligemma", "mistral3", "aya_vision", "internvl"):  # 4 x 4 patches: PaliGemma keeps all, the rest merge 2 x 2
+    # 4 x 4 patches: PaliGemma keeps all, the rest merge 2 x 2
+    if mt in ("paligemma", "mistral3", "aya_vision", "internvl"):
         n_tokens = 16 if mt == "paligemma" else 4
         extra = {"image_sizes": torch.tensor([[32, 32]])} if mt == "mistral3" else {}
         return {"input_ids": torch.tensor([[IMAGE_TOKEN] * n_tokens + text_ids]), "pixel_values": pix, **extra}
@@ -112,8 +113,9 @@ def image_inputs(model, text_ids: list[int] | None = None, seed: int = 0) -> dic
     # follows from the model's own packing, so ask it.
     sizes = torch.tensor([[32, 32]])
     pv = pix[:, None].expand(1, 2, 3, 32, 32).contiguous()
-    n_tokens = int(model.model.get_image_features(pv, sizes, vision_feature_layer=model.config.vision_feature_layer,
-                                                  vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-                                                  return_dict=True).pooler_output[0].shape[0]) \
+    n_tokens = int(model.model.get_image_features(
+        pv, sizes, vision_feature_layer=model.config.vision_feature_layer,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        return_dict=True).pooler_output[0].shape[0]) \
         if hasattr(model.model, "get_image_features") else 0
     return {"input_ids": torch.tensor([[IMAGE_TOKEN] * n_tokens + text_ids]), "pixel_values": pv, "image_sizes": sizes}

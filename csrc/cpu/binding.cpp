@@ -240,7 +240,8 @@ at::Tensor dbgemm_cpu(const at::Tensor& x, const at::Tensor& planes, const at::T
   at::Tensor y = at::empty({M, out_features}, x.options());
   if (M == 0) return y;
   // auto: the integer tables only for the decode GEMV (M = 1), where they were measured
-  const bool int8 = lut_arg == "int8" || (lut_arg == "auto" && M == 1 && dbquant::cpu::default_lut(isa) == LutKind::Int8);
+  const bool int8 = lut_arg == "int8" ||
+                    (lut_arg == "auto" && M == 1 && dbquant::cpu::default_lut(isa) == LutKind::Int8);
   if (int8) {
     dbgemm_i8(x, w, isa, y);
     recompute_nonfinite_rows(x, w, y);
@@ -622,7 +623,8 @@ at::Tensor table_rows_cpu(const at::Tensor& codes, const at::Tensor& code_scales
                   code_scales.size(1) > 0 && codes.size(1) % code_scales.size(1) == 0 && ids.dim() == 1 &&
                   0 < dim && dim <= codes.size(1),
               "table_rows_cpu: codes must be int8 [R, Dp], code_scales float16 [R, G] with G dividing Dp, ids int64 "
-              "[n] and 0 < dim <= Dp; got ", codes.sizes(), ", ", code_scales.sizes(), ", ", ids.sizes(), ", dim ", dim);
+              "[n] and 0 < dim <= Dp; got ", codes.sizes(), ", ", code_scales.sizes(), ", ", ids.sizes(), ", dim ",
+              dim);
   const int64_t R = codes.size(0), Dp = codes.size(1), G = code_scales.size(1), g = Dp / G, n = ids.size(0);
   at::Tensor out = at::empty({n, dim}, codes.options().dtype(at::kFloat));
   const int64_t* id = ids.data_ptr<int64_t>();
@@ -650,7 +652,8 @@ at::Tensor argmax_cpu(const at::Tensor& x) {
   const int64_t B = x.size(0), V = x.size(1);
   at::Tensor out = at::empty({B}, x.options().dtype(at::kLong));
   const Isa isa = dbquant::cpu::best_isa();
-  for (int64_t b = 0; b < B; ++b) out.data_ptr<int64_t>()[b] = dbquant::cpu::argmax_row(isa, x.data_ptr<float>() + b * V, V);
+  for (int64_t b = 0; b < B; ++b)
+    out.data_ptr<int64_t>()[b] = dbquant::cpu::argmax_row(isa, x.data_ptr<float>() + b * V, V);
   return out;
 }
 
@@ -856,8 +859,8 @@ at::Tensor kv_attend_cpu(const at::Tensor& q, const c10::intrusive_ptr<KVPacked>
   const int64_t T = q.size(0), Hq = q.size(1);
   check_kv_counts("kv_attend_cpu", v, n_groups, n_tail, T);
   at::Tensor out = at::empty_like(q);
-  if (T > 0) kv_attend_into(v, q.data_ptr<float>(), T, Hq, n_groups, n_tail, float(scale), out.data_ptr<float>(), q.options(),
-                            isa);
+  if (T > 0) kv_attend_into(v, q.data_ptr<float>(), T, Hq, n_groups, n_tail, float(scale), out.data_ptr<float>(),
+                            q.options(), isa);
   return out;
 }
 
@@ -1045,7 +1048,8 @@ std::string cpu_force_isa(const std::string& isa) {
 std::string cpu_force_lut(const std::string& kind) {
   TORCH_CHECK(kind == "auto" || kind == "float" || kind == "int8", "cpu_force_lut: unknown lut '", kind,
               "'; use auto, float or int8");
-  const int prev = dbquant::cpu::force_lut(kind == "auto" ? -1 : kind == "int8" ? int(LutKind::Int8) : int(LutKind::Float));
+  const int prev = dbquant::cpu::force_lut(kind == "auto" ? -1 : kind == "int8" ? int(LutKind::Int8) :
+                                           int(LutKind::Float));
   return prev < 0 ? "auto" : prev == int(LutKind::Int8) ? "int8" : "float";
 }
 

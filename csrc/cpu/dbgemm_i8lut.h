@@ -32,8 +32,8 @@
 // column offset added to the nibble (dbgemm_i8lut_avx512_impl.h); the lookups give the same bytes.
 // It measured no faster than vpshufb here, so it is off unless asked for (force_i8lut_vbmi).
 // The low- and high-nibble results of a row are interleaved (punpcklbw / punpckhbw) and pmaddubsw
-// with a vector of ones adds each pair into int16: per row, column and plane t_{2c}[lo] + t_{2c+1}[hi] (|.| <= 254). These add
-// into int16 accumulators, which are reduced per plane and widened to int32 after at most
+// with a vector of ones adds each pair into int16: per row, column and plane t_{2c}[lo] + t_{2c+1}[hi]
+// (|.| <= 254). These add into int16 accumulators, which are reduced per plane and widened to int32 after at most
 // kI8SegmentCols byte columns (2 lookups of |t| <= 127 each: 128 * 254 = 32512 < 2^15, so no
 // int16 sum can overflow); the int32 sum S_pj over group j is exact:
 //   S_pj = sum over the group's columns c of t_{2c}[b & 15] + t_{2c+1}[b >> 4],  b = byte (c, p)

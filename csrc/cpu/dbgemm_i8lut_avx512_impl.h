@@ -198,7 +198,8 @@ inline void build_rows(const T16Weight& w, const float* x, uint8_t* buf, int64_t
     const I8LutRow row = i8lut_row(w, buf, m);
     for (int64_t j = 0; j < G; ++j) {
       __m512 vmax = _mm512_setzero_ps();
-      for (int64_t q = j * g / 4; q < (j + 1) * g / 4; ++q) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(chunk_table(xr, K, q)));
+      for (int64_t q = j * g / 4; q < (j + 1) * g / 4; ++q)
+        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(chunk_table(xr, K, q)));
       const float mx = _mm512_reduce_max_ps(vmax);
       const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
       row.scale[j] = mx / 127.0f;
@@ -207,7 +208,8 @@ inline void build_rows(const T16Weight& w, const float* x, uint8_t* buf, int64_t
       for (int64_t c = j * g / 8; c < (j + 1) * g / 8; ++c) {
         // vcvtps2dq rounds half to even (the default MXCSR mode), as nearbyint does in the scalar build
         const __m128i lo = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(chunk_table(xr, K, 2 * c), vinv)));
-        const __m128i hi = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(chunk_table(xr, K, 2 * c + 1), vinv)));
+        const __m128i hi =
+            _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(chunk_table(xr, K, 2 * c + 1), vinv)));
 #if I8_VBMI
         _mm_storeu_si128((__m128i*)(row.cpt + c * 32), lo);
         _mm_storeu_si128((__m128i*)(row.cpt + c * 32 + 16), hi);

@@ -50,7 +50,8 @@ void gemv_w8a8_rows_scalar(const int8_t* xq, const float* xs, const int8_t* wq, 
       float acc = 0.0f;
       for (int64_t b = 0; b < B; ++b) {
         int32_t dot = 0;
-        for (int64_t i = b * kQ8Block; i < (b + 1) * kQ8Block; ++i) dot += int32_t(xq[m * K + i]) * int32_t(wq[n * K + i]);
+        for (int64_t i = b * kQ8Block; i < (b + 1) * kQ8Block; ++i)
+          dot += int32_t(xq[m * K + i]) * int32_t(wq[n * K + i]);
         acc += xs[m * B + b] * float(dot);
       }
       y[m * N + n] = s[n] * acc;

@@ -19,11 +19,19 @@ import warnings
 
 import torch
 
-from .checks import (KernelInputError, check_activations, check_decode_step, check_int8_head, check_packed,
-                     check_rms_norm, check_table_rows, check_tensor)
+from .checks import (
+    KernelInputError,
+    check_activations,
+    check_decode_step,
+    check_int8_head,
+    check_packed,
+    check_rms_norm,
+    check_table_rows,
+    check_tensor,
+)
+from .cpuinfo import fast_bf16_cpu
 from .kvpack import CODE_FIELDS, FLOAT_FIELDS, PackedKVLayer, check_kv_attend
 from .reference import Q8_BLOCK
-from .cpuinfo import fast_bf16_cpu
 from .t16 import TILE, CpuWeight, DecodeLayerWeights, prepare_cpu  # noqa: F401 - re-exported
 
 BUILD_HINT = "pip install --no-build-isolation -e ."

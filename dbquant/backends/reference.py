@@ -214,7 +214,6 @@ def dequantize_kv_ref(kv: PackedKVLayer, n_groups: int) -> tuple[torch.Tensor, t
     """The first ``n_groups`` packed groups as float32 keys, values [Hk, n_groups * G, D], the sink's
     exact rows in place of group 0's first S (straight from the layout, no kernel tricks)."""
     hk, d, g, na = kv.n_kv, kv.head_dim, kv.group, kv.n_anom
-    nn = d - na
     sl = slice(0, n_groups)
     f = kv.factors[:, sl]  # [Hk, n, 4]
     if 0 < na < d:

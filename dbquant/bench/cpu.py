@@ -202,7 +202,8 @@ def kernel_bench(shapes: list[tuple[int, int]], ms: list[int], threads: list[int
     bw = read_bandwidths(threads, set_bytes)
     if progress:
         progress(f"read bandwidth ({bw['source']}, {bw['buffer_bytes'] >> 20} MiB buffer, L3 "
-                 f"{sizing['l3_bytes'] >> 20} MiB): " + ", ".join(f"{t} thr {g:.1f} GB/s" for t, g in bw["native"].items())
+                 f"{sizing['l3_bytes'] >> 20} MiB): "
+                 + ", ".join(f"{t} thr {g:.1f} GB/s" for t, g in bw["native"].items())
                  + "; torch.sum: " + ", ".join(f"{t} thr {g:.1f} GB/s" for t, g in bw["torch"].items()))
     isa = torch.ops.dbquant.cpu_isas()[0] if packed & set(backends) else None
     rows, order, raw_gbps = [], [], []
@@ -250,9 +251,11 @@ def kernel_bench(shapes: list[tuple[int, int]], ms: list[int], threads: list[int
     for r, gbps in zip(rows, raw_gbps):
         r.update(_bw_fields(gbps, r["threads"], best), peak_bw_best_gbps=round(best["peak_best"], 3),
                  pct_bw_best=round(100 * r["gbps_best"] / best["peak_best"], 1),
-                 bw_before_gbps=round(bw["native"][r["threads"]], 3), bw_after_gbps=round(after["native"][r["threads"]], 3))
+                 bw_before_gbps=round(bw["native"][r["threads"]], 3),
+                 bw_after_gbps=round(after["native"][r["threads"]], 3))
     if progress:
-        progress("read bandwidth after the rows: " + ", ".join(f"{t} thr {g:.1f} GB/s" for t, g in after["native"].items())
+        progress("read bandwidth after the rows: "
+                 + ", ".join(f"{t} thr {g:.1f} GB/s" for t, g in after["native"].items())
                  + f"; pct_bw in the JSON is of the best figure before/after: {best['peak']:.1f} GB/s")
     return [r for _, r in sorted(zip(order, rows), key=lambda p: p[0])]
 
@@ -465,7 +468,8 @@ def plot_e2e(rows: list[dict], path: str) -> None:
         ax.set_title(f"{title} tokens/s")
     axes[0].legend(fontsize=7)
     new_tokens = rows[0].get("new_tokens")
-    fig.suptitle(f"dbquant bench --e2e: {new_tokens} new tokens" + ("" if several_p else f", {groups[0][1]}-token prompt"))
+    fig.suptitle(f"dbquant bench --e2e: {new_tokens} new tokens"
+                 + ("" if several_p else f", {groups[0][1]}-token prompt"))
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

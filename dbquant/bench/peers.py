@@ -171,7 +171,8 @@ def build(root: Path, tree: Path, commit: str, jobs: int, rebuild: bool, variant
         root / f"cmake-build{suffix}.log")
     cxx = subprocess.run(["c++", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     info = {"cmake_flags": flags, "generator": gen[1] if gen else "default", "jobs": jobs,
-            "compiler": cxx, "build_s": round(time.perf_counter() - t, 1), "reused": False, "variant": variant or "native"}
+            "compiler": cxx, "build_s": round(time.perf_counter() - t, 1), "reused": False,
+            "variant": variant or "native"}
     info_path.write_text(json.dumps(info, indent=1))
     return {**info, **configure_versions(root)}
 

@@ -20,8 +20,8 @@ def evaluate(model, tokenizer, protocol: str = "wiki", n_windows: int = 32, seq_
     """Run a named protocol.
 
     Returns: {"protocol", "ppl", "nll", "tokens", "n_windows" (actually used),
-    "seq_len", "seconds"}; ``code`` adds "files": [{"name", "sha256"}] (the text it read). ``kv`` (kv-ppl only): keyword arguments of
-    :func:`dbquant.eval.kv_ppl.evaluate_kv` (kv, n_windows, seq_len, residual, ...).
+    "seq_len", "seconds"}; ``code`` adds "files": [{"name", "sha256"}] (the text it read). ``kv`` (kv-ppl
+    only): keyword arguments of :func:`dbquant.eval.kv_ppl.evaluate_kv` (kv, n_windows, seq_len, residual, ...).
     """
     if protocol not in PROTOCOLS:
         raise DbquantError(f"unknown eval protocol {protocol!r}; available: {', '.join(PROTOCOLS)}.")

@@ -17,8 +17,8 @@ from ..backends import registry
 from ..errors import DbquantError
 from ..format import layout
 from ..format.files import atomic_dir, file_metadata, read_header
-from .hf import DbquantConfig, format_metadata
 from .embedding import StoredTable
+from .hf import DbquantConfig, format_metadata
 from .modules import PackedLinear
 from .vlm import auto_model_class
 

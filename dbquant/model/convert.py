@@ -21,7 +21,8 @@ def _untie_if_needed(model: nn.Module, names: set[str]) -> None:
     """A packed lm_head can no longer share the input embedding's weight."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and any(model.get_submodule(n) is head for n in names):
-        for cfg in {id(model.config): model.config, id(model.config.get_text_config()): model.config.get_text_config()}.values():
+        for cfg in {id(model.config): model.config,
+                    id(model.config.get_text_config()): model.config.get_text_config()}.values():
             cfg.tie_word_embeddings = False
 
 

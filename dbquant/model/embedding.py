@@ -17,7 +17,6 @@ rebuild the same modules); :func:`quantize_tables` swaps them into a full-precis
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch
@@ -252,7 +251,8 @@ def untie(model: nn.Module) -> None:
     head = model.get_output_embeddings()
     if isinstance(head, nn.Linear) and head.weight is model.get_input_embeddings().weight:
         head.weight = nn.Parameter(head.weight.detach().clone())
-    for cfg in {id(model.config): model.config, id(model.config.get_text_config()): model.config.get_text_config()}.values():
+    for cfg in {id(model.config): model.config,
+                id(model.config.get_text_config()): model.config.get_text_config()}.values():
         cfg.tie_word_embeddings = False
 
 

@@ -27,8 +27,8 @@ from .._version import __version__
 from ..backends.registry import BACKENDS
 from ..errors import DbquantError
 from ..format import layout
-from ..format.files import METADATA_KEY, check_claims, validate_files
 from ..format.embedding import TABLE_VERSION
+from ..format.files import METADATA_KEY, check_claims, validate_files
 from ..format.layout import LinearLayout
 from .convert import empty_packed_modules
 from .embedding import TablePlan, empty_table_modules

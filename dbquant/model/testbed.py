@@ -49,7 +49,8 @@ def build(smollm2_dir: Path, target: Path) -> None:
     torch.manual_seed(SEED)  # the random vision tower and connector
     vlm = SmolVLMForConditionalGeneration(cfg).float().eval()
     text = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
-    state = {("lm_head." + k[len("lm_head."):] if k.startswith("lm_head.") else "model.text_model." + k[len("model."):]): v
+    state = {("lm_head." + k[len("lm_head."):] if k.startswith("lm_head.")
+              else "model.text_model." + k[len("model."):]): v
              for k, v in text.state_dict().items()}
     missing, unexpected = vlm.load_state_dict(state, strict=False)
     # everything of the text side must come from SmolLM2; only vision parts may stay random

@@ -20,8 +20,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..format.layout import (FLOAT_SCALE_BITS, LinearLayout, check_group_size, check_planes, check_scale_bits,
-                             dequantize, storable_scales)
+from ..format.layout import (
+    FLOAT_SCALE_BITS,
+    LinearLayout,
+    check_group_size,
+    check_planes,
+    check_scale_bits,
+    dequantize,
+    storable_scales,
+)
 
 
 @dataclass

@@ -700,7 +700,8 @@ def check_supported(model) -> None:
     if act not in ACTIVATIONS:
         raise DbquantError(f"the fast decoder needs a SiLU or GELU-tanh gated MLP, got activation {act!r}")
     rope = getattr(cfg, "rope_parameters", None) or {}
-    partial = rope.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)) if isinstance(rope, dict) else 1.0
+    partial = (rope.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0))
+               if isinstance(rope, dict) else 1.0)
     if partial != 1.0:
         raise DbquantError(f"the fast decoder rotates whole heads; {mt} has partial_rotary_factor={partial}")
     if getattr(cfg, "use_bidirectional_attention", False):
