@@ -37,14 +37,15 @@ PRESETS: dict[str, dict] = {
                     bw_lr=1e-2, bw_lr_weight=5e-3, bw_inputs="quant",
                     dad=True, dad_samples=256, dad_seq_len=256, dad_steps=106, dad_batch=2,
                     dad_train="scales+weights"),
-    # <= 3 h (135 min predicted on the reference CPU in fp32 with --target-bpw 2.5): DAD gets most of the time, on
-    # 1024 windows of 512 tokens (~2 epochs of 524k tokens at 4 windows a step); block-wise twice `default`'s. On AMD
-    # Zen 4 with --target-bpw 2.5 (bf16: 523 DAD steps, 1.07M tokens) wiki PPL 24.60, code 22.88, in 117 min of
-    # quantize (docs/RESULTS.md, issue 14 `best`). --time-budget 175 (287 block-wise / 674 DAD steps, quiet, 124 min)
-    # gave wiki 24.45 but code 23.45: more steps on the same 1024 windows are no clear gain, so these counts stay.
-    "best": dict(blockwise=True, bw_samples=128, bw_seq_len=256, bw_steps=128, bw_batch=2,
+    # <= 3 h (176 min predicted on the reference CPU in fp32 with --target-bpw 2.5): DAD gets most of the time, on
+    # 2048 windows of 512 tokens (~1.2 passes at 4 windows a step); block-wise twice `default`'s steps and more.
+    # The counts are what --time-budget 175 chose for this window count on AMD Zen 4, where bf16 turns 321 DAD
+    # steps into 615: wiki PPL 23.84, code 23.06, in 147 min of quantize, not quiet (docs/RESULTS.md, issue 14
+    # `best`). On 1024 windows the former 128 / 300 steps gave 24.60 (523 steps on Zen 4) and 287 / 674 gave
+    # 24.45: more passes over the same windows stopped paying, more distinct windows did.
+    "best": dict(blockwise=True, bw_samples=128, bw_seq_len=256, bw_steps=262, bw_batch=2,
                  bw_lr=1e-2, bw_lr_weight=5e-3, bw_inputs="quant",
-                 dad=True, dad_samples=1024, dad_seq_len=512, dad_steps=300, dad_batch=4,
+                 dad=True, dad_samples=2048, dad_seq_len=512, dad_steps=321, dad_batch=4,
                  dad_train="scales+weights"),
 }
 
