@@ -42,13 +42,9 @@ def _native_build():
     cxx = ["-O3", "-fopenmp", "-fno-trapping-math"] if unix else ["/O2", "/openmp"]
     exts = [CppExtension(
         "dbquant._C",
-        ["csrc/cpu/binding.cpp"] + sorted(glob.glob("csrc/cpu/dbgemm_t16*.cpp")
-                                          + glob.glob("csrc/cpu/dbgemm_i8lut*.cpp")
-                                          + glob.glob("csrc/cpu/gemv_int8*.cpp")
-                                          + glob.glob("csrc/cpu/kv_attn*.cpp")
-                                          + glob.glob("csrc/cpu/stream_read*.cpp")
-                                          + glob.glob("csrc/cpu/dequant_t16*.cpp")
-                                          + glob.glob("csrc/cpu/decode_ops*.cpp")),
+        ["csrc/cpu/binding.cpp"] + sorted(f for part in ("dbgemm_t16", "dbgemm_i8lut", "gemv_int8", "kv_attn",
+                                                         "stream_read", "dequant_t16", "decode_ops")
+                                          for f in glob.glob(f"csrc/cpu/{part}*.cpp")),
         include_dirs=[os.path.join(HERE, "csrc", "cpu")],
         extra_compile_args={"cxx": cxx},
         extra_link_args=["-fopenmp"] if unix else [],

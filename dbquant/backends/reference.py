@@ -225,9 +225,9 @@ def dequantize_kv_ref(kv: PackedKVLayer, n_groups: int) -> tuple[torch.Tensor, t
     codes = _bits_lsb(kv.kcodes[:, sl], 2).float()  # [Hk, n, na, G]
     anom = _fp8(kv.kmin[:, sl])[..., None] * f[..., 0, None, None] + \
         (_fp8(kv.kscale[:, sl]) * f[..., 1, None])[..., None] * codes  # [Hk, n, na, G]
-    signs = _bits_lsb(kv.nbits[:, sl], 1).float() * 2 - 1  # [Hk, n, nn, G]
+    signs = _bits_lsb(kv.nbits[:, sl], 1).float() * 2 - 1  # [Hk, n, D - na, G]
     coef = (_fp8(kv.nscale[:, sl]) * f[..., 2, None])[..., None] * signs
-    normal = (coef.transpose(-1, -2) @ kv.fmat).transpose(-1, -2)  # [Hk, n, nn, G]
+    normal = (coef.transpose(-1, -2) @ kv.fmat).transpose(-1, -2)  # [Hk, n, D - na, G]
     parts = torch.cat([anom, normal], dim=2)  # [Hk, n, D, G] in `order`
     keys = torch.empty_like(parts).scatter_(2, order[..., None].expand(-1, -1, -1, g), parts)
     digits = _trits(kv.vtrits[:, sl].unflatten(-1, (g, -1)), d)  # [Hk, n, G, D] (token-major rows)
