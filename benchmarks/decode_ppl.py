@@ -8,6 +8,11 @@ default chooses them. This script teacher-forces the wiki windows through that s
 (the cache refilled from position 0 for each window), so what a table kind or an output head costs
 is measured where it runs. All rows run in one process on the same windows.
 
+Besides the PPL, every row after the first is compared with the first, position by position: how
+often its greedy pick (teacher-forced, so every position sees the same context) is the first row's,
+and the first row's top-2 logit margin where they differ. Free-running greedy text diverges for good
+at the first such flip, so this says how close to a tie a changed kernel changes an answer.
+
 Usage: python benchmarks/decode_ppl.py CHECKPOINT [--windows 8] [--seq-len 512]
        [--luts float,int8] [--heads int8,w8a8] [--json PATH]
 """
@@ -23,17 +28,28 @@ import torch
 import torch.nn.functional as F
 
 
-def decode_nll(decoder, windows: torch.Tensor) -> tuple[float, int]:
-    """Sum of next-token NLL (nats, float64) and token count over int64 [n, T] ``windows``, each token
-    fed alone through ``decoder.forward`` at its position (the first of a window is not predicted)."""
-    total, count = 0.0, 0
+def decode_nll(decoder, windows: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Teacher-force int64 [n, T] ``windows`` through ``decoder.forward``, one token at a time at its
+    position (the first of a window is not predicted). Returns the sum of next-token NLL (nats,
+    float64), the greedy picks int64 [n (T - 1)] and their top-2 logit margins float32 [n (T - 1)]."""
+    total, picks, margins = 0.0, [], []
     decoder._alloc(1)  # the cache generate() would allocate (batch 1)
     for w in windows:
         for t in range(w.numel() - 1):
-            logits = decoder.forward(w[t].view(1, 1), t)  # float32 [1, vocab]
-            total += float(F.cross_entropy(logits.float(), w[t + 1].view(1), reduction="sum"))
-            count += 1
-    return total, count
+            logits = decoder.forward(w[t].view(1, 1), t).float()  # [1, vocab]
+            total += float(F.cross_entropy(logits, w[t + 1].view(1), reduction="sum"))
+            top = logits[0].topk(2)
+            picks.append(int(top.indices[0]))
+            margins.append(float(top.values[0] - top.values[1]))
+    return total, torch.tensor(picks), torch.tensor(margins)
+
+
+def agreement(picks: torch.Tensor, base_picks: torch.Tensor, base_margins: torch.Tensor) -> dict:
+    """How a row's greedy picks (int64 [n]) compare with the baseline's (int64 [n], top-2 margins
+    float32 [n]): the share that agree, the count that differ and the largest baseline margin among them."""
+    differ = picks != base_picks
+    return {"top1_agree": float((~differ).double().mean()), "top1_differ": int(differ.sum()),
+            "max_base_margin_where_differ": float(base_margins[differ].max()) if differ.any() else None}
 
 
 def main(argv=None) -> int:
@@ -62,18 +78,29 @@ def main(argv=None) -> int:
         ap.error("--windows >= 1 and --seq-len >= 2")
     model, tok = dbquant.load(a.checkpoint), AutoTokenizer.from_pretrained(a.checkpoint)
     windows = wiki_windows(tok, load_text("wiki", "eval"), seq_len=a.seq_len, n_windows=a.windows)
-    rows = []
+    rows, base = [], None
     for head in heads:
         dec = FastDecoder(model, max_len=a.seq_len, lm_head_dtype=torch.float32 if head == "float32" else
                           (torch.int8 if head == "int8" else head))
         for lut in luts:
             t0 = time.perf_counter()
             with torch.inference_mode(), cpu_backend.forced_lut(lut):
-                nll, n = decode_nll(dec, windows)
+                nll, picks, margins = decode_nll(dec, windows)
+            n = picks.numel()
             row = {"lut": lut, "head": head, "ppl": math.exp(nll / n), "nll": nll / n, "tokens": n,
                    "seconds": time.perf_counter() - t0}
+            if base is None:
+                base = picks, margins
+                row["share_margin_below"] = {str(m): float((margins < m).double().mean()) for m in (0.1, 0.2, 0.5)}
+                note = ", ".join(f"{v:.1%} of top-2 margins < {k}" for k, v in row["share_margin_below"].items())
+            else:
+                row.update(agreement(picks, *base))
+                note = f"greedy picks: {row['top1_agree']:.2%} as the first row's ({row['top1_differ']} differ"
+                if row["top1_differ"]:
+                    note += f", where its top-2 margin is <= {row['max_base_margin_where_differ']:.3f}"
+                note += ")"
             rows.append(row)
-            print(f"tables {lut:<5} head {head:<7} PPL {row['ppl']:.4f} ({n} tokens, {row['seconds']:.0f} s)",
+            print(f"tables {lut:<5} head {head:<7} PPL {row['ppl']:.4f} ({n} tokens, {row['seconds']:.0f} s); {note}",
                   flush=True)
     out = {"checkpoint": a.checkpoint, "windows": len(windows), "seq_len": a.seq_len,
            "default_lut": cpu_backend.default_lut(), "rows": rows, "machine": environment()}
