@@ -75,6 +75,35 @@ def test_long_prefill_gemm(gemm):
         FastDecoder(model, max_len=64, prefill_gemm="fp16")
 
 
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_long_prefill_trims_the_last_layer(packed):
+    """Above LUT_MAX_ROWS tokens the last layer runs attention, o-projection and MLP for each sequence's
+    last position only: a batch of two gives HF's last-position logits, and the next token's step (which
+    reads every position's keys and values, the last layer's included) gives HF's too."""
+    model = _packed("llama") if packed else make_tiny_model("llama")
+    t = cpu_backend.LUT_MAX_ROWS + 9
+    ids = torch.randint(0, 300, (2, t + 1), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(ids).logits
+    dec = FastDecoder(model, max_len=64, prefill_gemm="fp32")
+    dec._alloc(2)
+    scale = ref.abs().max().item()
+    calls = []
+
+    class Spy:  # the last layer's MLP projection, counting the rows it gets
+        def __init__(self, proj):
+            self.proj, self.sizes = proj, proj.sizes
+
+        def __call__(self, x, rows=None):
+            calls.append(x.shape[0])
+            return self.proj(x, rows)
+
+    dec.layers[-1].gate_up = Spy(dec.layers[-1].gate_up)
+    for got, want in ((dec.forward(ids[:, :t], 0), ref[:, t - 1]), (dec.forward(ids[:, t:], t), ref[:, t])):
+        torch.testing.assert_close(got, want, rtol=FP32_REORDER_LONG, atol=FP32_REORDER * scale)
+    assert calls == [2, 2]  # the prefill's last layer: one row per sequence, not 2 t
+
 def _prefilled_pair(model):
     """(native decoder, Python-step decoder, ids [1, T], HF logits [T, V]), both prefilled with 4 tokens
     (the same Python path in both); their one-token steps are what the tests compare."""

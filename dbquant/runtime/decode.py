@@ -132,14 +132,16 @@ class _Proj:
         g = min(p.group_size for p in parts)  # tiles concatenate only when no part ends in a partial tile
         return all(p.out_features % cpu_backend.TILE == 0 and p.group_size % g == 0 for p in parts)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: float32 [M, K] contiguous -> float32 [M, sum N_i] (the parts side by side)."""
+    def __call__(self, x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """x: float32 [M, K] contiguous -> float32 [M, sum N_i] (the parts side by side). ``rows``: take
+        the path of that many rows (a prefill's last layer, trimmed to its last position, keeps the
+        prefill's GEMM and its numerics); M by default."""
         if self.dense is not None:
             return F.linear(x, self.dense, self.bias)
         if self.packed is not None:
 
             w = self.packed
-            if x.shape[0] <= cpu_backend.LUT_MAX_ROWS:  # decode: straight to the op (checked at build)
+            if (rows or x.shape[0]) <= cpu_backend.LUT_MAX_ROWS:  # decode: straight to the op (checked at build)
                 return torch.ops.dbquant.dbgemm_cpu(x, w.planes, w.scales, w.offset, self.bias,
                                                     w.out_features, w.in_features, w.group_size, "auto")
             return cpu_backend.dense_gemm(x, w, self.bias, self.gemm)
@@ -410,8 +412,8 @@ class FastDecoder:
             cpu_backend.decode_step_cpu.run(x, self.stack, self.k_cache, self.v_cache, pos)
             return self._logits(x)
         for i, L in enumerate(self.layers):
-            x = self._layer(x, i, L, b, t, pos)
-        last = x.view(b, t, -1)[:, -1]
+            x = self._layer(x, i, L, b, t, pos, last_only=i == len(self.layers) - 1)
+        last = x.view(b, -1, x.shape[-1])[:, -1]  # x: [B*T, H], or [B, H] where the last layer was trimmed
         return self._logits(self._rms(last, self.norm))
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:
@@ -430,9 +432,14 @@ class FastDecoder:
             y = torch.tanh(y / self.final_softcap) * self.final_softcap
         return y
 
-    def _layer(self, x: torch.Tensor, i: int, L: DecoderLayer, b: int, t: int, pos: int) -> torch.Tensor:
+    def _layer(self, x: torch.Tensor, i: int, L: DecoderLayer, b: int, t: int, pos: int,
+               last_only: bool = False) -> torch.Tensor:
         """Layer ``i`` on x float32 [B*T, H] at positions pos..pos+T-1 in framework ops (any
-        batch, any chunk); returns the new residual stream, float32 [B*T, H]."""
+        batch, any chunk); returns the new residual stream, float32 [B*T, H]. ``last_only``
+        (the last layer) and a chunk of more than ``LUT_MAX_ROWS`` tokens: every position's keys and
+        values go to the cache, but attention, o-projection and MLP run for each sequence's last
+        position alone, returned as float32 [B, H] (no later layer reads the others; llama.cpp skips
+        them the same way)."""
         hq, hk, d = self.n_heads, self.n_kv, self.head_dim
         end = pos + t
         inter = L.gate_up.sizes[0]
@@ -445,17 +452,25 @@ class FastDecoder:
         if L.q_norm is not None and not L.qk_whole:
             qk = torch.cat([self._rms(qk[:, :, :hq], L.q_norm), self._rms(qk[:, :, hq:], L.k_norm)], dim=2)
         qk = self._rope(qk.transpose(1, 2), pos, L)  # q and k heads rotated together: [B, Hq+Hk, T, D]
+        # A chunk of at most LUT_MAX_ROWS rows runs the lookup-table kernel, whose table kind depends on the
+        # row count: it is left whole, so a short prompt's last row is computed as before, bit for bit.
+        trim = last_only and t > cpu_backend.LUT_MAX_ROWS
         if self.kv_cache is not None:
             att = self._kv_attend(i, qk[:, :hq], qk[:, hq:], v.transpose(1, 2), L)
+            att = att[:, :, -1:] if trim else att
         else:
             self.k_cache[i, :, :, pos:end] = qk[:, hq:]
             self.v_cache[i, :, :, pos:end] = v.transpose(1, 2)
-            att = self._attend(qk[:, :hq], self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end], L, pos)
-        out = L.o(att.transpose(1, 2).reshape(b * t, hq * d))
+            q, qpos = (qk[:, :hq, -1:], end - 1) if trim else (qk[:, :hq], pos)
+            att = self._attend(q, self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end], L, qpos)
+        rows = b * t  # the projections below take the path of the whole chunk's rows
+        if trim:
+            x, t = x.view(b, t, -1)[:, -1].contiguous(), 1
+        out = L.o(att.transpose(1, 2).reshape(b * t, hq * d), rows)
         x = x + self._branch(out, L.post_attn, L.residual_scale)
-        gate_up = L.gate_up(self._rms(x, L.ln2) if L.ln2 else x)
+        gate_up = L.gate_up(self._rms(x, L.ln2) if L.ln2 else x, rows)
         gate = F.gelu(gate_up[:, :inter], approximate="tanh") if L.act == "gelu_tanh" else F.silu(gate_up[:, :inter])
-        return x + self._branch(L.down(gate * gate_up[:, inter:]), L.post_ffn, L.residual_scale)
+        return x + self._branch(L.down(gate * gate_up[:, inter:], rows), L.post_ffn, L.residual_scale)
 
     def _branch(self, out: torch.Tensor, post: Norm | None, scale: float) -> torch.Tensor:
         """A branch's output float32 [M, H] as it joins the residual: post-normed, scaled."""
@@ -527,7 +542,7 @@ class FastDecoder:
                 self.decode_step_kv(x, self.stack, p, c.n_groups, c.n_tail)
             else:
                 for i, L in enumerate(self.layers):
-                    x = self._layer(x, i, L, 1, t, p)
+                    x = self._layer(x, i, L, 1, t, p, last_only=i == len(self.layers) - 1)
             c.n_tail += t
             c.flush()
         return x[-1:] if normed else self._rms(x[-1:], self.norm)
