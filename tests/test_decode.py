@@ -75,7 +75,6 @@ def test_long_prefill_gemm(gemm):
         FastDecoder(model, max_len=64, prefill_gemm="fp16")
 
 
-
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 def test_long_prefill_trims_the_last_layer(packed):
     """Above LUT_MAX_ROWS tokens the last layer runs attention, o-projection and MLP for each sequence's
@@ -103,6 +102,7 @@ def test_long_prefill_trims_the_last_layer(packed):
     for got, want in ((dec.forward(ids[:, :t], 0), ref[:, t - 1]), (dec.forward(ids[:, t:], t), ref[:, t])):
         torch.testing.assert_close(got, want, rtol=FP32_REORDER_LONG, atol=FP32_REORDER * scale)
     assert calls == [2, 2]  # the prefill's last layer: one row per sequence, not 2 t
+
 
 def _prefilled_pair(model):
     """(native decoder, Python-step decoder, ids [1, T], HF logits [T, V]), both prefilled with 4 tokens

@@ -437,9 +437,10 @@ class FastDecoder:
         """Layer ``i`` on x float32 [B*T, H] at positions pos..pos+T-1 in framework ops (any
         batch, any chunk); returns the new residual stream, float32 [B*T, H]. ``last_only``
         (the last layer) and a chunk of more than ``LUT_MAX_ROWS`` tokens: every position's keys and
-        values go to the cache, but attention, o-projection and MLP run for each sequence's last
-        position alone, returned as float32 [B, H] (no later layer reads the others; llama.cpp skips
-        them the same way)."""
+        values go to the cache, but o-projection and MLP (and, on the float cache, attention) run for
+        each sequence's last position alone, returned as float32 [B, H] (no later layer reads the
+        others; llama.cpp skips them the same way). On the packed cache attention still runs for every
+        new row (its op is called as before) and only the last row is kept."""
         hq, hk, d = self.n_heads, self.n_kv, self.head_dim
         end = pos + t
         inter = L.gate_up.sizes[0]
