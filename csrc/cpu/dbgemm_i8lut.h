@@ -15,8 +15,8 @@
 // so the tables are what is quantized to int8, with one scale per group: the activations enter
 // only through their 4-channel partial sums (whose range is what the int8 code must cover). What
 // the centring takes out comes back per group: a plane's lookups over group j add up to
-// sum_q T_q = sum_q C_q + sum_q h_q, and sum_q h_q = gsum_j / 2 (gsum_j: the in-order float sum
-// of x over group j), which is kept in float32.
+// sum_q T_q = sum_q C_q + sum_q h_q, and sum_q h_q = gsum_j / 2 (gsum_j = sum over the group's
+// chunks q, in order, of T_q[15]: the float path's group sum, dbgemm_t16.h), kept in float32.
 // The tables are stored expanded to the weight's byte order, so that one vector load of weight
 // bytes and one of table bytes line up lane for lane with no shuffling of tables:
 //   lo[(c P + p) 16 + i] = t_{2c}[i]      hi[(c P + p) 16 + i] = t_{2c+1}[i]
@@ -72,7 +72,7 @@ constexpr int64_t kI8SegmentCols = 128;
 // Byte offsets of one activation row's integer tables inside its buffer of i8lut_row_bytes(w).
 struct I8LutRow {
   float* scale;  // [G] s_j
-  float* gsum;   // [G] gsum_j, the in-order sum of the group's x (the centring's term, and the offset's)
+  float* gsum;   // [G] gsum_j, the sum of the group's chunk sums T_q[15] (the centring's term, and the offset's)
   int8_t* lo;    // [C8, P, 16] low-nibble tables, expanded to the weight's byte order
   int8_t* hi;    // [C8, P, 16] high-nibble tables
   int8_t* cpt;   // [C8, 2, 16] compact tables (the VBMI path only; shares lo's bytes)
@@ -109,17 +109,23 @@ void gemm_tiles_i8_avx512vbmi(const T16Weight& w, const uint8_t* buf, int64_t M,
 bool i8lut_vbmi();
 int force_i8lut_vbmi(int mode);
 
-// gsum_j: the in-order float sum of x over group j (channels < K).
+// gsum_j = sum over group j's chunks q, in order, of T_q[15] (chunk_sum below).
 float group_sum(const float* xr, int64_t K, int64_t j, int64_t g);
 
-// h_q = 0.5 T_q[15], with T_q[15] = (((0 + x[4q]) + x[4q+1]) + x[4q+2]) + x[4q+3] (zero past K): the
-// centre every path subtracts from chunk q's 16 partial sums (the same float operations, so the
-// same tables).
-inline float chunk_centre(const float* xr, int64_t K, int64_t q) {
+// T_q[15] = (((0 + x[4q]) + x[4q+1]) + x[4q+2]) + x[4q+3] (zero past K): chunk q's sum, in the order
+// every path adds it (the same float operations, so the same tables and group sums).
+inline float chunk_sum(const float* xr, int64_t K, int64_t q) {
   float s = 0.0f;
-  for (int64_t k = 4 * q; k < 4 * q + 4; ++k) s += k < K ? xr[k] : 0.0f;
-  return 0.5f * s;
+  if (4 * q + 4 <= K) {
+    for (int64_t k = 4 * q; k < 4 * q + 4; ++k) s += xr[k];
+  } else {
+    for (int64_t k = 4 * q; k < 4 * q + 4; ++k) s += k < K ? xr[k] : 0.0f;
+  }
+  return s;
 }
+
+// h_q = 0.5 T_q[15]: the centre every path subtracts from chunk q's 16 partial sums.
+inline float chunk_centre(const float* xr, int64_t K, int64_t q) { return 0.5f * chunk_sum(xr, K, q); }
 
 // Which table the decode GEMV uses when the caller leaves the choice to us ("auto").
 enum class LutKind : int { Float = 0, Int8 = 1 };

@@ -180,7 +180,8 @@ void tiles(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t 
 }
 
 // The 16 centred partial sums C_q of chunk q (dbgemm_i8lut.h), in the scalar build's order: lane i
-// adds x[4q + j] when bit j of i is set, then the centre h_q is subtracted.
+// adds x[4q + j] when bit j of i is set; lane 15, which adds all four, is chunk_sum's T_q[15], so
+// h_q = 0.5 T_q[15] comes from the register itself.
 inline __m512 chunk_table(const float* xr, int64_t K, int64_t q) {
   const __mmask16 bit[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};
   __m512 t = _mm512_setzero_ps();
@@ -188,33 +189,47 @@ inline __m512 chunk_table(const float* xr, int64_t K, int64_t q) {
     const float v = 4 * q + j < K ? xr[4 * q + j] : 0.0f;
     t = _mm512_mask_add_ps(t, bit[j], t, _mm512_set1_ps(v));
   }
-  return _mm512_sub_ps(t, _mm512_set1_ps(chunk_centre(xr, K, q)));
+  const __m512 h = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_set1_epi32(15), t), _mm512_set1_ps(0.5f));
+  return _mm512_sub_ps(t, h);
 }
 
+// Chunks whose centred tables the build keeps between its two passes over a group (g <= 256
+// channels: 4 KiB); a longer group computes them again in the second pass (the same bytes).
+constexpr int64_t kBuildChunks = 64;
+
 inline void build_rows(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1) {
-  const int64_t K = w.K, G = w.groups(), g = w.group_size, P = w.P;
+  const int64_t K = w.K, G = w.groups(), g = w.group_size, nq = g / 4;
+  const bool keep = nq <= kBuildChunks;
+  alignas(64) float kept[kBuildChunks * 16];
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * K;
     const I8LutRow row = i8lut_row(w, buf, m);
     for (int64_t j = 0; j < G; ++j) {
+      const int64_t q0 = j * nq;
       __m512 vmax = _mm512_setzero_ps();
-      for (int64_t q = j * g / 4; q < (j + 1) * g / 4; ++q)
-        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(chunk_table(xr, K, q)));
+      for (int64_t i = 0; i < nq; ++i) {
+        const __m512 t = chunk_table(xr, K, q0 + i);
+        if (keep) _mm512_store_ps(kept + 16 * i, t);
+        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(t));
+      }
       const float mx = _mm512_reduce_max_ps(vmax);
       const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
       row.scale[j] = mx / 127.0f;
       row.gsum[j] = group_sum(xr, K, j, g);
       const __m512 vinv = _mm512_set1_ps(inv);
-      for (int64_t c = j * g / 8; c < (j + 1) * g / 8; ++c) {
+      auto code = [&](int64_t i) {  // chunk q0 + i's 16 int8 codes
+        const __m512 t = keep ? _mm512_load_ps(kept + 16 * i) : chunk_table(xr, K, q0 + i);
         // vcvtps2dq rounds half to even (the default MXCSR mode), as nearbyint does in the scalar build
-        const __m128i lo = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(chunk_table(xr, K, 2 * c), vinv)));
-        const __m128i hi =
-            _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(chunk_table(xr, K, 2 * c + 1), vinv)));
+        return _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(t, vinv)));
+      };
+      for (int64_t i = 0; i < nq; i += 2) {
+        const int64_t c = (q0 + i) / 2;
+        const __m128i lo = code(i), hi = code(i + 1);
 #if I8_VBMI
         _mm_storeu_si128((__m128i*)(row.cpt + c * 32), lo);
         _mm_storeu_si128((__m128i*)(row.cpt + c * 32 + 16), hi);
 #else
-        for (int64_t p = 0; p < P; ++p) {
+        for (int64_t p = 0, P = w.P; p < P; ++p) {
           _mm_storeu_si128((__m128i*)(row.lo + (c * P + p) * kTile), lo);
           _mm_storeu_si128((__m128i*)(row.hi + (c * P + p) * kTile), hi);
         }
