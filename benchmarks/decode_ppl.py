@@ -3,7 +3,7 @@
 The wiki protocol (``dbquant eval``) runs the Hugging Face forward over whole windows, where a
 packed linear multiplies many rows at once (dequantize + GEMM). Generation instead runs one token
 at a time through ``FastDecoder``'s native step, whose GEMVs use lookup tables: float tables, or
-integer ones (T-MAC style, int8 activations per group) where ``DBQUANT_CPU_LUT`` / the per-ISA
+integer ones (T-MAC style: 8- or 12-bit codes per group, "int8" / "int16") where ``DBQUANT_CPU_LUT`` / the per-ISA
 default chooses them. This script teacher-forces the wiki windows through that step, token by token
 (the cache refilled from position 0 for each window), so what a table kind or an output head costs
 is measured where it runs. All rows run in one process on the same windows.
@@ -14,7 +14,7 @@ and the first row's top-2 logit margin where they differ. Free-running greedy te
 at the first such flip, so this says how close to a tie a changed kernel changes an answer.
 
 Usage: python benchmarks/decode_ppl.py CHECKPOINT [--windows 8] [--seq-len 512]
-       [--luts float,int8] [--heads int8,w8a8] [--json PATH]
+       [--luts float,int8,int16] [--heads int8,w8a8] [--json PATH]
 """
 
 from __future__ import annotations
@@ -67,13 +67,14 @@ def main(argv=None) -> int:
     ap.add_argument("checkpoint")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--luts", default="float,int8", help="comma list of float, int8 (the one-row GEMV's tables)")
+    ap.add_argument("--luts", default="float,int8,int16",
+                    help="comma list of float, int8, int16 (the one-row GEMV's tables)")
     ap.add_argument("--heads", default="int8", help="comma list of --lm-head-dtype values: float32, int8, w8a8")
     ap.add_argument("--json", help="write the results here (atomically)")
     a = ap.parse_args(argv)
     luts, heads = a.luts.split(","), a.heads.split(",")
-    if not set(luts) <= {"float", "int8"} or not set(heads) <= {"float32", "int8", "w8a8"}:
-        ap.error("--luts takes float,int8; --heads takes float32,int8,w8a8")
+    if not set(luts) <= {"float", "int8", "int16"} or not set(heads) <= {"float32", "int8", "w8a8"}:
+        ap.error("--luts takes float,int8,int16; --heads takes float32,int8,w8a8")
     if a.windows < 1 or a.seq_len < 2:
         ap.error("--windows >= 1 and --seq-len >= 2")
     model, tok = dbquant.load(a.checkpoint), AutoTokenizer.from_pretrained(a.checkpoint)

@@ -1,7 +1,7 @@
 """Integer vs float lookup tables of the CPU GEMV, per ISA path, side by side in one run (issue 19).
 
 What it measures: the time of ``y = x @ W.T`` at M = 1 through ``run_cpu(x, w, None, isa, lut)`` for
-lut = "float" (csrc/cpu/dbgemm_t16.h) and "int8" (csrc/cpu/dbgemm_i8lut.h) on the same prepared
+lut = "float" (csrc/cpu/dbgemm_t16.h), "int8" and "int16" (csrc/cpu/dbgemm_i8lut.h) on the same prepared
 t16 weight, for every ISA path this CPU runs, each shape and thread count. The weight is reused
 (resident in L2/L3: this is the kernels' compute cost, not a streaming figure). The two tables
 alternate round-robin for ``--rounds`` rounds so a shared, noisy machine slows them alike; each
@@ -13,13 +13,14 @@ Usage (repository root, venv active):
     python benchmarks/i8lut_vs_t16.py --shapes 576x576 --threads 1 --planes 1,2,3,4 --rounds 3
     OMP_NUM_THREADS=1 python benchmarks/i8lut_vs_t16.py --e2e DIR --threads 1,2 --rounds 3
 The JSON (written atomically) holds the environment (CPU model, ISA paths, load average) and one row
-per (shape, planes, isa, threads): {float_us, int8_us (medians), float_rounds, int8_rounds,
-int8_speedup = float_us / int8_us} (int8: the default vpshufb lookups); on an AVX-512 VBMI CPU the
-avx512 rows add int8_vbmi_us, the vpermb / vpermi2b lookups turned on, in the same rounds.
+per (shape, planes, isa, threads): {float_us, int8_us, int16_us (medians), their *_rounds,
+int8_speedup = float_us / int8_us, int16_speedup = float_us / int16_us} (the default vpshufb lookups);
+on an AVX-512 VBMI CPU the avx512 rows add int8_vbmi_us, the vpermb / vpermi2b lookups turned on.
 With ``--e2e DIR`` instead: the fast decoder on that checkpoint
 (best ISA path, one C++ call per layer and token), a 128-token prompt and 64 greedy new tokens per
 run, the tables forced by ``forced_lut`` and alternating run by run; one row per thread count with
-the median decode tokens/s of each and whether the two greedy continuations are the same tokens.
+the median decode tokens/s of each and whether each integer kind's greedy continuation is the float
+tables' tokens.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def e2e(a) -> int:
     rows = []
     for t in (int(v) for v in a.threads.split(",")):
         torch.set_num_threads(t)
-        tok_s, seqs = {"float": [], "int8": []}, {}
+        tok_s, seqs = {"float": [], "int8": [], "int16": []}, {}
         for _ in range(a.rounds):
             for lut in tok_s:
                 with cpu_backend.forced_lut(lut), torch.no_grad():
@@ -75,14 +76,17 @@ def e2e(a) -> int:
                     seq, st = dec.generate(ids, 64, min_new_tokens=64)
                 tok_s[lut].append(st.decode_tok_s)
                 seqs[lut] = seq
-        f, i = statistics.median(tok_s["float"]), statistics.median(tok_s["int8"])
-        rows.append(dict(model=a.e2e, threads=t, prompt_tokens=128, new_tokens=64, isa=torch.ops.dbquant.cpu_isas()[0],
-                         float_tok_s=round(f, 2), int8_tok_s=round(i, 2), int8_speedup=round(i / f, 3),
-                         float_rounds=[round(v, 2) for v in tok_s["float"]],
-                         int8_rounds=[round(v, 2) for v in tok_s["int8"]],
-                         same_greedy_tokens=bool(torch.equal(seqs["float"], seqs["int8"]))))
-        print(f"e2e t={t}  float {f:6.1f} tok/s  int8 {i:6.1f} tok/s  int8 speedup {i / f:5.2f}x  "
-              f"same tokens: {rows[-1]['same_greedy_tokens']}", flush=True)
+        med = {lut: statistics.median(v) for lut, v in tok_s.items()}
+        row = dict(model=a.e2e, threads=t, prompt_tokens=128, new_tokens=64, isa=torch.ops.dbquant.cpu_isas()[0])
+        for lut, v in tok_s.items():
+            row[f"{lut}_tok_s"], row[f"{lut}_rounds"] = round(med[lut], 2), [round(r, 2) for r in v]
+        for lut in ("int8", "int16"):
+            row[f"{lut}_speedup"] = round(med[lut] / med["float"], 3)
+            row[f"{lut}_same_greedy_tokens"] = bool(torch.equal(seqs["float"], seqs[lut]))
+        rows.append(row)
+        print(f"e2e t={t}  " + "  ".join(f"{lut} {med[lut]:6.1f} tok/s" for lut in tok_s) + "  "
+              + "  ".join(f"{lut} {row[lut + '_speedup']:4.2f}x, same tokens {row[lut + '_same_greedy_tokens']}"
+                          for lut in ("int8", "int16")), flush=True)
     if a.json:
         _dump(a.json, rows, env0)
     return 0
@@ -115,21 +119,22 @@ def main() -> int:
             for isa in isas:
                 for t in (int(v) for v in a.threads.split(",")):
                     torch.set_num_threads(t)
-                    got = {"float": [], "int8": []}
+                    got = {"float": [], "int8": [], "int16": []}
                     if isa == "avx512" and vbmi:
                         got["int8_vbmi"] = []  # the vpermb / vpermi2b lookups, beside the default vpshufb
                     for _ in range(a.rounds):
                         for lut in got:
                             torch.ops.dbquant.cpu_i8lut_lookup("on" if lut == "int8_vbmi" else "auto")
                             fn = lambda: cpu_backend.run_cpu(x, w, None, isa,  # noqa: E731
-                                                             lut[:4] if lut != "float" else lut)
+                                                             "int8" if lut == "int8_vbmi" else lut)
                             got[lut].append(1e3 * _median_ms(fn, min_time=0.15))
                     torch.ops.dbquant.cpu_i8lut_lookup("auto")  # vpshufb, the default
-                    f, i = statistics.median(got["float"]), statistics.median(got["int8"])
+                    f, i, j = (statistics.median(got[lut]) for lut in ("float", "int8", "int16"))
                     row = dict(n=n, k=k, planes=planes, group_size=a.group_size, isa=isa, threads=t, m=1,
-                               float_us=round(f, 2), int8_us=round(i, 2), int8_speedup=round(f / i, 3),
-                               float_rounds=[round(v, 2) for v in got["float"]],
-                               int8_rounds=[round(v, 2) for v in got["int8"]])
+                               float_us=round(f, 2), int8_us=round(i, 2), int16_us=round(j, 2),
+                               int8_speedup=round(f / i, 3), int16_speedup=round(f / j, 3),
+                               **{f"{lut}_rounds": [round(v, 2) for v in got[lut]]
+                                  for lut in ("float", "int8", "int16")})
                     extra = ""
                     if "int8_vbmi" in got:
                         iv = statistics.median(got["int8_vbmi"])
@@ -137,7 +142,7 @@ def main() -> int:
                         extra = f"  (vbmi {iv:8.1f} us)"
                     rows.append(row)
                     print(f"{n:>5}x{k:<5} k={planes} {isa:<6} t={t}  float {f:8.1f} us  int8 {i:8.1f} us  "
-                          f"int8 speedup {f / i:5.2f}x{extra}", flush=True)
+                          f"int16 {j:8.1f} us  speedup int8 {f / i:5.2f}x int16 {f / j:5.2f}x{extra}", flush=True)
     if a.json:
         _dump(a.json, rows, env0)
     return 0

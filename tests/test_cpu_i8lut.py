@@ -1,6 +1,7 @@
-"""The integer lookup-table GEMV (csrc/cpu/dbgemm_i8lut.h, ``run_cpu(..., lut="int8")``).
+"""The integer lookup-table GEMV (csrc/cpu/dbgemm_i8lut.h, ``run_cpu(..., lut="int8" | "int16")``).
 
-Each ISA path is forced and checked three ways: against a torch emulation of the int8 tables
+Each ISA path is forced, with each kind of integer table (8- and 12-bit codes), and checked three
+ways: against a torch emulation of the tables
 (``dbgemm_i8lut_ref``: the same integers, so only float32 summation order differs), against the
 ``ref`` oracle within the header's stated error bound (``i8lut_error_bound``), and against the
 scalar path bit for bit (the header promises the same operations in the same order).
@@ -43,25 +44,29 @@ PATHS = ([(i, "bw" if i == "avx512" else None) for i in ISAS]
          + ([("avx512", "vbmi")] if HAVE_NATIVE and _has_vbmi() else []))
 
 
-def run_path(x, w, b, path):
-    """run_cpu with the int8 tables on one path (the AVX-512 lookup set for the call, then auto again)."""
+KINDS = ["int8", "int16"]
+
+
+def run_path(x, w, b, path, kind="int8"):
+    """run_cpu with ``kind`` tables on one path (the AVX-512 lookup set for the call, then auto again)."""
     isa, lookup = path
     if lookup:
         torch.ops.dbquant.cpu_i8lut_lookup("on" if lookup == "vbmi" else "off")
     try:
-        return cpu_backend.run_cpu(x, w, b, isa, lut="int8")
+        return cpu_backend.run_cpu(x, w, b, isa, lut=kind)
     finally:
         torch.ops.dbquant.cpu_i8lut_lookup("auto")
 
 
-def check_all_isas(x, w, b, canon, k, g):
-    """Run every ISA path with the int8 tables; check emulation, bound and cross-ISA identity."""
-    emu = dbgemm_i8lut_ref(x, *canon, b, k, g)
+def check_all_isas(x, w, b, canon, k, g, kind="int8"):
+    """Run every ISA path with ``kind`` tables; check emulation, bound and cross-ISA identity (the
+    int16 tables have no VBMI lookups: that setting leaves them on vpshufb)."""
+    emu = dbgemm_i8lut_ref(x, *canon, b, k, g, kind)
     ref = dbgemm_ref(x, *canon, b, k, g)
     scale = ref.abs().max().clamp_min(1.0).item()
     # the bound is on exact arithmetic; both sides also carry float32 rounding of K-term sums
-    bound = i8lut_error_bound(x, canon[1], k, g) + 2 * FP32_REORDER_LONG * scale
-    ys = {path: run_path(x, w, b, path) for path in PATHS}
+    bound = i8lut_error_bound(x, canon[1], k, g, kind) + 2 * FP32_REORDER_LONG * scale
+    ys = {path: run_path(x, w, b, path, kind) for path in PATHS}
     for isa, y in ys.items():
         assert y.shape == ref.shape and y.dtype == torch.float32, isa
         torch.testing.assert_close(y, emu, rtol=FP32_REORDER_LONG, atol=FP32_REORDER_LONG * scale, msg=isa)
@@ -71,38 +76,45 @@ def check_all_isas(x, w, b, canon, k, g):
     return ys[("scalar", None)], ref
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("planes", [1, 2, 3, 4])
 @pytest.mark.parametrize("m", [1, 2, 3, 17, 64])
 @pytest.mark.parametrize("k,g", [(24, 8), (100, 32), (200, 64), (576, 128), (1000, 64), (72, 24)])
-def test_every_isa_against_ref_within_bound(k, g, m, planes):
+def test_every_isa_against_ref_within_bound(k, g, m, planes, kind):
     """Odd N and K (K not a multiple of the group: the format pads Kp = ceil(K / g) g with zero
     bits), groups that leave the SIMD loops a tail of single units, every plane count, M up to 64."""
     for n, offset, bias in itertools.product([1, 7, 33], [False, True], [False, True]):
         w, b, canon = prepared(n, k, g, offset, bias, seed=k + g + n + planes, planes=planes)
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k + planes))
-        check_all_isas(x, w, b, canon, k, g)
+        check_all_isas(x, w, b, canon, k, g, kind)
 
 
-def test_error_is_small_next_to_the_output():
+@pytest.mark.parametrize("kind,most", [("int8", 1e-2), ("int16", 1e-3)])
+def test_error_is_small_next_to_the_output(kind, most):
     """Not only within the bound: on Gaussian activations the int8 tables keep the output's
-    relative error well under 1% (a loose guard that the tables are not degenerate)."""
+    relative error well under 1%, and the int16 tables (16x finer codes) under 0.1% (loose guards
+    that the tables are not degenerate); the int16 error is also well below the int8 one."""
     w, b, canon = prepared(256, 576, 64, True, False, seed=3, planes=2)
     x = torch.randn(1, 576, generator=torch.Generator().manual_seed(4))
-    y, ref = check_all_isas(x, w, b, canon, 576, 64)
-    assert ((y - ref).norm() / ref.norm()).item() < 1e-2
+    y, ref = check_all_isas(x, w, b, canon, 576, 64, kind)
+    assert ((y - ref).norm() / ref.norm()).item() < most
+    if kind == "int16":
+        y8, _ = check_all_isas(x, w, b, canon, 576, 64, "int8")
+        assert (y - ref).norm() < (y8 - ref).norm() / 4
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("planes", [1, 2, 3, 4])
-def test_large_group_widens_before_int16_overflows(planes):
-    """A group of 2048 channels with every bit set and equal activations: each lookup is +127, so
-    one plane's group sum (512 lookups, 65024) overflows int16 unless the kernel widens every
-    kI8SegmentCols columns as its header says."""
+def test_large_group_widens_before_int16_overflows(planes, kind):
+    """A group of 2048 channels with every bit set and equal activations: each lookup is +code_max
+    (127 or 2047), so one plane's group sum (512 lookups: 65024 or 1048064) overflows int16 unless the
+    kernel widens every kI8SegmentCols (int8) or kI16SegmentCols (int16) columns as its header says."""
     k = g = 2048
     w, b, canon = prepared(16, k, g, False, False, seed=1, planes=planes)
     canon = (torch.full_like(canon[0], 255), canon[1], None)
     w = cpu_backend.prepare_cpu(canon[0], canon[1], None, k, g)
     x = torch.ones(1, k)
-    y, ref = check_all_isas(x, w, None, canon, k, g)
+    y, ref = check_all_isas(x, w, None, canon, k, g, kind)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-3)
 
 
@@ -147,11 +159,12 @@ from tests.test_cpu_kernel import prepared
 w, b, _ = prepared(33, 200, 64, True, True, seed=2)
 x = torch.randn(1, 200, generator=torch.Generator().manual_seed(0))
 auto = cpu.run_cpu(x, w, b)
-print(torch.equal(auto, cpu.run_cpu(x, w, b, lut="int8")), torch.equal(auto, cpu.run_cpu(x, w, b, lut="float")))
+print(*(torch.equal(auto, cpu.run_cpu(x, w, b, lut=k)) for k in ("int8", "int16", "float")))
 """
 
 
-@pytest.mark.parametrize("kind,expect", [("int8", "True False"), ("float", "False True")])
+@pytest.mark.parametrize("kind,expect", [("int8", "True False False"), ("int16", "False True False"),
+                                         ("float", "False False True")])
 def test_env_var_forces_the_auto_choice(kind, expect):
     """DBQUANT_CPU_LUT (read once per process, hence a child process) decides lut="auto" at M = 1."""
     env = dict(os.environ, DBQUANT_CPU_LUT=kind, OMP_NUM_THREADS="1")
@@ -160,9 +173,10 @@ def test_env_var_forces_the_auto_choice(kind, expect):
     assert out.stdout.strip().splitlines()[-1] == expect
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("offset,bias", [(False, False), (True, True)])
-def test_decode_layer_with_int8_tables_matches_the_emulated_step(monkeypatch, offset, bias):
-    """The fused decode op with the integer tables forced computes decode_layer_ref whose
+def test_decode_layer_with_integer_tables_matches_the_emulated_step(monkeypatch, offset, bias, kind):
+    """The fused decode op with ``kind`` tables forced computes decode_layer_ref whose
     projections are the tables' emulation (dbgemm_i8lut_ref): the same integers, so only float
     rounding differs; caches included."""
     from dbquant.backends import reference, registry
@@ -171,7 +185,7 @@ def test_decode_layer_with_int8_tables_matches_the_emulated_step(monkeypatch, of
 
     def project_i8(p, x):
         w = p.weight
-        return dbgemm_i8lut_ref(x, *canonical(w), p.bias, w.in_features, w.group_size)
+        return dbgemm_i8lut_ref(x, *canonical(w), p.bias, w.in_features, w.group_size, kind)
 
     monkeypatch.setattr(reference, "_project", project_i8)
     h, hq, hk, d, inter, g = 40, 5, 1, 8, 23, 16
@@ -180,8 +194,8 @@ def test_decode_layer_with_int8_tables_matches_the_emulated_step(monkeypatch, of
     angles = torch.rand(6, d // 2, generator=gen) * 3
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     caches = {b: [torch.zeros(1, hk, 6, d) for _ in range(2)] for b in ("ref", "cpu")}
-    with cpu_backend.forced_lut("int8"):
-        assert cpu_backend.default_lut() == "int8"
+    with cpu_backend.forced_lut(kind):
+        assert cpu_backend.default_lut() == kind
         prepared_layer = cpu_backend.prepare_decode_layer(layer)
         for pos in range(4):
             x = torch.randn(1, h, generator=gen)
@@ -208,7 +222,8 @@ def test_forced_lut_restores_the_setting():
     before = cpu_backend.default_lut()
     with cpu_backend.forced_lut("float"):
         assert cpu_backend.default_lut() == "float"
-        with cpu_backend.forced_lut("int8"):
-            assert all(cpu_backend.default_lut(i) == "int8" for i in ISAS)
+        for kind in KINDS:
+            with cpu_backend.forced_lut(kind):
+                assert all(cpu_backend.default_lut(i) == kind for i in ISAS)
         assert cpu_backend.default_lut() == "float"
     assert cpu_backend.default_lut() == before

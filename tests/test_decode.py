@@ -118,12 +118,13 @@ def _prefilled_pair(model):
     return native, python, ids, ref
 
 
-def test_native_step_with_int8_tables_matches_the_python_step():
-    """With the integer tables forced, the C++ step and the Python step (whose one-row linears take
+@pytest.mark.parametrize("kind", ["int8", "int16"])
+def test_native_step_with_integer_tables_matches_the_python_step(kind):
+    """With ``kind`` tables forced, the C++ step and the Python step (whose one-row linears take
     the same tables through run_cpu's lut="auto") agree to fp32 rounding, caches included; HF's float
-    forward is only near (the tables' int8 error, csrc/cpu/dbgemm_i8lut.h), and its greedy token is kept."""
+    forward is only near (the tables' error, csrc/cpu/dbgemm_i8lut.h), and its greedy token is kept."""
     model = _packed("llama")
-    with cpu_backend.forced_lut("int8"):
+    with cpu_backend.forced_lut(kind):
         native, python, ids, ref = _prefilled_pair(model)
         scale = ref.abs().max().item()
         for p in range(4, ids.shape[1]):

@@ -2,8 +2,8 @@
 //   torch.ops.dbquant.dbgemm_cpu(Tensor x, Tensor planes, Tensor scales, Tensor? offset,
 //                                Tensor? bias, int out_features, int in_features,
 //                                int group_size, str isa="auto", str lut="auto") -> Tensor
-//                                (lut: "float" tables (dbgemm_t16.h), "int8" tables (dbgemm_i8lut.h),
-//                                 or "auto": int8 for M = 1 where default_lut(isa) says so)
+//                                (lut: "float" tables (dbgemm_t16.h), "int8" or "int16" tables
+//                                 (dbgemm_i8lut.h), or "auto": default_lut(isa) for M = 1, else float)
 //   torch.ops.dbquant.dequantize_cpu(Tensor planes, Tensor scales, Tensor? offset,
 //                                    int out_features, int in_features, int group_size)
 //                                    -> Tensor (float32 [N, K])
@@ -62,9 +62,9 @@
 //                                    (XOR checksum of a buffer read on `threads` threads: the
 //                                    benchmark's read bandwidth, stream_read.h)
 //   torch.ops.dbquant.cpu_isas() -> str[]       (supported ISA paths, fastest first)
-//   torch.ops.dbquant.cpu_default_lut(str isa="auto") -> str  ("float" or "int8": what lut="auto"
-//                                    picks for M = 1 on that path, DBQUANT_CPU_LUT included)
-//   torch.ops.dbquant.cpu_force_lut(str kind) -> str  (force "float"/"int8" or back to "auto",
+//   torch.ops.dbquant.cpu_default_lut(str isa="auto") -> str  ("float", "int8" or "int16": what
+//                                    lut="auto" picks for M = 1 on that path, DBQUANT_CPU_LUT included)
+//   torch.ops.dbquant.cpu_force_lut(str kind) -> str  (force "float"/"int8"/"int16" or back to "auto",
 //                                    process-wide; returns the previous setting)
 //   torch.ops.dbquant.cpu_force_isa(str isa) -> str  (force the path "auto" runs, the decode step's
 //                                    included, or back to "auto"; process-wide; returns the previous one)
@@ -200,8 +200,8 @@ void recompute_nonfinite_rows(const at::Tensor& x, const dbquant::cpu::T16Weight
 
 // y = x @ W^T (+ bias) through the integer-table kernel (dbgemm_i8lut.h): tables of at most
 // kMaxLutBytes at a time, tiles split over threads as in the float path.
-void dbgemm_i8(const at::Tensor& x, const dbquant::cpu::T16Weight& w, Isa isa, at::Tensor& y) {
-  const int64_t M = x.size(0), rb = dbquant::cpu::i8lut_row_bytes(w), C8 = w.kp() / 8;
+void dbgemm_i8(const at::Tensor& x, const dbquant::cpu::T16Weight& w, Isa isa, LutKind kind, at::Tensor& y) {
+  const int64_t M = x.size(0), rb = dbquant::cpu::i8lut_row_bytes(w, kind), C8 = w.kp() / 8;
   const int64_t m_slice = std::max<int64_t>(1, std::min<int64_t>(M, kMaxLutBytes / rb));
   at::Tensor buf = at::empty({m_slice * rb}, x.options().dtype(at::kByte));
   uint8_t* bp = buf.data_ptr<uint8_t>();
@@ -209,11 +209,11 @@ void dbgemm_i8(const at::Tensor& x, const dbquant::cpu::T16Weight& w, Isa isa, a
     const int64_t mt = std::min(m_slice, M - m0);
     const float* xt = x.data_ptr<float>() + m0 * w.K;
     at::parallel_for(0, mt, std::max<int64_t>(1, (int64_t(1) << 16) / w.kp()),
-                     [&](int64_t b, int64_t e) { dbquant::cpu::build_i8luts(isa, w, xt, bp, b, e); });
+                     [&](int64_t b, int64_t e) { dbquant::cpu::build_i8luts(isa, w, xt, bp, b, e, kind); });
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 13) / (4 * mt * C8 * w.P));
     float* yt = y.data_ptr<float>() + m0 * w.N;
     at::parallel_for(0, w.tiles(), grain, [&](int64_t t0, int64_t t1) {
-      dbquant::cpu::gemm_tiles_i8(isa, w, bp, mt, yt, t0, t1);
+      dbquant::cpu::gemm_tiles_i8(isa, w, bp, mt, yt, t0, t1, kind);
     });
   }
 }
@@ -231,8 +231,8 @@ at::Tensor dbgemm_cpu(const at::Tensor& x, const at::Tensor& planes, const at::T
               in_features, "] (in_features), got shape ", x.sizes());
   if (bias) check_shape(*bias, "bias", {out_features});
   const Isa isa = parse_isa(isa_arg);
-  TORCH_CHECK(lut_arg == "auto" || lut_arg == "float" || lut_arg == "int8", "dbgemm_cpu: unknown lut '", lut_arg,
-              "'; use auto, float or int8");
+  TORCH_CHECK(lut_arg == "auto" || lut_arg == "float" || lut_arg == "int8" || lut_arg == "int16",
+              "dbgemm_cpu: unknown lut '", lut_arg, "'; use auto, float, int8 or int16");
   w.bias = bias ? bias->data_ptr<float>() : nullptr;
   const int64_t T = w.tiles(), G = w.groups(), C8 = w.kp() / 8;
 
@@ -240,10 +240,12 @@ at::Tensor dbgemm_cpu(const at::Tensor& x, const at::Tensor& planes, const at::T
   at::Tensor y = at::empty({M, out_features}, x.options());
   if (M == 0) return y;
   // auto: the integer tables only for the decode GEMV (M = 1), where they were measured
-  const bool int8 = lut_arg == "int8" ||
-                    (lut_arg == "auto" && M == 1 && dbquant::cpu::default_lut(isa) == LutKind::Int8);
-  if (int8) {
-    dbgemm_i8(x, w, isa, y);
+  const LutKind kind = lut_arg == "int8"    ? LutKind::Int8
+                       : lut_arg == "int16" ? LutKind::Int16
+                       : lut_arg == "auto" && M == 1 ? dbquant::cpu::default_lut(isa)
+                                                     : LutKind::Float;
+  if (kind != LutKind::Float) {
+    dbgemm_i8(x, w, isa, kind, y);
     recompute_nonfinite_rows(x, w, y);
     return y;
   }
@@ -396,12 +398,13 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& w, double eps) {
 // float or the integer tables as default_lut(isa) says (dbgemm_i8lut.h).
 void gemv_t16(Isa isa, const dbquant::cpu::T16Weight& w, const float* x, float* y, float* lut,
               float* gsum) {
-  if (dbquant::cpu::default_lut(isa) == LutKind::Int8) {
+  const LutKind kind = dbquant::cpu::default_lut(isa);
+  if (kind != LutKind::Float) {
     uint8_t* buf = reinterpret_cast<uint8_t*>(lut);
-    dbquant::cpu::build_i8luts(isa, w, x, buf, 0, 1);
+    dbquant::cpu::build_i8luts(isa, w, x, buf, 0, 1, kind);
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 13) / (4 * (w.kp() / 8) * w.P));
     at::parallel_for(0, w.tiles(), grain, [&](int64_t t0, int64_t t1) {
-      dbquant::cpu::gemm_tiles_i8(isa, w, buf, 1, y, t0, t1);
+      dbquant::cpu::gemm_tiles_i8(isa, w, buf, 1, y, t0, t1, kind);
     });
     return;
   }
@@ -414,7 +417,7 @@ void gemv_t16(Isa isa, const dbquant::cpu::T16Weight& w, const float* x, float* 
 
 // Floats of table scratch gemv_t16 needs for w: the float tables or the integer ones.
 int64_t lut_scratch_floats(const dbquant::cpu::T16Weight& w) {
-  return std::max(dbquant::cpu::lut_floats(w), (dbquant::cpu::i8lut_row_bytes(w) + 3) / 4);
+  return std::max(dbquant::cpu::lut_floats(w), (dbquant::cpu::i8lut_row_bytes(w, LutKind::Int16) + 3) / 4);
 }
 
 // One Llama-family decoder layer's weights for decode_layer_cpu, built once per layer
@@ -1031,10 +1034,13 @@ void decode_step_kv_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeStac
   st.apply_final_norm(xp);
 }
 
-// "float" or "int8": the tables lut="auto" uses for the decode GEMV on an ISA path (dbgemm_i8lut.h).
-std::string cpu_default_lut(const std::string& isa) {
-  return dbquant::cpu::default_lut(parse_isa(isa)) == LutKind::Int8 ? "int8" : "float";
-}
+namespace {
+const char* lut_name(LutKind k) { return k == LutKind::Int16 ? "int16" : k == LutKind::Int8 ? "int8" : "float"; }
+}  // namespace
+
+// "float", "int8" or "int16": the tables lut="auto" uses for the decode GEMV on an ISA path
+// (dbgemm_i8lut.h).
+std::string cpu_default_lut(const std::string& isa) { return lut_name(dbquant::cpu::default_lut(parse_isa(isa))); }
 
 // Force the ISA path "auto" runs ("avx512", "avx2", "scalar" where this CPU has it, or "auto": the fastest
 // again), process-wide, the decode-step ops included; returns the previous setting. For tests and benchmarks.
@@ -1043,14 +1049,16 @@ std::string cpu_force_isa(const std::string& isa) {
   return prev < 0 ? "auto" : dbquant::cpu::isa_name(Isa(prev));
 }
 
-// Force the tables lut="auto" and the decode ops use ("float", "int8", or "auto": the measured
-// choice again), process-wide; returns the previous setting. For tests and benchmarks.
+// Force the tables lut="auto" and the decode ops use ("float", "int8", "int16", or "auto": the
+// measured choice again), process-wide; returns the previous setting. For tests and benchmarks.
 std::string cpu_force_lut(const std::string& kind) {
-  TORCH_CHECK(kind == "auto" || kind == "float" || kind == "int8", "cpu_force_lut: unknown lut '", kind,
-              "'; use auto, float or int8");
-  const int prev = dbquant::cpu::force_lut(kind == "auto" ? -1 : kind == "int8" ? int(LutKind::Int8) :
-                                           int(LutKind::Float));
-  return prev < 0 ? "auto" : prev == int(LutKind::Int8) ? "int8" : "float";
+  TORCH_CHECK(kind == "auto" || kind == "float" || kind == "int8" || kind == "int16", "cpu_force_lut: unknown lut '",
+              kind, "'; use auto, float, int8 or int16");
+  const int prev = dbquant::cpu::force_lut(kind == "auto"    ? -1
+                                           : kind == "int8"  ? int(LutKind::Int8)
+                                           : kind == "int16" ? int(LutKind::Int16)
+                                                             : int(LutKind::Float));
+  return prev < 0 ? "auto" : lut_name(LutKind(prev));
 }
 
 // The AVX-512 integer-table lookups: "vbmi" (vpermb / vpermi2b, compact tables) or "bw" (vpshufb, the

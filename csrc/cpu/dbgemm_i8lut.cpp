@@ -36,19 +36,21 @@ void centred_table(const float* xr, int64_t K, int64_t q, float* t) {
   for (int i = 0; i < 16; ++i) t[i] -= h;
 }
 
-// Default table per ISA path (index: Isa) for the decode GEMV. benchmarks/i8lut_vs_t16.py on the
-// 2-core Xeon (Sapphire Rapids class) of docs/RESULTS.md, "Integer lookup tables"
-// (docs/bench/i8lut_vs_t16.json; a loaded machine, one thread): the integer tables were faster on
-// every shape there, 1.10-1.18x on the AVX-512 path and 1.7-2.9x on the AVX2 path; end to end on
-// SmolLM2 1.03x on the Xeon with AMX and ~1.16x on AMD Zen 4. Their cost in perplexity through the
-// decode path (benchmarks/decode_ppl.py, the `fast` checkpoint on Zen 4) was +0.22 with uncentred
-// tables, which kept the AVX-512 path on float tables; the centred tables (the header) cost +0.06,
-// inside the 0.1 allowed an output head, so every SIMD path takes them now. The scalar path (a
-// fallback, not measured as a contender) keeps the float tables.
+// Default table per ISA path (index: Isa) for the decode GEMV. History: on the 2-core Xeon (Sapphire
+// Rapids class) of docs/RESULTS.md, "Integer lookup tables", the int8 tables were faster than the float
+// ones on every shape (benchmarks/i8lut_vs_t16.py: 1.10-1.18x on the AVX-512 path, 1.7-2.9x on AVX2)
+// and, centred, cost +0.06 PPL through the decode path, so every SIMD path took them. But they move
+// SmolLM2's logits by ~0.15 rms, which flips greedy picks at near-ties (2.7% of wiki positions,
+// margins up to 0.32) and changed the main job's answer. The int16 tables (12-bit codes) keep the
+// float tables' picks to 99.8% (only ties under 0.01 differ), cost no PPL, and are still faster than
+// the float tables on both paths (1.07-1.30x on AVX-512, 1.2-1.5x on AVX2, Zen 4), so they are the
+// default; int8 stays for whoever wants the last ~10% of decode speed (DBQUANT_CPU_LUT=int8).
+// docs/RESULTS.md, "int16 tables". The scalar path (a fallback, not measured as a contender) keeps
+// the float tables.
 constexpr LutKind kI8LutDefault[3] = {
     /* scalar */ LutKind::Float,
-    /* avx2   */ LutKind::Int8,
-    /* avx512 */ LutKind::Int8,
+    /* avx2   */ LutKind::Int16,
+    /* avx512 */ LutKind::Int16,
 };
 
 }  // namespace
@@ -60,14 +62,16 @@ float group_sum(const float* xr, int64_t K, int64_t j, int64_t g) {
   return s;
 }
 
-int64_t i8lut_row_bytes(const T16Weight& w) {
-  // expanded (lo, hi) or compact tables (+ 64 bytes: a VBMI zmm may read one column past the end)
-  const int64_t c8 = w.kp() / 8;
-  return round_up64(2 * w.groups() * int64_t(sizeof(float))) + round_up64(std::max(2 * c8 * w.P * 16, c8 * 32 + 64));
+int64_t i8lut_row_bytes(const T16Weight& w, LutKind kind) {
+  // expanded (lo, hi [, lo_hb, hi_hb]) or compact tables (+ 64 bytes: a VBMI zmm may read one column
+  // past the end)
+  const int64_t c8 = w.kp() / 8, bytes = kind == LutKind::Int16 ? 2 : 1;
+  return round_up64(2 * w.groups() * int64_t(sizeof(float))) +
+         round_up64(std::max(2 * bytes * c8 * w.P * 16, c8 * 32 + 64));
 }
 
-I8LutRow i8lut_row(const T16Weight& w, uint8_t* buf, int64_t m) {
-  uint8_t* base = buf + m * i8lut_row_bytes(w);
+I8LutRow i8lut_row(const T16Weight& w, uint8_t* buf, int64_t m, LutKind kind) {
+  uint8_t* base = buf + m * i8lut_row_bytes(w, kind);
   const int64_t G = w.groups(), units = (w.kp() / 8) * w.P;
   I8LutRow r;
   r.scale = reinterpret_cast<float*>(base);
@@ -75,66 +79,82 @@ I8LutRow i8lut_row(const T16Weight& w, uint8_t* buf, int64_t m) {
   r.lo = reinterpret_cast<int8_t*>(base + round_up64(2 * G * int64_t(sizeof(float))));
   r.hi = r.lo + units * 16;
   r.cpt = r.lo;
+  r.lo_hb = kind == LutKind::Int16 ? r.hi + units * 16 : nullptr;
+  r.hi_hb = kind == LutKind::Int16 ? r.lo_hb + units * 16 : nullptr;
   return r;
 }
 
-void build_i8luts_scalar(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1) {
+void build_i8luts_scalar(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, LutKind kind) {
   const int64_t K = w.K, G = w.groups(), g = w.group_size, P = w.P;
+  const float top = float(lut_code_max(kind));
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * K;
-    const I8LutRow row = i8lut_row(w, buf, m);
+    const I8LutRow row = i8lut_row(w, buf, m, kind);
     for (int64_t j = 0; j < G; ++j) {
       float t[16];
-      // pass 1: the group's largest |centred partial sum|, which int8's +-127 must cover
+      // pass 1: the group's largest |centred partial sum|, which the codes' +-code_max must cover
       float mx = 0.0f;
       for (int64_t q = j * g / 4; q < (j + 1) * g / 4; ++q) {
         centred_table(xr, K, q, t);
         for (int i = 0; i < 16; ++i) mx = std::max(mx, std::fabs(t[i]));
       }
-      const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
-      row.scale[j] = mx / 127.0f;
+      const float inv = mx > 0.0f ? top / mx : 0.0f;
+      row.scale[j] = mx / top;
       row.gsum[j] = group_sum(xr, K, j, g);
-      // pass 2: round, and write each byte column's (lo, hi) tables once per plane
+      // pass 2: round, and write each byte column's (lo, hi) tables once per plane (int16: their
+      // low bytes there, their high bytes in (lo_hb, hi_hb))
       for (int64_t c = j * g / 8; c < (j + 1) * g / 8; ++c) {
-        int8_t q8[2][16];
+        int8_t low[2][16], high[2][16];
         for (int h = 0; h < 2; ++h) {
           centred_table(xr, K, 2 * c + h, t);
-          for (int i = 0; i < 16; ++i) q8[h][i] = int8_t(std::nearbyint(t[i] * inv));
+          for (int i = 0; i < 16; ++i) {
+            const int code = int(std::nearbyint(t[i] * inv));
+            low[h][i] = int8_t(code & 255);  // the code itself for int8 tables (|code| <= 127)
+            high[h][i] = int8_t(code >> 8);
+          }
         }
         for (int64_t p = 0; p < P; ++p) {
-          std::memcpy(row.lo + (c * P + p) * 16, q8[0], 16);
-          std::memcpy(row.hi + (c * P + p) * 16, q8[1], 16);
+          std::memcpy(row.lo + (c * P + p) * 16, low[0], 16);
+          std::memcpy(row.hi + (c * P + p) * 16, low[1], 16);
+          if (kind == LutKind::Int16) {
+            std::memcpy(row.lo_hb + (c * P + p) * 16, high[0], 16);
+            std::memcpy(row.hi_hb + (c * P + p) * 16, high[1], 16);
+          }
         }
       }
     }
   }
 }
 
-void build_i8luts(Isa isa, const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1) {
+void build_i8luts(Isa isa, const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1,
+                  LutKind kind) {
   switch (isa) {
     case Isa::Avx512:
-      return i8lut_vbmi() ? build_i8luts_avx512vbmi(w, x, buf, m0, m1) : build_i8luts_avx512(w, x, buf, m0, m1);
-    case Isa::Avx2: return build_i8luts_avx2(w, x, buf, m0, m1);
-    default: return build_i8luts_scalar(w, x, buf, m0, m1);
+      return i8lut_vbmi() && kind == LutKind::Int8 ? build_i8luts_avx512vbmi(w, x, buf, m0, m1)
+                                                   : build_i8luts_avx512(w, x, buf, m0, m1, kind);
+    case Isa::Avx2: return build_i8luts_avx2(w, x, buf, m0, m1, kind);
+    default: return build_i8luts_scalar(w, x, buf, m0, m1, kind);
   }
 }
 
 void gemm_tiles_i8(Isa isa, const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0,
-                   int64_t t1) {
+                   int64_t t1, LutKind kind) {
   switch (isa) {
     case Isa::Avx512:
-      return i8lut_vbmi() ? gemm_tiles_i8_avx512vbmi(w, buf, M, y, t0, t1) : gemm_tiles_i8_avx512(w, buf, M, y, t0, t1);
-    case Isa::Avx2: return gemm_tiles_i8_avx2(w, buf, M, y, t0, t1);
-    default: return gemm_tiles_i8_scalar(w, buf, M, y, t0, t1);
+      return i8lut_vbmi() && kind == LutKind::Int8 ? gemm_tiles_i8_avx512vbmi(w, buf, M, y, t0, t1)
+                                                   : gemm_tiles_i8_avx512(w, buf, M, y, t0, t1, kind);
+    case Isa::Avx2: return gemm_tiles_i8_avx2(w, buf, M, y, t0, t1, kind);
+    default: return gemm_tiles_i8_scalar(w, buf, M, y, t0, t1, kind);
   }
 }
 
 namespace {
-// -1: the measured table decides; 0 / 1: LutKind forced (DBQUANT_CPU_LUT at start-up, force_lut later).
+// -1: the measured table decides; 0 / 1 / 2: LutKind forced (DBQUANT_CPU_LUT at start-up, force_lut later).
 std::atomic<int>& lut_override() {
   static std::atomic<int> v{[] {
     const char* e = std::getenv("DBQUANT_CPU_LUT");
     if (e && std::strcmp(e, "int8") == 0) return int(LutKind::Int8);
+    if (e && std::strcmp(e, "int16") == 0) return int(LutKind::Int16);
     if (e && std::strcmp(e, "float") == 0) return int(LutKind::Float);
     return -1;
   }()};

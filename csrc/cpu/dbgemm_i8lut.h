@@ -1,5 +1,7 @@
 // Integer lookup-table (T-MAC style) GEMV for the dual-binary linear, on the same t16 weight
-// layout as the float-table kernel (dbgemm_t16.h; no repack, no second copy of the weight).
+// layout as the float-table kernel (dbgemm_t16.h; no repack, no second copy of the weight). Two
+// kinds of integer tables (LutKind): int8 (codes of +-127, one byte per entry) and int16 (codes of
+// +-2047, two bytes per entry: 16x finer, for two more lookups per weight byte; see "int16 tables").
 //
 // Tables. As in dbgemm_t16.h, the 4 bits of one plane over a 4-channel chunk q index one of 16
 // partial sums T_q[i] = (((0 + [i&1] x[4q]) + [i&2] x[4q+1]) + [i&4] x[4q+2]) + [i&8] x[4q+3]
@@ -53,6 +55,20 @@
 // tests/test_cpu_i8lut.py checks this bound, per element, against dbgemm_ref, and the integer
 // result against a torch emulation of the tables.
 //
+// int16 tables. The same centred tables, rounded with code_max = 2047 instead of 127:
+//   s_j = m_j / 2047,  t_q[i] = nearbyint(C_q[i] * 2047 / m_j)  in [-2047, 2047]
+// so the step, and with it the error bound above, is 16x smaller (the 127 of the bound becomes
+// 2047). The reason is greedy text: int8 tables move SmolLM2's logits by ~0.15 rms, enough to flip
+// a near-tie pick; 12-bit codes move them by ~0.01 (docs/RESULTS.md, "int16 tables"). Each code is
+// stored as two byte tables in the int8 layout: lo / hi hold its low byte (t & 255) and lo_hb /
+// hi_hb its high byte (t >> 8), 4 Kp P bytes of tables per row. The lookup is the int8 one done
+// twice, on the low and on the high bytes; interleaving the two results (punpcklbw / punpckhbw of
+// low, high) rebuilds the int16 codes lane for lane (little-endian), and the low- and high-nibble
+// codes of a row add into its int16 accumulator. Segments are kI16SegmentCols = 8 columns: per
+// plane and row at most 16 codes, 16 * 2047 = 32752 < 2^15. Everything after the int32 sums S_pj is
+// the int8 tables' code, and the same integers and floats on every path (scalar, AVX2, AVX-512
+// without the VBMI lookups).
+//
 // Padded channels (k >= K) have x = 0, so their table entries are 0 whatever the bits are.
 // NaN / Inf activations: the binding recomputes such rows densely, as for the float path.
 
@@ -66,8 +82,16 @@
 namespace dbquant {
 namespace cpu {
 
-// Byte columns per int16 accumulation segment (see the overflow argument above).
+// Which table the decode GEMV uses (dbgemm_t16.h's float tables, or the integer ones above).
+enum class LutKind : int { Float = 0, Int8 = 1, Int16 = 2 };
+
+// The largest |code| of an integer table kind: the step is s_j = m_j / code_max.
+constexpr int lut_code_max(LutKind k) { return k == LutKind::Int16 ? 2047 : 127; }
+// Byte columns per int16 accumulation segment (see the overflow arguments above): a plane's
+// int16 sum over a segment adds 2 entries per column, so 2 cols code_max < 2^15.
 constexpr int64_t kI8SegmentCols = 128;
+constexpr int64_t kI16SegmentCols = 8;
+constexpr int64_t lut_segment_cols(LutKind k) { return k == LutKind::Int16 ? kI16SegmentCols : kI8SegmentCols; }
 
 // Byte offsets of one activation row's integer tables inside its buffer of i8lut_row_bytes(w).
 struct I8LutRow {
@@ -76,30 +100,38 @@ struct I8LutRow {
   int8_t* lo;    // [C8, P, 16] low-nibble tables, expanded to the weight's byte order
   int8_t* hi;    // [C8, P, 16] high-nibble tables
   int8_t* cpt;   // [C8, 2, 16] compact tables (the VBMI path only; shares lo's bytes)
+  int8_t* lo_hb; // [C8, P, 16] int16 tables only (else nullptr): the codes' high bytes; lo, hi hold
+  int8_t* hi_hb; //              their low bytes (two's complement: code = (uint8)lo | hb << 8)
 };
 
-// Bytes of one activation row's tables (a multiple of 64, so rows stay 64-byte aligned).
-int64_t i8lut_row_bytes(const T16Weight& w);
-// The views of row m inside buf (buf: m rows of i8lut_row_bytes(w) bytes).
-I8LutRow i8lut_row(const T16Weight& w, uint8_t* buf, int64_t m);
+// Bytes of one activation row's tables of `kind` (Int8 or Int16; a multiple of 64, so rows stay
+// 64-byte aligned).
+int64_t i8lut_row_bytes(const T16Weight& w, LutKind kind = LutKind::Int8);
+// The views of row m inside buf (buf: m rows of i8lut_row_bytes(w, kind) bytes).
+I8LutRow i8lut_row(const T16Weight& w, uint8_t* buf, int64_t m, LutKind kind = LutKind::Int8);
 
 // Tables of activation rows [m0, m1) of x (float32 [M, K], row stride K) into buf. Every path
 // performs the same float operations (the adds in the order above, an exact max, one multiply,
 // round half to even), so the tables are the same bytes whichever path built them.
-void build_i8luts(Isa isa, const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1);
-void build_i8luts_scalar(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1);
-void build_i8luts_avx2(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1);
-void build_i8luts_avx512(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1);
+// kind: Int8 or Int16 (the int16 tables never take the VBMI lookups).
+void build_i8luts(Isa isa, const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1,
+                  LutKind kind = LutKind::Int8);
+void build_i8luts_scalar(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, LutKind kind);
+void build_i8luts_avx2(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, LutKind kind);
+void build_i8luts_avx512(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, LutKind kind);
 void build_i8luts_avx512vbmi(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1);
 
 // y[m, n] (float32 [M, N]) for all M rows and the output rows of tiles [t0, t1), from the tables
 // in buf. Tiles are independent: callers run disjoint ranges in parallel.
 void gemm_tiles_i8(Isa isa, const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0,
-                   int64_t t1);
+                   int64_t t1, LutKind kind = LutKind::Int8);
 
-void gemm_tiles_i8_scalar(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1);
-void gemm_tiles_i8_avx2(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1);
-void gemm_tiles_i8_avx512(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1);
+void gemm_tiles_i8_scalar(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1,
+                          LutKind kind);
+void gemm_tiles_i8_avx2(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1,
+                        LutKind kind);
+void gemm_tiles_i8_avx512(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1,
+                          LutKind kind);
 void gemm_tiles_i8_avx512vbmi(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1);
 
 // Whether the AVX-512 path uses the VBMI lookups (compact tables): only when turned on and the CPU
@@ -127,11 +159,9 @@ inline float chunk_sum(const float* xr, int64_t K, int64_t q) {
 // h_q = 0.5 T_q[15]: the centre every path subtracts from chunk q's 16 partial sums.
 inline float chunk_centre(const float* xr, int64_t K, int64_t q) { return 0.5f * chunk_sum(xr, K, q); }
 
-// Which table the decode GEMV uses when the caller leaves the choice to us ("auto").
-enum class LutKind : int { Float = 0, Int8 = 1 };
-// The measured choice per ISA path (kI8LutDefault in dbgemm_i8lut.cpp, docs/RESULTS.md), unless
-// one is forced: by the environment variable DBQUANT_CPU_LUT=float|int8 (read at first use), or
-// later by force_lut.
+// The measured choice of table per ISA path (kI8LutDefault in dbgemm_i8lut.cpp, docs/RESULTS.md),
+// unless one is forced: by the environment variable DBQUANT_CPU_LUT=float|int8|int16 (read at first
+// use), or later by force_lut.
 LutKind default_lut(Isa isa);
 // Force kind (int(LutKind)), or -1 to go back to the measured choice, for the whole process;
 // returns the previous setting (-1, 0 or 1). For tests and benchmarks.

@@ -20,31 +20,45 @@ namespace {
 
 constexpr int gcd_c(int a, int b) { return b ? gcd_c(b, a % b) : a; }
 
-inline void unit_xmm(const uint8_t* wb, const int8_t* tl, const int8_t* th, __m128i& a0, __m128i& a1) {
+// One unit on xmm (E = 2: int16 tables, whose high bytes tlh, thh are looked up too).
+template <int E>
+inline void unit_xmm(const uint8_t* wb, const int8_t* tl, const int8_t* th, const int8_t* tlh, const int8_t* thh,
+                     __m128i& a0, __m128i& a1) {
   const __m128i m4 = _mm_set1_epi8(15), ones = _mm_set1_epi8(1);
   const __m128i b = _mm_loadu_si128((const __m128i*)wb);
-  const __m128i vl = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)tl), _mm_and_si128(b, m4));
-  const __m128i vh = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)th), _mm_and_si128(_mm_srli_epi16(b, 4), m4));
-  a0 = _mm_add_epi16(a0, _mm_maddubs_epi16(ones, _mm_unpacklo_epi8(vl, vh)));
-  a1 = _mm_add_epi16(a1, _mm_maddubs_epi16(ones, _mm_unpackhi_epi8(vl, vh)));
+  const __m128i il = _mm_and_si128(b, m4), ih = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
+  const __m128i vl = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)tl), il);
+  const __m128i vh = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)th), ih);
+  if constexpr (E == 1) {
+    a0 = _mm_add_epi16(a0, _mm_maddubs_epi16(ones, _mm_unpacklo_epi8(vl, vh)));
+    a1 = _mm_add_epi16(a1, _mm_maddubs_epi16(ones, _mm_unpackhi_epi8(vl, vh)));
+  } else {  // (low byte, high byte) interleaved are the int16 codes
+    const __m128i wl = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)tlh), il);
+    const __m128i wh = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)thh), ih);
+    a0 = _mm_add_epi16(a0, _mm_add_epi16(_mm_unpacklo_epi8(vl, wl), _mm_unpacklo_epi8(vh, wh)));
+    a1 = _mm_add_epi16(a1, _mm_add_epi16(_mm_unpackhi_epi8(vl, wl), _mm_unpackhi_epi8(vh, wh)));
+  }
 }
 
-// y (rows 0..7 in y0, 8..15 in y1) of one tile and activation row.
-template <int P>
+// y (rows 0..7 in y0, 8..15 in y1) of one tile and activation row; E bytes per table entry.
+template <int P, int E>
 inline void tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* tp, const uint16_t* ts,
                      const uint16_t* to, __m256& y0, __m256& y1) {
   constexpr int W = 2, NPH = P / gcd_c(W, P);
+  constexpr int64_t SEG = E == 1 ? kI8SegmentCols : kI16SegmentCols;
   const int64_t G = w.groups(), cpg = w.group_size / 8;
   const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi8(1);
   y0 = y1 = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     __m256i S[P][2];
     for (int p = 0; p < P; ++p) S[p][0] = S[p][1] = _mm256_setzero_si256();
-    for (int64_t c0 = g * cpg; c0 < (g + 1) * cpg; c0 += kI8SegmentCols) {
-      const int64_t c1 = std::min((g + 1) * cpg, c0 + kI8SegmentCols), n = (c1 - c0) * P, off0 = c0 * P * kTile;
+    for (int64_t c0 = g * cpg; c0 < (g + 1) * cpg; c0 += SEG) {
+      const int64_t c1 = std::min((g + 1) * cpg, c0 + SEG), n = (c1 - c0) * P, off0 = c0 * P * kTile;
       const uint8_t* wb = tp + off0;
       const int8_t* tl = row.lo + off0;
       const int8_t* th = row.hi + off0;
+      const int8_t* tlh = E == 2 ? row.lo_hb + off0 : nullptr;
+      const int8_t* thh = E == 2 ? row.hi_hb + off0 : nullptr;
       __m256i acc[NPH][2];
       for (int v = 0; v < NPH; ++v) acc[v][0] = acc[v][1] = _mm256_setzero_si256();
       int64_t i = 0;
@@ -53,16 +67,27 @@ inline void tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* tp,
           const int64_t o = (i + W * v) * kTile;
           const __m256i b = _mm256_loadu_si256((const __m256i*)(wb + o));
           prefetch_ahead(wb + o);
-          const __m256i vl = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(tl + o)), _mm256_and_si256(b, m4));
-          const __m256i vh = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(th + o)),
-                                                 _mm256_and_si256(_mm256_srli_epi16(b, 4), m4));
-          acc[v][0] = _mm256_add_epi16(acc[v][0], _mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(vl, vh)));
-          acc[v][1] = _mm256_add_epi16(acc[v][1], _mm256_maddubs_epi16(ones, _mm256_unpackhi_epi8(vl, vh)));
+          const __m256i il = _mm256_and_si256(b, m4), ih = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
+          const __m256i vl = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(tl + o)), il);
+          const __m256i vh = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(th + o)), ih);
+          if constexpr (E == 1) {
+            acc[v][0] = _mm256_add_epi16(acc[v][0], _mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(vl, vh)));
+            acc[v][1] = _mm256_add_epi16(acc[v][1], _mm256_maddubs_epi16(ones, _mm256_unpackhi_epi8(vl, vh)));
+          } else {
+            const __m256i wl = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(tlh + o)), il);
+            const __m256i wh = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(thh + o)), ih);
+            acc[v][0] = _mm256_add_epi16(acc[v][0],
+                                         _mm256_add_epi16(_mm256_unpacklo_epi8(vl, wl), _mm256_unpacklo_epi8(vh, wh)));
+            acc[v][1] = _mm256_add_epi16(acc[v][1],
+                                         _mm256_add_epi16(_mm256_unpackhi_epi8(vl, wl), _mm256_unpackhi_epi8(vh, wh)));
+          }
         }
       }
       __m128i ps[P][2];
       for (int p = 0; p < P; ++p) ps[p][0] = ps[p][1] = _mm_setzero_si128();
-      for (; i < n; ++i) unit_xmm(wb + i * kTile, tl + i * kTile, th + i * kTile, ps[i % P][0], ps[i % P][1]);
+      for (; i < n; ++i)
+        unit_xmm<E>(wb + i * kTile, tl + i * kTile, th + i * kTile, E == 2 ? tlh + i * kTile : nullptr,
+                    E == 2 ? thh + i * kTile : nullptr, ps[i % P][0], ps[i % P][1]);
       for (int v = 0; v < NPH; ++v)
         for (int h = 0; h < 2; ++h) {
           const __m128i L[W] = {_mm256_castsi256_si128(acc[v][h]), _mm256_extracti128_si256(acc[v][h], 1)};
@@ -87,8 +112,9 @@ inline void tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* tp,
   }
 }
 
-template <int P>
+template <int P, int E>
 void tiles(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1) {
+  constexpr LutKind kind = E == 2 ? LutKind::Int16 : LutKind::Int8;
   const int64_t G = w.groups(), C8 = w.kp() / 8;
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* tp = w.planes + t * C8 * P * kTile;
@@ -98,7 +124,7 @@ void tiles(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t 
     const int rows = int(std::min<int64_t>(kTile, w.N - n0));
     for (int64_t m = 0; m < M; ++m) {
       __m256 y0, y1;
-      tile_row<P>(w, i8lut_row(w, const_cast<uint8_t*>(buf), m), tp, ts, to, y0, y1);
+      tile_row<P, E>(w, i8lut_row(w, const_cast<uint8_t*>(buf), m, kind), tp, ts, to, y0, y1);
       alignas(32) float out[kTile];
       _mm256_store_ps(out, y0);
       _mm256_store_ps(out + 8, y1);
@@ -122,21 +148,25 @@ inline void chunk_table(const float* xr, int64_t K, int64_t q, __m256& lo, __m25
   lo = _mm256_sub_ps(lo, h);
 }
 
-// 16 int8 of round_half_even(lo * inv), round_half_even(hi * inv) (|.| <= 127 by construction).
-inline __m128i quantize16(__m256 lo, __m256 hi, __m256 inv) {
+// The 16 codes round_half_even(lo * inv), round_half_even(hi * inv) (|.| <= code_max by
+// construction) as bytes: their low bytes (the int8 codes themselves) and their high bytes (code >> 8).
+inline void quantize16(__m256 lo, __m256 hi, __m256 inv, __m128i& low, __m128i& high) {
   const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(lo, inv)), b = _mm256_cvtps_epi32(_mm256_mul_ps(hi, inv));
   const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), _MM_SHUFFLE(3, 1, 2, 0));
-  return _mm_packs_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
+  const __m256i lb = _mm256_and_si256(w16, _mm256_set1_epi16(255)), hb = _mm256_srai_epi16(w16, 8);
+  low = _mm_packus_epi16(_mm256_castsi256_si128(lb), _mm256_extracti128_si256(lb, 1));
+  high = _mm_packs_epi16(_mm256_castsi256_si128(hb), _mm256_extracti128_si256(hb, 1));
 }
 
 }  // namespace
 
-void build_i8luts_avx2(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1) {
+void build_i8luts_avx2(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, LutKind kind) {
   const int64_t K = w.K, G = w.groups(), g = w.group_size, P = w.P;
+  const float top = float(lut_code_max(kind));
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * K;
-    const I8LutRow row = i8lut_row(w, buf, m);
+    const I8LutRow row = i8lut_row(w, buf, m, kind);
     for (int64_t j = 0; j < G; ++j) {
       __m256 vmax = _mm256_setzero_ps(), lo, hi;
       for (int64_t q = j * g / 4; q < (j + 1) * g / 4; ++q) {
@@ -147,31 +177,45 @@ void build_i8luts_avx2(const T16Weight& w, const float* x, uint8_t* buf, int64_t
       _mm256_store_ps(mv, vmax);
       float mx = 0.0f;
       for (float v : mv) mx = std::max(mx, v);
-      const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
-      row.scale[j] = mx / 127.0f;
+      const float inv = mx > 0.0f ? top / mx : 0.0f;
+      row.scale[j] = mx / top;
       row.gsum[j] = group_sum(xr, K, j, g);
       const __m256 vinv = _mm256_set1_ps(inv);
       for (int64_t c = j * g / 8; c < (j + 1) * g / 8; ++c) {
+        __m128i tl, th, tlh, thh;
         chunk_table(xr, K, 2 * c, lo, hi);
-        const __m128i tl = quantize16(lo, hi, vinv);
+        quantize16(lo, hi, vinv, tl, tlh);
         chunk_table(xr, K, 2 * c + 1, lo, hi);
-        const __m128i th = quantize16(lo, hi, vinv);
+        quantize16(lo, hi, vinv, th, thh);
         for (int64_t p = 0; p < P; ++p) {
           _mm_storeu_si128((__m128i*)(row.lo + (c * P + p) * kTile), tl);
           _mm_storeu_si128((__m128i*)(row.hi + (c * P + p) * kTile), th);
+          if (kind == LutKind::Int16) {
+            _mm_storeu_si128((__m128i*)(row.lo_hb + (c * P + p) * kTile), tlh);
+            _mm_storeu_si128((__m128i*)(row.hi_hb + (c * P + p) * kTile), thh);
+          }
         }
       }
     }
   }
 }
 
-void gemm_tiles_i8_avx2(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1) {
+namespace {
+template <int E>
+void tiles_any_p(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1) {
   switch (w.P) {
-    case 1: return tiles<1>(w, buf, M, y, t0, t1);
-    case 2: return tiles<2>(w, buf, M, y, t0, t1);
-    case 3: return tiles<3>(w, buf, M, y, t0, t1);
-    default: return tiles<4>(w, buf, M, y, t0, t1);
+    case 1: return tiles<1, E>(w, buf, M, y, t0, t1);
+    case 2: return tiles<2, E>(w, buf, M, y, t0, t1);
+    case 3: return tiles<3, E>(w, buf, M, y, t0, t1);
+    default: return tiles<4, E>(w, buf, M, y, t0, t1);
   }
+}
+}  // namespace
+
+void gemm_tiles_i8_avx2(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1,
+                        LutKind kind) {
+  if (kind == LutKind::Int16) return tiles_any_p<2>(w, buf, M, y, t0, t1);
+  tiles_any_p<1>(w, buf, M, y, t0, t1);
 }
 
 }  // namespace cpu

@@ -28,14 +28,25 @@ namespace I8_NS {
 constexpr int gcd_c(int a, int b) { return b ? gcd_c(b, a % b) : a; }
 
 // One unit (16 rows of one byte column and plane) on xmm: a0 += rows 0..7, a1 += rows 8..15, from
-// its 16-byte low- and high-nibble tables tl, th.
-inline void unit_xmm(const uint8_t* wb, const int8_t* tl, const int8_t* th, __m128i& a0, __m128i& a1) {
+// its 16-byte low- and high-nibble tables tl, th (int16 tables: their low bytes; tlh, thh their
+// high bytes).
+template <int E>
+inline void unit_xmm(const uint8_t* wb, const int8_t* tl, const int8_t* th, const int8_t* tlh, const int8_t* thh,
+                     __m128i& a0, __m128i& a1) {
   const __m128i m4 = _mm_set1_epi8(15), ones = _mm_set1_epi8(1);
   const __m128i b = _mm_loadu_si128((const __m128i*)wb);
-  const __m128i vl = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)tl), _mm_and_si128(b, m4));
-  const __m128i vh = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)th), _mm_and_si128(_mm_srli_epi16(b, 4), m4));
-  a0 = _mm_add_epi16(a0, _mm_maddubs_epi16(ones, _mm_unpacklo_epi8(vl, vh)));
-  a1 = _mm_add_epi16(a1, _mm_maddubs_epi16(ones, _mm_unpackhi_epi8(vl, vh)));
+  const __m128i il = _mm_and_si128(b, m4), ih = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
+  const __m128i vl = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)tl), il);
+  const __m128i vh = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)th), ih);
+  if constexpr (E == 1) {
+    a0 = _mm_add_epi16(a0, _mm_maddubs_epi16(ones, _mm_unpacklo_epi8(vl, vh)));
+    a1 = _mm_add_epi16(a1, _mm_maddubs_epi16(ones, _mm_unpackhi_epi8(vl, vh)));
+  } else {  // (low byte, high byte) interleaved are the int16 codes
+    const __m128i wl = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)tlh), il);
+    const __m128i wh = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)thh), ih);
+    a0 = _mm_add_epi16(a0, _mm_add_epi16(_mm_unpacklo_epi8(vl, wl), _mm_unpacklo_epi8(vh, wh)));
+    a1 = _mm_add_epi16(a1, _mm_add_epi16(_mm_unpackhi_epi8(vl, wl), _mm_unpackhi_epi8(vh, wh)));
+  }
 }
 
 #if I8_VBMI
@@ -52,10 +63,15 @@ inline __m512i lane_base(int v) {
 }
 #endif
 
-template <int P>
+// E: bytes per table entry (1: int8 tables, 2: int16 tables; the VBMI copy is built for 1 only).
+template <int P, int E>
 inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* tp, const uint16_t* ts,
                        const uint16_t* to) {
   constexpr int W = 4, NPH = P / gcd_c(W, P);  // lanes per zmm; accumulator phases
+  constexpr int64_t SEG = E == 1 ? kI8SegmentCols : kI16SegmentCols;
+#if I8_VBMI
+  static_assert(E == 1, "the VBMI lookups read compact int8 tables only");
+#endif
   const int64_t G = w.groups(), cpg = w.group_size / 8;
   const __m512i m4 = _mm512_set1_epi8(15), ones = _mm512_set1_epi8(1);
 #if I8_VBMI
@@ -69,8 +85,8 @@ inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* t
   for (int64_t g = 0; g < G; ++g) {
     __m512i S[P];
     for (int p = 0; p < P; ++p) S[p] = _mm512_setzero_si512();
-    for (int64_t c0 = g * cpg; c0 < (g + 1) * cpg; c0 += kI8SegmentCols) {
-      const int64_t c1 = std::min((g + 1) * cpg, c0 + kI8SegmentCols), n = (c1 - c0) * P, off0 = c0 * P * kTile;
+    for (int64_t c0 = g * cpg; c0 < (g + 1) * cpg; c0 += SEG) {
+      const int64_t c1 = std::min((g + 1) * cpg, c0 + SEG), n = (c1 - c0) * P, off0 = c0 * P * kTile;
       const uint8_t* wb = tp + off0;
       __m512i acc[NPH][2];
       for (int v = 0; v < NPH; ++v) acc[v][0] = acc[v][1] = _mm512_setzero_si512();
@@ -96,12 +112,22 @@ inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* t
             vh = _mm512_permutexvar_epi8(ih, t0);
           }
 #else
-          const __m512i vl = _mm512_shuffle_epi8(_mm512_loadu_si512(row.lo + off0 + o), _mm512_and_si512(b, m4));
-          const __m512i vh =
-              _mm512_shuffle_epi8(_mm512_loadu_si512(row.hi + off0 + o), _mm512_and_si512(_mm512_srli_epi16(b, 4), m4));
+          const __m512i il = _mm512_and_si512(b, m4), ih = _mm512_and_si512(_mm512_srli_epi16(b, 4), m4);
+          const __m512i vl = _mm512_shuffle_epi8(_mm512_loadu_si512(row.lo + off0 + o), il);
+          const __m512i vh = _mm512_shuffle_epi8(_mm512_loadu_si512(row.hi + off0 + o), ih);
+          if constexpr (E == 2) {  // (low byte, high byte) interleaved are the int16 codes
+            const __m512i wl = _mm512_shuffle_epi8(_mm512_loadu_si512(row.lo_hb + off0 + o), il);
+            const __m512i wh = _mm512_shuffle_epi8(_mm512_loadu_si512(row.hi_hb + off0 + o), ih);
+            acc[v][0] = _mm512_add_epi16(acc[v][0],
+                                         _mm512_add_epi16(_mm512_unpacklo_epi8(vl, wl), _mm512_unpacklo_epi8(vh, wh)));
+            acc[v][1] = _mm512_add_epi16(acc[v][1],
+                                         _mm512_add_epi16(_mm512_unpackhi_epi8(vl, wl), _mm512_unpackhi_epi8(vh, wh)));
+          }
 #endif
-          acc[v][0] = _mm512_add_epi16(acc[v][0], _mm512_maddubs_epi16(ones, _mm512_unpacklo_epi8(vl, vh)));
-          acc[v][1] = _mm512_add_epi16(acc[v][1], _mm512_maddubs_epi16(ones, _mm512_unpackhi_epi8(vl, vh)));
+          if constexpr (E == 1) {  // pmaddubsw adds each row's low- and high-nibble codes into int16
+            acc[v][0] = _mm512_add_epi16(acc[v][0], _mm512_maddubs_epi16(ones, _mm512_unpacklo_epi8(vl, vh)));
+            acc[v][1] = _mm512_add_epi16(acc[v][1], _mm512_maddubs_epi16(ones, _mm512_unpackhi_epi8(vl, vh)));
+          }
         }
       }
       const int64_t n0_main = i;  // units done by the zmm loop; the rest (a short group's tail) on xmm
@@ -110,9 +136,11 @@ inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* t
       for (; i < n; ++i) {
 #if I8_VBMI
         const int8_t* t = row.cpt + (c0 + i / P) * 32;
-        unit_xmm(wb + i * kTile, t, t + 16, ps[i % P][0], ps[i % P][1]);
+        unit_xmm<1>(wb + i * kTile, t, t + 16, nullptr, nullptr, ps[i % P][0], ps[i % P][1]);
 #else
-        unit_xmm(wb + i * kTile, row.lo + off0 + i * kTile, row.hi + off0 + i * kTile, ps[i % P][0], ps[i % P][1]);
+        const int64_t u = off0 + i * kTile;
+        unit_xmm<E>(wb + i * kTile, row.lo + u, row.hi + u, E == 2 ? row.lo_hb + u : nullptr,
+                    E == 2 ? row.hi_hb + u : nullptr, ps[i % P][0], ps[i % P][1]);
 #endif
       }
       if constexpr (W % P != 0)
@@ -161,8 +189,9 @@ inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* t
   return y;
 }
 
-template <int P>
+template <int P, int E>
 void tiles(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1) {
+  constexpr LutKind kind = E == 2 ? LutKind::Int16 : LutKind::Int8;
   const int64_t G = w.groups(), C8 = w.kp() / 8;
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* tp = w.planes + t * C8 * P * kTile;
@@ -172,7 +201,7 @@ void tiles(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t 
     const int rows = int(std::min<int64_t>(kTile, w.N - n0));
     const __mmask16 keep = rows == kTile ? __mmask16(0xffff) : __mmask16((1u << rows) - 1);
     for (int64_t m = 0; m < M; ++m) {
-      __m512 v = tile_row<P>(w, i8lut_row(w, const_cast<uint8_t*>(buf), m), tp, ts, to);
+      __m512 v = tile_row<P, E>(w, i8lut_row(w, const_cast<uint8_t*>(buf), m, kind), tp, ts, to);
       if (w.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(keep, w.bias + n0));
       _mm512_mask_storeu_ps(y + m * w.N + n0, keep, v);
     }
@@ -197,13 +226,16 @@ inline __m512 chunk_table(const float* xr, int64_t K, int64_t q) {
 // channels: 4 KiB); a longer group computes them again in the second pass (the same bytes).
 constexpr int64_t kBuildChunks = 64;
 
+template <int E>
 inline void build_rows(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1) {
+  constexpr LutKind kind = E == 2 ? LutKind::Int16 : LutKind::Int8;
+  constexpr float top = float(lut_code_max(kind));
   const int64_t K = w.K, G = w.groups(), g = w.group_size, nq = g / 4;
   const bool keep = nq <= kBuildChunks;
   alignas(64) float kept[kBuildChunks * 16];
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * K;
-    const I8LutRow row = i8lut_row(w, buf, m);
+    const I8LutRow row = i8lut_row(w, buf, m, kind);
     for (int64_t j = 0; j < G; ++j) {
       const int64_t q0 = j * nq;
       __m512 vmax = _mm512_setzero_ps();
@@ -213,25 +245,36 @@ inline void build_rows(const T16Weight& w, const float* x, uint8_t* buf, int64_t
         vmax = _mm512_max_ps(vmax, _mm512_abs_ps(t));
       }
       const float mx = _mm512_reduce_max_ps(vmax);
-      const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
-      row.scale[j] = mx / 127.0f;
+      const float inv = mx > 0.0f ? top / mx : 0.0f;
+      row.scale[j] = mx / top;
       row.gsum[j] = group_sum(xr, K, j, g);
       const __m512 vinv = _mm512_set1_ps(inv);
-      auto code = [&](int64_t i) {  // chunk q0 + i's 16 int8 codes
+      auto code = [&](int64_t i) {  // chunk q0 + i's 16 codes, int32
         const __m512 t = keep ? _mm512_load_ps(kept + 16 * i) : chunk_table(xr, K, q0 + i);
         // vcvtps2dq rounds half to even (the default MXCSR mode), as nearbyint does in the scalar build
-        return _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(t, vinv)));
+        return _mm512_cvtps_epi32(_mm512_mul_ps(t, vinv));
       };
       for (int64_t i = 0; i < nq; i += 2) {
         const int64_t c = (q0 + i) / 2;
-        const __m128i lo = code(i), hi = code(i + 1);
+        const __m512i lo = code(i), hi = code(i + 1);
+        // vpmovdb keeps each code's low byte: the int8 code itself (|code| <= 127), or the int16 code's
+        // low byte; its high byte (code >> 8) goes to lo_hb / hi_hb
+        const __m128i lo8 = _mm512_cvtepi32_epi8(lo), hi8 = _mm512_cvtepi32_epi8(hi);
 #if I8_VBMI
-        _mm_storeu_si128((__m128i*)(row.cpt + c * 32), lo);
-        _mm_storeu_si128((__m128i*)(row.cpt + c * 32 + 16), hi);
+        _mm_storeu_si128((__m128i*)(row.cpt + c * 32), lo8);
+        _mm_storeu_si128((__m128i*)(row.cpt + c * 32 + 16), hi8);
 #else
         for (int64_t p = 0, P = w.P; p < P; ++p) {
-          _mm_storeu_si128((__m128i*)(row.lo + (c * P + p) * kTile), lo);
-          _mm_storeu_si128((__m128i*)(row.hi + (c * P + p) * kTile), hi);
+          _mm_storeu_si128((__m128i*)(row.lo + (c * P + p) * kTile), lo8);
+          _mm_storeu_si128((__m128i*)(row.hi + (c * P + p) * kTile), hi8);
+        }
+        if constexpr (E == 2) {
+          const __m128i lo_h = _mm512_cvtepi32_epi8(_mm512_srai_epi32(lo, 8));
+          const __m128i hi_h = _mm512_cvtepi32_epi8(_mm512_srai_epi32(hi, 8));
+          for (int64_t p = 0, P = w.P; p < P; ++p) {
+            _mm_storeu_si128((__m128i*)(row.lo_hb + (c * P + p) * kTile), lo_h);
+            _mm_storeu_si128((__m128i*)(row.hi_hb + (c * P + p) * kTile), hi_h);
+          }
         }
 #endif
       }
@@ -239,12 +282,13 @@ inline void build_rows(const T16Weight& w, const float* x, uint8_t* buf, int64_t
   }
 }
 
+template <int E>
 inline void gemm_rows(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1) {
   switch (w.P) {
-    case 1: return tiles<1>(w, buf, M, y, t0, t1);
-    case 2: return tiles<2>(w, buf, M, y, t0, t1);
-    case 3: return tiles<3>(w, buf, M, y, t0, t1);
-    default: return tiles<4>(w, buf, M, y, t0, t1);
+    case 1: return tiles<1, E>(w, buf, M, y, t0, t1);
+    case 2: return tiles<2, E>(w, buf, M, y, t0, t1);
+    case 3: return tiles<3, E>(w, buf, M, y, t0, t1);
+    default: return tiles<4, E>(w, buf, M, y, t0, t1);
   }
 }
 

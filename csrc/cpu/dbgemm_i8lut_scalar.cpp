@@ -8,7 +8,17 @@
 namespace dbquant {
 namespace cpu {
 
-void gemm_tiles_i8_scalar(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1) {
+// Entry i of the unit at offset u of the low- (h = 0) or high-nibble (h = 1) tables: the int8 code,
+// or the int16 code rebuilt from its low and high bytes.
+inline int32_t entry(const I8LutRow& row, int h, int64_t u, int i) {
+  const int8_t* low = h ? row.hi : row.lo;
+  if (!row.lo_hb) return low[u + i];
+  const int8_t* high = h ? row.hi_hb : row.lo_hb;
+  return int32_t(uint8_t(low[u + i])) + 256 * int32_t(high[u + i]);
+}
+
+void gemm_tiles_i8_scalar(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1,
+                          LutKind kind) {
   const int64_t G = w.groups(), C8 = w.kp() / 8, cpg = w.group_size / 8, P = w.P;
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* tp = w.planes + t * C8 * P * kTile;
@@ -17,14 +27,14 @@ void gemm_tiles_i8_scalar(const T16Weight& w, const uint8_t* buf, int64_t M, flo
     const int64_t n0 = t * kTile;
     const int rows = int(w.N - n0 < kTile ? w.N - n0 : kTile);
     for (int64_t m = 0; m < M; ++m) {
-      const I8LutRow row = i8lut_row(w, const_cast<uint8_t*>(buf), m);
+      const I8LutRow row = i8lut_row(w, const_cast<uint8_t*>(buf), m, kind);
       float acc[kTile] = {};
       for (int64_t g = 0; g < G; ++g) {
         for (int64_t p = 0; p < P; ++p) {
           int32_t S[kTile] = {};  // exact: the SIMD paths' int16 segments widen before they could overflow
           for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
             const int64_t u = (c * P + p) * kTile;
-            for (int r = 0; r < kTile; ++r) S[r] += row.lo[u + (tp[u + r] & 15)] + row.hi[u + (tp[u + r] >> 4)];
+            for (int r = 0; r < kTile; ++r) S[r] += entry(row, 0, u, tp[u + r] & 15) + entry(row, 1, u, tp[u + r] >> 4);
           }
           const uint16_t* a = ts + (g * P + p) * kTile;
           const float h = 0.5f * row.gsum[g];  // what the centred tables leave out (dbgemm_i8lut.h)

@@ -42,7 +42,7 @@ LUT_MAX_ROWS = 32
 # the codes kernel transforms every query per group, which costs more than one decode from ~4 on.
 KV_CODES_MAX_QUERIES = 4
 # The lookup tables run_cpu can be told to use (csrc/cpu/dbgemm_t16.h, dbgemm_i8lut.h).
-LUT_KINDS = ("auto", "float", "int8")
+LUT_KINDS = ("auto", "float", "int8", "int16")
 # The GEMM above LUT_MAX_ROWS rows: "fp32" (the weight dequantized to float32: exact, what `eval`
 # measures), "bf16" (weight and activations rounded to bfloat16 into torch's bf16 GEMM: fp32
 # accumulation, a bf16 result), or "auto" = bf16 where this CPU's bf16 is fast
@@ -118,10 +118,10 @@ def run_cpu(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None, isa: str =
         bias: float [N] or None.
         isa: "auto" (fastest this CPU supports; above LUT_MAX_ROWS rows, dequantize + BLAS),
             or force one lookup-table path: "avx512", "avx2" or "scalar".
-        lut: which tables: "float" (csrc/cpu/dbgemm_t16.h), "int8" (T-MAC style integer tables,
-            csrc/cpu/dbgemm_i8lut.h: not bit-identical, within that header's error bound), or
-            "auto": the integer tables for M = 1 on the ISA paths where they measured faster
-            (C++ ``default_lut``; the environment variable DBQUANT_CPU_LUT=float|int8 overrides it).
+        lut: which tables: "float" (csrc/cpu/dbgemm_t16.h), "int8" or "int16" (T-MAC style integer
+            tables with 8- or 12-bit codes, csrc/cpu/dbgemm_i8lut.h: not bit-identical, within that
+            header's error bound), or "auto": for M = 1 the tables measured best on that ISA path (C++
+            ``default_lut``; the environment variable DBQUANT_CPU_LUT=float|int8|int16 overrides it).
             Either forced value also keeps M > LUT_MAX_ROWS on the lookup-table kernel.
         gemm: the precision of the dequantize + GEMM path above LUT_MAX_ROWS rows (GEMM_DTYPES).
     Returns: [..., N] in x's dtype; differentiable in x and bias.
@@ -147,7 +147,7 @@ def run_cpu(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None, isa: str =
 
 
 def default_lut(isa: str = "auto") -> str:
-    """"float" or "int8": the tables ``run_cpu(..., lut="auto")`` and the fused decode ops use for one
+    """"float", "int8" or "int16": the tables ``run_cpu(..., lut="auto")`` and the fused decode ops use for one
     activation row on the ``isa`` path (C++ ``default_lut``: the measured table, or DBQUANT_CPU_LUT)."""
     _require()
     return torch.ops.dbquant.cpu_default_lut(isa)
@@ -167,8 +167,8 @@ def _forced(op_name: str, value: str):
 
 
 def forced_lut(kind: str):
-    """Within the block (a context manager), ``lut="auto"`` and the fused decode ops use ``kind`` ("float"
-    or "int8") tables on every ISA path (process-wide: the C++ setting that DBQUANT_CPU_LUT also sets);
+    """Within the block (a context manager), ``lut="auto"`` and the fused decode ops use ``kind`` ("float",
+    "int8" or "int16") tables on every ISA path (process-wide: the C++ setting that DBQUANT_CPU_LUT also sets);
     the previous setting comes back on exit. For tests and benchmarks."""
     return _forced("cpu_force_lut", kind)
 

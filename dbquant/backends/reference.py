@@ -268,17 +268,23 @@ def kv_attend_ref(q: torch.Tensor, kv: PackedKVLayer, n_groups: int, n_tail: int
 # ---- the integer lookup tables of csrc/cpu/dbgemm_i8lut.h (an emulation, and its error bound) ----
 
 
-def i8lut_tables_ref(x: torch.Tensor, in_features: int, group_size: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The int8 tables of csrc/cpu/dbgemm_i8lut.h, in torch.
+# The largest |code| of each integer table kind (csrc/cpu/dbgemm_i8lut.h: lut_code_max).
+LUT_CODE_MAX = {"int8": 127, "int16": 2047}
 
-    Args: x float32 [M, K]; in_features K; group_size g (a multiple of 8).
-    Returns: (t int8 [M, Kp/4, 16], scale float32 [M, G], gsum float32 [M, G]) with
+
+def i8lut_tables_ref(x: torch.Tensor, in_features: int, group_size: int, kind: str = "int8"
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The integer tables of csrc/cpu/dbgemm_i8lut.h, in torch.
+
+    Args: x float32 [M, K]; in_features K; group_size g (a multiple of 8); kind "int8" or "int16"
+        (code_max = LUT_CODE_MAX[kind]: 127 or 2047).
+    Returns: (t int16 [M, Kp/4, 16], scale float32 [M, G], gsum float32 [M, G]) with
         T[m, q, i] = (((0 + [i&1] x[4q]) + [i&2] x[4q+1]) + [i&4] x[4q+2]) + [i&8] x[4q+3],
-        the centred C = T - T[..., 15] / 2, scale = max_{q in group, i} |C| / 127,
-        t = round_half_even(C * (127 / max)) (0 for a zero group), gsum = the group's sum of x
+        the centred C = T - T[..., 15] / 2, scale = max_{q in group, i} |C| / code_max,
+        t = round_half_even(C * (code_max / max)) (0 for a zero group), gsum = the group's sum of x
         (the tables leave out gsum / 2 per plane and group). Kp = ceil(K / g) g; channels past K are 0.
     """
+    top = LUT_CODE_MAX[kind]
     m, k = x.shape
     kp = -(-k // group_size) * group_size
     xp = torch.zeros(m, kp, dtype=torch.float32)
@@ -290,24 +296,25 @@ def i8lut_tables_ref(x: torch.Tensor, in_features: int, group_size: int
         tab = tab + torch.where(bits[:, j].bool(), xs[..., j:j + 1], torch.zeros(()))
     tab = tab - tab[..., 15:] * 0.5  # centred: T[15] is the chunk's sum in the same order
     mx = tab.abs().reshape(m, kp // group_size, -1).amax(-1)  # [M, G]
-    inv = torch.where(mx > 0, torch.tensor(127.0) / mx.clamp_min(torch.finfo(torch.float32).tiny),
+    inv = torch.where(mx > 0, torch.tensor(float(top)) / mx.clamp_min(torch.finfo(torch.float32).tiny),
                       torch.zeros(()))
     inv_q = inv.repeat_interleave(group_size // 4, dim=1)[..., None]
-    t = torch.round(tab * inv_q).to(torch.int8)
+    t = torch.round(tab * inv_q).to(torch.int16)
     gsum = xp.reshape(m, kp // group_size, group_size).sum(-1)
-    return t, mx / 127.0, gsum
+    return t, mx / float(top), gsum
 
 
 def dbgemm_i8lut_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                      offset: torch.Tensor | None, bias: torch.Tensor | None, in_features: int,
-                     group_size: int) -> torch.Tensor:
-    """What the integer-table kernel computes (dbgemm_ref's signature; x float32 [M, K]):
+                     group_size: int, kind: str = "int8") -> torch.Tensor:
+    """What the integer-table kernel computes with ``kind`` tables ("int8" or "int16"; otherwise
+    dbgemm_ref's signature; x float32 [M, K]):
     y[m, n] = sum_j (sum_p alpha[n, j, p] (S[m, p, n, j] scale[m, j] + gsum[m, j] / 2)
                      + beta[n, j] gsum[m, j]) + bias[n]
     with S the exact integer sum of the centred tables t looked up by the weight's 4-bit indices
     (i8lut_tables_ref). Equal to the kernel up to float32 summation order. Returns float32 [M, N]."""
     check_packed("dbgemm_i8lut_ref", qweight, scales, offset, bias, in_features, group_size)
-    t, sc, gsum = i8lut_tables_ref(x, in_features, group_size)
+    t, sc, gsum = i8lut_tables_ref(x, in_features, group_size, kind)
     p, n, c8 = qweight.shape
     q = 2 * c8
     nib = torch.stack([qweight & 15, qweight >> 4], dim=-1).reshape(p, n, q).long()  # chunk 2c: low nibble
@@ -323,11 +330,12 @@ def dbgemm_i8lut_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     return y.float()
 
 
-def i8lut_error_bound(x: torch.Tensor, scales: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+def i8lut_error_bound(x: torch.Tensor, scales: torch.Tensor, in_features: int, group_size: int,
+                      kind: str = "int8") -> torch.Tensor:
     """The header's bound on |y_i8lut - y_ref| before float32 rounding (csrc/cpu/dbgemm_i8lut.h):
-    sum_j (scale[m, j] / 2) (g / 4) sum_p |alpha[n, j, p]|. x float32 [M, K], scales [N, G, k];
-    returns float32 [M, N]."""
-    _, sc, _ = i8lut_tables_ref(x, in_features, group_size)
+    sum_j (scale[m, j] / 2) (g / 4) sum_p |alpha[n, j, p]|, scale that of ``kind`` tables. x float32
+    [M, K], scales [N, G, k]; returns float32 [M, N]."""
+    _, sc, _ = i8lut_tables_ref(x, in_features, group_size, kind)
     return (sc / 2 * (group_size / 4)) @ scales.float().abs().sum(-1).T
 
 

@@ -6,7 +6,8 @@ thread count and mode, the time of ``y = x @ W.T`` with
   bf16  torch dense bfloat16 weight and activations
   ref   dbquant's pure-PyTorch reference (dequantize + matmul on every call: the oracle)
   cpu   dbquant's C++ kernel on the load-time repacked weight (``dbquant.backends.cpu``), float tables
-  cpu-i8lut  the same kernel layout with the integer (T-MAC style) tables (``run_cpu(lut="int8")``)
+  cpu-i8lut, cpu-i16lut  the same kernel layout with the integer (T-MAC style) tables of 8- or 12-bit
+        codes (``run_cpu(lut="int8" | "int16")``)
   cpu-gemm, cpu-gemm-bf16  the prefill path: the weight dequantized (transposed) on every call, then
         one torch GEMM in float32 or bfloat16 (``cpu_backend.dense_gemm``)
 Modes: ``cache`` reuses one weight (resident in cache when it fits); ``stream`` cycles through
@@ -54,8 +55,8 @@ from .machine import environment, stream_set_bytes
 
 SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 LLAMA7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
-BACKENDS = ("fp32", "bf16", "ref", "cpu", "cpu-i8lut", "cpu-gemm", "cpu-gemm-bf16")
-NATIVE = {"cpu": "float", "cpu-i8lut": "int8"}  # backend -> run_cpu's lut
+BACKENDS = ("fp32", "bf16", "ref", "cpu", "cpu-i8lut", "cpu-i16lut", "cpu-gemm", "cpu-gemm-bf16")
+NATIVE = {"cpu": "float", "cpu-i8lut": "int8", "cpu-i16lut": "int16"}  # backend -> run_cpu's lut
 GEMM = {"cpu-gemm": "fp32", "cpu-gemm-bf16": "bf16"}  # backend -> dense_gemm's precision
 MAX_COPIES = 1 << 16  # bounds the Python objects for a tiny weight (rows say when it bound the set)
 READ_CHUNK = 16 << 20  # bytes per timed call of the read kernel (a 4096x4096 fp32 weight is 64 MiB)

@@ -128,19 +128,21 @@ def cpu_model_and_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, list[str]]
 
 def environment() -> dict:
     """Machine facts stored with every result file: torch version, CPU model, vendor and family, cores,
-    ISA flags, dbquant's built kernel paths (``isas``, fastest first), whether bf16 GEMMs count as fast
-    here (``fast_bf16``: backends/cpuinfo.py), cache sizes (bytes), load average, time."""
-    isas = []
+    ISA flags, dbquant's built kernel paths (``isas``, fastest first) and the decode GEMV's tables on the
+    fastest (``default_lut``: float, int8 or int16, DBQUANT_CPU_LUT included), whether bf16 GEMMs count as
+    fast here (``fast_bf16``: backends/cpuinfo.py), cache sizes (bytes), load average, time."""
+    isas, lut = [], None
     try:
         if cpu_backend.load_cpu():
             isas = list(torch.ops.dbquant.cpu_isas())
+            lut = cpu_backend.default_lut()
     except Exception:  # noqa: BLE001 - informational only
         pass
     model, flags = cpu_model_and_flags()
     caches = cache_sizes()
     info = cpu_info()
     return dict(torch=torch.__version__, cpu=model, cpu_vendor=info["vendor"], cpu_family=info["family"],
-                cores=os.cpu_count(), isa_flags=flags, isas=isas, fast_bf16=fast_bf16_cpu(),
+                cores=os.cpu_count(), isa_flags=flags, isas=isas, default_lut=lut, fast_bf16=fast_bf16_cpu(),
                 l1d_bytes=caches["l1d"], l2_bytes=caches["l2"], l3_bytes=caches["l3"], cache_source=caches["source"],
                 mem_available=mem_available(),
                 loadavg=os.getloadavg() if hasattr(os, "getloadavg") else None,
