@@ -8,7 +8,8 @@ see how far a greedy answer follows the tables' error:
 * ``exact``: no rounding (``reference.dbgemm_ref``; the float-table kernel agrees with it to float32
   rounding);
 * ``i{B}g{C}``: centred tables rounded to B-bit codes (step = max |C| / (2^(B-1) - 1)) with one step
-  per C channels; ``i8g64`` is the kernel's own rounding on a g = 64 checkpoint;
+  per C channels; ``i8g64`` and ``i12g64`` are the kernel's own int8 and int16 tables (codes of 127 and
+  2047) on a g = 64 checkpoint;
 * ``i{B}g{C}o{N}``: the same, with each row's N largest-|x| channels left out of the tables and added
   exactly (outliers decide the step of their group).
 
@@ -109,8 +110,9 @@ def ref_dbgemm(fn):
 
 
 def check_emulation(model) -> float:
-    """The emulation of the kernel's own tables against ``reference.dbgemm_i8lut_ref`` on the first packed
-    linear, with an outlier channel: the largest |difference| relative to max |y| (float32 rounding only)."""
+    """The emulation of the kernel's own tables (int8: 8-bit codes, int16: 12-bit) against
+    ``reference.dbgemm_i8lut_ref`` on the first packed linear, with an outlier channel: the largest
+    |difference| relative to max |y| (float32 rounding only)."""
     from dbquant.backends import reference
     from dbquant.model.modules import PackedLinear
 
@@ -118,9 +120,12 @@ def check_emulation(model) -> float:
     x = torch.randn(1, lin.in_features, generator=torch.Generator().manual_seed(0)) * 3
     x[0, 7] = 80.0
     args = (lin.qweight, lin.float_scales(), lin.offset, lin.bias, lin.in_features, lin.group_size)
-    want = reference.dbgemm_i8lut_ref(x, *args)
-    got = emulated_dbgemm(8, None, 0)(x, *args)
-    return float((got - want).abs().max() / want.abs().max())
+    worst = 0.0
+    for kind, bits in (("int8", 8), ("int16", 12)):
+        want = reference.dbgemm_i8lut_ref(x, *args, kind)
+        got = emulated_dbgemm(bits, None, 0)(x, *args)
+        worst = max(worst, float((got - want).abs().max() / want.abs().max()))
+    return worst
 
 
 def teacher_forced(model, seq: torch.Tensor, prompt_len: int) -> torch.Tensor:
@@ -160,7 +165,7 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(a.checkpoint)
     rel = check_emulation(model)
     if rel > 1e-4:
-        raise SystemExit(f"the emulation of the int8 tables is off by {rel:.2e} (relative): fix it before trusting it")
+        raise SystemExit(f"the emulation of the integer tables is off by {rel:.2e} (relative): fix it first")
     opts = GenerateOptions(prompt=a.prompt, max_new_tokens=a.max_new_tokens, backend="ref")
     ids, _ = build_prompt(model, tok, opts, a.checkpoint)
     with ref_dbgemm(kernels.get("exact", variant_kernel("exact"))):
