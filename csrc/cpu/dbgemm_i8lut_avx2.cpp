@@ -11,6 +11,7 @@
 #include <algorithm>
 
 #include "dbgemm_i8lut.h"
+#include "dbgemm_i8lut_unit.h"
 #include "prefetch.h"
 
 namespace dbquant {
@@ -19,26 +20,6 @@ namespace cpu {
 namespace {
 
 constexpr int gcd_c(int a, int b) { return b ? gcd_c(b, a % b) : a; }
-
-// One unit on xmm (E = 2: int16 tables, whose high bytes tlh, thh are looked up too).
-template <int E>
-inline void unit_xmm(const uint8_t* wb, const int8_t* tl, const int8_t* th, const int8_t* tlh, const int8_t* thh,
-                     __m128i& a0, __m128i& a1) {
-  const __m128i m4 = _mm_set1_epi8(15), ones = _mm_set1_epi8(1);
-  const __m128i b = _mm_loadu_si128((const __m128i*)wb);
-  const __m128i il = _mm_and_si128(b, m4), ih = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
-  const __m128i vl = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)tl), il);
-  const __m128i vh = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)th), ih);
-  if constexpr (E == 1) {
-    a0 = _mm_add_epi16(a0, _mm_maddubs_epi16(ones, _mm_unpacklo_epi8(vl, vh)));
-    a1 = _mm_add_epi16(a1, _mm_maddubs_epi16(ones, _mm_unpackhi_epi8(vl, vh)));
-  } else {  // (low byte, high byte) interleaved are the int16 codes
-    const __m128i wl = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)tlh), il);
-    const __m128i wh = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)thh), ih);
-    a0 = _mm_add_epi16(a0, _mm_add_epi16(_mm_unpacklo_epi8(vl, wl), _mm_unpacklo_epi8(vh, wh)));
-    a1 = _mm_add_epi16(a1, _mm_add_epi16(_mm_unpackhi_epi8(vl, wl), _mm_unpackhi_epi8(vh, wh)));
-  }
-}
 
 // y (rows 0..7 in y0, 8..15 in y1) of one tile and activation row; E bytes per table entry.
 template <int P, int E>
