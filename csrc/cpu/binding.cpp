@@ -231,8 +231,9 @@ at::Tensor dbgemm_cpu(const at::Tensor& x, const at::Tensor& planes, const at::T
               in_features, "] (in_features), got shape ", x.sizes());
   if (bias) check_shape(*bias, "bias", {out_features});
   const Isa isa = parse_isa(isa_arg);
-  TORCH_CHECK(lut_arg == "auto" || lut_arg == "float" || lut_arg == "int8" || lut_arg == "int16",
-              "dbgemm_cpu: unknown lut '", lut_arg, "'; use auto, float, int8 or int16");
+  LutKind kind = LutKind::Float;
+  TORCH_CHECK(lut_arg == "auto" || dbquant::cpu::parse_lut(lut_arg.c_str(), kind), "dbgemm_cpu: unknown lut '",
+              lut_arg, "'; use auto, float, int8 or int16");
   w.bias = bias ? bias->data_ptr<float>() : nullptr;
   const int64_t T = w.tiles(), G = w.groups(), C8 = w.kp() / 8;
 
@@ -240,10 +241,7 @@ at::Tensor dbgemm_cpu(const at::Tensor& x, const at::Tensor& planes, const at::T
   at::Tensor y = at::empty({M, out_features}, x.options());
   if (M == 0) return y;
   // auto: the integer tables only for the decode GEMV (M = 1), where they were measured
-  const LutKind kind = lut_arg == "int8"    ? LutKind::Int8
-                       : lut_arg == "int16" ? LutKind::Int16
-                       : lut_arg == "auto" && M == 1 ? dbquant::cpu::default_lut(isa)
-                                                     : LutKind::Float;
+  if (lut_arg == "auto" && M == 1) kind = dbquant::cpu::default_lut(isa);
   if (kind != LutKind::Float) {
     dbgemm_i8(x, w, isa, kind, y);
     recompute_nonfinite_rows(x, w, y);
@@ -1034,13 +1032,11 @@ void decode_step_kv_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeStac
   st.apply_final_norm(xp);
 }
 
-namespace {
-const char* lut_name(LutKind k) { return k == LutKind::Int16 ? "int16" : k == LutKind::Int8 ? "int8" : "float"; }
-}  // namespace
-
 // "float", "int8" or "int16": the tables lut="auto" uses for the decode GEMV on an ISA path
 // (dbgemm_i8lut.h).
-std::string cpu_default_lut(const std::string& isa) { return lut_name(dbquant::cpu::default_lut(parse_isa(isa))); }
+std::string cpu_default_lut(const std::string& isa) {
+  return dbquant::cpu::lut_name(dbquant::cpu::default_lut(parse_isa(isa)));
+}
 
 // Force the ISA path "auto" runs ("avx512", "avx2", "scalar" where this CPU has it, or "auto": the fastest
 // again), process-wide, the decode-step ops included; returns the previous setting. For tests and benchmarks.
@@ -1052,13 +1048,11 @@ std::string cpu_force_isa(const std::string& isa) {
 // Force the tables lut="auto" and the decode ops use ("float", "int8", "int16", or "auto": the
 // measured choice again), process-wide; returns the previous setting. For tests and benchmarks.
 std::string cpu_force_lut(const std::string& kind) {
-  TORCH_CHECK(kind == "auto" || kind == "float" || kind == "int8" || kind == "int16", "cpu_force_lut: unknown lut '",
-              kind, "'; use auto, float, int8 or int16");
-  const int prev = dbquant::cpu::force_lut(kind == "auto"    ? -1
-                                           : kind == "int8"  ? int(LutKind::Int8)
-                                           : kind == "int16" ? int(LutKind::Int16)
-                                                             : int(LutKind::Float));
-  return prev < 0 ? "auto" : lut_name(LutKind(prev));
+  LutKind k = LutKind::Float;
+  TORCH_CHECK(kind == "auto" || dbquant::cpu::parse_lut(kind.c_str(), k), "cpu_force_lut: unknown lut '", kind,
+              "'; use auto, float, int8 or int16");
+  const int prev = dbquant::cpu::force_lut(kind == "auto" ? -1 : int(k));
+  return prev < 0 ? "auto" : dbquant::cpu::lut_name(LutKind(prev));
 }
 
 // The AVX-512 integer-table lookups: "vbmi" (vpermb / vpermi2b, compact tables) or "bw" (vpshufb, the

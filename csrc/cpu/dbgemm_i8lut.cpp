@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 
 namespace dbquant {
 namespace cpu {
@@ -54,6 +55,17 @@ constexpr LutKind kI8LutDefault[3] = {
 };
 
 }  // namespace
+
+const char* lut_name(LutKind k) { return k == LutKind::Int16 ? "int16" : k == LutKind::Int8 ? "int8" : "float"; }
+
+bool parse_lut(const char* name, LutKind& kind) {
+  for (LutKind k : {LutKind::Float, LutKind::Int8, LutKind::Int16})
+    if (std::strcmp(name, lut_name(k)) == 0) {
+      kind = k;
+      return true;
+    }
+  return false;
+}
 
 float group_sum(const float* xr, int64_t K, int64_t j, int64_t g) {
   // chunk by chunk: the chunk sums are independent, so the dependent adds are g / 4, not g
@@ -153,10 +165,8 @@ namespace {
 std::atomic<int>& lut_override() {
   static std::atomic<int> v{[] {
     const char* e = std::getenv("DBQUANT_CPU_LUT");
-    if (e && std::strcmp(e, "int8") == 0) return int(LutKind::Int8);
-    if (e && std::strcmp(e, "int16") == 0) return int(LutKind::Int16);
-    if (e && std::strcmp(e, "float") == 0) return int(LutKind::Float);
-    return -1;
+    LutKind k;
+    return e && parse_lut(e, k) ? int(k) : -1;
   }()};
   return v;
 }

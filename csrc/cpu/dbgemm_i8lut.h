@@ -85,6 +85,14 @@ namespace cpu {
 // Which table the decode GEMV uses (dbgemm_t16.h's float tables, or the integer ones above).
 enum class LutKind : int { Float = 0, Int8 = 1, Int16 = 2 };
 
+// "float", "int8" or "int16": the names DBQUANT_CPU_LUT and the binding's lut arguments use.
+const char* lut_name(LutKind k);
+// The kind named `name` into `kind`; false (kind untouched) for any other name, "auto" included.
+bool parse_lut(const char* name, LutKind& kind);
+
+// The integer kind whose codes take `entry_bytes` bytes (1: int8, 2: int16): the kernels' template
+// parameter E.
+constexpr LutKind lut_kind_for(int entry_bytes) { return entry_bytes == 2 ? LutKind::Int16 : LutKind::Int8; }
 // The largest |code| of an integer table kind: the step is s_j = m_j / code_max.
 constexpr int lut_code_max(LutKind k) { return k == LutKind::Int16 ? 2047 : 127; }
 // Byte columns per int16 accumulation segment (see the overflow arguments above): a plane's
@@ -106,16 +114,16 @@ struct I8LutRow {
 
 // Bytes of one activation row's tables of `kind` (Int8 or Int16; a multiple of 64, so rows stay
 // 64-byte aligned).
-int64_t i8lut_row_bytes(const T16Weight& w, LutKind kind = LutKind::Int8);
+int64_t i8lut_row_bytes(const T16Weight& w, LutKind kind);
 // The views of row m inside buf (buf: m rows of i8lut_row_bytes(w, kind) bytes).
-I8LutRow i8lut_row(const T16Weight& w, uint8_t* buf, int64_t m, LutKind kind = LutKind::Int8);
+I8LutRow i8lut_row(const T16Weight& w, uint8_t* buf, int64_t m, LutKind kind);
 
 // Tables of activation rows [m0, m1) of x (float32 [M, K], row stride K) into buf. Every path
 // performs the same float operations (the adds in the order above, an exact max, one multiply,
 // round half to even), so the tables are the same bytes whichever path built them.
 // kind: Int8 or Int16 (the int16 tables never take the VBMI lookups).
 void build_i8luts(Isa isa, const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1,
-                  LutKind kind = LutKind::Int8);
+                  LutKind kind);
 void build_i8luts_scalar(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, LutKind kind);
 void build_i8luts_avx2(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, LutKind kind);
 void build_i8luts_avx512(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, LutKind kind);
@@ -124,7 +132,7 @@ void build_i8luts_avx512vbmi(const T16Weight& w, const float* x, uint8_t* buf, i
 // y[m, n] (float32 [M, N]) for all M rows and the output rows of tiles [t0, t1), from the tables
 // in buf. Tiles are independent: callers run disjoint ranges in parallel.
 void gemm_tiles_i8(Isa isa, const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0,
-                   int64_t t1, LutKind kind = LutKind::Int8);
+                   int64_t t1, LutKind kind);
 
 void gemm_tiles_i8_scalar(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1,
                           LutKind kind);
@@ -164,7 +172,7 @@ inline float chunk_centre(const float* xr, int64_t K, int64_t q) { return 0.5f *
 // use), or later by force_lut.
 LutKind default_lut(Isa isa);
 // Force kind (int(LutKind)), or -1 to go back to the measured choice, for the whole process;
-// returns the previous setting (-1, 0 or 1). For tests and benchmarks.
+// returns the previous setting (-1 or int(LutKind)). For tests and benchmarks.
 int force_lut(int kind);
 
 }  // namespace cpu

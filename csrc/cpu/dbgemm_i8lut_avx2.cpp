@@ -26,7 +26,7 @@ template <int P, int E>
 inline void tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* tp, const uint16_t* ts,
                      const uint16_t* to, __m256& y0, __m256& y1) {
   constexpr int W = 2, NPH = P / gcd_c(W, P);
-  constexpr int64_t SEG = E == 1 ? kI8SegmentCols : kI16SegmentCols;
+  constexpr int64_t SEG = lut_segment_cols(lut_kind_for(E));
   const int64_t G = w.groups(), cpg = w.group_size / 8;
   const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi8(1);
   y0 = y1 = _mm256_setzero_ps();
@@ -95,7 +95,7 @@ inline void tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* tp,
 
 template <int P, int E>
 void tiles(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1) {
-  constexpr LutKind kind = E == 2 ? LutKind::Int16 : LutKind::Int8;
+  constexpr LutKind kind = lut_kind_for(E);
   const int64_t G = w.groups(), C8 = w.kp() / 8;
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* tp = w.planes + t * C8 * P * kTile;
@@ -183,7 +183,7 @@ void build_i8luts_avx2(const T16Weight& w, const float* x, uint8_t* buf, int64_t
 
 namespace {
 template <int E>
-void tiles_any_p(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1) {
+void gemm_rows(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1) {
   switch (w.P) {
     case 1: return tiles<1, E>(w, buf, M, y, t0, t1);
     case 2: return tiles<2, E>(w, buf, M, y, t0, t1);
@@ -195,8 +195,8 @@ void tiles_any_p(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, in
 
 void gemm_tiles_i8_avx2(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1,
                         LutKind kind) {
-  if (kind == LutKind::Int16) return tiles_any_p<2>(w, buf, M, y, t0, t1);
-  tiles_any_p<1>(w, buf, M, y, t0, t1);
+  if (kind == LutKind::Int16) return gemm_rows<2>(w, buf, M, y, t0, t1);
+  gemm_rows<1>(w, buf, M, y, t0, t1);
 }
 
 }  // namespace cpu

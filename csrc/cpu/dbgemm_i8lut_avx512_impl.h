@@ -47,7 +47,7 @@ template <int P, int E>
 inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* tp, const uint16_t* ts,
                        const uint16_t* to) {
   constexpr int W = 4, NPH = P / gcd_c(W, P);  // lanes per zmm; accumulator phases
-  constexpr int64_t SEG = E == 1 ? kI8SegmentCols : kI16SegmentCols;
+  constexpr int64_t SEG = lut_segment_cols(lut_kind_for(E));
 #if I8_VBMI
   static_assert(E == 1, "the VBMI lookups read compact int8 tables only");
 #endif
@@ -170,7 +170,7 @@ inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* t
 
 template <int P, int E>
 void tiles(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1) {
-  constexpr LutKind kind = E == 2 ? LutKind::Int16 : LutKind::Int8;
+  constexpr LutKind kind = lut_kind_for(E);
   const int64_t G = w.groups(), C8 = w.kp() / 8;
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* tp = w.planes + t * C8 * P * kTile;
@@ -207,7 +207,7 @@ constexpr int64_t kBuildChunks = 64;
 
 template <int E>
 inline void build_rows(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1) {
-  constexpr LutKind kind = E == 2 ? LutKind::Int16 : LutKind::Int8;
+  constexpr LutKind kind = lut_kind_for(E);
   constexpr float top = float(lut_code_max(kind));
   const int64_t K = w.K, G = w.groups(), g = w.group_size, nq = g / 4;
   const bool keep = nq <= kBuildChunks;
