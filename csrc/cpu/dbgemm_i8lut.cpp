@@ -1,5 +1,5 @@
-// The integer lookup-table kernel's shared parts (dbgemm_i8lut.h): table layout and build (one
-// portable implementation, so every ISA path reads the same bytes), the run-time ISA dispatch,
+// The integer lookup-table kernel's shared parts (dbgemm_i8lut.h): table layout and the portable
+// build (the scalar path's; the SIMD builds write the same codes), the run-time ISA dispatch,
 // and the measured default choice between the float and the integer tables.
 
 #include "dbgemm_i8lut.h"
@@ -75,7 +75,7 @@ float group_sum(const float* xr, int64_t K, int64_t j, int64_t g) {
 }
 
 int64_t i8lut_row_bytes(const T16Weight& w, LutKind kind) {
-  // expanded (lo, hi [, lo_hb, hi_hb]) or compact tables (+ 64 bytes: a VBMI zmm may read one column
+  // expanded (lo, hi [, lo2, hi2]) or compact tables (+ 64 bytes: a VBMI zmm may read one column
   // past the end)
   const int64_t c8 = w.kp() / 8, bytes = kind == LutKind::Int16 ? 2 : 1;
   return round_up64(2 * w.groups() * int64_t(sizeof(float))) +
@@ -91,8 +91,8 @@ I8LutRow i8lut_row(const T16Weight& w, uint8_t* buf, int64_t m, LutKind kind) {
   r.lo = reinterpret_cast<int8_t*>(base + round_up64(2 * G * int64_t(sizeof(float))));
   r.hi = r.lo + units * 16;
   r.cpt = r.lo;
-  r.lo_hb = kind == LutKind::Int16 ? r.hi + units * 16 : nullptr;
-  r.hi_hb = kind == LutKind::Int16 ? r.lo_hb + units * 16 : nullptr;
+  r.lo2 = kind == LutKind::Int16 ? r.hi + units * 16 : nullptr;
+  r.hi2 = kind == LutKind::Int16 ? r.lo2 + units * 16 : nullptr;
   return r;
 }
 
@@ -113,24 +113,25 @@ void build_i8luts_scalar(const T16Weight& w, const float* x, uint8_t* buf, int64
       const float inv = mx > 0.0f ? top / mx : 0.0f;
       row.scale[j] = mx / top;
       row.gsum[j] = group_sum(xr, K, j, g);
-      // pass 2: round, and write each byte column's (lo, hi) tables once per plane (int16: their
-      // low bytes there, their high bytes in (lo_hb, hi_hb))
+      // pass 2: round, and write each byte column's (lo, hi) tables once per plane (int16: the
+      // codes' top parts there, their rem parts in (lo2, hi2): I16Split::TopRem, as the scalar reads them)
+      const bool split = kind == LutKind::Int16;
       for (int64_t c = j * g / 8; c < (j + 1) * g / 8; ++c) {
-        int8_t low[2][16], high[2][16];
+        int8_t top[2][16], rem[2][16];
         for (int h = 0; h < 2; ++h) {
           centred_table(xr, K, 2 * c + h, t);
           for (int i = 0; i < 16; ++i) {
             const int code = int(std::nearbyint(t[i] * inv));
-            low[h][i] = int8_t(code & 255);  // the code itself for int8 tables (|code| <= 127)
-            high[h][i] = int8_t(code >> 8);
+            top[h][i] = int8_t(split ? code >> 4 : code);  // >> is arithmetic: floor(code / 16)
+            rem[h][i] = int8_t(code & 15);
           }
         }
         for (int64_t p = 0; p < P; ++p) {
-          std::memcpy(row.lo + (c * P + p) * 16, low[0], 16);
-          std::memcpy(row.hi + (c * P + p) * 16, low[1], 16);
-          if (kind == LutKind::Int16) {
-            std::memcpy(row.lo_hb + (c * P + p) * 16, high[0], 16);
-            std::memcpy(row.hi_hb + (c * P + p) * 16, high[1], 16);
+          std::memcpy(row.lo + (c * P + p) * 16, top[0], 16);
+          std::memcpy(row.hi + (c * P + p) * 16, top[1], 16);
+          if (split) {
+            std::memcpy(row.lo2 + (c * P + p) * 16, rem[0], 16);
+            std::memcpy(row.hi2 + (c * P + p) * 16, rem[1], 16);
           }
         }
       }

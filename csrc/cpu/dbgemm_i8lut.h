@@ -60,14 +60,23 @@
 // so the step, and with it the error bound above, is 16x smaller (the 127 of the bound becomes
 // 2047). The reason is greedy text: int8 tables move SmolLM2's logits by ~0.15 rms, enough to flip
 // a near-tie pick; 12-bit codes move them by ~0.01 (docs/RESULTS.md, "int16 tables"). Each code is
-// stored as two byte tables in the int8 layout: lo / hi hold its low byte (t & 255) and lo_hb /
-// hi_hb its high byte (t >> 8), 4 Kp P bytes of tables per row. The lookup is the int8 one done
-// twice, on the low and on the high bytes; interleaving the two results (punpcklbw / punpckhbw of
-// low, high) rebuilds the int16 codes lane for lane (little-endian), and the low- and high-nibble
-// codes of a row add into its int16 accumulator. Segments are kI16SegmentCols = 8 columns: per
-// plane and row at most 16 codes, 16 * 2047 = 32752 < 2^15. Everything after the int32 sums S_pj is
-// the int8 tables' code, and the same integers and floats on every path (scalar, AVX2, AVX-512
-// without the VBMI lookups).
+// held in two byte tables in the int8 layout, (lo, hi) and (lo2, hi2) (4 Kp P bytes of tables per
+// row), split in one of two ways (I16Split), each path building and reading its own:
+//   Bytes  (AVX-512): lo = t & 255, lo2 = t >> 8. The int8 lookup is done on both and the two results
+//          interleaved (punpcklbw / punpckhbw of low, high), which rebuilds the int16 codes lane for
+//          lane (little-endian); a row's low- and high-nibble codes add into its int16 accumulator.
+//   TopRem (AVX2, scalar): lo = t >> 4 (arithmetic: -128..127), lo2 = t & 15 (0..15), t = 16 lo + lo2.
+//          The top parts are looked up and summed exactly as int8 codes (pmaddubsw into int16); the rem
+//          lookups add in uint8 lanes with no widening (a lane sees at most 16 lookups per segment:
+//          16 * 15 = 240 < 2^8), and at the end of each segment a row's sum is rebuilt as 16 TOP + REM
+//          (REM widened by punpck with zero): one punpck per 32 lookups instead of two per lookup.
+//          16 TOP >= 16 * 16 * -128 = -2^15 is representable.
+// Measured per path (docs/RESULTS.md): TopRem is ~8% faster than Bytes on the AVX2 path of an AMD Zen 3;
+// an equivalent 6-shuffle scheme measured 3-6% slower than Bytes on the AVX-512 path of a Zen 4.
+// Segments are kI16SegmentCols = 8 columns: per plane and row at most 16 codes, 16 * 2047 = 32752 < 2^15.
+// Everything after the int32 sums S_pj is the int8 tables' code, and the codes, integers and floats are
+// the same on every path (scalar, AVX2, AVX-512 without the VBMI lookups); only the split of the bytes
+// differs.
 //
 // Padded channels (k >= K) have x = 0, so their table entries are 0 whatever the bits are.
 // NaN / Inf activations: the binding recomputes such rows densely, as for the float path.
@@ -96,10 +105,14 @@ constexpr LutKind lut_kind_for(int entry_bytes) { return entry_bytes == 2 ? LutK
 // The largest |code| of an integer table kind: the step is s_j = m_j / code_max.
 constexpr int lut_code_max(LutKind k) { return k == LutKind::Int16 ? 2047 : 127; }
 // Byte columns per int16 accumulation segment (see the overflow arguments above): a plane's
-// int16 sum over a segment adds 2 entries per column, so 2 cols code_max < 2^15.
+// int16 sum over a segment adds 2 entries per column, so 2 cols code_max < 2^15 (and for int16,
+// 2 cols 15 < 2^8: the uint8 rem lanes).
 constexpr int64_t kI8SegmentCols = 128;
 constexpr int64_t kI16SegmentCols = 8;
 constexpr int64_t lut_segment_cols(LutKind k) { return k == LutKind::Int16 ? kI16SegmentCols : kI8SegmentCols; }
+
+// How a path splits each int16 code over its two byte tables (see "int16 tables" above).
+enum class I16Split : int { Bytes, TopRem };
 
 // Byte offsets of one activation row's integer tables inside its buffer of i8lut_row_bytes(w).
 struct I8LutRow {
@@ -108,8 +121,8 @@ struct I8LutRow {
   int8_t* lo;    // [C8, P, 16] low-nibble tables, expanded to the weight's byte order
   int8_t* hi;    // [C8, P, 16] high-nibble tables
   int8_t* cpt;   // [C8, 2, 16] compact tables (the VBMI path only; shares lo's bytes)
-  int8_t* lo_hb; // [C8, P, 16] int16 tables only (else nullptr): the codes' high bytes; lo, hi hold
-  int8_t* hi_hb; //              their low bytes (two's complement: code = (uint8)lo | hb << 8)
+  int8_t* lo2;   // [C8, P, 16] int16 tables only (else nullptr): the codes' second byte tables; which
+  int8_t* hi2;   //              part of a code lo / hi and lo2 / hi2 hold is the path's I16Split
 };
 
 // Bytes of one activation row's tables of `kind` (Int8 or Int16; a multiple of 64, so rows stay
@@ -120,7 +133,8 @@ I8LutRow i8lut_row(const T16Weight& w, uint8_t* buf, int64_t m, LutKind kind);
 
 // Tables of activation rows [m0, m1) of x (float32 [M, K], row stride K) into buf. Every path
 // performs the same float operations (the adds in the order above, an exact max, one multiply,
-// round half to even), so the tables are the same bytes whichever path built them.
+// round half to even), so the tables hold the same codes whichever path built them (int16 codes
+// split as that path's I16Split; a path's lookups read only tables its own build wrote).
 // kind: Int8 or Int16 (the int16 tables never take the VBMI lookups).
 void build_i8luts(Isa isa, const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1,
                   LutKind kind);

@@ -2,6 +2,7 @@
 // AVX-512 path's scheme (dbgemm_i8lut_avx512.cpp) with 2 units per ymm (vpshufb looks up within
 // each 128-bit lane, which is exactly one unit's 16-byte table). Unit i of a segment belongs to
 // plane i % P, so with P = 3 or 4 the plane of a lane depends on the ymm's phase v mod P / 2.
+// int16 tables are split TopRem here (dbgemm_i8lut.h, "int16 tables": measured faster on this path).
 // Compiled for AVX2 + FMA + F16C by the pragma below; only called after a run-time check.
 
 #pragma GCC target("avx2,fma,f16c")
@@ -38,10 +39,10 @@ inline void tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* tp,
       const uint8_t* wb = tp + off0;
       const int8_t* tl = row.lo + off0;
       const int8_t* th = row.hi + off0;
-      const int8_t* tlh = E == 2 ? row.lo_hb + off0 : nullptr;
-      const int8_t* thh = E == 2 ? row.hi_hb + off0 : nullptr;
-      __m256i acc[NPH][2];
-      for (int v = 0; v < NPH; ++v) acc[v][0] = acc[v][1] = _mm256_setzero_si256();
+      const int8_t* rl = E == 2 ? row.lo2 + off0 : nullptr;
+      const int8_t* rh = E == 2 ? row.hi2 + off0 : nullptr;
+      __m256i acc[NPH][2], rem[NPH];  // int16 sums (int16 tables: of the top parts); uint8 rem sums
+      for (int v = 0; v < NPH; ++v) acc[v][0] = acc[v][1] = rem[v] = _mm256_setzero_si256();
       int64_t i = 0;
       for (; i + W * NPH <= n; i += W * NPH) {
         for (int v = 0; v < NPH; ++v) {
@@ -51,24 +52,27 @@ inline void tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* tp,
           const __m256i il = _mm256_and_si256(b, m4), ih = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
           const __m256i vl = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(tl + o)), il);
           const __m256i vh = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(th + o)), ih);
-          if constexpr (E == 1) {
-            acc[v][0] = _mm256_add_epi16(acc[v][0], _mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(vl, vh)));
-            acc[v][1] = _mm256_add_epi16(acc[v][1], _mm256_maddubs_epi16(ones, _mm256_unpackhi_epi8(vl, vh)));
-          } else {
-            const __m256i wl = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(tlh + o)), il);
-            const __m256i wh = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(thh + o)), ih);
-            acc[v][0] = _mm256_add_epi16(acc[v][0],
-                                         _mm256_add_epi16(_mm256_unpacklo_epi8(vl, wl), _mm256_unpacklo_epi8(vh, wh)));
-            acc[v][1] = _mm256_add_epi16(acc[v][1],
-                                         _mm256_add_epi16(_mm256_unpackhi_epi8(vl, wl), _mm256_unpackhi_epi8(vh, wh)));
+          acc[v][0] = _mm256_add_epi16(acc[v][0], _mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(vl, vh)));
+          acc[v][1] = _mm256_add_epi16(acc[v][1], _mm256_maddubs_epi16(ones, _mm256_unpackhi_epi8(vl, vh)));
+          if constexpr (E == 2) {  // the rem parts add in uint8 lanes (at most 240 per segment)
+            const __m256i ul = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(rl + o)), il);
+            const __m256i uh = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(rh + o)), ih);
+            rem[v] = _mm256_add_epi8(rem[v], _mm256_add_epi8(ul, uh));
           }
         }
       }
+      if constexpr (E == 2)  // the codes' sums: 16 top + rem
+        for (int v = 0; v < NPH; ++v) {
+          const __m256i z = _mm256_setzero_si256();
+          acc[v][0] = _mm256_add_epi16(_mm256_slli_epi16(acc[v][0], 4), _mm256_unpacklo_epi8(rem[v], z));
+          acc[v][1] = _mm256_add_epi16(_mm256_slli_epi16(acc[v][1], 4), _mm256_unpackhi_epi8(rem[v], z));
+        }
       __m128i ps[P][2];
       for (int p = 0; p < P; ++p) ps[p][0] = ps[p][1] = _mm_setzero_si128();
       for (; i < n; ++i)
-        unit_xmm<E>(wb + i * kTile, tl + i * kTile, th + i * kTile, E == 2 ? tlh + i * kTile : nullptr,
-                    E == 2 ? thh + i * kTile : nullptr, ps[i % P][0], ps[i % P][1]);
+        unit_xmm<E, I16Split::TopRem>(wb + i * kTile, tl + i * kTile, th + i * kTile,
+                                      E == 2 ? rl + i * kTile : nullptr, E == 2 ? rh + i * kTile : nullptr,
+                                      ps[i % P][0], ps[i % P][1]);
       for (int v = 0; v < NPH; ++v)
         for (int h = 0; h < 2; ++h) {
           const __m128i L[W] = {_mm256_castsi256_si128(acc[v][h]), _mm256_extracti128_si256(acc[v][h], 1)};
@@ -130,13 +134,14 @@ inline void chunk_table(const float* xr, int64_t K, int64_t q, __m256& lo, __m25
 }
 
 // The 16 codes round_half_even(lo * inv), round_half_even(hi * inv) (|.| <= code_max by
-// construction) as bytes: their low bytes (the int8 codes themselves) and their high bytes (code >> 8).
-inline void quantize16(__m256 lo, __m256 hi, __m256 inv, __m128i& low, __m128i& high) {
+// construction) as bytes: for int8 tables the codes themselves in `top`; for int16 tables (split:
+// this path's I16Split::TopRem) their top parts (code >> 4) in `top` and rem parts (code & 15) in `rem`.
+inline void quantize16(__m256 lo, __m256 hi, __m256 inv, bool split, __m128i& top, __m128i& rem) {
   const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(lo, inv)), b = _mm256_cvtps_epi32(_mm256_mul_ps(hi, inv));
   const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), _MM_SHUFFLE(3, 1, 2, 0));
-  const __m256i lb = _mm256_and_si256(w16, _mm256_set1_epi16(255)), hb = _mm256_srai_epi16(w16, 8);
-  low = _mm_packus_epi16(_mm256_castsi256_si128(lb), _mm256_extracti128_si256(lb, 1));
-  high = _mm_packs_epi16(_mm256_castsi256_si128(hb), _mm256_extracti128_si256(hb, 1));
+  const __m256i t = split ? _mm256_srai_epi16(w16, 4) : w16, r = _mm256_and_si256(w16, _mm256_set1_epi16(15));
+  top = _mm_packs_epi16(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+  rem = _mm_packus_epi16(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
 }  // namespace
@@ -162,18 +167,19 @@ void build_i8luts_avx2(const T16Weight& w, const float* x, uint8_t* buf, int64_t
       row.scale[j] = mx / top;
       row.gsum[j] = group_sum(xr, K, j, g);
       const __m256 vinv = _mm256_set1_ps(inv);
+      const bool split = kind == LutKind::Int16;
       for (int64_t c = j * g / 8; c < (j + 1) * g / 8; ++c) {
-        __m128i tl, th, tlh, thh;
+        __m128i tl, th, rl, rh;
         chunk_table(xr, K, 2 * c, lo, hi);
-        quantize16(lo, hi, vinv, tl, tlh);
+        quantize16(lo, hi, vinv, split, tl, rl);
         chunk_table(xr, K, 2 * c + 1, lo, hi);
-        quantize16(lo, hi, vinv, th, thh);
+        quantize16(lo, hi, vinv, split, th, rh);
         for (int64_t p = 0; p < P; ++p) {
           _mm_storeu_si128((__m128i*)(row.lo + (c * P + p) * kTile), tl);
           _mm_storeu_si128((__m128i*)(row.hi + (c * P + p) * kTile), th);
-          if (kind == LutKind::Int16) {
-            _mm_storeu_si128((__m128i*)(row.lo_hb + (c * P + p) * kTile), tlh);
-            _mm_storeu_si128((__m128i*)(row.hi_hb + (c * P + p) * kTile), thh);
+          if (split) {
+            _mm_storeu_si128((__m128i*)(row.lo2 + (c * P + p) * kTile), rl);
+            _mm_storeu_si128((__m128i*)(row.hi2 + (c * P + p) * kTile), rh);
           }
         }
       }

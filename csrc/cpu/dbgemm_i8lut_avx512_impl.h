@@ -11,7 +11,8 @@
 // One zmm holds 4 consecutive 16-byte units (c, p) of a tile's weight bytes, i.e. 64 lookups per
 // instruction. Unit i of a segment (relative to its first byte column) belongs to plane i % P; lane
 // j of the v-th zmm of a step is unit 4v + j, so with P = 3 the plane of a lane depends on v mod 3
-// and the step covers 3 zmm (4 byte columns) with one int16 accumulator per phase v.
+// and the step covers 3 zmm (4 byte columns) with one int16 accumulator per phase v. int16 tables are
+// split Bytes here (dbgemm_i8lut.h, "int16 tables": measured faster on this path).
 // Needs I8_NS (the namespace of this copy) and I8_VBMI defined before inclusion.
 
 #include <immintrin.h>
@@ -95,8 +96,8 @@ inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* t
           const __m512i vl = _mm512_shuffle_epi8(_mm512_loadu_si512(row.lo + off0 + o), il);
           const __m512i vh = _mm512_shuffle_epi8(_mm512_loadu_si512(row.hi + off0 + o), ih);
           if constexpr (E == 2) {  // (low byte, high byte) interleaved are the int16 codes
-            const __m512i wl = _mm512_shuffle_epi8(_mm512_loadu_si512(row.lo_hb + off0 + o), il);
-            const __m512i wh = _mm512_shuffle_epi8(_mm512_loadu_si512(row.hi_hb + off0 + o), ih);
+            const __m512i wl = _mm512_shuffle_epi8(_mm512_loadu_si512(row.lo2 + off0 + o), il);
+            const __m512i wh = _mm512_shuffle_epi8(_mm512_loadu_si512(row.hi2 + off0 + o), ih);
             acc[v][0] = _mm512_add_epi16(acc[v][0],
                                          _mm512_add_epi16(_mm512_unpacklo_epi8(vl, wl), _mm512_unpacklo_epi8(vh, wh)));
             acc[v][1] = _mm512_add_epi16(acc[v][1],
@@ -115,11 +116,11 @@ inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* t
       for (; i < n; ++i) {
 #if I8_VBMI
         const int8_t* t = row.cpt + (c0 + i / P) * 32;
-        unit_xmm<1>(wb + i * kTile, t, t + 16, nullptr, nullptr, ps[i % P][0], ps[i % P][1]);
+        unit_xmm<1, I16Split::Bytes>(wb + i * kTile, t, t + 16, nullptr, nullptr, ps[i % P][0], ps[i % P][1]);
 #else
         const int64_t u = off0 + i * kTile;
-        unit_xmm<E>(wb + i * kTile, row.lo + u, row.hi + u, E == 2 ? row.lo_hb + u : nullptr,
-                    E == 2 ? row.hi_hb + u : nullptr, ps[i % P][0], ps[i % P][1]);
+        unit_xmm<E, I16Split::Bytes>(wb + i * kTile, row.lo + u, row.hi + u, E == 2 ? row.lo2 + u : nullptr,
+                                     E == 2 ? row.hi2 + u : nullptr, ps[i % P][0], ps[i % P][1]);
 #endif
       }
       if constexpr (W % P != 0)
@@ -237,7 +238,7 @@ inline void build_rows(const T16Weight& w, const float* x, uint8_t* buf, int64_t
         const int64_t c = (q0 + i) / 2;
         const __m512i lo = code(i), hi = code(i + 1);
         // vpmovdb keeps each code's low byte: the int8 code itself (|code| <= 127), or the int16 code's
-        // low byte; its high byte (code >> 8) goes to lo_hb / hi_hb
+        // low byte; its high byte (code >> 8) goes to lo2 / hi2
         const __m128i lo8 = _mm512_cvtepi32_epi8(lo), hi8 = _mm512_cvtepi32_epi8(hi);
 #if I8_VBMI
         _mm_storeu_si128((__m128i*)(row.cpt + c * 32), lo8);
@@ -251,8 +252,8 @@ inline void build_rows(const T16Weight& w, const float* x, uint8_t* buf, int64_t
           const __m128i lo_h = _mm512_cvtepi32_epi8(_mm512_srai_epi32(lo, 8));
           const __m128i hi_h = _mm512_cvtepi32_epi8(_mm512_srai_epi32(hi, 8));
           for (int64_t p = 0, P = w.P; p < P; ++p) {
-            _mm_storeu_si128((__m128i*)(row.lo_hb + (c * P + p) * kTile), lo_h);
-            _mm_storeu_si128((__m128i*)(row.hi_hb + (c * P + p) * kTile), hi_h);
+            _mm_storeu_si128((__m128i*)(row.lo2 + (c * P + p) * kTile), lo_h);
+            _mm_storeu_si128((__m128i*)(row.hi2 + (c * P + p) * kTile), hi_h);
           }
         }
 #endif

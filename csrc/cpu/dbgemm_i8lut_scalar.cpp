@@ -9,12 +9,12 @@ namespace dbquant {
 namespace cpu {
 
 // Entry i of the unit at offset u of the low- (h = 0) or high-nibble (h = 1) tables: the int8 code,
-// or the int16 code rebuilt from its low and high bytes.
+// or the int16 code rebuilt from its top and rem parts (16 top + rem: the scalar build's I16Split::TopRem).
 inline int32_t entry(const I8LutRow& row, int h, int64_t u, int i) {
-  const int8_t* low = h ? row.hi : row.lo;
-  if (!row.lo_hb) return low[u + i];
-  const int8_t* high = h ? row.hi_hb : row.lo_hb;
-  return int32_t(uint8_t(low[u + i])) + 256 * int32_t(high[u + i]);
+  const int8_t* top = h ? row.hi : row.lo;
+  if (!row.lo2) return top[u + i];
+  const int8_t* rem = h ? row.hi2 : row.lo2;
+  return 16 * int32_t(top[u + i]) + int32_t(rem[u + i]);
 }
 
 void gemm_tiles_i8_scalar(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1,

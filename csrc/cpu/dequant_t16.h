@@ -25,6 +25,7 @@ namespace cpu {
 void dequantize_t(Isa isa, const T16Weight& w, void* out, bool bf16, int64_t t0, int64_t t1);
 
 void dequantize_t_scalar(const T16Weight& w, void* out, bool bf16, int64_t t0, int64_t t1);
+void dequantize_t_avx2(const T16Weight& w, void* out, bool bf16, int64_t t0, int64_t t1);
 void dequantize_t_avx512(const T16Weight& w, void* out, bool bf16, int64_t t0, int64_t t1);
 
 // float32 -> bfloat16 bits, rounded to nearest even (finite inputs).
