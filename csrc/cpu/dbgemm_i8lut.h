@@ -163,6 +163,10 @@ void gemm_tiles_i8_avx512vbmi(const T16Weight& w, const uint8_t* buf, int64_t M,
 bool i8lut_vbmi();
 int force_i8lut_vbmi(int mode);
 
+// Chunks whose centred tables the SIMD builds keep between their two passes over a group (g <= 256
+// channels: 4 KiB of floats); a longer group computes them again in the second pass (the same bytes).
+constexpr int64_t kBuildChunks = 64;
+
 // gsum_j = sum over group j's chunks q, in order, of T_q[15] (chunk_sum below).
 float group_sum(const float* xr, int64_t K, int64_t j, int64_t g);
 

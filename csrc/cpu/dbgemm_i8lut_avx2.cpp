@@ -150,13 +150,21 @@ void build_i8luts_avx2(const T16Weight& w, const float* x, uint8_t* buf, int64_t
   const int64_t K = w.K, G = w.groups(), g = w.group_size, P = w.P;
   const float top = float(lut_code_max(kind));
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const int64_t nq = g / 4;
+  const bool keep = nq <= kBuildChunks;
+  alignas(32) float kept[kBuildChunks * 16];  // the group's centred tables, pass 1 to pass 2
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * K;
     const I8LutRow row = i8lut_row(w, buf, m, kind);
     for (int64_t j = 0; j < G; ++j) {
+      const int64_t q0 = j * nq;
       __m256 vmax = _mm256_setzero_ps(), lo, hi;
-      for (int64_t q = j * g / 4; q < (j + 1) * g / 4; ++q) {
-        chunk_table(xr, K, q, lo, hi);
+      for (int64_t i = 0; i < nq; ++i) {
+        chunk_table(xr, K, q0 + i, lo, hi);
+        if (keep) {
+          _mm256_store_ps(kept + 16 * i, lo);
+          _mm256_store_ps(kept + 16 * i + 8, hi);
+        }
         vmax = _mm256_max_ps(vmax, _mm256_max_ps(_mm256_and_ps(lo, absmask), _mm256_and_ps(hi, absmask)));
       }
       alignas(32) float mv[8];
@@ -167,12 +175,20 @@ void build_i8luts_avx2(const T16Weight& w, const float* x, uint8_t* buf, int64_t
       row.scale[j] = mx / top;
       row.gsum[j] = group_sum(xr, K, j, g);
       const __m256 vinv = _mm256_set1_ps(inv);
+      auto table = [&](int64_t i) {  // chunk q0 + i's centred table into (lo, hi)
+        if (keep) {
+          lo = _mm256_load_ps(kept + 16 * i);
+          hi = _mm256_load_ps(kept + 16 * i + 8);
+        } else {
+          chunk_table(xr, K, q0 + i, lo, hi);
+        }
+      };
       const bool split = kind == LutKind::Int16;
       for (int64_t c = j * g / 8; c < (j + 1) * g / 8; ++c) {
         __m128i tl, th, rl, rh;
-        chunk_table(xr, K, 2 * c, lo, hi);
+        table(2 * c - q0);
         quantize16(lo, hi, vinv, split, tl, rl);
-        chunk_table(xr, K, 2 * c + 1, lo, hi);
+        table(2 * c + 1 - q0);
         quantize16(lo, hi, vinv, split, th, rh);
         for (int64_t p = 0; p < P; ++p) {
           _mm_storeu_si128((__m128i*)(row.lo + (c * P + p) * kTile), tl);

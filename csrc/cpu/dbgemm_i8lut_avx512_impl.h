@@ -202,10 +202,6 @@ inline __m512 chunk_table(const float* xr, int64_t K, int64_t q) {
   return _mm512_sub_ps(t, h);
 }
 
-// Chunks whose centred tables the build keeps between its two passes over a group (g <= 256
-// channels: 4 KiB); a longer group computes them again in the second pass (the same bytes).
-constexpr int64_t kBuildChunks = 64;
-
 template <int E>
 inline void build_rows(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1) {
   constexpr LutKind kind = lut_kind_for(E);
