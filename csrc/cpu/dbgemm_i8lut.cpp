@@ -46,7 +46,8 @@ void centred_table(const float* xr, int64_t K, int64_t q, float* t) {
 // float tables' picks to 99.8% (only ties under 0.01 differ), cost no PPL, and are still faster than
 // the float tables on both paths (1.07-1.30x on AVX-512, 1.2-1.5x on AVX2, Zen 4), so they are the
 // default; int8 stays for whoever wants the last ~10% of decode speed (DBQUANT_CPU_LUT=int8).
-// docs/RESULTS.md, "int16 tables". The scalar path (a fallback, not measured as a contender) keeps
+// docs/RESULTS.md, "int16 tables"; on the AVX2-only AMD Zen 3 the int16 tables (split 16 top + rem there) are
+// 1.17-1.34x the float ones too ("AMD Zen 3 (AVX2 only) again"). The scalar path (a fallback, not measured as a contender) keeps
 // the float tables.
 constexpr LutKind kI8LutDefault[3] = {
     /* scalar */ LutKind::Float,

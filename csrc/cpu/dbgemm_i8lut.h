@@ -71,7 +71,7 @@
 //          16 * 15 = 240 < 2^8), and at the end of each segment a row's sum is rebuilt as 16 TOP + REM
 //          (REM widened by punpck with zero): one punpck per 32 lookups instead of two per lookup.
 //          16 TOP >= 16 * 16 * -128 = -2^15 is representable.
-// Measured per path (docs/RESULTS.md): TopRem is ~8% faster than Bytes on the AVX2 path of an AMD Zen 3;
+// Measured per path (docs/RESULTS.md): TopRem takes 5-8% off the Bytes kernel on the AVX2 path of an AMD Zen 3;
 // an equivalent 6-shuffle scheme measured 3-6% slower than Bytes on the AVX-512 path of a Zen 4.
 // Segments are kI16SegmentCols = 8 columns: per plane and row at most 16 codes, 16 * 2047 = 32752 < 2^15.
 // Everything after the int32 sums S_pj is the int8 tables' code, and the codes, integers and floats are
