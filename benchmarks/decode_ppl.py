@@ -67,14 +67,15 @@ def main(argv=None) -> int:
     ap.add_argument("checkpoint")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--luts", default="float,int8,int16",
-                    help="comma list of float, int8, int16 (the one-row GEMV's tables)")
+    kinds = [k for k in cpu_backend.LUT_KINDS if k != "auto"]
+    ap.add_argument("--luts", default=",".join(kinds),
+                    help=f"comma list of {', '.join(kinds)} (the one-row GEMV's tables)")
     ap.add_argument("--heads", default="int8", help="comma list of --lm-head-dtype values: float32, int8, w8a8")
     ap.add_argument("--json", help="write the results here (atomically)")
     a = ap.parse_args(argv)
     luts, heads = a.luts.split(","), a.heads.split(",")
-    if not set(luts) <= {"float", "int8", "int16"} or not set(heads) <= {"float32", "int8", "w8a8"}:
-        ap.error("--luts takes float,int8,int16; --heads takes float32,int8,w8a8")
+    if not set(luts) <= set(kinds) or not set(heads) <= {"float32", "int8", "w8a8"}:
+        ap.error(f"--luts takes {','.join(kinds)}; --heads takes float32,int8,w8a8")
     if a.windows < 1 or a.seq_len < 2:
         ap.error("--windows >= 1 and --seq-len >= 2")
     model, tok = dbquant.load(a.checkpoint), AutoTokenizer.from_pretrained(a.checkpoint)
