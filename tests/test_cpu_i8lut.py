@@ -196,10 +196,10 @@ def test_decode_layer_with_integer_tables_matches_the_emulated_step(monkeypatch,
 
     def project_i8(p, x):
         w = p.weight
-        planes, scales, *_ = canonical(w)
-        bound = i8lut_error_bound(x.reshape(-1, w.in_features), scales, w.in_features, w.group_size, kind)
+        canon = canonical(w)
+        bound = i8lut_error_bound(x.reshape(-1, w.in_features), canon[1], w.in_features, w.group_size, kind)
         steps.append(bound.max().item() * 8 / w.group_size)
-        return dbgemm_i8lut_ref(x, *canonical(w), p.bias, w.in_features, w.group_size, kind)
+        return dbgemm_i8lut_ref(x, *canon, p.bias, w.in_features, w.group_size, kind)
 
     monkeypatch.setattr(reference, "_project", project_i8)
     h, hq, hk, d, inter, g = 40, 5, 1, 8, 23, 16

@@ -46,9 +46,9 @@ void centred_table(const float* xr, int64_t K, int64_t q, float* t) {
 // float tables' picks to 99.8% (only ties under 0.01 differ), cost no PPL, and are still faster than
 // the float tables on both paths (1.07-1.30x on AVX-512, 1.2-1.5x on AVX2, Zen 4), so they are the
 // default; int8 stays for whoever wants the last ~10% of decode speed (DBQUANT_CPU_LUT=int8).
-// docs/RESULTS.md, "int16 tables"; on the AVX2-only AMD Zen 3 the int16 tables (split 16 top + rem there) are
-// 1.17-1.34x the float ones too ("AMD Zen 3 (AVX2 only) again"). The scalar path (a fallback, not measured as a contender) keeps
-// the float tables.
+// docs/RESULTS.md, "int16 tables"; on the AVX2-only AMD Zen 3 the int16 tables (split 16 top + rem
+// there) are 1.17-1.34x the float ones too ("AMD Zen 3 (AVX2 only) again"). The scalar path (a
+// fallback, not measured as a contender) keeps the float tables.
 constexpr LutKind kI8LutDefault[3] = {
     /* scalar */ LutKind::Float,
     /* avx2   */ LutKind::Int16,
@@ -100,6 +100,7 @@ I8LutRow i8lut_row(const T16Weight& w, uint8_t* buf, int64_t m, LutKind kind) {
 void build_i8luts_scalar(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, LutKind kind) {
   const int64_t K = w.K, G = w.groups(), g = w.group_size, P = w.P;
   const float top = float(lut_code_max(kind));
+  const bool split = kind == LutKind::Int16;
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * K;
     const I8LutRow row = i8lut_row(w, buf, m, kind);
@@ -116,23 +117,22 @@ void build_i8luts_scalar(const T16Weight& w, const float* x, uint8_t* buf, int64
       row.gsum[j] = group_sum(xr, K, j, g);
       // pass 2: round, and write each byte column's (lo, hi) tables once per plane (int16: the
       // codes' top parts there, their rem parts in (lo2, hi2): I16Split::TopRem, as the scalar reads them)
-      const bool split = kind == LutKind::Int16;
       for (int64_t c = j * g / 8; c < (j + 1) * g / 8; ++c) {
-        int8_t top[2][16], rem[2][16];
+        int8_t code_top[2][16], code_rem[2][16];  // int8 tables: code_top holds the codes, code_rem is unused
         for (int h = 0; h < 2; ++h) {
           centred_table(xr, K, 2 * c + h, t);
           for (int i = 0; i < 16; ++i) {
             const int code = int(std::nearbyint(t[i] * inv));
-            top[h][i] = int8_t(split ? code >> 4 : code);  // >> is arithmetic: floor(code / 16)
-            rem[h][i] = int8_t(code & 15);
+            code_top[h][i] = int8_t(split ? code >> 4 : code);  // >> is arithmetic: floor(code / 16)
+            code_rem[h][i] = int8_t(code & 15);
           }
         }
         for (int64_t p = 0; p < P; ++p) {
-          std::memcpy(row.lo + (c * P + p) * 16, top[0], 16);
-          std::memcpy(row.hi + (c * P + p) * 16, top[1], 16);
+          std::memcpy(row.lo + (c * P + p) * 16, code_top[0], 16);
+          std::memcpy(row.hi + (c * P + p) * 16, code_top[1], 16);
           if (split) {
-            std::memcpy(row.lo2 + (c * P + p) * 16, rem[0], 16);
-            std::memcpy(row.hi2 + (c * P + p) * 16, rem[1], 16);
+            std::memcpy(row.lo2 + (c * P + p) * 16, code_rem[0], 16);
+            std::memcpy(row.hi2 + (c * P + p) * 16, code_rem[1], 16);
           }
         }
       }

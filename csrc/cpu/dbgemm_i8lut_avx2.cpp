@@ -149,6 +149,7 @@ inline void quantize16(__m256 lo, __m256 hi, __m256 inv, bool split, __m128i& to
 void build_i8luts_avx2(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, LutKind kind) {
   const int64_t K = w.K, G = w.groups(), g = w.group_size, P = w.P;
   const float top = float(lut_code_max(kind));
+  const bool split = kind == LutKind::Int16;  // this path's I16Split::TopRem
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const int64_t nq = g / 4;
   const bool keep = nq <= kBuildChunks;
@@ -183,7 +184,6 @@ void build_i8luts_avx2(const T16Weight& w, const float* x, uint8_t* buf, int64_t
           chunk_table(xr, K, q0 + i, lo, hi);
         }
       };
-      const bool split = kind == LutKind::Int16;
       for (int64_t c = j * g / 8; c < (j + 1) * g / 8; ++c) {
         __m128i tl, th, rl, rh;
         table(2 * c - q0);

@@ -44,7 +44,8 @@ void dequantize_t_avx2(const T16Weight& w, void* out, bool bf16, int64_t t0, int
           a[p][h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(ts + (g * P + p) * kTile + 8 * h)));
       __m256 beta[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
       if (to)
-        for (int h = 0; h < 2; ++h) beta[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(to + g * kTile + 8 * h)));
+        for (int h = 0; h < 2; ++h)
+          beta[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(to + g * kTile + 8 * h)));
       for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
         __m256i b[kMaxPlanes][2];
         for (int64_t p = 0; p < P; ++p)
