@@ -43,7 +43,7 @@ def _native_build():
     exts = [CppExtension(
         "dbquant._C",
         ["csrc/cpu/binding.cpp"] + sorted(f for part in ("dbgemm_t16", "dbgemm_i8lut", "gemv_int8", "kv_attn",
-                                                         "stream_read", "dequant_t16", "decode_ops")
+                                                         "stream_read", "dequant_t16", "decode_ops", "gemm_a8")
                                           for f in glob.glob(f"csrc/cpu/{part}*.cpp")),
         include_dirs=[os.path.join(HERE, "csrc", "cpu")],
         extra_compile_args={"cxx": cxx},

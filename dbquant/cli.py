@@ -21,6 +21,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from .backends import cpu as cpu_backend
 from .bench import cpu as bench
 from .bench import kv as bench_kv
 from .bench import peers as bench_peers
@@ -509,6 +510,11 @@ def _generate_parser(sub) -> None:
                    help="how the dbquant engine computes a dense output projection (int8: per-row "
                         "int8 copy made at load, a quarter of the bytes; w8a8: the same with int8 "
                         "activations per block of 32, ~2x faster; see docs/RESULTS.md for their PPL cost)")
+    g.add_argument("--prefill-gemm", default=d["prefill_gemm"], choices=cpu_backend.GEMM_DTYPES,
+                   help="the dbquant engine's GEMM on a prompt of more than 32 tokens: fp32 (exact), bf16, "
+                        "int8 (activations rounded to 8 bits per group, exact weights), auto: bf16 where this "
+                        "CPU's bf16 GEMM is fast, int8 where AVX2 is its fastest path, else fp32 "
+                        "(docs/RESULTS.md has their speed and PPL cost)")
     g.set_defaults(fn=cmd_generate)
 
 

@@ -17,7 +17,7 @@ def test_kernel_bench_json_and_plot(tmp_path, capsys):
     rows = data["rows"]
     assert data["environment"]["isas"][-1] == "scalar"
     # ref is skipped in stream mode: 2 shapes x 2 M x (8 cache + 7 stream backends)
-    assert len(rows) == 2 * 2 * 15
+    assert len(rows) == 2 * 2 * 17
     for r in rows:
         assert {"op", "n", "k", "m", "mode", "threads", "backend", "ms", "gbps", "bandwidth_gbps"} <= set(r)
         assert r["ms"] > 0 and r["gbps"] > 0 and r["bandwidth_gbps"] > 0
@@ -27,8 +27,8 @@ def test_kernel_bench_json_and_plot(tmp_path, capsys):
     assert all(r["copies"] > 1 and r["rotating_bytes"] >= 1 << 20 for r in stream)
     # float and int tables, and the prefill path's dequantize + GEMM in both precisions, side by side
     assert {r["backend"] for r in rows} == {"fp32", "bf16", "ref", "cpu", "cpu-i8lut", "cpu-i16lut", "cpu-gemm",
-                                            "cpu-gemm-bf16"}
-    cpu = [r for r in rows if r["backend"] in ("cpu", "cpu-i8lut", "cpu-i16lut", "cpu-gemm", "cpu-gemm-bf16")]
+                                            "cpu-gemm-bf16", "cpu-gemm-a8"}
+    cpu = [r for r in rows if r["backend"].startswith("cpu")]
     assert cpu and all(r["weight_bytes"] < r["n"] * r["k"] for r in cpu)  # < 8 bits per weight read
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "40x72" in out.replace(" ", "")

@@ -20,7 +20,7 @@ import torch
 
 from dbquant.backends import cpu as cpu_backend
 from dbquant.backends.checks import KernelInputError
-from dbquant.backends.reference import dbgemm_ref, dequantize_ref, i8lut_error_bound
+from dbquant.backends.reference import dbgemm_ref, dequantize_ref, gemm_a8_ref, i8lut_error_bound, quantize_a8_ref
 from tests.tolerances import FP32_REORDER_LONG
 
 with warnings.catch_warnings():
@@ -297,9 +297,82 @@ def test_bf16_gemm_is_close_and_fp32_exact():
     assert y.dtype == torch.float32
     err = ((y - exact).norm() / exact.norm()).item()
     assert 0 < err < 1e-2, err  # bf16 keeps 8 bits: ~2^-9 per rounding, three roundings
-    assert cpu_backend.resolve_gemm("auto") == ("bf16" if cpu_backend.fast_bf16_cpu() else "fp32")
+    fastest = torch.ops.dbquant.cpu_isas()[0]
+    assert cpu_backend.resolve_gemm("auto") == ("bf16" if cpu_backend.fast_bf16_cpu() else
+                                               "int8" if fastest == "avx2" else "fp32")
+    assert cpu_backend.resolve_gemm("int8") == "int8"
     with pytest.raises(KernelInputError, match="gemm must be one of"):
         cpu_backend.dense_gemm(x, w, b, "fp16")
+
+
+def a8(x, w, b, isa="auto"):
+    return torch.ops.dbquant.gemm_a8_cpu(x, w.planes, w.scales, w.offset, b, w.out_features, w.in_features,
+                                         w.group_size, isa)
+
+
+@pytest.mark.parametrize("planes", [1, 2, 3])
+@pytest.mark.parametrize("g", [8, 24, 64, 256])
+@pytest.mark.parametrize("k", [8, 100, 576])
+def test_gemm_a8_paths_agree_and_match_the_reference(k, g, planes):
+    """The int8-activation prefill GEMM (csrc/cpu/gemm_a8.h): every ISA path gives the same bits
+    (the same integers, the same float operations in the same order), equal to gemm_a8_ref up to
+    float32 summation order, and within the header's bound of the exact x @ W^T: the activations'
+    rounding, sum_j sx / 2 * sum_k |W - beta|. Odd shapes: partial tiles, K not a multiple of g,
+    M not a multiple of the 4-row block."""
+    for m, n, offset, bias in [(1, 7, True, True), (5, 33, False, True), (64, 16, True, False), (67, 1, False, False)]:
+        w, b, canon = prepared(n, k, g, offset, bias, seed=k + g + n + planes, planes=planes)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)) * 3
+        ys = {isa: a8(x, w, b, isa) for isa in ISAS}
+        y = ys["scalar"]
+        for isa in ISAS:
+            assert torch.equal(ys[isa], y), (isa, m, n)
+        ref = gemm_a8_ref(x, *canon[:2], canon[2], b, k, g)
+        assert_matches(y, ref)
+        exact = dbgemm_ref(x, *canon[:2], canon[2], b, k, g)
+        _, _, sx, _ = quantize_a8_ref(x, g)
+        wdev = (dequantize_ref(*canon, k) - (0 if canon[2] is None else
+                canon[2].float().repeat_interleave(g, 1)[:, :k])).abs()  # |W - beta| [N, K]
+        kp = sx.shape[1] * g
+        wg = torch.nn.functional.pad(wdev, (0, kp - k)).view(n, -1, g).sum(-1)  # [N, G]
+        bound = sx / 2 @ wg.T
+        assert ((y - exact).abs() <= bound * (1 + 1e-4) + FP32_REORDER_LONG * exact.abs().max()).all()
+        assert (y - exact).abs().max() > 0  # it does round: the bound is what is being tested
+
+
+def test_gemm_a8_golden():
+    """One hand-checked output: x = [1, -2, 0.5, 0, ...] over one group of 8, two planes, alpha = (1, 2),
+    bits 0b0101 / 0b0011. lo = -2, hi = 1: step 1/85, zero point 170, codes 255, 0, 212.5 -> 212 (half to
+    even), 170...; x - z: 85, -170, 42. D_1 = 85 + 42 = 127, D_2 = 85 - 170 = -85;
+    y = (1 * 127 + 2 * (-85)) / 85 = -43/85 (exact x @ W^T: 1 + 0.5 + 2 * (1 - 2) = -0.5)."""
+    qweight = torch.tensor([[[0b0101]], [[0b0011]]], dtype=torch.uint8)  # [P=2, N=1, Kp/8=1]
+    scales = torch.tensor([[[1.0, 2.0]]]).half()  # [N, G, P]
+    w = cpu_backend.prepare_cpu(qweight, scales, None, 8, 8)
+    x = torch.tensor([[1.0, -2.0, 0.5, 0, 0, 0, 0, 0]])
+    u, z, sx, _ = quantize_a8_ref(x, 8)
+    assert u.tolist() == [[255, 0, 212, 170, 170, 170, 170, 170]] and z.tolist() == [[170]]
+    for isa in ISAS:
+        y = a8(x, w, None, isa)
+        assert torch.allclose(y, torch.tensor([[-43 / 85]]), rtol=1e-6), (isa, y)
+    assert torch.equal(dbgemm_ref(x, qweight, scales, None, None, 8, 8), torch.tensor([[-0.5]]))
+
+
+def test_gemm_a8_nonfinite_rows_and_limits():
+    """A NaN or Inf activation makes its row's outputs NaN (as x @ W^T would), other rows exact as
+    before; a group over 256 channels (int16 sums) is refused by the op and takes fp32 in dense_gemm."""
+    n, k, g = 40, 200, 64
+    w, b, canon = prepared(n, k, g, True, True)
+    x = torch.randn(6, k, generator=torch.Generator().manual_seed(1))
+    clean = a8(x, w, b)
+    x[2, 7], x[4, 150] = float("nan"), float("inf")
+    y = a8(x, w, b)
+    assert torch.isnan(y[[2, 4]]).all() and torch.equal(y[[0, 1, 3, 5]], clean[[0, 1, 3, 5]])
+    assert torch.isnan(gemm_a8_ref(x, *canon[:2], canon[2], b, k, g)[[2, 4]]).all()
+    assert torch.equal(cpu_backend.dense_gemm(x[:2], w, b, "int8"), clean[:2])
+    wide, bw, _ = prepared(16, 600, 512, False, True)
+    x2 = torch.randn(3, 600)
+    with pytest.raises(RuntimeError, match="group_size must be <= 256"):
+        a8(x2, wide, bw)
+    assert torch.equal(cpu_backend.dense_gemm(x2, wide, bw, "int8"), cpu_backend.dense_gemm(x2, wide, bw, "fp32"))
 
 
 def test_long_inputs_use_dequantize_and_blas():

@@ -9,7 +9,15 @@ from dbquant.errors import DbquantError
 from dbquant.quantize import QuantizeOptions, quantize
 from dbquant.runtime.decode import SUPPORTED, FastDecoder, check_supported
 from tests.conftest import make_tiny_model
-from tests.tolerances import BF16_LM_HEAD, FP32_REORDER, FP32_REORDER_LONG, FP32_ULP, INT8_LM_HEAD, KERNEL_REL_ERR
+from tests.tolerances import (
+    BF16_LM_HEAD,
+    FP32_REORDER,
+    FP32_REORDER_LONG,
+    FP32_ULP,
+    INT8_ACT_REL_ERR,
+    INT8_LM_HEAD,
+    KERNEL_REL_ERR,
+)
 
 IDS = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(0))
 
@@ -49,11 +57,12 @@ def test_packed_fused_matches_hf_forward(model_type, tmp_path):
     _assert_chunked_logits_match(model)
 
 
-@pytest.mark.parametrize("gemm", ["fp32", "bf16"])
+@pytest.mark.parametrize("gemm", ["fp32", "bf16", "int8"])
 def test_long_prefill_gemm(gemm):
-    """A prompt of more than LUT_MAX_ROWS tokens goes through dequantize + one GEMM per projection:
+    """A prompt of more than LUT_MAX_ROWS tokens goes through one GEMM per projection:
     prefill_gemm="fp32" gives the HF forward's logits to fp32 rounding, "bf16" (weights and
-    activations rounded to bfloat16) to bf16 rounding, the same greedy token; "auto" is what
+    activations rounded to bfloat16) to bf16 rounding, "int8" (activations rounded to int8 per
+    group, csrc/cpu/gemm_a8.h) to that rounding, the same greedy token; "auto" is what
     backends/cpuinfo.py says this CPU pays for."""
     model = _packed("llama")
     ids = torch.randint(0, 300, (1, cpu_backend.LUT_MAX_ROWS + 13), generator=torch.Generator().manual_seed(2))
@@ -68,9 +77,9 @@ def test_long_prefill_gemm(gemm):
         torch.testing.assert_close(got, ref, rtol=FP32_REORDER_LONG, atol=FP32_REORDER * scale)
     else:
         err = ((got - ref).norm() / ref.norm()).item()
-        assert 0 < err < KERNEL_REL_ERR[torch.bfloat16], err
+        assert 0 < err < (KERNEL_REL_ERR[torch.bfloat16] if gemm == "bf16" else INT8_ACT_REL_ERR), err
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
-    assert FastDecoder(model, max_len=64).prefill_gemm == ("bf16" if cpu_backend.fast_bf16_cpu() else "fp32")
+    assert FastDecoder(model, max_len=64).prefill_gemm == cpu_backend.resolve_gemm("auto")
     with pytest.raises(DbquantError, match="gemm must be one of"):
         FastDecoder(model, max_len=64, prefill_gemm="fp16")
 

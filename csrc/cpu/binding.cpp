@@ -12,6 +12,10 @@
 //                                    bool bf16=False, str isa="auto")
 //                                    -> Tensor (the transpose, [K, N], float32 or bfloat16:
 //                                       dequant_t16.h; for prefill GEMMs)
+//   torch.ops.dbquant.gemm_a8_cpu(Tensor x, Tensor planes, Tensor scales, Tensor? offset,
+//                                Tensor? bias, int out_features, int in_features,
+//                                int group_size, str isa="auto") -> Tensor
+//                                    (prefill GEMM on 8-bit activations, exact bit planes: gemm_a8.h)
 //   torch.ops.dbquant.linear_int8_cpu(Tensor x, Tensor wq, Tensor s, str isa="auto") -> Tensor
 //                                    (dense int8-weight projection, gemv_int8.h)
 //   torch.ops.dbquant.linear_w8a8_cpu(Tensor x, Tensor wq, Tensor s, str isa="auto") -> Tensor
@@ -94,6 +98,7 @@
 #include "kv_attn.h"
 #include "stream_read.h"
 #include "dequant_t16.h"
+#include "gemm_a8.h"
 
 namespace {
 
@@ -297,6 +302,46 @@ at::Tensor dequantize_t_cpu(const at::Tensor& planes, const at::Tensor& scales,
   at::parallel_for(0, w.tiles(), std::max<int64_t>(1, (int64_t(1) << 14) / (dbquant::cpu::kTile * w.kp())),
                    [&](int64_t t0, int64_t t1) { dbquant::cpu::dequantize_t(isa, w, op, bf16, t0, t1); });
   return out;
+}
+
+// y = x @ W^T (+ bias) with the activations rounded to 8 bits per row and group (gemm_a8.h): the
+// codes once (rows split over threads), then tiles split over threads, each with its own panel.
+at::Tensor gemm_a8_cpu(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias,
+                       int64_t out_features, int64_t in_features, int64_t group_size, const std::string& isa_arg) {
+  check_input(x, "x", at::kFloat);
+  if (bias) check_input(*bias, "bias", at::kFloat);
+  dbquant::cpu::T16Weight w =
+      t16_weight("gemm_a8_cpu", planes, scales, offset, out_features, in_features, group_size);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "gemm_a8_cpu: x must be [M, ", in_features,
+              "] (in_features), got shape ", x.sizes());
+  TORCH_CHECK(group_size <= dbquant::cpu::kA8MaxGroup, "gemm_a8_cpu: group_size must be <= ",
+              dbquant::cpu::kA8MaxGroup, " (a group's int16 sums), got ", group_size);
+  if (bias) check_shape(*bias, "bias", {out_features});
+  const Isa isa = parse_isa(isa_arg);
+  w.bias = bias ? bias->data_ptr<float>() : nullptr;
+  const int64_t M = x.size(0), G = w.groups();
+  at::Tensor y = at::empty({M, out_features}, x.options());
+  if (M == 0) return y;
+  at::Tensor xu = at::empty({M, w.kp()}, x.options().dtype(at::kByte));
+  at::Tensor sx = at::empty({M, G}, x.options()), xs = at::empty({M, G}, x.options());
+  at::Tensor xz = at::empty({M, G}, x.options().dtype(at::kInt));
+  const float* xp = x.data_ptr<float>();
+  uint8_t* up = xu.data_ptr<uint8_t>();
+  float *sp = sx.data_ptr<float>(), *ssp = xs.data_ptr<float>();
+  int32_t* zp = xz.data_ptr<int32_t>();
+  at::parallel_for(0, M, std::max<int64_t>(1, (int64_t(1) << 14) / w.kp()), [&](int64_t b, int64_t e) {
+    dbquant::cpu::quantize_a8(w, xp, up, zp, sp, ssp, b, e);
+  });
+  const int64_t scratch = (dbquant::cpu::a8_scratch_bytes(w) + 63) / 64 * 64;
+  float* yp = y.data_ptr<float>();
+  // a tile is M * Kp * P * 16 multiply-adds: one per task already amortises a parallel region
+  at::parallel_for(0, w.tiles(), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<uint8_t> buf(size_t(scratch + 32));
+    uint8_t* aligned = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(buf.data()) + 31) & ~uintptr_t(31));
+    dbquant::cpu::gemm_a8_tiles(isa, w, up, zp, sp, ssp, M, yp, aligned, t0, t1);
+  });
+  return y;
 }
 
 // y = x @ (s * wq)^T for a dense int8-weight projection (gemv_int8.h).
@@ -1100,6 +1145,9 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
   m.def(
       "dequantize_t_cpu(Tensor planes, Tensor scales, Tensor? offset, int out_features, "
       "int in_features, int group_size, bool bf16=False, str isa=\"auto\") -> Tensor");
+  m.def(
+      "gemm_a8_cpu(Tensor x, Tensor planes, Tensor scales, Tensor? offset, Tensor? bias, int out_features, "
+      "int in_features, int group_size, str isa=\"auto\") -> Tensor");
   m.def("linear_int8_cpu(Tensor x, Tensor wq, Tensor s, str isa=\"auto\") -> Tensor");
   m.def("rms_norm_cpu(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("table_rows_cpu(Tensor codes, Tensor code_scales, Tensor ids, int dim, float scale=1.) -> Tensor");
@@ -1148,6 +1196,7 @@ TORCH_LIBRARY_IMPL(dbquant, CPU, m) {
   m.impl("dbgemm_cpu", &dbgemm_cpu);
   m.impl("dequantize_cpu", &dequantize_cpu);
   m.impl("dequantize_t_cpu", &dequantize_t_cpu);
+  m.impl("gemm_a8_cpu", &gemm_a8_cpu);
   m.impl("linear_int8_cpu", &linear_int8_cpu);
   m.impl("rms_norm_cpu", &rms_norm_cpu);
   m.impl("attend_cpu", &attend_cpu);

@@ -47,7 +47,8 @@ LUT_KINDS = ("auto", "float", "int8", "int16")
 # measures), "bf16" (weight and activations rounded to bfloat16 into torch's bf16 GEMM: fp32
 # accumulation, a bf16 result), or "auto" = bf16 where this CPU's bf16 is fast
 # (backends/cpuinfo.py: ~4x the fp32 GEMM on Zen 5), else fp32. The fast decoder's prefill uses auto.
-GEMM_DTYPES = ("auto", "fp32", "bf16")
+GEMM_DTYPES = ("auto", "fp32", "bf16", "int8")
+A8_MAX_GROUP = 256  # csrc/cpu/gemm_a8.h kA8MaxGroup: larger groups take the fp32 GEMM
 
 _cpu_state: bool | None = None  # None: not tried yet
 _cpu_error: str | None = None
@@ -182,10 +183,16 @@ def forced_isa(isa: str):
 
 
 def resolve_gemm(gemm: str) -> str:
-    """"fp32" or "bf16": what ``gemm`` (one of GEMM_DTYPES) means on this CPU."""
+    """"fp32", "bf16" or "int8": what ``gemm`` (one of GEMM_DTYPES) means on this CPU. "auto" is bf16 where
+    this CPU's bf16 GEMM is fast (``fast_bf16_cpu``), int8 activations where AVX2 is the fastest path
+    (AVX2-only CPUs, where it was measured: docs/RESULTS.md), else fp32."""
     if gemm not in GEMM_DTYPES:
         raise KernelInputError(f"dbgemm_cpu: gemm must be one of {GEMM_DTYPES}, got {gemm!r}")
-    return ("bf16" if fast_bf16_cpu() else "fp32") if gemm == "auto" else gemm
+    if gemm != "auto":
+        return gemm
+    if fast_bf16_cpu():
+        return "bf16"
+    return "int8" if load_cpu() and torch.ops.dbquant.cpu_isas()[0] == "avx2" else "fp32"
 
 
 def dense_gemm(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None, gemm: str = "fp32") -> torch.Tensor:
@@ -193,9 +200,15 @@ def dense_gemm(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None, gemm: s
 
     x: float32 [M, K] contiguous; bias: float32 [N] or None. ``gemm`` (GEMM_DTYPES): "fp32" is exact
     up to summation order; "bf16" rounds x and W to bfloat16 (the product accumulates in fp32 inside
-    the GEMM; its result is rounded to bf16 and returned as float32). Returns float32 [M, N].
+    the GEMM; its result is rounded to bf16 and returned as float32); "int8" rounds x to 8 bits per row
+    and weight group (a zero point) and multiplies the exact bit planes in integers (``gemm_a8_cpu``,
+    csrc/cpu/gemm_a8.h: no dense weight; groups over A8_MAX_GROUP take fp32). Returns float32 [M, N].
     """
-    bf16 = resolve_gemm(gemm) == "bf16"
+    kind = resolve_gemm(gemm)
+    if kind == "int8" and w.group_size <= A8_MAX_GROUP:
+        return torch.ops.dbquant.gemm_a8_cpu(x, w.planes, w.scales, w.offset, bias, w.out_features,
+                                             w.in_features, w.group_size, "auto")
+    bf16 = kind == "bf16"
     wt = torch.ops.dbquant.dequantize_t_cpu(w.planes, w.scales, w.offset, w.out_features, w.in_features,
                                             w.group_size, bf16)  # [K, N]: BLAS reads it as W^T
     if bf16:

@@ -339,6 +339,54 @@ def i8lut_error_bound(x: torch.Tensor, scales: torch.Tensor, in_features: int, g
     return (sc / 2 * (group_size / 4)) @ scales.float().abs().sum(-1).T
 
 
+def quantize_a8_ref(x: torch.Tensor, group_size: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The activation codes of the 8-bit prefill GEMM (csrc/cpu/gemm_a8.h: quantize_a8), in torch.
+
+    Args: x float32 [M, K]; group_size g. Returns (u uint8 [M, Kp], z int32 [M, G], sx float32 [M, G],
+    xs float32 [M, G]): per group lo = min(0, min x), hi = max(0, max x), inv = 255 / (hi - lo) (0 for
+    a zero group), z = round_half_even(-lo inv), u = clamp(round_half_even(x inv) + z, 0, 255) (z past K),
+    sx = (hi - lo) / 255, xs the group's sum of x; x ~ sx (u - z). A group holding a NaN or an Inf
+    gets codes 0, z = 0 and sx = xs = NaN.
+    """
+    m, k = x.shape
+    kp = -(-k // group_size) * group_size
+    xp = torch.zeros(m, kp, dtype=torch.float32)
+    xp[:, :k] = x.float()
+    xg = xp.view(m, kp // group_size, group_size)
+    bad = ~torch.isfinite(xg).all(-1)  # [M, G]
+    lo, hi = xg.amin(-1).clamp_max(0), xg.amax(-1).clamp_min(0)
+    inv = torch.where(hi > lo, torch.tensor(255.0) / (hi - lo), torch.zeros(()))
+    z = torch.round(-lo * inv)
+    u = (torch.round(xg * inv[..., None]) + z[..., None]).clamp(0, 255)
+    u = u.view(m, kp)
+    u[:, k:] = z.repeat_interleave(group_size, 1)[:, k:]  # padded channels: x = 0
+    u = torch.where(bad.repeat_interleave(group_size, 1), torch.zeros(()), u).to(torch.uint8)
+    z = torch.where(bad, torch.zeros(()), z).to(torch.int32)
+    nan = torch.tensor(float("nan"))
+    return u, z, torch.where(bad, nan, (hi - lo) / 255.0), torch.where(bad, nan, xg.sum(-1))
+
+
+def gemm_a8_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor | None,
+                bias: torch.Tensor | None, in_features: int, group_size: int) -> torch.Tensor:
+    """What the 8-bit prefill GEMM computes (csrc/cpu/gemm_a8.h; otherwise dbgemm_ref's signature, x float32
+    [M, K]): y[m, n] = sum_j (sx[m, j] sum_p alpha[n, j, p] D[m, p, n, j] + beta[n, j] xs[m, j]) + bias[n],
+    with D the exact integer dot of the group's codes less their zero point (quantize_a8_ref) with the
+    bit plane's bits. Equal to the kernel up to float32 summation order. Returns float32 [M, N]."""
+    check_packed("gemm_a8_ref", qweight, scales, offset, bias, in_features, group_size)
+    u, z, sx, xs = quantize_a8_ref(x, group_size)
+    bits = layout.unpack_bits(qweight).double()  # [P, N, Kp] of {0, 1}
+    m, kp = u.shape
+    q = u.double().view(m, kp // group_size, group_size) - z.double()[..., None]
+    d = torch.einsum("mgk,pngk->mpng", q, bits.view(*bits.shape[:2], kp // group_size, group_size))  # exact
+    y = torch.einsum("mpng,ngp,mg->mn", d, scales.double(), sx.double())
+    if offset is not None:
+        y = y + xs.double() @ offset.double().T
+    if bias is not None:
+        y = y + bias.double()
+    return y.float()
+
+
 def stream_read_ref(buf: torch.Tensor) -> int:
     """The checksum of ``torch.ops.dbquant.stream_read_cpu`` (csrc/cpu/stream_read.h): XOR of the
     buffer's bytes taken as 8-byte little-endian words, the last partial word zero-padded.

@@ -10,6 +10,7 @@ thread count and mode, the time of ``y = x @ W.T`` with
         codes (``run_cpu(lut="int8" | "int16")``)
   cpu-gemm, cpu-gemm-bf16  the prefill path: the weight dequantized (transposed) on every call, then
         one torch GEMM in float32 or bfloat16 (``cpu_backend.dense_gemm``)
+  cpu-gemm-a8  the prefill path on int8 activations and the exact bit planes (``dense_gemm(gemm="int8")``)
 Modes: ``cache`` reuses one weight (resident in cache when it fits); ``stream`` cycles through
 distinct copies of it, together at least the rotating set of :func:`dbquant.bench.machine.stream_set_bytes`
 (4x the L3 read at run time, at most a quarter of MemAvailable), so a call comes back to a copy
@@ -55,9 +56,9 @@ from .machine import environment, stream_set_bytes
 
 SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 LLAMA7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
-BACKENDS = ("fp32", "bf16", "ref", "cpu", "cpu-i8lut", "cpu-i16lut", "cpu-gemm", "cpu-gemm-bf16")
+BACKENDS = ("fp32", "bf16", "ref", "cpu", "cpu-i8lut", "cpu-i16lut", "cpu-gemm", "cpu-gemm-bf16", "cpu-gemm-a8")
 NATIVE = {"cpu": "float", "cpu-i8lut": "int8", "cpu-i16lut": "int16"}  # backend -> run_cpu's lut
-GEMM = {"cpu-gemm": "fp32", "cpu-gemm-bf16": "bf16"}  # backend -> dense_gemm's precision
+GEMM = {"cpu-gemm": "fp32", "cpu-gemm-bf16": "bf16", "cpu-gemm-a8": "int8"}  # backend -> dense_gemm's precision
 MAX_COPIES = 1 << 16  # bounds the Python objects for a tiny weight (rows say when it bound the set)
 READ_CHUNK = 16 << 20  # bytes per timed call of the read kernel (a 4096x4096 fp32 weight is 64 MiB)
 
@@ -282,11 +283,12 @@ def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int
     Each configuration: one warm-up generation, then ``repeats`` timed ones (median reported).
     Also times the dense output projection alone (one token), to say how much of a decode
     step it takes. The quantized rows prefill with ``prefill_gemm="auto"`` (bf16 where this CPU's
-    bf16 GEMM is fast); there one more row, with the first head type, prefills in exact fp32, so both
-    are in one run. Each row records its ``prefill_gemm`` as resolved. A checkpoint that stores its
-    output projection as an int8 table runs that table whatever ``lm_head_dtype`` asks but w8a8
-    (:class:`FastDecoder`), so it gets two rows, ``int8`` (stored) and ``w8a8``, instead of several
-    labels for one configuration.
+    bf16 GEMM is fast, int8 activations on AVX2-only CPUs); there one more row, with the first head
+    type, prefills in exact fp32, so both are in one run. Where "auto" is fp32 on a CPU with AVX2
+    (AVX-512 without fast bf16), that row prefills with the int8 GEMM instead.
+    Each row records its ``prefill_gemm`` as resolved. A checkpoint that stores its output projection
+    as an int8 table runs that table whatever ``lm_head_dtype`` asks but w8a8 (:class:`FastDecoder`),
+    so it gets two rows, ``int8`` (stored) and ``w8a8``, instead of several labels for one configuration.
     """
     torch.set_num_threads(threads)
     qmodel = load(model_dir)
@@ -300,6 +302,8 @@ def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int
     configs = [("fp32", fpmodel, "float32", "fp32")] + [("dbquant", qmodel, d, "auto") for d in lm_head_dtypes]
     if cpu_backend.resolve_gemm("auto") != "fp32":
         configs.append(("dbquant", qmodel, lm_head_dtypes[0], "fp32"))
+    elif cpu_backend.load_cpu() and "avx2" in torch.ops.dbquant.cpu_isas():  # the int8 prefill beside it
+        configs.append(("dbquant", qmodel, lm_head_dtypes[0], "int8"))
     configs.append(("fp32-hf-generate", fpmodel, "float32", "fp32"))
     configs.append(("dbquant-hf-generate", qmodel, "float32", "fp32"))
     for name, model, head, prefill in configs:

@@ -228,8 +228,9 @@ class FastDecoder:
         prefill_gemm: the precision of a packed projection's GEMM on a prompt chunk of more than
             ``cpu_backend.LUT_MAX_ROWS`` tokens (``cpu_backend.GEMM_DTYPES``): ``"auto"`` (default)
             rounds weights and activations to bfloat16 where this CPU's bf16 GEMM is fast
-            (``dbquant.backends.cpuinfo``), else float32; ``"fp32"`` always exact. Decoding a token
-            never uses it.
+            (``dbquant.backends.cpuinfo``), activations to 8 bits per row and group (``"int8"``: exact
+            bit planes, integer products) where AVX2 is the fastest path, else float32
+            (``cpu_backend.resolve_gemm``); ``"fp32"`` always exact. Decoding a token never uses it.
     """
 
     def __init__(self, model, max_len: int = 2048, lm_head_dtype: torch.dtype | str = torch.float32,
@@ -250,7 +251,7 @@ class FastDecoder:
         self.max_len = max_len
         tables = _rope_tables(inner, max_len, self.device)
         self.cos, self.sin = next(iter(tables.values()))  # [max_len, head_dim] (Gemma-3: the first type's)
-        self.prefill_gemm = cpu_backend.resolve_gemm(prefill_gemm)  # "fp32" or "bf16"
+        self.prefill_gemm = cpu_backend.resolve_gemm(prefill_gemm)  # "fp32", "bf16" or "int8"
         self.layers: list[DecoderLayer] = [
             _build_layer(layer, i, mt, cfg, tables, backend, self.prefill_gemm) for i, layer in enumerate(inner.layers)]
         self.norm = _norm(inner.norm, mt in ONE_PLUS_W)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dbquant.backends import cpu as cpu_backend
 from dbquant.errors import DbquantError
 from dbquant.model.checkpoint import is_dbquant_dir
 from dbquant.model.sources import resolve_model
@@ -33,7 +34,8 @@ class GenerateOptions:
     backend of the dbquant engine; kv / kv_residual / kv_sink: a quantized KV cache (VidKV with
     ternary values: the dbquant engine's packed cache; others: the hf engine; None = the cache
     spec's defaults); engine: one of :data:`ENGINES`;
-    lm_head_dtype: a key of ``LM_HEAD_DTYPES`` (dbquant engine's dense output projection).
+    lm_head_dtype: a key of ``LM_HEAD_DTYPES`` (dbquant engine's dense output projection);
+    prefill_gemm: the dbquant engine's GEMM precision on a long prompt (``cpu_backend.GEMM_DTYPES``).
     """
 
     prompt: str
@@ -48,6 +50,7 @@ class GenerateOptions:
     kv_sink: int | None = None
     engine: str = "auto"
     lm_head_dtype: str = "float32"
+    prefill_gemm: str = "auto"
 
     def check(self) -> GenerateOptions:
         if self.max_new_tokens < 1:
@@ -56,6 +59,8 @@ class GenerateOptions:
             raise DbquantError(f"unknown engine {self.engine!r}; choose from {ENGINES}")
         if self.lm_head_dtype not in LM_HEAD_DTYPES:
             raise DbquantError(f"unknown lm-head dtype {self.lm_head_dtype!r}; choose from {tuple(LM_HEAD_DTYPES)}")
+        if self.prefill_gemm not in cpu_backend.GEMM_DTYPES:
+            raise DbquantError(f"unknown prefill GEMM {self.prefill_gemm!r}; choose from {cpu_backend.GEMM_DTYPES}")
         return self
 
 
@@ -165,7 +170,8 @@ def _fast_generate(model: nn.Module, tokenizer, ids: torch.Tensor, opts: Generat
     the decoder)."""
     gc = model.generation_config
     dec = FastDecoder(model, max_len=ids.shape[1] + opts.max_new_tokens, backend=opts.backend,
-                      lm_head_dtype=LM_HEAD_DTYPES[opts.lm_head_dtype], kv=_kv_spec(opts) if opts.kv else None)
+                      lm_head_dtype=LM_HEAD_DTYPES[opts.lm_head_dtype], kv=_kv_spec(opts) if opts.kv else None,
+                      prefill_gemm=opts.prefill_gemm)
     return *dec.generate(ids, opts.max_new_tokens, do_sample=opts.sample, temperature=gc.temperature or 1.0,
                         top_k=gc.top_k or 0, top_p=gc.top_p or 1.0,
                         eos_token_id=gc.eos_token_id or tokenizer.eos_token_id,

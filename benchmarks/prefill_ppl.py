@@ -1,0 +1,105 @@
+"""Perplexity through the prefill path: every wiki window in one forward, each packed linear as one GEMM.
+
+A prompt of more than ``LUT_MAX_ROWS`` tokens runs each packed projection as one GEMM whose precision
+is ``prefill_gemm`` (``dbquant.backends.cpu.GEMM_DTYPES``): "fp32" (the dequantized weight, exact up to
+summation order; what ``dbquant eval`` computes), "bf16" (weights and activations rounded to bfloat16)
+or "int8" (activations rounded to int8 per row and weight group, the bit planes exact:
+``csrc/cpu/gemm_a8.h``). This script scores the wiki windows through the Hugging Face forward with
+every such GEMM forced to one precision, all rows in one process on the same windows, so what a
+precision costs is measured where it runs (a prompt's logits, and the KV cache decoding reads).
+
+Besides the PPL, every row after the first is compared with the first, position by position, as
+``benchmarks/decode_ppl.py`` does: how often its greedy pick is the first row's, and the first row's
+top-2 logit margin where they differ.
+
+Usage: python benchmarks/prefill_ppl.py CHECKPOINT [--windows 8] [--seq-len 512] [--gemms fp32,int8]
+       [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.decode_ppl import agreement  # noqa: E402
+
+
+def prefill_nll(model, windows: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Score int64 [n, T] ``windows`` by one forward each. Returns the sum of next-token NLL (nats), the
+    greedy picks int64 [n (T - 1)] and their top-2 logit margins float32 [n (T - 1)]."""
+    total, picks, margins = 0.0, [], []
+    for w in windows:
+        logits = model(w.view(1, -1)).logits[0, :-1].float()  # [T - 1, vocab]
+        total += float(F.cross_entropy(logits, w[1:], reduction="sum"))
+        top = logits.topk(2, dim=-1)
+        picks.append(top.indices[:, 0])
+        margins.append(top.values[:, 0] - top.values[:, 1])
+    return total, torch.cat(picks), torch.cat(margins)
+
+
+def main(argv=None) -> int:
+    from transformers import AutoTokenizer
+
+    import dbquant
+    from dbquant.backends import cpu as cpu_backend
+    from dbquant.bench.machine import environment
+    from dbquant.eval.data import load_text
+    from dbquant.eval.wiki import wiki_windows
+    from dbquant.format.files import write_json
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=512)
+    kinds = [k for k in cpu_backend.GEMM_DTYPES if k != "auto"]
+    ap.add_argument("--gemms", default="fp32,int8", help=f"comma list of {', '.join(kinds)}; the first is the baseline")
+    ap.add_argument("--json", help="write the results here (atomically)")
+    a = ap.parse_args(argv)
+    gemms = a.gemms.split(",")
+    if not set(gemms) <= set(kinds):
+        ap.error(f"--gemms takes {','.join(kinds)}")
+    if a.windows < 1 or a.seq_len <= cpu_backend.LUT_MAX_ROWS:
+        ap.error(f"--windows >= 1 and --seq-len > {cpu_backend.LUT_MAX_ROWS} (shorter ones take the lookup tables)")
+    model, tok = dbquant.load(a.checkpoint), AutoTokenizer.from_pretrained(a.checkpoint)
+    windows = wiki_windows(tok, load_text("wiki", "eval"), seq_len=a.seq_len, n_windows=a.windows)
+    dense = cpu_backend.dense_gemm
+    rows, base = [], None
+    for gemm in gemms:
+        # run_cpu calls dense_gemm for every GEMM above LUT_MAX_ROWS rows: force its precision
+        cpu_backend.dense_gemm = lambda x, w, b, _=None, g=gemm: dense(x, w, b, g)
+        try:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                nll, picks, margins = prefill_nll(model, windows)
+        finally:
+            cpu_backend.dense_gemm = dense
+        n = picks.numel()
+        row = {"gemm": gemm, "ppl": math.exp(nll / n), "nll": nll / n, "tokens": n, "seconds": time.perf_counter() - t0}
+        if base is None:
+            base = picks, margins
+            note = ""
+        else:
+            row.update(agreement(picks, *base))
+            note = f"; greedy picks: {row['top1_agree']:.2%} as the first row's ({row['top1_differ']} differ"
+            if row["top1_differ"]:
+                note += f", where its top-2 margin is <= {row['max_base_margin_where_differ']:.3f}"
+            note += ")"
+        rows.append(row)
+        print(f"prefill GEMM {gemm:<5} PPL {row['ppl']:.4f} ({n} tokens, {row['seconds']:.0f} s){note}", flush=True)
+    out = {"checkpoint": a.checkpoint, "windows": len(windows), "seq_len": a.seq_len,
+           "auto_gemm": cpu_backend.resolve_gemm("auto"), "rows": rows, "machine": environment()}
+    if a.json:
+        write_json(a.json, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

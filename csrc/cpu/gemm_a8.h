@@ -1,0 +1,66 @@
+// Prefill GEMM on 8-bit activations ("a8"): y[M, N] = x[M, K] @ W^T (+ bias) for many rows, where
+// the dual-binary weight stays exact (its bit planes are read as they are: no dequantization) and only
+// the activations are rounded, to 8 bits per row and weight group with a zero point. On a CPU without
+// fast bf16 GEMMs this replaces "dequantize to float32 + BLAS" (dequant_t16.h): no float weight is
+// written, and integer multiply-adds do 32 products per instruction (docs/RESULTS.md has the measured
+// ratios and the perplexity cost).
+//
+// Activations (quantize_a8), per row m and group j (the g channels [g j, g j + g) of Kp; padded
+// channels k >= K are 0), asymmetric with 0 exact (a zero point, as the padded channels need):
+//   lo = min(0, min_k x), hi = max(0, max_k x), inv = hi > lo ? 255 / (hi - lo) : 0
+//   xz  int32   [M, G]   z = nearbyint(-lo * inv), in [0, 255] (the code of 0)
+//   xu  uint8   [M, Kp]  clamp(nearbyint(x * inv) + z, 0, 255) (the unsigned operand of vpmaddubsw)
+//   sx  float32 [M, G]   (hi - lo) / 255 (the step: x ~ sx (xu - z))
+//   xs  float32 [M, G]   sum over the group's channels, in order, of x (what an offset multiplies)
+//   A group holding a NaN or an Inf gets sx = xs = NaN and codes 0 (z = 0): every output it feeds is
+//   NaN, as x @ W^T's would be.
+//
+// Integer part, exact: D[m, j, p, n] = sum over the group's channels of (xu[m, k] - z[m, j]) * b_p[n, k]
+// (int32; computed as sum xu * b, whose int16 lanes hold g / 4 steps of two products <= 255 while
+// g <= kA8MaxGroup, minus z times the group's popcount).
+// Float part, in this order on every path, per output (m, n), groups j in order, y starting at 0:
+//   t = alpha_1[j, n] * D_1;  t = fma(alpha_2[j, n], D_2, t); ...;  y = fma(t, sx[m, j], y)
+//   with an offset:  y = fma(beta[j, n], xs[m, j], y);        at the end:  y = y + bias[n]
+// so the scalar and AVX2 paths agree bit for bit (tests), and gemm_a8_ref
+// (dbquant/backends/reference.py) computes the same integers. Against x @ W^T the error is the
+// activations' rounding, |x - sx (xu - z)| <= sx / 2 per channel, hence per output
+//   |y - x @ W^T| <= sum_j sx[m, j] / 2 * sum_{k in j} |W[n, k] - beta[j, n]|  (+ float32 rounding)
+// (the offset multiplies the exact xs, so it adds no rounding of x).
+//
+// The AVX2 kernel expands one tile's planes to bytes {0, 1} (a "panel", uint8 [2, Kp/4, P, 8, 4]: per
+// half tile, per 4 channels, per plane, 8 output rows of 4 bytes), then for 4 activation rows at a time
+// broadcasts 4 codes of a row into all lanes and multiplies them with each plane's bytes by vpmaddubsw,
+// adding the int16 pairs over the group; one vpmaddwd per group and plane widens them.
+
+#pragma once
+
+#include <cstdint>
+
+#include "dbgemm_t16.h"
+
+namespace dbquant {
+namespace cpu {
+
+// Largest group the int16 sums hold: g/4 steps of 2 products <= 255 each, 127.5 g <= 32767.
+constexpr int64_t kA8MaxGroup = 256;
+
+// Rows [m0, m1) of x float32 [M, K] (row stride K) into xu [M, Kp], xz, sx, xs [M, G] (above).
+void quantize_a8(const T16Weight& w, const float* x, uint8_t* xu, int32_t* xz, float* sx, float* xs,
+                 int64_t m0, int64_t m1);
+
+// Bytes of scratch gemm_a8_tiles needs per call (one tile's panel and its popcounts).
+int64_t a8_scratch_bytes(const T16Weight& w);
+
+// y[m, n] (float32 [M, N] row-major) for all M rows and the output rows of tiles [t0, t1), with
+// the bias added. scratch: a8_scratch_bytes(w) bytes, 32-byte aligned, this call's own.
+// Tiles are independent: callers run disjoint ranges in parallel. Requires w.group_size <= kA8MaxGroup.
+void gemm_a8_tiles(Isa isa, const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx,
+                   const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1);
+
+void gemm_a8_tiles_scalar(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx,
+                          const float* xs, int64_t M, float* y, int64_t t0, int64_t t1);
+void gemm_a8_tiles_avx2(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx,
+                        const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1);
+
+}  // namespace cpu
+}  // namespace dbquant

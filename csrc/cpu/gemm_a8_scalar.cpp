@@ -1,0 +1,85 @@
+// Scalar path of the 8-bit-activation prefill GEMM (gemm_a8.h), the activations' codes (shared by every
+// path), and the run-time dispatch.
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "gemm_a8.h"
+
+namespace dbquant {
+namespace cpu {
+
+void quantize_a8(const T16Weight& w, const float* x, uint8_t* xu, int32_t* xz, float* sx, float* xs,
+                 int64_t m0, int64_t m1) {
+  const int64_t g = w.group_size, G = w.groups(), Kp = w.kp(), K = w.K;
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = x + m * K;
+    for (int64_t j = 0; j < G; ++j) {
+      const int64_t k0 = j * g, k1 = std::min(K, k0 + g), i = m * G + j;
+      float lo = 0.0f, hi = 0.0f, sum = 0.0f, probe = 0.0f;
+      for (int64_t k = k0; k < k1; ++k) {
+        lo = std::min(lo, xr[k]);
+        hi = std::max(hi, xr[k]);
+        sum += xr[k];
+        probe += xr[k] * 0.0f;  // NaN exactly when the group holds a NaN or an Inf
+      }
+      uint8_t* q = xu + m * Kp + k0;
+      if (probe != 0.0f) {
+        std::memset(q, 0, size_t(g));
+        xz[i] = 0;
+        sx[i] = xs[i] = NAN;
+        continue;
+      }
+      const float inv = hi > lo ? 255.0f / (hi - lo) : 0.0f;
+      const int z = int(std::nearbyint(-lo * inv));
+      for (int64_t k = k0; k < k1; ++k)
+        q[k - k0] = uint8_t(std::clamp(int(std::nearbyint(xr[k] * inv)) + z, 0, 255));
+      std::memset(q + (k1 - k0), z, size_t(k0 + g - k1));  // padded channels: x = 0
+      xz[i] = z;
+      sx[i] = (hi - lo) / 255.0f;
+      xs[i] = sum;
+    }
+  }
+}
+
+int64_t a8_scratch_bytes(const T16Weight& w) {
+  return w.kp() * w.P * kTile + w.groups() * w.P * kTile * int64_t(sizeof(int32_t));
+}
+
+void gemm_a8_tiles(Isa isa, const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx,
+                   const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1) {
+  // AVX-512 CPUs run the AVX2 kernel (no AVX-512 variant yet: docs/RESULTS.md).
+  if (isa != Isa::Scalar) return gemm_a8_tiles_avx2(w, xu, xz, sx, xs, M, y, scratch, t0, t1);
+  gemm_a8_tiles_scalar(w, xu, xz, sx, xs, M, y, t0, t1);
+}
+
+void gemm_a8_tiles_scalar(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx,
+                          const float* xs, int64_t M, float* y, int64_t t0, int64_t t1) {
+  const int64_t G = w.groups(), g = w.group_size, P = w.P, Kp = w.kp(), N = w.N;
+  for (int64_t t = t0; t < t1; ++t) {
+    const auto [tp, ts, to] = tile_ptrs(w, t);
+    for (int r = 0; r < kTile && t * kTile + r < N; ++r) {
+      const int64_t n = t * kTile + r;
+      for (int64_t m = 0; m < M; ++m) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < G; ++j) {
+          float part = 0.0f;
+          for (int64_t p = 0; p < P; ++p) {
+            int32_t d = 0;
+            for (int64_t k = j * g; k < (j + 1) * g; ++k)
+              if (tp[((k >> 3) * P + p) * kTile + r] >> (k & 7) & 1) d += int32_t(xu[m * Kp + k]) - xz[m * G + j];
+            const float a = half_to_float(ts[(j * P + p) * kTile + r]);
+            part = p == 0 ? a * float(d) : std::fma(a, float(d), part);
+          }
+          acc = std::fma(part, sx[m * G + j], acc);
+          if (to) acc = std::fma(half_to_float(to[j * kTile + r]), xs[m * G + j], acc);
+        }
+        y[m * N + n] = w.bias ? acc + w.bias[n] : acc;
+      }
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace dbquant
