@@ -52,6 +52,14 @@ def agreement(picks: torch.Tensor, base_picks: torch.Tensor, base_margins: torch
             "max_base_margin_where_differ": float(base_margins[differ].max()) if differ.any() else None}
 
 
+def agreement_note(row: dict) -> str:
+    """A row's agreement fields (:func:`agreement`) in words, for the printed line."""
+    note = f"greedy picks: {row['top1_agree']:.2%} as the first row's ({row['top1_differ']} differ"
+    if row["top1_differ"]:
+        note += f", where its top-2 margin is <= {row['max_base_margin_where_differ']:.3f}"
+    return note + ")"
+
+
 def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
@@ -97,10 +105,7 @@ def main(argv=None) -> int:
                 note = ", ".join(f"{v:.1%} of top-2 margins < {k}" for k, v in row["share_margin_below"].items())
             else:
                 row.update(agreement(picks, *base))
-                note = f"greedy picks: {row['top1_agree']:.2%} as the first row's ({row['top1_differ']} differ"
-                if row["top1_differ"]:
-                    note += f", where its top-2 margin is <= {row['max_base_margin_where_differ']:.3f}"
-                note += ")"
+                note = agreement_note(row)
             rows.append(row)
             print(f"tables {lut:<5} head {head:<7} PPL {row['ppl']:.4f} ({n} tokens, {row['seconds']:.0f} s); {note}",
                   flush=True)

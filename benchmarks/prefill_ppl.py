@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.decode_ppl import agreement  # noqa: E402
+from benchmarks.decode_ppl import agreement, agreement_note  # noqa: E402
 
 
 def prefill_nll(model, windows: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
@@ -88,10 +88,7 @@ def main(argv=None) -> int:
             note = ""
         else:
             row.update(agreement(picks, *base))
-            note = f"; greedy picks: {row['top1_agree']:.2%} as the first row's ({row['top1_differ']} differ"
-            if row["top1_differ"]:
-                note += f", where its top-2 margin is <= {row['max_base_margin_where_differ']:.3f}"
-            note += ")"
+            note = "; " + agreement_note(row)
         rows.append(row)
         print(f"prefill GEMM {gemm:<5} PPL {row['ppl']:.4f} ({n} tokens, {row['seconds']:.0f} s){note}", flush=True)
     out = {"checkpoint": a.checkpoint, "windows": len(windows), "seq_len": a.seq_len,
