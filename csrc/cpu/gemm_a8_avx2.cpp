@@ -2,8 +2,8 @@
 // bytes {0, 1} and the groups' popcounts (once), then for each half tile (8 output rows, one 8-lane
 // vector) and each block of up to 4 activation rows, per group: vpmaddubsw of 4 broadcast activation
 // codes of a row with each plane's panel bytes, int16 sums over the group, one vpmaddwd to int32 per
-// plane less the row's zero point times the popcount, and the float epilogue in gemm_a8.h's order. A half tile's panel (2 P Kp bytes) stays in L1
-// while every activation row passes over it.
+// plane less the row's zero point times the popcount, and the float epilogue in gemm_a8.h's order. A half
+// tile's panel (2 P Kp bytes) stays in L1 while every activation row passes over it.
 // Compiled for AVX2 + FMA + F16C by the pragma; called only after a run-time CPU check.
 
 #pragma GCC target("avx2,fma,f16c")
