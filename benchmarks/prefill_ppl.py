@@ -3,7 +3,7 @@
 A prompt of more than ``LUT_MAX_ROWS`` tokens runs each packed projection as one GEMM whose precision
 is ``prefill_gemm`` (``dbquant.backends.cpu.GEMM_DTYPES``): "fp32" (the dequantized weight, exact up to
 summation order; what ``dbquant eval`` computes), "bf16" (weights and activations rounded to bfloat16)
-or "int8" (activations rounded to int8 per row and weight group, the bit planes exact:
+or "int8" (activations rounded to 8 bits per row and weight group with a zero point, the bit planes exact:
 ``csrc/cpu/gemm_a8.h``). This script scores the wiki windows through the Hugging Face forward with
 every such GEMM forced to one precision, all rows in one process on the same windows, so what a
 precision costs is measured where it runs (a prompt's logits, and the KV cache decoding reads).

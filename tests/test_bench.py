@@ -16,7 +16,7 @@ def test_kernel_bench_json_and_plot(tmp_path, capsys):
     data = json.loads(js.read_text())
     rows = data["rows"]
     assert data["environment"]["isas"][-1] == "scalar"
-    # ref is skipped in stream mode: 2 shapes x 2 M x (8 cache + 7 stream backends)
+    # ref is skipped in stream mode: 2 shapes x 2 M x (9 cache + 8 stream backends)
     assert len(rows) == 2 * 2 * 17
     for r in rows:
         assert {"op", "n", "k", "m", "mode", "threads", "backend", "ms", "gbps", "bandwidth_gbps"} <= set(r)
@@ -25,7 +25,7 @@ def test_kernel_bench_json_and_plot(tmp_path, capsys):
     stream = [r for r in rows if r["mode"] == "stream"]
     # rotated copies spanning the whole set (1 MiB here; by default 4x the L3, so every call reads DRAM)
     assert all(r["copies"] > 1 and r["rotating_bytes"] >= 1 << 20 for r in stream)
-    # float and int tables, and the prefill path's dequantize + GEMM in both precisions, side by side
+    # float and int tables, and the prefill path's GEMMs (dequantized fp32 / bf16, 8-bit activations), side by side
     assert {r["backend"] for r in rows} == {"fp32", "bf16", "ref", "cpu", "cpu-i8lut", "cpu-i16lut", "cpu-gemm",
                                             "cpu-gemm-bf16", "cpu-gemm-a8"}
     cpu = [r for r in rows if r["backend"].startswith("cpu")]

@@ -50,7 +50,7 @@ INT8_LM_HEAD = 0.02
 # (e.g. flops / seconds vs flops / (ms * 1e-3)): a few ulps of 2^-53.
 FLOAT64_RECOMPUTE = 1e-9
 
-# The int8 prefill GEMM (csrc/cpu/gemm_a8.h) rounds activations to int8 per row and weight group:
-# each channel moves by up to max|x| / 254 of its group, ~0.5% relative on Gaussian rows, and a
-# decoder layer compounds a few of them.
+# The int8 prefill GEMM (csrc/cpu/gemm_a8.h) rounds activations to 8 bits per row and weight group
+# (a zero point): each channel moves by up to (max - min) / 510 of its group, ~0.5% relative on
+# Gaussian rows, and a decoder layer compounds a few of them.
 INT8_ACT_REL_ERR = 3e-2

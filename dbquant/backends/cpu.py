@@ -45,8 +45,10 @@ KV_CODES_MAX_QUERIES = 4
 LUT_KINDS = ("auto", "float", "int8", "int16")
 # The GEMM above LUT_MAX_ROWS rows: "fp32" (the weight dequantized to float32: exact, what `eval`
 # measures), "bf16" (weight and activations rounded to bfloat16 into torch's bf16 GEMM: fp32
-# accumulation, a bf16 result), or "auto" = bf16 where this CPU's bf16 is fast
-# (backends/cpuinfo.py: ~4x the fp32 GEMM on Zen 5), else fp32. The fast decoder's prefill uses auto.
+# accumulation, a bf16 result), "int8" (activations rounded to 8 bits per row and group, the bit planes
+# exact: csrc/cpu/gemm_a8.h), or "auto" (resolve_gemm) = bf16 where this CPU's bf16 is fast
+# (backends/cpuinfo.py: ~4x the fp32 GEMM on Zen 5), int8 where AVX2 is its fastest path, else fp32.
+# The fast decoder's prefill uses auto.
 GEMM_DTYPES = ("auto", "fp32", "bf16", "int8")
 A8_MAX_GROUP = 256  # csrc/cpu/gemm_a8.h kA8MaxGroup: larger groups take the fp32 GEMM
 
