@@ -22,64 +22,76 @@ namespace {
 
 constexpr int gcd_c(int a, int b) { return b ? gcd_c(b, a % b) : a; }
 
+// One segment (byte columns [c0, c1) of one group: n = (c1 - c0) P units) of one tile and
+// activation row: S[p][h] (int32, rows 8h..8h+7) = plane p's sums of the codes. Its own function so
+// that the wide loop holds only its accumulators, the masks and the loaded bytes: with the group's
+// sums and y live across the loop (the form before) GCC spilled lookups and rebuilt its constants
+// every iteration, about half the kernel's time on an AMD Zen 3 (docs/RESULTS.md).
+template <int P, int E>
+inline void segment(const uint8_t* wb, const int8_t* tl, const int8_t* th, const int8_t* rl, const int8_t* rh,
+                    int64_t n, __m256i (&S)[P][2]) {
+  constexpr int W = 2, NPH = P / gcd_c(W, P);
+  const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi8(1);
+  __m256i acc[NPH][2], rem[NPH];  // int16 sums (int16 tables: of the top parts); uint8 rem sums
+  for (int v = 0; v < NPH; ++v) acc[v][0] = acc[v][1] = rem[v] = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + W * NPH <= n; i += W * NPH) {
+    for (int v = 0; v < NPH; ++v) {
+      const int64_t o = (i + W * v) * kTile;
+      const __m256i b = _mm256_loadu_si256((const __m256i*)(wb + o));
+      prefetch_ahead(wb + o);
+      const __m256i il = _mm256_and_si256(b, m4), ih = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
+      const __m256i vl = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(tl + o)), il);
+      const __m256i vh = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(th + o)), ih);
+      acc[v][0] = _mm256_add_epi16(acc[v][0], _mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(vl, vh)));
+      acc[v][1] = _mm256_add_epi16(acc[v][1], _mm256_maddubs_epi16(ones, _mm256_unpackhi_epi8(vl, vh)));
+      if constexpr (E == 2) {  // the rem parts add in uint8 lanes (at most 240 per segment)
+        const __m256i ul = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(rl + o)), il);
+        const __m256i uh = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(rh + o)), ih);
+        rem[v] = _mm256_add_epi8(rem[v], _mm256_add_epi8(ul, uh));
+      }
+    }
+  }
+  if constexpr (E == 2)  // the codes' sums: 16 top + rem
+    for (int v = 0; v < NPH; ++v) {
+      const __m256i z = _mm256_setzero_si256();
+      acc[v][0] = _mm256_add_epi16(_mm256_slli_epi16(acc[v][0], 4), _mm256_unpacklo_epi8(rem[v], z));
+      acc[v][1] = _mm256_add_epi16(_mm256_slli_epi16(acc[v][1], 4), _mm256_unpackhi_epi8(rem[v], z));
+    }
+  __m128i ps[P][2];
+  for (int p = 0; p < P; ++p) ps[p][0] = ps[p][1] = _mm_setzero_si128();
+  for (; i < n; ++i)
+    unit_xmm<E, I16Split::TopRem>(wb + i * kTile, tl + i * kTile, th + i * kTile, E == 2 ? rl + i * kTile : nullptr,
+                                  E == 2 ? rh + i * kTile : nullptr, ps[i % P][0], ps[i % P][1]);
+  for (int v = 0; v < NPH; ++v)
+    for (int h = 0; h < 2; ++h) {
+      const __m128i L[W] = {_mm256_castsi256_si128(acc[v][h]), _mm256_extracti128_si256(acc[v][h], 1)};
+      for (int j = 0; j < W; ++j) ps[(W * v + j) % P][h] = _mm_add_epi16(ps[(W * v + j) % P][h], L[j]);
+    }
+  for (int p = 0; p < P; ++p)
+    for (int h = 0; h < 2; ++h) S[p][h] = _mm256_cvtepi16_epi32(ps[p][h]);
+}
+
 // y (rows 0..7 in y0, 8..15 in y1) of one tile and activation row; E bytes per table entry.
 template <int P, int E>
 inline void tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* tp, const uint16_t* ts,
                      const uint16_t* to, __m256& y0, __m256& y1) {
-  constexpr int W = 2, NPH = P / gcd_c(W, P);
   constexpr int64_t SEG = lut_segment_cols(lut_kind_for(E));
   const int64_t G = w.groups(), cpg = w.group_size / 8;
-  const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi8(1);
   y0 = y1 = _mm256_setzero_ps();
+  auto seg = [&](int64_t c0, __m256i (&S)[P][2]) {  // the group's segment from byte column c0
+    const int64_t c1 = std::min((c0 / cpg + 1) * cpg, c0 + SEG), off0 = c0 * P * kTile;
+    segment<P, E>(tp + off0, row.lo + off0, row.hi + off0, E == 2 ? row.lo2 + off0 : nullptr,
+                  E == 2 ? row.hi2 + off0 : nullptr, (c1 - c0) * P, S);
+  };
   for (int64_t g = 0; g < G; ++g) {
-    __m256i S[P][2];
-    for (int p = 0; p < P; ++p) S[p][0] = S[p][1] = _mm256_setzero_si256();
-    for (int64_t c0 = g * cpg; c0 < (g + 1) * cpg; c0 += SEG) {
-      const int64_t c1 = std::min((g + 1) * cpg, c0 + SEG), n = (c1 - c0) * P, off0 = c0 * P * kTile;
-      const uint8_t* wb = tp + off0;
-      const int8_t* tl = row.lo + off0;
-      const int8_t* th = row.hi + off0;
-      const int8_t* rl = E == 2 ? row.lo2 + off0 : nullptr;
-      const int8_t* rh = E == 2 ? row.hi2 + off0 : nullptr;
-      __m256i acc[NPH][2], rem[NPH];  // int16 sums (int16 tables: of the top parts); uint8 rem sums
-      for (int v = 0; v < NPH; ++v) acc[v][0] = acc[v][1] = rem[v] = _mm256_setzero_si256();
-      int64_t i = 0;
-      for (; i + W * NPH <= n; i += W * NPH) {
-        for (int v = 0; v < NPH; ++v) {
-          const int64_t o = (i + W * v) * kTile;
-          const __m256i b = _mm256_loadu_si256((const __m256i*)(wb + o));
-          prefetch_ahead(wb + o);
-          const __m256i il = _mm256_and_si256(b, m4), ih = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
-          const __m256i vl = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(tl + o)), il);
-          const __m256i vh = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(th + o)), ih);
-          acc[v][0] = _mm256_add_epi16(acc[v][0], _mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(vl, vh)));
-          acc[v][1] = _mm256_add_epi16(acc[v][1], _mm256_maddubs_epi16(ones, _mm256_unpackhi_epi8(vl, vh)));
-          if constexpr (E == 2) {  // the rem parts add in uint8 lanes (at most 240 per segment)
-            const __m256i ul = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(rl + o)), il);
-            const __m256i uh = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(rh + o)), ih);
-            rem[v] = _mm256_add_epi8(rem[v], _mm256_add_epi8(ul, uh));
-          }
-        }
-      }
-      if constexpr (E == 2)  // the codes' sums: 16 top + rem
-        for (int v = 0; v < NPH; ++v) {
-          const __m256i z = _mm256_setzero_si256();
-          acc[v][0] = _mm256_add_epi16(_mm256_slli_epi16(acc[v][0], 4), _mm256_unpacklo_epi8(rem[v], z));
-          acc[v][1] = _mm256_add_epi16(_mm256_slli_epi16(acc[v][1], 4), _mm256_unpackhi_epi8(rem[v], z));
-        }
-      __m128i ps[P][2];
-      for (int p = 0; p < P; ++p) ps[p][0] = ps[p][1] = _mm_setzero_si128();
-      for (; i < n; ++i)
-        unit_xmm<E, I16Split::TopRem>(wb + i * kTile, tl + i * kTile, th + i * kTile,
-                                      E == 2 ? rl + i * kTile : nullptr, E == 2 ? rh + i * kTile : nullptr,
-                                      ps[i % P][0], ps[i % P][1]);
-      for (int v = 0; v < NPH; ++v)
-        for (int h = 0; h < 2; ++h) {
-          const __m128i L[W] = {_mm256_castsi256_si128(acc[v][h]), _mm256_extracti128_si256(acc[v][h], 1)};
-          for (int j = 0; j < W; ++j) ps[(W * v + j) % P][h] = _mm_add_epi16(ps[(W * v + j) % P][h], L[j]);
-        }
+    __m256i S[P][2];  // plane p's exact sums over the group, rows 8h..8h+7
+    seg(g * cpg, S);
+    for (int64_t c0 = g * cpg + SEG; c0 < (g + 1) * cpg; c0 += SEG) {  // groups of more than SEG columns
+      __m256i T[P][2];
+      seg(c0, T);
       for (int p = 0; p < P; ++p)
-        for (int h = 0; h < 2; ++h) S[p][h] = _mm256_add_epi32(S[p][h], _mm256_cvtepi16_epi32(ps[p][h]));
+        for (int h = 0; h < 2; ++h) S[p][h] = _mm256_add_epi32(S[p][h], T[p][h]);
     }
     const __m256 s = _mm256_set1_ps(row.scale[g]), h = _mm256_set1_ps(0.5f * row.gsum[g]);  // the centring's term
     for (int p = 0; p < P; ++p) {
@@ -101,6 +113,9 @@ template <int P, int E>
 void tiles(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1) {
   constexpr LutKind kind = lut_kind_for(E);
   const int64_t G = w.groups(), C8 = w.kp() / 8;
+  constexpr int64_t kRows = 64;  // row views computed once per call up to here (decode: M = 1)
+  I8LutRow views[kRows];
+  for (int64_t m = 0; m < std::min(M, kRows); ++m) views[m] = i8lut_row(w, const_cast<uint8_t*>(buf), m, kind);
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* tp = w.planes + t * C8 * P * kTile;
     const uint16_t* ts = w.scales + t * G * P * kTile;
@@ -109,7 +124,7 @@ void tiles(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t 
     const int rows = int(std::min<int64_t>(kTile, w.N - n0));
     for (int64_t m = 0; m < M; ++m) {
       __m256 y0, y1;
-      tile_row<P, E>(w, i8lut_row(w, const_cast<uint8_t*>(buf), m, kind), tp, ts, to, y0, y1);
+      tile_row<P, E>(w, m < kRows ? views[m] : i8lut_row(w, const_cast<uint8_t*>(buf), m, kind), tp, ts, to, y0, y1);
       alignas(32) float out[kTile];
       _mm256_store_ps(out, y0);
       _mm256_store_ps(out + 8, y1);
