@@ -122,18 +122,22 @@ def test_large_group_widens_before_int16_overflows(planes, kind, bits):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-3)
 
 
-def test_thread_count_does_not_change_result():
-    w, b, canon = prepared(1536, 576, 64, True, True, seed=6)
-    x = torch.randn(1, 576)
+@pytest.mark.parametrize("kind", ["int8", "int16"])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_thread_count_does_not_change_result(kind, threads):
+    """One row: each thread builds the tables of its share of the groups (9 here, split unevenly), then
+    runs its share of the tiles; the bytes and so the outputs are those of one thread."""
+    w, b, canon = prepared(1536, 520, 64, True, True, seed=6)
+    x = torch.randn(1, 520)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        y1 = cpu_backend.run_cpu(x, w, b, lut="int8")
-        torch.set_num_threads(max(2, old))
-        y2 = cpu_backend.run_cpu(x, w, b, lut="int8")
+        y1 = cpu_backend.run_cpu(x, w, b, lut=kind)
+        torch.set_num_threads(threads)
+        y2 = cpu_backend.run_cpu(x, w, b, lut=kind)
     finally:
         torch.set_num_threads(old)
-    assert torch.equal(y1, y2)  # tables built once, each tile by one thread
+    assert torch.equal(y1, y2)
 
 
 def test_zero_and_nonfinite_rows():

@@ -84,6 +84,7 @@
 #include <torch/custom_class.h>
 
 #include <ATen/Parallel.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <optional>
@@ -203,6 +204,30 @@ void recompute_nonfinite_rows(const at::Tensor& x, const dbquant::cpu::T16Weight
   }
 }
 
+// y[N] = W x[K] for one activation row through the integer-table kernel (dbgemm_i8lut.h), tables in
+// buf (i8lut_row_bytes(w, kind) bytes). One parallel region: each thread builds the tables of its share
+// of the groups, then (after one barrier) runs its share of the tiles. Built by one thread before
+// the region, the tables were ~8% of a 2-thread decode step on an AMD Zen 3 with the other core
+// waiting (docs/RESULTS.md).
+void gemv_i8(Isa isa, const dbquant::cpu::T16Weight& w, const float* x, uint8_t* buf, float* y, LutKind kind) {
+  const int64_t G = w.groups(), T = w.tiles();
+  // tiles per thread at least (as the float path's grain): below it one thread does everything
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 13) / (4 * (w.kp() / 8) * w.P));
+  const int nth = at::in_parallel_region() ? 1 : int(std::min<int64_t>(at::get_num_threads(), (T + grain - 1) / grain));
+  if (nth <= 1) {
+    dbquant::cpu::build_i8luts(isa, w, x, buf, 0, 1, kind, 0, G);
+    dbquant::cpu::gemm_tiles_i8(isa, w, buf, 1, y, 0, T, kind);
+    return;
+  }
+#pragma omp parallel num_threads(nth)
+  {
+    const int64_t n = omp_get_num_threads(), i = omp_get_thread_num();
+    dbquant::cpu::build_i8luts(isa, w, x, buf, 0, 1, kind, G * i / n, G * (i + 1) / n);
+#pragma omp barrier
+    dbquant::cpu::gemm_tiles_i8(isa, w, buf, 1, y, T * i / n, T * (i + 1) / n, kind);
+  }
+}
+
 // y = x @ W^T (+ bias) through the integer-table kernel (dbgemm_i8lut.h): tables of at most
 // kMaxLutBytes at a time, tiles split over threads as in the float path.
 void dbgemm_i8(const at::Tensor& x, const dbquant::cpu::T16Weight& w, Isa isa, LutKind kind, at::Tensor& y) {
@@ -210,11 +235,12 @@ void dbgemm_i8(const at::Tensor& x, const dbquant::cpu::T16Weight& w, Isa isa, L
   const int64_t m_slice = std::max<int64_t>(1, std::min<int64_t>(M, kMaxLutBytes / rb));
   at::Tensor buf = at::empty({m_slice * rb}, x.options().dtype(at::kByte));
   uint8_t* bp = buf.data_ptr<uint8_t>();
+  if (M == 1) return gemv_i8(isa, w, x.data_ptr<float>(), bp, y.data_ptr<float>(), kind);
   for (int64_t m0 = 0; m0 < M; m0 += m_slice) {
     const int64_t mt = std::min(m_slice, M - m0);
     const float* xt = x.data_ptr<float>() + m0 * w.K;
     at::parallel_for(0, mt, std::max<int64_t>(1, (int64_t(1) << 16) / w.kp()),
-                     [&](int64_t b, int64_t e) { dbquant::cpu::build_i8luts(isa, w, xt, bp, b, e, kind); });
+                     [&](int64_t b, int64_t e) { dbquant::cpu::build_i8luts(isa, w, xt, bp, b, e, kind, 0, w.groups()); });
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 13) / (4 * mt * C8 * w.P));
     float* yt = y.data_ptr<float>() + m0 * w.N;
     at::parallel_for(0, w.tiles(), grain, [&](int64_t t0, int64_t t1) {
@@ -442,15 +468,7 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& w, double eps) {
 void gemv_t16(Isa isa, const dbquant::cpu::T16Weight& w, const float* x, float* y, float* lut,
               float* gsum) {
   const LutKind kind = dbquant::cpu::default_lut(isa);
-  if (kind != LutKind::Float) {
-    uint8_t* buf = reinterpret_cast<uint8_t*>(lut);
-    dbquant::cpu::build_i8luts(isa, w, x, buf, 0, 1, kind);
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 13) / (4 * (w.kp() / 8) * w.P));
-    at::parallel_for(0, w.tiles(), grain, [&](int64_t t0, int64_t t1) {
-      dbquant::cpu::gemm_tiles_i8(isa, w, buf, 1, y, t0, t1, kind);
-    });
-    return;
-  }
+  if (kind != LutKind::Float) return gemv_i8(isa, w, x, reinterpret_cast<uint8_t*>(lut), y, kind);
   dbquant::cpu::build_luts(isa, w, x, lut, w.offset ? gsum : nullptr, 0, 1);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 13) / (4 * (w.kp() / 8)));
   at::parallel_for(0, w.tiles(), grain, [&](int64_t t0, int64_t t1) {

@@ -97,14 +97,15 @@ I8LutRow i8lut_row(const T16Weight& w, uint8_t* buf, int64_t m, LutKind kind) {
   return r;
 }
 
-void build_i8luts_scalar(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, LutKind kind) {
-  const int64_t K = w.K, G = w.groups(), g = w.group_size, P = w.P;
+void build_i8luts_scalar(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, LutKind kind,
+                         int64_t j0, int64_t j1) {
+  const int64_t K = w.K, g = w.group_size, P = w.P;
   const float top = float(lut_code_max(kind));
   const bool split = kind == LutKind::Int16;
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * K;
     const I8LutRow row = i8lut_row(w, buf, m, kind);
-    for (int64_t j = 0; j < G; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       float t[16];
       // pass 1: the group's largest |centred partial sum|, which the codes' +-code_max must cover
       float mx = 0.0f;
@@ -141,13 +142,13 @@ void build_i8luts_scalar(const T16Weight& w, const float* x, uint8_t* buf, int64
 }
 
 void build_i8luts(Isa isa, const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1,
-                  LutKind kind) {
+                  LutKind kind, int64_t j0, int64_t j1) {
   switch (isa) {
     case Isa::Avx512:
-      return i8lut_vbmi() && kind == LutKind::Int8 ? build_i8luts_avx512vbmi(w, x, buf, m0, m1)
-                                                   : build_i8luts_avx512(w, x, buf, m0, m1, kind);
-    case Isa::Avx2: return build_i8luts_avx2(w, x, buf, m0, m1, kind);
-    default: return build_i8luts_scalar(w, x, buf, m0, m1, kind);
+      return i8lut_vbmi() && kind == LutKind::Int8 ? build_i8luts_avx512vbmi(w, x, buf, m0, m1, j0, j1)
+                                                   : build_i8luts_avx512(w, x, buf, m0, m1, kind, j0, j1);
+    case Isa::Avx2: return build_i8luts_avx2(w, x, buf, m0, m1, kind, j0, j1);
+    default: return build_i8luts_scalar(w, x, buf, m0, m1, kind, j0, j1);
   }
 }
 

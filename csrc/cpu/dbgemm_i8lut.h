@@ -131,17 +131,23 @@ int64_t i8lut_row_bytes(const T16Weight& w, LutKind kind);
 // The views of row m inside buf (buf: m rows of i8lut_row_bytes(w, kind) bytes).
 I8LutRow i8lut_row(const T16Weight& w, uint8_t* buf, int64_t m, LutKind kind);
 
-// Tables of activation rows [m0, m1) of x (float32 [M, K], row stride K) into buf. Every path
+// Tables of groups [j0, j1) of activation rows [m0, m1) of x (float32 [M, K], row stride K) into buf
+// (the groups' scales, sums and byte columns only: threads may build disjoint group ranges of one row
+// side by side). Every path
 // performs the same float operations (the adds in the order above, an exact max, one multiply,
 // round half to even), so the tables hold the same codes whichever path built them (int16 codes
 // split as that path's I16Split; a path's lookups read only tables its own build wrote).
 // kind: Int8 or Int16 (the int16 tables never take the VBMI lookups).
 void build_i8luts(Isa isa, const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1,
-                  LutKind kind);
-void build_i8luts_scalar(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, LutKind kind);
-void build_i8luts_avx2(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, LutKind kind);
-void build_i8luts_avx512(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, LutKind kind);
-void build_i8luts_avx512vbmi(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1);
+                  LutKind kind, int64_t j0, int64_t j1);
+void build_i8luts_scalar(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, LutKind kind,
+                         int64_t j0, int64_t j1);
+void build_i8luts_avx2(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, LutKind kind,
+                       int64_t j0, int64_t j1);
+void build_i8luts_avx512(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, LutKind kind,
+                         int64_t j0, int64_t j1);
+void build_i8luts_avx512vbmi(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, int64_t j0,
+                             int64_t j1);
 
 // y[m, n] (float32 [M, N]) for all M rows and the output rows of tiles [t0, t1), from the tables
 // in buf. Tiles are independent: callers run disjoint ranges in parallel.

@@ -161,8 +161,9 @@ inline void quantize16(__m256 lo, __m256 hi, __m256 inv, bool split, __m128i& to
 
 }  // namespace
 
-void build_i8luts_avx2(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, LutKind kind) {
-  const int64_t K = w.K, G = w.groups(), g = w.group_size, P = w.P;
+void build_i8luts_avx2(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, LutKind kind,
+                       int64_t j0, int64_t j1) {
+  const int64_t K = w.K, g = w.group_size, P = w.P;
   const float top = float(lut_code_max(kind));
   const bool split = kind == LutKind::Int16;  // this path's I16Split::TopRem
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -172,7 +173,7 @@ void build_i8luts_avx2(const T16Weight& w, const float* x, uint8_t* buf, int64_t
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * K;
     const I8LutRow row = i8lut_row(w, buf, m, kind);
-    for (int64_t j = 0; j < G; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       const int64_t q0 = j * nq;
       __m256 vmax = _mm256_setzero_ps(), lo, hi;
       for (int64_t i = 0; i < nq; ++i) {

@@ -11,9 +11,10 @@
 namespace dbquant {
 namespace cpu {
 
-void build_i8luts_avx512(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, LutKind kind) {
-  if (kind == LutKind::Int16) return i8_avx512::build_rows<2>(w, x, buf, m0, m1);
-  i8_avx512::build_rows<1>(w, x, buf, m0, m1);
+void build_i8luts_avx512(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, LutKind kind,
+                         int64_t j0, int64_t j1) {
+  if (kind == LutKind::Int16) return i8_avx512::build_rows<2>(w, x, buf, m0, m1, j0, j1);
+  i8_avx512::build_rows<1>(w, x, buf, m0, m1, j0, j1);
 }
 
 void gemm_tiles_i8_avx512(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1,

@@ -203,16 +203,17 @@ inline __m512 chunk_table(const float* xr, int64_t K, int64_t q) {
 }
 
 template <int E>
-inline void build_rows(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1) {
+inline void build_rows(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, int64_t j0,
+                       int64_t j1) {
   constexpr LutKind kind = lut_kind_for(E);
   constexpr float top = float(lut_code_max(kind));
-  const int64_t K = w.K, G = w.groups(), g = w.group_size, nq = g / 4;
+  const int64_t K = w.K, g = w.group_size, nq = g / 4;
   const bool keep = nq <= kBuildChunks;
   alignas(64) float kept[kBuildChunks * 16];
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * K;
     const I8LutRow row = i8lut_row(w, buf, m, kind);
-    for (int64_t j = 0; j < G; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       const int64_t q0 = j * nq;
       __m512 vmax = _mm512_setzero_ps();
       for (int64_t i = 0; i < nq; ++i) {

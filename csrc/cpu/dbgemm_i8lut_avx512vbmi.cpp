@@ -11,8 +11,9 @@
 namespace dbquant {
 namespace cpu {
 
-void build_i8luts_avx512vbmi(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1) {
-  i8_avx512vbmi::build_rows<1>(w, x, buf, m0, m1);
+void build_i8luts_avx512vbmi(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, int64_t j0,
+                             int64_t j1) {
+  i8_avx512vbmi::build_rows<1>(w, x, buf, m0, m1, j0, j1);
 }
 
 void gemm_tiles_i8_avx512vbmi(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1) {
