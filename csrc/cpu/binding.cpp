@@ -87,6 +87,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <optional>
 #include <string>
 #include <utility>
@@ -204,11 +205,40 @@ void recompute_nonfinite_rows(const at::Tensor& x, const dbquant::cpu::T16Weight
   }
 }
 
+// Thread i's share of T tiles as chunks [lo, hi) of `chunk` tiles, packed in one atomic word (lo in the
+// low 32 bits, hi in the high ones): the owner takes chunks from the front, a thread that has finished
+// its own share takes them from the back (one compare-and-swap per chunk either way), so each thread
+// streams its contiguous share forwards (its prefetch pattern) and only the tail moves to the faster
+// core. Every tile is computed by exactly one thread whichever took it: the results do not depend on it.
+struct TileShares {
+  static constexpr int kMax = 64;  // threads
+  struct alignas(64) Range {  // a cache line each: an owner's takes do not touch the others' lines
+    std::atomic<uint64_t> v;
+  };
+  Range range[kMax];
+  int n;
+  TileShares(int64_t chunks, int threads) : n(std::min(threads, kMax)) {
+    for (int i = 0; i < n; ++i)
+      range[i].v.store(uint64_t(chunks * i / n) | uint64_t(chunks * (i + 1) / n) << 32, std::memory_order_relaxed);
+  }
+  // The next chunk of share i from the front (own) or the back (stolen); -1 when the share is empty.
+  int64_t take(int i, bool front) {
+    uint64_t r = range[i].v.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t lo = r & 0xffffffffu, hi = r >> 32;
+      if (lo >= hi) return -1;
+      const uint64_t next = front ? (lo + 1) | hi << 32 : lo | (hi - 1) << 32;
+      if (range[i].v.compare_exchange_weak(r, next, std::memory_order_relaxed)) return int64_t(front ? lo : hi - 1);
+    }
+  }
+};
+
 // y[N] = W x[K] for one activation row through the integer-table kernel (dbgemm_i8lut.h), tables in
 // buf (i8lut_row_bytes(w, kind) bytes). One parallel region: each thread builds the tables of its share
-// of the groups, then (after one barrier) runs its share of the tiles. Built by one thread before
-// the region, the tables were ~8% of a 2-thread decode step on an AMD Zen 3 with the other core
-// waiting (docs/RESULTS.md).
+// of the groups, then (after one barrier) runs its share of the tiles, and then takes what is left of
+// the others' shares from their ends (TileShares). Built by one thread before the region, the tables
+// were ~8% of a 2-thread decode step on an AMD Zen 3 with the other core waiting; with fixed halves
+// of the tiles the two cores finished ~20% of a region apart (docs/RESULTS.md).
 void gemv_i8(Isa isa, const dbquant::cpu::T16Weight& w, const float* x, uint8_t* buf, float* y, LutKind kind) {
   const int64_t G = w.groups(), T = w.tiles();
   // tiles per thread at least (as the float path's grain): below it one thread does everything
@@ -219,12 +249,20 @@ void gemv_i8(Isa isa, const dbquant::cpu::T16Weight& w, const float* x, uint8_t*
     dbquant::cpu::gemm_tiles_i8(isa, w, buf, 1, y, 0, T, kind);
     return;
   }
-#pragma omp parallel num_threads(nth)
+  const int64_t chunk = std::max<int64_t>(1, T / (8 * int64_t(nth))), chunks = (T + chunk - 1) / chunk;
+  TileShares shares(chunks, std::min(nth, TileShares::kMax));
+#pragma omp parallel num_threads(shares.n)
   {
-    const int64_t n = omp_get_num_threads(), i = omp_get_thread_num();
+    const int n = omp_get_num_threads(), i = omp_get_thread_num();
     dbquant::cpu::build_i8luts(isa, w, x, buf, 0, 1, kind, G * i / n, G * (i + 1) / n);
 #pragma omp barrier
-    dbquant::cpu::gemm_tiles_i8(isa, w, buf, 1, y, T * i / n, T * (i + 1) / n, kind);
+    // own share first, then the others' from their ends (all shares.n of them: the runtime may have
+    // started fewer threads than asked for)
+    for (int k = 0; k < shares.n; ++k) {
+      const int s = (i + k) % shares.n;
+      for (int64_t c; (c = shares.take(s, k == 0)) >= 0;)
+        dbquant::cpu::gemm_tiles_i8(isa, w, buf, 1, y, c * chunk, std::min(T, (c + 1) * chunk), kind);
+    }
   }
 }
 
