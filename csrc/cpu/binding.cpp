@@ -250,7 +250,7 @@ void gemv_i8(Isa isa, const dbquant::cpu::T16Weight& w, const float* x, uint8_t*
     return;
   }
   const int64_t chunk = std::max<int64_t>(1, T / (8 * int64_t(nth))), chunks = (T + chunk - 1) / chunk;
-  TileShares shares(chunks, std::min(nth, TileShares::kMax));
+  TileShares shares(chunks, nth);  // at most TileShares::kMax threads
 #pragma omp parallel num_threads(shares.n)
   {
     const int n = omp_get_num_threads(), i = omp_get_thread_num();
