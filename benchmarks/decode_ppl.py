@@ -14,7 +14,7 @@ and the first row's top-2 logit margin where they differ. Free-running greedy te
 at the first such flip, so this says how close to a tie a changed kernel changes an answer.
 
 Usage: python benchmarks/decode_ppl.py CHECKPOINT [--windows 8] [--seq-len 512]
-       [--luts float,int8,int16] [--heads int8,w8a8] [--json PATH]
+       [--luts float,int8,int16] [--heads int8,w8a8] [--caches float16,float32] [--json PATH]
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     from dbquant.eval.data import load_text
     from dbquant.eval.wiki import wiki_windows
     from dbquant.format.files import write_json
-    from dbquant.runtime.decode import FastDecoder
+    from dbquant.runtime.decode import CACHE_DTYPES, FastDecoder
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint")
@@ -79,25 +79,27 @@ def main(argv=None) -> int:
     ap.add_argument("--luts", default=",".join(kinds),
                     help=f"comma list of {', '.join(kinds)} (the one-row GEMV's tables)")
     ap.add_argument("--heads", default="int8", help="comma list of --lm-head-dtype values: float32, int8, w8a8")
+    ap.add_argument("--caches", default="float16", help=f"comma list of KV cache dtypes: {', '.join(CACHE_DTYPES)}")
     ap.add_argument("--json", help="write the results here (atomically)")
     a = ap.parse_args(argv)
-    luts, heads = a.luts.split(","), a.heads.split(",")
-    if not set(luts) <= set(kinds) or not set(heads) <= {"float32", "int8", "w8a8"}:
-        ap.error(f"--luts takes {','.join(kinds)}; --heads takes float32,int8,w8a8")
+    luts, heads, caches = a.luts.split(","), a.heads.split(","), a.caches.split(",")
+    if (not set(luts) <= set(kinds) or not set(heads) <= {"float32", "int8", "w8a8"}
+            or not set(caches) <= set(CACHE_DTYPES)):
+        ap.error(f"--luts takes {','.join(kinds)}; --heads takes float32,int8,w8a8; --caches {','.join(CACHE_DTYPES)}")
     if a.windows < 1 or a.seq_len < 2:
         ap.error("--windows >= 1 and --seq-len >= 2")
     model, tok = dbquant.load(a.checkpoint), AutoTokenizer.from_pretrained(a.checkpoint)
     windows = wiki_windows(tok, load_text("wiki", "eval"), seq_len=a.seq_len, n_windows=a.windows)
     rows, base = [], None
-    for head in heads:
+    for cache, head in ((c, h) for c in caches for h in heads):
         dec = FastDecoder(model, max_len=a.seq_len, lm_head_dtype=torch.float32 if head == "float32" else
-                          (torch.int8 if head == "int8" else head))
+                          (torch.int8 if head == "int8" else head), cache_dtype=cache)
         for lut in luts:
             t0 = time.perf_counter()
             with torch.inference_mode(), cpu_backend.forced_lut(lut):
                 nll, picks, margins = decode_nll(dec, windows)
             n = picks.numel()
-            row = {"lut": lut, "head": head, "ppl": math.exp(nll / n), "nll": nll / n, "tokens": n,
+            row = {"lut": lut, "head": head, "cache": cache, "ppl": math.exp(nll / n), "nll": nll / n, "tokens": n,
                    "seconds": time.perf_counter() - t0}
             if base is None:
                 base = picks, margins
@@ -107,8 +109,8 @@ def main(argv=None) -> int:
                 row.update(agreement(picks, *base))
                 note = agreement_note(row)
             rows.append(row)
-            print(f"tables {lut:<5} head {head:<7} PPL {row['ppl']:.4f} ({n} tokens, {row['seconds']:.0f} s); {note}",
-                  flush=True)
+            print(f"tables {lut:<5} head {head:<7} cache {cache:<7} PPL {row['ppl']:.4f} ({n} tokens, "
+                  f"{row['seconds']:.0f} s); {note}", flush=True)
     out = {"checkpoint": a.checkpoint, "windows": len(windows), "seq_len": a.seq_len,
            "default_lut": cpu_backend.default_lut(), "rows": rows, "machine": environment()}
     if a.json:

@@ -32,9 +32,11 @@ def _case(hq, hk, d, L, seed):
     return q, k, v
 
 
-# (query heads, kv heads, head dim): SmolLM2's 9/3/64, MHA, head widths 8, 24 (16 + 8), 80, 128, 256
-# (16 AVX-512 vectors: the widest unrolled) and 264 (beyond: the runtime-width loops on every path).
-HEADS = [(9, 3, 64), (4, 4, 24), (6, 2, 8), (2, 1, 80), (8, 2, 128), (2, 1, 256), (3, 3, 264)]
+# (query heads, kv heads, head dim): SmolLM2's 9/3/64, MHA, head widths 8, 12 and 36 (a partial last vector
+# on AVX2 too: 8 + 4, 4 x 8 + 4), 24 (16 + 8), 80, 128, 256 (16 AVX-512 vectors: the widest unrolled) and 264
+# (beyond: the runtime-width loops on every path).
+HEADS = [(9, 3, 64), (4, 4, 24), (6, 2, 8), (3, 1, 12), (2, 2, 36), (2, 1, 80), (8, 2, 128), (2, 1, 256),
+         (3, 3, 264)]
 
 
 @pytest.mark.parametrize("hq,hk,d", HEADS)
@@ -59,6 +61,32 @@ def test_attend_softcap_and_rows_past_n_unread(d):
     for isa in torch.ops.dbquant.cpu_isas():
         got = torch.ops.dbquant.attend_cpu(q, k, v, 29, d ** -0.5, 5.0, isa)
         torch.testing.assert_close(got, ref, rtol=FP32_REORDER_LONG, atol=FP32_REORDER, msg=f"isa={isa}")
+
+
+@pytest.mark.parametrize("hq,hk,d", HEADS)
+@pytest.mark.parametrize("n", [1, 17, 70])
+def test_attend_float16_cache_is_its_widened_copy_on_every_isa(hq, hk, d, n):
+    """A float16 cache (the decoder's default) gives, bit for bit, what the same kernel gives on its rows
+    widened to float32 by torch: each path widens the rows exactly as it reads them (vcvtph2ps on AVX2 and
+    AVX-512, its own conversion on the portable path), partial last vectors included. The first kv head's
+    values are all float16 subnormals, so its heads' outputs are made of them and any error in their
+    widening shows; the others hold signed zeros and float16's largest magnitudes."""
+    q, k, v = _case(hq, hk, d, 72, seed=hq * 1000 + d + n + 1)
+    gen = torch.Generator().manual_seed(n)
+    k16, v16 = k.half(), v.half()
+    tiny = torch.randint(1, 1024, (72, d), generator=gen) * (torch.randint(0, 2, (72, d), generator=gen) * 2 - 1)
+    v16[0] = (tiny * 2.0 ** -24).half()  # subnormals: m 2^-24, m < 2^10
+    assert (v16[0].float().abs() < 2.0 ** -14).all() and torch.equal(v16[0].float(), tiny * 2.0 ** -24)
+    if hk > 1:
+        v16[1, :, :3] = torch.tensor([-0.0, 65504.0, -65504.0], dtype=torch.float16)
+        k16[1, :, 0] = -0.0
+    for isa in torch.ops.dbquant.cpu_isas():
+        got = torch.ops.dbquant.attend_cpu(q, k16, v16, n, d ** -0.5, 0.0, isa)
+        want = torch.ops.dbquant.attend_cpu(q, k16.float(), v16.float(), n, d ** -0.5, 0.0, isa)
+        assert torch.equal(got, want), f"isa={isa}: {(got - want).abs().max().item()}"
+        assert (got[:hq // hk] != 0).any()  # the subnormal head's outputs are not flushed to zero
+    with pytest.raises(RuntimeError, match="v_cache must be Half, got Float"):
+        torch.ops.dbquant.attend_cpu(q, k16, v, n, d ** -0.5)
 
 
 def test_attend_refuses_bad_input():

@@ -358,5 +358,11 @@ def test_a_stored_int8_head_gets_one_row_not_one_per_label(tmp_path, tiny_tokeni
         assert all(r["lm_head_stored_int8"] == (bits == "8" and r["lm_head"] == "int8")
                    or r["lm_head"] == "w8a8" for r in ours)
     assert heads == {"8": ["int8", "w8a8"], "fp32": ["bfloat16", "float32", "int8", "w8a8"]}
+    # the quantized rows keep the float16 cache of the native step; one row beside them keeps a float32 one
+    caches = [(r["lm_head"], r["prefill_gemm"], r["kv_cache"]) for r in ours]
+    assert caches.count((ours[0]["lm_head"], ours[0]["prefill_gemm"], "float32")) == 1
+    assert sum(c == "float16" for _, _, c in caches) == len(caches) - 1
+    assert bench.e2e_label(dict(engine="dbquant.runtime.decode", model="dbquant", lm_head="w8a8", prefill_gemm="fp32",
+                                kv_cache="float32")) == "dbquant w8a8 head, float32 cache"
     assert bench.e2e_label(dict(engine="dbquant.runtime.decode", model="dbquant", lm_head="int8",
                                 lm_head_stored_int8=True, prefill_gemm="fp32")) == "dbquant int8 (stored) head"

@@ -185,6 +185,8 @@ def test_generate_prompt_engine_and_cache(tiny_tokenizer):
         generate(model, tiny_tokenizer, GenerateOptions("hi", max_new_tokens=0))
     with pytest.raises(DbquantError, match="unknown prefill GEMM 'fp16'"):
         generate(model, tiny_tokenizer, GenerateOptions("hi", prefill_gemm="fp16"))
+    with pytest.raises(DbquantError, match="unknown cache dtype 'bf16'"):
+        generate(model, tiny_tokenizer, GenerateOptions("hi", cache_dtype="bf16"))
     g = generate(model, tiny_tokenizer, GenerateOptions("The quick", raw=True, max_new_tokens=4, engine="hf"))
     assert g.engine == "hf" and g.prompt_tokens == ids.shape[1] and 1 <= len(g.new_tokens) <= 4
     g = generate(model, tiny_tokenizer, GenerateOptions("The quick brown fox jumps", raw=True, max_new_tokens=12,

@@ -11,6 +11,7 @@ from dbquant.runtime.decode import SUPPORTED, FastDecoder, check_supported
 from tests.conftest import make_tiny_model
 from tests.tolerances import (
     BF16_LM_HEAD,
+    FP16_CACHE,
     FP32_REORDER,
     FP32_REORDER_LONG,
     FP32_ULP,
@@ -31,17 +32,20 @@ def _packed(model_type="llama", tmp_path=None, **cfg):
     return model
 
 
-def _assert_chunked_logits_match(model):
+def _assert_chunked_logits_match(model, cache_dtype="float32"):
     """Prefill 5 tokens, append a 3-token chunk, then single tokens: every step's last-position
-    logits equal the full forward's at that position (float32 rounding)."""
+    logits equal the full forward's at that position (float32 rounding with the float32 cache; with
+    the float16 one, to that cache's rounding)."""
     with torch.no_grad():
         ref = model(IDS).logits
-    dec = FastDecoder(model, max_len=32)
+    dec = FastDecoder(model, max_len=32, cache_dtype=cache_dtype)
     dec._alloc(IDS.shape[0])
+    assert dec.k_cache.dtype == getattr(torch, cache_dtype)
     scale = ref.abs().max().item()
+    rtol, atol = (FP32_REORDER_LONG, FP32_REORDER * scale) if cache_dtype == "float32" else (0, FP16_CACHE * scale)
     for start, end in [(0, 5), (5, 8), (8, 9), (9, 10), (10, 11)]:
         got = dec.forward(IDS[:, start:end], start)
-        torch.testing.assert_close(got, ref[:, end - 1], rtol=FP32_REORDER_LONG, atol=FP32_REORDER * scale)
+        torch.testing.assert_close(got, ref[:, end - 1], rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
@@ -68,7 +72,7 @@ def test_long_prefill_gemm(gemm):
     ids = torch.randint(0, 300, (1, cpu_backend.LUT_MAX_ROWS + 13), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = model(ids).logits[:, -1]
-    dec = FastDecoder(model, max_len=64, prefill_gemm=gemm)
+    dec = FastDecoder(model, max_len=64, prefill_gemm=gemm, cache_dtype="float32")
     assert dec.prefill_gemm == gemm and dec.layers[0].qkv.gemm == gemm
     dec._alloc(1)
     got = dec.forward(ids, 0)
@@ -94,7 +98,7 @@ def test_long_prefill_trims_the_last_layer(packed):
     ids = torch.randint(0, 300, (2, t + 1), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         ref = model(ids).logits
-    dec = FastDecoder(model, max_len=64, prefill_gemm="fp32")
+    dec = FastDecoder(model, max_len=64, prefill_gemm="fp32", cache_dtype="float32")
     dec._alloc(2)
     scale = ref.abs().max().item()
     calls = []
@@ -113,10 +117,11 @@ def test_long_prefill_trims_the_last_layer(packed):
     assert calls == [2, 2]  # the prefill's last layer: one row per sequence, not 2 t
 
 
-def _prefilled_pair(model):
+def _prefilled_pair(model, cache_dtype="float32"):
     """(native decoder, Python-step decoder, ids [1, T], HF logits [T, V]), both prefilled with 4 tokens
-    (the same Python path in both); their one-token steps are what the tests compare."""
-    native, python = FastDecoder(model, max_len=32), FastDecoder(model, max_len=32)
+    (the same Python path in both) into caches of ``cache_dtype``; their one-token steps are what the
+    tests compare."""
+    native, python = (FastDecoder(model, max_len=32, cache_dtype=cache_dtype) for _ in range(2))
     python.native = python.stack = None
     ids = IDS[:1]
     with torch.no_grad():
@@ -244,6 +249,51 @@ def test_native_step_is_bit_identical_on_any_thread_count(model_type):
         got = _steps_on_threads(model, threads)
         for name, a, b in zip(("hidden states", "k_cache", "v_cache"), got, want):
             assert torch.equal(a, b), f"{threads} threads: {name} differ by {(a - b).abs().max().item()}"
+
+
+def test_cache_dtype_is_float16_where_the_step_is_native():
+    """"auto" keeps the float KV cache in float16 where one native call runs a token's layers (its
+    attention widens the rows as it reads them), in float32 where the framework path runs (it would
+    widen the whole cache every step); either can be asked for, and nothing else."""
+    assert cpu_backend.load_cpu()
+    model = _packed("llama")
+    for dec, want in ((FastDecoder(model, max_len=16), torch.float16),
+                      (FastDecoder(make_tiny_model(), max_len=16), torch.float32),  # dense: no native step
+                      (FastDecoder(model, max_len=16, cache_dtype="float32"), torch.float32),
+                      (FastDecoder(make_tiny_model(), max_len=16, cache_dtype="float16"), torch.float16)):
+        dec._alloc(1)
+        assert dec.cache_dtype == want and dec.k_cache.dtype == want and dec.v_cache.dtype == want
+    with pytest.raises(DbquantError, match=r"unknown cache dtype 'bfloat16'; choose from \('auto', 'float16'"):
+        FastDecoder(model, max_len=16, cache_dtype="bfloat16")
+
+
+@pytest.mark.usefixtures("float_luts")  # the steps compared at the cache's rounding, not the tables'
+@pytest.mark.parametrize("model_type,cfg", [("llama", {}),
+                                             ("llama", {"head_dim": 24}),  # AVX-512: rows of 16 + 8 halves
+                                             ("gemma2", None)])  # a sliding window, soft-capping
+def test_float16_cache_step_matches_the_python_step(model_type, cfg):
+    """With float16 caches the C++ step (its rows widened by vcvtph2ps, or in software on the portable path)
+    gives the Python step's logits, whose attention reads the same cache through torch, on every ISA path;
+    both write the same float16 keys and values, or neighbours where their float32 keys straddle a rounding
+    boundary; and both follow HF's forward to the cache's rounding. A dense decoder with a float16 cache
+    (the framework path throughout) follows HF's forward too."""
+    model = _family_model(model_type, packed=True) if cfg is None else _packed(model_type, **cfg)
+    _on_every_isa(_float16_step_matches, model)
+    _assert_chunked_logits_match(model, "float16")
+    _assert_chunked_logits_match(make_tiny_model("llama"), "float16")
+
+
+def _float16_step_matches(model):
+    native, python, ids, ref = _prefilled_pair(model, "float16")
+    assert native.stack is not None and native.k_cache.dtype == python.k_cache.dtype == torch.float16
+    scale = ref.abs().max().item()
+    for p in range(4, ids.shape[1]):
+        a, b = native.forward(ids[:, p:p + 1], p), python.forward(ids[:, p:p + 1], p)
+        torch.testing.assert_close(a, b, rtol=0, atol=FP16_CACHE * scale)
+        torch.testing.assert_close(a[0], ref[p], rtol=0, atol=FP16_CACHE * scale)
+    for got, want in ((native.k_cache, python.k_cache), (native.v_cache, python.v_cache)):
+        # one float16 ulp: 2^-10 relative (normal values), 2^-24 absolute (subnormal ones)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -10, atol=2 ** -24)
 
 
 def test_decode_stack_refuses_layers_of_unequal_kv_heads():
@@ -468,7 +518,7 @@ def test_family_matches_hf_forward_and_generate(model_type, packed):
     prompt = IDS[:1, :6]
     with torch.inference_mode():
         hf = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
-    dec = FastDecoder(model, max_len=64)
+    dec = FastDecoder(model, max_len=64, cache_dtype="float32")  # HF's arithmetic, so HF's greedy tokens
     assert (dec.native is not None) == (packed and cpu_backend.load_cpu())
     seq, _ = dec.generate(prompt, 12)
     assert torch.equal(seq, hf)
@@ -553,4 +603,4 @@ def test_mixed_plane_checkpoint_decodes_natively(tmp_path):
     ids = IDS[:1, :6]
     with torch.inference_mode():
         hf = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert torch.equal(FastDecoder(model, max_len=32).generate(ids, 8)[0], hf)
+    assert torch.equal(FastDecoder(model, max_len=32, cache_dtype="float32").generate(ids, 8)[0], hf)

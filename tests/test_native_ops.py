@@ -20,7 +20,7 @@ from dbquant.backends import reference, registry
 from dbquant.backends.t16 import DecodeLayerWeights, Projection, canonical, prepare_cpu
 from dbquant.errors import DbquantError
 from dbquant.runtime.decode import quantize_rows_int8
-from tests.tolerances import FP32_REORDER, FP32_REORDER_LONG
+from tests.tolerances import FP16_CACHE, FP32_REORDER, FP32_REORDER_LONG
 
 pytestmark = pytest.mark.skipif(not registry.available("cpu"), reason="dbquant._C is not built")
 OPS = ("decode_layer", "kv_attend", "linear_int8", "linear_w8a8", "rms_norm", "table_rows", "argmax")
@@ -218,6 +218,48 @@ def test_decode_layer_ref_is_the_layer():
     reference.decode_layer_ref(x, layer, cos, sin, k_cache, v_cache, 3)
     close(x, want)
     close(k_cache, keys)
+
+
+@pytest.mark.usefixtures("float_luts")  # compares with float references at fp32 tolerances
+@pytest.mark.parametrize("h,hq,hk,d,inter,g", SHAPES)  # head dims 8, 12 (AVX2: 8 + 4 halves), 16
+def test_decode_layer_cpu_float16_cache_matches_ref(h, hq, hk, d, inter, g):
+    """Float16 caches on every ISA path: the C++ layer widens the rows it reads exactly (vcvtph2ps, or
+    the portable path's own conversion), as the reference's ``.float()`` does, subnormal, signed-zero and
+    large values included; the token's row is written rounded to nearest even, as torch rounds it, and
+    no other row is touched. The layer's float32 arithmetic is the same as with float32 caches, so its
+    outputs agree to fp32 rounding unless a key lands one float16 ulp from the reference's."""
+    layer = make_layer(h, hq, hk, d, inter, g, True, True, seed=h + d)
+    prepared = cpu_backend.prepare_decode_layer(layer)
+    run = registry.get("decode_layer", "cpu").run
+    gen = torch.Generator().manual_seed(11)
+    max_len, angles = 7, torch.rand(7, d // 2, generator=gen) * 3
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    start = [torch.randn(1, hk, max_len, d, generator=gen) for _ in range(2)]
+    start[0][0, 0, 1, :3] = torch.tensor([3e-7, -2e-5, -0.0])  # float16 subnormals and a signed zero
+    start[1][0, 0, 0, :3] = torch.tensor([6e4, -6e4, 1e-6])  # near float16's largest, and a subnormal
+    start = [c.half() for c in start]
+    assert ((start[0].float().abs() < 6.1e-5) & (start[0] != 0)).any()  # subnormals survived the rounding
+    for isa in torch.ops.dbquant.cpu_isas():
+        with cpu_backend.forced_isa(isa):
+            caches = {b: [c.clone() for c in start] for b in ("ref", "cpu")}
+            for pos in range(3, 6):
+                x = torch.randn(1, h, generator=gen)
+                xs = {b: x.clone() for b in caches}
+                registry.get("decode_layer", "ref")(xs["ref"], layer, cos[pos], sin[pos], *caches["ref"], pos)
+                run(xs["cpu"], prepared, cos[pos], sin[pos], *caches["cpu"], pos)
+                scale = xs["ref"].abs().max().item()
+                torch.testing.assert_close(xs["cpu"], xs["ref"], rtol=0, atol=FP16_CACHE * scale,
+                                           msg=lambda m: f"isa={isa} pos={pos}: {m}")
+                for c, r, s0 in zip(caches["cpu"], caches["ref"], start):
+                    assert c.dtype == torch.float16
+                    torch.testing.assert_close(c.float(), r.float(), rtol=2 ** -10, atol=2 ** -24)  # an ulp at most
+                    rest = torch.ones(max_len, dtype=torch.bool)
+                    rest[3:pos + 1] = False
+                    assert torch.equal(c[:, :, rest], s0[:, :, rest])  # rows never written are untouched
+    with pytest.raises(RuntimeError, match="k_cache must be float32 or float16, got BFloat16"):
+        run(torch.zeros(1, h), prepared, cos[0], sin[0], *[c.bfloat16() for c in start], 0)
+    with pytest.raises(RuntimeError, match="v_cache must be Half, got Float"):
+        run(torch.zeros(1, h), prepared, cos[0], sin[0], start[0].clone(), start[1].float(), 0)
 
 
 def test_decode_layer_refuses_bad_input():

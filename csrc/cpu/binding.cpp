@@ -59,7 +59,7 @@
 //   torch.ops.dbquant.decode_step_cpu(Tensor(a!) x, DecodeStack stack, Tensor(b!) k_cache,
 //                                    Tensor(c!) v_cache, int pos) -> ()
 //                                    (every layer for one token, in place; caches
-//                                    [n_layers, 1, Hk, max_len, D])
+//                                    [n_layers, 1, Hk, max_len, D], float32 or float16)
 //   torch.ops.dbquant.decode_step_kv_cpu(Tensor(a!) x, DecodeStack stack, int pos, int n_groups,
 //                                    int n_tail) -> ()   (the same on the packed caches of set_kv)
 //   torch.ops.dbquant.stream_read_cpu(Tensor buf, int threads, str isa="auto") -> int
@@ -694,15 +694,24 @@ void layer_step(const DecodeLayer& ly, float* xp, const float* cos, const float*
   dbquant::cpu::add_scaled(isa, xp, tmp, rs, H);
 }
 
-// The float32 cache's attention of layer_step: the token's k, v go to row `pos` of kc, vc
-// (float32 [Hk, L, D]), then q attends to rows first..pos (a sliding window starts late).
+// A float cache's rows: float32, or float16 (its bits; the decoder's default, half the bytes to read
+// a step). A token's k or v is stored as computed (float16: rounded to nearest even, as torch's own
+// conversion rounds it, so the Python prefill and this step write the same bits).
+inline void store_row(float* dst, const float* src, int64_t n) { std::copy(src, src + n, dst); }
+inline void store_row(uint16_t* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::Half(src[i]).x;
+}
+
+// The float cache's attention of layer_step: the token's k, v go to row `pos` of kc, vc
+// ([Hk, L, D], T: float or float16 bits), then q attends to rows first..pos (a sliding window starts late).
 // scores: at least Hq * (pos + 1) floats of scratch.
-void attend_float_cache(Isa isa, const DecodeLayer& ly, float* kc, float* vc, int64_t L, int64_t pos,
+template <typename T>
+void attend_float_cache(Isa isa, const DecodeLayer& ly, T* kc, T* vc, int64_t L, int64_t pos,
                         const float* q, const float* k, const float* v, float* att, float* scores) {
   const int64_t Hq = ly.Hq, Hk = ly.Hk, D = ly.D;
   for (int64_t j = 0; j < Hk; ++j) {
-    std::copy(k + j * D, k + (j + 1) * D, kc + (j * L + pos) * D);
-    std::copy(v + j * D, v + (j + 1) * D, vc + (j * L + pos) * D);
+    store_row(kc + (j * L + pos) * D, k + j * D, D);
+    store_row(vc + (j * L + pos) * D, v + j * D, D);
   }
   const int64_t first = ly.window > 0 ? std::max<int64_t>(0, pos - ly.window + 1) : 0;
   const int64_t seen = pos + 1 - first;
@@ -710,6 +719,23 @@ void attend_float_cache(Isa isa, const DecodeLayer& ly, float* kc, float* vc, in
     dbquant::cpu::attend_one_token(isa, q, kc + first * D, vc + first * D, Hq, Hk, L, D, seen, float(ly.scale),
                                    float(ly.softcap), scores, att, h0, h1);
   });
+}
+
+// The caches of decode_layer_cpu / decode_step_cpu: CPU, contiguous, both float32 or both float16.
+void check_caches(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kHalf, op,
+              ": k_cache must be float32 or float16, got ", k_cache.scalar_type());
+  check_input(k_cache, "k_cache", k_cache.scalar_type());
+  check_input(v_cache, "v_cache", k_cache.scalar_type());
+}
+
+// f(kc, vc) with the caches' data as float* or (float16) uint16_t*.
+template <typename F>
+void with_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, F&& f) {
+  if (k_cache.scalar_type() == at::kHalf)
+    f(reinterpret_cast<uint16_t*>(k_cache.data_ptr<at::Half>()), reinterpret_cast<uint16_t*>(v_cache.data_ptr<at::Half>()));
+  else
+    f(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
 }
 
 // Rows `ids` of an 8-bit group-wise table (dbquant/format/embedding.py): codes int8 [R, Dp], code_scales
@@ -760,14 +786,14 @@ at::Tensor argmax_cpu(const at::Tensor& x) {
 }
 
 // One token's attention over a float cache, the kernel of attend_float_cache on its own (for tests and
-// benchmarks): q float32 [Hq, D]; k, v float32 [Hk, L, D] with rows 0..n-1 filled; Hq a multiple of Hk.
-// Returns float32 [Hq, D]: softmax(scale q k^T (softcap tanh(. / softcap) where softcap > 0)) v.
+// benchmarks): q float32 [Hq, D]; k, v float32 or float16 (both the same) [Hk, L, D] with rows 0..n-1
+// filled; Hq a multiple of Hk. Returns float32 [Hq, D]: softmax(scale q k^T (softcap tanh(. / softcap)
+// where softcap > 0)) v, a float16 cache's rows widened exactly as they are read.
 at::Tensor attend_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t n, double scale,
                       double softcap, const std::string& isa_arg) {
   const Isa isa = parse_isa(isa_arg);
   check_input(q, "q", at::kFloat);
-  check_input(k, "k", at::kFloat);
-  check_input(v, "v", at::kFloat);
+  check_caches("attend_cpu", k, v);
   TORCH_CHECK(q.dim() == 2 && k.dim() == 3 && k.sizes() == v.sizes() && k.size(2) == q.size(1) && k.size(0) > 0 &&
                   q.size(0) % k.size(0) == 0,
               "attend_cpu: q must be [Hq, D] and k, v [Hk, L, D] with Hq a multiple of Hk, got ", q.sizes(), ", ",
@@ -776,9 +802,10 @@ at::Tensor attend_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t Hq = q.size(0), Hk = k.size(0), L = k.size(1), D = q.size(1);
   at::Tensor out = at::empty_like(q);
   at::Tensor scores = at::empty({Hq * n}, q.options());
-  dbquant::cpu::attend_one_token(isa, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), Hq, Hk, L, D,
-                                 n, float(scale), float(softcap), scores.data_ptr<float>(), out.data_ptr<float>(), 0,
-                                 Hq);
+  with_caches(k, v, [&](auto* kc, auto* vc) {
+    dbquant::cpu::attend_one_token(isa, q.data_ptr<float>(), kc, vc, Hq, Hk, L, D, n, float(scale), float(softcap),
+                                   scores.data_ptr<float>(), out.data_ptr<float>(), 0, Hq);
+  });
   return out;
 }
 
@@ -795,28 +822,28 @@ void check_token_args(const char* op, const DecodeLayer& ly, const at::Tensor& x
 }
 
 // One decoder layer for one token, in place on x float32 [1, H] (layer_step above), its k, v
-// appended at `pos` to k_cache, v_cache: float32 [1, Hk, L, D] (this layer's); cos, sin: float32
+// appended at `pos` to k_cache, v_cache: float32 or float16 [1, Hk, L, D] (this layer's); cos, sin: float32
 // [D] at `pos`.
 void decode_layer_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeLayer>& layer, const at::Tensor& cos,
                       const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos) {
   const DecodeLayer& ly = *layer;
   check_token_args("decode_layer_cpu", ly, x, cos, sin);
-  check_input(k_cache, "k_cache", at::kFloat);
-  check_input(v_cache, "v_cache", at::kFloat);
+  check_caches("decode_layer_cpu", k_cache, v_cache);
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == 1 && k_cache.size(1) == ly.Hk && k_cache.size(3) == ly.D &&
                   v_cache.sizes() == k_cache.sizes(),
               "decode_layer_cpu: caches must be [1, ", ly.Hk, ", max_len, ", ly.D, "], got ", k_cache.sizes(), " and ",
               v_cache.sizes());
   const int64_t L = k_cache.size(2);
   TORCH_CHECK(pos >= 0 && pos < L, "decode_layer_cpu: pos ", pos, " is outside the cache (max_len ", L, ")");
-  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
   const int64_t own = StepScratch(ly).total;
   at::Tensor scratch = at::empty({own + ly.Hq * (pos + 1)}, x.options());
   float* sp = scratch.data_ptr<float>();
-  layer_step(ly, x.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), sp,
-             [&](const float* q, const float* k, const float* v, float* att, Isa isa) {
-               attend_float_cache(isa, ly, kc, vc, L, pos, q, k, v, att, sp + own);
-             });
+  with_caches(k_cache, v_cache, [&](auto* kc, auto* vc) {
+    layer_step(ly, x.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), sp,
+               [&](const float* q, const float* k, const float* v, float* att, Isa isa) {
+                 attend_float_cache(isa, ly, kc, vc, L, pos, q, k, v, att, sp + own);
+               });
+  });
 }
 
 // ---- attention on a packed VidKV cache (kv_attn.h; dbquant/runtime/kv/packed.py) -------------
@@ -1077,7 +1104,7 @@ struct DecodeStack : torch::CustomClassHolder {
 };
 
 // Every layer of `stack` for one token at `pos`, in place on x float32 [1, H]; layer i's k, v
-// go to k_cache[i], v_cache[i] (float32 [n_layers, 1, Hk, L, D]: the decoder's caches as one
+// go to k_cache[i], v_cache[i] (float32 or float16 [n_layers, 1, Hk, L, D]: the decoder's caches as one
 // tensor). The same arithmetic as one decode_layer_cpu call per layer, in one call.
 void decode_step_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeStack>& stack, const at::Tensor& k_cache,
                      const at::Tensor& v_cache, int64_t pos) {
@@ -1085,27 +1112,29 @@ void decode_step_cpu(const at::Tensor& x, const c10::intrusive_ptr<DecodeStack>&
   st.check_step("decode_step_cpu", x, pos);
   const int64_t n = st.size();
   const DecodeLayer& l0 = *st.layers[0];
-  check_input(k_cache, "k_cache", at::kFloat);
-  check_input(v_cache, "v_cache", at::kFloat);
+  check_caches("decode_step_cpu", k_cache, v_cache);
   TORCH_CHECK(k_cache.dim() == 5 && k_cache.size(0) == n && k_cache.size(1) == 1 && k_cache.size(2) == l0.Hk &&
                   k_cache.size(4) == l0.D && v_cache.sizes() == k_cache.sizes(),
               "decode_step_cpu: caches must be [", n, ", 1, ", l0.Hk, ", max_len, ", l0.D, "], got ", k_cache.sizes(),
               " and ", v_cache.sizes());
   const int64_t L = k_cache.size(3), per = l0.Hk * L * l0.D;
   TORCH_CHECK(pos < L, "decode_step_cpu: pos ", pos, " is outside the cache (max_len ", L, ")");
-  float *xp = x.data_ptr<float>(), *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  float* xp = x.data_ptr<float>();
   // one scratch for the whole step: the largest layer's, then the attention scores
   const int64_t own = st.scratch_floats;
   at::Tensor scratch = at::empty({own + st.max_hq * (pos + 1)}, x.options());
   float* sp = scratch.data_ptr<float>();
-  for (int64_t i = 0; i < n; ++i) {
-    const DecodeLayer& ly = *st.layers[i];
-    const int64_t D = ly.D;
-    layer_step(ly, xp, st.tables[i].first.data_ptr<float>() + pos * D, st.tables[i].second.data_ptr<float>() + pos * D,
-               sp, [&](const float* q, const float* k, const float* v, float* att, Isa isa) {
-                 attend_float_cache(isa, ly, kc + i * per, vc + i * per, L, pos, q, k, v, att, sp + own);
-               });
-  }
+  with_caches(k_cache, v_cache, [&](auto* kc, auto* vc) {
+    for (int64_t i = 0; i < n; ++i) {
+      const DecodeLayer& ly = *st.layers[i];
+      const int64_t D = ly.D;
+      layer_step(ly, xp, st.tables[i].first.data_ptr<float>() + pos * D,
+                 st.tables[i].second.data_ptr<float>() + pos * D, sp,
+                 [&](const float* q, const float* k, const float* v, float* att, Isa isa) {
+                   attend_float_cache(isa, ly, kc + i * per, vc + i * per, L, pos, q, k, v, att, sp + own);
+                 });
+    }
+  });
   st.apply_final_norm(xp);
 }
 

@@ -14,6 +14,8 @@ namespace cpu {
   void rope_rows(float*, const float*, const float*, int64_t, int64_t);                                      \
   void attend_one_token(const float*, const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, \
                         float, float, float*, float*, int64_t, int64_t);                                     \
+  void attend_one_token(const float*, const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, int64_t,  \
+                        int64_t, float, float, float*, float*, int64_t, int64_t);                            \
   void silu_mul(const float*, int64_t, float*);                                                              \
   void gelu_tanh_mul(const float*, int64_t, float*);                                                         \
   void add_scaled(float*, const float*, float, int64_t);                                                     \
@@ -42,6 +44,12 @@ void rope_rows(Isa isa, float* x, const float* cos, const float* sin, int64_t he
 void attend_one_token(Isa isa, const float* q, const float* k, const float* v, int64_t Hq, int64_t Hk, int64_t L,
                       int64_t D, int64_t n, float scale, float softcap, float* scores, float* out, int64_t h0,
                       int64_t h1) {
+  DO_DISPATCH(attend_one_token, q, k, v, Hq, Hk, L, D, n, scale, softcap, scores, out, h0, h1)
+}
+
+void attend_one_token(Isa isa, const float* q, const uint16_t* k, const uint16_t* v, int64_t Hq, int64_t Hk,
+                      int64_t L, int64_t D, int64_t n, float scale, float softcap, float* scores, float* out,
+                      int64_t h0, int64_t h1) {
   DO_DISPATCH(attend_one_token, q, k, v, Hq, Hk, L, D, n, scale, softcap, scores, out, h0, h1)
 }
 

@@ -34,6 +34,11 @@ void rope_rows(Isa isa, float* x, const float* cos, const float* sin, int64_t he
 void attend_one_token(Isa isa, const float* q, const float* k, const float* v, int64_t Hq, int64_t Hk,
                       int64_t L, int64_t D, int64_t n, float scale, float softcap, float* scores,
                       float* out, int64_t h0, int64_t h1);
+// The same over float16 caches: k, v hold IEEE float16 bits [Hk, L, D], widened exactly to float32
+// as they are read (vcvtph2ps; the portable path converts in software); everything else as above.
+void attend_one_token(Isa isa, const float* q, const uint16_t* k, const uint16_t* v, int64_t Hq, int64_t Hk,
+                      int64_t L, int64_t D, int64_t n, float scale, float softcap, float* scores,
+                      float* out, int64_t h0, int64_t h1);
 
 // y[i] = silu(gu[i]) * gu[I + i] for i < I (a gate/up pair side by side: gu float32 [2I]).
 void silu_mul(Isa isa, const float* gu, int64_t I, float* y);

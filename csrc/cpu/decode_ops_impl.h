@@ -13,6 +13,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "fast_exp.h"
 
@@ -28,6 +30,26 @@ namespace {
 
 // tanh(x) = 1 - 2 / (exp(2x) + 1), through fast_exp (exact limits +-1 where it clamps).
 inline float fast_tanh(float x) { return 1.0f - 2.0f / (fast_exp(2.0f * x) + 1.0f); }
+
+// An IEEE float16 (its bits) as float32: exact, as vcvtph2ps (the caches' float16 rows on the portable path).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  if (e == 0) {  // zero or subnormal: m 2^-24
+    const float f = float(m) * 5.9604644775390625e-08f;
+    return sign ? -f : f;
+  }
+  const uint32_t bits = sign | (e == 0x1f ? 0x7f800000u | (m << 13) : ((e + 112) << 23) | (m << 13));
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Row r of a cache as float32: the row itself, or (float16 cache) its values widened into buf [D].
+inline const float* cache_row(const float* r, int64_t, float*) { return r; }
+inline const float* cache_row(const uint16_t* r, int64_t D, float* buf) {
+  for (int64_t i = 0; i < D; ++i) buf[i] = half_to_float(r[i]);
+  return buf;
+}
 
 inline float dot(const float* a, const float* b, int64_t D) {
   float s = 0.0f;
@@ -56,6 +78,10 @@ struct Vec {
   static Vec zero() { return {_mm512_setzero_ps()}; }
   static Vec set1(float x) { return {_mm512_set1_ps(x)}; }
   static Vec load(const float* p, int64_t n) { return {_mm512_maskz_loadu_ps(mask(n), p)}; }
+  // n float16 values (a float16 cache's row) widened to float32, exactly
+  static Vec load(const uint16_t* p, int64_t n) {
+    return {_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask(n), p))};
+  }
   void store(float* p, int64_t n) const { _mm512_mask_storeu_ps(p, mask(n), v); }
   static Vec fma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
   static Vec mul(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
@@ -91,6 +117,13 @@ struct Vec {
   static Vec zero() { return {_mm256_setzero_ps()}; }
   static Vec set1(float x) { return {_mm256_set1_ps(x)}; }
   static Vec load(const float* p, int64_t n) { return {n >= W ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask(n))}; }
+  // n float16 values (a float16 cache's row) widened to float32, exactly (F16C)
+  static Vec load(const uint16_t* p, int64_t n) {
+    if (n >= W) return {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p))};
+    alignas(16) uint16_t t[W] = {};
+    std::memcpy(t, p, size_t(std::max<int64_t>(n, 0)) * sizeof(uint16_t));
+    return {_mm256_cvtph_ps(_mm_load_si128((const __m128i*)t))};
+  }
   void store(float* p, int64_t n) const {
     if (n >= W) _mm256_storeu_ps(p, v);
     else _mm256_maskstore_ps(p, mask(n), v);
@@ -121,7 +154,8 @@ struct Vec {
 #if defined(DO_VEC)
 
 // <a, b> over D floats with one horizontal sum at the end (the attention's dot products).
-inline float dot_vec(const float* a, const float* b, int64_t D) {
+template <typename T>
+inline float dot_vec(const float* a, const T* b, int64_t D) {
   Vec acc = Vec::zero();
   for (int64_t i = 0; i < D; i += Vec::W) acc = Vec::fma(Vec::load(a + i, D - i), Vec::load(b + i, D - i), acc);
   return acc.sum();
@@ -129,7 +163,8 @@ inline float dot_vec(const float* a, const float* b, int64_t D) {
 
 // o_h = sum_t p[h * n + t] v_t for heads [a, b): four vectors of o_h at a time stay in registers over
 // all n rows (four independent FMA chains).
-inline void values_vec(const float* p, const float* vh, int64_t D, int64_t n, float* out, int64_t a, int64_t b) {
+template <typename T>
+void values_vec(const float* p, const T* vh, int64_t D, int64_t n, float* out, int64_t a, int64_t b) {
   constexpr int64_t W = Vec::W;
   for (int64_t h = a; h < b; ++h) {
     const float* ph = p + h * n;
@@ -137,7 +172,7 @@ inline void values_vec(const float* p, const float* vh, int64_t D, int64_t n, fl
       Vec o0 = Vec::zero(), o1 = Vec::zero(), o2 = Vec::zero(), o3 = Vec::zero();
       const int64_t r0 = D - i, r1 = r0 - W, r2 = r0 - 2 * W, r3 = r0 - 3 * W;  // lanes left (<= 0: none)
       for (int64_t t = 0; t < n; ++t) {
-        const float* vt = vh + t * D + i;
+        const T* vt = vh + t * D + i;
         const Vec pt = Vec::set1(ph[t]);
         o0 = Vec::fma(pt, Vec::load(vt, r0), o0);
         if (r1 > 0) o1 = Vec::fma(pt, Vec::load(vt + W, r1), o1);
@@ -162,8 +197,8 @@ constexpr int kVecRegs = Vec::W == 16 ? 32 : 16;  // zmm / ymm registers
 
 // scores[h * n + t] = scale <q_h, k_t> for heads [a, b) and key rows t < n of kh (rows of D floats):
 // W rows' products in W registers, then one transpose-add (Vec::sums) for their W sums.
-template <int ND>
-void scores_nd(const float* q, const float* kh, int64_t D, int64_t n, float scale, float* scores, int64_t a,
+template <int ND, typename T>
+void scores_nd(const float* q, const T* kh, int64_t D, int64_t n, float scale, float* scores, int64_t a,
                int64_t b) {
   constexpr int64_t W = Vec::W;
   const int64_t last = D - (ND - 1) * W;  // lanes of a row's last vector
@@ -178,7 +213,7 @@ void scores_nd(const float* q, const float* kh, int64_t D, int64_t n, float scal
       for (int64_t r = 0; r < W; ++r) {
         acc[r] = Vec::zero();
         if (r >= rows) continue;
-        const float* kt = kh + (t0 + r) * D;
+        const T* kt = kh + (t0 + r) * D;
         for (int d = 0; d < ND; ++d) acc[r] = Vec::fma(qv[d], Vec::load(kt + d * W, d + 1 < ND ? W : last), acc[r]);
       }
       Vec::mul(Vec::sums(acc), vscale).store(s + t0, rows);
@@ -188,8 +223,8 @@ void scores_nd(const float* q, const float* kh, int64_t D, int64_t n, float scal
 
 // out_h = sum_t p[h * n + t] v_t for heads [a, b): o_h's ND vectors stay in registers, and two rows
 // at a time (2 ND FMA chains) where the registers hold them.
-template <int ND>
-void values_nd(const float* p, const float* vh, int64_t D, int64_t n, float* out, int64_t a, int64_t b) {
+template <int ND, typename T>
+void values_nd(const float* p, const T* vh, int64_t D, int64_t n, float* out, int64_t a, int64_t b) {
   constexpr int64_t W = Vec::W;
   constexpr bool kTwoRows = 4 * ND <= kVecRegs;
   const int64_t last = D - (ND - 1) * W;
@@ -201,7 +236,7 @@ void values_nd(const float* p, const float* vh, int64_t D, int64_t n, float* out
     if (kTwoRows) {
       for (; t + 1 < n; t += 2) {
         const Vec p0 = Vec::set1(ph[t]), p1 = Vec::set1(ph[t + 1]);
-        const float *v0 = vh + t * D, *v1 = v0 + D;
+        const T *v0 = vh + t * D, *v1 = v0 + D;
         for (int d = 0; d < ND; ++d) {
           const int64_t m = d + 1 < ND ? W : last;
           o0[d] = Vec::fma(p0, Vec::load(v0 + d * W, m), o0[d]);
@@ -219,30 +254,21 @@ void values_nd(const float* p, const float* vh, int64_t D, int64_t n, float* out
 
 // Heads [a, b) of one kv head through scores_nd and values_nd for the ND of D (nd = ceil(D / W));
 // false, with nothing done, where D is wider than they unroll.
-template <int ND = 1>
-bool attend_nd(int64_t nd, const float* q, const float* kh, const float* vh, int64_t D, int64_t n, float scale,
+template <int ND = 1, typename T>
+bool attend_nd(int64_t nd, const float* q, const T* kh, const T* vh, int64_t D, int64_t n, float scale,
                float softcap, float* scores, float* out, int64_t a, int64_t b) {
   if constexpr (ND > kMaxRowVecs) {
     return false;
   } else {
-    if (nd != ND) return attend_nd<ND + 1>(nd, q, kh, vh, D, n, scale, softcap, scores, out, a, b);
-    scores_nd<ND>(q, kh, D, n, scale, scores, a, b);
+    if (nd != ND) return attend_nd<ND + 1, T>(nd, q, kh, vh, D, n, scale, softcap, scores, out, a, b);
+    scores_nd<ND, T>(q, kh, D, n, scale, scores, a, b);
     for (int64_t h = a; h < b; ++h) softcap_softmax(scores + h * n, n, softcap);
-    values_nd<ND>(scores, vh, D, n, out, a, b);
+    values_nd<ND, T>(scores, vh, D, n, out, a, b);
     return true;
   }
 }
 
 #endif
-
-// The attention's dot product: the Vec one where this copy has it.
-inline float attn_dot(const float* a, const float* b, int64_t D) {
-#ifdef DO_VEC
-  return dot_vec(a, b, D);
-#else
-  return dot(a, b, D);
-#endif
-}
 
 }  // namespace
 
@@ -269,31 +295,37 @@ void rope_rows(float* x, const float* cos, const float* sin, int64_t heads, int6
   }
 }
 
+namespace {
+
 // The query heads of one kv head are done together (grouped-query attention): each key and value row
-// is read once for all of them, while it is in L1.
-void attend_one_token(const float* q, const float* k, const float* v, int64_t Hq, int64_t Hk, int64_t L,
-                      int64_t D, int64_t n, float scale, float softcap, float* scores, float* out, int64_t h0,
-                      int64_t h1) {
+// is read once for all of them, while it is in L1. T: the caches' element, float or float16 bits.
+template <typename T>
+void attend_heads(const float* q, const T* k, const T* v, int64_t Hq, int64_t Hk, int64_t L, int64_t D, int64_t n,
+                  float scale, float softcap, float* scores, float* out, int64_t h0, int64_t h1) {
   const int64_t group = Hq / Hk;
   for (int64_t a = h0; a < h1;) {
     const int64_t j = a / group, b = std::min(h1, (j + 1) * group);  // heads [a, b) read kv head j
-    const float* kh = k + j * L * D;
-    const float* vh = v + j * L * D;
+    const T* kh = k + j * L * D;
+    const T* vh = v + j * L * D;
 #ifdef DO_VEC
     if (attend_nd(ceil_div(D, Vec::W), q, kh, vh, D, n, scale, softcap, scores, out, a, b)) {
       a = b;
       continue;
     }
-#endif
     for (int64_t t = 0; t < n; ++t)  // each key row read once for all the heads
-      for (int64_t h = a; h < b; ++h) scores[h * n + t] = attn_dot(q + h * D, kh + t * D, D) * scale;
+      for (int64_t h = a; h < b; ++h) scores[h * n + t] = dot_vec(q + h * D, kh + t * D, D) * scale;
     for (int64_t h = a; h < b; ++h) softcap_softmax(scores + h * n, n, softcap);
-#ifdef DO_VEC
     values_vec(scores, vh, D, n, out, a, b);
 #else
+    std::vector<float> row(std::is_same_v<T, float> ? 0 : D);  // a float16 row widened
+    for (int64_t t = 0; t < n; ++t) {  // each key row read once for all the heads
+      const float* kt = cache_row(kh + t * D, D, row.data());
+      for (int64_t h = a; h < b; ++h) scores[h * n + t] = dot(q + h * D, kt, D) * scale;
+    }
+    for (int64_t h = a; h < b; ++h) softcap_softmax(scores + h * n, n, softcap);
     for (int64_t h = a; h < b; ++h) std::fill(out + h * D, out + (h + 1) * D, 0.0f);
     for (int64_t t = 0; t < n; ++t) {
-      const float* vt = vh + t * D;
+      const float* vt = cache_row(vh + t * D, D, row.data());
       for (int64_t h = a; h < b; ++h) {
         const float p = scores[h * n + t];
         float* o = out + h * D;
@@ -304,6 +336,20 @@ void attend_one_token(const float* q, const float* k, const float* v, int64_t Hq
 #endif
     a = b;
   }
+}
+
+}  // namespace
+
+void attend_one_token(const float* q, const float* k, const float* v, int64_t Hq, int64_t Hk, int64_t L,
+                      int64_t D, int64_t n, float scale, float softcap, float* scores, float* out, int64_t h0,
+                      int64_t h1) {
+  attend_heads(q, k, v, Hq, Hk, L, D, n, scale, softcap, scores, out, h0, h1);
+}
+
+void attend_one_token(const float* q, const uint16_t* k, const uint16_t* v, int64_t Hq, int64_t Hk, int64_t L,
+                      int64_t D, int64_t n, float scale, float softcap, float* scores, float* out, int64_t h0,
+                      int64_t h1) {
+  attend_heads(q, k, v, Hq, Hk, L, D, n, scale, softcap, scores, out, h0, h1);
 }
 
 // torch.argmax of one row: blocks of 512 get their maximum (and whether they hold a NaN) in vector

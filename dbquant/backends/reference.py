@@ -160,7 +160,8 @@ def decode_layer_ref(x: torch.Tensor, layer: DecodeLayerWeights, cos: torch.Tens
         x: float32 [1, H], the residual stream; updated in place.
         layer: the weights, sizes and family switches (:class:`dbquant.backends.t16.DecodeLayerWeights`).
         cos, sin: float32 [D], the RoPE tables at ``pos``.
-        k_cache, v_cache: float32 [1, Hk, L, D]; position ``pos`` is written, 0..pos are read
+        k_cache, v_cache: float32 or float16 [1, Hk, L, D] (both the same); position ``pos`` is
+            written (a float16 cache rounds k, v to nearest even), 0..pos are read, widened to float32
             (``pos - window + 1``..pos with a sliding window).
         pos: the token's position, 0 <= pos < L.
 
@@ -179,8 +180,8 @@ def decode_layer_ref(x: torch.Tensor, layer: DecodeLayerWeights, cos: torch.Tens
     k_cache[0, :, pos] = k
     v_cache[0, :, pos] = qkv[(hq + hk) * d:].view(hk, d)
     first = max(0, pos - layer.window + 1) if layer.window else 0
-    keys = k_cache[0, :, first:pos + 1].repeat_interleave(hq // hk, dim=0)  # [Hq, n, D]
-    values = v_cache[0, :, first:pos + 1].repeat_interleave(hq // hk, dim=0)
+    keys = k_cache[0, :, first:pos + 1].float().repeat_interleave(hq // hk, dim=0)  # [Hq, n, D]
+    values = v_cache[0, :, first:pos + 1].float().repeat_interleave(hq // hk, dim=0)
     scores = (keys @ q[:, :, None])[..., 0] * layer.scale  # [Hq, n]
     if layer.softcap:
         scores = torch.tanh(scores / layer.softcap) * layer.softcap

@@ -286,7 +286,9 @@ def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int
     bf16 GEMM is fast, int8 activations on AVX2-only CPUs); there one more row, with the first head
     type, prefills in exact fp32, so both are in one run. Where "auto" is fp32 on a CPU with AVX2
     (AVX-512 without fast bf16), that row prefills with the int8 GEMM instead.
-    Each row records its ``prefill_gemm`` as resolved. A checkpoint that stores its output projection
+    Each row records its ``prefill_gemm`` as resolved, and ``kv_cache``, the float KV cache's dtype
+    (FastDecoder's "auto": float16 where the native step runs); one more row, with the first head type,
+    keeps a float32 cache, so the two are in one run. A checkpoint that stores its output projection
     as an int8 table runs that table whatever ``lm_head_dtype`` asks but w8a8 (:class:`FastDecoder`),
     so it gets two rows, ``int8`` (stored) and ``w8a8``, instead of several labels for one configuration.
     """
@@ -299,14 +301,16 @@ def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int
     stored_int8 = int8_rows(qmodel.lm_head) is not None  # (unpacks the table: once, not per row)
     if stored_int8 and cpu_backend.load_cpu():
         lm_head_dtypes = ("int8", "w8a8")
-    configs = [("fp32", fpmodel, "float32", "fp32")] + [("dbquant", qmodel, d, "auto") for d in lm_head_dtypes]
+    configs = [("fp32", fpmodel, "float32", "fp32", "auto")] + [
+        ("dbquant", qmodel, d, "auto", "auto") for d in lm_head_dtypes]
     if cpu_backend.resolve_gemm("auto") != "fp32":
-        configs.append(("dbquant", qmodel, lm_head_dtypes[0], "fp32"))
+        configs.append(("dbquant", qmodel, lm_head_dtypes[0], "fp32", "auto"))
     elif cpu_backend.load_cpu() and "avx2" in torch.ops.dbquant.cpu_isas():  # the int8 prefill beside it
-        configs.append(("dbquant", qmodel, lm_head_dtypes[0], "int8"))
-    configs.append(("fp32-hf-generate", fpmodel, "float32", "fp32"))
-    configs.append(("dbquant-hf-generate", qmodel, "float32", "fp32"))
-    for name, model, head, prefill in configs:
+        configs.append(("dbquant", qmodel, lm_head_dtypes[0], "int8", "auto"))
+    configs.append(("dbquant", qmodel, lm_head_dtypes[0], "auto", "float32"))  # the exact cache beside "auto"
+    configs.append(("fp32-hf-generate", fpmodel, "float32", "fp32", "auto"))
+    configs.append(("dbquant-hf-generate", qmodel, "float32", "fp32", "auto"))
+    for name, model, head, prefill, cache in configs:
         stats = []
         if name.endswith("hf-generate"):
             for _ in range(1 + repeats):
@@ -322,7 +326,7 @@ def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int
                 stats.append((prompt_tokens / pre, (new_tokens - 1) / max(total - pre, 1e-9), None))
         else:
             dec = FastDecoder(model, max_len=prompt_tokens + new_tokens + 8,
-                              lm_head_dtype=LM_HEAD_DTYPES[head], prefill_gemm=prefill)
+                              lm_head_dtype=LM_HEAD_DTYPES[head], prefill_gemm=prefill, cache_dtype=cache)
             for _ in range(1 + repeats):
                 _, st = dec.generate(ids, new_tokens, min_new_tokens=new_tokens)
                 stats.append((st.prefill_tok_s, st.decode_tok_s, statistics.median(st.per_step_s) * 1e3))
@@ -347,6 +351,7 @@ def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int
             row["lm_head_ms"] = None if head_ms is None else round(head_ms, 3)
             # an int8 table in the checkpoint runs as stored, whatever lm_head_dtype asked (but w8a8)
             row["lm_head_stored_int8"] = dec.lm_head_op is not None and model is qmodel and stored_int8
+            row["kv_cache"] = str(dec.cache_dtype).removeprefix("torch.")
         rows.append(row)
     base = next(r["decode_tok_s"] for r in rows if r["model"] == "fp32" and r["engine"] == "dbquant.runtime.decode")
     for r in rows:
@@ -360,13 +365,14 @@ ROUND_MEDIANS = ("prefill_tok_s", "decode_tok_s", "step_ms", "lm_head_ms", "deco
 
 
 def merge_rounds(rows: list[dict]) -> list[dict]:
-    """One row per configuration (engine, model, head, prefill GEMM, threads, prompt) from end-to-end rows
+    """One row per configuration (engine, model, head, prefill GEMM, KV cache, threads, prompt) from end-to-end rows
     tagged with their ``round``: each figure of ROUND_MEDIANS is the median over the rounds (a ratio the
     median of each round's own ratio, both engines measured minutes apart at most), ``decode_tok_s_all``
     every sample, ``rounds`` their count, and ``decode_vs_llamacpp_best_rounds`` each round's ratio."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        key = (r["engine"], r["model"], r.get("lm_head"), r.get("prefill_gemm"), r["threads"], r["prompt_tokens"])
+        key = (r["engine"], r["model"], r.get("lm_head"), r.get("prefill_gemm"), r.get("kv_cache"), r["threads"],
+               r["prompt_tokens"])
         groups.setdefault(key, []).append(r)
     out = []
     for rs in groups.values():
@@ -441,7 +447,8 @@ def e2e_label(r: dict) -> str:
     if r["engine"] == "dbquant.runtime.decode":
         gemm = r.get("prefill_gemm", "fp32")
         head = f"{r['lm_head']} (stored)" if r.get("lm_head_stored_int8") and r["lm_head"] == "int8" else r["lm_head"]
-        return f"{r['model']} {head} head" + ("" if r["model"] == "fp32" or gemm == "fp32" else f", {gemm} prefill")
+        label = f"{r['model']} {head} head" + ("" if r["model"] == "fp32" or gemm == "fp32" else f", {gemm} prefill")
+        return label + (", float32 cache" if r["model"] != "fp32" and r.get("kv_cache") == "float32" else "")
     return r["engine"]
 
 

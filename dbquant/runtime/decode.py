@@ -57,6 +57,9 @@ ONE_PLUS_W = ("gemma", "gemma2", "gemma3_text")  # RMSNorm scales by (1 + w)
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 # --lm-head-dtype spellings -> FastDecoder's lm_head_dtype
 LM_HEAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8, "w8a8": "w8a8"}
+# The float KV cache's storage (FastDecoder's cache_dtype; "auto" picks one): float16 halves what
+# attention reads a step.
+CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -231,10 +234,17 @@ class FastDecoder:
             (``dbquant.backends.cpuinfo``), activations to 8 bits per row and group (``"int8"``: exact
             bit planes, integer products) where AVX2 is the fastest path, else float32
             (``cpu_backend.resolve_gemm``); ``"fp32"`` always exact. Decoding a token never uses it.
+        cache_dtype: the storage of the float KV cache (without ``kv``): ``"float16"`` (keys and
+            values rounded to nearest even as they are written: half the bytes that attention reads
+            every step, as llama.cpp's default cache), ``"float32"`` (exact), or ``"auto"`` (default):
+            float16 where one native call runs a token's layers (its attention widens the rows as it
+            reads them), float32 elsewhere (the framework path would widen the whole cache every
+            step). Attention itself runs in float32 either way. docs/RESULTS.md has the PPL and speed.
     """
 
     def __init__(self, model, max_len: int = 2048, lm_head_dtype: torch.dtype | str = torch.float32,
-                 backend: str = "auto", kv: KVSpec | str | None = None, prefill_gemm: str = "auto"):
+                 backend: str = "auto", kv: KVSpec | str | None = None, prefill_gemm: str = "auto",
+                 cache_dtype: str = "auto"):
         cfg = model.config
         check_supported(model)
         self.model = model
@@ -249,6 +259,8 @@ class FastDecoder:
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.max_len = max_len
+        if cache_dtype != "auto" and cache_dtype not in CACHE_DTYPES:
+            raise DbquantError(f"unknown cache dtype {cache_dtype!r}; choose from {('auto', *CACHE_DTYPES)}")
         tables = _rope_tables(inner, max_len, self.device)
         self.cos, self.sin = next(iter(tables.values()))  # [max_len, head_dim] (Gemma-3: the first type's)
         self.prefill_gemm = cpu_backend.resolve_gemm(prefill_gemm)  # "fp32", "bf16" or "int8"
@@ -275,6 +287,9 @@ class FastDecoder:
         # (the final norm inside it too: one framework op less a token)
         self.stack = None if self.native is None else cpu_backend.prepare_decode_stack(
             [(L.native, L.cos, L.sin) for L in self.layers], final_norm=(self.norm.weight, self.norm.eps))
+        if cache_dtype == "auto":
+            cache_dtype = "float16" if self.stack is not None else "float32"
+        self.cache_dtype = CACHE_DTYPES[cache_dtype]
         self._init_kv(kv, native)
 
     def _build_head(self, head: nn.Module, lm_head_dtype, backend: str) -> None:
@@ -359,11 +374,12 @@ class FastDecoder:
             return
         shape = (len(self.layers), batch, self.n_kv, self.max_len, self.head_dim)
         if self.k_cache is None or self.k_cache.shape != shape:
+            dt = self.cache_dtype
             if self.device.type == "cpu":  # read every step, as the weights are (_into_huge_pages)
-                self.k_cache, self.v_cache = zeros_in_huge_pages(shape), zeros_in_huge_pages(shape)
+                self.k_cache, self.v_cache = zeros_in_huge_pages(shape, dt), zeros_in_huge_pages(shape, dt)
             else:
-                self.k_cache = torch.zeros(shape, device=self.device)
-                self.v_cache = torch.zeros(shape, device=self.device)
+                self.k_cache = torch.zeros(shape, dtype=dt, device=self.device)
+                self.v_cache = torch.zeros(shape, dtype=dt, device=self.device)
 
     def _native_embed_rows(self):
         """ids int64 [n] -> float32 [n, hidden] through the registry's ``table_rows`` when the input
@@ -461,10 +477,11 @@ class FastDecoder:
             att = self._kv_attend(i, qk[:, :hq], qk[:, hq:], v.transpose(1, 2), L)
             att = att[:, :, -1:] if trim else att
         else:
-            self.k_cache[i, :, :, pos:end] = qk[:, hq:]
+            self.k_cache[i, :, :, pos:end] = qk[:, hq:]  # rounded here to a float16 cache's precision
             self.v_cache[i, :, :, pos:end] = v.transpose(1, 2)
             q, qpos = (qk[:, :hq, -1:], end - 1) if trim else (qk[:, :hq], pos)
-            att = self._attend(q, self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end], L, qpos)
+            keys, values = self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end]
+            att = self._attend(q, keys.float(), values.float(), L, qpos)  # float32 attention (a no-op view for float32)
         rows = b * t  # the projections below take the path of the whole chunk's rows
         if trim:
             x, t = x.view(b, t, -1)[:, -1].contiguous(), 1

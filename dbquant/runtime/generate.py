@@ -18,7 +18,7 @@ from dbquant.errors import DbquantError
 from dbquant.model.checkpoint import is_dbquant_dir
 from dbquant.model.sources import resolve_model
 from dbquant.model.vlm import image_prompt_inputs, vlm_family
-from dbquant.runtime.decode import LM_HEAD_DTYPES, FastDecoder, check_kv_supported, check_supported
+from dbquant.runtime.decode import CACHE_DTYPES, LM_HEAD_DTYPES, FastDecoder, check_kv_supported, check_supported
 from dbquant.runtime.kv import KVSpec, cache_nbytes, make_cache, parse_kv
 
 ENGINES = ("auto", "dbquant", "hf")
@@ -35,7 +35,8 @@ class GenerateOptions:
     ternary values: the dbquant engine's packed cache; others: the hf engine; None = the cache
     spec's defaults); engine: one of :data:`ENGINES`;
     lm_head_dtype: a key of ``LM_HEAD_DTYPES`` (dbquant engine's dense output projection);
-    prefill_gemm: the dbquant engine's GEMM precision on a long prompt (``cpu_backend.GEMM_DTYPES``).
+    prefill_gemm: the dbquant engine's GEMM precision on a long prompt (``cpu_backend.GEMM_DTYPES``);
+    cache_dtype: the dbquant engine's float KV cache, "auto" or a key of ``CACHE_DTYPES``.
     """
 
     prompt: str
@@ -51,6 +52,7 @@ class GenerateOptions:
     engine: str = "auto"
     lm_head_dtype: str = "float32"
     prefill_gemm: str = "auto"
+    cache_dtype: str = "auto"
 
     def check(self) -> GenerateOptions:
         if self.max_new_tokens < 1:
@@ -61,6 +63,8 @@ class GenerateOptions:
             raise DbquantError(f"unknown lm-head dtype {self.lm_head_dtype!r}; choose from {tuple(LM_HEAD_DTYPES)}")
         if self.prefill_gemm not in cpu_backend.GEMM_DTYPES:
             raise DbquantError(f"unknown prefill GEMM {self.prefill_gemm!r}; choose from {cpu_backend.GEMM_DTYPES}")
+        if self.cache_dtype != "auto" and self.cache_dtype not in CACHE_DTYPES:
+            raise DbquantError(f"unknown cache dtype {self.cache_dtype!r}; choose from {('auto', *CACHE_DTYPES)}")
         return self
 
 
@@ -171,7 +175,7 @@ def _fast_generate(model: nn.Module, tokenizer, ids: torch.Tensor, opts: Generat
     gc = model.generation_config
     dec = FastDecoder(model, max_len=ids.shape[1] + opts.max_new_tokens, backend=opts.backend,
                       lm_head_dtype=LM_HEAD_DTYPES[opts.lm_head_dtype], kv=_kv_spec(opts) if opts.kv else None,
-                      prefill_gemm=opts.prefill_gemm)
+                      prefill_gemm=opts.prefill_gemm, cache_dtype=opts.cache_dtype)
     return *dec.generate(ids, opts.max_new_tokens, do_sample=opts.sample, temperature=gc.temperature or 1.0,
                         top_k=gc.top_k or 0, top_p=gc.top_p or 1.0,
                         eos_token_id=gc.eos_token_id or tokenizer.eos_token_id,
