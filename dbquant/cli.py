@@ -47,7 +47,7 @@ from .quantize import (
     quantize,
     save_output,
 )
-from .runtime.decode import CACHE_DTYPES, LM_HEAD_DTYPES
+from .runtime.decode import CACHE_DTYPE_CHOICES, LM_HEAD_DTYPES
 from .runtime.generate import ENGINES, GenerateOptions, generate
 from .runtime.kv.quantizers import SCALE_DTYPES
 from .runtime.kv.spec import DEFAULT_GROUP, DEFAULT_RESIDUAL, DEFAULT_SINK
@@ -515,7 +515,7 @@ def _generate_parser(sub) -> None:
                         "int8 (activations rounded to 8 bits per group, exact weights), auto: bf16 where this "
                         "CPU's bf16 GEMM is fast, int8 where AVX2 is its fastest path, else fp32 "
                         "(docs/RESULTS.md has their speed and PPL cost)")
-    g.add_argument("--cache-dtype", default=d["cache_dtype"], choices=("auto", *CACHE_DTYPES),
+    g.add_argument("--cache-dtype", default=d["cache_dtype"], choices=CACHE_DTYPE_CHOICES,
                    help="the dbquant engine's float KV cache (without --kv): float16 (half the bytes attention "
                         "reads a token), float32 (exact), auto: float16 where the layers of a token run natively")
     g.set_defaults(fn=cmd_generate)

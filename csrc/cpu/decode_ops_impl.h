@@ -303,6 +303,9 @@ template <typename T>
 void attend_heads(const float* q, const T* k, const T* v, int64_t Hq, int64_t Hk, int64_t L, int64_t D, int64_t n,
                   float scale, float softcap, float* scores, float* out, int64_t h0, int64_t h1) {
   const int64_t group = Hq / Hk;
+#ifndef DO_VEC
+  std::vector<float> row(std::is_same_v<T, float> ? 0 : D);  // a float16 row widened (the portable path)
+#endif
   for (int64_t a = h0; a < h1;) {
     const int64_t j = a / group, b = std::min(h1, (j + 1) * group);  // heads [a, b) read kv head j
     const T* kh = k + j * L * D;
@@ -317,7 +320,6 @@ void attend_heads(const float* q, const T* k, const T* v, int64_t Hq, int64_t Hk
     for (int64_t h = a; h < b; ++h) softcap_softmax(scores + h * n, n, softcap);
     values_vec(scores, vh, D, n, out, a, b);
 #else
-    std::vector<float> row(std::is_same_v<T, float> ? 0 : D);  // a float16 row widened
     for (int64_t t = 0; t < n; ++t) {  // each key row read once for all the heads
       const float* kt = cache_row(kh + t * D, D, row.data());
       for (int64_t h = a; h < b; ++h) scores[h * n + t] = dot(q + h * D, kt, D) * scale;

@@ -112,7 +112,7 @@ def check_table_rows(op: str, codes, code_scales, ids, dim: int) -> None:
 
 
 # The float KV cache's storage: float32, or float16 (half the bytes a step reads; the decoder's default).
-CACHE_DTYPES = (torch.float32, torch.float16)
+FLOAT_CACHE_DTYPES = (torch.float32, torch.float16)
 
 
 def check_decode_step(op: str, x, layer, cos, sin, k_cache, v_cache, pos) -> None:
@@ -121,7 +121,7 @@ def check_decode_step(op: str, x, layer, cos, sin, k_cache, v_cache, pos) -> Non
     check_tensor(op, "x", x, (torch.float32,), (1, h))
     check_tensor(op, "cos", cos, (torch.float32,), (d,))
     check_tensor(op, "sin", sin, (torch.float32,), (d,))
-    check_tensor(op, "k_cache", k_cache, CACHE_DTYPES, dim=4)
+    check_tensor(op, "k_cache", k_cache, FLOAT_CACHE_DTYPES, dim=4)
     if tuple(k_cache.shape[:2]) != (1, hk) or k_cache.shape[3] != d:
         fail(op, f"k_cache must be [1, {hk}, max_len, {d}], got {tuple(k_cache.shape)}")
     check_tensor(op, "v_cache", v_cache, (k_cache.dtype,), tuple(k_cache.shape))

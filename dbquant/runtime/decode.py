@@ -60,6 +60,14 @@ LM_HEAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": 
 # The float KV cache's storage (FastDecoder's cache_dtype; "auto" picks one): float16 halves what
 # attention reads a step.
 CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+CACHE_DTYPE_CHOICES = ("auto", *CACHE_DTYPES)
+
+
+def check_cache_dtype(name: str) -> str:
+    """``name`` if it is one of :data:`CACHE_DTYPE_CHOICES`, else a DbquantError naming them."""
+    if name not in CACHE_DTYPE_CHOICES:
+        raise DbquantError(f"unknown cache dtype {name!r}; choose from {CACHE_DTYPE_CHOICES}")
+    return name
 
 
 @dataclass
@@ -259,8 +267,7 @@ class FastDecoder:
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.max_len = max_len
-        if cache_dtype != "auto" and cache_dtype not in CACHE_DTYPES:
-            raise DbquantError(f"unknown cache dtype {cache_dtype!r}; choose from {('auto', *CACHE_DTYPES)}")
+        check_cache_dtype(cache_dtype)
         tables = _rope_tables(inner, max_len, self.device)
         self.cos, self.sin = next(iter(tables.values()))  # [max_len, head_dim] (Gemma-3: the first type's)
         self.prefill_gemm = cpu_backend.resolve_gemm(prefill_gemm)  # "fp32", "bf16" or "int8"

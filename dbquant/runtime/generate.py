@@ -18,7 +18,13 @@ from dbquant.errors import DbquantError
 from dbquant.model.checkpoint import is_dbquant_dir
 from dbquant.model.sources import resolve_model
 from dbquant.model.vlm import image_prompt_inputs, vlm_family
-from dbquant.runtime.decode import CACHE_DTYPES, LM_HEAD_DTYPES, FastDecoder, check_kv_supported, check_supported
+from dbquant.runtime.decode import (
+    LM_HEAD_DTYPES,
+    FastDecoder,
+    check_cache_dtype,
+    check_kv_supported,
+    check_supported,
+)
 from dbquant.runtime.kv import KVSpec, cache_nbytes, make_cache, parse_kv
 
 ENGINES = ("auto", "dbquant", "hf")
@@ -36,7 +42,7 @@ class GenerateOptions:
     spec's defaults); engine: one of :data:`ENGINES`;
     lm_head_dtype: a key of ``LM_HEAD_DTYPES`` (dbquant engine's dense output projection);
     prefill_gemm: the dbquant engine's GEMM precision on a long prompt (``cpu_backend.GEMM_DTYPES``);
-    cache_dtype: the dbquant engine's float KV cache, "auto" or a key of ``CACHE_DTYPES``.
+    cache_dtype: the dbquant engine's float KV cache, one of ``CACHE_DTYPE_CHOICES``.
     """
 
     prompt: str
@@ -63,8 +69,7 @@ class GenerateOptions:
             raise DbquantError(f"unknown lm-head dtype {self.lm_head_dtype!r}; choose from {tuple(LM_HEAD_DTYPES)}")
         if self.prefill_gemm not in cpu_backend.GEMM_DTYPES:
             raise DbquantError(f"unknown prefill GEMM {self.prefill_gemm!r}; choose from {cpu_backend.GEMM_DTYPES}")
-        if self.cache_dtype != "auto" and self.cache_dtype not in CACHE_DTYPES:
-            raise DbquantError(f"unknown cache dtype {self.cache_dtype!r}; choose from {('auto', *CACHE_DTYPES)}")
+        check_cache_dtype(self.cache_dtype)
         return self
 
 
