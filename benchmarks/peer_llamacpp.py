@@ -20,9 +20,12 @@ What it does, each step reusing what an earlier run left in the cache folder:
   3. Runs `llama-bench -m FILE -t T -p 128 -n 64 -r 3 -o json` for T in (2, 1) and every file.
      llama-bench's tg test decodes 64 tokens from an empty context (its standard protocol); the
      pp test processes a 128-token prompt in one batch. One warm-up run precedes the 3 timed ones.
+     With `--depth D` each call adds `-d 0,D`: tg also after D tokens of context (`tg_depth_tok_s`),
+     the protocol of `dbquant bench --e2e --peers`, whose decode runs after its prompt.
   4. Prints a table and, with `--json PATH`, writes one row per (type, threads):
      {tool, version, llama_cpp_commit, type, source, threads, prompt_tokens, gen_tokens, pp_tok_s,
-      pp_std, tg_tok_s, tg_std, tg_median, file_bytes, file_mb (1e6 bytes), n_params, bpw_file
+      pp_std, tg_tok_s, tg_std, tg_median, [depth, tg_depth_tok_s, tg_depth_std, tg_depth_samples],
+      file_bytes, file_mb (1e6 bytes), n_params, bpw_file
       (file bytes * 8 / parameters, everything in the file counted), bpw_tensors (llama-bench's
       model_size), types (parameters per ggml type), fallback_tensors, quantize_report,
       loadavg_before/after, command, error}.
@@ -61,7 +64,9 @@ def print_table(rows: list, header: dict) -> None:
           f"{bi.get('ggml_version', '?')}), {header['cpu']}")
     print(f"model {header['model']}; llama-bench -p {header['prompt_tokens']} -n {header['gen_tokens']} "
           f"-r {header['reps']}; build: {header['build']}")
-    cols = (f"{'type':<6} {'thr':>3} {'pp tok/s':>15} {'tg tok/s':>13} {'tg med':>6} {'file MB':>8} "
+    depth = header.get("depth", 0)
+    cols = (f"{'type':<6} {'thr':>3} {'pp tok/s':>15} {'tg tok/s':>13} {'tg med':>6} "
+            + (f"{f'tg@d{depth}':>13} " if depth else "") + f"{'file MB':>8} "
             f"{'bpw':>6}  {'load':>9}  notes")
     print(cols)
     print("-" * len(cols))
@@ -78,10 +83,11 @@ def print_table(rows: list, header: dict) -> None:
             notes = "REQUANTIZED from shipped Q4_1; " + notes
         print(f"{r['type']:<6} {r['threads']:>3} {r['pp_tok_s']:>8.1f} ±{r['pp_std']:>5.1f} "
               f"{r['tg_tok_s']:>6.1f} ±{r['tg_std']:>4.1f} {r['tg_median']:>6.1f} "
+              + (f"{r['tg_depth_tok_s']:>6.1f} ±{r['tg_depth_std']:>4.1f} " if depth else "") +
               f"{r['file_mb']:>8.1f} {r['bpw_file']:>6.2f}  "
               f"{r['loadavg_before']:>4.2f}/{r['loadavg_after']:<4.2f}  {notes}")
     print(f"pp: {header['prompt_tokens']}-token prompt; tg: {header['gen_tokens']} tokens decoded from an "
-          "empty context; ± = std over runs, med = median; bpw = whole file bytes*8 / parameters; "
+          "empty context" + (f" (tg@d{depth}: after {depth} tokens of context)" if depth else "") + "; ± = std over runs, med = median; bpw = whole file bytes*8 / parameters; "
           "load = 1-min load average before/after the call; notes: share of parameters per ggml type")
     if header.get("bench_extra_args"):
         print(f"extra llama-bench arguments: {' '.join(header['bench_extra_args'])}")
@@ -98,6 +104,8 @@ def main() -> int:
     ap.add_argument("-p", "--prompt-tokens", type=int, default=128)
     ap.add_argument("-n", "--gen-tokens", type=int, default=64)
     ap.add_argument("-r", "--reps", type=int, default=3)
+    ap.add_argument("--depth", type=int, default=0,
+                    help="also time tg after this many tokens of context (llama-bench -d 0,DEPTH)")
     ap.add_argument("--jobs", type=int, default=2, help="parallel compile jobs")
     ap.add_argument("--rebuild", action="store_true", help="rebuild llama.cpp even if a build exists")
     ap.add_argument("--bench-args", default="", help="extra llama-bench arguments, e.g. '--poll 0'")
@@ -106,12 +114,14 @@ def main() -> int:
     ap.add_argument("--wait-max", type=float, default=300, help="longest wait for --wait-load, seconds")
     ap.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
     args = ap.parse_args()
+    if args.depth < 0:
+        ap.error(f"--depth must be >= 0, got {args.depth}")
 
     t_start = time.perf_counter()
     hf_dir = args.hf_dir or peers.cache_root() / "models" / peers.MODEL_NAME
     header = {"tool": "llama.cpp", "version": args.version, "llama_cpp_commit": "unknown",
               "model": "SmolLM2-135M-Instruct", "prompt_tokens": args.prompt_tokens,
-              "gen_tokens": args.gen_tokens, "reps": args.reps, "cache": str(peers.llamacpp_root(args.version)),
+              "gen_tokens": args.gen_tokens, "reps": args.reps, "depth": args.depth, "cache": str(peers.llamacpp_root(args.version)),
               "cpu": f"{os.cpu_count()} cores {platform.machine()}", "build": "not built",
               "bench_extra_args": args.bench_args.split(), "environment": environment(),
               "uptime_start": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
@@ -135,7 +145,7 @@ def main() -> int:
             peers.log(f"llama-bench {ty} -t {th} {args.bench_args} (waited {waited} s for load)")
             try:
                 row = peers.bench_file(prep, ty, th, args.prompt_tokens, args.gen_tokens, args.reps,
-                                       args.bench_args.split())
+                                       args.bench_args.split(), depth=args.depth)
             except Exception as e:  # noqa: BLE001 - the row says why
                 peers.log(f"{ty} t={th}: FAILED: {e}")
                 rows.append({**base_row, "llama_cpp_commit": prep["commit"], "type": ty, "threads": th,

@@ -247,6 +247,53 @@ def test_ratios_are_against_the_fastest_llamacpp_type_at_the_same_threads():
     assert all("decode_vs_llamacpp_best" not in r for r in rows if r["engine"] == "llama.cpp")
 
 
+def _llama_bench_json(depths: tuple[int, ...]) -> str:
+    """What llama-bench -o json prints for -p 128 -n 64 -d <depths>: pp and tg at each depth."""
+    rows = []
+    for d in depths:
+        rows += [dict(n_prompt=128, n_gen=0, n_depth=d, avg_ts=300.0 - d, stddev_ts=1.0, samples_ts=[299.0 - d, 301.0 - d],
+                      model_n_params=1, model_size=1),
+                 dict(n_prompt=0, n_gen=64, n_depth=d, avg_ts=100.0 - d / 8, stddev_ts=2.0,
+                      samples_ts=[99.0 - d / 8, 101.0 - d / 8], model_n_params=1, model_size=1)]
+    return json.dumps(rows)
+
+
+def test_llama_bench_times_decode_after_the_prompt_as_dbquant_does(monkeypatch):
+    """e2e_rows' llama.cpp decode is tg after a context as long as the prompt (-d 0,P), the protocol of our
+    rows (decode after the prompt); tg from an empty context is kept beside it; pp is from an empty context."""
+    calls = []
+
+    def fake_run(cmd, *a, **k):
+        calls.append([str(c) for c in cmd])
+        return subprocess.CompletedProcess(cmd, 0, stdout=_llama_bench_json((0, 128)))
+
+    monkeypatch.setattr(peers, "run", fake_run)
+    prep = {"bench_bin": "llama-bench", "version": "v", "commit": "c", "files": {"Q4_0": {"path": "m.gguf",
+                                                                                           "file_bytes": 8}}}
+    rows = peers.e2e_rows(prep, ["Q4_0"], [1], [128], 64, 2)
+    assert calls[0][calls[0].index("-d") + 1] == "0,128"
+    (r,) = rows
+    assert r["decode_tok_s"] == 84.0 and r["decode_tok_s_all"] == [83.0, 85.0]  # tg at depth 128
+    assert r["decode_tok_s_empty"] == 100.0 and r["prefill_tok_s"] == 300.0  # depth 0
+    assert "-d P" in r["protocol"]
+    assert "-d" not in peers.llama_bench("b", "m", 1, 128, 64, 2, [])["command"]  # no depth: the default protocol
+    monkeypatch.setattr(peers, "run", lambda cmd, *a, **k: subprocess.CompletedProcess(
+        cmd, 0, stdout=_llama_bench_json((0,))))
+    with pytest.raises(RuntimeError, match="tg64 at depth 128"):
+        peers.llama_bench("b", "m", 1, 128, 64, 2, [], depth=128)
+
+
+def test_ratios_against_both_decode_protocols():
+    rows = e2e_fixture()
+    for r in rows:
+        if r["engine"] == "llama.cpp":
+            r["decode_tok_s_empty"] = r["decode_tok_s"] * 1.25
+    peers.add_ratios(rows)
+    assert rows[0]["decode_vs_llamacpp_best"] == round(70 / 55, 3)
+    assert rows[0]["decode_vs_llamacpp_empty"] == round(70 / (55 * 1.25), 3)
+    assert "decode_vs_llamacpp_empty" not in peers.add_ratios(e2e_fixture())[0]  # rows without the figure
+
+
 def test_plot_e2e_writes_a_png(tmp_path):
     png = tmp_path / "e.png"
     bench.plot_e2e(e2e_fixture(), str(png))

@@ -360,8 +360,9 @@ def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int
 
 
 # the figures of an end-to-end row that merge_rounds takes the median of, over rounds
-ROUND_MEDIANS = ("prefill_tok_s", "decode_tok_s", "step_ms", "lm_head_ms", "decode_speedup_vs_fp32",
-                 "decode_vs_llamacpp_best", "prefill_vs_llamacpp_best")
+ROUND_MEDIANS = ("prefill_tok_s", "decode_tok_s", "decode_tok_s_empty", "step_ms", "lm_head_ms",
+                 "decode_speedup_vs_fp32", "decode_vs_llamacpp_best", "decode_vs_llamacpp_empty",
+                 "prefill_vs_llamacpp_best")
 
 
 def merge_rounds(rows: list[dict]) -> list[dict]:

@@ -17,8 +17,12 @@ left in the cache folder :func:`llamacpp_root` (``$DBQUANT_CACHE/llama.cpp/<vers
      :func:`prepare` runs steps 1-2 and says per type what it produced or why it failed.
   3. :func:`llama_bench` runs ``llama-bench -m FILE -t T -p P -n N -r R -o json``: its tg test
      decodes N tokens from an empty context (its standard protocol), the pp test processes a
-     P-token prompt in one batch. :func:`e2e_rows` turns that into rows shaped like
-     :func:`dbquant.bench.cpu.e2e_bench`'s (``prefill_tok_s``, ``decode_tok_s``, ...).
+     P-token prompt in one batch. With ``depth`` it adds ``-d 0,DEPTH``: tg again after DEPTH
+     tokens already in the KV cache. :func:`e2e_rows` asks for DEPTH = P, so that llama.cpp's
+     decode is timed as dbquant's is (N tokens after a P-token prompt: each token attends to
+     P..P+N-1 positions, not 0..N-1), and turns that into rows shaped like
+     :func:`dbquant.bench.cpu.e2e_bench`'s (``prefill_tok_s``, ``decode_tok_s`` after the prompt,
+     ``decode_tok_s_empty`` from an empty context, ...).
 Nothing here estimates a number: a failed step raises (or, in :func:`prepare`, records) why.
 """
 
@@ -66,6 +70,10 @@ except ImportError:
     base.TextModel._create_vocab_sentencepiece = _create_vocab_sentencepiece
 runpy.run_path(script, run_name="__main__")
 """
+
+
+PROTOCOL = ("llama-bench: decode_tok_s is tg after a context as long as the prompt (-d P: dbquant's decode runs "
+            "after its prompt), decode_tok_s_empty tg from an empty context (llama-bench's default); pp is one batch")
 
 
 def cache_root() -> Path:
@@ -247,23 +255,36 @@ def wait_for_load(max_load: float | None, max_wait_s: float) -> float:
     return round(time.perf_counter() - t, 1)
 
 
-def llama_bench(bench_bin: Path, path: Path, threads: int, p: int, n: int, reps: int, extra: list) -> dict:
-    """One llama-bench call; returns pp/tg means, stds, medians plus llama-bench's metadata."""
-    cmd = [bench_bin, "-m", path, "-t", threads, "-p", p, "-n", n, "-r", reps, "-o", "json", *extra]
+def llama_bench(bench_bin: Path, path: Path, threads: int, p: int, n: int, reps: int, extra: list,
+                depth: int = 0) -> dict:
+    """One llama-bench call; returns pp/tg means, stds, medians plus llama-bench's metadata. pp and tg
+    start from an empty context; with ``depth`` > 0 the ``tg_depth_*`` figures are tg after ``depth``
+    tokens of context (``-d 0,DEPTH``; llama-bench's pp test at that depth is run too, and ignored)."""
+    depths = ["-d", f"0,{depth}"] if depth > 0 else []
+    cmd = [bench_bin, "-m", path, "-t", threads, "-p", p, "-n", n, "-r", reps, "-o", "json", *depths, *extra]
     load0 = os.getloadavg()[0]
     out = run(cmd).stdout
     load1 = os.getloadavg()[0]
     res = json.loads(out)
-    pp = [r for r in res if r["n_prompt"] == p and r["n_gen"] == 0]
-    tg = [r for r in res if r["n_gen"] == n and r["n_prompt"] == 0]
-    if len(pp) != 1 or len(tg) != 1:
-        raise RuntimeError(f"unexpected llama-bench output: {out[:500]}")
-    pp, tg = pp[0], tg[0]
+
+    def test(n_prompt: int, n_gen: int, d: int) -> dict:
+        got = [r for r in res if r["n_prompt"] == n_prompt and r["n_gen"] == n_gen and r.get("n_depth", 0) == d]
+        if len(got) != 1:
+            raise RuntimeError(f"unexpected llama-bench output (no single pp{n_prompt}/tg{n_gen} at depth {d}): "
+                               f"{out[:500]}")
+        return got[0]
+
+    pp, tg = test(p, 0, 0), test(0, n, 0)
+    deep = {}
+    if depth > 0:
+        td = test(0, n, depth)
+        deep = {"depth": depth, "tg_depth_tok_s": round(td["avg_ts"], 2), "tg_depth_std": round(td["stddev_ts"], 2),
+                "tg_depth_samples": [round(s, 2) for s in td["samples_ts"]]}
     return {"pp_tok_s": round(pp["avg_ts"], 2), "pp_std": round(pp["stddev_ts"], 2),
             "tg_tok_s": round(tg["avg_ts"], 2), "tg_std": round(tg["stddev_ts"], 2),
             "tg_median": round(statistics.median(tg["samples_ts"]), 2),
             "pp_samples": [round(s, 2) for s in pp["samples_ts"]],
-            "tg_samples": [round(s, 2) for s in tg["samples_ts"]],
+            "tg_samples": [round(s, 2) for s in tg["samples_ts"]], **deep,
             "n_params": tg["model_n_params"], "model_size_bytes": tg["model_size"],
             "build_commit": tg.get("build_commit"), "build_number": tg.get("build_number"),
             "cpu_info": tg.get("cpu_info"), "backends": tg.get("backends"),
@@ -360,14 +381,14 @@ def prepare(types: list[str], hf_dir: Path, version: str = LLAMA_CPP_PYTHON_VERS
 
 
 def bench_file(prep: dict, ty: str, threads: int, prompt_tokens: int, gen_tokens: int, reps: int,
-               extra: list | None = None) -> dict:
+               extra: list | None = None, depth: int = 0) -> dict:
     """One llama-bench call on ``prep``'s file of type ``ty``: the row of benchmarks/peer_llamacpp.py
-    (file facts, pp/tg figures, llama-bench's metadata). Raises RuntimeError if the file is missing
-    or llama-bench fails."""
+    (file facts, pp/tg figures, tg at ``depth`` if > 0, llama-bench's metadata). Raises RuntimeError if
+    the file is missing or llama-bench fails."""
     f = prep["files"].get(ty) or {"error": f"{ty} was not prepared"}
     if "error" in f:
         raise RuntimeError(f["error"])
-    b = llama_bench(prep["bench_bin"], f["path"], threads, prompt_tokens, gen_tokens, reps, list(extra or []))
+    b = llama_bench(prep["bench_bin"], f["path"], threads, prompt_tokens, gen_tokens, reps, list(extra or []), depth)
     return {"tool": "llama.cpp", "version": prep["version"], "llama_cpp_commit": prep["commit"], "type": ty,
             "threads": threads, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
             **{k: v for k, v in f.items() if k != "path"}, "file": str(f["path"]),
@@ -379,18 +400,20 @@ def e2e_rows(prep: dict, types: list[str], threads: list[int], prompt_tokens: li
              reps: int) -> list[dict]:
     """llama.cpp's rows for ``dbquant bench --e2e --peers``: one per (threads, prompt length, type), with
     the fields of :func:`dbquant.bench.cpu.e2e_bench`'s rows that a plot or table compares
-    (``engine`` "llama.cpp", ``model`` the GGUF type, ``prefill_tok_s`` = pp, ``decode_tok_s`` = tg)
-    plus the whole llama-bench row under ``llama_bench``. Raises RuntimeError on any failure."""
+    (``engine`` "llama.cpp", ``model`` the GGUF type, ``prefill_tok_s`` = pp, ``decode_tok_s`` = tg
+    after a context of the prompt's length, as dbquant's decode runs after its prompt,
+    ``decode_tok_s_empty`` = tg from an empty context, llama-bench's default) plus the whole llama-bench
+    row under ``llama_bench``. Raises RuntimeError on any failure."""
     rows = []
     for t in threads:
         for p in prompt_tokens:
             for ty in types:
-                log(f"llama-bench {ty} -t {t} -p {p} -n {new_tokens} -r {reps}")
-                r = bench_file(prep, ty, t, p, new_tokens, reps)
+                log(f"llama-bench {ty} -t {t} -p {p} -n {new_tokens} -d 0,{p} -r {reps}")
+                r = bench_file(prep, ty, t, p, new_tokens, reps, depth=p)
                 rows.append({"engine": "llama.cpp", "model": ty, "lm_head": None, "threads": t, "prompt_tokens": p,
-                             "new_tokens": new_tokens, "prefill_tok_s": r["pp_tok_s"], "decode_tok_s": r["tg_tok_s"],
-                             "decode_tok_s_all": r["tg_samples"], "protocol": "llama-bench: tg decodes from an empty "
-                             "context, pp is one batch", "llama_bench": r,
+                             "new_tokens": new_tokens, "prefill_tok_s": r["pp_tok_s"],
+                             "decode_tok_s": r["tg_depth_tok_s"], "decode_tok_s_all": r["tg_depth_samples"],
+                             "decode_tok_s_empty": r["tg_tok_s"], "protocol": PROTOCOL, "llama_bench": r,
                              "llama_cpp_build": {k: prep.get("build_info", {}).get(k)
                                                  for k in ("variant", "native_build_failed", "cmake_flags")}})
     return rows
@@ -400,17 +423,21 @@ def add_ratios(rows: list[dict]) -> list[dict]:
     """Set ``decode_vs_llamacpp_best`` and ``prefill_vs_llamacpp_best`` on every non-llama.cpp row: its
     tokens/s over the fastest llama.cpp type's at the same thread count and prompt length (issue 19's
     "fastest of Q4_0 / Q2_K / TQ2_0"), of the same ``round`` when rows carry one (``bench --rounds``);
-    rows without a llama.cpp row to compare with are left alone. Returns ``rows`` (changed in place)."""
+    where llama.cpp's rows also have ``decode_tok_s_empty`` (tg from an empty context),
+    ``decode_vs_llamacpp_empty`` is the decode ratio against that (our decode still after the prompt).
+    Rows without a llama.cpp row to compare with are left alone. Returns ``rows`` (changed in place)."""
     best: dict[tuple, dict] = {}
     for r in rows:
         if r.get("engine") == "llama.cpp":
             b = best.setdefault((r["threads"], r["prompt_tokens"], r.get("round")),
-                                {"decode_tok_s": 0.0, "prefill_tok_s": 0.0})
+                                {"decode_tok_s": 0.0, "prefill_tok_s": 0.0, "decode_tok_s_empty": 0.0})
             for key in b:
-                b[key] = max(b[key], r[key])
+                b[key] = max(b[key], r.get(key) or 0.0)
     for r in rows:
         b = best.get((r.get("threads"), r.get("prompt_tokens"), r.get("round")))
         if r.get("engine") != "llama.cpp" and b and r.get("decode_tok_s"):
             r["decode_vs_llamacpp_best"] = round(r["decode_tok_s"] / b["decode_tok_s"], 3)
             r["prefill_vs_llamacpp_best"] = round(r["prefill_tok_s"] / b["prefill_tok_s"], 3)
+            if b["decode_tok_s_empty"]:
+                r["decode_vs_llamacpp_empty"] = round(r["decode_tok_s"] / b["decode_tok_s_empty"], 3)
     return rows
