@@ -87,7 +87,8 @@ def print_table(rows: list, header: dict) -> None:
               f"{r['file_mb']:>8.1f} {r['bpw_file']:>6.2f}  "
               f"{r['loadavg_before']:>4.2f}/{r['loadavg_after']:<4.2f}  {notes}")
     print(f"pp: {header['prompt_tokens']}-token prompt; tg: {header['gen_tokens']} tokens decoded from an "
-          "empty context" + (f" (tg@d{depth}: after {depth} tokens of context)" if depth else "") + "; ± = std over runs, med = median; bpw = whole file bytes*8 / parameters; "
+          "empty context" + (f" (tg@d{depth}: after {depth} tokens of context)" if depth else "")
+          + "; ± = std over runs, med = median; bpw = whole file bytes*8 / parameters; "
           "load = 1-min load average before/after the call; notes: share of parameters per ggml type")
     if header.get("bench_extra_args"):
         print(f"extra llama-bench arguments: {' '.join(header['bench_extra_args'])}")
@@ -121,7 +122,8 @@ def main() -> int:
     hf_dir = args.hf_dir or peers.cache_root() / "models" / peers.MODEL_NAME
     header = {"tool": "llama.cpp", "version": args.version, "llama_cpp_commit": "unknown",
               "model": "SmolLM2-135M-Instruct", "prompt_tokens": args.prompt_tokens,
-              "gen_tokens": args.gen_tokens, "reps": args.reps, "depth": args.depth, "cache": str(peers.llamacpp_root(args.version)),
+              "gen_tokens": args.gen_tokens, "reps": args.reps, "depth": args.depth,
+              "cache": str(peers.llamacpp_root(args.version)),
               "cpu": f"{os.cpu_count()} cores {platform.machine()}", "build": "not built",
               "bench_extra_args": args.bench_args.split(), "environment": environment(),
               "uptime_start": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}

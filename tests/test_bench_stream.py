@@ -251,8 +251,8 @@ def _llama_bench_json(depths: tuple[int, ...]) -> str:
     """What llama-bench -o json prints for -p 128 -n 64 -d <depths>: pp and tg at each depth."""
     rows = []
     for d in depths:
-        rows += [dict(n_prompt=128, n_gen=0, n_depth=d, avg_ts=300.0 - d, stddev_ts=1.0, samples_ts=[299.0 - d, 301.0 - d],
-                      model_n_params=1, model_size=1),
+        rows += [dict(n_prompt=128, n_gen=0, n_depth=d, avg_ts=300.0 - d, stddev_ts=1.0,
+                      samples_ts=[299.0 - d, 301.0 - d], model_n_params=1, model_size=1),
                  dict(n_prompt=0, n_gen=64, n_depth=d, avg_ts=100.0 - d / 8, stddev_ts=2.0,
                       samples_ts=[99.0 - d / 8, 101.0 - d / 8], model_n_params=1, model_size=1)]
     return json.dumps(rows)
