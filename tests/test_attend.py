@@ -1,6 +1,7 @@
 """The decode step's float-cache attention kernel (decode_ops_impl.h: attend_one_token) on its own,
 through torch.ops.dbquant.attend_cpu, against softmax(q k^T) v written out here, on every ISA path this
-CPU has. The shapes reach what the step's tests (11 positions, small heads) do not: full and partial
+CPU has; and the prefill's causal attention (attend_causal_cpu: the same kernel per query) against
+attend_causal_ref. The shapes reach what the step's tests (11 positions, small heads) do not: full and partial
 blocks of W key rows (W = 16 on AVX-512, 8 on AVX2) and head widths with a partial last vector, the
 widest unrolled width (16 vectors) and one beyond it (the runtime-width loops)."""
 
@@ -9,7 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dbquant.backends import cpu as cpu_backend
 from dbquant.backends import registry
+from dbquant.backends.checks import KernelInputError
+from dbquant.backends.reference import attend_causal_ref
 from tests.tolerances import FP32_REORDER, FP32_REORDER_LONG
 
 pytestmark = pytest.mark.skipif(not registry.available("cpu"), reason="dbquant._C is not built")
@@ -97,3 +101,77 @@ def test_attend_refuses_bad_input():
         torch.ops.dbquant.attend_cpu(q, k, v, 9, 0.25)
     with pytest.raises(RuntimeError, match="n must be in 1..8"):
         torch.ops.dbquant.attend_cpu(q, k, v, 0, 0.25)
+
+
+def _chunk(b, hq, hk, d, t, pos, seed, dtype=torch.float32):
+    """A prompt chunk as the decoder holds it: q a view [B, Hq, T, D] of the rotated q and k heads
+    [B, Hq + Hk, T, D]; caches [B, Hk, L, D] holding rows 0..pos+T-1 and NaN after them (never read)."""
+    gen = torch.Generator().manual_seed(seed)
+    qk = torch.randn(b, hq + hk, t, d, generator=gen)
+    L = pos + t + 3
+    k, v = torch.randn(b, hk, L, d, generator=gen), torch.randn(b, hk, L, d, generator=gen)
+    k[:, :, pos:pos + t] = qk[:, hq:]
+    k[:, :, pos + t:], v[:, :, pos + t:] = float("nan"), float("nan")
+    return qk[:, :hq], k.to(dtype), v.to(dtype)
+
+
+# (B, Hq, Hk, D, T, pos, window, softcap): SmolLM2's heads over a 37-token prompt; a chunk after cached rows;
+# a sliding window shorter than the chunk; Gemma-2's cap; MHA, a head width with a partial last vector, two
+# sequences, one query, and a width beyond the unrolled kernels
+CAUSAL = [(1, 9, 3, 64, 37, 0, 0, 0.0), (1, 9, 3, 64, 11, 20, 0, 0.0), (1, 4, 2, 24, 19, 5, 7, 0.0),
+          (2, 4, 2, 36, 9, 3, 0, 5.0), (1, 3, 3, 8, 1, 12, 4, 0.0), (1, 2, 1, 264, 6, 2, 0, 0.0)]
+
+
+@pytest.mark.parametrize("b,hq,hk,d,t,pos,window,softcap", CAUSAL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attend_causal_matches_the_definition_on_every_isa(b, hq, hk, d, t, pos, window, softcap, dtype):
+    q, k, v = _chunk(b, hq, hk, d, t, pos, seed=b + hq + d + t + pos, dtype=dtype)
+    q = q * 3 if softcap else q  # scores large enough for the cap to matter
+    ref = attend_causal_ref(q, k, v, pos, d ** -0.5, softcap, window)
+    assert ref.shape == (b, t, hq, d) and not ref.isnan().any()
+    for isa in torch.ops.dbquant.cpu_isas():
+        got = torch.ops.dbquant.attend_causal_cpu(q, k, v, pos, d ** -0.5, softcap, window, isa)
+        torch.testing.assert_close(got, ref, rtol=FP32_REORDER_LONG, atol=FP32_REORDER, msg=f"isa={isa}")
+
+
+def test_attend_causal_is_the_decode_steps_attention_per_query():
+    """Each query's output is, bit for bit, what attend_cpu (the decode step's kernel) gives for that position
+    alone: a prompt's attention and a decoded token's agree, on any thread count; q is read through its
+    strides (a transposed view gives what its contiguous copy gives)."""
+    q, k, v = _chunk(2, 9, 3, 64, 13, 6, seed=1, dtype=torch.float16)
+    got = torch.ops.dbquant.attend_causal_cpu(q, k, v, 6, 0.125)
+    for b in range(2):
+        for t in range(13):
+            one = torch.ops.dbquant.attend_cpu(q[b, :, t].contiguous(), k[b], v[b], 6 + t + 1, 0.125)
+            assert torch.equal(got[b, t], one), (b, t)
+    assert torch.equal(torch.ops.dbquant.attend_causal_cpu(q.contiguous(), k, v, 6, 0.125), got)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, Hq, T, D] with the heads innermost but D
+    assert torch.equal(torch.ops.dbquant.attend_causal_cpu(qt, k, v, 6, 0.125), got)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(torch.ops.dbquant.attend_causal_cpu(q, k, v, 6, 0.125), got)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_attend_causal_refuses_bad_input():
+    q, k, v = _chunk(1, 4, 2, 16, 5, 2, seed=0)
+    for op in (torch.ops.dbquant.attend_causal_cpu, cpu_backend.attend_causal_cpu):
+        err = RuntimeError if op is torch.ops.dbquant.attend_causal_cpu else KernelInputError
+        with pytest.raises(err, match="outside the cache"):
+            op(q, k, v, 6, 0.25)  # rows 6..10 of 10
+        with pytest.raises(err, match="outside the cache"):
+            op(q, k, v, -1, 0.25)
+        with pytest.raises(err, match="Hk dividing|Hq a multiple of Hk"):
+            op(q[:, :3], k, v, 2, 0.25)
+        with pytest.raises(err, match="window must be"):
+            op(q, k, v, 2, 0.25, 0.0, -1)
+        with pytest.raises(err, match="v_cache must be|v must be"):
+            op(q, k, v.half(), 2, 0.25)
+        with pytest.raises(err, match="q must be"):
+            op(q.double(), k, v, 2, 0.25)
+    with pytest.raises(RuntimeError, match="contiguous last dim"):
+        torch.ops.dbquant.attend_causal_cpu(q.transpose(2, 3), k, v, 2, 0.25)  # D strided: the op refuses ...
+    torch.testing.assert_close(cpu_backend.attend_causal_cpu(q.transpose(2, 3).contiguous().transpose(2, 3), k, v, 2,
+                                                             0.25), attend_causal_ref(q, k, v, 2, 0.25))  # ... the wrapper copies

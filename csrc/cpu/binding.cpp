@@ -30,6 +30,10 @@
 //                                str isa="auto") -> Tensor
 //                                    (one token's attention over a float cache: the decode step's
 //                                     kernel on its own, for tests; decode_ops.h)
+//   torch.ops.dbquant.attend_causal_cpu(Tensor q, Tensor k, Tensor v, int pos, float scale,
+//                                       float softcap=0, int window=0, str isa="auto") -> Tensor
+//                                    (a prompt chunk's causal attention over a float cache, the
+//                                     same kernel per query: the prefill's; float32 [B, T, Hq, D])
 //   torch.classes.dbquant.DecodeLayer(Tensor ln1, Tensor ln2, float eps, int n_heads, int n_kv,
 //                                    int head_dim, int intermediate, float scale)
 //                                    .set_proj(str name, Tensor planes, Tensor scales,
@@ -809,6 +813,54 @@ at::Tensor attend_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   return out;
 }
 
+// A prompt chunk's causal attention over a float cache (the prefill's): q float32 [B, Hq, T, D] (any strides
+// but a contiguous last dim: the decoder passes its rotated heads as they lie) at positions pos..pos+T-1;
+// k, v float32 or float16 (both the same) [B, Hk, L, D], contiguous, rows 0..pos+T-1 filled (the chunk's own
+// keys and values written first). Query t attends to rows first..pos+t, first = pos+t-window+1 (not below 0)
+// where window > 0, else 0: attend_one_token per query and kv head, what a decode step computes for the
+// same position. Returns float32 [B, T, Hq, D] (the o-projection's rows as they are). Queries are handed to
+// threads in folded order (t = 0, T-1, 1, T-2, ...): their costs grow with t, and contiguous shares of that
+// order cost about the same.
+at::Tensor attend_causal_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t pos,
+                             double scale, double softcap, int64_t window, const std::string& isa_arg) {
+  const Isa isa = parse_isa(isa_arg);
+  check_caches("attend_causal_cpu", k, v);
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 4 && q.stride(3) == 1,
+              "attend_causal_cpu: q must be a float32 CPU tensor [B, Hq, T, D] with a contiguous last dim, got ",
+              q.scalar_type(), " ", q.sizes(), " strides ", q.strides());
+  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(3) == q.size(3) &&
+                  k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "attend_causal_cpu: k, v must be [B, Hk, L, D] with q's B and D and Hq a multiple of Hk, got q ",
+              q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hk = k.size(1), L = k.size(2);
+  TORCH_CHECK(pos >= 0 && pos + T <= L, "attend_causal_cpu: positions ", pos, "..", pos + T - 1,
+              " are outside the cache (", L, " rows)");
+  TORCH_CHECK(window >= 0, "attend_causal_cpu: window must be >= 0 (0: none), got ", window);
+  at::Tensor out = at::empty({B, T, Hq, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  if (B * T == 0) return out;
+  const int64_t group = Hq / Hk, sb = q.stride(0), sh = q.stride(1), st = q.stride(2);
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  with_caches(k, v, [&](auto* kc, auto* vc) {
+    at::parallel_for(0, B * T * Hk, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> buf(size_t(Hq * D + Hq * (pos + T)));  // one query's rows [Hq, D], then its scores
+      float* qrow = buf.data();
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t j = i % Hk, f = i / Hk % T, b = i / (Hk * T);
+        const int64_t t = f % 2 ? T - 1 - f / 2 : f / 2;  // folded order
+        const int64_t qpos = pos + t, first = window > 0 ? std::max<int64_t>(0, qpos - window + 1) : 0;
+        for (int64_t h = j * group; h < (j + 1) * group; ++h)
+          std::copy(qp + b * sb + h * sh + t * st, qp + b * sb + h * sh + t * st + D, qrow + h * D);
+        const int64_t off = (b * Hk * L + first) * D;
+        dbquant::cpu::attend_one_token(isa, qrow, kc + off, vc + off, Hq, Hk, L, D, qpos + 1 - first, float(scale),
+                                       float(softcap), qrow + Hq * D, op + (b * T + t) * Hq * D, j * group,
+                                       (j + 1) * group);
+      }
+    });
+  });
+  return out;
+}
+
 void check_token_args(const char* op, const DecodeLayer& ly, const at::Tensor& x, const at::Tensor& cos,
                       const at::Tensor& sin) {
   ly.check_complete();
@@ -1238,6 +1290,9 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
   m.def("table_rows_cpu(Tensor codes, Tensor code_scales, Tensor ids, int dim, float scale=1.) -> Tensor");
   m.def("argmax_cpu(Tensor x) -> Tensor");
   m.def("attend_cpu(Tensor q, Tensor k, Tensor v, int n, float scale, float softcap=0., str isa=\"auto\") -> Tensor");
+  m.def(
+      "attend_causal_cpu(Tensor q, Tensor k, Tensor v, int pos, float scale, float softcap=0., int window=0, "
+      "str isa=\"auto\") -> Tensor");
   m.def("linear_w8a8_cpu(Tensor x, Tensor wq, Tensor s, str isa=\"auto\") -> Tensor");
   // The class comes before the op whose schema names it.
   m.class_<DecodeLayer>("DecodeLayer")
@@ -1285,6 +1340,7 @@ TORCH_LIBRARY_IMPL(dbquant, CPU, m) {
   m.impl("linear_int8_cpu", &linear_int8_cpu);
   m.impl("rms_norm_cpu", &rms_norm_cpu);
   m.impl("attend_cpu", &attend_cpu);
+  m.impl("attend_causal_cpu", &attend_causal_cpu);
   m.impl("table_rows_cpu", &table_rows_cpu);
   m.impl("argmax_cpu", &argmax_cpu);
   m.impl("linear_w8a8_cpu", &linear_w8a8_cpu);

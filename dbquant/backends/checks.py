@@ -127,3 +127,18 @@ def check_decode_step(op: str, x, layer, cos, sin, k_cache, v_cache, pos) -> Non
     check_tensor(op, "v_cache", v_cache, (k_cache.dtype,), tuple(k_cache.shape))
     if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos < k_cache.shape[2]:
         fail(op, f"pos {pos!r} is outside the cache (max_len {k_cache.shape[2]})")
+
+
+def check_attend_causal(op: str, q, k, v, pos, window) -> None:
+    """q float32 [B, Hq, T, D]; k, v float32 or float16 (the same) [B, Hk, L, D] with Hq a multiple of Hk;
+    positions pos..pos+T-1 inside the cache; window >= 0 (0: none)."""
+    check_tensor(op, "q", q, (torch.float32,), dim=4)
+    check_tensor(op, "k", k, FLOAT_CACHE_DTYPES, dim=4)
+    check_tensor(op, "v", v, (k.dtype,), tuple(k.shape))
+    b, hq, t, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d or k.shape[1] < 1 or hq % k.shape[1]:
+        fail(op, f"k, v must be [{b}, Hk, L, {d}] with Hk dividing {hq}, got {tuple(k.shape)}")
+    if isinstance(pos, bool) or not isinstance(pos, int) or pos < 0 or pos + t > k.shape[2]:
+        fail(op, f"positions {pos!r}..{pos}+{t}-1 are outside the cache ({k.shape[2]} rows)")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        fail(op, f"window must be an int >= 0 (0: none), got {window!r}")

@@ -22,6 +22,7 @@ import torch
 from .checks import (
     KernelInputError,
     check_activations,
+    check_attend_causal,
     check_decode_step,
     check_int8_head,
     check_packed,
@@ -288,6 +289,19 @@ def argmax_cpu(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.dbquant.argmax_cpu(x.contiguous())
 
 
+def attend_causal_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, scale: float,
+                      softcap: float = 0.0, window: int = 0) -> torch.Tensor:
+    """A prompt chunk's causal attention over a float cache (C++ ``attend_causal_cpu``: the decode
+    step's attention kernel for each query); contract of :func:`dbquant.backends.reference.attend_causal_ref`.
+    q is read through its strides (a contiguous last dim; else copied); k, v made contiguous if needed.
+    ``.run`` skips the Python checks (the C++ op checks shapes and positions itself): the prefill's call."""
+    _require()
+    check_attend_causal("attend_causal_cpu", q, k, v, pos, window)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    return torch.ops.dbquant.attend_causal_cpu(q, k.contiguous(), v.contiguous(), pos, float(scale),
+                                               float(softcap), window)
+
+
 def prepare_decode_layer(layer: DecodeLayerWeights):
     """The C++ form of a decoder layer (``torch.classes.dbquant.DecodeLayer``), built once per
     layer: it holds the layer's tensors (already checked) for :func:`decode_layer_cpu`'s ``run``."""
@@ -434,6 +448,7 @@ def _attach_runs() -> None:
     rms_norm_cpu.run = ops.rms_norm_cpu
     table_rows_cpu.run = ops.table_rows_cpu
     argmax_cpu.run = ops.argmax_cpu
+    attend_causal_cpu.run = ops.attend_causal_cpu
     decode_layer_cpu.run = ops.decode_layer_cpu
     decode_layer_kv_cpu.run = ops.decode_layer_kv_cpu
     decode_step_cpu.run = ops.decode_step_cpu

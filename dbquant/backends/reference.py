@@ -15,6 +15,7 @@ from ..format import layout
 from ..format.embedding import TableLayout
 from .checks import (
     check_activations,
+    check_attend_causal,
     check_decode_step,
     check_int8_head,
     check_packed,
@@ -195,6 +196,30 @@ def decode_layer_ref(x: torch.Tensor, layer: DecodeLayerWeights, cos: torch.Tens
     if layer.post_ffn is not None:
         out = rms_norm_ref(out, layer.post_ffn, eps)
     x.add_(out * layer.residual_scale)
+
+
+def attend_causal_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, scale: float,
+                      softcap: float = 0.0, window: int = 0) -> torch.Tensor:
+    """A prompt chunk's causal attention over a float cache (the prefill's), written out.
+
+    q: float32 [B, Hq, T, D], queries at positions pos..pos+T-1; k, v: float32 or float16 [B, Hk, L, D]
+    (both the same), rows 0..pos+T-1 filled; query head j reads kv head j // (Hq / Hk). Query t attends
+    to rows pos+t-window+1..pos+t (from 0; all of 0..pos+t when window is 0); scores are
+    scale * q k^T, then softcap * tanh(s / softcap) where softcap > 0. Returns float32 [B, T, Hq, D].
+    """
+    check_attend_causal("attend_causal_ref", q, k, v, pos, window)
+    hq, t = q.shape[1], q.shape[2]
+    end = pos + t
+    keys = k[:, :, :end].float().repeat_interleave(hq // k.shape[1], dim=1)  # [B, Hq, end, D]
+    values = v[:, :, :end].float().repeat_interleave(hq // k.shape[1], dim=1)
+    qpos = torch.arange(pos, end)[:, None]
+    kpos = torch.arange(end)[None]
+    allowed = (kpos <= qpos) & ((kpos > qpos - window) if window else True)  # [T, end]
+    scores = (q @ keys.transpose(-1, -2)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    att = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ values  # [B, Hq, T, D]
+    return att.transpose(1, 2).contiguous()
 
 
 # ---- attention on a packed VidKV cache (backends/kvpack.py) ----------------------------------

@@ -37,7 +37,8 @@ import torch
 from ..errors import DbquantError
 from . import cpu, cuda, reference, triton
 
-OPS = ("dbgemm", "decode_layer", "kv_attend", "linear_int8", "linear_w8a8", "rms_norm", "table_rows", "argmax")
+OPS = ("dbgemm", "decode_layer", "kv_attend", "linear_int8", "linear_w8a8", "rms_norm", "table_rows", "argmax",
+       "attend_causal")
 BACKENDS = ("ref", "cpu", "triton", "cuda")
 # Best first, per device type. ``ref`` closes every list so ``auto`` always resolves.
 PREFERENCE = {"cpu": ("cpu", "ref"), "cuda": ("cuda", "triton", "ref")}
@@ -77,6 +78,7 @@ def _load_cpu() -> None:
         register("kv_attend", "cpu")(cpu.kv_attend_cpu)
         register("table_rows", "cpu")(cpu.table_rows_cpu)
         register("argmax", "cpu")(cpu.argmax_cpu)
+        register("attend_causal", "cpu")(cpu.attend_causal_cpu)
     else:
         _UNAVAILABLE["cpu"] = cpu._cpu_error
 
@@ -106,6 +108,7 @@ register("rms_norm", "ref")(reference.rms_norm_ref)
 register("kv_attend", "ref")(reference.kv_attend_ref)
 register("table_rows", "ref")(reference.table_rows_ref)
 register("argmax", "ref")(reference.argmax_ref)
+register("attend_causal", "ref")(reference.attend_causal_ref)
 
 
 def available(backend: str, op: str = "dbgemm") -> bool:
