@@ -173,5 +173,6 @@ def test_attend_causal_refuses_bad_input():
             op(q.double(), k, v, 2, 0.25)
     with pytest.raises(RuntimeError, match="contiguous last dim"):
         torch.ops.dbquant.attend_causal_cpu(q.transpose(2, 3), k, v, 2, 0.25)  # D strided: the op refuses ...
-    torch.testing.assert_close(cpu_backend.attend_causal_cpu(q.transpose(2, 3).contiguous().transpose(2, 3), k, v, 2,
-                                                             0.25), attend_causal_ref(q, k, v, 2, 0.25))  # ... the wrapper copies
+    strided = q.transpose(2, 3).contiguous().transpose(2, 3)  # ... the wrapper copies it
+    want = attend_causal_ref(q, k, v, 2, 0.25)
+    torch.testing.assert_close(cpu_backend.attend_causal_cpu(strided, k, v, 2, 0.25), want)
