@@ -23,7 +23,8 @@ from dbquant.runtime.decode import quantize_rows_int8
 from tests.tolerances import FP16_CACHE, FP32_REORDER, FP32_REORDER_LONG
 
 pytestmark = pytest.mark.skipif(not registry.available("cpu"), reason="dbquant._C is not built")
-OPS = ("decode_layer", "kv_attend", "linear_int8", "linear_w8a8", "rms_norm", "table_rows", "argmax", "attend_causal")
+OPS = ("decode_layer", "kv_attend", "linear_int8", "linear_w8a8", "rms_norm", "table_rows", "argmax", "attend_causal",
+       "gated_act", "rope_heads")
 
 
 def close(a, b):

@@ -30,6 +30,10 @@
 //                                str isa="auto") -> Tensor
 //                                    (one token's attention over a float cache: the decode step's
 //                                     kernel on its own, for tests; decode_ops.h)
+//   torch.ops.dbquant.gated_act_cpu(Tensor gu, str act="silu") -> Tensor
+//                                    (a prompt chunk's act(gate) * up, float32 [M, 2I] -> [M, I])
+//   torch.ops.dbquant.rope_heads_cpu(Tensor x, Tensor cos, Tensor sin) -> Tensor
+//                                    (a prompt chunk's rotary embedding, [B, T, H, D] -> [B, H, T, D])
 //   torch.ops.dbquant.attend_causal_cpu(Tensor q, Tensor k, Tensor v, int pos, float scale,
 //                                       float softcap=0, int window=0, str isa="auto") -> Tensor
 //                                    (a prompt chunk's causal attention over a float cache, the
@@ -500,6 +504,60 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& w, double eps) {
   const Isa isa = dbquant::cpu::best_isa();
   at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
     dbquant::cpu::rms_norm_rows(isa, xp, w.data_ptr<float>(), float(eps), D, yp, b, e);
+  });
+  return y;
+}
+
+// A prompt chunk's gated activation (the prefill's MLP between gate_up and down): gu float32 [M, 2I], each
+// row a gate and an up half side by side -> float32 [M, I] = act(gate) * up, act "silu" or "gelu_tanh"; the
+// decode step's row loop (decode_ops.h silu_mul / gelu_tanh_mul) over rows in parallel.
+at::Tensor gated_act_cpu(const at::Tensor& gu, const std::string& act) {
+  TORCH_CHECK(gu.device().is_cpu() && gu.scalar_type() == at::kFloat && gu.is_contiguous() && gu.dim() == 2 &&
+                  gu.size(1) % 2 == 0,
+              "gated_act_cpu: gu must be a contiguous float32 CPU tensor [M, 2I], got ", gu.scalar_type(), " ",
+              gu.sizes());
+  TORCH_CHECK(act == "silu" || act == "gelu_tanh", "gated_act_cpu: act must be silu or gelu_tanh, got '", act, "'");
+  const int64_t M = gu.size(0), I = gu.size(1) / 2;
+  at::Tensor y = at::empty({M, I}, gu.options());
+  const float* gp = gu.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const Isa isa = dbquant::cpu::best_isa();
+  const bool silu = act == "silu";
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(I, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      if (silu) dbquant::cpu::silu_mul(isa, gp + m * 2 * I, I, yp + m * I);
+      else dbquant::cpu::gelu_tanh_mul(isa, gp + m * 2 * I, I, yp + m * I);
+    }
+  });
+  return y;
+}
+
+// A prompt chunk's rotary embedding (the prefill's): x float32 [B, T, H, D] (any strides but a contiguous last
+// dim: the decoder passes the q and k heads of its qkv rows as they lie), cos, sin float32 [T, D] (the tables'
+// rows at the chunk's positions) -> float32 [B, H, T, D], each row rotated as the decode step rotates it
+// (decode_ops.h rope_rows: the rotate-half convention) and laid out as attention reads it.
+at::Tensor rope_heads_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4 && x.stride(3) == 1 &&
+                  x.size(3) % 2 == 0,
+              "rope_heads_cpu: x must be a float32 CPU tensor [B, T, H, D] with a contiguous last dim of even "
+              "size, got ", x.scalar_type(), " ", x.sizes(), " strides ", x.strides());
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3);
+  check_input(cos, "cos", at::kFloat);
+  check_input(sin, "sin", at::kFloat);
+  check_shape(cos, "cos", {T, D});
+  check_shape(sin, "sin", {T, D});
+  at::Tensor y = at::empty({B, H, T, D}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t sb = x.stride(0), st = x.stride(1), sh = x.stride(2);
+  const Isa isa = dbquant::cpu::best_isa();
+  at::parallel_for(0, B * H * T, std::max<int64_t>(1, 8192 / std::max<int64_t>(D, 1)), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {  // row i of y: (b, h, t)
+      const int64_t t = i % T, h = i / T % H, b = i / (T * H);
+      float* row = yp + i * D;
+      std::copy(xp + b * sb + t * st + h * sh, xp + b * sb + t * st + h * sh + D, row);
+      dbquant::cpu::rope_rows(isa, row, cos.data_ptr<float>() + t * D, sin.data_ptr<float>() + t * D, 1, D);
+    }
   });
   return y;
 }
@@ -1287,6 +1345,8 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
       "int in_features, int group_size, str isa=\"auto\") -> Tensor");
   m.def("linear_int8_cpu(Tensor x, Tensor wq, Tensor s, str isa=\"auto\") -> Tensor");
   m.def("rms_norm_cpu(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("gated_act_cpu(Tensor gu, str act=\"silu\") -> Tensor");
+  m.def("rope_heads_cpu(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("table_rows_cpu(Tensor codes, Tensor code_scales, Tensor ids, int dim, float scale=1.) -> Tensor");
   m.def("argmax_cpu(Tensor x) -> Tensor");
   m.def("attend_cpu(Tensor q, Tensor k, Tensor v, int n, float scale, float softcap=0., str isa=\"auto\") -> Tensor");
@@ -1341,6 +1401,8 @@ TORCH_LIBRARY_IMPL(dbquant, CPU, m) {
   m.impl("rms_norm_cpu", &rms_norm_cpu);
   m.impl("attend_cpu", &attend_cpu);
   m.impl("attend_causal_cpu", &attend_causal_cpu);
+  m.impl("gated_act_cpu", &gated_act_cpu);
+  m.impl("rope_heads_cpu", &rope_heads_cpu);
   m.impl("table_rows_cpu", &table_rows_cpu);
   m.impl("argmax_cpu", &argmax_cpu);
   m.impl("linear_w8a8_cpu", &linear_w8a8_cpu);

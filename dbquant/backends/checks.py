@@ -142,3 +142,24 @@ def check_attend_causal(op: str, q, k, v, pos, window) -> None:
         fail(op, f"positions {pos!r}..{pos}+{t}-1 are outside the cache ({k.shape[2]} rows)")
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
         fail(op, f"window must be an int >= 0 (0: none), got {window!r}")
+
+
+GATED_ACTS = ("silu", "gelu_tanh")  # the MLP gates of the supported families (decode.py ACTIVATIONS)
+
+
+def check_gated_act(op: str, gu, act) -> None:
+    """gu float32 [M, 2I]; act one of GATED_ACTS."""
+    check_tensor(op, "gu", gu, (torch.float32,), dim=2)
+    if gu.shape[1] % 2:
+        fail(op, f"gu must be [M, 2I] (a gate and an up half per row), got {tuple(gu.shape)}")
+    if act not in GATED_ACTS:
+        fail(op, f"act must be one of {GATED_ACTS}, got {act!r}")
+
+
+def check_rope_heads(op: str, x, cos, sin) -> None:
+    """x float32 [B, T, H, D] with D even; cos, sin float32 [T, D]."""
+    check_tensor(op, "x", x, (torch.float32,), dim=4)
+    if x.shape[3] % 2:
+        fail(op, f"x's head dim must be even (rotate-half), got {tuple(x.shape)}")
+    check_tensor(op, "cos", cos, (torch.float32,), (x.shape[1], x.shape[3]))
+    check_tensor(op, "sin", sin, (torch.float32,), (x.shape[1], x.shape[3]))

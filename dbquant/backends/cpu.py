@@ -24,9 +24,11 @@ from .checks import (
     check_activations,
     check_attend_causal,
     check_decode_step,
+    check_gated_act,
     check_int8_head,
     check_packed,
     check_rms_norm,
+    check_rope_heads,
     check_table_rows,
     check_tensor,
 )
@@ -289,6 +291,24 @@ def argmax_cpu(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.dbquant.argmax_cpu(x.contiguous())
 
 
+def gated_act_cpu(gu: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """act(gate) * up of a prompt chunk's gate/up rows in one pass (C++ ``gated_act_cpu``: the decode step's
+    row loop); contract of :func:`dbquant.backends.reference.gated_act_ref`. ``.run`` skips the Python checks."""
+    _require()
+    check_gated_act("gated_act_cpu", gu, act)
+    return torch.ops.dbquant.gated_act_cpu(gu.contiguous(), act)
+
+
+def rope_heads_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """A prompt chunk's rotary embedding into attention's layout (C++ ``rope_heads_cpu``: the decode step's
+    rotation per row); contract of :func:`dbquant.backends.reference.rope_heads_ref`. x is read through its
+    strides (a contiguous last dim; else copied). ``.run`` skips the Python checks."""
+    _require()
+    check_rope_heads("rope_heads_cpu", x, cos, sin)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    return torch.ops.dbquant.rope_heads_cpu(x, cos.contiguous(), sin.contiguous())
+
+
 def attend_causal_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, scale: float,
                       softcap: float = 0.0, window: int = 0) -> torch.Tensor:
     """A prompt chunk's causal attention over a float cache (C++ ``attend_causal_cpu``: the decode
@@ -449,6 +469,8 @@ def _attach_runs() -> None:
     table_rows_cpu.run = ops.table_rows_cpu
     argmax_cpu.run = ops.argmax_cpu
     attend_causal_cpu.run = ops.attend_causal_cpu
+    gated_act_cpu.run = ops.gated_act_cpu
+    rope_heads_cpu.run = ops.rope_heads_cpu
     decode_layer_cpu.run = ops.decode_layer_cpu
     decode_layer_kv_cpu.run = ops.decode_layer_kv_cpu
     decode_step_cpu.run = ops.decode_step_cpu

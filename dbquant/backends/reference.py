@@ -17,9 +17,11 @@ from .checks import (
     check_activations,
     check_attend_causal,
     check_decode_step,
+    check_gated_act,
     check_int8_head,
     check_packed,
     check_rms_norm,
+    check_rope_heads,
     check_table_rows,
     check_tensor,
 )
@@ -196,6 +198,22 @@ def decode_layer_ref(x: torch.Tensor, layer: DecodeLayerWeights, cos: torch.Tens
     if layer.post_ffn is not None:
         out = rms_norm_ref(out, layer.post_ffn, eps)
     x.add_(out * layer.residual_scale)
+
+
+def gated_act_ref(gu: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """A prompt chunk's gated activation: gu float32 [M, 2I] (gate and up halves side by side) ->
+    float32 [M, I] = act(gate) * up, act "silu" or "gelu_tanh" (GELU's tanh approximation)."""
+    check_gated_act("gated_act_ref", gu, act)
+    return _act_mul(gu, gu.shape[1] // 2, act)
+
+
+def rope_heads_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """A prompt chunk's rotary embedding: x float32 [B, T, H, D], cos / sin float32 [T, D] at the chunk's
+    positions -> float32 [B, H, T, D] = x * cos + rotate_half(x) * sin (HF apply_rotary_pos_emb)."""
+    check_rope_heads("rope_heads_ref", x, cos, sin)
+    x = x.transpose(1, 2)
+    half = x.shape[-1] // 2
+    return (x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin).contiguous()
 
 
 def attend_causal_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, scale: float,

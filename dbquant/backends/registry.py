@@ -38,7 +38,7 @@ from ..errors import DbquantError
 from . import cpu, cuda, reference, triton
 
 OPS = ("dbgemm", "decode_layer", "kv_attend", "linear_int8", "linear_w8a8", "rms_norm", "table_rows", "argmax",
-       "attend_causal")
+       "attend_causal", "gated_act", "rope_heads")
 BACKENDS = ("ref", "cpu", "triton", "cuda")
 # Best first, per device type. ``ref`` closes every list so ``auto`` always resolves.
 PREFERENCE = {"cpu": ("cpu", "ref"), "cuda": ("cuda", "triton", "ref")}
@@ -79,6 +79,8 @@ def _load_cpu() -> None:
         register("table_rows", "cpu")(cpu.table_rows_cpu)
         register("argmax", "cpu")(cpu.argmax_cpu)
         register("attend_causal", "cpu")(cpu.attend_causal_cpu)
+        register("gated_act", "cpu")(cpu.gated_act_cpu)
+        register("rope_heads", "cpu")(cpu.rope_heads_cpu)
     else:
         _UNAVAILABLE["cpu"] = cpu._cpu_error
 
@@ -109,6 +111,8 @@ register("kv_attend", "ref")(reference.kv_attend_ref)
 register("table_rows", "ref")(reference.table_rows_ref)
 register("argmax", "ref")(reference.argmax_ref)
 register("attend_causal", "ref")(reference.attend_causal_ref)
+register("gated_act", "ref")(reference.gated_act_ref)
+register("rope_heads", "ref")(reference.rope_heads_ref)
 
 
 def available(backend: str, op: str = "dbgemm") -> bool:
