@@ -32,13 +32,16 @@ def _packed(model_type="llama", tmp_path=None, **cfg):
     return model
 
 
-def _assert_chunked_logits_match(model, cache_dtype="float32"):
+def _assert_chunked_logits_match(model, cache_dtype="float32", torch_ops=False):
     """Prefill 5 tokens, append a 3-token chunk, then single tokens: every step's last-position
     logits equal the full forward's at that position (float32 rounding with the float32 cache; with
-    the float16 one, to that cache's rounding)."""
+    the float16 one, to that cache's rounding). torch_ops: a chunk's RoPE, attention and gated activation
+    by torch's ops (the path off the CPU) instead of the native ones."""
     with torch.no_grad():
         ref = model(IDS).logits
     dec = FastDecoder(model, max_len=32, cache_dtype=cache_dtype)
+    if torch_ops:
+        dec.rope_heads = dec.attend_causal = dec.gated_act = None
     dec._alloc(IDS.shape[0])
     assert dec.k_cache.dtype == getattr(torch, cache_dtype)
     scale = ref.abs().max().item()
@@ -522,6 +525,16 @@ def test_family_matches_hf_forward_and_generate(model_type, packed):
     assert (dec.native is not None) == (packed and cpu_backend.load_cpu())
     seq, _ = dec.generate(prompt, 12)
     assert torch.equal(seq, hf)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILY_CFGS))
+def test_family_prefill_by_torch_ops_matches_hf_forward(model_type):
+    """The prefill's RoPE, attention and gated activation by torch's ops (what runs off the CPU) give HF's
+    logits too, and the native ops are what a CPU decoder runs by default."""
+    model = _family_model(model_type, packed=False)
+    dec = FastDecoder(model, max_len=8)
+    assert all(op is not None for op in (dec.rope_heads, dec.attend_causal, dec.gated_act)) == cpu_backend.load_cpu()
+    _assert_chunked_logits_match(model, torch_ops=True)
 
 
 @pytest.mark.usefixtures("float_luts")  # compares with float references at fp32 tolerances
