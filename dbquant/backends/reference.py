@@ -136,9 +136,10 @@ def _project(p: Projection, x: torch.Tensor) -> torch.Tensor:
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (HF apply_rotary_pos_emb) of x float32 [heads, D] at one position."""
+    """Rotate-half RoPE (HF apply_rotary_pos_emb) of x float32 [..., D]: [heads, D] at one position with cos,
+    sin [D], or [B, H, T, D] with cos, sin [T, D]."""
     half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[:, half:], x[:, :half]), dim=-1) * sin
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def _act_mul(gate_up: torch.Tensor, inter: int, act: str) -> torch.Tensor:
@@ -182,14 +183,8 @@ def decode_layer_ref(x: torch.Tensor, layer: DecodeLayerWeights, cos: torch.Tens
     k = _rope(_qk_norm(qkv[hq * d:(hq + hk) * d].view(hk, d), layer.k_norm, eps), cos, sin)
     k_cache[0, :, pos] = k
     v_cache[0, :, pos] = qkv[(hq + hk) * d:].view(hk, d)
-    first = max(0, pos - layer.window + 1) if layer.window else 0
-    keys = k_cache[0, :, first:pos + 1].float().repeat_interleave(hq // hk, dim=0)  # [Hq, n, D]
-    values = v_cache[0, :, first:pos + 1].float().repeat_interleave(hq // hk, dim=0)
-    scores = (keys @ q[:, :, None])[..., 0] * layer.scale  # [Hq, n]
-    if layer.softcap:
-        scores = torch.tanh(scores / layer.softcap) * layer.softcap
-    att = (torch.softmax(scores, dim=-1)[:, None, :] @ values)[:, 0]  # [Hq, D]
-    out = _project(layer.o, att.reshape(1, hq * d))
+    att = attend_causal_ref(q[None, :, None], k_cache, v_cache, pos, layer.scale, layer.softcap, layer.window)
+    out = _project(layer.o, att.reshape(1, hq * d))  # att: [1, 1, Hq, D]
     if layer.post_attn is not None:
         out = rms_norm_ref(out, layer.post_attn, eps)
     x.add_(out * layer.residual_scale)
@@ -211,9 +206,7 @@ def rope_heads_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     """A prompt chunk's rotary embedding: x float32 [B, T, H, D], cos / sin float32 [T, D] at the chunk's
     positions -> float32 [B, H, T, D] = x * cos + rotate_half(x) * sin (HF apply_rotary_pos_emb)."""
     check_rope_heads("rope_heads_ref", x, cos, sin)
-    x = x.transpose(1, 2)
-    half = x.shape[-1] // 2
-    return (x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin).contiguous()
+    return _rope(x.transpose(1, 2), cos, sin).contiguous()
 
 
 def attend_causal_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, scale: float,
@@ -228,11 +221,12 @@ def attend_causal_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: in
     check_attend_causal("attend_causal_ref", q, k, v, pos, window)
     hq, t = q.shape[1], q.shape[2]
     end = pos + t
-    keys = k[:, :, :end].float().repeat_interleave(hq // k.shape[1], dim=1)  # [B, Hq, end, D]
-    values = v[:, :, :end].float().repeat_interleave(hq // k.shape[1], dim=1)
+    lo = max(0, pos - window + 1) if window else 0  # the first row any query attends: none before it is read
+    keys = k[:, :, lo:end].float().repeat_interleave(hq // k.shape[1], dim=1)  # [B, Hq, end - lo, D]
+    values = v[:, :, lo:end].float().repeat_interleave(hq // k.shape[1], dim=1)
     qpos = torch.arange(pos, end)[:, None]
-    kpos = torch.arange(end)[None]
-    allowed = (kpos <= qpos) & ((kpos > qpos - window) if window else True)  # [T, end]
+    kpos = torch.arange(lo, end)[None]
+    allowed = (kpos <= qpos) & ((kpos > qpos - window) if window else True)  # [T, end - lo]
     scores = (q @ keys.transpose(-1, -2)) * scale
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
