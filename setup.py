@@ -3,7 +3,8 @@
     pip install --no-build-isolation -e .
 
 builds ``dbquant._C`` (CPU, csrc/cpu) against the installed torch, and
-``dbquant._C_cuda`` (csrc/cuda) when torch has CUDA and CUDA_HOME is set. Without torch,
+``dbquant._C_cuda`` (csrc/cuda) when torch has CUDA and CUDA_HOME is set.
+``DBQUANT_EXTENSIONS=cuda`` (or ``cpu``; a comma list, default both) builds only those. Without torch,
 without a compiler, or when a compile fails, the pure-Python package still installs
 (dbquant then uses its slower reference kernels) and a warning says why.
 """
@@ -36,11 +37,14 @@ def _native_build():
         _say("no C++ compiler found (set CXX or install g++); skipping the C++ kernels")
         return [], {}
 
+    wanted = {e.strip() for e in os.environ.get("DBQUANT_EXTENSIONS", "cpu,cuda").split(",") if e.strip()}
+    if not wanted <= {"cpu", "cuda"}:
+        raise SystemExit(f"dbquant setup: DBQUANT_EXTENSIONS must list cpu and/or cuda, got {sorted(wanted)}")
     unix = sys.platform != "win32"
     # OpenMP: at::parallel_for and `omp simd`. -fno-trapping-math: nothing here reads floating-point
     # exception flags, and without it GCC keeps a loop with a clamp (fast_exp's) scalar on AVX2 and SSE2.
     cxx = ["-O3", "-fopenmp", "-fno-trapping-math"] if unix else ["/O2", "/openmp"]
-    exts = [CppExtension(
+    exts = [] if "cpu" not in wanted else [CppExtension(
         "dbquant._C",
         ["csrc/cpu/binding.cpp"] + sorted(f for part in ("dbgemm_t16", "dbgemm_i8lut", "gemv_int8", "kv_attn",
                                                          "stream_read", "dequant_t16", "decode_ops", "gemm_a8")
@@ -50,7 +54,7 @@ def _native_build():
         extra_link_args=["-fopenmp"] if unix else [],
     )]
     cu = sorted(glob.glob("csrc/cuda/*.cu"))
-    if torch.version.cuda is not None and CUDA_HOME and cu and os.path.exists("csrc/cuda/binding_cuda.cpp"):
+    if "cuda" in wanted and torch.version.cuda is not None and CUDA_HOME and cu:
         # The .cu files are torch-free (checked alone by `nvcc -c` in tests/test_gpu_compile.py);
         # only binding_cuda.cpp includes torch.
         exts.append(CUDAExtension(
@@ -59,7 +63,7 @@ def _native_build():
             include_dirs=[os.path.join(HERE, "csrc", "cuda")],
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
         ))
-    elif cu:
+    elif "cuda" in wanted and cu:
         _say(f"torch {torch.__version__} has no CUDA (or CUDA_HOME is unset); skipping the CUDA "
              "kernels (dbquant._C_cuda); the triton backend still serves GPUs")
 

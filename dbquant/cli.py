@@ -276,7 +276,7 @@ def cmd_bench(a) -> int:
     if a.backend in ("triton", "cuda"):
         shapes = None if a.smoke and a.shapes == "all" else _shapes(a.shapes)
         rows = run_gpu_bench(a.backend, shapes=shapes, ms=_ints(a.m, "--m") if a.m else None,
-                             group_size=a.group_size, smoke=a.smoke)
+                             group_size=a.group_size, dtype=a.dtype, smoke=a.smoke)
         print(format_table(rows))
     elif a.peers and (not a.e2e or a.kv):
         raise DbquantError("--peers adds llama.cpp's rows to --e2e DIR (without --kv)")
@@ -532,6 +532,8 @@ def _bench_parser(sub) -> None:
     b.add_argument("--group-size", type=int, default=64)
     b.add_argument("--backend", default="cpu", choices=("cpu", "triton", "cuda"),
                    help="cpu: the CPU kernel rows above; triton/cuda: the GPU benchmark vs torch fp16/bf16")
+    b.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),
+                   help="--backend triton|cuda: activations, output and the dense baseline's weight")
     b.add_argument("--smoke", action="store_true", help="GPU benchmark at a tiny shape (runs under TRITON_INTERPRET=1)")
     b.add_argument("--e2e", metavar="DIR",
                    help="end-to-end prefill/decode tokens/s of checkpoint DIR vs the fp32 model")

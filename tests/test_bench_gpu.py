@@ -34,6 +34,13 @@ def test_smoke_rows(dtype):
                             rel_tol=FLOAT64_RECOMPUTE)
         assert math.isclose(r["speedup_vs_dense"], r["dense_ms"] / r["ms"], rel_tol=FLOAT64_RECOMPUTE)
         assert r["measured"] is torch.cuda.is_available()
+        # The copy ceiling and the CUDA-graph columns exist only on a GPU (where the capture may
+        # fail and leave the graph columns empty, with a warning).
+        for key in ("copy_gbps", "frac_of_copy", "graph_ms", "dense_graph_ms", "graph_gbps", "graph_speedup_vs_dense"):
+            assert r[key] is None if not r["measured"] else (r[key] is None or r[key] > 0), (key, r[key])
+        if r["measured"] and r["graph_ms"] is not None:
+            assert math.isclose(r["graph_gbps"], io_bytes(r["n"], r["k"], r["m"], 64, torch.finfo(
+                getattr(torch, dtype)).bits // 8) / (r["graph_ms"] * 1e-3) / 1e9, rel_tol=FLOAT64_RECOMPUTE)
     table = bench_gpu.format_table(rows)
     unmeasured = not all(r["measured"] for r in rows)  # adds the warning line
     assert len(table.splitlines()) == 2 + len(rows) + 1 + unmeasured

@@ -145,3 +145,15 @@ def test_non_finite_inputs_propagate_as_in_ref(offset, bad):
         assert torch.equal(y.isnan(), ref.isnan()), isa
         assert torch.equal(y.isinf(), ref.isinf()) and torch.equal(y[y.isinf()], ref[ref.isinf()]), isa
         torch.testing.assert_close(y, ref, rtol=FP32_REORDER_LONG, atol=FP32_REORDER_LONG, equal_nan=True, msg=isa)
+
+
+def test_cuda_shared_memory_limit_is_checked_before_the_op():
+    """The CUDA GEMV's limit (csrc/cuda/dbgemv.h: 4 rows of float16 scales and offsets in 48 KiB) is
+    refused in Python with the way out; this runs without a GPU."""
+    from dbquant.backends import cuda
+
+    assert cuda.shared_memory_bytes(3072, False, 2) == 48 * 1024  # the header's stated limits
+    assert cuda.shared_memory_bytes(2048, True, 2) == 48 * 1024
+    cuda.check_shared_memory(2048, True, 2, 8 * 2048, 8)
+    with pytest.raises(DbquantError, match=r"G=3100 groups .*need 74400 bytes.*triton backend"):
+        cuda.check_shared_memory(3100, True, 2, 8 * 3100, 8)

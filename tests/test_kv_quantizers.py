@@ -188,15 +188,23 @@ def test_unknown_scale_dtype_is_refused():
 @pytest.mark.parametrize("scale_dtype", ["fp16", "fp8"])
 def test_triton_dequant_kernels_match_pytorch(scale_dtype):
     pytest.importorskip("triton")
+    from dbquant.backends import triton as _triton
     from dbquant.runtime.kv import triton_dequant as T
 
+    # The interpreter (TRITON_INTERPRET=1, conftest) runs on CPU tensors; compiled kernels on a GPU.
+    dev = "cpu" if _triton.interpreted() else "cuda"
     x = data(2, 3, 2, G, 24, seed=10)  # C = 24: not a power of two
     qt, qa, qs = (Q.quantize_ternary(x, scale_dtype), Q.quantize_asym2(x, scale_dtype),
                   Q.quantize_sign1(x, scale_dtype))
-    assert torch.allclose(T.dequantize_ternary(qt, G), Q.dequantize_ternary(qt, G), atol=FP32_ULP, rtol=0)
+
+    def on(q):
+        return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in q.items()}
+
+    assert torch.allclose(T.dequantize_ternary(on(qt), G).cpu(), Q.dequantize_ternary(qt, G), atol=FP32_ULP, rtol=0)
     # FMA on GPUs
-    assert torch.allclose(T.dequantize_asym2(qa), Q.dequantize_asym2(qa), atol=FP32_REORDER, rtol=FP32_ULP)
-    assert torch.allclose(T.dequantize_sign1(qs), Q.dequantize_sign1(qs), atol=FP32_ULP, rtol=0)
+    assert torch.allclose(T.dequantize_asym2(on(qa)).cpu(), Q.dequantize_asym2(qa), atol=FP32_REORDER,
+                          rtol=FP32_ULP)
+    assert torch.allclose(T.dequantize_sign1(on(qs)).cpu(), Q.dequantize_sign1(qs), atol=FP32_ULP, rtol=0)
 
 
 def test_hadamard_is_orthonormal_and_stp_refinement_lowers_protected_error_only():

@@ -19,6 +19,8 @@ from dbquant.backends import triton as _triton  # noqa: E402
 from dbquant.backends.reference import dbgemm_ref  # noqa: E402
 from dbquant.format.layout import pack_bits, unpack_bits  # noqa: E402
 from dbquant.model.modules import PackedLinear  # noqa: E402
+from tests import packed_case
+from tests.packed_case import check, rel_err
 from tests.tolerances import KERNEL_REL_ERR
 
 if not _triton.load_triton():
@@ -31,36 +33,12 @@ DEVICE = "cpu" if _triton.interpreted() else "cuda"
 TOL = KERNEL_REL_ERR
 
 
-def make_layer(n, k, g, offset, bias, seed=0, pad_garbage=False, planes=2):
-    """Random canonical packed linear of ``planes`` bit planes: (qweight, scales, offset, bias), fp16 scales."""
-    gen = torch.Generator().manual_seed(seed)
-    groups = -(-k // g)
-    bits = torch.randint(0, 2, (planes, n, groups * g), generator=gen)
-    if not pad_garbage:
-        bits[..., k:] = 0  # the format: padded channels hold 0
-    scales = torch.randn(n, groups, planes, generator=gen).half()
-    off = torch.randn(n, groups, generator=gen).half() if offset else None
-    b = torch.randn(n, generator=gen) if bias else None
-    return tuple(None if t is None else t.to(DEVICE) for t in (pack_bits(bits), scales, off, b))
+def make_layer(n, k, g, offset, bias, **kw):
+    return packed_case.make_layer(n, k, g, offset, bias, DEVICE, **kw)
 
 
 def make_x(m, k, dtype, seed=1):
-    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
-
-
-def rel_err(y, ref):
-    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
-def check(y, x, layer, k, g):
-    """y matches the reference on the same inputs, within the dtype's tolerance."""
-    qweight, scales, off, b = layer
-    ref = dbgemm_ref(x.cpu(), qweight.cpu(), scales.cpu(), None if off is None else off.cpu(),
-                     None if b is None else b.cpu(), k, g)
-    assert y.dtype == x.dtype and y.shape == ref.shape
-    assert torch.isfinite(y).all()
-    err = rel_err(y.cpu(), ref)
-    assert err < TOL[x.dtype], f"relative error {err:.2e} >= {TOL[x.dtype]:.0e}"
+    return packed_case.make_x(m, k, dtype, DEVICE, seed)
 
 
 # (N, K, g): K a multiple of g; K not a multiple of g (padded last group, 200 = 3*64 + 8);

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_activations, check_packed
+from .checks import check_activations, check_packed, fail
 from .cpu import BUILD_HINT
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -18,6 +18,10 @@ ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # up to 4 rows, csrc/cuda/dbgemv.h kMaxRows); ``auto`` hands larger M to the Triton GEMM.
 # Larger M still works when asked for explicitly (launches of 4 rows). Unmeasured on a GPU.
 CUDA_MAX_ROWS = 4
+# Each block stages the scales (and offsets) of its 4 output rows in the 48 KiB of shared memory
+# every GPU grants without opting in (csrc/cuda/dbgemv.h: kWarpsPerBlock, kMaxSharedBytes).
+WARPS_PER_BLOCK = 4
+MAX_SHARED_BYTES = 48 * 1024
 
 _cuda_state: bool | None = None  # None: not tried yet
 _cuda_error: str | None = None
@@ -69,12 +73,14 @@ def dbgemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         [..., N] in x's dtype (fp32 accumulation).
     Raises:
         KernelInputError (a DbquantError): a dtype, rank or shape the op must refuse (an integer
-            x would come back truncated); RuntimeError: from the op (device, layout, limits).
+            x would come back truncated), or more groups than shared memory holds;
+            RuntimeError: from the op (device, layout).
     """
     if not load_cuda():
         raise RuntimeError(f"the cuda backend is unavailable: {_cuda_error}")
     check_packed("dbgemm_cuda", qweight, scales, offset, bias, in_features, group_size)
     check_activations("dbgemm_cuda", x, in_features, ACT_DTYPES)
+    check_shared_memory(scales.shape[1], offset is not None, qweight.shape[0], in_features, group_size)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < x2.shape[1]):
@@ -84,3 +90,22 @@ def dbgemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                                       None if bias is None else bias.to(x.dtype),
                                       int(in_features), int(group_size))
     return y.reshape(*lead, y.shape[-1])
+
+
+def shared_memory_bytes(groups: int, has_offset: bool, planes: int) -> int:
+    """Shared memory one block of the GEMV needs: float16 scales [4 rows, G, k] and offsets
+    [4 rows, G] (csrc/cuda/dbgemv.h ``dbgemv_smem_bytes``)."""
+    return WARPS_PER_BLOCK * groups * 2 * (planes + (1 if has_offset else 0))
+
+
+def check_shared_memory(groups: int, has_offset: bool, planes: int, in_features: int, group_size: int) -> None:
+    """Refuse, before the op, a layer whose scales do not fit a block's shared memory.
+
+    The binding checks the same limit, but on the H100 run of 2026-12-06 its refusal crashed the
+    process (a segfault inside the op, cause not established: docs/RESULTS.md, GPU kernels), so the
+    wrapper says it first, with the way out."""
+    need = shared_memory_bytes(groups, has_offset, planes)
+    if need > MAX_SHARED_BYTES:
+        fail("dbgemm_cuda", f"G={groups} groups (in_features={in_features}, group_size={group_size}, {planes} planes"
+                            f"{', offset' if has_offset else ''}) need {need} bytes of shared memory per block, over "
+                            f"{MAX_SHARED_BYTES}; use a larger group size or the triton backend")

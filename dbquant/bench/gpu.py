@@ -25,6 +25,7 @@ import argparse
 import math
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,10 @@ SMOKE_MS = [1, 17]  # one GEMV-path and one GEMM-path launch
 ROTATE_BYTES = 256 << 20
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ROW_KEYS = ("op", "n", "k", "m", "backend", "dtype", "group_size", "ms", "tflops", "gbps",
-            "dense_ms", "dense_tflops", "speedup_vs_dense", "device", "measured")
+            "dense_ms", "dense_tflops", "speedup_vs_dense", "copy_gbps", "frac_of_copy", "graph_ms",
+            "dense_graph_ms", "graph_gbps", "graph_speedup_vs_dense", "device", "measured")
+# Bytes of the device-to-device copy that measures the memory ceiling (far over any L2).
+COPY_BYTES = 1 << 30
 
 
 def run_gpu_bench(backend: str = "triton", shapes: list[tuple[int, int]] | None = None,
@@ -68,8 +72,13 @@ def run_gpu_bench(backend: str = "triton", shapes: list[tuple[int, int]] | None 
         One dict per (shape, M) with keys :data:`ROW_KEYS`: ``op`` ("dbgemm"), ``n``,
         ``k``, ``m``, ``backend``, ``dtype``, ``group_size``, ``ms`` (mean per call),
         ``tflops`` (2*M*N*K / time), ``gbps`` (packed weight + scales + x + y bytes / time),
-        ``dense_ms``, ``dense_tflops``, ``speedup_vs_dense`` (dense_ms / ms), ``device``
-        (GPU name, or "cpu (triton interpreter)"), ``measured`` (True only on a GPU).
+        ``dense_ms``, ``dense_tflops``, ``speedup_vs_dense`` (dense_ms / ms), ``copy_gbps`` (the
+        memory ceiling measured in the same run: a device-to-device copy, bytes read + written;
+        None off a GPU), ``frac_of_copy`` (gbps / copy_gbps, None off a GPU); ``graph_ms``,
+        ``dense_graph_ms``, ``graph_gbps``, ``graph_speedup_vs_dense``: the same calls replayed from
+        a CUDA graph, i.e. device time without the host's launch overhead, which ``ms`` includes
+        (None off a GPU, or when the capture fails: a warning says why); ``device`` (GPU name, or
+        "cpu (triton interpreter)"), ``measured`` (True only on a GPU).
     Raises:
         DbquantError: ``backend`` cannot run here (the message says why).
         ValueError: an unknown dtype.
@@ -86,6 +95,7 @@ def run_gpu_bench(backend: str = "triton", shapes: list[tuple[int, int]] | None 
     device_name = torch.cuda.get_device_name(device) if measured else f"cpu ({_cpu_mode(backend)})"
     dt = DTYPES[dtype]
     gen = torch.Generator().manual_seed(0)
+    ceiling = copy_gbps(device) if measured else None
 
     rows = []
     for n, k in shapes:
@@ -111,6 +121,8 @@ def run_gpu_bench(backend: str = "triton", shapes: list[tuple[int, int]] | None 
 
             t = _time(run_packed, warmup, iters, device)
             t_dense = _time(run_dense, warmup, iters, device)
+            tg = _graph_time(run_packed, iters, device) if measured else None
+            tg_dense = _graph_time(run_dense, iters, device) if measured else None
             flops = 2.0 * m * n * k
             io_bytes = packed_bytes + (m * k + m * n) * dt.itemsize
             rows.append({
@@ -118,27 +130,96 @@ def run_gpu_bench(backend: str = "triton", shapes: list[tuple[int, int]] | None 
                 "group_size": group_size, "ms": t * 1e3, "tflops": flops / t / 1e12,
                 "gbps": io_bytes / t / 1e9, "dense_ms": t_dense * 1e3,
                 "dense_tflops": flops / t_dense / 1e12, "speedup_vs_dense": t_dense / t,
+                "copy_gbps": ceiling, "frac_of_copy": None if ceiling is None else io_bytes / t / 1e9 / ceiling,
+                "graph_ms": _ms(tg), "dense_graph_ms": _ms(tg_dense),
+                "graph_gbps": None if tg is None else io_bytes / tg / 1e9,
+                "graph_speedup_vs_dense": None if tg is None or tg_dense is None else tg_dense / tg,
                 "device": device_name, "measured": measured,
             })
     return rows
 
 
+def copy_gbps(device: torch.device, nbytes: int = COPY_BYTES, iters: int = 10) -> float:
+    """The GPU's memory ceiling in GB/s: the median of ``iters`` timed device-to-device copies of
+    ``nbytes`` (after 3 warm-ups), counting the bytes read plus the bytes written."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() * 4 / sorted(times)[len(times) // 2] / 1e9
+
+
 def format_table(rows: list[dict]) -> str:
-    """A fixed-width text table of :func:`run_gpu_bench` rows, with a warning line when any
-    row was not measured on a GPU."""
+    """A fixed-width text table of :func:`run_gpu_bench` rows (per call from Python, then replayed
+    from a CUDA graph), with a warning line when any row was not measured on a GPU."""
     head = (f"{'N x K':>13} {'M':>4} {'backend':>7} {'dtype':>8} {'ms':>9} {'TFLOP/s':>8} "
-            f"{'GB/s':>8} {'dense ms':>9} {'speedup':>8}")
+            f"{'GB/s':>8} {'of copy':>7} {'dense ms':>9} {'speedup':>8} | {'graph ms':>9} {'GB/s':>7} "
+            f"{'dense':>9} {'speedup':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
+        graph = (f"{_num(r['graph_ms'], '.4g'):>9} {_num(r['graph_gbps'], '.4g'):>7} "
+                 f"{_num(r['dense_graph_ms'], '.4g'):>9} {_num(r['graph_speedup_vs_dense'], '.2f'):>7}x")
         lines.append(f"{r['n']:>6} x {r['k']:<6}{r['m']:>4} {r['backend']:>7} {r['dtype']:>8} "
-                     f"{r['ms']:>9.4g} {r['tflops']:>8.3g} {r['gbps']:>8.4g} {r['dense_ms']:>9.4g} "
-                     f"{r['speedup_vs_dense']:>7.2f}x")
+                     f"{r['ms']:>9.4g} {r['tflops']:>8.3g} {r['gbps']:>8.4g} "
+                     f"{_percent(r['frac_of_copy']):>7} {r['dense_ms']:>9.4g} "
+                     f"{r['speedup_vs_dense']:>7.2f}x | {graph}")
     devices = sorted({r["device"] for r in rows})
-    lines.append(f"device: {', '.join(devices)}; group size {sorted({r['group_size'] for r in rows})}")
+    ceilings = sorted({round(r["copy_gbps"]) for r in rows if r["copy_gbps"]})
+    lines.append(f"device: {', '.join(devices)}; group size {sorted({r['group_size'] for r in rows})}"
+                 + (f"; copy ceiling {ceilings} GB/s (read + write)" if ceilings else ""))
     if any(not r["measured"] for r in rows):
         lines.append("NOT MEASURED ON A GPU: these timings come from the CPU (Triton interpreter) and "
                      "say nothing about GPU speed; they only show that the benchmark runs.")
     return "\n".join(lines)
+
+
+def _graph_time(fn, iters: int, device: torch.device, replays: int = 5) -> float | None:
+    """Median seconds per call of ``fn(0..iters-1)`` captured once into a CUDA graph and replayed
+    ``replays`` times: the device's time, without Python and launch overhead. The calls must have
+    run before (autotuning done). None, with a warning, when the capture fails."""
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # a capture needs its calls warmed on a side stream first
+            fn(0)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(iters):
+                fn(i)
+    except RuntimeError as e:
+        warnings.warn(f"CUDA graph capture failed, graph columns left empty: {e}", stacklevel=2)
+        return None
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end) / 1e3 / iters)
+    return sorted(times)[len(times) // 2]
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+def _num(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _percent(frac: float | None) -> str:
+    return "-" if frac is None else f"{frac:.0%}"
 
 
 def _cpu_mode(backend: str) -> str:

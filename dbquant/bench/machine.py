@@ -146,4 +146,21 @@ def environment() -> dict:
                 l1d_bytes=caches["l1d"], l2_bytes=caches["l2"], l3_bytes=caches["l3"], cache_source=caches["source"],
                 mem_available=mem_available(),
                 loadavg=os.getloadavg() if hasattr(os, "getloadavg") else None,
-                time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                time=time.strftime("%Y-%m-%dT%H:%M:%S"), **gpu_info())
+
+
+def gpu_info() -> dict:
+    """The GPU facts of a result file: ``gpu`` (name, or None without a CUDA device), and with one
+    ``gpu_capability`` ("9.0"), ``gpu_sms``, ``gpu_memory_bytes``, ``cuda`` (torch's CUDA version)
+    and ``triton`` (its version, or None when it does not import)."""
+    if not torch.cuda.is_available():
+        return {"gpu": None}
+    p = torch.cuda.get_device_properties(torch.cuda.current_device())
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return dict(gpu=p.name, gpu_capability=f"{p.major}.{p.minor}", gpu_sms=p.multi_processor_count,
+                gpu_memory_bytes=p.total_memory, cuda=torch.version.cuda, triton=triton_version)
