@@ -5,6 +5,7 @@ import torch
 
 import dbquant
 from dbquant.backends import cpu as cpu_backend
+from dbquant.backends import reference
 from dbquant.errors import DbquantError
 from dbquant.quantize import QuantizeOptions, quantize
 from dbquant.runtime.decode import SUPPORTED, FastDecoder, check_supported
@@ -40,8 +41,8 @@ def _assert_chunked_logits_match(model, cache_dtype="float32", torch_ops=False):
     with torch.no_grad():
         ref = model(IDS).logits
     dec = FastDecoder(model, max_len=32, cache_dtype=cache_dtype)
-    if torch_ops:
-        dec.rope_heads = dec.attend_causal = dec.gated_act = None
+    if torch_ops:  # what a decoder off the CPU runs
+        dec.rope_heads, dec.gated_act, dec.attend_causal = reference.rope_heads_ref, reference.gated_act_ref, None
     dec._alloc(IDS.shape[0])
     assert dec.k_cache.dtype == getattr(torch, cache_dtype)
     scale = ref.abs().max().item()
@@ -533,7 +534,10 @@ def test_family_prefill_by_torch_ops_matches_hf_forward(model_type):
     logits too, and the native ops are what a CPU decoder runs by default."""
     model = _family_model(model_type, packed=False)
     dec = FastDecoder(model, max_len=8)
-    assert all(op is not None for op in (dec.rope_heads, dec.attend_causal, dec.gated_act)) == cpu_backend.load_cpu()
+    native = cpu_backend.load_cpu()
+    assert (dec.attend_causal is not None) == native
+    refs = (reference.rope_heads_ref, reference.gated_act_ref)
+    assert ((dec.rope_heads, dec.gated_act) == refs) != native
     _assert_chunked_logits_match(model, torch_ops=True)
 
 

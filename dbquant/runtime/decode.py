@@ -292,8 +292,9 @@ class FastDecoder:
         # a prompt's attention: the step's kernel per query (1.2-1.3x torch's SDPA on its widened rows)
         self.attend_causal = registry.get("attend_causal", "cpu").run if native else None
         # and its rotary embedding and gated activation: one pass each instead of ~5 and 2 framework ops
-        self.rope_heads = registry.get("rope_heads", "cpu").run if native else None
-        self.gated_act = registry.get("gated_act", "cpu").run if native else None
+        # (off the CPU, the reference ops: the same formulas in torch)
+        self.rope_heads = registry.get("rope_heads", "cpu").run if native else registry.get("rope_heads", "ref")
+        self.gated_act = registry.get("gated_act", "cpu").run if native else registry.get("gated_act", "ref")
         self.native = self._native_layers() if native else None
         # every layer of a one-token step in one native call (the Python loop cost ~15 us a layer)
         # (the final norm inside it too: one framework op less a token)
@@ -418,14 +419,6 @@ class FastDecoder:
             return self.rms_norm(x.contiguous(), norm.weight, norm.eps)
         return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
 
-    def _rope(self, x: torch.Tensor, pos: int, L: DecoderLayer) -> torch.Tensor:
-        """x: [B, H, T, D] at positions pos..pos+T-1, with layer L's tables."""
-        t = x.shape[2]
-        cos, sin = L.cos[pos:pos + t], L.sin[pos:pos + t]
-        half = x.shape[-1] // 2
-        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rot * sin
-
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """Run ``tokens`` (int64 [B, T]) at positions pos..pos+T-1 through the model,
@@ -472,7 +465,6 @@ class FastDecoder:
         new row (its op is called as before) and only the last row is kept."""
         hq, hk, d = self.n_heads, self.n_kv, self.head_dim
         end = pos + t
-        inter = L.gate_up.sizes[0]
         qkv = L.qkv(self._rms(x, L.ln1) if L.ln1 else x)
         if L.q_norm is not None and L.qk_whole:  # OLMo-2: over the whole q and k projections
             qkv = torch.cat([self._rms(qkv[:, :hq * d], L.q_norm), self._rms(qkv[:, hq * d:(hq + hk) * d], L.k_norm),
@@ -481,10 +473,7 @@ class FastDecoder:
         qk, v = qkv[:, :, :hq + hk], qkv[:, :, hq + hk:]
         if L.q_norm is not None and not L.qk_whole:
             qk = torch.cat([self._rms(qk[:, :, :hq], L.q_norm), self._rms(qk[:, :, hq:], L.k_norm)], dim=2)
-        if self.rope_heads is not None:  # q and k heads rotated together: [B, Hq+Hk, T, D]
-            qk = self.rope_heads(qk, L.cos[pos:end], L.sin[pos:end])
-        else:
-            qk = self._rope(qk.transpose(1, 2), pos, L)
+        qk = self.rope_heads(qk, L.cos[pos:end], L.sin[pos:end])  # q and k heads rotated together: [B, Hq+Hk, T, D]
         # A chunk of at most LUT_MAX_ROWS rows runs the lookup-table kernel, whose table kind depends on the
         # row count: it is left whole, so a short prompt's last row is computed as before, bit for bit.
         trim = last_only and t > cpu_backend.LUT_MAX_ROWS
@@ -506,11 +495,7 @@ class FastDecoder:
         out = L.o(att.reshape(b * t, hq * d), rows)
         x = x + self._branch(out, L.post_attn, L.residual_scale)
         gate_up = L.gate_up(self._rms(x, L.ln2) if L.ln2 else x, rows)
-        if self.gated_act is not None:
-            act = self.gated_act(gate_up.contiguous(), L.act)
-        else:
-            gate = gate_up[:, :inter]
-            act = (F.gelu(gate, approximate="tanh") if L.act == "gelu_tanh" else F.silu(gate)) * gate_up[:, inter:]
+        act = self.gated_act(gate_up.contiguous(), L.act)
         return x + self._branch(L.down(act, rows), L.post_ffn, L.residual_scale)
 
     def _branch(self, out: torch.Tensor, post: Norm | None, scale: float) -> torch.Tensor:
