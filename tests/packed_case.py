@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from dbquant.backends.reference import dbgemm_ref
-from dbquant.format.layout import pack_bits
+from dbquant.format.layout import pack_bits, unpack_bits
 from tests.tolerances import KERNEL_REL_ERR
 
 
@@ -46,3 +46,20 @@ def check(y, x, layer, k, g):
     assert torch.isfinite(y).all()
     err = rel_err(y.cpu(), ref)
     assert err < KERNEL_REL_ERR[x.dtype], f"relative error {err:.2e} >= {KERNEL_REL_ERR[x.dtype]:.0e}"
+
+
+def assert_bugs_are_caught(y, x, layer, k, g):
+    """y (the kernel's output for x on ``layer``, bias None) is more than 10x the float16 tolerance
+    away from what a kernel with a typical bug would give: bits read MSB first, the next group's
+    scales, the offset dropped, the planes swapped. So the parity tests would fail on such a bug."""
+    qweight, scales, off, _ = (None if t is None else t.cpu() for t in layer)
+    xc, n = x.cpu(), qweight.shape[1]
+    msb_first = pack_bits(unpack_bits(qweight).reshape(2, n, -1, 8).flip(-1).reshape(2, n, -1))
+    wrong = {
+        "msb-first bits": dbgemm_ref(xc, msb_first, scales, off, None, k, g),
+        "next group's scales": dbgemm_ref(xc, qweight, torch.roll(scales, 1, dims=1), off, None, k, g),
+        "offset dropped": dbgemm_ref(xc, qweight, scales, None, None, k, g),
+        "planes swapped": dbgemm_ref(xc, qweight.flip(0), scales, off, None, k, g),
+    }
+    for what, ref in wrong.items():
+        assert rel_err(y.cpu(), ref) > 10 * KERNEL_REL_ERR[torch.float16], what

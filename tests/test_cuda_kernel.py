@@ -14,12 +14,9 @@ import torch
 
 from dbquant.backends import cuda as _cuda
 from dbquant.backends import registry
-from dbquant.backends.reference import dbgemm_ref
 from dbquant.errors import DbquantError
-from dbquant.format.layout import pack_bits, unpack_bits
 from dbquant.model.modules import PackedLinear
-from tests.packed_case import check, make_layer, make_x, rel_err
-from tests.tolerances import KERNEL_REL_ERR
+from tests.packed_case import assert_bugs_are_caught, check, make_layer, make_x
 
 if not _cuda.load_cuda():
     pytest.skip(f"the cuda backend cannot run here: {_cuda._cuda_error}", allow_module_level=True)
@@ -93,19 +90,9 @@ def test_every_output_is_written():
 def test_tolerances_catch_bugs():
     """A wrong bit order, group index, plane order or a dropped offset is far above the tolerance."""
     n, k, g = 37, 200, 64
-    qweight, scales, off, _ = make_layer(n, k, g, offset=True, bias=False, device=DEV)
+    layer = make_layer(n, k, g, offset=True, bias=False, device=DEV)
     x = make_x(3, k, torch.float16, DEV)
-    y = run(x, qweight, scales, off, None, k, g).cpu()
-    c = [t.cpu() for t in (x, qweight, scales, off)]
-    msb_first = pack_bits(unpack_bits(c[1]).reshape(2, n, -1, 8).flip(-1).reshape(2, n, -1))
-    wrong = {
-        "msb-first bits": dbgemm_ref(c[0], msb_first, c[2], c[3], None, k, g),
-        "next group's scales": dbgemm_ref(c[0], c[1], torch.roll(c[2], 1, dims=1), c[3], None, k, g),
-        "offset dropped": dbgemm_ref(c[0], c[1], c[2], None, None, k, g),
-        "planes swapped": dbgemm_ref(c[0], c[1].flip(0), c[2], c[3], None, k, g),
-    }
-    for what, ref in wrong.items():
-        assert rel_err(y, ref) > 10 * KERNEL_REL_ERR[torch.float16], what
+    assert_bugs_are_caught(run(x, *layer, k, g), x, layer, k, g)
 
 
 def test_registry_and_packed_linear():

@@ -16,11 +16,9 @@ pytest.importorskip("triton")
 
 from dbquant.backends import registry
 from dbquant.backends import triton as _triton  # noqa: E402
-from dbquant.backends.reference import dbgemm_ref  # noqa: E402
-from dbquant.format.layout import pack_bits, unpack_bits  # noqa: E402
 from dbquant.model.modules import PackedLinear  # noqa: E402
 from tests import packed_case
-from tests.packed_case import check, rel_err
+from tests.packed_case import assert_bugs_are_caught, check, rel_err
 from tests.tolerances import KERNEL_REL_ERR
 
 if not _triton.load_triton():
@@ -129,19 +127,9 @@ def test_tolerances_catch_bugs():
     """A wrong bit order, a wrong group index or a dropped offset is far above TOL, so the
     parity tests would fail on such a kernel bug."""
     n, k, g = 37, 200, 64
-    qweight, scales, off, b = make_layer(n, k, g, offset=True, bias=False)
+    layer = make_layer(n, k, g, offset=True, bias=False)
     x = make_x(17, k, torch.float16)
-    y = _triton.dbgemm_triton(x, qweight, scales, off, b, k, g).cpu()
-    cpu = [t.cpu() for t in (x, qweight, scales, off)]
-    msb_first = pack_bits(unpack_bits(cpu[1]).reshape(2, n, -1, 8).flip(-1).reshape(2, n, -1))
-    wrong = {
-        "msb-first bits": dbgemm_ref(cpu[0], msb_first, cpu[2], cpu[3], None, k, g),
-        "next group's scales": dbgemm_ref(cpu[0], cpu[1], torch.roll(cpu[2], 1, dims=1), cpu[3], None, k, g),
-        "offset dropped": dbgemm_ref(cpu[0], cpu[1], cpu[2], None, None, k, g),
-        "planes swapped": dbgemm_ref(cpu[0], cpu[1].flip(0), cpu[2], cpu[3], None, k, g),
-    }
-    for what, ref in wrong.items():
-        assert rel_err(y, ref) > 10 * TOL[torch.float16], what
+    assert_bugs_are_caught(_triton.dbgemm_triton(x, *layer, k, g), x, layer, k, g)
 
 
 def test_registry_resolves_triton():
