@@ -224,8 +224,8 @@ def attend_causal_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: in
     lo = max(0, pos - window + 1) if window else 0  # the first row any query attends: none before it is read
     keys = k[:, :, lo:end].float().repeat_interleave(hq // k.shape[1], dim=1)  # [B, Hq, end - lo, D]
     values = v[:, :, lo:end].float().repeat_interleave(hq // k.shape[1], dim=1)
-    qpos = torch.arange(pos, end)[:, None]
-    kpos = torch.arange(lo, end)[None]
+    qpos = torch.arange(pos, end, device=q.device)[:, None]
+    kpos = torch.arange(lo, end, device=q.device)[None]
     allowed = (kpos <= qpos) & ((kpos > qpos - window) if window else True)  # [T, end - lo]
     scores = (q @ keys.transpose(-1, -2)) * scale
     if softcap:

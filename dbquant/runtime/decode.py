@@ -487,8 +487,7 @@ class FastDecoder:
             if self.attend_causal is not None:  # [B, T, Hq, D], float32 attention on the cache's rows
                 att = self.attend_causal(q, self.k_cache[i], self.v_cache[i], qpos, L.scale, L.softcap, L.window)
             else:
-                keys, values = self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end]
-                att = self._attend(q, keys.float(), values.float(), L, qpos).transpose(1, 2)  # float32 attention
+                att = self._attend(q, self.k_cache[i], self.v_cache[i], L, qpos)
         rows = b * t  # the projections below take the path of the whole chunk's rows
         if trim:
             x, t = x.view(b, t, -1)[:, -1].contiguous(), 1
@@ -504,27 +503,19 @@ class FastDecoder:
             out = self._rms(out, post)
         return out if scale == 1.0 else out * scale
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, L: DecoderLayer, pos: int) -> torch.Tensor:
-        """Causal (optionally windowed, soft-capped) attention of q float32 [B, Hq, T, D] at
-        positions pos..pos+T-1 over the cached k, v float32 [B, Hk, pos+T, D]; -> [B, Hq, T, D]."""
-        t, end = q.shape[2], k.shape[2]
-        gqa = q.shape[1] != k.shape[1]
+    def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, L: DecoderLayer,
+                pos: int) -> torch.Tensor:
+        """Causal (optionally windowed, soft-capped) float32 attention of q float32 [B, Hq, T, D] at positions
+        pos..pos+T-1 over a layer's cache k_cache, v_cache [B, Hk, max_len, D] (rows up to pos+T-1 written),
+        off the CPU's native op; -> [B, T, Hq, D]. SDPA's own causal path where no mask is needed (the chunk
+        starts the sequence or is one token, and neither a softcap nor a window applies), else the
+        registry's reference op, which writes the mask out."""
+        t, end = q.shape[2], pos + q.shape[2]
         if not L.softcap and (not L.window or end <= L.window) and (t == 1 or pos == 0):
-            # SDPA's own causal path (no mask to build) when the chunk starts the sequence or is one
-            # token, and no window cuts it: the per-token Python step
-            return F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=L.scale, enable_gqa=gqa)
-        qpos = torch.arange(pos, end, device=q.device)[:, None]
-        kpos = torch.arange(end, device=q.device)[None]
-        allowed = kpos <= qpos  # [T, end]
-        if L.window:
-            allowed &= kpos > qpos - L.window
-        if not L.softcap:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=L.scale, enable_gqa=gqa)
-        group = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        scores = (q @ k.transpose(-1, -2)) * L.scale
-        scores = torch.tanh(scores / L.softcap) * L.softcap
-        return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+            keys, values = k_cache[:, :, :end].float(), v_cache[:, :, :end].float()
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=t > 1, scale=L.scale,
+                                                  enable_gqa=q.shape[1] != keys.shape[1]).transpose(1, 2)
+        return registry.get("attend_causal", "ref")(q, k_cache, v_cache, pos, L.scale, L.softcap, L.window)
 
     # -- the packed VidKV cache (kv=...) ----------------------------------------------
 
