@@ -547,7 +547,7 @@ at::Tensor rope_heads_cpu(const at::Tensor& x, const at::Tensor& cos, const at::
   check_shape(cos, "cos", {T, D});
   check_shape(sin, "sin", {T, D});
   at::Tensor y = at::empty({B, H, T, D}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  const float* xp = x.data_ptr<float>();
+  const float *xp = x.data_ptr<float>(), *cp = cos.data_ptr<float>(), *snp = sin.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t sb = x.stride(0), st = x.stride(1), sh = x.stride(2);
   const Isa isa = dbquant::cpu::best_isa();
@@ -556,7 +556,7 @@ at::Tensor rope_heads_cpu(const at::Tensor& x, const at::Tensor& cos, const at::
       const int64_t t = i % T, h = i / T % H, b = i / (T * H);
       float* row = yp + i * D;
       std::copy(xp + b * sb + t * st + h * sh, xp + b * sb + t * st + h * sh + D, row);
-      dbquant::cpu::rope_rows(isa, row, cos.data_ptr<float>() + t * D, sin.data_ptr<float>() + t * D, 1, D);
+      dbquant::cpu::rope_rows(isa, row, cp + t * D, snp + t * D, 1, D);
     }
   });
   return y;
