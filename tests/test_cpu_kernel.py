@@ -310,7 +310,7 @@ def a8(x, w, b, isa="auto"):
                                          w.group_size, isa)
 
 
-@pytest.mark.parametrize("planes", [1, 2, 3])
+@pytest.mark.parametrize("planes", [1, 2, 3, 4])
 @pytest.mark.parametrize("g", [8, 24, 64, 256])
 @pytest.mark.parametrize("k", [8, 100, 576])
 def test_gemm_a8_paths_agree_and_match_the_reference(k, g, planes):
@@ -318,7 +318,7 @@ def test_gemm_a8_paths_agree_and_match_the_reference(k, g, planes):
     (the same integers, the same float operations in the same order), equal to gemm_a8_ref up to
     float32 summation order, and within the header's bound of the exact x @ W^T: the activations'
     rounding, sum_j sx / 2 * sum_k |W - beta|. Odd shapes: partial tiles, K not a multiple of g,
-    M not a multiple of the 4-row block."""
+    M not a multiple of the 2-row block; 4 planes take one half tile at a time."""
     for m, n, offset, bias in [(1, 7, True, True), (5, 33, False, True), (64, 16, True, False), (67, 1, False, False)]:
         w, b, canon = prepared(n, k, g, offset, bias, seed=k + g + n + planes, planes=planes)
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)) * 3
@@ -354,6 +354,29 @@ def test_gemm_a8_golden():
         y = a8(x, w, None, isa)
         assert torch.allclose(y, torch.tensor([[-43 / 85]]), rtol=1e-6), (isa, y)
     assert torch.equal(dbgemm_ref(x, qweight, scales, None, None, 8, 8), torch.tensor([[-0.5]]))
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_gemm_a8_int16_sums_at_their_limits(sign):
+    """Groups of 256 channels (kA8MaxGroup) with every bit set and the codes at their ends: x = +c gives
+    codes 255 and zero point 0, x = -c codes 0 and zero point 255, so each of the AVX2 kernel's int16 sums
+    (128 channels) starts at 0 or -255 * 128 and ends at +-255 * 128 = +-32640, next to int16's limits.
+    D = +-255 * 256 must come out exact on every path. A row alternating -c and +c (c = 255): step 2,
+    z = round_half_even(127.5) = 128, codes 0 and 255 (clamped from 256), D = 128 * (0 - 128 + 255 - 128)
+    = -128 per plane, y = 2 * 2 * -128 = -512."""
+    k = g = 256
+    qweight = torch.full((2, 3, k // 8), 255, dtype=torch.uint8)  # [P, N, Kp/8]: all bits set
+    scales = torch.ones(3, 1, 2).half()
+    w = cpu_backend.prepare_cpu(qweight, scales, None, k, g)
+    x = torch.full((2, k), 255 * sign)  # step 1: codes are x itself
+    x[1, ::2] = -255 * sign
+    u, z, sx, _ = quantize_a8_ref(x, g)
+    assert u[0].unique().tolist() == [255 if sign > 0 else 0] and z[0].tolist() == [0 if sign > 0 else 255]
+    assert sx[0].tolist() == [1.0] and sx[1].tolist() == [2.0]
+    want = torch.tensor([[2 * 255 * sign * k], [-512.0]]).expand(2, 3)  # (D_1 + D_2) * sx
+    for isa in ISAS:
+        assert torch.equal(a8(x, w, None, isa), want), isa
+    assert torch.equal(gemm_a8_ref(x, qweight, scales, None, None, k, g), want)
 
 
 def test_gemm_a8_nonfinite_rows_and_limits():

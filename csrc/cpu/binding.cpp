@@ -119,6 +119,11 @@ using dbquant::cpu::LutKind;
 // row); larger M is processed in slices of rows so memory stays bounded.
 constexpr int64_t kMaxLutBytes = int64_t(16) << 20;
 
+// The first 32-byte boundary at or after p (scratch that aligned vector stores write).
+inline uint8_t* align32(uint8_t* p) {
+  return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(p) + 31) & ~uintptr_t(31));
+}
+
 void check_input(const at::Tensor& t, const char* name, at::ScalarType dtype) {
   TORCH_CHECK(t.device().is_cpu(), "dbgemm_cpu: ", name, " must be a CPU tensor, got device ",
               t.device());
@@ -241,12 +246,32 @@ struct TileShares {
   }
 };
 
+// One parallel region of nth threads over `chunks` chunks of tiles: each thread first runs
+// prologue(i, n) (its share of some preparation every tile needs, e.g. tables or activation codes),
+// then, after one barrier, chunks(c) for its own share of the chunks (TileShares) and then what is left
+// of the others' shares from their ends. With fixed halves the two cores of a shared 2-core VM finished
+// ~20% of a region apart (docs/RESULTS.md); one region instead of two also saves a fork and a join.
+template <class Prologue, class Chunk>
+void shared_tile_region(int nth, int64_t chunks, Prologue&& prologue, Chunk&& chunk) {
+  TileShares shares(chunks, nth);  // at most TileShares::kMax threads
+#pragma omp parallel num_threads(shares.n)
+  {
+    const int n = omp_get_num_threads(), i = omp_get_thread_num();
+    prologue(i, n);
+#pragma omp barrier
+    // own share first, then the others' from their ends (all shares.n of them: the runtime may have
+    // started fewer threads than asked for)
+    for (int k = 0; k < shares.n; ++k) {
+      const int s = (i + k) % shares.n;
+      for (int64_t c; (c = shares.take(s, k == 0)) >= 0;) chunk(c);
+    }
+  }
+}
+
 // y[N] = W x[K] for one activation row through the integer-table kernel (dbgemm_i8lut.h), tables in
-// buf (i8lut_row_bytes(w, kind) bytes). One parallel region: each thread builds the tables of its share
-// of the groups, then (after one barrier) runs its share of the tiles, and then takes what is left of
-// the others' shares from their ends (TileShares). Built by one thread before the region, the tables
-// were ~8% of a 2-thread decode step on an AMD Zen 3 with the other core waiting; with fixed halves
-// of the tiles the two cores finished ~20% of a region apart (docs/RESULTS.md).
+// buf (i8lut_row_bytes(w, kind) bytes): each thread builds the tables of its share of the groups,
+// then the tiles are shared (shared_tile_region). Built by one thread before the region, the tables
+// were ~8% of a 2-thread decode step on an AMD Zen 3 with the other core waiting.
 void gemv_i8(Isa isa, const dbquant::cpu::T16Weight& w, const float* x, uint8_t* buf, float* y, LutKind kind) {
   const int64_t G = w.groups(), T = w.tiles();
   // tiles per thread at least (as the float path's grain): below it one thread does everything
@@ -258,20 +283,10 @@ void gemv_i8(Isa isa, const dbquant::cpu::T16Weight& w, const float* x, uint8_t*
     return;
   }
   const int64_t chunk = std::max<int64_t>(1, T / (8 * int64_t(nth))), chunks = (T + chunk - 1) / chunk;
-  TileShares shares(chunks, nth);  // at most TileShares::kMax threads
-#pragma omp parallel num_threads(shares.n)
-  {
-    const int n = omp_get_num_threads(), i = omp_get_thread_num();
-    dbquant::cpu::build_i8luts(isa, w, x, buf, 0, 1, kind, G * i / n, G * (i + 1) / n);
-#pragma omp barrier
-    // own share first, then the others' from their ends (all shares.n of them: the runtime may have
-    // started fewer threads than asked for)
-    for (int k = 0; k < shares.n; ++k) {
-      const int s = (i + k) % shares.n;
-      for (int64_t c; (c = shares.take(s, k == 0)) >= 0;)
-        dbquant::cpu::gemm_tiles_i8(isa, w, buf, 1, y, c * chunk, std::min(T, (c + 1) * chunk), kind);
-    }
-  }
+  shared_tile_region(
+      nth, chunks,
+      [&](int i, int n) { dbquant::cpu::build_i8luts(isa, w, x, buf, 0, 1, kind, G * i / n, G * (i + 1) / n); },
+      [&](int64_t c) { dbquant::cpu::gemm_tiles_i8(isa, w, buf, 1, y, c * chunk, std::min(T, (c + 1) * chunk), kind); });
 }
 
 // y = x @ W^T (+ bias) through the integer-table kernel (dbgemm_i8lut.h): tables of at most
@@ -377,7 +392,8 @@ at::Tensor dequantize_t_cpu(const at::Tensor& planes, const at::Tensor& scales,
 }
 
 // y = x @ W^T (+ bias) with the activations rounded to 8 bits per row and group (gemm_a8.h): the
-// codes once (rows split over threads), then tiles split over threads, each with its own panel.
+// codes once (rows split over threads), then the tiles shared by the threads (shared_tile_region),
+// each thread with its own panel.
 at::Tensor gemm_a8_cpu(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& scales,
                        const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias,
                        int64_t out_features, int64_t in_features, int64_t group_size, const std::string& isa_arg) {
@@ -402,17 +418,24 @@ at::Tensor gemm_a8_cpu(const at::Tensor& x, const at::Tensor& planes, const at::
   uint8_t* up = xu.data_ptr<uint8_t>();
   float *sp = sx.data_ptr<float>(), *ssp = xs.data_ptr<float>();
   int32_t* zp = xz.data_ptr<int32_t>();
-  at::parallel_for(0, M, std::max<int64_t>(1, (int64_t(1) << 14) / w.kp()), [&](int64_t b, int64_t e) {
-    dbquant::cpu::quantize_a8(w, xp, up, zp, sp, ssp, b, e);
-  });
-  const int64_t scratch = (dbquant::cpu::a8_scratch_bytes(w) + 63) / 64 * 64;
+  const int64_t T = w.tiles(), scratch = (dbquant::cpu::a8_scratch_bytes(w) + 63) / 64 * 64;
   float* yp = y.data_ptr<float>();
-  // a tile is M * Kp * P * 16 multiply-adds: one per task already amortises a parallel region
-  at::parallel_for(0, w.tiles(), 1, [&](int64_t t0, int64_t t1) {
+  auto tiles = [&](uint8_t* buf, int64_t t0, int64_t t1) {
+    dbquant::cpu::gemm_a8_tiles(isa, w, up, zp, sp, ssp, M, yp, buf, t0, t1);
+  };
+  // a tile is M * Kp * P * 16 multiply-adds: one per chunk already amortises taking it
+  const int nth = at::in_parallel_region() ? 1 : int(std::min<int64_t>(at::get_num_threads(), T));
+  if (nth <= 1) {
+    dbquant::cpu::quantize_a8(w, xp, up, zp, sp, ssp, 0, M);
     std::vector<uint8_t> buf(size_t(scratch + 32));
-    uint8_t* aligned = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(buf.data()) + 31) & ~uintptr_t(31));
-    dbquant::cpu::gemm_a8_tiles(isa, w, up, zp, sp, ssp, M, yp, aligned, t0, t1);
-  });
+    tiles(align32(buf.data()), 0, T);
+    return y;
+  }
+  // the rows' codes split over the threads, then the tiles shared (each thread with its own panel)
+  std::vector<uint8_t> bufs(size_t((scratch + 32) * nth));
+  shared_tile_region(
+      nth, T, [&](int i, int n) { dbquant::cpu::quantize_a8(w, xp, up, zp, sp, ssp, M * i / n, M * (i + 1) / n); },
+      [&](int64_t t) { tiles(align32(bufs.data() + (scratch + 32) * omp_get_thread_num()), t, t + 1); });
   return y;
 }
 

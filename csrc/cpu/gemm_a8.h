@@ -16,8 +16,9 @@
 //   NaN, as x @ W^T's would be.
 //
 // Integer part, exact: D[m, j, p, n] = sum over the group's channels of (xu[m, k] - z[m, j]) * b_p[n, k]
-// (int32; computed as sum xu * b, whose int16 lanes hold g / 4 steps of two products <= 255 while
-// g <= kA8MaxGroup, minus z times the group's popcount).
+// (int32; the AVX2 kernel sums each half of the group's channels in an int16 lane that starts at -z
+// times the half's popcount and adds g / 4 steps of two products <= 255: within +-255 g / 2 while
+// g <= kA8MaxGroup).
 // Float part, in this order on every path, per output (m, n), groups j in order, y starting at 0:
 //   t = alpha_1[j, n] * D_1;  t = fma(alpha_2[j, n], D_2, t); ...;  y = fma(t, sx[m, j], y)
 //   with an offset:  y = fma(beta[j, n], xs[m, j], y);        at the end:  y = y + bias[n]
@@ -27,10 +28,10 @@
 //   |y - x @ W^T| <= sum_j sx[m, j] / 2 * sum_{k in j} |W[n, k] - beta[j, n]|  (+ float32 rounding)
 // (the offset multiplies the exact xs, so it adds no rounding of x).
 //
-// The AVX2 kernel expands one tile's planes to bytes {0, 1} (a "panel", uint8 [2, Kp/4, P, 8, 4]: per
-// half tile, per 4 channels, per plane, 8 output rows of 4 bytes), then for 4 activation rows at a time
-// broadcasts 4 codes of a row into all lanes and multiplies them with each plane's bytes by vpmaddubsw,
-// adding the int16 pairs over the group; one vpmaddwd per group and plane widens them.
+// The AVX2 kernel expands one tile's planes to bytes {0, 1} (a "panel", uint8 [Kp/4, 2, P, 8, 4]: per
+// 4 channels, per half tile, per plane, 8 output rows of 4 bytes), then for 2 activation rows at a time
+// broadcasts 4 codes of a row into all lanes and multiplies them with each plane's bytes of both half
+// tiles by vpmaddubsw, adding the int16 pairs over the group; one vpmaddwd per group and plane widens them.
 
 #pragma once
 
@@ -41,7 +42,7 @@
 namespace dbquant {
 namespace cpu {
 
-// Largest group the int16 sums hold: g/4 steps of 2 products <= 255 each, 127.5 g <= 32767.
+// Largest group the int16 sums hold: g / 2 channels' (code - z) * bit each, 255 g / 2 <= 32767.
 constexpr int64_t kA8MaxGroup = 256;
 
 // Rows [m0, m1) of x float32 [M, K] (row stride K) into xu [M, Kp], xz, sx, xs [M, G] (above).
