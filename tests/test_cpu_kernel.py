@@ -363,17 +363,19 @@ def test_gemm_a8_int16_sums_at_their_limits(sign):
     (128 channels) starts at 0 or -255 * 128 and ends at +-255 * 128 = +-32640, next to int16's limits.
     D = +-255 * 256 must come out exact on every path. A row alternating -c and +c (c = 255): step 2,
     z = round_half_even(127.5) = 128, codes 0 and 255 (clamped from 256), D = 128 * (0 - 128 + 255 - 128)
-    = -128 per plane, y = 2 * 2 * -128 = -512."""
+    = -128 per plane, y = 2 * 2 * -128 = -512. A row of +-1e-38 (range below 2^-120) gets codes 0, y = 0."""
     k = g = 256
     qweight = torch.full((2, 3, k // 8), 255, dtype=torch.uint8)  # [P, N, Kp/8]: all bits set
     scales = torch.ones(3, 1, 2).half()
     w = cpu_backend.prepare_cpu(qweight, scales, None, k, g)
-    x = torch.full((2, k), 255 * sign)  # step 1: codes are x itself
+    x = torch.full((3, k), 255 * sign)  # step 1: codes are x itself
     x[1, ::2] = -255 * sign
+    x[2] = 1e-38 * sign  # a range below 2^-120: codes z = 0 (255 / range would overflow float32)
     u, z, sx, _ = quantize_a8_ref(x, g)
     assert u[0].unique().tolist() == [255 if sign > 0 else 0] and z[0].tolist() == [0 if sign > 0 else 255]
     assert sx[0].tolist() == [1.0] and sx[1].tolist() == [2.0]
-    want = torch.tensor([[2 * 255 * sign * k], [-512.0]]).expand(2, 3)  # (D_1 + D_2) * sx
+    assert u[2].unique().tolist() == [0] and z[2].tolist() == [0]
+    want = torch.tensor([[2 * 255 * sign * k], [-512.0], [0.0]]).expand(3, 3)  # (D_1 + D_2) * sx
     for isa in ISAS:
         assert torch.equal(a8(x, w, None, isa), want), isa
     assert torch.equal(gemm_a8_ref(x, qweight, scales, None, None, k, g), want)

@@ -426,7 +426,7 @@ at::Tensor gemm_a8_cpu(const at::Tensor& x, const at::Tensor& planes, const at::
   // a tile is M * Kp * P * 16 multiply-adds: one per chunk already amortises taking it
   const int nth = at::in_parallel_region() ? 1 : int(std::min<int64_t>(at::get_num_threads(), T));
   if (nth <= 1) {
-    dbquant::cpu::quantize_a8(w, xp, up, zp, sp, ssp, 0, M);
+    dbquant::cpu::quantize_a8(isa, w, xp, up, zp, sp, ssp, 0, M);
     std::vector<uint8_t> buf(size_t(scratch + 32));
     tiles(align32(buf.data()), 0, T);
     return y;
@@ -434,7 +434,7 @@ at::Tensor gemm_a8_cpu(const at::Tensor& x, const at::Tensor& planes, const at::
   // the rows' codes split over the threads, then the tiles shared (each thread with its own panel)
   std::vector<uint8_t> bufs(size_t((scratch + 32) * nth));
   shared_tile_region(
-      nth, T, [&](int i, int n) { dbquant::cpu::quantize_a8(w, xp, up, zp, sp, ssp, M * i / n, M * (i + 1) / n); },
+      nth, T, [&](int i, int n) { dbquant::cpu::quantize_a8(isa, w, xp, up, zp, sp, ssp, M * i / n, M * (i + 1) / n); },
       [&](int64_t t) { tiles(align32(bufs.data() + (scratch + 32) * omp_get_thread_num()), t, t + 1); });
   return y;
 }

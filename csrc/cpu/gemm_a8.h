@@ -7,11 +7,14 @@
 //
 // Activations (quantize_a8), per row m and group j (the g channels [g j, g j + g) of Kp; padded
 // channels k >= K are 0), asymmetric with 0 exact (a zero point, as the padded channels need):
-//   lo = min(0, min_k x), hi = max(0, max_k x), inv = hi > lo ? 255 / (hi - lo) : 0
+//   lo = min(0, min_k x), hi = max(0, max_k x), inv = hi - lo >= 2^-120 ? 255 / (hi - lo) : 0 (a smaller
+//        range rounds to codes z: 255 / (hi - lo) would overflow)
 //   xz  int32   [M, G]   z = nearbyint(-lo * inv), in [0, 255] (the code of 0)
 //   xu  uint8   [M, Kp]  clamp(nearbyint(x * inv) + z, 0, 255) (the unsigned operand of vpmaddubsw)
 //   sx  float32 [M, G]   (hi - lo) / 255 (the step: x ~ sx (xu - z))
-//   xs  float32 [M, G]   sum over the group's channels, in order, of x (what an offset multiplies)
+//   xs  float32 [M, G]   the group's x summed as 8 partial sums from +0 (partial i: channels k0 + i,
+//                        k0 + i + 8, ... in order), then ((p0 + p4) + (p2 + p6)) + ((p1 + p5) + (p3 + p7)):
+//                        an 8-lane vector's order, on every path (what an offset multiplies)
 //   A group holding a NaN or an Inf gets sx = xs = NaN and codes 0 (z = 0): every output it feeds is
 //   NaN, as x @ W^T's would be.
 //
@@ -35,6 +38,7 @@
 
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "dbgemm_t16.h"
@@ -45,9 +49,27 @@ namespace cpu {
 // Largest group the int16 sums hold: g / 2 channels' (code - z) * bit each, 255 g / 2 <= 32767.
 constexpr int64_t kA8MaxGroup = 256;
 
-// Rows [m0, m1) of x float32 [M, K] (row stride K) into xu [M, Kp], xz, sx, xs [M, G] (above).
-void quantize_a8(const T16Weight& w, const float* x, uint8_t* xu, int32_t* xz, float* sx, float* xs,
+// Rows [m0, m1) of x float32 [M, K] (row stride K) into xu [M, Kp], xz, sx, xs [M, G] (above); every
+// path gives the same bytes and floats.
+void quantize_a8(Isa isa, const T16Weight& w, const float* x, uint8_t* xu, int32_t* xz, float* sx, float* xs,
                  int64_t m0, int64_t m1);
+void quantize_a8_scalar(const T16Weight& w, const float* x, uint8_t* xu, int32_t* xz, float* sx, float* xs,
+                        int64_t m0, int64_t m1);
+void quantize_a8_avx2(const T16Weight& w, const float* x, uint8_t* xu, int32_t* xz, float* sx, float* xs,
+                      int64_t m0, int64_t m1);
+
+// What a group's codes follow from its range [lo, hi] (lo <= 0 <= hi), the same on every path.
+struct A8Scale {
+  float inv;  // x * inv + z is the code before rounding
+  int32_t z;  // the code of 0
+};
+inline A8Scale a8_scale(float lo, float hi) {
+  const float inv = hi - lo >= 0x1p-120f ? 255.0f / (hi - lo) : 0.0f;
+  return {inv, int32_t(std::nearbyint(-lo * inv))};
+}
+
+// xs from a group's 8 partial sums p (above).
+inline float a8_group_sum(const float* p) { return ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7])); }
 
 // Bytes of scratch gemm_a8_tiles needs per call (one tile's panel and its popcounts).
 int64_t a8_scratch_bytes(const T16Weight& w);

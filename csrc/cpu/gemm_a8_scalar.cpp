@@ -1,5 +1,5 @@
-// Scalar path of the 8-bit-activation prefill GEMM (gemm_a8.h), the activations' codes (shared by every
-// path), and the run-time dispatch.
+// Scalar path of the 8-bit-activation prefill GEMM (gemm_a8.h) and of the activations' codes, and the
+// run-time dispatch of both.
 
 #include <algorithm>
 #include <cmath>
@@ -10,18 +10,24 @@
 namespace dbquant {
 namespace cpu {
 
-void quantize_a8(const T16Weight& w, const float* x, uint8_t* xu, int32_t* xz, float* sx, float* xs,
+void quantize_a8(Isa isa, const T16Weight& w, const float* x, uint8_t* xu, int32_t* xz, float* sx, float* xs,
                  int64_t m0, int64_t m1) {
+  if (isa != Isa::Scalar) return quantize_a8_avx2(w, x, xu, xz, sx, xs, m0, m1);
+  quantize_a8_scalar(w, x, xu, xz, sx, xs, m0, m1);
+}
+
+void quantize_a8_scalar(const T16Weight& w, const float* x, uint8_t* xu, int32_t* xz, float* sx, float* xs,
+                        int64_t m0, int64_t m1) {
   const int64_t g = w.group_size, G = w.groups(), Kp = w.kp(), K = w.K;
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * K;
     for (int64_t j = 0; j < G; ++j) {
       const int64_t k0 = j * g, k1 = std::min(K, k0 + g), i = m * G + j;
-      float lo = 0.0f, hi = 0.0f, sum = 0.0f, probe = 0.0f;
+      float lo = 0.0f, hi = 0.0f, part[8] = {}, probe = 0.0f;
       for (int64_t k = k0; k < k1; ++k) {
         lo = std::min(lo, xr[k]);
         hi = std::max(hi, xr[k]);
-        sum += xr[k];
+        part[(k - k0) & 7] += xr[k];
         probe += xr[k] * 0.0f;  // NaN exactly when the group holds a NaN or an Inf
       }
       uint8_t* q = xu + m * Kp + k0;
@@ -31,14 +37,13 @@ void quantize_a8(const T16Weight& w, const float* x, uint8_t* xu, int32_t* xz, f
         sx[i] = xs[i] = NAN;
         continue;
       }
-      const float inv = hi > lo ? 255.0f / (hi - lo) : 0.0f;
-      const int z = int(std::nearbyint(-lo * inv));
+      const auto [inv, z] = a8_scale(lo, hi);
       for (int64_t k = k0; k < k1; ++k)
         q[k - k0] = uint8_t(std::clamp(int(std::nearbyint(xr[k] * inv)) + z, 0, 255));
       std::memset(q + (k1 - k0), z, size_t(k0 + g - k1));  // padded channels: x = 0
       xz[i] = z;
       sx[i] = (hi - lo) / 255.0f;
-      xs[i] = sum;
+      xs[i] = a8_group_sum(part);
     }
   }
 }

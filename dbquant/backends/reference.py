@@ -382,10 +382,11 @@ def quantize_a8_ref(x: torch.Tensor, group_size: int
     """The activation codes of the 8-bit prefill GEMM (csrc/cpu/gemm_a8.h: quantize_a8), in torch.
 
     Args: x float32 [M, K]; group_size g. Returns (u uint8 [M, Kp], z int32 [M, G], sx float32 [M, G],
-    xs float32 [M, G]): per group lo = min(0, min x), hi = max(0, max x), inv = 255 / (hi - lo) (0 for
-    a zero group), z = round_half_even(-lo inv), u = clamp(round_half_even(x inv) + z, 0, 255) (z past K),
-    sx = (hi - lo) / 255, xs the group's sum of x; x ~ sx (u - z). A group holding a NaN or an Inf
-    gets codes 0, z = 0 and sx = xs = NaN.
+    xs float32 [M, G]): per group lo = min(0, min x), hi = max(0, max x), inv = 255 / (hi - lo) (0 where
+    hi - lo < 2^-120, where it would overflow), z = round_half_even(-lo inv),
+    u = clamp(round_half_even(x inv) + z, 0, 255) (z past K), sx = (hi - lo) / 255, xs the group's sum of
+    x (in torch's order; the kernels' is gemm_a8.h's); x ~ sx (u - z). A group holding a NaN or an Inf gets
+    codes 0, z = 0 and sx = xs = NaN.
     """
     m, k = x.shape
     kp = -(-k // group_size) * group_size
@@ -394,7 +395,7 @@ def quantize_a8_ref(x: torch.Tensor, group_size: int
     xg = xp.view(m, kp // group_size, group_size)
     bad = ~torch.isfinite(xg).all(-1)  # [M, G]
     lo, hi = xg.amin(-1).clamp_max(0), xg.amax(-1).clamp_min(0)
-    inv = torch.where(hi > lo, torch.tensor(255.0) / (hi - lo), torch.zeros(()))
+    inv = torch.where(hi - lo >= 2.0 ** -120, torch.tensor(255.0) / (hi - lo), torch.zeros(()))
     z = torch.round(-lo * inv)
     u = (torch.round(xg * inv[..., None]) + z[..., None]).clamp(0, 255)
     u = u.view(m, kp)
