@@ -248,7 +248,7 @@ struct TileShares {
 
 // One parallel region of nth threads over `chunks` chunks of tiles: each thread first runs
 // prologue(i, n) (its share of some preparation every tile needs, e.g. tables or activation codes),
-// then, after one barrier, chunks(c) for its own share of the chunks (TileShares) and then what is left
+// then, after one barrier, chunk(c) for its own share of the chunks (TileShares) and then what is left
 // of the others' shares from their ends. With fixed halves the two cores of a shared 2-core VM finished
 // ~20% of a region apart (docs/RESULTS.md); one region instead of two also saves a fork and a join.
 template <class Prologue, class Chunk>

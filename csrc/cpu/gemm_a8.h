@@ -38,8 +38,10 @@
 
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "dbgemm_t16.h"
 
@@ -58,6 +60,11 @@ void quantize_a8_scalar(const T16Weight& w, const float* x, uint8_t* xu, int32_t
 void quantize_a8_avx2(const T16Weight& w, const float* x, uint8_t* xu, int32_t* xz, float* sx, float* xs,
                       int64_t m0, int64_t m1);
 
+// The pieces of quantize_a8 every path shares. Each ISA's translation unit includes this header after
+// its `#pragma GCC target`: the anonymous namespace gives each its own copy compiled for its ISA (one
+// inline symbol shared across them could resolve to the AVX2 build's copy on a CPU without AVX2).
+namespace {
+
 // What a group's codes follow from its range [lo, hi] (lo <= 0 <= hi), the same on every path.
 struct A8Scale {
   float inv;  // x * inv + z is the code before rounding
@@ -68,8 +75,48 @@ inline A8Scale a8_scale(float lo, float hi) {
   return {inv, int32_t(std::nearbyint(-lo * inv))};
 }
 
-// xs from a group's 8 partial sums p (above).
-inline float a8_group_sum(const float* p) { return ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7])); }
+// A group's running statistics in quantize_a8: its range, the 8 partial sums of xs (above) and a probe
+// that is NaN exactly when the group holds a NaN or an Inf.
+struct A8Stats {
+  float lo = 0.0f, hi = 0.0f, part[8] = {}, probe = 0.0f;
+  // Channels [kb, n) of the group at xg, one by one: all of them on the scalar path, the tail past the
+  // last full vector on a SIMD one.
+  void add(const float* xg, int64_t kb, int64_t n) {
+    for (int64_t k = kb; k < n; ++k) {
+      lo = std::min(lo, xg[k]);
+      hi = std::max(hi, xg[k]);
+      part[k & 7] += xg[k];
+      probe += xg[k] * 0.0f;
+    }
+  }
+};
+
+// Codes of channels [kb, n) of the group at xg, one by one.
+inline void a8_codes(const float* xg, int64_t kb, int64_t n, A8Scale s, uint8_t* q) {
+  for (int64_t k = kb; k < n; ++k) q[k] = uint8_t(std::clamp(int(std::nearbyint(xg[k] * s.inv)) + s.z, 0, 255));
+}
+
+// The rest of one group of n <= g channels once its statistics are in, the same on every path: a group
+// holding a NaN or an Inf gets codes 0 and NaN; otherwise codes(scale) writes the codes of its n
+// channels into q, and this the padded channels' (z), xz, sx and xs.
+template <class Codes>
+void a8_finish_group(const A8Stats& st, int64_t n, int64_t g, uint8_t* q, int32_t& xz, float& sx, float& xs,
+                     Codes&& codes) {
+  if (st.probe != 0.0f) {
+    std::memset(q, 0, size_t(g));
+    xz = 0;
+    sx = xs = NAN;
+    return;
+  }
+  const A8Scale scale = a8_scale(st.lo, st.hi);
+  codes(scale);
+  std::memset(q + n, scale.z, size_t(g - n));  // padded channels: x = 0
+  xz = scale.z;
+  sx = (st.hi - st.lo) / 255.0f;
+  xs = ((st.part[0] + st.part[4]) + (st.part[2] + st.part[6])) + ((st.part[1] + st.part[5]) + (st.part[3] + st.part[7]));
+}
+
+}  // namespace
 
 // Bytes of scratch gemm_a8_tiles needs per call (one tile's panel and its popcounts).
 int64_t a8_scratch_bytes(const T16Weight& w);

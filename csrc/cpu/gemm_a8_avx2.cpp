@@ -166,68 +166,52 @@ void tile_rows(const T16Weight& w, int64_t t, const uint8_t* panel, const int32_
 }  // namespace
 
 // quantize_a8 (gemm_a8.h) 8 channels at a time: the same bytes and floats as quantize_a8_scalar (min / max
-// and the probe in any order, the sum in its 8 partials, the codes per channel), ~20x faster: the scalar
+// and the probe in any order, the sum in its 8 partials, the codes per channel), ~10x faster: the scalar
 // loop calls nearbyintf for every channel.
 void quantize_a8_avx2(const T16Weight& w, const float* x, uint8_t* xu, int32_t* xz, float* sx, float* xs,
                       int64_t m0, int64_t m1) {
   const int64_t g = w.group_size, G = w.groups(), Kp = w.kp(), K = w.K;
   const __m256i first = _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0);  // dword 0 of each lane after the packs
-  for (int64_t m = m0; m < m1; ++m) {
-    const float* xr = x + m * K;
+  for (int64_t m = m0; m < m1; ++m)
     for (int64_t j = 0; j < G; ++j) {
-      const int64_t k0 = j * g, k1 = std::min(K, k0 + g), n8 = (k1 - k0) & ~int64_t(7), i = m * G + j;
+      const int64_t k0 = j * g, n = std::min(K, k0 + g) - k0, n8 = n & ~int64_t(7), i = m * G + j;
+      const float* xg = x + m * K + k0;
+      uint8_t* q = xu + m * Kp + k0;
       __m256 vlo = _mm256_setzero_ps(), vhi = vlo, vsum = vlo, vprobe = vlo;
-      for (int64_t k = k0; k < k0 + n8; k += 8) {
-        const __m256 v = _mm256_loadu_ps(xr + k);
+      for (int64_t k = 0; k < n8; k += 8) {
+        const __m256 v = _mm256_loadu_ps(xg + k);
         vlo = _mm256_min_ps(vlo, v);
         vhi = _mm256_max_ps(vhi, v);
         vsum = _mm256_add_ps(vsum, v);
         vprobe = _mm256_add_ps(vprobe, _mm256_mul_ps(v, _mm256_setzero_ps()));
       }
-      alignas(32) float lo8[8], hi8[8], part[8], probe8[8];
+      A8Stats st;
+      alignas(32) float lo8[8], hi8[8], probe8[8];
       _mm256_store_ps(lo8, vlo);
       _mm256_store_ps(hi8, vhi);
-      _mm256_store_ps(part, vsum);
+      _mm256_storeu_ps(st.part, vsum);
       _mm256_store_ps(probe8, vprobe);
-      float lo = 0.0f, hi = 0.0f, probe = 0.0f;
       for (int l = 0; l < 8; ++l) {
-        lo = std::min(lo, lo8[l]);
-        hi = std::max(hi, hi8[l]);
-        probe += probe8[l];
+        st.lo = std::min(st.lo, lo8[l]);
+        st.hi = std::max(st.hi, hi8[l]);
+        st.probe += probe8[l];
       }
-      for (int64_t k = k0 + n8; k < k1; ++k) {  // the tail, as the scalar loop does it
-        lo = std::min(lo, xr[k]);
-        hi = std::max(hi, xr[k]);
-        part[(k - k0) & 7] += xr[k];
-        probe += xr[k] * 0.0f;
-      }
-      uint8_t* q = xu + m * Kp + k0;
-      if (probe != 0.0f) {  // NaN: a NaN or an Inf in the group
-        std::memset(q, 0, size_t(g));
-        xz[i] = 0;
-        sx[i] = xs[i] = NAN;
-        continue;
-      }
-      const auto [inv, z] = a8_scale(lo, hi);
-      const __m256 vinv = _mm256_set1_ps(inv);
-      const __m256i vz = _mm256_set1_epi32(z);
-      for (int64_t k = k0; k < k0 + n8; k += 8) {
-        // nearbyint (to nearest even, as the scalar loop's default rounding mode), + z, then the packs
-        // saturate to [0, 255]: the scalar clamp
-        const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + k), vinv),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        const __m256i c = _mm256_add_epi32(_mm256_cvtps_epi32(r), vz);
-        const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(c, c), _mm256_setzero_si256());
-        _mm_storel_epi64((__m128i*)(q + k - k0), _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(b, first)));
-      }
-      for (int64_t k = k0 + n8; k < k1; ++k)
-        q[k - k0] = uint8_t(std::clamp(int(std::nearbyint(xr[k] * inv)) + z, 0, 255));
-      std::memset(q + (k1 - k0), z, size_t(k0 + g - k1));  // padded channels: x = 0
-      xz[i] = z;
-      sx[i] = (hi - lo) / 255.0f;
-      xs[i] = a8_group_sum(part);
+      st.add(xg, n8, n);
+      a8_finish_group(st, n, g, q, xz[i], sx[i], xs[i], [&](A8Scale s) {
+        const __m256 vinv = _mm256_set1_ps(s.inv);
+        const __m256i vz = _mm256_set1_epi32(s.z);
+        for (int64_t k = 0; k < n8; k += 8) {
+          // nearbyint (to nearest even, as the scalar loop's default rounding mode), + z, then the packs
+          // saturate to [0, 255]: the scalar clamp
+          const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xg + k), vinv),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          const __m256i c = _mm256_add_epi32(_mm256_cvtps_epi32(r), vz);
+          const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(c, c), _mm256_setzero_si256());
+          _mm_storel_epi64((__m128i*)(q + k), _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(b, first)));
+        }
+        a8_codes(xg, n8, n, s, q);
+      });
     }
-  }
 }
 
 void gemm_a8_tiles_avx2(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx,

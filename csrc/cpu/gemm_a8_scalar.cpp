@@ -19,33 +19,15 @@ void quantize_a8(Isa isa, const T16Weight& w, const float* x, uint8_t* xu, int32
 void quantize_a8_scalar(const T16Weight& w, const float* x, uint8_t* xu, int32_t* xz, float* sx, float* xs,
                         int64_t m0, int64_t m1) {
   const int64_t g = w.group_size, G = w.groups(), Kp = w.kp(), K = w.K;
-  for (int64_t m = m0; m < m1; ++m) {
-    const float* xr = x + m * K;
+  for (int64_t m = m0; m < m1; ++m)
     for (int64_t j = 0; j < G; ++j) {
-      const int64_t k0 = j * g, k1 = std::min(K, k0 + g), i = m * G + j;
-      float lo = 0.0f, hi = 0.0f, part[8] = {}, probe = 0.0f;
-      for (int64_t k = k0; k < k1; ++k) {
-        lo = std::min(lo, xr[k]);
-        hi = std::max(hi, xr[k]);
-        part[(k - k0) & 7] += xr[k];
-        probe += xr[k] * 0.0f;  // NaN exactly when the group holds a NaN or an Inf
-      }
+      const int64_t k0 = j * g, n = std::min(K, k0 + g) - k0, i = m * G + j;
+      const float* xg = x + m * K + k0;
       uint8_t* q = xu + m * Kp + k0;
-      if (probe != 0.0f) {
-        std::memset(q, 0, size_t(g));
-        xz[i] = 0;
-        sx[i] = xs[i] = NAN;
-        continue;
-      }
-      const auto [inv, z] = a8_scale(lo, hi);
-      for (int64_t k = k0; k < k1; ++k)
-        q[k - k0] = uint8_t(std::clamp(int(std::nearbyint(xr[k] * inv)) + z, 0, 255));
-      std::memset(q + (k1 - k0), z, size_t(k0 + g - k1));  // padded channels: x = 0
-      xz[i] = z;
-      sx[i] = (hi - lo) / 255.0f;
-      xs[i] = a8_group_sum(part);
+      A8Stats st;
+      st.add(xg, 0, n);
+      a8_finish_group(st, n, g, q, xz[i], sx[i], xs[i], [&](A8Scale s) { a8_codes(xg, 0, n, s, q); });
     }
-  }
 }
 
 int64_t a8_scratch_bytes(const T16Weight& w) {
