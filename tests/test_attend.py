@@ -67,6 +67,25 @@ def test_attend_softcap_and_rows_past_n_unread(d):
         torch.testing.assert_close(got, ref, rtol=FP32_REORDER_LONG, atol=FP32_REORDER, msg=f"isa={isa}")
 
 
+@pytest.mark.parametrize("hq,hk,d", [(9, 3, 64), (10, 2, 64), (14, 2, 24), (16, 2, 80), (8, 1, 264)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n", [1, 16, 33, 70])
+def test_grouped_heads_are_each_head_alone_bit_for_bit(hq, hk, d, dtype, n):
+    """The query heads of one kv head are done together (grouped-query attention: groups of 3, 5, 7 and 8
+    here), yet each head's output is, bit for bit, what that head gives attending alone (a group of one):
+    nothing one head computes depends on its neighbours, on any ISA path, float32 or float16 cache."""
+    q, k, v = _case(hq, hk, d, 72, seed=hq * 100 + d + n)
+    k, v = k.to(dtype), v.to(dtype)
+    group = hq // hk
+    for isa in torch.ops.dbquant.cpu_isas():
+        got = torch.ops.dbquant.attend_cpu(q, k, v, n, d ** -0.5, 0.0, isa)
+        for h in range(hq):
+            j = h // group
+            alone = torch.ops.dbquant.attend_cpu(q[h:h + 1].contiguous(), k[j:j + 1].contiguous(),
+                                                 v[j:j + 1].contiguous(), n, d ** -0.5, 0.0, isa)
+            assert torch.equal(got[h], alone[0]), f"isa={isa} head {h}: {(got[h] - alone[0]).abs().max().item()}"
+
+
 @pytest.mark.parametrize("hq,hk,d", HEADS)
 @pytest.mark.parametrize("n", [1, 17, 70])
 def test_attend_float16_cache_is_its_widened_copy_on_every_isa(hq, hk, d, n):

@@ -110,39 +110,19 @@ inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* t
           }
         }
       }
-      const int64_t n0_main = i;  // units done by the zmm loop; the rest (a short group's tail) on xmm
-      __m128i ps[P][2];  // per plane: int16 sums of rows 0..7, 8..15
-      for (int p = 0; p < P; ++p) ps[p][0] = ps[p][1] = _mm_setzero_si128();
-      for (; i < n; ++i) {
-#if I8_VBMI
-        const int8_t* t = row.cpt + (c0 + i / P) * 32;
-        unit_xmm<1, I16Split::Bytes>(wb + i * kTile, t, t + 16, nullptr, nullptr, ps[i % P][0], ps[i % P][1]);
-#else
-        const int64_t u = off0 + i * kTile;
-        unit_xmm<E, I16Split::Bytes>(wb + i * kTile, row.lo + u, row.hi + u, E == 2 ? row.lo2 + u : nullptr,
-                                     E == 2 ? row.hi2 + u : nullptr, ps[i % P][0], ps[i % P][1]);
-#endif
-      }
-      if constexpr (W % P != 0)
-      for (int v = 0; v < NPH; ++v)
-        for (int h = 0; h < 2; ++h) {
-          const __m128i L[W] = {_mm512_castsi512_si128(acc[v][h]), _mm512_extracti32x4_epi32(acc[v][h], 1),
-                                _mm512_extracti32x4_epi32(acc[v][h], 2), _mm512_extracti32x4_epi32(acc[v][h], 3)};
-          for (int j = 0; j < W; ++j) ps[(W * v + j) % P][h] = _mm_add_epi16(ps[(W * v + j) % P][h], L[j]);
-        }
       if constexpr (W % P == 0) {
         // lane j holds plane j % P: fold the lanes of one plane together (P = 1, 2), then
         // pair each plane's rows 0..7 (acc[0][0]) with its rows 8..15 (acc[0][1])
         __m512i a0 = acc[0][0], a1 = acc[0][1];
-        if (P <= 2) {
+        if (P == 1) {
           a0 = _mm512_add_epi16(a0, _mm512_shuffle_i64x2(a0, a0, _MM_SHUFFLE(1, 0, 3, 2)));
           a1 = _mm512_add_epi16(a1, _mm512_shuffle_i64x2(a1, a1, _MM_SHUFFLE(1, 0, 3, 2)));
-        }
-        if (P == 1) {
           a0 = _mm512_add_epi16(a0, _mm512_shuffle_i64x2(a0, a0, _MM_SHUFFLE(2, 3, 0, 1)));
           a1 = _mm512_add_epi16(a1, _mm512_shuffle_i64x2(a1, a1, _MM_SHUFFLE(2, 3, 0, 1)));
         }
-        const __m512i z01 = _mm512_permutex2var_epi64(a0, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), a1);
+        __m512i z01 = _mm512_permutex2var_epi64(a0, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), a1);
+        if (P == 2)  // lanes 2, 3 hold planes 0, 1 again: paired the same way and added
+          z01 = _mm512_add_epi16(z01, _mm512_permutex2var_epi64(a0, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), a1));
         S[0] = _mm512_add_epi32(S[0], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(z01)));
         if (P >= 2) S[1 % P] = _mm512_add_epi32(S[1 % P], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(z01, 1)));
         if (P == 4) {
@@ -151,7 +131,26 @@ inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* t
           S[3 % P] = _mm512_add_epi32(S[3 % P], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(z23, 1)));
         }
       }
-      if (W % P != 0 || i > n0_main) {
+      if (W % P != 0 || i < n) {  // the lanes of P = 3, or a short group's tail (on xmm)
+        __m128i ps[P][2];  // per plane: int16 sums of rows 0..7, 8..15
+        for (int p = 0; p < P; ++p) ps[p][0] = ps[p][1] = _mm_setzero_si128();
+        for (; i < n; ++i) {
+#if I8_VBMI
+          const int8_t* t = row.cpt + (c0 + i / P) * 32;
+          unit_xmm<1, I16Split::Bytes>(wb + i * kTile, t, t + 16, nullptr, nullptr, ps[i % P][0], ps[i % P][1]);
+#else
+          const int64_t u = off0 + i * kTile;
+          unit_xmm<E, I16Split::Bytes>(wb + i * kTile, row.lo + u, row.hi + u, E == 2 ? row.lo2 + u : nullptr,
+                                       E == 2 ? row.hi2 + u : nullptr, ps[i % P][0], ps[i % P][1]);
+#endif
+        }
+        if constexpr (W % P != 0)
+          for (int v = 0; v < NPH; ++v)
+            for (int h = 0; h < 2; ++h) {
+              const __m128i L[W] = {_mm512_castsi512_si128(acc[v][h]), _mm512_extracti32x4_epi32(acc[v][h], 1),
+                                    _mm512_extracti32x4_epi32(acc[v][h], 2), _mm512_extracti32x4_epi32(acc[v][h], 3)};
+              for (int j = 0; j < W; ++j) ps[(W * v + j) % P][h] = _mm_add_epi16(ps[(W * v + j) % P][h], L[j]);
+            }
         for (int p = 0; p < P; ++p)
           S[p] = _mm512_add_epi32(S[p], _mm512_cvtepi16_epi32(_mm256_set_m128i(ps[p][1], ps[p][0])));
       }
