@@ -89,6 +89,17 @@ def test_every_isa_against_ref_within_bound(k, g, m, planes, kind):
         check_all_isas(x, w, b, canon, k, g, kind)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_rows_past_the_views_computed_once(kind):
+    """A call computes the table views of its first 64 rows once (kI8RowViews, dbgemm_i8lut.h) and
+    those of later rows per tile: rows 64..69 give the same results on every path as the first."""
+    w, b, canon = prepared(33, 200, 64, True, True, seed=9, planes=2)
+    x = torch.randn(70, 200, generator=torch.Generator().manual_seed(9))
+    x[64:] = x[:6]
+    y, _ = check_all_isas(x, w, b, canon, 200, 64, kind)
+    assert torch.equal(y[64:], y[:6])
+
+
 @pytest.mark.parametrize("kind,most", [("int8", 1e-2), ("int16", 1e-3)])
 def test_error_is_small_next_to_the_output(kind, most):
     """Not only within the bound: on Gaussian activations the int8 tables keep the output's

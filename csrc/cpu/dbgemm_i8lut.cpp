@@ -97,6 +97,10 @@ I8LutRow i8lut_row(const T16Weight& w, uint8_t* buf, int64_t m, LutKind kind) {
   return r;
 }
 
+void i8lut_rows(const T16Weight& w, const uint8_t* buf, int64_t M, LutKind kind, I8LutRow* views) {
+  for (int64_t m = 0; m < std::min(M, kI8RowViews); ++m) views[m] = i8lut_row(w, const_cast<uint8_t*>(buf), m, kind);
+}
+
 void build_i8luts_scalar(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, LutKind kind,
                          int64_t j0, int64_t j1) {
   const int64_t K = w.K, g = w.group_size, P = w.P;

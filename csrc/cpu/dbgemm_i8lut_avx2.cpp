@@ -113,9 +113,8 @@ template <int P, int E>
 void tiles(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1) {
   constexpr LutKind kind = lut_kind_for(E);
   const int64_t G = w.groups(), C8 = w.kp() / 8;
-  constexpr int64_t kRows = 64;  // row views computed once per call up to here (decode: M = 1)
-  I8LutRow views[kRows];
-  for (int64_t m = 0; m < std::min(M, kRows); ++m) views[m] = i8lut_row(w, const_cast<uint8_t*>(buf), m, kind);
+  I8LutRow views[kI8RowViews];
+  i8lut_rows(w, buf, M, kind, views);
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* tp = w.planes + t * C8 * P * kTile;
     const uint16_t* ts = w.scales + t * G * P * kTile;
@@ -124,7 +123,7 @@ void tiles(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t 
     const int rows = int(std::min<int64_t>(kTile, w.N - n0));
     for (int64_t m = 0; m < M; ++m) {
       __m256 y0, y1;
-      tile_row<P, E>(w, m < kRows ? views[m] : i8lut_row(w, const_cast<uint8_t*>(buf), m, kind), tp, ts, to, y0, y1);
+      tile_row<P, E>(w, m < kI8RowViews ? views[m] : i8lut_row(w, const_cast<uint8_t*>(buf), m, kind), tp, ts, to, y0, y1);
       alignas(32) float out[kTile];
       _mm256_store_ps(out, y0);
       _mm256_store_ps(out + 8, y1);

@@ -63,6 +63,9 @@ inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* t
 #endif
   __m512 y = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
+    // the group scales are a second stream beside the planes: prefetched the same distance ahead
+    prefetch_ahead_l2(ts + g * P * kTile);
+    if (to) prefetch_ahead_l2(to + g * kTile);
     __m512i S[P];
     for (int p = 0; p < P; ++p) S[p] = _mm512_setzero_si512();
     for (int64_t c0 = g * cpg; c0 < (g + 1) * cpg; c0 += SEG) {
@@ -75,7 +78,7 @@ inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* t
         for (int v = 0; v < NPH; ++v) {
           const int64_t o = (i + W * v) * kTile;
           const __m512i b = _mm512_loadu_si512(wb + o);
-          prefetch_ahead(wb + o);
+          prefetch_ahead_l2(wb + o);
 #if I8_VBMI
           // 0xEA: (b & m4) | base, the lane's column offset added to its nibble
           const int8_t* t = row.cpt + (c0 + (i + W * v) / P) * 32;
@@ -172,6 +175,8 @@ template <int P, int E>
 void tiles(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1) {
   constexpr LutKind kind = lut_kind_for(E);
   const int64_t G = w.groups(), C8 = w.kp() / 8;
+  I8LutRow views[kI8RowViews];
+  i8lut_rows(w, buf, M, kind, views);
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* tp = w.planes + t * C8 * P * kTile;
     const uint16_t* ts = w.scales + t * G * P * kTile;
@@ -180,7 +185,8 @@ void tiles(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t 
     const int rows = int(std::min<int64_t>(kTile, w.N - n0));
     const __mmask16 keep = rows == kTile ? __mmask16(0xffff) : __mmask16((1u << rows) - 1);
     for (int64_t m = 0; m < M; ++m) {
-      __m512 v = tile_row<P, E>(w, i8lut_row(w, const_cast<uint8_t*>(buf), m, kind), tp, ts, to);
+      const I8LutRow row = m < kI8RowViews ? views[m] : i8lut_row(w, const_cast<uint8_t*>(buf), m, kind);
+      __m512 v = tile_row<P, E>(w, row, tp, ts, to);
       if (w.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(keep, w.bias + n0));
       _mm512_mask_storeu_ps(y + m * w.N + n0, keep, v);
     }
