@@ -16,8 +16,10 @@ uint64_t xor_words_avx512(const uint8_t* p, int64_t nbytes) {
   __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
   int64_t i = 0;
   for (; i + 256 <= nbytes; i += 256) {
-    // the GEMV kernels prefetch their weight streams, so the read they are measured against does too
-    for (int j = 0; j < 256; j += 64) prefetch_ahead(p + i + j);
+    // the GEMV kernels prefetch their weight streams, so the read they are measured against does too,
+    // into L2: on AMD Zen 4 that read 15-20% faster than into L1 at 1 and 2 threads (docs/RESULTS.md,
+    // "Prefetching the integer-table kernel's streams into L2"), and the peak should be the best read
+    for (int j = 0; j < 256; j += 64) prefetch_ahead_l2(p + i + j);
     a0 = _mm512_xor_si512(a0, _mm512_loadu_si512((const void*)(p + i)));
     a1 = _mm512_xor_si512(a1, _mm512_loadu_si512((const void*)(p + i + 64)));
     a2 = _mm512_xor_si512(a2, _mm512_loadu_si512((const void*)(p + i + 128)));
