@@ -63,8 +63,9 @@ inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* t
 #endif
   __m512 y = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    // the group scales are a second stream beside the planes: prefetched the same distance ahead
-    prefetch_ahead_l2(ts + g * P * kTile);
+    // the group scales are a second stream beside the planes: prefetched the same distance ahead, each
+    // cache line of the group's P x 16 float16 (one line at P <= 2, two at P = 3, 4)
+    for (int b = 0; b < P * kTile * 2; b += 64) prefetch_ahead_l2(reinterpret_cast<const char*>(ts + g * P * kTile) + b);
     if (to) prefetch_ahead_l2(to + g * kTile);
     __m512i S[P];
     for (int p = 0; p < P; ++p) S[p] = _mm512_setzero_si512();
