@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from dbquant.backends import cpu as cpu_backend
+from dbquant.backends import t16
 from dbquant.backends.checks import KernelInputError
 from dbquant.backends.reference import dbgemm_ref, dequantize_ref, gemm_a8_ref, i8lut_error_bound, quantize_a8_ref
 from tests.tolerances import FP32_REORDER_LONG
@@ -178,6 +179,7 @@ def test_t16_layout_golden():
     """The repack regroups whole bytes: planes[t, c, p, r] = qweight[p, 16t + r, c], etc."""
     n, k, g = 21, 100, 32  # 2 tiles (the second has 5 real rows), Kp = 128, C8 = 16, G = 4
     w, _, (qweight, scales, off) = prepared(n, k, g, True, False)
+    w = t16.with_cols(w, 1)  # the unit order (dword rows: tests/test_dword_rows.py)
     assert w.planes.shape == (2, 16, 2, 16) and w.planes.dtype == torch.uint8
     assert w.scales.shape == (2, 4, 2, 16) and w.scales.dtype == torch.float16
     assert w.offset.shape == (2, 4, 16)
@@ -439,6 +441,7 @@ K, G_SIZE, N = 300, 64, 6  # G = 5 groups, Kp = 320, C8 = 40 bytes per row, T = 
 @pytest.fixture
 def args():
     w, b, _ = prepared(N, K, G_SIZE, True, True)
+    w = t16.with_cols(w, 1)  # the messages name the unit order's shapes
     return dict(x=torch.randn(2, K), planes=w.planes, scales=w.scales, offset=w.offset, bias=b)
 
 

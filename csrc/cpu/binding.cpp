@@ -74,6 +74,8 @@
 //                                    (XOR checksum of a buffer read on `threads` threads: the
 //                                    benchmark's read bandwidth, stream_read.h)
 //   torch.ops.dbquant.cpu_isas() -> str[]       (supported ISA paths, fastest first)
+//   torch.ops.dbquant.cpu_dword_rows() -> bool  (whether this CPU runs the dword-row integer-table
+//                                    kernel: where the loaders repack planes in dword rows)
 //   torch.ops.dbquant.cpu_default_lut(str isa="auto") -> str  ("float", "int8" or "int16": what
 //                                    lut="auto" picks for M = 1 on that path, DBQUANT_CPU_LUT included)
 //   torch.ops.dbquant.cpu_force_lut(str kind) -> str  (force "float"/"int8"/"int16" or back to "auto",
@@ -155,13 +157,22 @@ dbquant::cpu::T16Weight t16_weight(const char* op, const at::Tensor& planes, con
   w.N = out_features;
   w.K = in_features;
   w.group_size = group_size;
-  // k (the plane count) is read from the planes tensor: [T, C8, P, 16], P in 1..kMaxPlanes
-  TORCH_CHECK(planes.dim() == 4 && planes.size(2) >= 1 && planes.size(2) <= dbquant::cpu::kMaxPlanes, op,
-              ": planes must be uint8 [T, C8, P, 16] with P (bit planes) in 1..", dbquant::cpu::kMaxPlanes,
-              ", got shape ", planes.sizes());
+  // k (the plane count) is read from the planes tensor: [T, C8, P, 16] (unit order) or [T, C8/4, P, 16, 4]
+  // (dword rows, dbgemm_t16.h), P in 1..kMaxPlanes
+  TORCH_CHECK((planes.dim() == 4 || planes.dim() == 5) && planes.size(2) >= 1 &&
+                  planes.size(2) <= dbquant::cpu::kMaxPlanes,
+              op, ": planes must be uint8 [T, C8, P, 16] or [T, C8/4, P, 16, 4] (dword rows) with P (bit planes) in 1..",
+              dbquant::cpu::kMaxPlanes, ", got shape ", planes.sizes());
   w.P = planes.size(2);
   const int64_t T = w.tiles(), G = w.groups(), C8 = w.kp() / 8, tile = dbquant::cpu::kTile;
-  check_shape(planes, "planes", {T, C8, w.P, tile});
+  if (planes.dim() == 5) {
+    TORCH_CHECK(group_size % 32 == 0, op, ": planes in dword rows need group_size a multiple of 32 (whole ",
+                "4-byte blocks per group), got ", group_size);
+    w.cols = 4;
+    check_shape(planes, "planes", {T, C8 / 4, w.P, tile, 4});
+  } else {
+    check_shape(planes, "planes", {T, C8, w.P, tile});
+  }
   check_shape(scales, "scales", {T, G, w.P, tile});
   if (offset) check_shape(*offset, "offset", {T, G, tile});
   w.planes = planes.data_ptr<uint8_t>();
@@ -1349,6 +1360,8 @@ std::vector<std::string> cpu_isas() {
   return out;
 }
 
+bool cpu_dword_rows() { return dbquant::cpu::dword_rows_supported(); }
+
 }  // namespace
 
 // FRAGMENT rather than TORCH_LIBRARY: a namespace may be opened by TORCH_LIBRARY only once
@@ -1409,6 +1422,7 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
       "int n_tail) -> ()");
   m.def("stream_read_cpu(Tensor buf, int threads, str isa=\"auto\") -> int");
   m.def("cpu_isas() -> str[]", &cpu_isas);
+  m.def("cpu_dword_rows() -> bool", &cpu_dword_rows);
   m.def("cpu_default_lut(str isa=\"auto\") -> str", &cpu_default_lut);
   m.def("cpu_force_lut(str kind) -> str", &cpu_force_lut);
   m.def("cpu_force_isa(str isa) -> str", &cpu_force_isa);

@@ -92,6 +92,7 @@ I8LutRow i8lut_row(const T16Weight& w, uint8_t* buf, int64_t m, LutKind kind) {
   r.lo = reinterpret_cast<int8_t*>(base + round_up64(2 * G * int64_t(sizeof(float))));
   r.hi = r.lo + units * 16;
   r.cpt = r.lo;
+  r.dw = r.lo;
   r.lo2 = kind == LutKind::Int16 ? r.hi + units * 16 : nullptr;
   r.hi2 = kind == LutKind::Int16 ? r.lo2 + units * 16 : nullptr;
   return r;
@@ -145,8 +146,11 @@ void build_i8luts_scalar(const T16Weight& w, const float* x, uint8_t* buf, int64
   }
 }
 
+bool i8lut_dword(Isa isa, const T16Weight& w) { return isa == Isa::Avx512 && w.cols == 4 && dword_rows_supported(); }
+
 void build_i8luts(Isa isa, const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1,
                   LutKind kind, int64_t j0, int64_t j1) {
+  if (i8lut_dword(isa, w)) return build_i8luts_avx512dw(w, x, buf, m0, m1, kind, j0, j1);
   switch (isa) {
     case Isa::Avx512:
       return i8lut_vbmi() && kind == LutKind::Int8 ? build_i8luts_avx512vbmi(w, x, buf, m0, m1, j0, j1)
@@ -158,6 +162,7 @@ void build_i8luts(Isa isa, const T16Weight& w, const float* x, uint8_t* buf, int
 
 void gemm_tiles_i8(Isa isa, const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0,
                    int64_t t1, LutKind kind) {
+  if (i8lut_dword(isa, w)) return gemm_tiles_i8_avx512dw(w, buf, M, y, t0, t1, kind);
   switch (isa) {
     case Isa::Avx512:
       return i8lut_vbmi() && kind == LutKind::Int8 ? gemm_tiles_i8_avx512vbmi(w, buf, M, y, t0, t1)

@@ -33,6 +33,9 @@
 // bytes per row whatever P) and look them up across lanes with vpermb / vpermi2b, the lane's
 // column offset added to the nibble (dbgemm_i8lut_avx512_impl.h); the lookups give the same bytes.
 // It measured no faster than vpshufb here, so it is off unless asked for (force_i8lut_vbmi).
+// On weights in dword rows (dbgemm_t16.h, cols 4) and AVX-512 VBMI + VNNI CPUs, the AVX-512 path
+// instead looks up compact tables by vpermb and adds a row's 4 bytes into int32 by vpdpbusd
+// (dbgemm_i8lut_avx512_impl.h, "Dword rows"): the same integers S_pj below, with no int16 stage.
 // The low- and high-nibble results of a row are interleaved (punpcklbw / punpckhbw) and pmaddubsw
 // with a vector of ones adds each pair into int16: per row, column and plane t_{2c}[lo] + t_{2c+1}[hi]
 // (|.| <= 254). These add into int16 accumulators, which are reduced per plane and widened to int32 after at most
@@ -121,6 +124,8 @@ struct I8LutRow {
   int8_t* lo;    // [C8, P, 16] low-nibble tables, expanded to the weight's byte order
   int8_t* hi;    // [C8, P, 16] high-nibble tables
   int8_t* cpt;   // [C8, 2, 16] compact tables (the VBMI path only; shares lo's bytes)
+  int8_t* dw;    // [C8 / 4, 2, E, 64] dword tables (the dword-row path only, E bytes per code; shares
+                 // lo's bytes; dbgemm_i8lut_avx512_impl.h, "Dword rows")
   int8_t* lo2;   // [C8, P, 16] int16 tables only (else nullptr): the codes' second byte tables; which
   int8_t* hi2;   //              part of a code lo / hi and lo2 / hi2 hold is the path's I16Split
 };
@@ -153,6 +158,8 @@ void build_i8luts_avx512(const T16Weight& w, const float* x, uint8_t* buf, int64
                          int64_t j0, int64_t j1);
 void build_i8luts_avx512vbmi(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, int64_t j0,
                              int64_t j1);
+void build_i8luts_avx512dw(const T16Weight& w, const float* x, uint8_t* buf, int64_t m0, int64_t m1, LutKind kind,
+                           int64_t j0, int64_t j1);
 
 // y[m, n] (float32 [M, N]) for all M rows and the output rows of tiles [t0, t1), from the tables
 // in buf. Tiles are independent: callers run disjoint ranges in parallel.
@@ -166,6 +173,13 @@ void gemm_tiles_i8_avx2(const T16Weight& w, const uint8_t* buf, int64_t M, float
 void gemm_tiles_i8_avx512(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1,
                           LutKind kind);
 void gemm_tiles_i8_avx512vbmi(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1);
+void gemm_tiles_i8_avx512dw(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1,
+                            LutKind kind);
+
+// Whether `isa`'s integer tables on w take the dword-row kernel: the AVX-512 path, weights in dword rows
+// (w.cols 4) and a CPU with VBMI + VNNI (elsewhere dword rows are read through UnitPlanes). Build and
+// lookups both ask, so they agree on the tables' layout.
+bool i8lut_dword(Isa isa, const T16Weight& w);
 
 // Whether the AVX-512 path uses the VBMI lookups (compact tables): only when turned on and the CPU
 // has AVX-512 VBMI (auto = off, as measured). force_i8lut_vbmi(0 / 1 / -1: off / on where supported /

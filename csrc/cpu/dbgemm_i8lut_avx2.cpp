@@ -112,11 +112,12 @@ inline void tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* tp,
 template <int P, int E>
 void tiles(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1) {
   constexpr LutKind kind = lut_kind_for(E);
-  const int64_t G = w.groups(), C8 = w.kp() / 8;
+  const int64_t G = w.groups();
   I8LutRow views[kI8RowViews];
   i8lut_rows(w, buf, M, kind, views);
+  UnitPlanes units(w);
   for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* tp = w.planes + t * C8 * P * kTile;
+    const uint8_t* tp = units.tile(t);
     const uint16_t* ts = w.scales + t * G * P * kTile;
     const uint16_t* to = w.offset ? w.offset + t * G * kTile : nullptr;
     const int64_t n0 = t * kTile;

@@ -6,6 +6,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define I8_NS i8_avx512
 #define I8_VBMI 0
+#define I8_DW 0
 #include "dbgemm_i8lut_avx512_impl.h"
 
 namespace dbquant {

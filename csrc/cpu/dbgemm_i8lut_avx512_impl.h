@@ -6,14 +6,27 @@
 //                                (the low-nibble table, then the high-nibble one), looked up across
 //                                lanes by vpermb (a zmm spanning <= 2 columns, P >= 2) or vpermi2b
 //                                (4 columns, P = 1), the column of each lane added to the nibble.
-// Everything else (accumulation, reduction, scaling) is the same code, so both give the scalar
-// path's results bit for bit.
+//   dbgemm_i8lut_avx512dw.cpp    (+ VBMI + VNNI)  I8_DW 1: weights in dword rows (dbgemm_t16.h,
+//                                cols 4) and dword tables; see "Dword rows" below.
+// Everything else (the group's float epilogue; for the first two also the accumulation and
+// reduction) is the same code, so all three give the scalar path's results bit for bit.
+//
+// Dword rows. A 64-byte block of weights holds 4 byte columns of one plane for 16 rows, row r's 4
+// bytes in dword r. A row's tables (I8LutRow::dw) hold, per block b of 4 columns, 2 nibbles x E
+// bytes x 64: entry 16 j + i of (nibble h, byte e) is byte e of code t_{2(4b+j)+h}[i] (E = 1: the
+// int8 code; E = 2: e = 0 the low byte t & 255, read unsigned, e = 1 the high byte t >> 8, signed).
+// One vpermb looks 64 nibbles up at once (index: nibble | 16 j, j the byte's column in its dword),
+// and vpdpbusd adds each row's 4 looked-up bytes into its int32 lane: unsigned low bytes times 1
+// into L, 1 times the signed bytes into H, and S = L + 256 H is the int16 codes' sum: the same
+// integer S_pj as on every path, with no int16 segment and no reduction across lanes (the 16 lanes
+// are the 16 rows). 4 vpermb + 4 vpdpbusd per 64 weight bytes at E = 2 (2 + 2 at E = 1), against
+// 4 vpshufb + 4 unpacks + 4 adds: +25-31% in a microbenchmark in L2 (docs/RESULTS.md, "Dword rows").
 // One zmm holds 4 consecutive 16-byte units (c, p) of a tile's weight bytes, i.e. 64 lookups per
 // instruction. Unit i of a segment (relative to its first byte column) belongs to plane i % P; lane
 // j of the v-th zmm of a step is unit 4v + j, so with P = 3 the plane of a lane depends on v mod 3
 // and the step covers 3 zmm (4 byte columns) with one int16 accumulator per phase v. int16 tables are
 // split Bytes here (dbgemm_i8lut.h, "int16 tables": measured faster on this path).
-// Needs I8_NS (the namespace of this copy) and I8_VBMI defined before inclusion.
+// Needs I8_NS (the namespace of this copy), I8_VBMI and I8_DW defined before inclusion.
 
 #include <immintrin.h>
 
@@ -43,6 +56,64 @@ inline __m512i lane_base(int v) {
 }
 #endif
 
+#if I8_DW
+// The group scales are a second stream beside the planes: prefetched the same distance ahead, each cache
+// line of the group's P x 16 float16 (one line at P <= 2, two at P = 3, 4), and the offset's.
+template <int P>
+inline void prefetch_group(const uint16_t* ts, const uint16_t* to, int64_t g) {
+  for (int b = 0; b < P * kTile * 2; b += 64) prefetch_ahead_l2(reinterpret_cast<const char*>(ts + g * P * kTile) + b);
+  if (to) prefetch_ahead_l2(to + g * kTile);
+}
+
+// y (16 rows) of one activation row and tile (tp: its planes in dword rows). E: bytes per table entry.
+template <int P, int E>
+inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* tp, const uint16_t* ts,
+                       const uint16_t* to) {
+  const int64_t G = w.groups(), bpg = w.group_size / 32;  // 4-column blocks per group
+  const __m512i m4 = _mm512_set1_epi8(15), ones = _mm512_set1_epi8(1);
+  const __m512i col = _mm512_set1_epi32(0x30201000);  // 16 j in byte j of each dword
+  __m512 y = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    prefetch_group<P>(ts, to, g);
+    __m512i L[P], H[P];  // per plane, int32 per row: sums of unsigned low bytes (E = 2) and of signed bytes
+    for (int p = 0; p < P; ++p) L[p] = H[p] = _mm512_setzero_si512();
+    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+      const int8_t* t = row.dw + b * 128 * E;
+      __m512i tab[2][E];  // [nibble][byte]
+      for (int h = 0; h < 2; ++h)
+        for (int e = 0; e < E; ++e) tab[h][e] = _mm512_loadu_si512(t + (h * E + e) * 64);
+      for (int p = 0; p < P; ++p) {
+        const uint8_t* wb = tp + (b * P + p) * 64;
+        const __m512i v = _mm512_loadu_si512(wb);
+        prefetch_ahead_l2(wb);
+        // 0xEA: (v & m4) | col, the nibble plus 16 x its column
+        const __m512i il = _mm512_ternarylogic_epi32(v, m4, col, 0xEA);
+        const __m512i ih = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), m4, col, 0xEA);
+        if constexpr (E == 2) {
+          L[p] = _mm512_dpbusd_epi32(L[p], _mm512_permutexvar_epi8(il, tab[0][0]), ones);
+          H[p] = _mm512_dpbusd_epi32(H[p], ones, _mm512_permutexvar_epi8(il, tab[0][1]));
+          L[p] = _mm512_dpbusd_epi32(L[p], _mm512_permutexvar_epi8(ih, tab[1][0]), ones);
+          H[p] = _mm512_dpbusd_epi32(H[p], ones, _mm512_permutexvar_epi8(ih, tab[1][1]));
+        } else {
+          H[p] = _mm512_dpbusd_epi32(H[p], ones, _mm512_permutexvar_epi8(il, tab[0][0]));
+          H[p] = _mm512_dpbusd_epi32(H[p], ones, _mm512_permutexvar_epi8(ih, tab[1][0]));
+        }
+      }
+    }
+    const __m512 s = _mm512_set1_ps(row.scale[g]), h = _mm512_set1_ps(0.5f * row.gsum[g]);  // the centring's term
+    for (int p = 0; p < P; ++p) {
+      const __m512i S = E == 2 ? _mm512_add_epi32(L[p], _mm512_slli_epi32(H[p], 8)) : H[p];
+      const __m512 a = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ts + (g * P + p) * kTile)));
+      y = _mm512_fmadd_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(S), s, h), y);
+    }
+    if (to) {
+      const __m512 beta = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(to + g * kTile)));
+      y = _mm512_fmadd_ps(beta, _mm512_set1_ps(row.gsum[g]), y);
+    }
+  }
+  return y;
+}
+#else
 // E: bytes per table entry (1: int8 tables, 2: int16 tables; the VBMI copy is built for 1 only).
 template <int P, int E>
 inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* tp, const uint16_t* ts,
@@ -171,15 +242,23 @@ inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* t
   }
   return y;
 }
+#endif
 
 template <int P, int E>
 void tiles(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1) {
   constexpr LutKind kind = lut_kind_for(E);
-  const int64_t G = w.groups(), C8 = w.kp() / 8;
+  const int64_t G = w.groups();
   I8LutRow views[kI8RowViews];
   i8lut_rows(w, buf, M, kind, views);
+#if !I8_DW
+  UnitPlanes units(w);
+#endif
   for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* tp = w.planes + t * C8 * P * kTile;
+#if I8_DW
+    const uint8_t* tp = w.planes + t * tile_plane_bytes(w);  // dword rows, read as they are
+#else
+    const uint8_t* tp = units.tile(t);
+#endif
     const uint16_t* ts = w.scales + t * G * P * kTile;
     const uint16_t* to = w.offset ? w.offset + t * G * kTile : nullptr;
     const int64_t n0 = t * kTile;
@@ -246,6 +325,15 @@ inline void build_rows(const T16Weight& w, const float* x, uint8_t* buf, int64_t
 #if I8_VBMI
         _mm_storeu_si128((__m128i*)(row.cpt + c * 32), lo8);
         _mm_storeu_si128((__m128i*)(row.cpt + c * 32 + 16), hi8);
+#elif I8_DW
+        // block c / 4, column c % 4: (nibble h, byte e) at (h E + e) 64 + 16 (c % 4)
+        int8_t* d = row.dw + (c / 4) * 128 * E + 16 * (c % 4);
+        _mm_storeu_si128((__m128i*)d, lo8);
+        _mm_storeu_si128((__m128i*)(d + 64 * E), hi8);
+        if constexpr (E == 2) {
+          _mm_storeu_si128((__m128i*)(d + 64), _mm512_cvtepi32_epi8(_mm512_srai_epi32(lo, 8)));
+          _mm_storeu_si128((__m128i*)(d + 192), _mm512_cvtepi32_epi8(_mm512_srai_epi32(hi, 8)));
+        }
 #else
         for (int64_t p = 0, P = w.P; p < P; ++p) {
           _mm_storeu_si128((__m128i*)(row.lo + (c * P + p) * kTile), lo8);

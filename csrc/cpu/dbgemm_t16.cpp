@@ -54,6 +54,44 @@ Isa best_isa() {
 
 int force_isa(int isa) { return isa_override().exchange(isa); }
 
+bool dword_rows_supported() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  static const bool ok = isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512vbmi") &&
+                         __builtin_cpu_supports("avx512vnni");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+UnitPlanes::UnitPlanes(const T16Weight& w) : w_(w) {
+  if (w.cols != 1) buf_ = new uint8_t[tile_plane_bytes(w)];
+}
+
+UnitPlanes::~UnitPlanes() { delete[] buf_; }
+
+const uint8_t* UnitPlanes::tile(int64_t t) {
+  const uint8_t* src = w_.planes + t * tile_plane_bytes(w_);
+  if (w_.cols == 1) return src;
+  // block (b, p): 16 rows x 4 columns, byte 4 r + j = column 4 b + j of row r -> unit (4 b + j, p)
+  const int64_t P = w_.P, blocks = w_.kp() / 32;
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t p = 0; p < P; ++p) {
+      const uint8_t* blk = src + (b * P + p) * 64;
+      for (int j = 0; j < 4; ++j) {
+        uint8_t* u = buf_ + ((4 * b + j) * P + p) * kTile;
+        for (int r = 0; r < kTile; ++r) u[r] = blk[4 * r + j];
+      }
+    }
+  return buf_;
+}
+
+TilePtrs UnitPlanes::ptrs(int64_t t) {
+  TilePtrs p = tile_ptrs(w_, t);
+  p.planes = tile(t);
+  return p;
+}
+
 void build_luts(Isa isa, const T16Weight& w, const float* x, float* lut, float* gsum, int64_t m0,
                 int64_t m1) {
   switch (isa) {

@@ -10,7 +10,14 @@
 //   offset  float16 [T, G, 16]      beta[16t + r, j], or absent
 // with T = ceil(N / 16) (rows past N are zero), C8 = Kp / 8 bytes per row and plane,
 // Kp = ceil(K / g) * g, G = Kp / g. Byte c of a row holds input channels 8c..8c+7,
-// LSB first, as in the canonical format.
+// LSB first, as in the canonical format. One (c, p) "unit" is 16 bytes, one byte of each row.
+//
+// Dword rows (cols = 4), a second byte order of the same planes for the AVX-512 VBMI + VNNI
+// integer-table kernel (dbgemm_i8lut_avx512dw.cpp), chosen at load time where that kernel runs:
+//   planes  uint8   [T, C8/4, P, 16, 4]  planes[t, c / 4, p, r, c % 4] = qweight[p, 16t + r, c]
+// so one 64-byte block holds 4 byte columns of one plane for 16 rows, a row's 4 bytes side by
+// side (a dword: what vpdpbusd sums). Needs g % 32 == 0 (whole blocks per group). Every other
+// kernel reads the unit order above, through UnitPlanes (one tile regrouped into a scratch buffer).
 //
 // Algorithm (T-MAC style lookup tables with 4-bit indices). The planes hold {0, 1}, so
 // the dot product of 4 bits of a plane with 4 activations is one of 16 partial sums.
@@ -63,12 +70,13 @@ int force_isa(int isa);
 
 // A t16 weight (pointers into caller-owned memory; see the layout above).
 struct T16Weight {
-  const uint8_t* planes;    // [T, C8, P, 16]
+  const uint8_t* planes;    // [T, C8, P, 16] (cols 1) or [T, C8/4, P, 16, 4] (cols 4: dword rows)
   const uint16_t* scales;   // [T, G, P, 16] IEEE float16 bits
   const uint16_t* offset;   // [T, G, 16] or nullptr
   const float* bias;        // [N] float32 or nullptr
   int64_t N, K, group_size; // K = in_features (unpadded); group_size a multiple of 8
   int64_t P = 2;            // bit planes (k), 1..kMaxPlanes
+  int64_t cols = 1;         // byte columns side by side per row: 1 (unit order) or 4 (dword rows)
   int64_t kp() const { return (K + group_size - 1) / group_size * group_size; }
   int64_t groups() const { return kp() / group_size; }
   int64_t tiles() const { return (N + kTile - 1) / kTile; }
@@ -85,6 +93,33 @@ inline TilePtrs tile_ptrs(const T16Weight& w, int64_t t) {
   return {w.planes + t * (w.kp() / 8) * w.P * kTile, w.scales + t * G * w.P * kTile,
           w.offset ? w.offset + t * G * kTile : nullptr};
 }
+
+// Bytes of one tile's planes (the same in both orders).
+inline int64_t tile_plane_bytes(const T16Weight& w) { return w.kp() / 8 * w.P * kTile; }
+
+// Tile t's planes in the unit order [C8, P, 16], for the kernels that read that order: in place for
+// cols 1; for dword rows regrouped into a buffer this object owns (one per thread: each call's tile
+// range is one thread's), valid until the next call. Regrouping a tile reads and writes its
+// tile_plane_bytes once, which the dequantization for a prefill (16 K outputs per tile) hides.
+// (Defined out of line in dbgemm_t16.cpp, which has no target pragma: an inline copy built for AVX-512
+// in one translation unit could be the one the linker keeps for all.)
+class UnitPlanes {
+ public:
+  explicit UnitPlanes(const T16Weight& w);
+  ~UnitPlanes();
+  UnitPlanes(const UnitPlanes&) = delete;
+  UnitPlanes& operator=(const UnitPlanes&) = delete;
+  const uint8_t* tile(int64_t t);
+  TilePtrs ptrs(int64_t t);  // tile_ptrs(w, t) with the planes in the unit order
+
+ private:
+  const T16Weight& w_;
+  uint8_t* buf_ = nullptr;
+};
+
+// Whether this CPU runs the dword-row kernel (AVX-512 F/BW/VL + VBMI + VNNI): where the loaders
+// choose cols 4 for groups of a multiple of 32 channels.
+bool dword_rows_supported();
 
 // Floats of lookup table per activation row: 16 per 4-channel chunk of Kp.
 inline int64_t lut_floats(const T16Weight& w) { return w.kp() / 4 * 16; }

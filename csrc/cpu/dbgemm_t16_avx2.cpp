@@ -64,9 +64,10 @@ inline __m256 plane_pass(const T16Weight& w, const float* lut2, const uint8_t* t
   return acc;
 }
 
-void half_tile(const T16Weight& w, const float* lut2, const float* gsum, float* yrow, int64_t t, int h) {
-  const int64_t G = w.groups(), C8 = w.kp() / 8, P = w.P;
-  const uint8_t* tp = w.planes + t * C8 * P * kTile + h * kHalf;
+void half_tile(const T16Weight& w, const float* lut2, const float* gsum, float* yrow, int64_t t, const uint8_t* tile_planes,
+               int h) {
+  const int64_t G = w.groups(), P = w.P;
+  const uint8_t* tp = tile_planes + h * kHalf;
   const uint16_t* ts = w.scales + t * G * P * kTile + h * kHalf;
   const uint16_t* to = w.offset ? w.offset + t * G * kTile + h * kHalf : nullptr;
   __m256 acc = _mm256_setzero_ps();
@@ -115,10 +116,13 @@ void build_luts_avx2(const T16Weight& w, const float* x, float* lut, float* gsum
 void gemm_tiles_avx2(const T16Weight& w, const float* lut, const float* gsum, int64_t M,
                      float* y, int64_t t0, int64_t t1) {
   const int64_t lf = lut_floats(w), G = w.groups();
-  for (int64_t t = t0; t < t1; ++t)
+  UnitPlanes units(w);
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* tp = units.tile(t);
     for (int h = 0; h < 2; ++h)
       for (int64_t m = 0; m < M; ++m)
-        half_tile(w, lut + m * lf, gsum ? gsum + m * G : nullptr, y + m * w.N, t, h);
+        half_tile(w, lut + m * lf, gsum ? gsum + m * G : nullptr, y + m * w.N, t, tp, h);
+  }
 }
 
 }  // namespace cpu

@@ -60,9 +60,8 @@ inline void plane_pass(const T16Weight& w, const float* const* L, const uint8_t*
 
 template <int MB>
 inline void tile_rows(const T16Weight& w, const float* lut, const float* gsum, int64_t m0,
-                      float* y, int64_t t) {
-  const int64_t G = w.groups(), C8 = w.kp() / 8, lf = lut_floats(w), P = w.P;
-  const uint8_t* tp = w.planes + t * C8 * P * kTile;
+                      float* y, int64_t t, const uint8_t* tp) {
+  const int64_t G = w.groups(), lf = lut_floats(w), P = w.P;
   const uint16_t* ts = w.scales + t * G * P * kTile;
   const uint16_t* to = w.offset ? w.offset + t * G * kTile : nullptr;
   const float* L[MB];
@@ -114,13 +113,15 @@ void build_luts_avx512(const T16Weight& w, const float* x, float* lut, float* gs
 
 void gemm_tiles_avx512(const T16Weight& w, const float* lut, const float* gsum, int64_t M,
                        float* y, int64_t t0, int64_t t1) {
+  UnitPlanes units(w);
   for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* tp = units.tile(t);
     int64_t m = 0;
-    for (; m + kRowsPerPass <= M; m += kRowsPerPass) tile_rows<kRowsPerPass>(w, lut, gsum, m, y, t);
+    for (; m + kRowsPerPass <= M; m += kRowsPerPass) tile_rows<kRowsPerPass>(w, lut, gsum, m, y, t, tp);
     switch (M - m) {
-      case 3: tile_rows<3>(w, lut, gsum, m, y, t); break;
-      case 2: tile_rows<2>(w, lut, gsum, m, y, t); break;
-      case 1: tile_rows<1>(w, lut, gsum, m, y, t); break;
+      case 3: tile_rows<3>(w, lut, gsum, m, y, t, tp); break;
+      case 2: tile_rows<2>(w, lut, gsum, m, y, t, tp); break;
+      case 1: tile_rows<1>(w, lut, gsum, m, y, t, tp); break;
       default: break;
     }
   }

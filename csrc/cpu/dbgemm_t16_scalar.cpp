@@ -63,9 +63,10 @@ void build_luts_scalar(const T16Weight& w, const float* x, float* lut, float* gs
 
 void gemm_tiles_scalar(const T16Weight& w, const float* lut, const float* gsum, int64_t M,
                        float* y, int64_t t0, int64_t t1) {
-  const int64_t G = w.groups(), C8 = w.kp() / 8, cpg = w.group_size / 8, lf = lut_floats(w), P = w.P;
+  const int64_t G = w.groups(), cpg = w.group_size / 8, lf = lut_floats(w), P = w.P;
+  UnitPlanes units(w);
   for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* tp = w.planes + t * C8 * P * kTile;
+    const uint8_t* tp = units.tile(t);
     const uint16_t* ts = w.scales + t * G * P * kTile;
     const uint16_t* to = w.offset ? w.offset + t * G * kTile : nullptr;
     const int64_t n0 = t * kTile;
@@ -100,9 +101,10 @@ void gemm_tiles_scalar(const T16Weight& w, const float* lut, const float* gsum, 
 }
 
 void dequantize_tiles(const T16Weight& w, float* out, int64_t t0, int64_t t1) {
-  const int64_t G = w.groups(), C8 = w.kp() / 8, cpg = w.group_size / 8, P = w.P;
+  const int64_t G = w.groups(), cpg = w.group_size / 8, P = w.P;
+  UnitPlanes units(w);
   for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* tp = w.planes + t * C8 * P * kTile;
+    const uint8_t* tp = units.tile(t);
     const uint16_t* ts = w.scales + t * G * P * kTile;
     const uint16_t* to = w.offset ? w.offset + t * G * kTile : nullptr;
     for (int r = 0; r < kTile && t * kTile + r < w.N; ++r) {

@@ -35,13 +35,12 @@ inline __m128i popcount_bytes(__m128i v) {
                       _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(v, 4), low)));
 }
 
-// Tile t's planes as bytes, panel[((s * 2 + h) * P + p) * 32 + 4 r + i] = bit 4 s + i of row 8 h + r in
+// A tile's planes (tp: unit order) as bytes, panel[((s * 2 + h) * P + p) * 32 + 4 r + i] = bit 4 s + i of row 8 h + r in
 // plane p (a step's 2 P vectors contiguous); negpc[(j * P + p) * 16 + r] = the int16 pair (-c0, -c1), c0
 // (c1) the popcount of row r's bits of plane p in group j on channels 4 s + 0, 1 (4 s + 2, 3): the two
 // int16 halves of a vpmaddubsw lane sum those channels.
-void expand_tile(const T16Weight& w, int64_t t, uint8_t* panel, int32_t* negpc) {
+void expand_tile(const T16Weight& w, const uint8_t* tp, uint8_t* panel, int32_t* negpc) {
   const int64_t P = w.P, cpg = w.group_size / 8;
-  const uint8_t* tp = tile_ptrs(w, t).planes;
   // byte 4 r' + i of a half's vector comes from row 8 h + r' (both lanes hold the 16 rows' bytes)
   const __m256i idx[2] = {_mm256_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3,
                                            4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7),
@@ -218,8 +217,9 @@ void gemm_a8_tiles_avx2(const T16Weight& w, const uint8_t* xu, const int32_t* xz
                         const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1) {
   uint8_t* panel = scratch;
   int32_t* negpc = reinterpret_cast<int32_t*>(scratch + w.kp() * w.P * kTile);
+  UnitPlanes units(w);
   for (int64_t t = t0; t < t1; ++t) {
-    expand_tile(w, t, panel, negpc);
+    expand_tile(w, units.tile(t), panel, negpc);
     switch (w.P) {  // one instance per plane count: the accumulators are registers
       case 1: tile_rows<1>(w, t, panel, negpc, xu, xz, sx, xs, M, y); break;
       case 2: tile_rows<2>(w, t, panel, negpc, xu, xz, sx, xs, M, y); break;

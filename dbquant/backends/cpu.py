@@ -15,10 +15,12 @@ itself (C++ checks only).
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 
 import torch
 
+from . import t16
 from .checks import (
     KernelInputError,
     check_activations,
@@ -35,7 +37,7 @@ from .checks import (
 from .cpuinfo import fast_bf16_cpu
 from .kvpack import CODE_FIELDS, FLOAT_FIELDS, PackedKVLayer, check_kv_attend
 from .reference import Q8_BLOCK
-from .t16 import TILE, CpuWeight, DecodeLayerWeights, prepare_cpu  # noqa: F401 - re-exported
+from .t16 import DWORD_GROUP, TILE, CpuWeight, DecodeLayerWeights  # noqa: F401 - re-exported
 
 BUILD_HINT = "pip install --no-build-isolation -e ."
 # Above this many activation rows the lookup-table kernel hands over to dequantize + one
@@ -220,6 +222,29 @@ def dense_gemm(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None, gemm: s
         y = (x.to(torch.bfloat16) @ wt).float()
         return y if bias is None else y + bias
     return x @ wt if bias is None else torch.addmm(bias, x, wt)  # what F.linear(x, W, bias) calls
+
+
+def plane_cols(group_size: int) -> int:
+    """The planes' byte order (t16.PLANE_COLS) the CPU loaders choose for groups of ``group_size``
+    channels: 4 (dword rows) where this CPU runs the dword-row kernel (AVX-512 VBMI + VNNI:
+    ``torch.ops.dbquant.cpu_dword_rows``) and group_size % DWORD_GROUP == 0, else 1. The environment
+    variable DBQUANT_CPU_COLS=1|4 forces one where the groups allow it (for A/B benchmarks; every
+    kernel reads both orders, so neither changes a result)."""
+    forced = os.environ.get("DBQUANT_CPU_COLS", "")
+    if forced not in ("", "1", "4"):
+        raise KernelInputError(f"DBQUANT_CPU_COLS must be 1 or 4 (or unset), got {forced!r}")
+    if group_size % DWORD_GROUP:
+        return 1
+    if forced:
+        return int(forced)
+    return 4 if load_cpu() and torch.ops.dbquant.cpu_dword_rows() else 1
+
+
+def prepare_cpu(qweight: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor | None,
+                in_features: int, group_size: int) -> CpuWeight:
+    """Repack a canonical packed linear into the CPU kernel layout (:func:`t16.prepare_cpu`, done once
+    per weight), in the byte order :func:`plane_cols` picks for this CPU."""
+    return t16.prepare_cpu(qweight, scales, offset, in_features, group_size, cols=plane_cols(group_size))
 
 
 def dequantize_cpu(w: CpuWeight) -> torch.Tensor:

@@ -6,13 +6,18 @@ Torch-only (no extension needed), so the reference kernels can read what the C++
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .checks import check_packed, check_tensor, fail
 
 TILE = 16  # output rows per tile of the t16 layout (csrc/cpu/dbgemm_t16.h: kTile)
+# Byte orders of the planes (csrc/cpu/dbgemm_t16.h): 1, the unit order [T, C8, k, 16]; 4, dword rows
+# [T, C8/4, k, 16, 4] (a row's 4 bytes of 4 columns side by side, for the AVX-512 VBMI + VNNI kernel),
+# which needs groups of a multiple of DWORD_GROUP channels.
+PLANE_COLS = (1, 4)
+DWORD_GROUP = 32
 
 
 @dataclass(frozen=True)
@@ -21,10 +26,11 @@ class CpuWeight:
 
     With T = ceil(N / 16) tiles of 16 output rows (rows past N are zero), C8 = Kp / 8 and
     k bit planes (1..4):
-        planes: uint8 [T, C8, k, 16]; planes[t, c, p, r] = qweight[p, 16t + r, c]
+        planes: uint8 [T, C8, k, 16]; planes[t, c, p, r] = qweight[p, 16t + r, c]  (cols 1)
+            or, in dword rows, uint8 [T, C8/4, k, 16, 4]; planes[t, c // 4, p, r, c % 4] = the same  (cols 4)
         scales: float16 [T, G, k, 16]; offset: float16 [T, G, 16] or None
     The bytes are the canonical ones, only regrouped so that one SIMD register holds one
-    byte of each of 16 rows.
+    byte of each of 16 rows (cols 1) or 4 bytes of each (cols 4).
     """
 
     planes: torch.Tensor
@@ -40,6 +46,11 @@ class CpuWeight:
         return self.planes.shape[2]
 
     @property
+    def cols(self) -> int:
+        """The planes' byte order: 1 (unit order) or 4 (dword rows)."""
+        return 1 if self.planes.dim() == 4 else self.planes.shape[4]
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.planes, self.scales, self.offset) if t is not None)
 
@@ -53,25 +64,48 @@ def _tile_rows(t: torch.Tensor, tiles: int) -> torch.Tensor:
 
 
 def prepare_cpu(qweight: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor | None,
-                in_features: int, group_size: int) -> CpuWeight:
+                in_features: int, group_size: int, cols: int = 1) -> CpuWeight:
     """Repack a canonical packed linear into the CPU kernel layout (done once per weight).
 
     Args: the canonical tensors (qweight uint8 [k, N, Kp/8], scales [N, G, k], offset
-    [N, G] or None; float16 or float32 — the kernel reads them at the format's float16).
+    [N, G] or None; float16 or float32 — the kernel reads them at the format's float16); ``cols``
+    the planes' byte order (PLANE_COLS; 4 needs group_size % DWORD_GROUP == 0).
     Raises: KernelInputError (a DbquantError) when the shapes disagree with in_features and
-    group_size (the repack pads rows, so a short tensor would otherwise pass unnoticed).
+    group_size (the repack pads rows, so a short tensor would otherwise pass unnoticed), or cols
+    cannot hold them.
     """
     n = check_packed("prepare_cpu", qweight, scales, offset, None, in_features, group_size)
     tiles = -(-n // TILE)
     planes = _tile_rows(qweight.detach().permute(1, 2, 0), tiles)  # [T, 16, C8, k]
     sc = _tile_rows(scales.detach().to(torch.float16), tiles)  # [T, 16, G, k]
     off = None if offset is None else _tile_rows(offset.detach().to(torch.float16), tiles)  # [T, 16, G]
-    return CpuWeight(
+    w = CpuWeight(
         planes=planes.permute(0, 2, 3, 1).contiguous(),
         scales=sc.permute(0, 2, 3, 1).contiguous(),
         offset=None if off is None else off.permute(0, 2, 1).contiguous(),
         out_features=n, in_features=int(in_features), group_size=int(group_size),
     )
+    return with_cols(w, cols)
+
+
+def with_cols(w: CpuWeight, cols: int) -> CpuWeight:
+    """The same weight with its planes in byte order ``cols`` (PLANE_COLS): whole bytes moved, no bit.
+
+    Raises KernelInputError for another cols, or dword rows (4) on groups of other than a multiple of
+    DWORD_GROUP channels."""
+    if cols not in PLANE_COLS:
+        fail("prepare_cpu", f"cols must be one of {PLANE_COLS}, got {cols!r}")
+    if cols == 4 and w.group_size % DWORD_GROUP:
+        fail("prepare_cpu", f"dword rows (cols=4) need group_size a multiple of {DWORD_GROUP}, got {w.group_size}")
+    if cols == w.cols:
+        return w
+    pl = w.planes
+    t, k = pl.shape[0], pl.shape[2]
+    if cols == 4:  # [T, C8, k, 16] -> [T, C8/4, 4, k, 16] -> [T, C8/4, k, 16, 4]
+        pl = pl.reshape(t, -1, 4, k, TILE).permute(0, 1, 3, 4, 2)
+    else:  # [T, C8/4, k, 16, 4] -> [T, C8/4, 4, k, 16] -> [T, C8, k, 16]
+        pl = pl.permute(0, 1, 4, 2, 3).reshape(t, -1, k, TILE)
+    return replace(w, planes=pl.contiguous())
 
 
 def widen(w: CpuWeight, planes: int, group_size: int, offset: bool = False) -> CpuWeight:
@@ -84,9 +118,10 @@ def widen(w: CpuWeight, planes: int, group_size: int, offset: bool = False) -> C
     same; outputs agree to float rounding (sums are grouped differently when g splits). Lets
     parts of unequal k, g and offset share one fused tile-wise weight (dbquant/runtime/decode.py).
     """
-    k, g = w.planes_count, w.group_size
+    k, g, cols = w.planes_count, w.group_size, w.cols
     if planes < k or g % group_size:
         fail("widen", f"cannot widen k={k}, group_size={g} to k={planes}, group_size={group_size}")
+    w = with_cols(w, 1)
     kp = -(-w.in_features // group_size) * group_size
     sub = g // group_size
     pl = w.planes[:, :kp // 8]
@@ -97,13 +132,15 @@ def widen(w: CpuWeight, planes: int, group_size: int, offset: bool = False) -> C
     if planes > k:
         pl = torch.cat([pl, pl.new_zeros(pl.shape[0], pl.shape[1], planes - k, TILE)], dim=2)
         sc = torch.cat([sc, sc.new_zeros(sc.shape[0], sc.shape[1], planes - k, TILE)], dim=2)
-    return CpuWeight(planes=pl.contiguous(), scales=sc.contiguous(), offset=off, out_features=w.out_features,
-                     in_features=w.in_features, group_size=group_size)
+    out = CpuWeight(planes=pl.contiguous(), scales=sc.contiguous(), offset=off, out_features=w.out_features,
+                    in_features=w.in_features, group_size=group_size)
+    return with_cols(out, cols if group_size % DWORD_GROUP == 0 else 1)  # the byte order kept where it can be
 
 
 def canonical(w: CpuWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The inverse of :func:`prepare_cpu`: (qweight uint8 [k, N, Kp/8], scales float16
     [N, G, k], offset float16 [N, G] or None), the padding rows dropped."""
+    w = with_cols(w, 1)
     n, k = w.out_features, w.planes_count
     t, c8 = w.planes.shape[0], w.planes.shape[1]
     qweight = w.planes.permute(2, 0, 3, 1).reshape(k, t * TILE, c8)[:, :n]
