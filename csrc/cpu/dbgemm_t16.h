@@ -100,12 +100,13 @@ inline int64_t tile_plane_bytes(const T16Weight& w) { return w.kp() / 8 * w.P * 
 // Tile t's planes in the unit order [C8, P, 16], for the kernels that read that order: in place for
 // cols 1; for dword rows regrouped into a buffer this object owns (one per thread: each call's tile
 // range is one thread's), valid until the next call. Regrouping a tile reads and writes its
-// tile_plane_bytes once, which the dequantization for a prefill (16 K outputs per tile) hides.
+// tile_plane_bytes once: by one vpermb per 64 bytes for the AVX-512 paths of a VBMI CPU (isa: the
+// reading path's), by a portable loop for the others (their own instructions, and tested as such).
 // (Defined out of line in dbgemm_t16.cpp, which has no target pragma: an inline copy built for AVX-512
 // in one translation unit could be the one the linker keeps for all.)
 class UnitPlanes {
  public:
-  explicit UnitPlanes(const T16Weight& w);
+  UnitPlanes(const T16Weight& w, Isa isa);
   ~UnitPlanes();
   UnitPlanes(const UnitPlanes&) = delete;
   UnitPlanes& operator=(const UnitPlanes&) = delete;
@@ -114,8 +115,13 @@ class UnitPlanes {
 
  private:
   const T16Weight& w_;
+  const bool vbmi_;  // regroup by vpermb
   uint8_t* buf_ = nullptr;
 };
+
+// UnitPlanes' regrouping by vpermb (dbgemm_t16_regroup_avx512vbmi.cpp; needs AVX-512 VBMI): `blocks`
+// blocks of P x 64 bytes of dword rows (src) to the unit order (dst).
+void regroup_dword_tile_avx512vbmi(const uint8_t* src, uint8_t* dst, int64_t blocks, int64_t P);
 
 // Whether this CPU runs the dword-row kernel (AVX-512 F/BW/VL + VBMI + VNNI): where the loaders
 // choose cols 4 for groups of a multiple of 32 channels.

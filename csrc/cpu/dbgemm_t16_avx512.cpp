@@ -113,7 +113,7 @@ void build_luts_avx512(const T16Weight& w, const float* x, float* lut, float* gs
 
 void gemm_tiles_avx512(const T16Weight& w, const float* lut, const float* gsum, int64_t M,
                        float* y, int64_t t0, int64_t t1) {
-  UnitPlanes units(w);
+  UnitPlanes units(w, Isa::Avx512);
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* tp = units.tile(t);
     int64_t m = 0;
