@@ -115,7 +115,7 @@ void tiles(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t 
   const int64_t G = w.groups();
   I8LutRow views[kI8RowViews];
   i8lut_rows(w, buf, M, kind, views);
-  UnitPlanes units(w, Isa::Avx2);
+  UnitPlanes units(w);
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* tp = units.tile(t);
     const uint16_t* ts = w.scales + t * G * P * kTile;

@@ -251,7 +251,7 @@ void tiles(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t 
   I8LutRow views[kI8RowViews];
   i8lut_rows(w, buf, M, kind, views);
 #if !I8_DW
-  UnitPlanes units(w, Isa::Avx512);
+  UnitPlanes units(w);
 #endif
   for (int64_t t = t0; t < t1; ++t) {
 #if I8_DW

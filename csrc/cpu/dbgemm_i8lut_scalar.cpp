@@ -20,7 +20,7 @@ inline int32_t entry(const I8LutRow& row, int h, int64_t u, int i) {
 void gemm_tiles_i8_scalar(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1,
                           LutKind kind) {
   const int64_t G = w.groups(), cpg = w.group_size / 8, P = w.P;
-  UnitPlanes units(w, Isa::Scalar);
+  UnitPlanes units(w);
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* tp = units.tile(t);
     const uint16_t* ts = w.scales + t * G * P * kTile;

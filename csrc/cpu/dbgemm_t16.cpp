@@ -64,7 +64,7 @@ bool dword_rows_supported() {
 #endif
 }
 
-UnitPlanes::UnitPlanes(const T16Weight& w, Isa isa) : w_(w), vbmi_(isa == Isa::Avx512 && dword_rows_supported()) {
+UnitPlanes::UnitPlanes(const T16Weight& w) : w_(w) {
   if (w.cols != 1) buf_ = new uint8_t[tile_plane_bytes(w)];
 }
 
@@ -75,10 +75,6 @@ const uint8_t* UnitPlanes::tile(int64_t t) {
   if (w_.cols == 1) return src;
   // block (b, p): 16 rows x 4 columns, byte 4 r + j = column 4 b + j of row r -> unit (4 b + j, p)
   const int64_t P = w_.P, blocks = w_.kp() / 32;
-  if (vbmi_) {
-    regroup_dword_tile_avx512vbmi(src, buf_, blocks, P);
-    return buf_;
-  }
   for (int64_t b = 0; b < blocks; ++b)
     for (int64_t p = 0; p < P; ++p) {
       const uint8_t* blk = src + (b * P + p) * 64;

@@ -16,8 +16,9 @@
 // integer-table kernel (dbgemm_i8lut_avx512dw.cpp), chosen at load time where that kernel runs:
 //   planes  uint8   [T, C8/4, P, 16, 4]  planes[t, c / 4, p, r, c % 4] = qweight[p, 16t + r, c]
 // so one 64-byte block holds 4 byte columns of one plane for 16 rows, a row's 4 bytes side by
-// side (a dword: what vpdpbusd sums). Needs g % 32 == 0 (whole blocks per group). Every other
-// kernel reads the unit order above, through UnitPlanes (one tile regrouped into a scratch buffer).
+// side (a dword: what vpdpbusd sums). Needs g % 32 == 0 (whole blocks per group). The AVX-512
+// float-table and dequantization kernels read both orders in place (t16_unit_avx512.h: a 64-byte load
+// and a shift per unit); the other kernels read the unit order, through UnitPlanes (below).
 //
 // Algorithm (T-MAC style lookup tables with 4-bit indices). The planes hold {0, 1}, so
 // the dot product of 4 bits of a plane with 4 activations is one of 16 partial sums.
@@ -97,16 +98,17 @@ inline TilePtrs tile_ptrs(const T16Weight& w, int64_t t) {
 // Bytes of one tile's planes (the same in both orders).
 inline int64_t tile_plane_bytes(const T16Weight& w) { return w.kp() / 8 * w.P * kTile; }
 
-// Tile t's planes in the unit order [C8, P, 16], for the kernels that read that order: in place for
-// cols 1; for dword rows regrouped into a buffer this object owns (one per thread: each call's tile
-// range is one thread's), valid until the next call. Regrouping a tile reads and writes its
-// tile_plane_bytes once: by one vpermb per 64 bytes for the AVX-512 paths of a VBMI CPU (isa: the
-// reading path's), by a portable loop for the others (their own instructions, and tested as such).
+// Tile t's planes in the unit order [C8, P, 16], for the kernels that read only that order: in place
+// for cols 1; for dword rows regrouped into a buffer this object owns (one per thread: each call's tile
+// range is one thread's), valid until the next call. Those kernels meet dword rows only where the
+// loaders did not choose them (DBQUANT_CPU_COLS=4, or a path forced off the default): the AVX-512
+// float-table and dequantization kernels read both orders in place (t16_unit_avx512.h), and the
+// integer-table kernel has its own dword-row path.
 // (Defined out of line in dbgemm_t16.cpp, which has no target pragma: an inline copy built for AVX-512
 // in one translation unit could be the one the linker keeps for all.)
 class UnitPlanes {
  public:
-  UnitPlanes(const T16Weight& w, Isa isa);
+  explicit UnitPlanes(const T16Weight& w);
   ~UnitPlanes();
   UnitPlanes(const UnitPlanes&) = delete;
   UnitPlanes& operator=(const UnitPlanes&) = delete;
@@ -115,13 +117,8 @@ class UnitPlanes {
 
  private:
   const T16Weight& w_;
-  const bool vbmi_;  // regroup by vpermb
   uint8_t* buf_ = nullptr;
 };
-
-// UnitPlanes' regrouping by vpermb (dbgemm_t16_regroup_avx512vbmi.cpp; needs AVX-512 VBMI): `blocks`
-// blocks of P x 64 bytes of dword rows (src) to the unit order (dst).
-void regroup_dword_tile_avx512vbmi(const uint8_t* src, uint8_t* dst, int64_t blocks, int64_t P);
 
 // Whether this CPU runs the dword-row kernel (AVX-512 F/BW/VL + VBMI + VNNI): where the loaders
 // choose cols 4 for groups of a multiple of 32 channels.

@@ -116,7 +116,7 @@ void build_luts_avx2(const T16Weight& w, const float* x, float* lut, float* gsum
 void gemm_tiles_avx2(const T16Weight& w, const float* lut, const float* gsum, int64_t M,
                      float* y, int64_t t0, int64_t t1) {
   const int64_t lf = lut_floats(w), G = w.groups();
-  UnitPlanes units(w, Isa::Avx2);
+  UnitPlanes units(w);
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* tp = units.tile(t);
     for (int h = 0; h < 2; ++h)

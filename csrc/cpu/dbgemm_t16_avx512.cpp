@@ -12,6 +12,7 @@
 
 #include "dbgemm_t16.h"
 #include "prefetch.h"
+#include "t16_unit_avx512.h"
 
 namespace dbquant {
 namespace cpu {
@@ -25,8 +26,9 @@ constexpr int kRowsPerPass = 4;
 
 // One table pass over group g for planes p0 .. p0 + NP - 1 (NP = 1 or 2), then
 // acc_y = fma(alpha_p, lo_p + hi_p, acc_y) in plane order. NP = 2 is the dual-binary pass:
-// the two planes' four sums are independent, so the adds are not one latency chain.
-template <int MB, int NP>
+// the two planes' four sums are independent, so the adds are not one latency chain. COLS: the
+// planes' byte order (dbgemm_t16.h), read in place.
+template <int MB, int NP, int COLS>
 inline void plane_pass(const T16Weight& w, const float* const* L, const uint8_t* tp, const uint16_t* ts,
                        int64_t g, int64_t p0, __m512* acc_y) {
   const int64_t P = w.P, cpg = w.group_size / 8;
@@ -37,10 +39,10 @@ inline void plane_pass(const T16Weight& w, const float* const* L, const uint8_t*
   for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
     prefetch_ahead(tp + (c * P + p0) * kTile);
     // 16 bytes (one per row) of each plane -> 16 int32 lanes; vpermps reads only the
-    // low 4 bits of each lane, so the low nibble needs no masking.
+    // low 4 bits of each lane, so neither nibble needs masking.
     __m512i b[NP], bh[NP];
     for (int q = 0; q < NP; ++q) {
-      b[q] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(tp + (c * P + p0 + q) * kTile)));
+      b[q] = unit_lanes<COLS>(tp, P, c, p0 + q);
       bh[q] = _mm512_srli_epi32(b[q], 4);
     }
     for (int i = 0; i < MB; ++i) {
@@ -58,7 +60,7 @@ inline void plane_pass(const T16Weight& w, const float* const* L, const uint8_t*
   }
 }
 
-template <int MB>
+template <int MB, int COLS>
 inline void tile_rows(const T16Weight& w, const float* lut, const float* gsum, int64_t m0,
                       float* y, int64_t t, const uint8_t* tp) {
   const int64_t G = w.groups(), lf = lut_floats(w), P = w.P;
@@ -71,8 +73,8 @@ inline void tile_rows(const T16Weight& w, const float* lut, const float* gsum, i
   for (int i = 0; i < MB; ++i) acc_y[i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     int64_t p = 0;
-    for (; p + 2 <= P; p += 2) plane_pass<MB, 2>(w, L, tp, ts, g, p, acc_y);
-    if (p < P) plane_pass<MB, 1>(w, L, tp, ts, g, p, acc_y);
+    for (; p + 2 <= P; p += 2) plane_pass<MB, 2, COLS>(w, L, tp, ts, g, p, acc_y);
+    if (p < P) plane_pass<MB, 1, COLS>(w, L, tp, ts, g, p, acc_y);
     if (to) {
       const __m512 beta = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(to + g * kTile)));
       for (int i = 0; i < MB; ++i)
@@ -111,20 +113,29 @@ void build_luts_avx512(const T16Weight& w, const float* x, float* lut, float* gs
   }
 }
 
-void gemm_tiles_avx512(const T16Weight& w, const float* lut, const float* gsum, int64_t M,
-                       float* y, int64_t t0, int64_t t1) {
-  UnitPlanes units(w, Isa::Avx512);
+namespace {
+
+template <int COLS>
+void tiles(const T16Weight& w, const float* lut, const float* gsum, int64_t M, float* y, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* tp = units.tile(t);
+    const uint8_t* tp = w.planes + t * tile_plane_bytes(w);  // either order, read in place
     int64_t m = 0;
-    for (; m + kRowsPerPass <= M; m += kRowsPerPass) tile_rows<kRowsPerPass>(w, lut, gsum, m, y, t, tp);
+    for (; m + kRowsPerPass <= M; m += kRowsPerPass) tile_rows<kRowsPerPass, COLS>(w, lut, gsum, m, y, t, tp);
     switch (M - m) {
-      case 3: tile_rows<3>(w, lut, gsum, m, y, t, tp); break;
-      case 2: tile_rows<2>(w, lut, gsum, m, y, t, tp); break;
-      case 1: tile_rows<1>(w, lut, gsum, m, y, t, tp); break;
+      case 3: tile_rows<3, COLS>(w, lut, gsum, m, y, t, tp); break;
+      case 2: tile_rows<2, COLS>(w, lut, gsum, m, y, t, tp); break;
+      case 1: tile_rows<1, COLS>(w, lut, gsum, m, y, t, tp); break;
       default: break;
     }
   }
+}
+
+}  // namespace
+
+void gemm_tiles_avx512(const T16Weight& w, const float* lut, const float* gsum, int64_t M,
+                       float* y, int64_t t0, int64_t t1) {
+  if (w.cols == 4) return tiles<4>(w, lut, gsum, M, y, t0, t1);
+  tiles<1>(w, lut, gsum, M, y, t0, t1);
 }
 
 }  // namespace cpu

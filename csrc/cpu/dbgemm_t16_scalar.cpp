@@ -64,7 +64,7 @@ void build_luts_scalar(const T16Weight& w, const float* x, float* lut, float* gs
 void gemm_tiles_scalar(const T16Weight& w, const float* lut, const float* gsum, int64_t M,
                        float* y, int64_t t0, int64_t t1) {
   const int64_t G = w.groups(), cpg = w.group_size / 8, lf = lut_floats(w), P = w.P;
-  UnitPlanes units(w, Isa::Scalar);
+  UnitPlanes units(w);
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* tp = units.tile(t);
     const uint16_t* ts = w.scales + t * G * P * kTile;
@@ -102,7 +102,7 @@ void gemm_tiles_scalar(const T16Weight& w, const float* lut, const float* gsum, 
 
 void dequantize_tiles(const T16Weight& w, float* out, int64_t t0, int64_t t1) {
   const int64_t G = w.groups(), cpg = w.group_size / 8, P = w.P;
-  UnitPlanes units(w, Isa::Scalar);
+  UnitPlanes units(w);
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* tp = units.tile(t);
     const uint16_t* ts = w.scales + t * G * P * kTile;

@@ -33,7 +33,7 @@ void dequantize_t_avx2(const T16Weight& w, void* out, bool bf16, int64_t t0, int
   const int64_t G = w.groups(), cpg = w.group_size / 8, P = w.P, N = w.N;
   float* of = static_cast<float*>(out);
   uint16_t* ob = static_cast<uint16_t*>(out);
-  UnitPlanes units(w, Isa::Avx2);
+  UnitPlanes units(w);
   for (int64_t t = t0; t < t1; ++t) {
     const auto [tp, ts, to] = units.ptrs(t);
     const int64_t n0 = t * kTile;

@@ -8,6 +8,7 @@
 #include <immintrin.h>
 
 #include "dequant_t16.h"
+#include "t16_unit_avx512.h"
 
 namespace dbquant {
 namespace cpu {
@@ -22,15 +23,14 @@ inline __m256i to_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
 
-}  // namespace
-
-void dequantize_t_avx512(const T16Weight& w, void* out, bool bf16, int64_t t0, int64_t t1) {
+// COLS: the planes' byte order (dbgemm_t16.h), read in place.
+template <int COLS>
+void tiles(const T16Weight& w, void* out, bool bf16, int64_t t0, int64_t t1) {
   const int64_t G = w.groups(), cpg = w.group_size / 8, P = w.P, N = w.N;
   float* of = static_cast<float*>(out);
   uint16_t* ob = static_cast<uint16_t*>(out);
-  UnitPlanes units(w, Isa::Avx512);
   for (int64_t t = t0; t < t1; ++t) {
-    const auto [tp, ts, to] = units.ptrs(t);
+    const auto [tp, ts, to] = tile_ptrs(w, t);
     const int64_t n0 = t * kTile;
     const int rows = int(N - n0 < kTile ? N - n0 : kTile);
     const __mmask16 keep = __mmask16((1u << rows) - 1);
@@ -42,8 +42,7 @@ void dequantize_t_avx512(const T16Weight& w, void* out, bool bf16, int64_t t0, i
                              : _mm512_setzero_ps();
       for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
         __m512i b[kMaxPlanes];
-        for (int64_t p = 0; p < P; ++p)
-          b[p] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(tp + (c * P + p) * kTile)));
+        for (int64_t p = 0; p < P; ++p) b[p] = unit_lanes<COLS>(tp, P, c, p);  // bit j < 8 of each lane: the byte's
         for (int j = 0; j < 8 && 8 * c + j < w.K; ++j) {
           const __m512i bit = _mm512_set1_epi32(1 << j);
           __m512 v = _mm512_setzero_ps();
@@ -59,6 +58,13 @@ void dequantize_t_avx512(const T16Weight& w, void* out, bool bf16, int64_t t0, i
       }
     }
   }
+}
+
+}  // namespace
+
+void dequantize_t_avx512(const T16Weight& w, void* out, bool bf16, int64_t t0, int64_t t1) {
+  if (w.cols == 4) return tiles<4>(w, out, bf16, t0, t1);
+  tiles<1>(w, out, bf16, t0, t1);
 }
 
 }  // namespace cpu

@@ -15,7 +15,7 @@ void dequantize_t_scalar(const T16Weight& w, void* out, bool bf16, int64_t t0, i
   const int64_t G = w.groups(), cpg = w.group_size / 8, P = w.P;
   float* of = static_cast<float*>(out);
   uint16_t* ob = static_cast<uint16_t*>(out);
-  UnitPlanes units(w, Isa::Scalar);
+  UnitPlanes units(w);
   for (int64_t t = t0; t < t1; ++t) {
     const auto [tp, ts, to] = units.ptrs(t);
     for (int r = 0; r < kTile && t * kTile + r < w.N; ++r) {

@@ -217,7 +217,7 @@ void gemm_a8_tiles_avx2(const T16Weight& w, const uint8_t* xu, const int32_t* xz
                         const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1) {
   uint8_t* panel = scratch;
   int32_t* negpc = reinterpret_cast<int32_t*>(scratch + w.kp() * w.P * kTile);
-  UnitPlanes units(w, Isa::Avx2);
+  UnitPlanes units(w);
   for (int64_t t = t0; t < t1; ++t) {
     expand_tile(w, units.tile(t), panel, negpc);
     switch (w.P) {  // one instance per plane count: the accumulators are registers

@@ -44,7 +44,7 @@ void gemm_a8_tiles(Isa isa, const T16Weight& w, const uint8_t* xu, const int32_t
 void gemm_a8_tiles_scalar(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx,
                           const float* xs, int64_t M, float* y, int64_t t0, int64_t t1) {
   const int64_t G = w.groups(), g = w.group_size, P = w.P, Kp = w.kp(), N = w.N;
-  UnitPlanes units(w, Isa::Scalar);
+  UnitPlanes units(w);
   for (int64_t t = t0; t < t1; ++t) {
     const auto [tp, ts, to] = units.ptrs(t);
     for (int r = 0; r < kTile && t * kTile + r < N; ++r) {

@@ -8,6 +8,8 @@ thread count and mode, the time of ``y = x @ W.T`` with
   cpu   dbquant's C++ kernel on the load-time repacked weight (``dbquant.backends.cpu``), float tables
   cpu-i8lut, cpu-i16lut  the same kernel layout with the integer (T-MAC style) tables of 8- or 12-bit
         codes (``run_cpu(lut="int8" | "int16")``)
+  cpu-i16lut-unit  cpu-i16lut on the planes' unit byte order (``t16.prepare_cpu(cols=1)``), where the
+        loaders choose dword rows (``cpu_backend.plane_cols``): the two orders side by side
   cpu-gemm, cpu-gemm-bf16  the prefill path: the weight dequantized (transposed) on every call, then
         one torch GEMM in float32 or bfloat16 (``cpu_backend.dense_gemm``)
   cpu-gemm-a8  the prefill path on int8 activations and the exact bit planes (``dense_gemm(gemm="int8")``)
@@ -46,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import cpu as cpu_backend
+from ..backends import t16
 from ..backends.reference import dbgemm_ref
 from ..format import files
 from ..model.checkpoint import load
@@ -56,8 +59,10 @@ from .machine import environment, stream_set_bytes
 
 SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 LLAMA7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
-BACKENDS = ("fp32", "bf16", "ref", "cpu", "cpu-i8lut", "cpu-i16lut", "cpu-gemm", "cpu-gemm-bf16", "cpu-gemm-a8")
-NATIVE = {"cpu": "float", "cpu-i8lut": "int8", "cpu-i16lut": "int16"}  # backend -> run_cpu's lut
+BACKENDS = ("fp32", "bf16", "ref", "cpu", "cpu-i8lut", "cpu-i16lut", "cpu-i16lut-unit", "cpu-gemm", "cpu-gemm-bf16",
+            "cpu-gemm-a8")
+# backend -> run_cpu's lut
+NATIVE = {"cpu": "float", "cpu-i8lut": "int8", "cpu-i16lut": "int16", "cpu-i16lut-unit": "int16"}
 GEMM = {"cpu-gemm": "fp32", "cpu-gemm-bf16": "bf16", "cpu-gemm-a8": "int8"}  # backend -> dense_gemm's precision
 MAX_COPIES = 1 << 16  # bounds the Python objects for a tiny weight (rows say when it bound the set)
 READ_CHUNK = 16 << 20  # bytes per timed call of the read kernel (a 4096x4096 fp32 weight is 64 MiB)
@@ -152,7 +157,10 @@ def _weights(b: str, n: int, k: int, group_size: int, mode: str, set_bytes: int)
     q, sc = _packed_layer(n, k, group_size, 0)
     if b == "ref":  # one copy: it dequantizes on every call, compute-bound either way
         return [(q, sc)], q.numel() + sc.numel() * 2
-    w = cpu_backend.prepare_cpu(q, sc, None, k, group_size)
+    if b.endswith("-unit"):
+        w = t16.prepare_cpu(q, sc, None, k, group_size, cols=1)
+    else:
+        w = cpu_backend.prepare_cpu(q, sc, None, k, group_size)  # the byte order this CPU's loaders choose
     clones = [dataclasses.replace(w, planes=w.planes.clone(), scales=w.scales.clone(),
                                   offset=None if w.offset is None else w.offset.clone())
               for _ in range(_copies(w.nbytes, mode, set_bytes) - 1)]
