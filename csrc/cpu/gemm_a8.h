@@ -31,6 +31,8 @@
 //   |y - x @ W^T| <= sum_j sx[m, j] / 2 * sum_{k in j} |W[n, k] - beta[j, n]|  (+ float32 rounding)
 // (the offset multiplies the exact xs, so it adds no rounding of x).
 //
+// The AVX-512 VNNI kernel (gemm_a8_avx512vnni.cpp, the AVX-512 path where the CPU has VNNI) does the same
+// with int32 sums: per 4 channels one vpdpbusd of the broadcast codes with each plane's 16 rows x 4 bytes.
 // The AVX2 kernel expands one tile's planes to bytes {0, 1} (a "panel", uint8 [Kp/4, 2, P, 8, 4]: per
 // 4 channels, per half tile, per plane, 8 output rows of 4 bytes), then for 2 activation rows at a time
 // broadcasts 4 codes of a row into all lanes and multiplies them with each plane's bytes of both half
@@ -131,6 +133,10 @@ void gemm_a8_tiles_scalar(const T16Weight& w, const uint8_t* xu, const int32_t* 
                           const float* xs, int64_t M, float* y, int64_t t0, int64_t t1);
 void gemm_a8_tiles_avx2(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx,
                         const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1);
+void gemm_a8_tiles_avx512vnni(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx,
+                              const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1);
+// Whether the AVX-512 path of gemm_a8_tiles runs the VNNI kernel (AVX-512 F/BW/VL + VNNI), else the AVX2 one.
+bool a8_vnni_supported();
 
 }  // namespace cpu
 }  // namespace dbquant

@@ -1,0 +1,140 @@
+// AVX-512 VNNI path of the 8-bit-activation prefill GEMM (gemm_a8.h). Per tile: the planes expanded to a
+// panel of bytes {0, 1} laid out as dword rows (per 4 channels and plane, one zmm: 16 output rows x 4
+// bytes), and each group's popcounts; then for each block of MR activation rows, per group: int32 sums
+// that start at -z times the popcount (one vpmulld per sum), vpdpbusd of 4 broadcast activation codes of a
+// row with each plane's panel vector (4 unsigned x signed byte products added into each row's int32 lane:
+// 64 per instruction, no int16 stage and so no group-size limit of its own), and the float epilogue in
+// gemm_a8.h's order, so the outputs are the scalar path's bit for bit. Reads the planes in either byte
+// order in place (t16_unit_avx512.h). Compiled for AVX-512F/BW/VL + VNNI + FMA + F16C by the pragma;
+// called only after a run-time CPU check (gemm_a8_tiles, where dword_rows_supported: VBMI + VNNI).
+
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "gemm_a8.h"
+#include "t16_unit_avx512.h"
+
+namespace dbquant {
+namespace cpu {
+
+namespace {
+
+// Tile tp's planes (either order: COLS) as bytes, panel[(s * P + p) * 64 + 4 r + i] = bit 4 s + i of row r
+// in plane p (a step's P vectors contiguous); pc[(j * P + p) * 16 + r] = the popcount of row r's bits of
+// plane p in group j.
+template <int COLS>
+void expand_tile(const T16Weight& w, const uint8_t* tp, uint8_t* panel, int32_t* pc) {
+  const int64_t P = w.P, cpg = w.group_size / 8;
+  // byte 4 r' + i of lane L comes from row 4 L + r' (each lane holds the 16 rows' bytes)
+  const __m512i idx = _mm512_set_epi32(0x0F0F0F0F, 0x0E0E0E0E, 0x0D0D0D0D, 0x0C0C0C0C, 0x0B0B0B0B, 0x0A0A0A0A,
+                                       0x09090909, 0x08080808, 0x07070707, 0x06060606, 0x05050505, 0x04040404,
+                                       0x03030303, 0x02020202, 0x01010101, 0x00000000);
+  const __m512i bits[2] = {_mm512_set1_epi32(0x08040201), _mm512_set1_epi32(int(0x80402010u))};
+  const __m512i one = _mm512_set1_epi8(1);
+  for (int64_t j = 0; j < w.groups(); ++j)
+    for (int64_t p = 0; p < P; ++p) {
+      __m512i count = _mm512_setzero_si512();
+      for (int64_t c = j * cpg; c < (j + 1) * cpg; ++c) {
+        // the unit's 16 bytes (row r's byte is bits 0..7 of lane r), in each 128-bit lane
+        const __m512i v = _mm512_broadcast_i32x4(_mm512_cvtepi32_epi8(unit_lanes<COLS>(tp, P, c, p)));
+        for (int nib = 0; nib < 2; ++nib) {
+          const __m512i b = _mm512_min_epu8(_mm512_and_si512(_mm512_shuffle_epi8(v, idx), bits[nib]), one);
+          _mm512_storeu_si512(panel + ((2 * c + nib) * P + p) * 64, b);
+          count = _mm512_dpbusd_epi32(count, b, one);  // + each row's 4 bits: the popcount
+        }
+      }
+      _mm512_storeu_si512(pc + (j * P + p) * kTile, count);
+    }
+}
+
+// Rows [m, m + MR) of tile t: y[(m + mr) N + n0 + r] for the tile's rows r < `rows`, bias added.
+template <int MR, int P>
+void row_block(const T16Weight& w, int64_t t, const uint8_t* panel, const int32_t* pc, const uint8_t* xu,
+               const int32_t* xz, const float* sx, const float* xs, int64_t m, float* y) {
+  const int64_t G = w.groups(), S = w.group_size / 4, Kp = w.kp(), N = w.N, n0 = t * kTile;
+  const auto [tp, ts, to] = tile_ptrs(w, t);
+  __m512 acc_y[MR];
+  for (int mr = 0; mr < MR; ++mr) acc_y[mr] = _mm512_setzero_ps();
+  const uint8_t* x0 = xu + m * Kp;
+  for (int64_t j = 0; j < G; ++j) {
+    __m512i acc[MR][P];  // int32: the sum of (code - z) over the set bits starts at -z popcount
+    for (int p = 0; p < P; ++p) {
+      const __m512i count = _mm512_loadu_si512(pc + (j * P + p) * kTile);
+      for (int mr = 0; mr < MR; ++mr)
+        acc[mr][p] = _mm512_mullo_epi32(count, _mm512_set1_epi32(-xz[(m + mr) * G + j]));
+    }
+    const uint8_t* wp = panel + j * S * P * 64;
+    const uint8_t* xp = x0 + j * S * 4;
+    for (int64_t s = 0; s < S; ++s, wp += P * 64, xp += 4) {
+      __m512i xb[MR];
+      for (int mr = 0; mr < MR; ++mr) {
+        int32_t v;
+        std::memcpy(&v, xp + mr * Kp, 4);
+        xb[mr] = _mm512_set1_epi32(v);
+      }
+      for (int p = 0; p < P; ++p) {
+        const __m512i wv = _mm512_loadu_si512(wp + p * 64);
+        for (int mr = 0; mr < MR; ++mr) acc[mr][p] = _mm512_dpbusd_epi32(acc[mr][p], xb[mr], wv);
+      }
+    }
+    __m512 a[P];
+    for (int p = 0; p < P; ++p) a[p] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ts + (j * P + p) * kTile)));
+    const __m512 beta = to ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(to + j * kTile))) : _mm512_setzero_ps();
+    for (int mr = 0; mr < MR; ++mr) {
+      __m512 part = _mm512_mul_ps(a[0], _mm512_cvtepi32_ps(acc[mr][0]));
+      for (int p = 1; p < P; ++p) part = _mm512_fmadd_ps(a[p], _mm512_cvtepi32_ps(acc[mr][p]), part);
+      acc_y[mr] = _mm512_fmadd_ps(part, _mm512_set1_ps(sx[(m + mr) * G + j]), acc_y[mr]);
+      if (to) acc_y[mr] = _mm512_fmadd_ps(beta, _mm512_set1_ps(xs[(m + mr) * G + j]), acc_y[mr]);
+    }
+  }
+  const int rows = int(std::min<int64_t>(kTile, N - n0));
+  const __mmask16 keep = rows == kTile ? __mmask16(0xffff) : __mmask16((1u << rows) - 1);
+  for (int mr = 0; mr < MR; ++mr) {
+    __m512 v = acc_y[mr];
+    if (w.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(keep, w.bias + n0));
+    _mm512_mask_storeu_ps(y + (m + mr) * N + n0, keep, v);
+  }
+}
+
+// Every row of tile t in blocks of MR (P <= 2: 8 rows, 2 P + 8 + P of the 32 registers; else 4), the
+// last block row by row.
+template <int P>
+void tile_rows(const T16Weight& w, int64_t t, const uint8_t* panel, const int32_t* pc, const uint8_t* xu,
+               const int32_t* xz, const float* sx, const float* xs, int64_t M, float* y) {
+  constexpr int MR = P <= 2 ? 8 : 4;
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) row_block<MR, P>(w, t, panel, pc, xu, xz, sx, xs, m, y);
+  for (; m < M; ++m) row_block<1, P>(w, t, panel, pc, xu, xz, sx, xs, m, y);
+}
+
+template <int COLS>
+void tiles(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx, const float* xs, int64_t M,
+           float* y, uint8_t* scratch, int64_t t0, int64_t t1) {
+  uint8_t* panel = scratch;
+  int32_t* pc = reinterpret_cast<int32_t*>(scratch + w.kp() * w.P * kTile);
+  for (int64_t t = t0; t < t1; ++t) {
+    expand_tile<COLS>(w, w.planes + t * tile_plane_bytes(w), panel, pc);
+    switch (w.P) {  // one instance per plane count: the accumulators are registers
+      case 1: tile_rows<1>(w, t, panel, pc, xu, xz, sx, xs, M, y); break;
+      case 2: tile_rows<2>(w, t, panel, pc, xu, xz, sx, xs, M, y); break;
+      case 3: tile_rows<3>(w, t, panel, pc, xu, xz, sx, xs, M, y); break;
+      default: tile_rows<4>(w, t, panel, pc, xu, xz, sx, xs, M, y); break;
+    }
+  }
+}
+
+}  // namespace
+
+void gemm_a8_tiles_avx512vnni(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx,
+                              const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1) {
+  if (w.cols == 4) return tiles<4>(w, xu, xz, sx, xs, M, y, scratch, t0, t1);
+  tiles<1>(w, xu, xz, sx, xs, M, y, scratch, t0, t1);
+}
+
+}  // namespace cpu
+}  // namespace dbquant
