@@ -17,8 +17,9 @@
 //   planes  uint8   [T, C8/4, P, 16, 4]  planes[t, c / 4, p, r, c % 4] = qweight[p, 16t + r, c]
 // so one 64-byte block holds 4 byte columns of one plane for 16 rows, a row's 4 bytes side by
 // side (a dword: what vpdpbusd sums). Needs g % 32 == 0 (whole blocks per group). The AVX-512
-// float-table and dequantization kernels read both orders in place (t16_unit_avx512.h: a 64-byte load
-// and a shift per unit); the other kernels read the unit order, through UnitPlanes (below).
+// float-table, dequantization and VNNI 8-bit-activation kernels read both orders in place
+// (t16_unit_avx512.h: a 64-byte load and a shift per unit); the other kernels read the unit order,
+// through UnitPlanes (below).
 //
 // Algorithm (T-MAC style lookup tables with 4-bit indices). The planes hold {0, 1}, so
 // the dot product of 4 bits of a plane with 4 activations is one of 16 partial sums.
@@ -102,8 +103,8 @@ inline int64_t tile_plane_bytes(const T16Weight& w) { return w.kp() / 8 * w.P * 
 // for cols 1; for dword rows regrouped into a buffer this object owns (one per thread: each call's tile
 // range is one thread's), valid until the next call. Those kernels meet dword rows only where the
 // loaders did not choose them (DBQUANT_CPU_COLS=4, or a path forced off the default): the AVX-512
-// float-table and dequantization kernels read both orders in place (t16_unit_avx512.h), and the
-// integer-table kernel has its own dword-row path.
+// float-table, dequantization and VNNI 8-bit-activation kernels read both orders in place
+// (t16_unit_avx512.h), and the integer-table kernel has its own dword-row path.
 // (Defined out of line in dbgemm_t16.cpp, which has no target pragma: an inline copy built for AVX-512
 // in one translation unit could be the one the linker keeps for all.)
 class UnitPlanes {
