@@ -196,17 +196,9 @@ namespace {
 // lookups measured no faster than vpshufb (within noise at SmolLM2's shapes, 5-15% slower at
 // 4096x4096), so they stay an option (cpu_i8lut_lookup("on")), tested but not the default.
 std::atomic<int> vbmi_mode{-1};
-bool vbmi_supported() {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  static const bool ok = isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512vbmi");
-  return ok;
-#else
-  return false;
-#endif
-}
 }  // namespace
 
-bool i8lut_vbmi() { return vbmi_supported() && vbmi_mode.load(std::memory_order_relaxed) == 1; }
+bool i8lut_vbmi() { return avx512_has(Avx512Ext::Vbmi) && vbmi_mode.load(std::memory_order_relaxed) == 1; }
 
 int force_i8lut_vbmi(int mode) { return vbmi_mode.exchange(mode); }
 

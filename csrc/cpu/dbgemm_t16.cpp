@@ -54,15 +54,23 @@ Isa best_isa() {
 
 int force_isa(int isa) { return isa_override().exchange(isa); }
 
-bool dword_rows_supported() {
+bool avx512_has(Avx512Ext ext) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  static const bool ok = isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512vbmi") &&
-                         __builtin_cpu_supports("avx512vnni");
-  return ok;
+  // __builtin_cpu_supports takes a string literal: one constant per extension
+  static const bool vbmi = isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512vbmi");
+  static const bool vnni = isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512vnni");
+  static const bool bf16 = isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512bf16");
+  switch (ext) {
+    case Avx512Ext::Vbmi: return vbmi;
+    case Avx512Ext::Vnni: return vnni;
+    default: return bf16;
+  }
 #else
   return false;
 #endif
 }
+
+bool dword_rows_supported() { return avx512_has(Avx512Ext::Vbmi) && avx512_has(Avx512Ext::Vnni); }
 
 UnitPlanes::UnitPlanes(const T16Weight& w) : w_(w) {
   if (w.cols != 1) buf_ = new uint8_t[tile_plane_bytes(w)];

@@ -121,6 +121,11 @@ class UnitPlanes {
   uint8_t* buf_ = nullptr;
 };
 
+// AVX-512 extensions some kernels need beyond the AVX-512 path's F/BW/VL.
+enum class Avx512Ext : int { Vbmi, Vnni, Bf16 };
+// Whether this CPU runs the AVX-512 path and has `ext` (asked once per extension, then cached).
+bool avx512_has(Avx512Ext ext);
+
 // Whether this CPU runs the dword-row kernel (AVX-512 F/BW/VL + VBMI + VNNI): where the loaders
 // choose cols 4 for groups of a multiple of 32 channels.
 bool dword_rows_supported();

@@ -9,7 +9,8 @@
 // Values: W[n, k] = (((b_1 ? alpha_1 : 0) + (b_2 ? alpha_2 : 0)) + ...) + beta, the same float
 // operations in the same order as dequantize_tiles (and the reference), so the float32 output is
 // bit for bit the transpose of dequantize_tiles'. The bfloat16 output is that float rounded to
-// nearest even (torch's float -> bfloat16 for finite values: no avx512_bf16 instruction needed).
+// nearest even (torch's float -> bfloat16 for finite values), by integer ops, or by vcvtneps2bf16
+// where the CPU has AVX512-BF16 (the same bits on these values: dequant_t16_avx512_impl.h).
 
 #pragma once
 
@@ -27,6 +28,7 @@ void dequantize_t(Isa isa, const T16Weight& w, void* out, bool bf16, int64_t t0,
 void dequantize_t_scalar(const T16Weight& w, void* out, bool bf16, int64_t t0, int64_t t1);
 void dequantize_t_avx2(const T16Weight& w, void* out, bool bf16, int64_t t0, int64_t t1);
 void dequantize_t_avx512(const T16Weight& w, void* out, bool bf16, int64_t t0, int64_t t1);
+void dequantize_t_avx512bf16(const T16Weight& w, void* out, bool bf16, int64_t t0, int64_t t1);
 
 // float32 -> bfloat16 bits, rounded to nearest even (finite inputs).
 inline uint16_t float_to_bf16(float f) {

@@ -1,70 +1,17 @@
-// AVX-512 path of the transposed dequantization (dequant_t16.h): one 16-lane vector per input
-// channel holds the tile's 16 rows; a plane's bit j of 16 bytes is one mask, a masked add.
-// Compiled for AVX-512F/BW/VL + F16C by the pragma; called only after a run-time CPU check.
+// AVX-512F/BW/VL path of the transposed dequantization (dequant_t16_avx512_impl.h): bfloat16 by integer
+// rounding. Compiled for AVX-512F/BW/VL + F16C by the pragma; called only after a run-time CPU check.
 
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-
-#include <immintrin.h>
-
-#include "dequant_t16.h"
-#include "t16_unit_avx512.h"
+#define DQ_NS dq_avx512
+#define DQ_CVTNE 0
+#include "dequant_t16_avx512_impl.h"
 
 namespace dbquant {
 namespace cpu {
 
-namespace {
-
-// 16 floats -> 16 bfloat16, rounded to nearest even (float_to_bf16, lane by lane).
-inline __m256i to_bf16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-}
-
-// COLS: the planes' byte order (dbgemm_t16.h), read in place.
-template <int COLS>
-void tiles(const T16Weight& w, void* out, bool bf16, int64_t t0, int64_t t1) {
-  const int64_t G = w.groups(), cpg = w.group_size / 8, P = w.P, N = w.N;
-  float* of = static_cast<float*>(out);
-  uint16_t* ob = static_cast<uint16_t*>(out);
-  for (int64_t t = t0; t < t1; ++t) {
-    const auto [tp, ts, to] = tile_ptrs(w, t);
-    const int64_t n0 = t * kTile;
-    const int rows = int(N - n0 < kTile ? N - n0 : kTile);
-    const __mmask16 keep = __mmask16((1u << rows) - 1);
-    for (int64_t g = 0; g < G; ++g) {
-      __m512 a[kMaxPlanes];
-      for (int64_t p = 0; p < P; ++p)
-        a[p] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ts + (g * P + p) * kTile)));
-      const __m512 beta = to ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(to + g * kTile)))
-                             : _mm512_setzero_ps();
-      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
-        __m512i b[kMaxPlanes];
-        for (int64_t p = 0; p < P; ++p) b[p] = unit_lanes<COLS>(tp, P, c, p);  // bit j < 8 of each lane: the byte's
-        for (int j = 0; j < 8 && 8 * c + j < w.K; ++j) {
-          const __m512i bit = _mm512_set1_epi32(1 << j);
-          __m512 v = _mm512_setzero_ps();
-          for (int64_t p = 0; p < P; ++p)  // plane order, as the scalar path adds
-            v = _mm512_mask_add_ps(v, _mm512_test_epi32_mask(b[p], bit), v, a[p]);
-          v = _mm512_add_ps(v, beta);
-          const int64_t i = (8 * c + j) * N + n0;
-          if (bf16)
-            _mm256_mask_storeu_epi16(ob + i, keep, to_bf16(v));
-          else
-            _mm512_mask_storeu_ps(of + i, keep, v);
-        }
-      }
-    }
-  }
-}
-
-}  // namespace
-
 void dequantize_t_avx512(const T16Weight& w, void* out, bool bf16, int64_t t0, int64_t t1) {
-  if (w.cols == 4) return tiles<4>(w, out, bf16, t0, t1);
-  tiles<1>(w, out, bf16, t0, t1);
+  dq_avx512::dequantize(w, out, bf16, t0, t1);
 }
 
 }  // namespace cpu

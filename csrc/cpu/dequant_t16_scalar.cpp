@@ -6,6 +6,7 @@ namespace dbquant {
 namespace cpu {
 
 void dequantize_t(Isa isa, const T16Weight& w, void* out, bool bf16, int64_t t0, int64_t t1) {
+  if (isa == Isa::Avx512 && bf16 && avx512_has(Avx512Ext::Bf16)) return dequantize_t_avx512bf16(w, out, bf16, t0, t1);
   if (isa == Isa::Avx512) return dequantize_t_avx512(w, out, bf16, t0, t1);
   if (isa == Isa::Avx2) return dequantize_t_avx2(w, out, bf16, t0, t1);
   return dequantize_t_scalar(w, out, bf16, t0, t1);

@@ -135,8 +135,6 @@ void gemm_a8_tiles_avx2(const T16Weight& w, const uint8_t* xu, const int32_t* xz
                         const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1);
 void gemm_a8_tiles_avx512vnni(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx,
                               const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1);
-// Whether the AVX-512 path of gemm_a8_tiles runs the VNNI kernel (AVX-512 F/BW/VL + VNNI), else the AVX2 one.
-bool a8_vnni_supported();
 
 }  // namespace cpu
 }  // namespace dbquant

@@ -30,15 +30,6 @@ void quantize_a8_scalar(const T16Weight& w, const float* x, uint8_t* xu, int32_t
     }
 }
 
-bool a8_vnni_supported() {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  static const bool ok = isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512vnni");
-  return ok;
-#else
-  return false;
-#endif
-}
-
 int64_t a8_scratch_bytes(const T16Weight& w) {
   return w.kp() * w.P * kTile + w.groups() * w.P * kTile * int64_t(sizeof(int32_t));
 }
@@ -46,7 +37,7 @@ int64_t a8_scratch_bytes(const T16Weight& w) {
 void gemm_a8_tiles(Isa isa, const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx,
                    const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1) {
   // AVX-512 CPUs without VNNI run the AVX2 kernel
-  if (isa == Isa::Avx512 && a8_vnni_supported()) return gemm_a8_tiles_avx512vnni(w, xu, xz, sx, xs, M, y, scratch, t0, t1);
+  if (isa == Isa::Avx512 && avx512_has(Avx512Ext::Vnni)) return gemm_a8_tiles_avx512vnni(w, xu, xz, sx, xs, M, y, scratch, t0, t1);
   if (isa != Isa::Scalar) return gemm_a8_tiles_avx2(w, xu, xz, sx, xs, M, y, scratch, t0, t1);
   gemm_a8_tiles_scalar(w, xu, xz, sx, xs, M, y, t0, t1);
 }

@@ -1,0 +1,19 @@
+// AVX-512 + AVX512-BF16 path of the transposed dequantization (dequant_t16_avx512_impl.h): bfloat16 by
+// vcvtneps2bf16. Compiled for AVX-512F/BW/VL + BF16 + F16C by the pragma; called only after a run-time
+// CPU check (dequantize_t in dequant_t16_scalar.cpp).
+
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define DQ_NS dq_avx512bf16
+#define DQ_CVTNE 1
+#include "dequant_t16_avx512_impl.h"
+
+namespace dbquant {
+namespace cpu {
+
+void dequantize_t_avx512bf16(const T16Weight& w, void* out, bool bf16, int64_t t0, int64_t t1) {
+  dq_avx512bf16::dequantize(w, out, bf16, t0, t1);
+}
+
+}  // namespace cpu
+}  // namespace dbquant
