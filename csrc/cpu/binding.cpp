@@ -166,8 +166,8 @@ dbquant::cpu::T16Weight t16_weight(const char* op, const at::Tensor& planes, con
   w.P = planes.size(2);
   const int64_t T = w.tiles(), G = w.groups(), C8 = w.kp() / 8, tile = dbquant::cpu::kTile;
   if (planes.dim() == 5) {
-    TORCH_CHECK(group_size % 32 == 0, op, ": planes in dword rows need group_size a multiple of 32 (whole ",
-                "4-byte blocks per group), got ", group_size);
+    TORCH_CHECK(group_size % dbquant::cpu::kDwordGroup == 0, op, ": planes in dword rows need group_size a ",
+                "multiple of ", dbquant::cpu::kDwordGroup, " (whole 4-byte blocks per group), got ", group_size);
     w.cols = 4;
     check_shape(planes, "planes", {T, C8 / 4, w.P, tile, 4});
   } else {

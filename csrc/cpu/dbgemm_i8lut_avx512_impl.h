@@ -8,8 +8,8 @@
 //                                (4 columns, P = 1), the column of each lane added to the nibble.
 //   dbgemm_i8lut_avx512dw.cpp    (+ VBMI + VNNI)  I8_DW 1: weights in dword rows (dbgemm_t16.h,
 //                                cols 4) and dword tables; see "Dword rows" below.
-// Everything else (the group's float epilogue; for the first two also the accumulation and
-// reduction) is the same code, so all three give the scalar path's results bit for bit.
+// Everything else (the group's float epilogue, group_epilogue; for the first two also the accumulation
+// and reduction) is the same code, so all three give the scalar path's results bit for bit.
 //
 // Dword rows. A 64-byte block of weights holds 4 byte columns of one plane for 16 rows, row r's 4
 // bytes in dword r. A row's tables (I8LutRow::dw) hold, per block b of 4 columns, 2 nibbles x E
@@ -56,20 +56,37 @@ inline __m512i lane_base(int v) {
 }
 #endif
 
-#if I8_DW
 // The group scales are a second stream beside the planes: prefetched the same distance ahead, each cache
-// line of the group's P x 16 float16 (one line at P <= 2, two at P = 3, 4), and the offset's.
+// line of group g's P x 16 float16 (one line at P <= 2, two at P = 3, 4), and the offset's.
 template <int P>
 inline void prefetch_group(const uint16_t* ts, const uint16_t* to, int64_t g) {
   for (int b = 0; b < P * kTile * 2; b += 64) prefetch_ahead_l2(reinterpret_cast<const char*>(ts + g * P * kTile) + b);
   if (to) prefetch_ahead_l2(to + g * kTile);
 }
 
+// Group g's float epilogue (dbgemm_i8lut.h, in its order) on the planes' int32 sums S[p]: every copy's.
+template <int P>
+inline __m512 group_epilogue(const I8LutRow& row, const uint16_t* ts, const uint16_t* to, int64_t g, const __m512i* S,
+                             __m512 y) {
+  const __m512 s = _mm512_set1_ps(row.scale[g]), h = _mm512_set1_ps(0.5f * row.gsum[g]);  // the centring's term
+  for (int p = 0; p < P; ++p) {
+    const __m512 a = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ts + (g * P + p) * kTile)));
+    y = _mm512_fmadd_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(S[p]), s, h), y);
+  }
+  if (to) {
+    const __m512 beta = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(to + g * kTile)));
+    y = _mm512_fmadd_ps(beta, _mm512_set1_ps(row.gsum[g]), y);
+  }
+  return y;
+}
+
+#if I8_DW
+
 // y (16 rows) of one activation row and tile (tp: its planes in dword rows). E: bytes per table entry.
 template <int P, int E>
 inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* tp, const uint16_t* ts,
                        const uint16_t* to) {
-  const int64_t G = w.groups(), bpg = w.group_size / 32;  // 4-column blocks per group
+  const int64_t G = w.groups(), bpg = w.group_size / kDwordGroup;  // 4-column blocks per group
   const __m512i m4 = _mm512_set1_epi8(15), ones = _mm512_set1_epi8(1);
   const __m512i col = _mm512_set1_epi32(0x30201000);  // 16 j in byte j of each dword
   __m512 y = _mm512_setzero_ps();
@@ -100,16 +117,9 @@ inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* t
         }
       }
     }
-    const __m512 s = _mm512_set1_ps(row.scale[g]), h = _mm512_set1_ps(0.5f * row.gsum[g]);  // the centring's term
-    for (int p = 0; p < P; ++p) {
-      const __m512i S = E == 2 ? _mm512_add_epi32(L[p], _mm512_slli_epi32(H[p], 8)) : H[p];
-      const __m512 a = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ts + (g * P + p) * kTile)));
-      y = _mm512_fmadd_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(S), s, h), y);
-    }
-    if (to) {
-      const __m512 beta = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(to + g * kTile)));
-      y = _mm512_fmadd_ps(beta, _mm512_set1_ps(row.gsum[g]), y);
-    }
+    __m512i S[P];
+    for (int p = 0; p < P; ++p) S[p] = E == 2 ? _mm512_add_epi32(L[p], _mm512_slli_epi32(H[p], 8)) : H[p];
+    y = group_epilogue<P>(row, ts, to, g, S, y);
   }
   return y;
 }
@@ -134,10 +144,7 @@ inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* t
 #endif
   __m512 y = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    // the group scales are a second stream beside the planes: prefetched the same distance ahead, each
-    // cache line of the group's P x 16 float16 (one line at P <= 2, two at P = 3, 4)
-    for (int b = 0; b < P * kTile * 2; b += 64) prefetch_ahead_l2(reinterpret_cast<const char*>(ts + g * P * kTile) + b);
-    if (to) prefetch_ahead_l2(to + g * kTile);
+    prefetch_group<P>(ts, to, g);
     __m512i S[P];
     for (int p = 0; p < P; ++p) S[p] = _mm512_setzero_si512();
     for (int64_t c0 = g * cpg; c0 < (g + 1) * cpg; c0 += SEG) {
@@ -230,15 +237,7 @@ inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* t
           S[p] = _mm512_add_epi32(S[p], _mm512_cvtepi16_epi32(_mm256_set_m128i(ps[p][1], ps[p][0])));
       }
     }
-    const __m512 s = _mm512_set1_ps(row.scale[g]), h = _mm512_set1_ps(0.5f * row.gsum[g]);  // the centring's term
-    for (int p = 0; p < P; ++p) {
-      const __m512 a = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ts + (g * P + p) * kTile)));
-      y = _mm512_fmadd_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(S[p]), s, h), y);
-    }
-    if (to) {
-      const __m512 beta = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(to + g * kTile)));
-      y = _mm512_fmadd_ps(beta, _mm512_set1_ps(row.gsum[g]), y);
-    }
+    y = group_epilogue<P>(row, ts, to, g, S, y);
   }
   return y;
 }
@@ -247,7 +246,6 @@ inline __m512 tile_row(const T16Weight& w, const I8LutRow& row, const uint8_t* t
 template <int P, int E>
 void tiles(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t t0, int64_t t1) {
   constexpr LutKind kind = lut_kind_for(E);
-  const int64_t G = w.groups();
   I8LutRow views[kI8RowViews];
   i8lut_rows(w, buf, M, kind, views);
 #if !I8_DW
@@ -255,12 +253,10 @@ void tiles(const T16Weight& w, const uint8_t* buf, int64_t M, float* y, int64_t 
 #endif
   for (int64_t t = t0; t < t1; ++t) {
 #if I8_DW
-    const uint8_t* tp = w.planes + t * tile_plane_bytes(w);  // dword rows, read as they are
+    const auto [tp, ts, to] = tile_ptrs(w, t);  // dword rows, read as they are
 #else
-    const uint8_t* tp = units.tile(t);
+    const auto [tp, ts, to] = units.ptrs(t);
 #endif
-    const uint16_t* ts = w.scales + t * G * P * kTile;
-    const uint16_t* to = w.offset ? w.offset + t * G * kTile : nullptr;
     const int64_t n0 = t * kTile;
     const int rows = int(std::min<int64_t>(kTile, w.N - n0));
     const __mmask16 keep = rows == kTile ? __mmask16(0xffff) : __mmask16((1u << rows) - 1);

@@ -82,7 +82,7 @@ const uint8_t* UnitPlanes::tile(int64_t t) {
   const uint8_t* src = w_.planes + t * tile_plane_bytes(w_);
   if (w_.cols == 1) return src;
   // block (b, p): 16 rows x 4 columns, byte 4 r + j = column 4 b + j of row r -> unit (4 b + j, p)
-  const int64_t P = w_.P, blocks = w_.kp() / 32;
+  const int64_t P = w_.P, blocks = w_.kp() / kDwordGroup;
   for (int64_t b = 0; b < blocks; ++b)
     for (int64_t p = 0; p < P; ++p) {
       const uint8_t* blk = src + (b * P + p) * 64;

@@ -53,6 +53,9 @@ namespace cpu {
 
 constexpr int kTile = 16;  // output rows per tile
 constexpr int kMaxPlanes = 4;  // k of the packed format (dbquant/format/layout.py: MAX_PLANES)
+// Input channels per 64-byte block of dword rows (4 byte columns of 8): the group size must be a multiple
+// (dbquant/backends/t16.py: DWORD_GROUP).
+constexpr int64_t kDwordGroup = 32;
 
 enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 
@@ -90,14 +93,14 @@ struct TilePtrs {
   const uint16_t* scales;
   const uint16_t* offset;
 };
-inline TilePtrs tile_ptrs(const T16Weight& w, int64_t t) {
-  const int64_t G = w.groups();
-  return {w.planes + t * (w.kp() / 8) * w.P * kTile, w.scales + t * G * w.P * kTile,
-          w.offset ? w.offset + t * G * kTile : nullptr};
-}
-
 // Bytes of one tile's planes (the same in both orders).
 inline int64_t tile_plane_bytes(const T16Weight& w) { return w.kp() / 8 * w.P * kTile; }
+
+inline TilePtrs tile_ptrs(const T16Weight& w, int64_t t) {
+  const int64_t G = w.groups();
+  return {w.planes + t * tile_plane_bytes(w), w.scales + t * G * w.P * kTile,
+          w.offset ? w.offset + t * G * kTile : nullptr};
+}
 
 // Tile t's planes in the unit order [C8, P, 16], for the kernels that read only that order: in place
 // for cols 1; for dword rows regrouped into a buffer this object owns (one per thread: each call's tile
