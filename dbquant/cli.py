@@ -512,9 +512,10 @@ def _generate_parser(sub) -> None:
                         "activations per block of 32, ~2x faster; see docs/RESULTS.md for their PPL cost)")
     g.add_argument("--prefill-gemm", default=d["prefill_gemm"], choices=cpu_backend.GEMM_DTYPES,
                    help="the dbquant engine's GEMM on a prompt of more than 32 tokens: fp32 (exact), bf16, "
-                        "int8 (activations rounded to 8 bits per group, exact weights), auto: bf16 where this "
-                        "CPU's bf16 GEMM is fast, int8 where AVX2 is its fastest path, else fp32 "
-                        "(docs/RESULTS.md has their speed and PPL cost)")
+                        "int8 (activations rounded to 8 bits per group, exact weights), w8a8 (the same "
+                        "activations, each group's weight rounded to 8-bit levels), auto: w8a8 where AVX-512 "
+                        "VNNI runs it, bf16 on AMX or where bf16 is otherwise fast, int8 where AVX2 is the "
+                        "fastest path, else fp32 (docs/RESULTS.md has their speed and PPL cost)")
     g.add_argument("--cache-dtype", default=d["cache_dtype"], choices=CACHE_DTYPE_CHOICES,
                    help="the dbquant engine's float KV cache (without --kv): float16 (half the bytes attention "
                         "reads a token), float32 (exact), auto: float16 where the layers of a token run natively")

@@ -16,8 +16,8 @@ def test_kernel_bench_json_and_plot(tmp_path, capsys):
     data = json.loads(js.read_text())
     rows = data["rows"]
     assert data["environment"]["isas"][-1] == "scalar"
-    # ref is skipped in stream mode: 2 shapes x 2 M x (10 cache + 9 stream backends)
-    assert len(rows) == 2 * 2 * 19
+    # ref is skipped in stream mode: 2 shapes x 2 M x (11 cache + 10 stream backends)
+    assert len(rows) == 2 * 2 * 21
     for r in rows:
         assert {"op", "n", "k", "m", "mode", "threads", "backend", "ms", "gbps", "bandwidth_gbps"} <= set(r)
         assert r["ms"] > 0 and r["gbps"] > 0 and r["bandwidth_gbps"] > 0
@@ -25,10 +25,11 @@ def test_kernel_bench_json_and_plot(tmp_path, capsys):
     stream = [r for r in rows if r["mode"] == "stream"]
     # rotated copies spanning the whole set (1 MiB here; by default 4x the L3, so every call reads DRAM)
     assert all(r["copies"] > 1 and r["rotating_bytes"] >= 1 << 20 for r in stream)
-    # float and int tables, and the prefill path's GEMMs (dequantized fp32 / bf16, 8-bit activations), side by side
+    # float and int tables, and the prefill path's GEMMs (dequantized fp32 / bf16, 8-bit activations with the
+    # exact planes or 8-bit weight levels), side by side
     # and the int16 tables on the planes' unit byte order beside the order this CPU's loaders choose
     assert {r["backend"] for r in rows} == {"fp32", "bf16", "ref", "cpu", "cpu-i8lut", "cpu-i16lut", "cpu-i16lut-unit",
-                                            "cpu-gemm", "cpu-gemm-bf16", "cpu-gemm-a8"}
+                                            "cpu-gemm", "cpu-gemm-bf16", "cpu-gemm-a8", "cpu-gemm-w8a8"}
     cpu = [r for r in rows if r["backend"].startswith("cpu")]
     assert cpu and all(r["weight_bytes"] < r["n"] * r["k"] for r in cpu)  # < 8 bits per weight read
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -65,12 +65,13 @@ def test_packed_fused_matches_hf_forward(model_type, tmp_path):
     _assert_chunked_logits_match(model)
 
 
-@pytest.mark.parametrize("gemm", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("gemm", ["fp32", "bf16", "int8", "w8a8"])
 def test_long_prefill_gemm(gemm):
     """A prompt of more than LUT_MAX_ROWS tokens goes through one GEMM per projection:
     prefill_gemm="fp32" gives the HF forward's logits to fp32 rounding, "bf16" (weights and
     activations rounded to bfloat16) to bf16 rounding, "int8" (activations rounded to int8 per
-    group, csrc/cpu/gemm_a8.h) to that rounding, the same greedy token; "auto" is what
+    group, csrc/cpu/gemm_a8.h) to that rounding, "w8a8" (and the weights to 8-bit levels) to both,
+    the same greedy token; "auto" is what
     backends/cpuinfo.py says this CPU pays for."""
     model = _packed("llama")
     ids = torch.randint(0, 300, (1, cpu_backend.LUT_MAX_ROWS + 13), generator=torch.Generator().manual_seed(2))

@@ -14,8 +14,9 @@
 //                                       dequant_t16.h; for prefill GEMMs)
 //   torch.ops.dbquant.gemm_a8_cpu(Tensor x, Tensor planes, Tensor scales, Tensor? offset,
 //                                Tensor? bias, int out_features, int in_features,
-//                                int group_size, str isa="auto") -> Tensor
-//                                    (prefill GEMM on 8-bit activations, exact bit planes: gemm_a8.h)
+//                                int group_size, str isa="auto", bool int8_weights=False) -> Tensor
+//                                    (prefill GEMM on 8-bit activations, exact bit planes or, with
+//                                     int8_weights, 8-bit weight levels: gemm_a8.h)
 //   torch.ops.dbquant.linear_int8_cpu(Tensor x, Tensor wq, Tensor s, str isa="auto") -> Tensor
 //                                    (dense int8-weight projection, gemv_int8.h)
 //   torch.ops.dbquant.linear_w8a8_cpu(Tensor x, Tensor wq, Tensor s, str isa="auto") -> Tensor
@@ -76,6 +77,8 @@
 //   torch.ops.dbquant.cpu_isas() -> str[]       (supported ISA paths, fastest first)
 //   torch.ops.dbquant.cpu_dword_rows() -> bool  (whether this CPU runs the dword-row integer-table
 //                                    kernel: where the loaders repack planes in dword rows)
+//   torch.ops.dbquant.cpu_avx512_has(str ext) -> bool  (whether the AVX-512 kernels may use the
+//                                    extension "vbmi", "vnni" or "bf16": CPU and OS)
 //   torch.ops.dbquant.cpu_default_lut(str isa="auto") -> str  ("float", "int8" or "int16": what
 //                                    lut="auto" picks for M = 1 on that path, DBQUANT_CPU_LUT included)
 //   torch.ops.dbquant.cpu_force_lut(str kind) -> str  (force "float"/"int8"/"int16" or back to "auto",
@@ -402,12 +405,13 @@ at::Tensor dequantize_t_cpu(const at::Tensor& planes, const at::Tensor& scales,
   return out;
 }
 
-// y = x @ W^T (+ bias) with the activations rounded to 8 bits per row and group (gemm_a8.h): the
-// codes once (rows split over threads), then the tiles shared by the threads (shared_tile_region),
+// y = x @ W^T (+ bias) with the activations rounded to 8 bits per row and group (gemm_a8.h), and with
+// int8_weights the weight to its 8-bit levels: the codes once (rows split over threads), then the tiles shared by the threads (shared_tile_region),
 // each thread with its own panel.
 at::Tensor gemm_a8_cpu(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& scales,
                        const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias,
-                       int64_t out_features, int64_t in_features, int64_t group_size, const std::string& isa_arg) {
+                       int64_t out_features, int64_t in_features, int64_t group_size, const std::string& isa_arg,
+                       bool int8_weights) {
   check_input(x, "x", at::kFloat);
   if (bias) check_input(*bias, "bias", at::kFloat);
   dbquant::cpu::T16Weight w =
@@ -432,7 +436,7 @@ at::Tensor gemm_a8_cpu(const at::Tensor& x, const at::Tensor& planes, const at::
   const int64_t T = w.tiles(), scratch = (dbquant::cpu::a8_scratch_bytes(w) + 63) / 64 * 64;
   float* yp = y.data_ptr<float>();
   auto tiles = [&](uint8_t* buf, int64_t t0, int64_t t1) {
-    dbquant::cpu::gemm_a8_tiles(isa, w, up, zp, sp, ssp, M, yp, buf, t0, t1);
+    dbquant::cpu::gemm_a8_tiles(isa, w, up, zp, sp, ssp, M, yp, buf, t0, t1, int8_weights);
   };
   // a tile is M * Kp * P * 16 multiply-adds: one per chunk already amortises taking it
   const int nth = at::in_parallel_region() ? 1 : int(std::min<int64_t>(at::get_num_threads(), T));
@@ -1362,6 +1366,14 @@ std::vector<std::string> cpu_isas() {
 
 bool cpu_dword_rows() { return dbquant::cpu::dword_rows_supported(); }
 
+bool cpu_avx512_has(const std::string& ext) {
+  using dbquant::cpu::Avx512Ext;
+  if (ext == "vbmi") return dbquant::cpu::avx512_has(Avx512Ext::Vbmi);
+  if (ext == "vnni") return dbquant::cpu::avx512_has(Avx512Ext::Vnni);
+  if (ext == "bf16") return dbquant::cpu::avx512_has(Avx512Ext::Bf16);
+  TORCH_CHECK(false, "cpu_avx512_has: ext must be \"vbmi\", \"vnni\" or \"bf16\", got \"", ext, "\"");
+}
+
 }  // namespace
 
 // FRAGMENT rather than TORCH_LIBRARY: a namespace may be opened by TORCH_LIBRARY only once
@@ -1378,7 +1390,7 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
       "int in_features, int group_size, bool bf16=False, str isa=\"auto\") -> Tensor");
   m.def(
       "gemm_a8_cpu(Tensor x, Tensor planes, Tensor scales, Tensor? offset, Tensor? bias, int out_features, "
-      "int in_features, int group_size, str isa=\"auto\") -> Tensor");
+      "int in_features, int group_size, str isa=\"auto\", bool int8_weights=False) -> Tensor");
   m.def("linear_int8_cpu(Tensor x, Tensor wq, Tensor s, str isa=\"auto\") -> Tensor");
   m.def("rms_norm_cpu(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("gated_act_cpu(Tensor gu, str act=\"silu\") -> Tensor");
@@ -1423,6 +1435,7 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
   m.def("stream_read_cpu(Tensor buf, int threads, str isa=\"auto\") -> int");
   m.def("cpu_isas() -> str[]", &cpu_isas);
   m.def("cpu_dword_rows() -> bool", &cpu_dword_rows);
+  m.def("cpu_avx512_has(str ext) -> bool", &cpu_avx512_has);
   m.def("cpu_default_lut(str isa=\"auto\") -> str", &cpu_default_lut);
   m.def("cpu_force_lut(str kind) -> str", &cpu_force_lut);
   m.def("cpu_force_isa(str isa) -> str", &cpu_force_isa);

@@ -31,6 +31,23 @@
 //   |y - x @ W^T| <= sum_j sx[m, j] / 2 * sum_{k in j} |W[n, k] - beta[j, n]|  (+ float32 rounding)
 // (the offset multiplies the exact xs, so it adds no rounding of x).
 //
+// 8-bit weight levels ("w8a8", int8_weights): the same activations, and the planes of each output row n and
+// group j merged into one int8 weight per channel, so that one integer dot replaces P of them (on AVX-512
+// VNNI one vpdpbusd per 4 channels instead of P: 64 products per instruction instead of 64 / P):
+//   ok  = every alpha_p[j, n] finite
+//   L   = max(sum_p (alpha_p > 0 ? alpha_p : 0), sum_p (alpha_p < 0 ? -alpha_p : 0))   (float32, p in order)
+//   s   = ok ? L / (127 - P / 2) : NaN                                          (the group's step, float32)
+//   r_p = ok && s > 0 ? nearbyint(alpha_p / s) : 0                              (int8)
+//   q[n, k] = sum_p r_p b_p[n, k]
+// L is the largest |sum of a subset of the alphas|, and rounding moves each r_p by <= 1/2, so every q (a
+// subset's sum) is within +-127. The weight becomes beta + s q: each alpha_p moves by <= s / 2 = L / 252 at
+// P = 2 (where alpha_1 and alpha_2 have opposite signs, as they nearly always do after calibration, L is
+// the larger |alpha| alone). The integer part is D'[m, j, n] = sum_k (xu[m, k] - z[m, j]) q[n, k] (int32:
+// |D'| <= 255 * 127 * g), and the float part is the exact one's with P = 1 and alpha = s:
+//   t = s[j, n] * D';  y = fma(t, sx[m, j], y);  then the offset and the bias as above
+// (a group with a non-finite alpha gives t = NaN * 0 = NaN, as x @ W^T would). gemm_a8_ref(...,
+// int8_weights=True) is the torch definition; docs/RESULTS.md has the measured perplexity cost.
+//
 // The AVX-512 VNNI kernel (gemm_a8_avx512vnni.cpp, the AVX-512 path where the CPU has VNNI) does the same
 // with int32 sums: per 4 channels one vpdpbusd of the broadcast codes with each plane's 16 rows x 4 bytes.
 // The AVX2 kernel expands one tile's planes to bytes {0, 1} (a "panel", uint8 [Kp/4, 2, P, 8, 4]: per
@@ -118,23 +135,43 @@ void a8_finish_group(const A8Stats& st, int64_t n, int64_t g, uint8_t* q, int32_
   xs = ((st.part[0] + st.part[4]) + (st.part[2] + st.part[6])) + ((st.part[1] + st.part[5]) + (st.part[3] + st.part[7]));
 }
 
+// One output row's 8-bit levels in group j (above): alpha float32 [P] in, r int8 [P] out; returns s.
+inline float w8_levels(const float* alpha, int64_t P, int8_t* r) {
+  P = std::min<int64_t>(P, kMaxPlanes);  // callers' arrays hold kMaxPlanes (T16Weight checks P)
+  bool ok = true;
+  float pos = 0.0f, neg = 0.0f;
+  for (int64_t p = 0; p < P; ++p) {
+    ok = ok && std::isfinite(alpha[p]);
+    pos += alpha[p] > 0.0f ? alpha[p] : 0.0f;
+    neg += alpha[p] < 0.0f ? -alpha[p] : 0.0f;
+  }
+  const float s = ok ? std::max(pos, neg) / (127.0f - 0.5f * float(P)) : NAN;
+  for (int64_t p = 0; p < P; ++p) r[p] = ok && s > 0.0f ? int8_t(std::nearbyint(alpha[p] / s)) : 0;
+  return s;
+}
+
 }  // namespace
 
-// Bytes of scratch gemm_a8_tiles needs per call (one tile's panel and its popcounts).
+// Bytes of scratch gemm_a8_tiles needs per call (one tile's panel, its popcounts and its scales as floats).
 int64_t a8_scratch_bytes(const T16Weight& w);
 
 // y[m, n] (float32 [M, N] row-major) for all M rows and the output rows of tiles [t0, t1), with
-// the bias added. scratch: a8_scratch_bytes(w) bytes, 32-byte aligned, this call's own.
+// the bias added; int8_weights: the 8-bit weight levels (above) instead of the exact planes.
+// scratch: a8_scratch_bytes(w) bytes, 32-byte aligned, this call's own.
 // Tiles are independent: callers run disjoint ranges in parallel. Requires w.group_size <= kA8MaxGroup.
+// With int8_weights, CPUs without AVX-512 VNNI run the scalar loop (no AVX2 kernel: vpmaddubsw's int16
+// pairs would saturate on 8-bit weights).
 void gemm_a8_tiles(Isa isa, const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx,
-                   const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1);
+                   const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1,
+                   bool int8_weights = false);
 
 void gemm_a8_tiles_scalar(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx,
-                          const float* xs, int64_t M, float* y, int64_t t0, int64_t t1);
+                          const float* xs, int64_t M, float* y, int64_t t0, int64_t t1, bool int8_weights);
 void gemm_a8_tiles_avx2(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx,
                         const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1);
 void gemm_a8_tiles_avx512vnni(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx,
-                              const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1);
+                              const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1,
+                              bool int8_weights);
 
 }  // namespace cpu
 }  // namespace dbquant

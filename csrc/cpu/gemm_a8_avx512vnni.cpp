@@ -5,7 +5,10 @@
 // row with each plane's panel vector (4 unsigned x signed byte products added into each row's int32 lane:
 // 64 per instruction, no int16 stage and so no group-size limit of its own), and the float epilogue in
 // gemm_a8.h's order, so the outputs are the scalar path's bit for bit. Reads the planes in either byte
-// order in place (t16_unit_avx512.h). Compiled for AVX-512F/BW/VL + VNNI + FMA + F16C by the pragma;
+// order in place (t16_unit_avx512.h). With int8_weights the planes of a group merge into one panel of
+// int8 levels q = sum_p r_p b_p (gemm_a8.h), expanded by byte masks (vptestmb, a masked move and masked
+// adds), with each group's sum of q in place of the popcount and its step s in place of alpha: one
+// vpdpbusd per 4 channels instead of P, and the same row blocks (P = 1). Compiled for AVX-512F/BW/VL + VNNI + FMA + F16C by the pragma;
 // called only after a run-time CPU check (gemm_a8_tiles, where dword_rows_supported: VBMI + VNNI).
 
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
@@ -26,9 +29,9 @@ namespace {
 
 // Tile tp's planes (either order: COLS) as bytes, panel[(s * P + p) * 64 + 4 r + i] = bit 4 s + i of row r
 // in plane p (a step's P vectors contiguous); pc[(j * P + p) * 16 + r] = the popcount of row r's bits of
-// plane p in group j.
+// plane p in group j; sc[(j * P + p) * 16 + r] = its alpha (ts) as float32.
 template <int COLS>
-void expand_tile(const T16Weight& w, const uint8_t* tp, uint8_t* panel, int32_t* pc) {
+void expand_tile(const T16Weight& w, const uint8_t* tp, const uint16_t* ts, uint8_t* panel, int32_t* pc, float* sc) {
   const int64_t P = w.P, cpg = w.group_size / 8;
   // byte 4 r' + i of lane L comes from row 4 L + r' (each lane holds the 16 rows' bytes)
   const __m512i idx = _mm512_set_epi32(0x0F0F0F0F, 0x0E0E0E0E, 0x0D0D0D0D, 0x0C0C0C0C, 0x0B0B0B0B, 0x0A0A0A0A,
@@ -49,15 +52,64 @@ void expand_tile(const T16Weight& w, const uint8_t* tp, uint8_t* panel, int32_t*
         }
       }
       _mm512_storeu_si512(pc + (j * P + p) * kTile, count);
+      _mm512_storeu_ps(sc + (j * P + p) * kTile, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ts + (j * P + p) * kTile))));
     }
+}
+
+// Tile tp's planes merged into int8 levels (gemm_a8.h, 8-bit weight levels): panel[s * 64 + 4 r + i] = q of row r,
+// channel 4 s + i; pc[j * 16 + r] = row r's sum of q over group j; sc[j * 16 + r] = its step s. The levels
+// follow w8_levels on 16 rows at once, in the same float operations.
+template <int COLS>
+void expand_tile_w8(const T16Weight& w, const uint8_t* tp, const uint16_t* ts, uint8_t* panel, int32_t* pc, float* sc) {
+  const int64_t P = w.P, cpg = w.group_size / 8;
+  const __m512i idx = _mm512_set_epi32(0x0F0F0F0F, 0x0E0E0E0E, 0x0D0D0D0D, 0x0C0C0C0C, 0x0B0B0B0B, 0x0A0A0A0A,
+                                       0x09090909, 0x08080808, 0x07070707, 0x06060606, 0x05050505, 0x04040404,
+                                       0x03030303, 0x02020202, 0x01010101, 0x00000000);
+  // each dword lane's low byte (r_p, two's complement) into its 4 bytes
+  const __m512i rep = _mm512_set_epi32(
+      0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000, 0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000,
+      0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000, 0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000);
+  const __m512i bits[2] = {_mm512_set1_epi32(0x08040201), _mm512_set1_epi32(int(0x80402010u))};
+  const __m512i one = _mm512_set1_epi8(1);
+  const __m512 zero = _mm512_setzero_ps(), inf = _mm512_set1_ps(INFINITY);
+  const __m512 levels = _mm512_set1_ps(127.0f - 0.5f * float(P));
+  for (int64_t j = 0; j < w.groups(); ++j) {
+    __m512 alpha[kMaxPlanes], pos = zero, neg = zero;
+    __mmask16 ok = 0xffff;
+    for (int64_t p = 0; p < P; ++p) {
+      alpha[p] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ts + (j * P + p) * kTile)));
+      ok &= _mm512_cmp_ps_mask(_mm512_abs_ps(alpha[p]), inf, _CMP_LT_OQ);  // false for NaN and +-Inf
+      pos = _mm512_add_ps(pos, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(alpha[p], zero, _CMP_GT_OQ), alpha[p]));
+      neg = _mm512_add_ps(neg, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(alpha[p], zero, _CMP_LT_OQ),
+                                                   _mm512_sub_ps(zero, alpha[p])));
+    }
+    const __m512 s = _mm512_mask_blend_ps(ok, _mm512_set1_ps(NAN), _mm512_div_ps(_mm512_max_ps(pos, neg), levels));
+    const __mmask16 use = ok & _mm512_cmp_ps_mask(s, zero, _CMP_GT_OQ);
+    __m512i rb[kMaxPlanes];
+    for (int64_t p = 0; p < P; ++p)
+      rb[p] = _mm512_shuffle_epi8(_mm512_maskz_cvtps_epi32(use, _mm512_div_ps(alpha[p], s)), rep);
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t c = j * cpg; c < (j + 1) * cpg; ++c)
+      for (int nib = 0; nib < 2; ++nib) {
+        __m512i q = _mm512_setzero_si512();
+        for (int64_t p = 0; p < P; ++p) {
+          const __m512i v = _mm512_broadcast_i32x4(_mm512_cvtepi32_epi8(unit_lanes<COLS>(tp, P, c, p)));
+          q = _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(_mm512_shuffle_epi8(v, idx), bits[nib]), q, rb[p]);
+        }
+        _mm512_storeu_si512(panel + (2 * c + nib) * 64, q);
+        sum = _mm512_dpbusd_epi32(sum, one, q);  // + each row's 4 levels
+      }
+    _mm512_storeu_si512(pc + j * kTile, sum);
+    _mm512_storeu_ps(sc + j * kTile, s);
+  }
 }
 
 // Rows [m, m + MR) of tile t: y[(m + mr) N + n0 + r] for the tile's rows r < `rows`, bias added.
 template <int MR, int P>
-void row_block(const T16Weight& w, int64_t t, const uint8_t* panel, const int32_t* pc, const uint8_t* xu,
+void row_block(const T16Weight& w, int64_t t, const uint8_t* panel, const int32_t* pc, const float* sc, const uint8_t* xu,
                const int32_t* xz, const float* sx, const float* xs, int64_t m, float* y) {
   const int64_t G = w.groups(), S = w.group_size / 4, Kp = w.kp(), N = w.N, n0 = t * kTile;
-  const auto [tp, ts, to] = tile_ptrs(w, t);
+  const uint16_t* to = tile_ptrs(w, t).offset;
   __m512 acc_y[MR];
   for (int mr = 0; mr < MR; ++mr) acc_y[mr] = _mm512_setzero_ps();
   const uint8_t* x0 = xu + m * Kp;
@@ -83,7 +135,7 @@ void row_block(const T16Weight& w, int64_t t, const uint8_t* panel, const int32_
       }
     }
     __m512 a[P];
-    for (int p = 0; p < P; ++p) a[p] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ts + (j * P + p) * kTile)));
+    for (int p = 0; p < P; ++p) a[p] = _mm512_loadu_ps(sc + (j * P + p) * kTile);
     const __m512 beta = to ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(to + j * kTile))) : _mm512_setzero_ps();
     for (int mr = 0; mr < MR; ++mr) {
       __m512 part = _mm512_mul_ps(a[0], _mm512_cvtepi32_ps(acc[mr][0]));
@@ -104,26 +156,33 @@ void row_block(const T16Weight& w, int64_t t, const uint8_t* panel, const int32_
 // Every row of tile t in blocks of MR (P <= 2: 8 rows, 2 P + 8 + P of the 32 registers; else 4), the
 // last block row by row.
 template <int P>
-void tile_rows(const T16Weight& w, int64_t t, const uint8_t* panel, const int32_t* pc, const uint8_t* xu,
-               const int32_t* xz, const float* sx, const float* xs, int64_t M, float* y) {
+void tile_rows(const T16Weight& w, int64_t t, const uint8_t* panel, const int32_t* pc, const float* sc,
+               const uint8_t* xu, const int32_t* xz, const float* sx, const float* xs, int64_t M, float* y) {
   constexpr int MR = P <= 2 ? 8 : 4;
   int64_t m = 0;
-  for (; m + MR <= M; m += MR) row_block<MR, P>(w, t, panel, pc, xu, xz, sx, xs, m, y);
-  for (; m < M; ++m) row_block<1, P>(w, t, panel, pc, xu, xz, sx, xs, m, y);
+  for (; m + MR <= M; m += MR) row_block<MR, P>(w, t, panel, pc, sc, xu, xz, sx, xs, m, y);
+  for (; m < M; ++m) row_block<1, P>(w, t, panel, pc, sc, xu, xz, sx, xs, m, y);
 }
 
 template <int COLS>
 void tiles(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx, const float* xs, int64_t M,
-           float* y, uint8_t* scratch, int64_t t0, int64_t t1) {
+           float* y, uint8_t* scratch, int64_t t0, int64_t t1, bool int8_weights) {
   uint8_t* panel = scratch;
   int32_t* pc = reinterpret_cast<int32_t*>(scratch + w.kp() * w.P * kTile);
+  float* sc = reinterpret_cast<float*>(pc + w.groups() * w.P * kTile);
   for (int64_t t = t0; t < t1; ++t) {
-    expand_tile<COLS>(w, w.planes + t * tile_plane_bytes(w), panel, pc);
+    const auto [tp, ts, to] = tile_ptrs(w, t);
+    if (int8_weights) {
+      expand_tile_w8<COLS>(w, tp, ts, panel, pc, sc);
+      tile_rows<1>(w, t, panel, pc, sc, xu, xz, sx, xs, M, y);
+      continue;
+    }
+    expand_tile<COLS>(w, tp, ts, panel, pc, sc);
     switch (w.P) {  // one instance per plane count: the accumulators are registers
-      case 1: tile_rows<1>(w, t, panel, pc, xu, xz, sx, xs, M, y); break;
-      case 2: tile_rows<2>(w, t, panel, pc, xu, xz, sx, xs, M, y); break;
-      case 3: tile_rows<3>(w, t, panel, pc, xu, xz, sx, xs, M, y); break;
-      default: tile_rows<4>(w, t, panel, pc, xu, xz, sx, xs, M, y); break;
+      case 1: tile_rows<1>(w, t, panel, pc, sc, xu, xz, sx, xs, M, y); break;
+      case 2: tile_rows<2>(w, t, panel, pc, sc, xu, xz, sx, xs, M, y); break;
+      case 3: tile_rows<3>(w, t, panel, pc, sc, xu, xz, sx, xs, M, y); break;
+      default: tile_rows<4>(w, t, panel, pc, sc, xu, xz, sx, xs, M, y); break;
     }
   }
 }
@@ -131,9 +190,10 @@ void tiles(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float
 }  // namespace
 
 void gemm_a8_tiles_avx512vnni(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx,
-                              const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1) {
-  if (w.cols == 4) return tiles<4>(w, xu, xz, sx, xs, M, y, scratch, t0, t1);
-  tiles<1>(w, xu, xz, sx, xs, M, y, scratch, t0, t1);
+                              const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1,
+                              bool int8_weights) {
+  if (w.cols == 4) return tiles<4>(w, xu, xz, sx, xs, M, y, scratch, t0, t1, int8_weights);
+  tiles<1>(w, xu, xz, sx, xs, M, y, scratch, t0, t1, int8_weights);
 }
 
 }  // namespace cpu

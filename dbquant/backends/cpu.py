@@ -34,7 +34,7 @@ from .checks import (
     check_table_rows,
     check_tensor,
 )
-from .cpuinfo import fast_bf16_cpu
+from .cpuinfo import bf16_kind, fast_bf16_cpu
 from .kvpack import CODE_FIELDS, FLOAT_FIELDS, PackedKVLayer, check_kv_attend
 from .reference import Q8_BLOCK
 from .t16 import DWORD_GROUP, TILE, CpuWeight, DecodeLayerWeights  # noqa: F401 - re-exported
@@ -51,10 +51,11 @@ LUT_KINDS = ("auto", "float", "int8", "int16")
 # The GEMM above LUT_MAX_ROWS rows: "fp32" (the weight dequantized to float32: exact, what `eval`
 # measures), "bf16" (weight and activations rounded to bfloat16 into torch's bf16 GEMM: fp32
 # accumulation, a bf16 result), "int8" (activations rounded to 8 bits per row and group, the bit planes
-# exact: csrc/cpu/gemm_a8.h), or "auto" (resolve_gemm) = bf16 where this CPU's bf16 is fast
-# (backends/cpuinfo.py: ~4x the fp32 GEMM on Zen 5), int8 where AVX2 is its fastest path, else fp32.
-# The fast decoder's prefill uses auto.
-GEMM_DTYPES = ("auto", "fp32", "bf16", "int8")
+# exact: csrc/cpu/gemm_a8.h), "w8a8" (the same activations, and each group's planes merged into one int8
+# weight level per channel: one integer dot instead of P, gemm_a8.h "8-bit weight levels"), or "auto"
+# (resolve_gemm): bf16 on AMX, w8a8 where AVX-512 VNNI runs it, bf16 where this CPU's bf16 is otherwise
+# fast, int8 where AVX2 is its fastest path, else fp32. The fast decoder's prefill uses auto.
+GEMM_DTYPES = ("auto", "fp32", "bf16", "int8", "w8a8")
 A8_MAX_GROUP = 256  # csrc/cpu/gemm_a8.h kA8MaxGroup: larger groups take the fp32 GEMM
 
 _cpu_state: bool | None = None  # None: not tried yet
@@ -190,31 +191,40 @@ def forced_isa(isa: str):
 
 
 def resolve_gemm(gemm: str) -> str:
-    """"fp32", "bf16" or "int8": what ``gemm`` (one of GEMM_DTYPES) means on this CPU. "auto" is bf16 where
-    this CPU's bf16 GEMM is fast (``fast_bf16_cpu``), int8 activations where AVX2 is the fastest path
-    (AVX2-only CPUs, where it was measured: docs/RESULTS.md), else fp32."""
+    """"fp32", "bf16", "int8" or "w8a8": what ``gemm`` (one of GEMM_DTYPES) means on this CPU. "auto" is, in
+    this order (each measured where named, docs/RESULTS.md): bf16 on CPUs with AMX tiles (the tile GEMM
+    beats every vector kernel); w8a8 where the AVX-512 VNNI kernel runs (``cpu_avx512_has("vnni")``: on
+    Zen 4 1.4-2.1x the bf16 path at SmolLM2's shapes); bf16 where this CPU's bf16 is otherwise fast
+    (``fast_bf16_cpu``); int8 activations where AVX2 is the fastest path (Zen 3); else fp32."""
     if gemm not in GEMM_DTYPES:
         raise KernelInputError(f"dbgemm_cpu: gemm must be one of {GEMM_DTYPES}, got {gemm!r}")
     if gemm != "auto":
         return gemm
+    if bf16_kind() == "amx":
+        return "bf16"
+    native = load_cpu()
+    if native and torch.ops.dbquant.cpu_isas()[0] == "avx512" and torch.ops.dbquant.cpu_avx512_has("vnni"):
+        return "w8a8"
     if fast_bf16_cpu():
         return "bf16"
-    return "int8" if load_cpu() and torch.ops.dbquant.cpu_isas()[0] == "avx2" else "fp32"
+    return "int8" if native and torch.ops.dbquant.cpu_isas()[0] == "avx2" else "fp32"
 
 
 def dense_gemm(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None, gemm: str = "fp32") -> torch.Tensor:
-    """``x @ W.T (+ bias)`` by one BLAS GEMM on the dequantized weight, for many rows (a prefill).
+    """``x @ W.T (+ bias)`` by one GEMM, for many rows (a prefill).
 
     x: float32 [M, K] contiguous; bias: float32 [N] or None. ``gemm`` (GEMM_DTYPES): "fp32" is exact
-    up to summation order; "bf16" rounds x and W to bfloat16 (the product accumulates in fp32 inside
-    the GEMM; its result is rounded to bf16 and returned as float32); "int8" rounds x to 8 bits per row
-    and weight group (a zero point) and multiplies the exact bit planes in integers (``gemm_a8_cpu``,
-    csrc/cpu/gemm_a8.h: no dense weight; groups over A8_MAX_GROUP take fp32). Returns float32 [M, N].
+    up to summation order (the dequantized weight into torch's GEMM); "bf16" rounds x and W to bfloat16
+    (the product accumulates in fp32 inside the GEMM; its result is rounded to bf16 and returned as
+    float32); "int8" rounds x to 8 bits per row and weight group (a zero point) and multiplies the exact
+    bit planes in integers (``gemm_a8_cpu``, csrc/cpu/gemm_a8.h: no dense weight); "w8a8" rounds x the
+    same way and each group's weight to 8-bit levels (one integer dot instead of P; gemm_a8.h). Groups
+    over A8_MAX_GROUP take fp32 for both. Returns float32 [M, N].
     """
     kind = resolve_gemm(gemm)
-    if kind == "int8" and w.group_size <= A8_MAX_GROUP:
+    if kind in ("int8", "w8a8") and w.group_size <= A8_MAX_GROUP:
         return torch.ops.dbquant.gemm_a8_cpu(x, w.planes, w.scales, w.offset, bias, w.out_features,
-                                             w.in_features, w.group_size, "auto")
+                                             w.in_features, w.group_size, "auto", kind == "w8a8")
     bf16 = kind == "bf16"
     wt = torch.ops.dbquant.dequantize_t_cpu(w.planes, w.scales, w.offset, w.out_features, w.in_features,
                                             w.group_size, bf16)  # [K, N]: BLAS reads it as W^T

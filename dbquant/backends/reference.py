@@ -406,19 +406,48 @@ def quantize_a8_ref(x: torch.Tensor, group_size: int
     return u, z, torch.where(bad, nan, (hi - lo) / 255.0), torch.where(bad, nan, xg.sum(-1))
 
 
+def w8_levels_ref(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8-bit weight levels of the prefill GEMM's "w8a8" mode (csrc/cpu/gemm_a8.h, w8_levels), in torch.
+
+    Args: scales float16 or float32 [N, G, P] (alpha). Returns (r int8 [N, G, P], s float32 [N, G]): with
+    L = max(sum_p max(alpha_p, 0), sum_p max(-alpha_p, 0)) (p in order), s = L / (127 - P / 2) and
+    r_p = round_half_even(alpha_p / s), so that alpha_p ~ s r_p and every sum of a subset of the r_p is
+    within +-127 (one int8 weight per channel: q = sum_p r_p b_p). A group with a non-finite alpha gets
+    s = NaN and r = 0; one with L = 0 gets s = 0 and r = 0.
+    """
+    a = scales.float()
+    P = a.shape[-1]
+    pos, neg = torch.zeros_like(a[..., 0]), torch.zeros_like(a[..., 0])
+    for p in range(P):  # the kernels' order of the float sums
+        pos = pos + a[..., p].clamp_min(0)
+        neg = neg + (-a[..., p]).clamp_min(0)
+    ok = torch.isfinite(a).all(-1)
+    s = torch.where(ok, torch.maximum(pos, neg) / torch.tensor(127.0 - 0.5 * P), torch.tensor(float("nan")))
+    use = (ok & (s > 0))[..., None]
+    r = torch.where(use, torch.round(a / torch.where(use, s[..., None], torch.ones(()))), torch.zeros(()))
+    return r.to(torch.int8), s
+
+
 def gemm_a8_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor | None,
-                bias: torch.Tensor | None, in_features: int, group_size: int) -> torch.Tensor:
+                bias: torch.Tensor | None, in_features: int, group_size: int,
+                int8_weights: bool = False) -> torch.Tensor:
     """What the 8-bit prefill GEMM computes (csrc/cpu/gemm_a8.h; otherwise dbgemm_ref's signature, x float32
     [M, K]): y[m, n] = sum_j (sx[m, j] sum_p alpha[n, j, p] D[m, p, n, j] + beta[n, j] xs[m, j]) + bias[n],
     with D the exact integer dot of the group's codes less their zero point (quantize_a8_ref) with the
-    bit plane's bits. Equal to the kernel up to float32 summation order. Returns float32 [M, N]."""
+    bit plane's bits. With ``int8_weights`` alpha_p is s r_p (w8_levels_ref): the "w8a8" mode. Equal to
+    the kernel up to float32 summation order. Returns float32 [M, N]."""
     check_packed("gemm_a8_ref", qweight, scales, offset, bias, in_features, group_size)
     u, z, sx, xs = quantize_a8_ref(x, group_size)
     bits = layout.unpack_bits(qweight).double()  # [P, N, Kp] of {0, 1}
     m, kp = u.shape
     q = u.double().view(m, kp // group_size, group_size) - z.double()[..., None]
     d = torch.einsum("mgk,pngk->mpng", q, bits.view(*bits.shape[:2], kp // group_size, group_size))  # exact
-    y = torch.einsum("mpng,ngp,mg->mn", d, scales.double(), sx.double())
+    if int8_weights:
+        r, s = w8_levels_ref(scales)
+        alpha = s.double()[..., None] * r.double()  # NaN where s is: NaN * 0 on the kernels too
+    else:
+        alpha = scales.double()
+    y = torch.einsum("mpng,ngp,mg->mn", d, alpha, sx.double())
     if offset is not None:
         y = y + xs.double() @ offset.double().T
     if bias is not None:

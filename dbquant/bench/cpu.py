@@ -13,6 +13,7 @@ thread count and mode, the time of ``y = x @ W.T`` with
   cpu-gemm, cpu-gemm-bf16  the prefill path: the weight dequantized (transposed) on every call, then
         one torch GEMM in float32 or bfloat16 (``cpu_backend.dense_gemm``)
   cpu-gemm-a8  the prefill path on int8 activations and the exact bit planes (``dense_gemm(gemm="int8")``)
+  cpu-gemm-w8a8  the prefill path on int8 activations and 8-bit weight levels (``dense_gemm(gemm="w8a8")``)
 Modes: ``cache`` reuses one weight (resident in cache when it fits); ``stream`` cycles through
 distinct copies of it, together at least the rotating set of :func:`dbquant.bench.machine.stream_set_bytes`
 (4x the L3 read at run time, at most a quarter of MemAvailable), so a call comes back to a copy
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 
 from ..backends import cpu as cpu_backend
 from ..backends import t16
+from ..backends.cpuinfo import fast_bf16_cpu
 from ..backends.reference import dbgemm_ref
 from ..format import files
 from ..model.checkpoint import load
@@ -60,10 +62,11 @@ from .machine import environment, stream_set_bytes
 SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 LLAMA7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 BACKENDS = ("fp32", "bf16", "ref", "cpu", "cpu-i8lut", "cpu-i16lut", "cpu-i16lut-unit", "cpu-gemm", "cpu-gemm-bf16",
-            "cpu-gemm-a8")
+            "cpu-gemm-a8", "cpu-gemm-w8a8")
 # backend -> run_cpu's lut
 NATIVE = {"cpu": "float", "cpu-i8lut": "int8", "cpu-i16lut": "int16", "cpu-i16lut-unit": "int16"}
-GEMM = {"cpu-gemm": "fp32", "cpu-gemm-bf16": "bf16", "cpu-gemm-a8": "int8"}  # backend -> dense_gemm's precision
+# backend -> dense_gemm's precision
+GEMM = {"cpu-gemm": "fp32", "cpu-gemm-bf16": "bf16", "cpu-gemm-a8": "int8", "cpu-gemm-w8a8": "w8a8"}
 MAX_COPIES = 1 << 16  # bounds the Python objects for a tiny weight (rows say when it bound the set)
 READ_CHUNK = 16 << 20  # bytes per timed call of the read kernel (a 4096x4096 fp32 weight is 64 MiB)
 
@@ -290,10 +293,11 @@ def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int
 
     Each configuration: one warm-up generation, then ``repeats`` timed ones (median reported).
     Also times the dense output projection alone (one token), to say how much of a decode
-    step it takes. The quantized rows prefill with ``prefill_gemm="auto"`` (bf16 where this CPU's
-    bf16 GEMM is fast, int8 activations on AVX2-only CPUs); there one more row, with the first head
-    type, prefills in exact fp32, so both are in one run. Where "auto" is fp32 on a CPU with AVX2
-    (AVX-512 without fast bf16), that row prefills with the int8 GEMM instead.
+    step it takes. The quantized rows prefill with ``prefill_gemm="auto"`` (``cpu_backend.resolve_gemm``:
+    w8a8 on AVX-512 VNNI, bf16 on AMX, int8 activations on AVX2-only CPUs); there one more row, with the
+    first head type, prefills in exact fp32, so both are in one run, and where "auto" is w8a8 on a CPU
+    whose bf16 is fast, one more prefills in bf16. Where "auto" is fp32 on a CPU with AVX2 (AVX-512
+    without fast bf16 or VNNI), the extra row prefills with the int8 GEMM instead.
     Each row records its ``prefill_gemm`` as resolved, and ``kv_cache``, the float KV cache's dtype
     (FastDecoder's "auto": float16 where the native step runs); one more row, with the first head type,
     keeps a float32 cache, so the two are in one run. A checkpoint that stores its output projection
@@ -311,9 +315,13 @@ def e2e_bench(model_dir: str, fp_model: str = "smollm2-135m", prompt_tokens: int
         lm_head_dtypes = ("int8", "w8a8")
     configs = [("fp32", fpmodel, "float32", "fp32", "auto")] + [
         ("dbquant", qmodel, d, "auto", "auto") for d in lm_head_dtypes]
-    if cpu_backend.resolve_gemm("auto") != "fp32":
+    auto_gemm = cpu_backend.resolve_gemm("auto")
+    if auto_gemm != "fp32":
         configs.append(("dbquant", qmodel, lm_head_dtypes[0], "fp32", "auto"))
-    elif cpu_backend.load_cpu() and "avx2" in torch.ops.dbquant.cpu_isas():  # the int8 prefill beside it
+    if auto_gemm == "w8a8" and fast_bf16_cpu():  # the bf16 GEMM that "auto" passed over, beside it
+        configs.append(("dbquant", qmodel, lm_head_dtypes[0], "bf16", "auto"))
+    elif auto_gemm == "fp32" and cpu_backend.load_cpu() and "avx2" in torch.ops.dbquant.cpu_isas():
+        # the int8 prefill beside it
         configs.append(("dbquant", qmodel, lm_head_dtypes[0], "int8", "auto"))
     configs.append(("dbquant", qmodel, lm_head_dtypes[0], "auto", "float32"))  # the exact cache beside "auto"
     configs.append(("fp32-hf-generate", fpmodel, "float32", "fp32", "auto"))

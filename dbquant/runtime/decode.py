@@ -238,9 +238,10 @@ class FastDecoder:
             group (:class:`dbquant.runtime.kv.packed.PackedKVCache`). Batch 1 only.
         prefill_gemm: the precision of a packed projection's GEMM on a prompt chunk of more than
             ``cpu_backend.LUT_MAX_ROWS`` tokens (``cpu_backend.GEMM_DTYPES``): ``"auto"`` (default)
-            rounds weights and activations to bfloat16 where this CPU's bf16 GEMM is fast
-            (``dbquant.backends.cpuinfo``), activations to 8 bits per row and group (``"int8"``: exact
-            bit planes, integer products) where AVX2 is the fastest path, else float32
+            rounds activations to 8 bits per row and group and each group's weight to 8-bit levels
+            (``"w8a8"``, integer products) where AVX-512 VNNI runs it, weights and activations to
+            bfloat16 on AMX CPUs and where bf16 is otherwise fast (``dbquant.backends.cpuinfo``), only
+            the activations (``"int8"``: exact bit planes) where AVX2 is the fastest path, else float32
             (``cpu_backend.resolve_gemm``); ``"fp32"`` always exact. Decoding a token never uses it.
         cache_dtype: the storage of the float KV cache (without ``kv``): ``"float16"`` (keys and
             values rounded to nearest even as they are written: half the bytes that attention reads
@@ -270,7 +271,7 @@ class FastDecoder:
         check_cache_dtype(cache_dtype)
         tables = _rope_tables(inner, max_len, self.device)
         self.cos, self.sin = next(iter(tables.values()))  # [max_len, head_dim] (Gemma-3: the first type's)
-        self.prefill_gemm = cpu_backend.resolve_gemm(prefill_gemm)  # "fp32", "bf16" or "int8"
+        self.prefill_gemm = cpu_backend.resolve_gemm(prefill_gemm)  # "fp32", "bf16", "int8" or "w8a8"
         self.layers: list[DecoderLayer] = [
             _build_layer(layer, i, mt, cfg, tables, backend, self.prefill_gemm) for i, layer in enumerate(inner.layers)]
         self.norm = _norm(inner.norm, mt in ONE_PLUS_W)
