@@ -27,6 +27,15 @@ namespace cpu {
 
 namespace {
 
+// acc + vpdpbusd(x, the int32 at w broadcast to all lanes): the broadcast as the instruction's memory operand
+// ({1to16}, no separate broadcast). Written out because GCC neither folds the broadcast of
+// _mm512_set1_epi32(*w) into _mm512_dpbusd_epi32 nor keeps its accumulators in place (it copied every
+// accumulator twice per step: 8 + 16 vector moves per 8 multiply-adds).
+inline __m512i dpbusd_bcast(__m512i acc, __m512i x, const uint8_t* w) {
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(x), "m"(*reinterpret_cast<const int32_t*>(w)));
+  return acc;
+}
+
 // Tile tp's planes (either order: COLS) as bytes, panel[(s * P + p) * 64 + 4 r + i] = bit 4 s + i of row r
 // in plane p (a step's P vectors contiguous); pc[(j * P + p) * 16 + r] = the popcount of row r's bits of
 // plane p in group j; sc[(j * P + p) * 16 + r] = its alpha (ts) as float32.
@@ -57,10 +66,12 @@ void expand_tile(const T16Weight& w, const uint8_t* tp, const uint16_t* ts, uint
 }
 
 // Tile tp's planes merged into int8 levels (gemm_a8.h, 8-bit weight levels): panel[s * 64 + 4 r + i] = q of row r,
-// channel 4 s + i; pc[j * 16 + r] = row r's sum of q over group j; sc[j * 16 + r] = its step s. The levels
-// follow w8_levels on 16 rows at once, in the same float operations.
+// channel 4 s + i; pc[j * 16 + r] = row r's sum of q over group j; sc[j * 16 + r] = its step s; bo[j * 16 + r] its
+// offset beta as float32 (to: the tile's offsets, or nullptr). The levels follow w8_levels on 16 rows at once, in
+// the same float operations.
 template <int COLS>
-void expand_tile_w8(const T16Weight& w, const uint8_t* tp, const uint16_t* ts, uint8_t* panel, int32_t* pc, float* sc) {
+void expand_tile_w8(const T16Weight& w, const uint8_t* tp, const uint16_t* ts, const uint16_t* to, uint8_t* panel,
+                    int32_t* pc, float* sc, float* bo) {
   const int64_t P = w.P, cpg = w.group_size / 8;
   const __m512i idx = _mm512_set_epi32(0x0F0F0F0F, 0x0E0E0E0E, 0x0D0D0D0D, 0x0C0C0C0C, 0x0B0B0B0B, 0x0A0A0A0A,
                                        0x09090909, 0x08080808, 0x07070707, 0x06060606, 0x05050505, 0x04040404,
@@ -101,6 +112,51 @@ void expand_tile_w8(const T16Weight& w, const uint8_t* tp, const uint16_t* ts, u
       }
     _mm512_storeu_si512(pc + j * kTile, sum);
     _mm512_storeu_ps(sc + j * kTile, s);
+    if (to) _mm512_storeu_ps(bo + j * kTile, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(to + j * kTile))));
+  }
+}
+
+// Half h of tile t (output rows 8 h .. 8 h + 7) for every block of 16 activation rows (A8Lanes), from the
+// panel of expand_tile_w8: per group, int32 sums that start at -z times the row's level sum (one vpmulld
+// each), one vpdpbusd per 4 channels and output row (the 16 rows' codes in a vector, the row's 4 levels
+// broadcast from the panel), then gemm_a8.h's float epilogue with P = 1. Lane m of sum n is output
+// (16 b + m, n0 + n); the block's outputs go to y through a 8 x 16 transposition in memory.
+void w8_half(const T16Weight& w, int64_t t, int h, const uint8_t* panel, const int32_t* pc, const float* sc,
+             const float* bo, bool offset, const A8Lanes& L, int64_t M, float* y) {
+  constexpr int NR = 8;
+  const int64_t G = w.groups(), S = w.group_size / 4, Kp = w.kp(), N = w.N, B = (M + kTile - 1) / kTile;
+  const int64_t n0 = t * kTile + h * NR;
+  const int rows = int(std::min<int64_t>(NR, N - n0));
+  if (rows <= 0) return;
+  alignas(64) float out[NR][kTile];
+  for (int64_t b = 0; b < B; ++b) {
+    __m512 acc_y[NR];
+    for (int n = 0; n < NR; ++n) acc_y[n] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < G; ++j) {
+      const int64_t jb = (b * G + j) * kTile, jt = j * kTile + h * NR;
+      const __m512i z = _mm512_loadu_si512(L.z + jb);
+      __m512i acc[NR];  // int32: the sum of (code - z) q starts at -z times the level sum
+      for (int n = 0; n < NR; ++n) acc[n] = _mm512_mullo_epi32(z, _mm512_set1_epi32(-pc[jt + n]));
+      const uint8_t* xp = L.codes + (b * Kp / 4 + j * S) * 64;
+      const uint8_t* wp = panel + j * S * 64 + h * NR * 4;
+      for (int64_t s = 0; s < S; ++s, xp += 64, wp += 64) {
+        const __m512i xv = _mm512_load_si512(xp);
+        for (int n = 0; n < NR; ++n) acc[n] = dpbusd_bcast(acc[n], xv, wp + 4 * n);
+      }
+      const __m512 sx = _mm512_loadu_ps(L.sx + jb);
+      for (int n = 0; n < NR; ++n)
+        acc_y[n] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(sc[jt + n]), _mm512_cvtepi32_ps(acc[n])), sx, acc_y[n]);
+      if (offset) {
+        const __m512 xs = _mm512_loadu_ps(L.xs + jb);
+        for (int n = 0; n < NR; ++n) acc_y[n] = _mm512_fmadd_ps(_mm512_set1_ps(bo[jt + n]), xs, acc_y[n]);
+      }
+    }
+    for (int n = 0; n < NR; ++n) _mm512_store_ps(out[n], acc_y[n]);
+    const int64_t m_end = std::min<int64_t>(kTile, M - b * kTile);
+    for (int64_t m = 0; m < m_end; ++m) {
+      float* yr = y + (b * kTile + m) * N + n0;
+      for (int n = 0; n < rows; ++n) yr[n] = w.bias ? out[n][m] + w.bias[n0 + n] : out[n][m];
+    }
   }
 }
 
@@ -166,17 +222,12 @@ void tile_rows(const T16Weight& w, int64_t t, const uint8_t* panel, const int32_
 
 template <int COLS>
 void tiles(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx, const float* xs, int64_t M,
-           float* y, uint8_t* scratch, int64_t t0, int64_t t1, bool int8_weights) {
+           float* y, uint8_t* scratch, int64_t t0, int64_t t1) {
   uint8_t* panel = scratch;
   int32_t* pc = reinterpret_cast<int32_t*>(scratch + w.kp() * w.P * kTile);
   float* sc = reinterpret_cast<float*>(pc + w.groups() * w.P * kTile);
   for (int64_t t = t0; t < t1; ++t) {
     const auto [tp, ts, to] = tile_ptrs(w, t);
-    if (int8_weights) {
-      expand_tile_w8<COLS>(w, tp, ts, panel, pc, sc);
-      tile_rows<1>(w, t, panel, pc, sc, xu, xz, sx, xs, M, y);
-      continue;
-    }
     expand_tile<COLS>(w, tp, ts, panel, pc, sc);
     switch (w.P) {  // one instance per plane count: the accumulators are registers
       case 1: tile_rows<1>(w, t, panel, pc, sc, xu, xz, sx, xs, M, y); break;
@@ -187,13 +238,31 @@ void tiles(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float
   }
 }
 
+template <int COLS>
+void w8_tiles(const T16Weight& w, const A8Lanes& lanes, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1) {
+  uint8_t* panel = scratch;
+  int32_t* pc = reinterpret_cast<int32_t*>(scratch + w.kp() * kTile);
+  float* sc = reinterpret_cast<float*>(pc + w.groups() * kTile);
+  float* bo = sc + w.groups() * kTile;
+  for (int64_t t = t0; t < t1; ++t) {
+    const auto [tp, ts, to] = tile_ptrs(w, t);
+    expand_tile_w8<COLS>(w, tp, ts, to, panel, pc, sc, bo);
+    for (int h = 0; h < 2; ++h) w8_half(w, t, h, panel, pc, sc, bo, to != nullptr, lanes, M, y);
+  }
+}
+
 }  // namespace
 
 void gemm_a8_tiles_avx512vnni(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx,
-                              const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1,
-                              bool int8_weights) {
-  if (w.cols == 4) return tiles<4>(w, xu, xz, sx, xs, M, y, scratch, t0, t1, int8_weights);
-  tiles<1>(w, xu, xz, sx, xs, M, y, scratch, t0, t1, int8_weights);
+                              const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1) {
+  if (w.cols == 4) return tiles<4>(w, xu, xz, sx, xs, M, y, scratch, t0, t1);
+  tiles<1>(w, xu, xz, sx, xs, M, y, scratch, t0, t1);
+}
+
+void gemm_w8_tiles_avx512vnni(const T16Weight& w, const A8Lanes& lanes, int64_t M, float* y, uint8_t* scratch,
+                              int64_t t0, int64_t t1) {
+  if (w.cols == 4) return w8_tiles<4>(w, lanes, M, y, scratch, t0, t1);
+  w8_tiles<1>(w, lanes, M, y, scratch, t0, t1);
 }
 
 }  // namespace cpu
