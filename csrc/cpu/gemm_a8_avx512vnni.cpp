@@ -35,6 +35,11 @@ inline __m512i dpbusd_bcast(__m512i acc, __m512i x, const uint8_t* w) {
   asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(x), "m"(*reinterpret_cast<const int32_t*>(w)));
   return acc;
 }
+// acc + vpdpbusd(u, s) in place (the same GCC copies avoided, for the exact planes' row blocks).
+inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+  return acc;
+}
 
 // Tile tp's planes (either order: COLS) as bytes, panel[(s * P + p) * 64 + 4 r + i] = bit 4 s + i of row r
 // in plane p (a step's P vectors contiguous); pc[(j * P + p) * 16 + r] = the popcount of row r's bits of
@@ -187,7 +192,7 @@ void row_block(const T16Weight& w, int64_t t, const uint8_t* panel, const int32_
       }
       for (int p = 0; p < P; ++p) {
         const __m512i wv = _mm512_loadu_si512(wp + p * 64);
-        for (int mr = 0; mr < MR; ++mr) acc[mr][p] = _mm512_dpbusd_epi32(acc[mr][p], xb[mr], wv);
+        for (int mr = 0; mr < MR; ++mr) acc[mr][p] = dpbusd(acc[mr][p], xb[mr], wv);
       }
     }
     __m512 a[P];
