@@ -164,5 +164,32 @@ def test_auto_prefers_w8a8_where_vnni_runs_it():
             else "int8" if fastest == "avx2" else "fp32")
     assert cpu_backend.resolve_gemm("auto") == want
     assert cpu_backend.resolve_gemm("w8a8") == "w8a8"
-    with pytest.raises(RuntimeError, match="ext must be"):
+    with pytest.raises(RuntimeError, match="unknown AVX-512 extension"):
         torch.ops.dbquant.cpu_avx512_has("amx")
+
+
+@pytest.mark.parametrize("hide", ["bitalg", "vnni", "bf16", "vnni,bitalg"])
+def test_fallbacks_of_hidden_extensions(hide):
+    """With an AVX-512 extension hidden (cpu_backend.hidden_exts), this CPU runs what a CPU without it runs:
+    no BITALG, the portable level expansion on dword rows; no VNNI, the scalar loop for w8a8 and the AVX2
+    kernel for the exact planes (and "auto" no longer w8a8); no BF16, the integer-rounding bf16
+    dequantization. Every one gives the same bits as the default path; the setting comes back on exit."""
+    n, k, g = 40, 256, 64
+    w, b, canon = prepared(n, k, g, True, True, planes=2)
+    x = torch.randn(37, k, generator=torch.Generator().manual_seed(3))
+    want = {"w8": w8(x, w, b), "a8": torch.ops.dbquant.gemm_a8_cpu(x, w.planes, w.scales, w.offset, b, n, k, g),
+            "bf16": torch.ops.dbquant.dequantize_t_cpu(w.planes, w.scales, w.offset, n, k, g, True)}
+    before = torch.ops.dbquant.cpu_hide_exts("")
+    assert before == ""
+    with cpu_backend.hidden_exts(hide):
+        for ext in hide.split(","):
+            assert not torch.ops.dbquant.cpu_avx512_has(ext)
+        assert torch.equal(w8(x, w, b), want["w8"])
+        assert torch.equal(torch.ops.dbquant.gemm_a8_cpu(x, w.planes, w.scales, w.offset, b, n, k, g), want["a8"])
+        assert torch.equal(torch.ops.dbquant.dequantize_t_cpu(w.planes, w.scales, w.offset, n, k, g, True),
+                           want["bf16"])
+        if "vnni" in hide:
+            assert cpu_backend.resolve_gemm("auto") != "w8a8"
+    assert torch.ops.dbquant.cpu_hide_exts("") == ""
+    with pytest.raises(RuntimeError, match="unknown AVX-512 extension"):
+        torch.ops.dbquant.cpu_hide_exts("vnni,amx")

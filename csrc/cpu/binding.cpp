@@ -78,7 +78,9 @@
 //   torch.ops.dbquant.cpu_dword_rows() -> bool  (whether this CPU runs the dword-row integer-table
 //                                    kernel: where the loaders repack planes in dword rows)
 //   torch.ops.dbquant.cpu_avx512_has(str ext) -> bool  (whether the AVX-512 kernels may use the
-//                                    extension "vbmi", "vnni" or "bf16": CPU and OS)
+//                                    extension "vbmi", "vnni", "bf16" or "bitalg": CPU and OS)
+//   torch.ops.dbquant.cpu_hide_exts(str exts) -> str  (hide those extensions from the kernels,
+//                                    process-wide, "" for none; returns the previous ones: tests)
 //   torch.ops.dbquant.cpu_default_lut(str isa="auto") -> str  ("float", "int8" or "int16": what
 //                                    lut="auto" picks for M = 1 on that path, DBQUANT_CPU_LUT included)
 //   torch.ops.dbquant.cpu_force_lut(str kind) -> str  (force "float"/"int8"/"int16" or back to "auto",
@@ -442,9 +444,9 @@ at::Tensor gemm_a8_cpu(const at::Tensor& x, const at::Tensor& planes, const at::
   // the w8 VNNI kernel reads the codes 16 rows to a vector (A8Lanes), regrouped by blocks of 16 rows
   const bool lanes_used = dbquant::cpu::a8_uses_lanes(isa, int8_weights);
   const int64_t B = (M + dbquant::cpu::kTile - 1) / dbquant::cpu::kTile;
-  std::vector<uint8_t> lane_buf(lanes_used ? size_t(dbquant::cpu::a8_lane_bytes(w, M) + 64) : 0);
+  at::Tensor lane_buf = at::empty({lanes_used ? dbquant::cpu::a8_lane_bytes(w, M) + 64 : 0}, xu.options());
   const dbquant::cpu::A8Lanes lanes =
-      lanes_used ? dbquant::cpu::a8_lanes_at(w, M, align64(lane_buf.data())) : dbquant::cpu::A8Lanes{};
+      lanes_used ? dbquant::cpu::a8_lanes_at(w, M, align64(lane_buf.data_ptr<uint8_t>())) : dbquant::cpu::A8Lanes{};
   auto quantize = [&](int64_t b0, int64_t b1) {  // blocks [b0, b1) of 16 rows
     const int64_t m0 = std::min(M, b0 * dbquant::cpu::kTile), m1 = std::min(M, b1 * dbquant::cpu::kTile);
     dbquant::cpu::quantize_a8(isa, w, xp, up, zp, sp, ssp, m0, m1);
@@ -1381,12 +1383,37 @@ std::vector<std::string> cpu_isas() {
 
 bool cpu_dword_rows() { return dbquant::cpu::dword_rows_supported(); }
 
+// The AVX-512 extensions avx512_has answers for, by name.
+constexpr std::pair<const char*, dbquant::cpu::Avx512Ext> kAvx512Exts[] = {
+    {"vbmi", dbquant::cpu::Avx512Ext::Vbmi},
+    {"vnni", dbquant::cpu::Avx512Ext::Vnni},
+    {"bf16", dbquant::cpu::Avx512Ext::Bf16},
+    {"bitalg", dbquant::cpu::Avx512Ext::Bitalg}};
+
+dbquant::cpu::Avx512Ext parse_avx512_ext(const std::string& ext, const char* op) {
+  for (const auto& [name, e] : kAvx512Exts)
+    if (ext == name) return e;
+  TORCH_CHECK(false, op, ": unknown AVX-512 extension \"", ext, "\"; use vbmi, vnni, bf16 or bitalg");
+}
+
 bool cpu_avx512_has(const std::string& ext) {
-  using dbquant::cpu::Avx512Ext;
-  if (ext == "vbmi") return dbquant::cpu::avx512_has(Avx512Ext::Vbmi);
-  if (ext == "vnni") return dbquant::cpu::avx512_has(Avx512Ext::Vnni);
-  if (ext == "bf16") return dbquant::cpu::avx512_has(Avx512Ext::Bf16);
-  TORCH_CHECK(false, "cpu_avx512_has: ext must be \"vbmi\", \"vnni\" or \"bf16\", got \"", ext, "\"");
+  return dbquant::cpu::avx512_has(parse_avx512_ext(ext, "cpu_avx512_has"));
+}
+
+// Hide the comma-separated AVX-512 extensions from the kernels ("" for none), process-wide; returns the
+// previously hidden ones. For tests: the fallbacks of CPUs without them run on one that has them.
+std::string cpu_hide_exts(const std::string& exts) {
+  int mask = 0;
+  for (size_t b = 0; b < exts.size();) {
+    const size_t e = std::min(exts.find(',', b), exts.size());
+    mask |= 1 << int(parse_avx512_ext(exts.substr(b, e - b), "cpu_hide_exts"));
+    b = e + 1;
+  }
+  const int prev = dbquant::cpu::hide_avx512_exts(mask);
+  std::string out;
+  for (const auto& [name, e] : kAvx512Exts)
+    if (prev >> int(e) & 1) out += (out.empty() ? "" : ",") + std::string(name);
+  return out;
 }
 
 }  // namespace
@@ -1451,6 +1478,7 @@ TORCH_LIBRARY_FRAGMENT(dbquant, m) {
   m.def("cpu_isas() -> str[]", &cpu_isas);
   m.def("cpu_dword_rows() -> bool", &cpu_dword_rows);
   m.def("cpu_avx512_has(str ext) -> bool", &cpu_avx512_has);
+  m.def("cpu_hide_exts(str exts) -> str", &cpu_hide_exts);
   m.def("cpu_default_lut(str isa=\"auto\") -> str", &cpu_default_lut);
   m.def("cpu_force_lut(str kind) -> str", &cpu_force_lut);
   m.def("cpu_force_isa(str isa) -> str", &cpu_force_isa);

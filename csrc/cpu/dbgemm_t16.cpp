@@ -54,16 +54,28 @@ Isa best_isa() {
 
 int force_isa(int isa) { return isa_override().exchange(isa); }
 
+namespace {
+std::atomic<int>& hidden_exts() {
+  static std::atomic<int> mask{0};
+  return mask;
+}
+}  // namespace
+
+int hide_avx512_exts(int mask) { return hidden_exts().exchange(mask); }
+
 bool avx512_has(Avx512Ext ext) {
+  if (hidden_exts().load(std::memory_order_relaxed) >> int(ext) & 1) return false;
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
   // __builtin_cpu_supports takes a string literal: one constant per extension
   static const bool vbmi = isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512vbmi");
   static const bool vnni = isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512vnni");
   static const bool bf16 = isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512bf16");
+  static const bool bitalg = isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512bitalg");
   switch (ext) {
     case Avx512Ext::Vbmi: return vbmi;
     case Avx512Ext::Vnni: return vnni;
-    default: return bf16;
+    case Avx512Ext::Bf16: return bf16;
+    default: return bitalg;
   }
 #else
   return false;

@@ -125,9 +125,14 @@ class UnitPlanes {
 };
 
 // AVX-512 extensions some kernels need beyond the AVX-512 path's F/BW/VL.
-enum class Avx512Ext : int { Vbmi, Vnni, Bf16 };
-// Whether this CPU runs the AVX-512 path and has `ext` (asked once per extension, then cached).
+enum class Avx512Ext : int { Vbmi, Vnni, Bf16, Bitalg };
+// Whether this CPU runs the AVX-512 path and has `ext` (asked once per extension, then cached), and the
+// extension is not hidden by hide_avx512_exts.
 bool avx512_has(Avx512Ext ext);
+// For tests: avx512_has answers false for the extensions whose bit (1 << int(ext)) is set in `mask`,
+// process-wide, so a CPU that has them runs the kernels of CPUs that lack them (every kernel reads both
+// byte orders). Returns the previous mask.
+int hide_avx512_exts(int mask);
 
 // Whether this CPU runs the dword-row kernel (AVX-512 F/BW/VL + VBMI + VNNI): where the loaders
 // choose cols 4 for groups of a multiple of 32 channels.

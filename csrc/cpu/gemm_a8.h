@@ -78,6 +78,8 @@ void quantize_a8_scalar(const T16Weight& w, const float* x, uint8_t* xu, int32_t
                         int64_t m0, int64_t m1);
 void quantize_a8_avx2(const T16Weight& w, const float* x, uint8_t* xu, int32_t* xz, float* sx, float* xs,
                       int64_t m0, int64_t m1);
+void quantize_a8_avx512(const T16Weight& w, const float* x, uint8_t* xu, int32_t* xz, float* sx, float* xs,
+                        int64_t m0, int64_t m1);
 
 // The pieces of quantize_a8 every path shares. Each ISA's translation unit includes this header after
 // its `#pragma GCC target`: the anonymous namespace gives each its own copy compiled for its ISA (one

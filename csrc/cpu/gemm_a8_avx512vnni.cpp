@@ -121,6 +121,57 @@ void expand_tile_w8(const T16Weight& w, const uint8_t* tp, const uint16_t* ts, c
   }
 }
 
+// expand_tile_w8 on dword rows by vpshufbitqmb (AVX512-BITALG, asked at run time: w8_tiles), the same
+// bytes: a row's dword in a 64-byte block holds its 32 channels' bits of one plane, and one vpshufbitqmb
+// picks, for 4 channels, each row's 4 bits into a 64-bit mask (bit 4 r + i: bit o + i of row r's dword,
+// found in qword r / 2 at 32 (r & 1)); the levels are then the masked move and adds of expand_tile_w8.
+// About 2.5x fewer instructions per 64 panel bytes than taking each unit through unit_lanes.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bitalg,avx2,fma,f16c")))
+void expand_tile_w8_bitalg(const T16Weight& w, const uint8_t* tp, const uint16_t* ts, const uint16_t* to,
+                           uint8_t* panel, int32_t* pc, float* sc, float* bo) {
+  const int64_t P = w.P, blocks = w.group_size / 32;  // 64-byte blocks per group and plane
+  const __m512i rep = _mm512_set_epi32(
+      0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000, 0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000,
+      0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000, 0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000);
+  const __m512i base = _mm512_set1_epi64(0x2322212003020100LL);  // bytes 0, 1, 2, 3, 32, 33, 34, 35
+  const __m512i one = _mm512_set1_epi8(1);
+  const __m512 zero = _mm512_setzero_ps(), inf = _mm512_set1_ps(INFINITY);
+  const __m512 levels = _mm512_set1_ps(127.0f - 0.5f * float(P));
+  for (int64_t j = 0; j < w.groups(); ++j) {
+    __m512 alpha[kMaxPlanes], pos = zero, neg = zero;
+    __mmask16 ok = 0xffff;
+    for (int64_t p = 0; p < P; ++p) {
+      alpha[p] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ts + (j * P + p) * kTile)));
+      ok &= _mm512_cmp_ps_mask(_mm512_abs_ps(alpha[p]), inf, _CMP_LT_OQ);
+      pos = _mm512_add_ps(pos, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(alpha[p], zero, _CMP_GT_OQ), alpha[p]));
+      neg = _mm512_add_ps(neg, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(alpha[p], zero, _CMP_LT_OQ),
+                                                   _mm512_sub_ps(zero, alpha[p])));
+    }
+    const __m512 s = _mm512_mask_blend_ps(ok, _mm512_set1_ps(NAN), _mm512_div_ps(_mm512_max_ps(pos, neg), levels));
+    const __mmask16 use = ok & _mm512_cmp_ps_mask(s, zero, _CMP_GT_OQ);
+    __m512i rb[kMaxPlanes];
+    for (int64_t p = 0; p < P; ++p)
+      rb[p] = _mm512_shuffle_epi8(_mm512_maskz_cvtps_epi32(use, _mm512_div_ps(alpha[p], s)), rep);
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t cb = 0; cb < blocks; ++cb) {
+      const int64_t c4 = j * blocks + cb;  // the block's index along the row: channels 32 c4 .. 32 c4 + 31
+      __m512i bits[kMaxPlanes];
+      for (int64_t p = 0; p < P; ++p) bits[p] = _mm512_loadu_si512(tp + (c4 * P + p) * 4 * kTile);
+      for (int s8 = 0; s8 < 8; ++s8) {
+        const __m512i ctrl = _mm512_add_epi8(base, _mm512_set1_epi8(char(4 * s8)));
+        __m512i q = _mm512_maskz_mov_epi8(_mm512_bitshuffle_epi64_mask(bits[0], ctrl), rb[0]);
+        for (int64_t p = 1; p < P; ++p)
+          q = _mm512_mask_add_epi8(q, _mm512_bitshuffle_epi64_mask(bits[p], ctrl), q, rb[p]);
+        _mm512_storeu_si512(panel + (c4 * 8 + s8) * 64, q);
+        sum = _mm512_dpbusd_epi32(sum, one, q);
+      }
+    }
+    _mm512_storeu_si512(pc + j * kTile, sum);
+    _mm512_storeu_ps(sc + j * kTile, s);
+    if (to) _mm512_storeu_ps(bo + j * kTile, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(to + j * kTile))));
+  }
+}
+
 // Half h of tile t (output rows 8 h .. 8 h + 7) for every block of 16 activation rows (A8Lanes), from the
 // panel of expand_tile_w8: per group, int32 sums that start at -z times the row's level sum (one vpmulld
 // each), one vpdpbusd per 4 channels and output row (the 16 rows' codes in a vector, the row's 4 levels
@@ -249,9 +300,11 @@ void w8_tiles(const T16Weight& w, const A8Lanes& lanes, int64_t M, float* y, uin
   int32_t* pc = reinterpret_cast<int32_t*>(scratch + w.kp() * kTile);
   float* sc = reinterpret_cast<float*>(pc + w.groups() * kTile);
   float* bo = sc + w.groups() * kTile;
+  const bool bitalg = avx512_has(Avx512Ext::Bitalg);
   for (int64_t t = t0; t < t1; ++t) {
     const auto [tp, ts, to] = tile_ptrs(w, t);
-    expand_tile_w8<COLS>(w, tp, ts, to, panel, pc, sc, bo);
+    if (COLS == 4 && bitalg) expand_tile_w8_bitalg(w, tp, ts, to, panel, pc, sc, bo);
+    else expand_tile_w8<COLS>(w, tp, ts, to, panel, pc, sc, bo);
     for (int h = 0; h < 2; ++h) w8_half(w, t, h, panel, pc, sc, bo, to != nullptr, lanes, M, y);
   }
 }

@@ -12,7 +12,8 @@ namespace cpu {
 
 void quantize_a8(Isa isa, const T16Weight& w, const float* x, uint8_t* xu, int32_t* xz, float* sx, float* xs,
                  int64_t m0, int64_t m1) {
-  if (isa != Isa::Scalar) return quantize_a8_avx2(w, x, xu, xz, sx, xs, m0, m1);
+  if (isa == Isa::Avx512) return quantize_a8_avx512(w, x, xu, xz, sx, xs, m0, m1);
+  if (isa == Isa::Avx2) return quantize_a8_avx2(w, x, xu, xz, sx, xs, m0, m1);
   quantize_a8_scalar(w, x, xu, xz, sx, xs, m0, m1);
 }
 

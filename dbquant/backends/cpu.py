@@ -190,6 +190,14 @@ def forced_isa(isa: str):
     return _forced("cpu_force_isa", isa)
 
 
+def hidden_exts(exts: str):
+    """Within the block (a context manager), the kernels see no AVX-512 extension of the comma list
+    ``exts`` ("vbmi", "vnni", "bf16", "bitalg"; process-wide), so the fallbacks of CPUs that lack them run
+    here; the previous setting comes back on exit. For tests: a weight prepared in dword rows stays in
+    them (every kernel reads both orders)."""
+    return _forced("cpu_hide_exts", exts)
+
+
 def resolve_gemm(gemm: str) -> str:
     """"fp32", "bf16", "int8" or "w8a8": what ``gemm`` (one of GEMM_DTYPES) means on this CPU. "auto" is, in
     this order (each measured where named, docs/RESULTS.md): bf16 on CPUs with AMX tiles (the tile GEMM
