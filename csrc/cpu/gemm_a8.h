@@ -163,9 +163,8 @@ int64_t a8_scratch_bytes(const T16Weight& w);
 //   codes uint8 [B, Kp/4, 16, 4]: codes[b, s, r, i] = xu[16 b + r, 4 s + i]
 //   z int32, sx float32, xs float32 [B, G, 16]: z[b, j, r] = xz[16 b + r, j] (and so on)
 // That kernel keeps 16 activation rows in a vector's lanes and takes each output row's 4 levels as
-// vpdpbusd's broadcast memory operand: one vector load per 8 multiply-adds of 64 products, where the
-// layout of the exact planes broadcasts one row's 4 codes per vpdpbusd (on Zen 4 the broadcasts run on
-// the pipes the multiply-adds need).
+// vpdpbusd's broadcast memory operand: one vector load per 8 multiply-adds of 64 products and no separate
+// broadcast, where the exact planes' kernel broadcasts one activation row's 4 codes per row and step.
 struct A8Lanes {
   uint8_t* codes;
   int32_t* z;

@@ -41,26 +41,39 @@ inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
   return acc;
 }
 
+// The bits of unit c (8 channels) of plane p for the tile's 16 rows (either order: COLS) as two byte masks:
+// bit 4 r + i of mask[h] is channel 8 c + 4 h + i of row r (a vpdpbusd lane's 4 channels per row).
+struct UnitBits {
+  __mmask64 mask[2];
+};
+template <int COLS>
+inline UnitBits unit_bits(const uint8_t* tp, int64_t P, int64_t c, int64_t p) {
+  // byte 4 r' + i of lane L comes from row 4 L + r' (each lane holds the 16 rows' bytes)
+  const __m512i idx = _mm512_set_epi32(0x0F0F0F0F, 0x0E0E0E0E, 0x0D0D0D0D, 0x0C0C0C0C, 0x0B0B0B0B, 0x0A0A0A0A,
+                                       0x09090909, 0x08080808, 0x07070707, 0x06060606, 0x05050505, 0x04040404,
+                                       0x03030303, 0x02020202, 0x01010101, 0x00000000);
+  // the unit's 16 bytes (row r's byte is bits 0..7 of lane r), in each 128-bit lane, then row r's byte in
+  // bytes 4 r .. 4 r + 3
+  const __m512i v = _mm512_shuffle_epi8(
+      _mm512_broadcast_i32x4(_mm512_cvtepi32_epi8(unit_lanes<COLS>(tp, P, c, p))), idx);
+  return {{_mm512_test_epi8_mask(v, _mm512_set1_epi32(0x08040201)),
+           _mm512_test_epi8_mask(v, _mm512_set1_epi32(int(0x80402010u)))}};
+}
+
 // Tile tp's planes (either order: COLS) as bytes, panel[(s * P + p) * 64 + 4 r + i] = bit 4 s + i of row r
 // in plane p (a step's P vectors contiguous); pc[(j * P + p) * 16 + r] = the popcount of row r's bits of
 // plane p in group j; sc[(j * P + p) * 16 + r] = its alpha (ts) as float32.
 template <int COLS>
 void expand_tile(const T16Weight& w, const uint8_t* tp, const uint16_t* ts, uint8_t* panel, int32_t* pc, float* sc) {
   const int64_t P = w.P, cpg = w.group_size / 8;
-  // byte 4 r' + i of lane L comes from row 4 L + r' (each lane holds the 16 rows' bytes)
-  const __m512i idx = _mm512_set_epi32(0x0F0F0F0F, 0x0E0E0E0E, 0x0D0D0D0D, 0x0C0C0C0C, 0x0B0B0B0B, 0x0A0A0A0A,
-                                       0x09090909, 0x08080808, 0x07070707, 0x06060606, 0x05050505, 0x04040404,
-                                       0x03030303, 0x02020202, 0x01010101, 0x00000000);
-  const __m512i bits[2] = {_mm512_set1_epi32(0x08040201), _mm512_set1_epi32(int(0x80402010u))};
   const __m512i one = _mm512_set1_epi8(1);
   for (int64_t j = 0; j < w.groups(); ++j)
     for (int64_t p = 0; p < P; ++p) {
       __m512i count = _mm512_setzero_si512();
       for (int64_t c = j * cpg; c < (j + 1) * cpg; ++c) {
-        // the unit's 16 bytes (row r's byte is bits 0..7 of lane r), in each 128-bit lane
-        const __m512i v = _mm512_broadcast_i32x4(_mm512_cvtepi32_epi8(unit_lanes<COLS>(tp, P, c, p)));
+        const UnitBits u = unit_bits<COLS>(tp, P, c, p);
         for (int nib = 0; nib < 2; ++nib) {
-          const __m512i b = _mm512_min_epu8(_mm512_and_si512(_mm512_shuffle_epi8(v, idx), bits[nib]), one);
+          const __m512i b = _mm512_maskz_mov_epi8(u.mask[nib], one);
           _mm512_storeu_si512(panel + ((2 * c + nib) * P + p) * 64, b);
           count = _mm512_dpbusd_epi32(count, b, one);  // + each row's 4 bits: the popcount
         }
@@ -68,6 +81,44 @@ void expand_tile(const T16Weight& w, const uint8_t* tp, const uint16_t* ts, uint
       _mm512_storeu_si512(pc + (j * P + p) * kTile, count);
       _mm512_storeu_ps(sc + (j * P + p) * kTile, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ts + (j * P + p) * kTile))));
     }
+}
+
+// The 8-bit levels of tile rows 0..15 in group j (gemm_a8.h's w8_levels, the same float operations on 16 rows):
+// the step s and each plane's r_p as a byte repeated in its row's 4 bytes (the masked adds' operand).
+struct W8Group {
+  __m512 s;
+  __m512i r[kMaxPlanes];
+};
+inline W8Group w8_group_levels(const uint16_t* ts, int64_t j, int64_t P) {
+  // each dword lane's low byte (r_p, two's complement) into its 4 bytes
+  const __m512i rep = _mm512_set_epi32(
+      0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000, 0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000,
+      0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000, 0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000);
+  const __m512 zero = _mm512_setzero_ps(), inf = _mm512_set1_ps(INFINITY);
+  __m512 alpha[kMaxPlanes], pos = zero, neg = zero;
+  __mmask16 ok = 0xffff;
+  for (int64_t p = 0; p < P; ++p) {
+    alpha[p] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ts + (j * P + p) * kTile)));
+    ok &= _mm512_cmp_ps_mask(_mm512_abs_ps(alpha[p]), inf, _CMP_LT_OQ);  // false for NaN and +-Inf
+    pos = _mm512_add_ps(pos, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(alpha[p], zero, _CMP_GT_OQ), alpha[p]));
+    neg = _mm512_add_ps(neg, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(alpha[p], zero, _CMP_LT_OQ),
+                                                 _mm512_sub_ps(zero, alpha[p])));
+  }
+  W8Group lv;
+  lv.s = _mm512_mask_blend_ps(ok, _mm512_set1_ps(NAN),
+                              _mm512_div_ps(_mm512_max_ps(pos, neg), _mm512_set1_ps(127.0f - 0.5f * float(P))));
+  const __mmask16 use = ok & _mm512_cmp_ps_mask(lv.s, zero, _CMP_GT_OQ);
+  for (int64_t p = 0; p < P; ++p)
+    lv.r[p] = _mm512_shuffle_epi8(_mm512_maskz_cvtps_epi32(use, _mm512_div_ps(alpha[p], lv.s)), rep);
+  return lv;
+}
+
+// Group j's level sums (sum: int32 per row), step and offset (to, or nullptr) into the expansion's outputs.
+inline void w8_group_store(const W8Group& lv, __m512i sum, const uint16_t* to, int64_t j, int32_t* pc, float* sc,
+                           float* bo) {
+  _mm512_storeu_si512(pc + j * kTile, sum);
+  _mm512_storeu_ps(sc + j * kTile, lv.s);
+  if (to) _mm512_storeu_ps(bo + j * kTile, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(to + j * kTile))));
 }
 
 // Tile tp's planes merged into int8 levels (gemm_a8.h, 8-bit weight levels): panel[s * 64 + 4 r + i] = q of row r,
@@ -78,46 +129,18 @@ template <int COLS>
 void expand_tile_w8(const T16Weight& w, const uint8_t* tp, const uint16_t* ts, const uint16_t* to, uint8_t* panel,
                     int32_t* pc, float* sc, float* bo) {
   const int64_t P = w.P, cpg = w.group_size / 8;
-  const __m512i idx = _mm512_set_epi32(0x0F0F0F0F, 0x0E0E0E0E, 0x0D0D0D0D, 0x0C0C0C0C, 0x0B0B0B0B, 0x0A0A0A0A,
-                                       0x09090909, 0x08080808, 0x07070707, 0x06060606, 0x05050505, 0x04040404,
-                                       0x03030303, 0x02020202, 0x01010101, 0x00000000);
-  // each dword lane's low byte (r_p, two's complement) into its 4 bytes
-  const __m512i rep = _mm512_set_epi32(
-      0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000, 0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000,
-      0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000, 0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000);
-  const __m512i bits[2] = {_mm512_set1_epi32(0x08040201), _mm512_set1_epi32(int(0x80402010u))};
   const __m512i one = _mm512_set1_epi8(1);
-  const __m512 zero = _mm512_setzero_ps(), inf = _mm512_set1_ps(INFINITY);
-  const __m512 levels = _mm512_set1_ps(127.0f - 0.5f * float(P));
   for (int64_t j = 0; j < w.groups(); ++j) {
-    __m512 alpha[kMaxPlanes], pos = zero, neg = zero;
-    __mmask16 ok = 0xffff;
-    for (int64_t p = 0; p < P; ++p) {
-      alpha[p] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ts + (j * P + p) * kTile)));
-      ok &= _mm512_cmp_ps_mask(_mm512_abs_ps(alpha[p]), inf, _CMP_LT_OQ);  // false for NaN and +-Inf
-      pos = _mm512_add_ps(pos, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(alpha[p], zero, _CMP_GT_OQ), alpha[p]));
-      neg = _mm512_add_ps(neg, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(alpha[p], zero, _CMP_LT_OQ),
-                                                   _mm512_sub_ps(zero, alpha[p])));
-    }
-    const __m512 s = _mm512_mask_blend_ps(ok, _mm512_set1_ps(NAN), _mm512_div_ps(_mm512_max_ps(pos, neg), levels));
-    const __mmask16 use = ok & _mm512_cmp_ps_mask(s, zero, _CMP_GT_OQ);
-    __m512i rb[kMaxPlanes];
-    for (int64_t p = 0; p < P; ++p)
-      rb[p] = _mm512_shuffle_epi8(_mm512_maskz_cvtps_epi32(use, _mm512_div_ps(alpha[p], s)), rep);
+    const W8Group lv = w8_group_levels(ts, j, P);
     __m512i sum = _mm512_setzero_si512();
     for (int64_t c = j * cpg; c < (j + 1) * cpg; ++c)
       for (int nib = 0; nib < 2; ++nib) {
         __m512i q = _mm512_setzero_si512();
-        for (int64_t p = 0; p < P; ++p) {
-          const __m512i v = _mm512_broadcast_i32x4(_mm512_cvtepi32_epi8(unit_lanes<COLS>(tp, P, c, p)));
-          q = _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(_mm512_shuffle_epi8(v, idx), bits[nib]), q, rb[p]);
-        }
+        for (int64_t p = 0; p < P; ++p) q = _mm512_mask_add_epi8(q, unit_bits<COLS>(tp, P, c, p).mask[nib], q, lv.r[p]);
         _mm512_storeu_si512(panel + (2 * c + nib) * 64, q);
         sum = _mm512_dpbusd_epi32(sum, one, q);  // + each row's 4 levels
       }
-    _mm512_storeu_si512(pc + j * kTile, sum);
-    _mm512_storeu_ps(sc + j * kTile, s);
-    if (to) _mm512_storeu_ps(bo + j * kTile, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(to + j * kTile))));
+    w8_group_store(lv, sum, to, j, pc, sc, bo);
   }
 }
 
@@ -125,33 +148,16 @@ void expand_tile_w8(const T16Weight& w, const uint8_t* tp, const uint16_t* ts, c
 // bytes: a row's dword in a 64-byte block holds its 32 channels' bits of one plane, and one vpshufbitqmb
 // picks, for 4 channels, each row's 4 bits into a 64-bit mask (bit 4 r + i: bit o + i of row r's dword,
 // found in qword r / 2 at 32 (r & 1)); the levels are then the masked move and adds of expand_tile_w8.
-// About 2.5x fewer instructions per 64 panel bytes than taking each unit through unit_lanes.
+// Fewer instructions per 64 panel bytes than taking each unit through unit_lanes (a 576 x 576 call with M = 1,
+// mostly expansion: 57.7 us against 64.1).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bitalg,avx2,fma,f16c")))
 void expand_tile_w8_bitalg(const T16Weight& w, const uint8_t* tp, const uint16_t* ts, const uint16_t* to,
                            uint8_t* panel, int32_t* pc, float* sc, float* bo) {
   const int64_t P = w.P, blocks = w.group_size / 32;  // 64-byte blocks per group and plane
-  const __m512i rep = _mm512_set_epi32(
-      0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000, 0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000,
-      0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000, 0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000);
   const __m512i base = _mm512_set1_epi64(0x2322212003020100LL);  // bytes 0, 1, 2, 3, 32, 33, 34, 35
   const __m512i one = _mm512_set1_epi8(1);
-  const __m512 zero = _mm512_setzero_ps(), inf = _mm512_set1_ps(INFINITY);
-  const __m512 levels = _mm512_set1_ps(127.0f - 0.5f * float(P));
   for (int64_t j = 0; j < w.groups(); ++j) {
-    __m512 alpha[kMaxPlanes], pos = zero, neg = zero;
-    __mmask16 ok = 0xffff;
-    for (int64_t p = 0; p < P; ++p) {
-      alpha[p] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ts + (j * P + p) * kTile)));
-      ok &= _mm512_cmp_ps_mask(_mm512_abs_ps(alpha[p]), inf, _CMP_LT_OQ);
-      pos = _mm512_add_ps(pos, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(alpha[p], zero, _CMP_GT_OQ), alpha[p]));
-      neg = _mm512_add_ps(neg, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(alpha[p], zero, _CMP_LT_OQ),
-                                                   _mm512_sub_ps(zero, alpha[p])));
-    }
-    const __m512 s = _mm512_mask_blend_ps(ok, _mm512_set1_ps(NAN), _mm512_div_ps(_mm512_max_ps(pos, neg), levels));
-    const __mmask16 use = ok & _mm512_cmp_ps_mask(s, zero, _CMP_GT_OQ);
-    __m512i rb[kMaxPlanes];
-    for (int64_t p = 0; p < P; ++p)
-      rb[p] = _mm512_shuffle_epi8(_mm512_maskz_cvtps_epi32(use, _mm512_div_ps(alpha[p], s)), rep);
+    const W8Group lv = w8_group_levels(ts, j, P);
     __m512i sum = _mm512_setzero_si512();
     for (int64_t cb = 0; cb < blocks; ++cb) {
       const int64_t c4 = j * blocks + cb;  // the block's index along the row: channels 32 c4 .. 32 c4 + 31
@@ -159,16 +165,14 @@ void expand_tile_w8_bitalg(const T16Weight& w, const uint8_t* tp, const uint16_t
       for (int64_t p = 0; p < P; ++p) bits[p] = _mm512_loadu_si512(tp + (c4 * P + p) * 4 * kTile);
       for (int s8 = 0; s8 < 8; ++s8) {
         const __m512i ctrl = _mm512_add_epi8(base, _mm512_set1_epi8(char(4 * s8)));
-        __m512i q = _mm512_maskz_mov_epi8(_mm512_bitshuffle_epi64_mask(bits[0], ctrl), rb[0]);
+        __m512i q = _mm512_maskz_mov_epi8(_mm512_bitshuffle_epi64_mask(bits[0], ctrl), lv.r[0]);
         for (int64_t p = 1; p < P; ++p)
-          q = _mm512_mask_add_epi8(q, _mm512_bitshuffle_epi64_mask(bits[p], ctrl), q, rb[p]);
+          q = _mm512_mask_add_epi8(q, _mm512_bitshuffle_epi64_mask(bits[p], ctrl), q, lv.r[p]);
         _mm512_storeu_si512(panel + (c4 * 8 + s8) * 64, q);
         sum = _mm512_dpbusd_epi32(sum, one, q);
       }
     }
-    _mm512_storeu_si512(pc + j * kTile, sum);
-    _mm512_storeu_ps(sc + j * kTile, s);
-    if (to) _mm512_storeu_ps(bo + j * kTile, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(to + j * kTile))));
+    w8_group_store(lv, sum, to, j, pc, sc, bo);
   }
 }
 
