@@ -130,10 +130,6 @@ constexpr int64_t kMaxLutBytes = int64_t(16) << 20;
 inline uint8_t* align32(uint8_t* p) {
   return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(p) + 31) & ~uintptr_t(31));
 }
-// The first 64-byte boundary at or after p (a buffer that aligned 512-bit loads read).
-inline uint8_t* align64(uint8_t* p) {
-  return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
-}
 
 void check_input(const at::Tensor& t, const char* name, at::ScalarType dtype) {
   TORCH_CHECK(t.device().is_cpu(), "dbgemm_cpu: ", name, " must be a CPU tensor, got device ",
@@ -441,24 +437,13 @@ at::Tensor gemm_a8_cpu(const at::Tensor& x, const at::Tensor& planes, const at::
   int32_t* zp = xz.data_ptr<int32_t>();
   const int64_t T = w.tiles(), scratch = (dbquant::cpu::a8_scratch_bytes(w) + 63) / 64 * 64;
   float* yp = y.data_ptr<float>();
-  // the w8 VNNI kernel reads the codes 16 rows to a vector (A8Lanes), regrouped by blocks of 16 rows
-  const bool lanes_used = dbquant::cpu::a8_uses_lanes(isa, int8_weights);
-  const int64_t B = (M + dbquant::cpu::kTile - 1) / dbquant::cpu::kTile;
-  at::Tensor lane_buf = at::empty({lanes_used ? dbquant::cpu::a8_lane_bytes(w, M) + 64 : 0}, xu.options());
-  const dbquant::cpu::A8Lanes lanes =
-      lanes_used ? dbquant::cpu::a8_lanes_at(w, M, align64(lane_buf.data_ptr<uint8_t>())) : dbquant::cpu::A8Lanes{};
-  auto quantize = [&](int64_t b0, int64_t b1) {  // blocks [b0, b1) of 16 rows
-    const int64_t m0 = std::min(M, b0 * dbquant::cpu::kTile), m1 = std::min(M, b1 * dbquant::cpu::kTile);
-    dbquant::cpu::quantize_a8(isa, w, xp, up, zp, sp, ssp, m0, m1);
-    if (lanes_used) dbquant::cpu::a8_to_lanes(w, up, zp, sp, ssp, M, lanes, b0, b1);
-  };
   auto tiles = [&](uint8_t* buf, int64_t t0, int64_t t1) {
-    dbquant::cpu::gemm_a8_tiles(isa, w, up, zp, sp, ssp, M, yp, buf, t0, t1, int8_weights, &lanes);
+    dbquant::cpu::gemm_a8_tiles(isa, w, up, zp, sp, ssp, M, yp, buf, t0, t1, int8_weights);
   };
   // a tile is M * Kp * P * 16 multiply-adds: one per chunk already amortises taking it
   const int nth = at::in_parallel_region() ? 1 : int(std::min<int64_t>(at::get_num_threads(), T));
   if (nth <= 1) {
-    quantize(0, B);
+    dbquant::cpu::quantize_a8(isa, w, xp, up, zp, sp, ssp, 0, M);
     std::vector<uint8_t> buf(size_t(scratch + 32));
     tiles(align32(buf.data()), 0, T);
     return y;
@@ -466,7 +451,7 @@ at::Tensor gemm_a8_cpu(const at::Tensor& x, const at::Tensor& planes, const at::
   // the rows' codes split over the threads, then the tiles shared (each thread with its own panel)
   std::vector<uint8_t> bufs(size_t((scratch + 32) * nth));
   shared_tile_region(
-      nth, T, [&](int i, int n) { quantize(B * i / n, B * (i + 1) / n); },
+      nth, T, [&](int i, int n) { dbquant::cpu::quantize_a8(isa, w, xp, up, zp, sp, ssp, M * i / n, M * (i + 1) / n); },
       [&](int64_t t) { tiles(align32(bufs.data() + (scratch + 32) * omp_get_thread_num()), t, t + 1); });
   return y;
 }

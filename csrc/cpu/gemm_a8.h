@@ -49,7 +49,8 @@
 // int8_weights=True) is the torch definition; docs/RESULTS.md has the measured perplexity cost.
 //
 // The AVX-512 VNNI kernel (gemm_a8_avx512vnni.cpp, the AVX-512 path where the CPU has VNNI) does the same
-// with int32 sums: per 4 channels one vpdpbusd of the broadcast codes with each plane's 16 rows x 4 bytes.
+// with int32 sums: per 4 channels one vpdpbusd of the broadcast codes with each plane's 16 rows x 4 bytes;
+// with 8-bit weight levels the same loops run on one plane, the tile's levels (P = 1, alpha = s).
 // The AVX2 kernel expands one tile's planes to bytes {0, 1} (a "panel", uint8 [Kp/4, 2, P, 8, 4]: per
 // 4 channels, per half tile, per plane, 8 output rows of 4 bytes), then for 2 activation rows at a time
 // broadcasts 4 codes of a row into all lanes and multiplies them with each plane's bytes of both half
@@ -155,30 +156,8 @@ inline float w8_levels(const float* alpha, int64_t P, int8_t* r) {
 }  // namespace
 
 // Bytes of scratch gemm_a8_tiles needs per call (one tile's panel, its popcounts or level sums, and its
-// scales and offsets as floats).
+// scales or steps as floats).
 int64_t a8_scratch_bytes(const T16Weight& w);
-
-// The activations of quantize_a8 regrouped 16 rows to a vector ("lanes"), for the AVX-512 VNNI kernel of
-// the 8-bit weight levels: with B = ceil(M / 16) blocks of 16 rows (rows past M: code 0, z = sx = xs = 0),
-//   codes uint8 [B, Kp/4, 16, 4]: codes[b, s, r, i] = xu[16 b + r, 4 s + i]
-//   z int32, sx float32, xs float32 [B, G, 16]: z[b, j, r] = xz[16 b + r, j] (and so on)
-// That kernel keeps 16 activation rows in a vector's lanes and takes each output row's 4 levels as
-// vpdpbusd's broadcast memory operand: one vector load per 8 multiply-adds of 64 products and no separate
-// broadcast, where the exact planes' kernel broadcasts one activation row's 4 codes per row and step.
-struct A8Lanes {
-  uint8_t* codes;
-  int32_t* z;
-  float* sx;
-  float* xs;
-};
-// Whether gemm_a8_tiles(isa, ..., int8_weights) reads lanes (else it reads xu, xz, sx, xs).
-bool a8_uses_lanes(Isa isa, bool int8_weights);
-// Bytes of lanes for M rows, and the lanes laid out in buf (64-byte aligned, that many bytes).
-int64_t a8_lane_bytes(const T16Weight& w, int64_t M);
-A8Lanes a8_lanes_at(const T16Weight& w, int64_t M, uint8_t* buf);
-// Blocks [b0, b1) of the lanes from quantize_a8's outputs (rows 16 b0 .. 16 b1 of them written).
-void a8_to_lanes(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx, const float* xs,
-                 int64_t M, const A8Lanes& lanes, int64_t b0, int64_t b1);
 
 // y[m, n] (float32 [M, N] row-major) for all M rows and the output rows of tiles [t0, t1), with
 // the bias added; int8_weights: the 8-bit weight levels (above) instead of the exact planes.
@@ -186,19 +165,17 @@ void a8_to_lanes(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const
 // Tiles are independent: callers run disjoint ranges in parallel. Requires w.group_size <= kA8MaxGroup.
 // With int8_weights, CPUs without AVX-512 VNNI run the scalar loop (no AVX2 kernel: vpmaddubsw's int16
 // pairs would saturate on 8-bit weights).
-// lanes: the activations as A8Lanes where a8_uses_lanes(isa, int8_weights), else unused (nullptr).
 void gemm_a8_tiles(Isa isa, const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx,
                    const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1,
-                   bool int8_weights = false, const A8Lanes* lanes = nullptr);
+                   bool int8_weights = false);
 
 void gemm_a8_tiles_scalar(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx,
                           const float* xs, int64_t M, float* y, int64_t t0, int64_t t1, bool int8_weights);
 void gemm_a8_tiles_avx2(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx,
                         const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1);
 void gemm_a8_tiles_avx512vnni(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx,
-                              const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1);
-void gemm_w8_tiles_avx512vnni(const T16Weight& w, const A8Lanes& lanes, int64_t M, float* y, uint8_t* scratch,
-                              int64_t t0, int64_t t1);
+                              const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1,
+                              bool int8_weights);
 
 }  // namespace cpu
 }  // namespace dbquant

@@ -6,10 +6,11 @@
 // 64 per instruction, no int16 stage and so no group-size limit of its own), and the float epilogue in
 // gemm_a8.h's order, so the outputs are the scalar path's bit for bit. Reads the planes in either byte
 // order in place (t16_unit_avx512.h). With int8_weights the planes of a group merge into one panel of
-// int8 levels q = sum_p r_p b_p (gemm_a8.h), expanded by byte masks (vptestmb, a masked move and masked
-// adds), with each group's sum of q in place of the popcount and its step s in place of alpha: one
-// vpdpbusd per 4 channels instead of P, and the same row blocks (P = 1). Compiled for AVX-512F/BW/VL + VNNI + FMA + F16C by the pragma;
-// called only after a run-time CPU check (gemm_a8_tiles, where dword_rows_supported: VBMI + VNNI).
+// int8 levels q = sum_p r_p b_p (gemm_a8.h), expanded by byte masks (vptestmb or, on dword rows with
+// AVX512-BITALG, vpshufbitqmb; a masked move and masked adds), with each group's sum of q in place of the
+// popcount and its step s in place of alpha: one vpdpbusd per 4 channels instead of P, and the same row
+// blocks (P = 1). Compiled for AVX-512F/BW/VL + VNNI + FMA + F16C by the pragma; called only after a
+// run-time CPU check (gemm_a8_tiles: VNNI).
 
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -27,15 +28,9 @@ namespace cpu {
 
 namespace {
 
-// acc + vpdpbusd(x, the int32 at w broadcast to all lanes): the broadcast as the instruction's memory operand
-// ({1to16}, no separate broadcast). Written out because GCC neither folds the broadcast of
-// _mm512_set1_epi32(*w) into _mm512_dpbusd_epi32 nor keeps its accumulators in place (it copied every
-// accumulator twice per step: 8 + 16 vector moves per 8 multiply-adds).
-inline __m512i dpbusd_bcast(__m512i acc, __m512i x, const uint8_t* w) {
-  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(x), "m"(*reinterpret_cast<const int32_t*>(w)));
-  return acc;
-}
-// acc + vpdpbusd(u, s) in place (the same GCC copies avoided, for the exact planes' row blocks).
+// acc + vpdpbusd(u, s), the accumulator in place. Written out because GCC did not keep the intrinsic's
+// accumulators in place: it copied each accumulator twice per step and spilled (16 vector moves per 8
+// multiply-adds in the row blocks below).
 inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
   return acc;
@@ -113,21 +108,19 @@ inline W8Group w8_group_levels(const uint16_t* ts, int64_t j, int64_t P) {
   return lv;
 }
 
-// Group j's level sums (sum: int32 per row), step and offset (to, or nullptr) into the expansion's outputs.
-inline void w8_group_store(const W8Group& lv, __m512i sum, const uint16_t* to, int64_t j, int32_t* pc, float* sc,
-                           float* bo) {
+// Group j's level sums (sum: int32 per row) and step into the expansion's outputs.
+inline void w8_group_store(const W8Group& lv, __m512i sum, int64_t j, int32_t* pc, float* sc) {
   _mm512_storeu_si512(pc + j * kTile, sum);
   _mm512_storeu_ps(sc + j * kTile, lv.s);
-  if (to) _mm512_storeu_ps(bo + j * kTile, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(to + j * kTile))));
 }
 
 // Tile tp's planes merged into int8 levels (gemm_a8.h, 8-bit weight levels): panel[s * 64 + 4 r + i] = q of row r,
-// channel 4 s + i; pc[j * 16 + r] = row r's sum of q over group j; sc[j * 16 + r] = its step s; bo[j * 16 + r] its
-// offset beta as float32 (to: the tile's offsets, or nullptr). The levels follow w8_levels on 16 rows at once, in
-// the same float operations.
+// channel 4 s + i (expand_tile's panel with P = 1); pc[j * 16 + r] = row r's sum of q over group j; sc[j * 16 + r] =
+// its step s (the row blocks then run as on one plane with alpha = s). The levels follow w8_levels on 16 rows at
+// once, in the same float operations.
 template <int COLS>
-void expand_tile_w8(const T16Weight& w, const uint8_t* tp, const uint16_t* ts, const uint16_t* to, uint8_t* panel,
-                    int32_t* pc, float* sc, float* bo) {
+void expand_tile_w8(const T16Weight& w, const uint8_t* tp, const uint16_t* ts, uint8_t* panel, int32_t* pc,
+                    float* sc) {
   const int64_t P = w.P, cpg = w.group_size / 8;
   const __m512i one = _mm512_set1_epi8(1);
   for (int64_t j = 0; j < w.groups(); ++j) {
@@ -140,7 +133,7 @@ void expand_tile_w8(const T16Weight& w, const uint8_t* tp, const uint16_t* ts, c
         _mm512_storeu_si512(panel + (2 * c + nib) * 64, q);
         sum = _mm512_dpbusd_epi32(sum, one, q);  // + each row's 4 levels
       }
-    w8_group_store(lv, sum, to, j, pc, sc, bo);
+    w8_group_store(lv, sum, j, pc, sc);
   }
 }
 
@@ -151,8 +144,8 @@ void expand_tile_w8(const T16Weight& w, const uint8_t* tp, const uint16_t* ts, c
 // Fewer instructions per 64 panel bytes than taking each unit through unit_lanes (a 576 x 576 call with M = 1,
 // mostly expansion: 57.7 us against 64.1).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bitalg,avx2,fma,f16c")))
-void expand_tile_w8_bitalg(const T16Weight& w, const uint8_t* tp, const uint16_t* ts, const uint16_t* to,
-                           uint8_t* panel, int32_t* pc, float* sc, float* bo) {
+void expand_tile_w8_bitalg(const T16Weight& w, const uint8_t* tp, const uint16_t* ts, uint8_t* panel, int32_t* pc,
+                           float* sc) {
   const int64_t P = w.P, blocks = w.group_size / 32;  // 64-byte blocks per group and plane
   const __m512i base = _mm512_set1_epi64(0x2322212003020100LL);  // bytes 0, 1, 2, 3, 32, 33, 34, 35
   const __m512i one = _mm512_set1_epi8(1);
@@ -172,51 +165,7 @@ void expand_tile_w8_bitalg(const T16Weight& w, const uint8_t* tp, const uint16_t
         sum = _mm512_dpbusd_epi32(sum, one, q);
       }
     }
-    w8_group_store(lv, sum, to, j, pc, sc, bo);
-  }
-}
-
-// Half h of tile t (output rows 8 h .. 8 h + 7) for every block of 16 activation rows (A8Lanes), from the
-// panel of expand_tile_w8: per group, int32 sums that start at -z times the row's level sum (one vpmulld
-// each), one vpdpbusd per 4 channels and output row (the 16 rows' codes in a vector, the row's 4 levels
-// broadcast from the panel), then gemm_a8.h's float epilogue with P = 1. Lane m of sum n is output
-// (16 b + m, n0 + n); the block's outputs go to y through a 8 x 16 transposition in memory.
-void w8_half(const T16Weight& w, int64_t t, int h, const uint8_t* panel, const int32_t* pc, const float* sc,
-             const float* bo, bool offset, const A8Lanes& L, int64_t M, float* y) {
-  constexpr int NR = 8;
-  const int64_t G = w.groups(), S = w.group_size / 4, Kp = w.kp(), N = w.N, B = (M + kTile - 1) / kTile;
-  const int64_t n0 = t * kTile + h * NR;
-  const int rows = int(std::min<int64_t>(NR, N - n0));
-  if (rows <= 0) return;
-  alignas(64) float out[NR][kTile];
-  for (int64_t b = 0; b < B; ++b) {
-    __m512 acc_y[NR];
-    for (int n = 0; n < NR; ++n) acc_y[n] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < G; ++j) {
-      const int64_t jb = (b * G + j) * kTile, jt = j * kTile + h * NR;
-      const __m512i z = _mm512_loadu_si512(L.z + jb);
-      __m512i acc[NR];  // int32: the sum of (code - z) q starts at -z times the level sum
-      for (int n = 0; n < NR; ++n) acc[n] = _mm512_mullo_epi32(z, _mm512_set1_epi32(-pc[jt + n]));
-      const uint8_t* xp = L.codes + (b * Kp / 4 + j * S) * 64;
-      const uint8_t* wp = panel + j * S * 64 + h * NR * 4;
-      for (int64_t s = 0; s < S; ++s, xp += 64, wp += 64) {
-        const __m512i xv = _mm512_load_si512(xp);
-        for (int n = 0; n < NR; ++n) acc[n] = dpbusd_bcast(acc[n], xv, wp + 4 * n);
-      }
-      const __m512 sx = _mm512_loadu_ps(L.sx + jb);
-      for (int n = 0; n < NR; ++n)
-        acc_y[n] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(sc[jt + n]), _mm512_cvtepi32_ps(acc[n])), sx, acc_y[n]);
-      if (offset) {
-        const __m512 xs = _mm512_loadu_ps(L.xs + jb);
-        for (int n = 0; n < NR; ++n) acc_y[n] = _mm512_fmadd_ps(_mm512_set1_ps(bo[jt + n]), xs, acc_y[n]);
-      }
-    }
-    for (int n = 0; n < NR; ++n) _mm512_store_ps(out[n], acc_y[n]);
-    const int64_t m_end = std::min<int64_t>(kTile, M - b * kTile);
-    for (int64_t m = 0; m < m_end; ++m) {
-      float* yr = y + (b * kTile + m) * N + n0;
-      for (int n = 0; n < rows; ++n) yr[n] = w.bias ? out[n][m] + w.bias[n0 + n] : out[n][m];
-    }
+    w8_group_store(lv, sum, j, pc, sc);
   }
 }
 
@@ -282,12 +231,20 @@ void tile_rows(const T16Weight& w, int64_t t, const uint8_t* panel, const int32_
 
 template <int COLS>
 void tiles(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx, const float* xs, int64_t M,
-           float* y, uint8_t* scratch, int64_t t0, int64_t t1) {
+           float* y, uint8_t* scratch, int64_t t0, int64_t t1, bool int8_weights) {
+  const int64_t P = int8_weights ? 1 : w.P;  // the levels are one plane
   uint8_t* panel = scratch;
-  int32_t* pc = reinterpret_cast<int32_t*>(scratch + w.kp() * w.P * kTile);
-  float* sc = reinterpret_cast<float*>(pc + w.groups() * w.P * kTile);
+  int32_t* pc = reinterpret_cast<int32_t*>(scratch + w.kp() * P * kTile);
+  float* sc = reinterpret_cast<float*>(pc + w.groups() * P * kTile);
+  const bool bitalg = avx512_has(Avx512Ext::Bitalg);
   for (int64_t t = t0; t < t1; ++t) {
     const auto [tp, ts, to] = tile_ptrs(w, t);
+    if (int8_weights) {
+      if (COLS == 4 && bitalg) expand_tile_w8_bitalg(w, tp, ts, panel, pc, sc);
+      else expand_tile_w8<COLS>(w, tp, ts, panel, pc, sc);
+      tile_rows<1>(w, t, panel, pc, sc, xu, xz, sx, xs, M, y);
+      continue;
+    }
     expand_tile<COLS>(w, tp, ts, panel, pc, sc);
     switch (w.P) {  // one instance per plane count: the accumulators are registers
       case 1: tile_rows<1>(w, t, panel, pc, sc, xu, xz, sx, xs, M, y); break;
@@ -298,33 +255,13 @@ void tiles(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float
   }
 }
 
-template <int COLS>
-void w8_tiles(const T16Weight& w, const A8Lanes& lanes, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1) {
-  uint8_t* panel = scratch;
-  int32_t* pc = reinterpret_cast<int32_t*>(scratch + w.kp() * kTile);
-  float* sc = reinterpret_cast<float*>(pc + w.groups() * kTile);
-  float* bo = sc + w.groups() * kTile;
-  const bool bitalg = avx512_has(Avx512Ext::Bitalg);
-  for (int64_t t = t0; t < t1; ++t) {
-    const auto [tp, ts, to] = tile_ptrs(w, t);
-    if (COLS == 4 && bitalg) expand_tile_w8_bitalg(w, tp, ts, to, panel, pc, sc, bo);
-    else expand_tile_w8<COLS>(w, tp, ts, to, panel, pc, sc, bo);
-    for (int h = 0; h < 2; ++h) w8_half(w, t, h, panel, pc, sc, bo, to != nullptr, lanes, M, y);
-  }
-}
-
 }  // namespace
 
 void gemm_a8_tiles_avx512vnni(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx,
-                              const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1) {
-  if (w.cols == 4) return tiles<4>(w, xu, xz, sx, xs, M, y, scratch, t0, t1);
-  tiles<1>(w, xu, xz, sx, xs, M, y, scratch, t0, t1);
-}
-
-void gemm_w8_tiles_avx512vnni(const T16Weight& w, const A8Lanes& lanes, int64_t M, float* y, uint8_t* scratch,
-                              int64_t t0, int64_t t1) {
-  if (w.cols == 4) return w8_tiles<4>(w, lanes, M, y, scratch, t0, t1);
-  w8_tiles<1>(w, lanes, M, y, scratch, t0, t1);
+                              const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1,
+                              bool int8_weights) {
+  if (w.cols == 4) return tiles<4>(w, xu, xz, sx, xs, M, y, scratch, t0, t1, int8_weights);
+  tiles<1>(w, xu, xz, sx, xs, M, y, scratch, t0, t1, int8_weights);
 }
 
 }  // namespace cpu

@@ -32,53 +32,14 @@ void quantize_a8_scalar(const T16Weight& w, const float* x, uint8_t* xu, int32_t
 }
 
 int64_t a8_scratch_bytes(const T16Weight& w) {
-  return w.kp() * w.P * kTile + (2 * w.P + 1) * w.groups() * kTile * int64_t(sizeof(int32_t));
-}
-
-bool a8_uses_lanes(Isa isa, bool int8_weights) {
-  return int8_weights && isa == Isa::Avx512 && avx512_has(Avx512Ext::Vnni);
-}
-
-int64_t a8_lane_bytes(const T16Weight& w, int64_t M) {
-  const int64_t B = (M + kTile - 1) / kTile;
-  return B * kTile * (w.kp() + 3 * w.groups() * int64_t(sizeof(int32_t)));
-}
-
-A8Lanes a8_lanes_at(const T16Weight& w, int64_t M, uint8_t* buf) {
-  const int64_t B = (M + kTile - 1) / kTile, n = B * w.groups() * kTile;
-  uint8_t* codes = buf;
-  int32_t* z = reinterpret_cast<int32_t*>(buf + B * kTile * w.kp());
-  float* sx = reinterpret_cast<float*>(z + n);
-  return {codes, z, sx, sx + n};
-}
-
-void a8_to_lanes(const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx, const float* xs,
-                 int64_t M, const A8Lanes& lanes, int64_t b0, int64_t b1) {
-  const int64_t Kp = w.kp(), G = w.groups();
-  for (int64_t b = b0; b < b1; ++b)
-    for (int r = 0; r < kTile; ++r) {
-      const int64_t m = b * kTile + r;
-      uint8_t* c = lanes.codes + b * Kp * kTile + 4 * r;
-      if (m < M)
-        for (int64_t s = 0; s < Kp / 4; ++s) std::memcpy(c + s * 4 * kTile, xu + m * Kp + 4 * s, 4);
-      else
-        for (int64_t s = 0; s < Kp / 4; ++s) std::memset(c + s * 4 * kTile, 0, 4);
-      for (int64_t j = 0; j < G; ++j) {
-        const int64_t i = (b * G + j) * kTile + r;
-        lanes.z[i] = m < M ? xz[m * G + j] : 0;
-        lanes.sx[i] = m < M ? sx[m * G + j] : 0.0f;
-        lanes.xs[i] = m < M ? xs[m * G + j] : 0.0f;
-      }
-    }
+  return w.kp() * w.P * kTile + 2 * w.P * w.groups() * kTile * int64_t(sizeof(int32_t));
 }
 
 void gemm_a8_tiles(Isa isa, const T16Weight& w, const uint8_t* xu, const int32_t* xz, const float* sx,
-                   const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1, bool int8_weights,
-                   const A8Lanes* lanes) {
-  if (a8_uses_lanes(isa, int8_weights)) return gemm_w8_tiles_avx512vnni(w, *lanes, M, y, scratch, t0, t1);
+                   const float* xs, int64_t M, float* y, uint8_t* scratch, int64_t t0, int64_t t1, bool int8_weights) {
   // AVX-512 CPUs without VNNI run the AVX2 kernel (the exact planes) or the scalar loop (8-bit levels)
-  if (isa == Isa::Avx512 && avx512_has(Avx512Ext::Vnni) && !int8_weights)
-    return gemm_a8_tiles_avx512vnni(w, xu, xz, sx, xs, M, y, scratch, t0, t1);
+  if (isa == Isa::Avx512 && avx512_has(Avx512Ext::Vnni))
+    return gemm_a8_tiles_avx512vnni(w, xu, xz, sx, xs, M, y, scratch, t0, t1, int8_weights);
   if (isa != Isa::Scalar && !int8_weights) return gemm_a8_tiles_avx2(w, xu, xz, sx, xs, M, y, scratch, t0, t1);
   gemm_a8_tiles_scalar(w, xu, xz, sx, xs, M, y, t0, t1, int8_weights);
 }
