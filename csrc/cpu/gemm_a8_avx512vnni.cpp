@@ -137,7 +137,7 @@ void expand_tile_w8(const T16Weight& w, const uint8_t* tp, const uint16_t* ts, u
   }
 }
 
-// expand_tile_w8 on dword rows by vpshufbitqmb (AVX512-BITALG, asked at run time: w8_tiles), the same
+// expand_tile_w8 on dword rows by vpshufbitqmb (AVX512-BITALG, asked at run time: tiles), the same
 // bytes: a row's dword in a 64-byte block holds its 32 channels' bits of one plane, and one vpshufbitqmb
 // picks, for 4 channels, each row's 4 bits into a 64-bit mask (bit 4 r + i: bit o + i of row r's dword,
 // found in qword r / 2 at 32 (r & 1)); the levels are then the masked move and adds of expand_tile_w8.
