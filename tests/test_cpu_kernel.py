@@ -304,9 +304,26 @@ def test_bf16_gemm_is_close_and_fp32_exact():
         cpu_backend.dense_gemm(x, w, b, "fp16")
 
 
-def a8(x, w, b, isa="auto"):
+def a8(x, w, b, isa="auto", int8_weights=False):
+    """The 8-bit prefill GEMM (gemm_a8_cpu) on a prepared weight: exact planes, or 8-bit weight levels."""
     return torch.ops.dbquant.gemm_a8_cpu(x, w.planes, w.scales, w.offset, b, w.out_features, w.in_features,
-                                         w.group_size, isa)
+                                         w.group_size, isa, int8_weights)
+
+
+def a8_cases(k, g, planes):
+    """The odd-shape cases of the 8-bit GEMMs' path tests, as (w, b, canon, x): partial tiles, K not a
+    multiple of g, M not a multiple of the row blocks (M, N = 1, 7; 5, 33; 64, 16; 67, 1)."""
+    for m, n, offset, bias in [(1, 7, True, True), (5, 33, False, True), (64, 16, True, False), (67, 1, False, False)]:
+        w, b, canon = prepared(n, k, g, offset, bias, seed=k + g + n + planes, planes=planes)
+        yield w, b, canon, torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)) * 3
+
+
+def a8_every_isa(x, w, b, int8_weights=False):
+    """a8 on every ISA path this CPU has, asserted bit for bit the scalar path's; returns that output."""
+    y = a8(x, w, b, "scalar", int8_weights)
+    for isa in ISAS:
+        assert torch.equal(a8(x, w, b, isa, int8_weights), y), (isa, tuple(x.shape), w.out_features)
+    return y
 
 
 @pytest.mark.parametrize("planes", [1, 2, 3, 4])
@@ -318,13 +335,9 @@ def test_gemm_a8_paths_agree_and_match_the_reference(k, g, planes):
     float32 summation order, and within the header's bound of the exact x @ W^T: the activations'
     rounding, sum_j sx / 2 * sum_k |W - beta|. Odd shapes: partial tiles, K not a multiple of g,
     M not a multiple of the 2-row block; 4 planes take one half tile at a time."""
-    for m, n, offset, bias in [(1, 7, True, True), (5, 33, False, True), (64, 16, True, False), (67, 1, False, False)]:
-        w, b, canon = prepared(n, k, g, offset, bias, seed=k + g + n + planes, planes=planes)
-        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)) * 3
-        ys = {isa: a8(x, w, b, isa) for isa in ISAS}
-        y = ys["scalar"]
-        for isa in ISAS:
-            assert torch.equal(ys[isa], y), (isa, m, n)
+    for w, b, canon, x in a8_cases(k, g, planes):
+        n = w.out_features
+        y = a8_every_isa(x, w, b)
         ref = gemm_a8_ref(x, *canon[:2], canon[2], b, k, g)
         assert_matches(y, ref)
         exact = dbgemm_ref(x, *canon[:2], canon[2], b, k, g)

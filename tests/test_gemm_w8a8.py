@@ -19,7 +19,7 @@ from dbquant.backends import t16
 from dbquant.backends.cpuinfo import bf16_kind
 from dbquant.backends.reference import gemm_a8_ref, quantize_a8_ref, w8_levels_ref
 from dbquant.format import layout
-from tests.test_cpu_kernel import assert_matches, prepared
+from tests.test_cpu_kernel import a8, a8_cases, a8_every_isa, assert_matches, prepared
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -38,8 +38,7 @@ def _need_native():
 
 
 def w8(x, w, b, isa="auto"):
-    return torch.ops.dbquant.gemm_a8_cpu(x, w.planes, w.scales, w.offset, b, w.out_features, w.in_features,
-                                         w.group_size, isa, True)
+    return a8(x, w, b, isa, int8_weights=True)
 
 
 @pytest.mark.parametrize("planes", [1, 2, 3, 4])
@@ -86,13 +85,9 @@ def test_paths_agree_and_match_the_reference(k, g, planes):
     up to float32 summation order, in both byte orders of the planes; and the levels' effect is within
     its bound: |y - y_exact_planes| <= sum_j sx[m, j] sum_p s[n, j] / 2 * sum_{k in j} |u - z| b_p
     (each alpha moved by <= s / 2; the activations' rounding is the same on both sides)."""
-    for m, n, offset, bias in [(1, 7, True, True), (5, 33, False, True), (64, 16, True, False), (67, 1, False, False)]:
-        w, b, canon = prepared(n, k, g, offset, bias, seed=k + g + n + planes, planes=planes)
-        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)) * 3
-        ys = {isa: w8(x, w, b, isa) for isa in ISAS}
-        y = ys["scalar"]
-        for isa in ISAS:
-            assert torch.equal(ys[isa], y), (isa, m, n)
+    for w, b, canon, x in a8_cases(k, g, planes):
+        m, n = x.shape[0], w.out_features
+        y = a8_every_isa(x, w, b, int8_weights=True)
         for cols in {1, 4} - {w.cols}:
             if g % t16.DWORD_GROUP == 0:
                 other = t16.with_cols(w, cols)

@@ -146,7 +146,7 @@ void expand_tile_w8(const T16Weight& w, const uint8_t* tp, const uint16_t* ts, u
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bitalg,avx2,fma,f16c")))
 void expand_tile_w8_bitalg(const T16Weight& w, const uint8_t* tp, const uint16_t* ts, uint8_t* panel, int32_t* pc,
                            float* sc) {
-  const int64_t P = w.P, blocks = w.group_size / 32;  // 64-byte blocks per group and plane
+  const int64_t P = w.P, blocks = w.group_size / kDwordGroup;  // 64-byte blocks per group and plane
   const __m512i base = _mm512_set1_epi64(0x2322212003020100LL);  // bytes 0, 1, 2, 3, 32, 33, 34, 35
   const __m512i one = _mm512_set1_epi8(1);
   for (int64_t j = 0; j < w.groups(); ++j) {

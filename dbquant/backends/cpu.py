@@ -202,7 +202,7 @@ def resolve_gemm(gemm: str) -> str:
     """"fp32", "bf16", "int8" or "w8a8": what ``gemm`` (one of GEMM_DTYPES) means on this CPU. "auto" is, in
     this order (each measured where named, docs/RESULTS.md): bf16 on CPUs with AMX tiles (the tile GEMM
     beats every vector kernel); w8a8 where the AVX-512 VNNI kernel runs (``cpu_avx512_has("vnni")``: on
-    Zen 4 1.4-2.1x the bf16 path at SmolLM2's shapes); bf16 where this CPU's bf16 is otherwise fast
+    Zen 4 1.6-2.7x the bf16 path at SmolLM2's shapes in most rows); bf16 where this CPU's bf16 is otherwise fast
     (``fast_bf16_cpu``); int8 activations where AVX2 is the fastest path (Zen 3); else fp32."""
     if gemm not in GEMM_DTYPES:
         raise KernelInputError(f"dbgemm_cpu: gemm must be one of {GEMM_DTYPES}, got {gemm!r}")
