@@ -410,6 +410,7 @@ def test_a_stored_int8_head_gets_one_row_not_one_per_label(tmp_path, tiny_tokeni
     assert caches.count((ours[0]["lm_head"], ours[0]["prefill_gemm"], "float32")) == 1
     assert sum(c == "float16" for _, _, c in caches) == len(caches) - 1
     assert bench.e2e_label(dict(engine="dbquant.runtime.decode", model="dbquant", lm_head="w8a8", prefill_gemm="fp32",
-                                kv_cache="float32")) == "dbquant w8a8 head, float32 cache"
-    assert bench.e2e_label(dict(engine="dbquant.runtime.decode", model="dbquant", lm_head="int8",
-                                lm_head_stored_int8=True, prefill_gemm="fp32")) == "dbquant int8 (stored) head"
+                                kv_cache="float32")) == "dbquant w8a8 head, fp32 prefill, float32 cache"
+    stored = dict(engine="dbquant.runtime.decode", model="dbquant", lm_head="int8", lm_head_stored_int8=True,
+                  prefill_gemm="fp32")
+    assert bench.e2e_label(stored) == "dbquant int8 (stored) head, fp32 prefill"

@@ -462,9 +462,11 @@ def e2e_label(r: dict) -> str:
     if r["engine"] == "llama.cpp":
         return f"llama.cpp {r['model']}"
     if r["engine"] == "dbquant.runtime.decode":
-        gemm = r.get("prefill_gemm", "fp32")
+        # every quantized row names its prefill GEMM: since `auto` is w8a8 here and bf16 or int8 elsewhere,
+        # an unnamed one read as the default
+        gemm = r.get("prefill_gemm")
         head = f"{r['lm_head']} (stored)" if r.get("lm_head_stored_int8") and r["lm_head"] == "int8" else r["lm_head"]
-        label = f"{r['model']} {head} head" + ("" if r["model"] == "fp32" or gemm == "fp32" else f", {gemm} prefill")
+        label = f"{r['model']} {head} head" + ("" if r["model"] == "fp32" or not gemm else f", {gemm} prefill")
         return label + (", float32 cache" if r["model"] != "fp32" and r.get("kv_cache") == "float32" else "")
     return r["engine"]
 
@@ -489,16 +491,19 @@ def plot_e2e(rows: list[dict], path: str) -> None:
                 if hit:
                     xs.append(i + j * width)
                     ys.append(hit[0])
-            ax.bar(xs, ys, width, label=name)
+            # tab20's ten dark shades, then its light ones: the default cycle of ten repeated a colour
+            ax.bar(xs, ys, width, label=name, color=plt.get_cmap("tab20")((2 * j) % 20 + (2 * j) // 20 % 2))
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
         ax.set_xticklabels([f"{t} thread{'s' if t > 1 else ''}" + (f"\n{p}-token prompt" if several_p else "")
                             for t, p in groups])
         ax.set_ylabel("tokens/s (higher is better)")
         ax.set_title(f"{title} tokens/s")
-    axes[0].legend(fontsize=7)
     new_tokens = rows[0].get("new_tokens")
     fig.suptitle(f"dbquant bench --e2e: {new_tokens} new tokens"
                  + ("" if several_p else f", {groups[0][1]}-token prompt"))
-    fig.tight_layout()
+    # below both panels, not inside one: with a dozen series a legend inside covered the bars
+    ncol = min(len(series), 4)
+    fig.tight_layout(rect=(0, 0.04 * ((len(series) + ncol - 1) // ncol + 1), 1, 1))
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     _save(fig, path)
     plt.close(fig)
