@@ -491,8 +491,9 @@ def plot_e2e(rows: list[dict], path: str) -> None:
                 if hit:
                     xs.append(i + j * width)
                     ys.append(hit[0])
-            # tab20's ten dark shades, then its light ones: the default cycle of ten repeated a colour
-            ax.bar(xs, ys, width, label=name, color=plt.get_cmap("tab20")((2 * j) % 20 + (2 * j) // 20 % 2))
+            # tab20's ten dark shades (even indices), then its ten light ones: the default cycle of ten
+            # repeated a colour
+            ax.bar(xs, ys, width, label=name, color=plt.get_cmap("tab20")(j % 10 * 2 + j // 10 % 2))
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
         ax.set_xticklabels([f"{t} thread{'s' if t > 1 else ''}" + (f"\n{p}-token prompt" if several_p else "")
                             for t, p in groups])
